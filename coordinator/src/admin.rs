@@ -1,0 +1,266 @@
+//! The admin CLI's ledger commands: `audit`, `balance`, `history`.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::Value;
+use troop_protocol::api::{BalanceResponse, TransactionEntry};
+use troop_protocol::credits_from_milli;
+
+use crate::ledger::{self, LedgerError, MINT};
+use crate::routes::balance_json;
+
+/// Balance of an account, `None` if there is no such account.
+pub fn balance_of(conn: &Connection, account: &str) -> Result<Option<BalanceResponse>, LedgerError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT credits_posted, debits_posted, debits_pending FROM accounts WHERE id = ?1 AND kind != 'mint'",
+        )?
+        .query_row([account], |r| Ok(balance_json(account, r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?)
+}
+
+/// Transfers touching `account`, newest first, with ids below `before`.
+pub fn history(
+    conn: &Connection,
+    account: &str,
+    before: i64,
+    limit: u32,
+) -> Result<Vec<TransactionEntry>, LedgerError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT t.id, t.kind, t.debit_account, t.credit_account, t.amount, t.job_id, t.created_at, j.state
+         FROM transfers t LEFT JOIN jobs j ON j.reserve_transfer = t.id
+         WHERE t.id IN (
+             SELECT id FROM transfers WHERE debit_account = ?1 AND id < ?2
+             UNION ALL
+             SELECT id FROM transfers WHERE credit_account = ?1 AND id < ?2
+         )
+         ORDER BY t.id DESC LIMIT ?3",
+    )?;
+    let rows = stmt
+        .query_map(params![account, before, limit], |r| {
+            let kind: String = r.get(1)?;
+            let debit: String = r.get(2)?;
+            let amount: i64 = r.get(4)?;
+            let job_state: Option<String> = r.get(7)?;
+            let status = match kind.as_str() {
+                "reserve" => job_state.unwrap_or_else(|| "pending".into()),
+                "refund" | "expire" => "voided".into(),
+                _ => "posted".into(),
+            };
+            let signed = if debit == account { -amount } else { amount };
+            Ok(TransactionEntry {
+                id: r.get(0)?,
+                kind,
+                amount: credits_from_milli(signed),
+                status,
+                debit_account: debit,
+                credit_account: r.get(3)?,
+                job_id: r.get(5)?,
+                created_at: r.get::<_, i64>(6)?.max(0) as u64,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Runs every check on the ledger in `data_dir` and its audit log.
+/// Returns the findings; empty means everything holds.
+pub fn audit(data_dir: &Path) -> anyhow::Result<(Vec<String>, ledger::Totals)> {
+    let path = data_dir.join("ledger.sqlite3");
+    if !path.exists() {
+        anyhow::bail!("no ledger at {}", path.display());
+    }
+    let conn = ledger::open_reader(&path)?;
+    let mut findings = Vec::new();
+    let totals = ledger::totals(&conn)?;
+    if let Err(e) = ledger::check_invariants(&conn) {
+        findings.push(e.to_string());
+    }
+
+    // Recompute every account from its transfers.
+    #[derive(Default, Debug, PartialEq)]
+    struct Sums {
+        dp: i64,
+        dpost: i64,
+        cp: i64,
+        cpost: i64,
+    }
+    let mut computed: HashMap<String, Sums> = HashMap::new();
+    let mut reserves: HashMap<i64, (String, String, i64, Option<String>)> = HashMap::new();
+    let mut resolutions: Vec<(i64, String, i64, i64)> = Vec::new(); // id, kind, pending_id, amount
+    {
+        let mut stmt = conn.prepare(
+            "SELECT id, kind, debit_account, credit_account, amount, pending_id, job_id FROM transfers ORDER BY id",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let id: i64 = r.get(0)?;
+            let kind: String = r.get(1)?;
+            let debit: String = r.get(2)?;
+            let credit: String = r.get(3)?;
+            let amount: i64 = r.get(4)?;
+            let pending: Option<i64> = r.get(5)?;
+            let job: Option<String> = r.get(6)?;
+            match kind.as_str() {
+                "grant" => {
+                    if debit != MINT {
+                        findings.push(format!("transfer {id}: grant not from the mint"));
+                    }
+                    computed.entry(debit).or_default().dpost += amount;
+                    computed.entry(credit).or_default().cpost += amount;
+                }
+                "reserve" => {
+                    computed.entry(debit.clone()).or_default().dp += amount;
+                    computed.entry(credit.clone()).or_default().cp += amount;
+                    reserves.insert(id, (debit, credit, amount, job));
+                }
+                "settle" | "refund" | "expire" => {
+                    let Some(p) = pending else {
+                        findings.push(format!("transfer {id}: {kind} without its reservation"));
+                        continue;
+                    };
+                    let Some((rd, rc, ramount, _)) = reserves.get(&p) else {
+                        findings.push(format!(
+                            "transfer {id}: {kind} refers to {p}, which is not an earlier reservation"
+                        ));
+                        continue;
+                    };
+                    if rd != &debit || rc != &credit {
+                        findings.push(format!("transfer {id}: accounts differ from reservation {p}"));
+                    }
+                    let ramount = *ramount;
+                    if amount > ramount {
+                        findings.push(format!(
+                            "transfer {id}: posts {amount} but reservation {p} held only {ramount}"
+                        ));
+                    }
+                    if kind != "settle" && amount != ramount {
+                        findings.push(format!("transfer {id}: {kind} of {amount} does not void all {ramount}"));
+                    }
+                    let d = computed.entry(debit).or_default();
+                    d.dp -= ramount;
+                    if kind == "settle" {
+                        d.dpost += amount;
+                    }
+                    let c = computed.entry(credit).or_default();
+                    c.cp -= ramount;
+                    if kind == "settle" {
+                        c.cpost += amount;
+                    }
+                    resolutions.push((id, kind, p, amount));
+                }
+                other => findings.push(format!("transfer {id}: unknown kind {other}")),
+            }
+        }
+    }
+    let mut resolved = HashSet::new();
+    for (id, _, p, _) in &resolutions {
+        if !resolved.insert(*p) {
+            findings.push(format!("reservation {p} resolved more than once (again by {id})"));
+        }
+    }
+    {
+        let mut stmt = conn.prepare(
+            "SELECT id, kind, debits_pending, debits_posted, credits_pending, credits_posted FROM accounts",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let id: String = r.get(0)?;
+            let kind: String = r.get(1)?;
+            let stored = Sums {
+                dp: r.get(2)?,
+                dpost: r.get(3)?,
+                cp: r.get(4)?,
+                cpost: r.get(5)?,
+            };
+            let want = computed.remove(&id).unwrap_or_default();
+            if stored != want {
+                findings.push(format!(
+                    "account {id}: stored {stored:?} but its transfers add up to {want:?}"
+                ));
+            }
+            if kind != "mint" && stored.cpost - stored.dpost - stored.dp < 0 {
+                findings.push(format!("account {id}: negative available balance"));
+            }
+        }
+        for id in computed.keys() {
+            findings.push(format!("transfers name account {id}, which does not exist"));
+        }
+    }
+    // Jobs agree with their reservation's resolution.
+    {
+        let mut stmt = conn.prepare("SELECT job_id, reserve_transfer, reserved, state, cost FROM jobs")?;
+        let mut rows = stmt.query([])?;
+        let by_pending: HashMap<i64, (String, i64)> = resolutions
+            .iter()
+            .map(|(_, k, p, a)| (*p, (k.clone(), *a)))
+            .collect();
+        while let Some(r) = rows.next()? {
+            let job: String = r.get(0)?;
+            let rt: i64 = r.get(1)?;
+            let reserved: i64 = r.get(2)?;
+            let state: String = r.get(3)?;
+            let cost: Option<i64> = r.get(4)?;
+            match reserves.get(&rt) {
+                Some((_, _, a, j)) if *a == reserved && j.as_deref() == Some(job.as_str()) => {}
+                _ => findings.push(format!("job {job}: its reservation transfer {rt} does not match")),
+            }
+            let res = by_pending.get(&rt);
+            let ok = match (state.as_str(), res) {
+                ("pending", None) => true,
+                ("posted", Some((k, a))) => k == "settle" && Some(*a) == cost,
+                ("voided", Some((k, _))) => k == "refund" || k == "expire",
+                _ => false,
+            };
+            if !ok {
+                findings.push(format!("job {job}: state {state} disagrees with its transfers"));
+            }
+        }
+    }
+    // The audit log agrees with the ledger.
+    let (lines, bad) = crate::audit::read_lines(&crate::audit::path_in(data_dir))?;
+    for n in bad {
+        findings.push(format!("audit log line {n} is not JSON"));
+    }
+    let mut audited: HashMap<i64, &Value> = HashMap::new();
+    for l in &lines {
+        let is_ledger = l
+            .get("event")
+            .and_then(Value::as_str)
+            .is_some_and(|e| e.starts_with("ledger.") && e != "ledger.failure");
+        if let (true, Some(id)) = (is_ledger, l.get("transfer_id").and_then(Value::as_i64)) {
+            if audited.insert(id, l).is_some() {
+                findings.push(format!("audit log records transfer {id} twice"));
+            }
+        }
+    }
+    let mut stmt = conn.prepare("SELECT id, kind, amount FROM transfers")?;
+    let mut rows = stmt.query([])?;
+    let mut in_ledger = HashSet::new();
+    while let Some(r) = rows.next()? {
+        let id: i64 = r.get(0)?;
+        let kind: String = r.get(1)?;
+        let amount: i64 = r.get(2)?;
+        in_ledger.insert(id);
+        match audited.get(&id) {
+            None => findings.push(format!("transfer {id} ({kind}) is missing from the audit log")),
+            Some(l) => {
+                let ev = l.get("event").and_then(Value::as_str).unwrap_or("");
+                let am = l.get("amount_milli").and_then(Value::as_i64);
+                if ev != format!("ledger.{kind}") || am != Some(amount) {
+                    findings.push(format!(
+                        "audit log says {ev} of {am:?} for transfer {id}, the ledger says {kind} of {amount}"
+                    ));
+                }
+            }
+        }
+    }
+    for id in audited.keys() {
+        if !in_ledger.contains(id) {
+            findings.push(format!("audit log records transfer {id}, which the ledger does not have"));
+        }
+    }
+    Ok((findings, totals))
+}

@@ -1,0 +1,206 @@
+//! The audit log: one JSON object a line in `DIR/logs/audit.log`.
+//!
+//! Lines are appended by one thread; each drained batch is flushed and
+//! fsynced. Every line has `ts_ms`, `event` and `request_id` (null for the
+//! sweeper's own work). Events:
+//! * `ledger.grant|reserve|settle|refund|expire` with `transfer_id`,
+//!   accounts, `amount_milli`, `job_id` (one per ledger transfer);
+//! * `authorize.granted` / `authorize.refused` (with `reason`);
+//! * `rate_limited` (with `scope` and `key`);
+//! * `security.*`: `bad_signature`, `stale_timestamp`, `replay`,
+//!   `bad_hmac`, `malformed_receipt`, `receipt_conflict`, `unknown_worker`.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use serde_json::{Value, json};
+
+enum Msg {
+    Line(Value),
+    Stop,
+}
+
+/// Cloneable handle; lines are written in the order they are recorded.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Msg>,
+}
+
+pub struct AuditThread {
+    tx: mpsc::Sender<Msg>,
+    join: Option<std::thread::JoinHandle<()>>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl AuditLog {
+    /// Opens `path` for appending (creating its folder) and starts the writer.
+    pub fn open(path: &Path) -> std::io::Result<(AuditLog, AuditThread)> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let (tx, rx) = mpsc::channel();
+        let join = std::thread::Builder::new()
+            .name("audit-log".into())
+            .spawn(move || writer(file, rx))?;
+        Ok((
+            AuditLog { tx: tx.clone() },
+            AuditThread {
+                tx,
+                join: Some(join),
+            },
+        ))
+    }
+
+    /// Records one event. `fields` must be a JSON object.
+    pub fn record(&self, event: &str, request_id: Option<&str>, fields: Value) {
+        let mut line = json!({ "ts_ms": now_ms(), "event": event, "request_id": request_id });
+        if let (Some(obj), Value::Object(extra)) = (line.as_object_mut(), fields) {
+            for (k, v) in extra {
+                obj.entry(k).or_insert(v);
+            }
+        }
+        let _ = self.tx.send(Msg::Line(line));
+    }
+
+    /// Records ledger events that already carry their `event` name.
+    pub fn record_ledger(&self, events: Vec<(Option<String>, Value)>) {
+        for (rid, mut ev) in events {
+            if let Some(obj) = ev.as_object_mut() {
+                obj.insert("ts_ms".into(), json!(now_ms()));
+                obj.insert("request_id".into(), json!(rid));
+            }
+            let _ = self.tx.send(Msg::Line(ev));
+        }
+    }
+}
+
+impl AuditThread {
+    /// Writes what is queued, syncs the file and stops.
+    pub fn shutdown(mut self) {
+        let _ = self.tx.send(Msg::Stop);
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+fn writer(file: File, rx: mpsc::Receiver<Msg>) {
+    let mut out = BufWriter::new(file);
+    let mut stop = false;
+    while !stop {
+        let Ok(first) = rx.recv() else { break };
+        let mut pending = vec![first];
+        while let Ok(m) = rx.try_recv() {
+            pending.push(m);
+        }
+        for m in pending {
+            match m {
+                Msg::Line(v) => {
+                    let _ = serde_json::to_writer(&mut out, &v);
+                    let _ = out.write_all(b"\n");
+                }
+                Msg::Stop => stop = true,
+            }
+        }
+        if let Err(e) = out.flush().and_then(|_| out.get_ref().sync_data()) {
+            tracing::error!(error = %e, "audit log write failed");
+        }
+    }
+}
+
+/// Every parsed line of an audit log; lines that are not JSON are reported
+/// by their 1-based number.
+pub fn read_lines(path: &Path) -> std::io::Result<(Vec<Value>, Vec<usize>)> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
+        Err(e) => return Err(e),
+    };
+    let mut lines = Vec::new();
+    let mut bad = Vec::new();
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Value>(&line) {
+            Ok(v) => lines.push(v),
+            Err(_) => bad.push(i + 1),
+        }
+    }
+    Ok((lines, bad))
+}
+
+/// Transfer ids that the audit log mentions in `ledger.*` lines.
+pub fn audited_transfers(lines: &[Value]) -> HashSet<i64> {
+    lines
+        .iter()
+        .filter(|l| {
+            l.get("event")
+                .and_then(Value::as_str)
+                .is_some_and(|e| e.starts_with("ledger."))
+        })
+        .filter_map(|l| l.get("transfer_id").and_then(Value::as_i64))
+        .collect()
+}
+
+/// After a crash between a ledger commit and its audit lines, appends a
+/// `recovered` line for each committed transfer the log lacks, so that the
+/// log and the ledger agree again. Returns how many lines were added.
+pub fn reconcile(path: &Path, conn: &rusqlite::Connection) -> anyhow::Result<usize> {
+    let (lines, _) = read_lines(path)?;
+    let seen = audited_transfers(&lines);
+    let mut stmt = conn.prepare(
+        "SELECT id, kind, debit_account, credit_account, amount, job_id, pending_id FROM transfers ORDER BY id",
+    )?;
+    let missing: Vec<Value> = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                json!({
+                    "event": format!("ledger.{}", r.get::<_, String>(1)?),
+                    "transfer_id": r.get::<_, i64>(0)?,
+                    "debit_account": r.get::<_, String>(2)?,
+                    "credit_account": r.get::<_, String>(3)?,
+                    "amount_milli": r.get::<_, i64>(4)?,
+                    "job_id": r.get::<_, Option<String>>(5)?,
+                    "pending_id": r.get::<_, Option<i64>>(6)?,
+                    "recovered": true,
+                    "ts_ms": now_ms(),
+                    "request_id": null,
+                }),
+            ))
+        })?
+        .filter_map(Result::ok)
+        .filter(|(id, _)| !seen.contains(id))
+        .map(|(_, v)| v)
+        .collect();
+    if missing.is_empty() {
+        return Ok(0);
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = OpenOptions::new().create(true).append(true).open(path)?;
+    for v in &missing {
+        serde_json::to_writer(&mut f, v)?;
+        f.write_all(b"\n")?;
+    }
+    f.sync_data()?;
+    Ok(missing.len())
+}
+
+/// Where the audit log of a data folder lives.
+pub fn path_in(data_dir: &Path) -> PathBuf {
+    data_dir.join("logs").join("audit.log")
+}

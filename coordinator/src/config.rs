@@ -1,0 +1,77 @@
+//! Coordinator settings. Every value has the design's default and can be
+//! changed from the command line or the environment.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything `serve` needs to know.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Folder that holds `ledger.sqlite3`, `keys/` and `logs/audit.log`.
+    pub data_dir: PathBuf,
+    /// Credit-seconds a new account gets once.
+    pub starter_credits_milli: i64,
+    /// Seconds of the worker's rate held by each reservation.
+    pub reservation_secs: i64,
+    /// Lifetime of a ticket.
+    pub ticket_ttl: Duration,
+    /// Extra time after a ticket's expiry before its reservation is refunded.
+    pub reservation_grace: Duration,
+    /// How often the sweeper looks for expired reservations.
+    pub sweep_interval: Duration,
+    /// Requests an hour per IP on discovery-type reads.
+    pub discovery_per_hour: u32,
+    /// Requests an hour per user on `/authorize`.
+    pub authorize_per_hour: u32,
+    /// How far a signed timestamp may be from our clock.
+    pub max_skew_secs: u64,
+    /// A worker not heard from for this long is not alive.
+    pub worker_ttl: Duration,
+    /// Heartbeat interval the coordinator asks workers for.
+    pub heartbeat_interval: Duration,
+    /// Limit on request bodies.
+    pub body_limit_bytes: usize,
+    /// Limit on the time one request may take.
+    pub request_timeout: Duration,
+    /// Take the client address from `X-Forwarded-For` (only behind a proxy you run).
+    pub trusted_proxy: bool,
+    /// How many workers `/bootstrap` returns at most.
+    pub bootstrap_peers: usize,
+    /// Most commands the ledger writer groups into one commit.
+    pub max_batch: usize,
+}
+
+impl Config {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            starter_credits_milli: 3_600_000,
+            reservation_secs: 300,
+            ticket_ttl: Duration::from_secs(300),
+            reservation_grace: Duration::from_secs(600),
+            sweep_interval: Duration::from_secs(15),
+            discovery_per_hour: 100,
+            authorize_per_hour: 20,
+            max_skew_secs: 300,
+            worker_ttl: Duration::from_secs(90),
+            heartbeat_interval: Duration::from_secs(20),
+            body_limit_bytes: 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+            trusted_proxy: false,
+            bootstrap_peers: 8,
+            max_batch: 2048,
+        }
+    }
+
+    pub fn ledger_path(&self) -> PathBuf {
+        self.data_dir.join("ledger.sqlite3")
+    }
+
+    pub fn audit_path(&self) -> PathBuf {
+        self.data_dir.join("logs").join("audit.log")
+    }
+
+    pub fn keys_dir(&self) -> PathBuf {
+        self.data_dir.join("keys")
+    }
+}

@@ -1,0 +1,999 @@
+//! The credit ledger: SQLite (WAL, `synchronous=FULL`), double-entry and
+//! two-phase, as TigerBeetle does it.
+//!
+//! * Every account has four integer columns in milli-credits:
+//!   `debits_pending`, `debits_posted`, `credits_pending`, `credits_posted`.
+//!   Its available balance is `credits_posted - debits_posted - debits_pending`.
+//! * A transfer always names a debit and a credit account and moves the same
+//!   amount on both sides. Credits enter the system only from the `mint`
+//!   account (`grant` transfers), so `sum of balances + pending == minted`.
+//! * A reservation is a pending transfer user -> worker (`reserve`). It is
+//!   resolved exactly once, enforced by a unique index: `settle` posts part
+//!   of it (the cost) and releases the rest, `refund` (failed or cancelled
+//!   job) and `expire` (no receipt in time) void it whole.
+//!
+//! All writes go through one writer thread that groups many commands into
+//! one transaction (each command in its own savepoint, so a refused command
+//! changes nothing) and one durable commit; the invariants are checked
+//! inside that transaction before it commits, and nobody is answered before
+//! the commit is on disk.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite_migration::{M, Migrations};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use troop_protocol::MilliCredits;
+use troop_protocol::receipt::{JobStatus, Receipt};
+
+/// The account that issues credits.
+pub const MINT: &str = "troop:mint";
+
+fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![M::up(
+        r#"
+CREATE TABLE accounts (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('mint', 'user', 'worker')),
+    debits_pending INTEGER NOT NULL DEFAULT 0 CHECK (debits_pending >= 0),
+    debits_posted INTEGER NOT NULL DEFAULT 0 CHECK (debits_posted >= 0),
+    credits_pending INTEGER NOT NULL DEFAULT 0 CHECK (credits_pending >= 0),
+    credits_posted INTEGER NOT NULL DEFAULT 0 CHECK (credits_posted >= 0),
+    granted INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL
+) STRICT;
+CREATE TABLE transfers (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('grant', 'reserve', 'settle', 'refund', 'expire')),
+    debit_account TEXT NOT NULL REFERENCES accounts(id),
+    credit_account TEXT NOT NULL REFERENCES accounts(id),
+    amount INTEGER NOT NULL CHECK (amount >= 0),
+    pending_id INTEGER REFERENCES transfers(id),
+    job_id TEXT,
+    created_at INTEGER NOT NULL
+) STRICT;
+CREATE INDEX transfers_by_debit ON transfers(debit_account, id);
+CREATE INDEX transfers_by_credit ON transfers(credit_account, id);
+CREATE UNIQUE INDEX transfers_resolve_once ON transfers(pending_id) WHERE pending_id IS NOT NULL;
+CREATE TABLE jobs (
+    job_id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL REFERENCES accounts(id),
+    worker_id TEXT NOT NULL REFERENCES accounts(id),
+    model TEXT NOT NULL,
+    reserve_transfer INTEGER NOT NULL REFERENCES transfers(id),
+    reserved INTEGER NOT NULL CHECK (reserved >= 0),
+    multiplier_milli INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'posted', 'voided')),
+    expires_at INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    receipt_sha256 TEXT,
+    receipt_status TEXT,
+    cost INTEGER,
+    resolved_at INTEGER
+) STRICT;
+CREATE INDEX jobs_pending_by_expiry ON jobs(expires_at) WHERE state = 'pending';
+CREATE TABLE workers (
+    peer_id TEXT PRIMARY KEY,
+    receipt_key BLOB NOT NULL,
+    models TEXT NOT NULL,
+    addresses TEXT NOT NULL,
+    version TEXT,
+    multiplier_milli INTEGER NOT NULL DEFAULT 1000,
+    verified_gflops REAL,
+    active_jobs INTEGER NOT NULL DEFAULT 0,
+    queue_depth INTEGER NOT NULL DEFAULT 0,
+    registered_at INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL
+) STRICT;
+"#,
+    )])
+}
+
+/// Why the ledger refused a command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LedgerError {
+    #[error("insufficient credits: {available} available, {required} required (milli-credits)")]
+    InsufficientFunds {
+        available: MilliCredits,
+        required: MilliCredits,
+    },
+    #[error("unknown job {0}")]
+    UnknownJob(String),
+    #[error("unknown worker {0}")]
+    UnknownWorker(String),
+    #[error("receipt does not match the job: {0}")]
+    Mismatch(String),
+    #[error("job {0} was already settled with a different receipt")]
+    Conflict(String),
+    #[error("the reservation of job {0} expired and was refunded")]
+    ReservationExpired(String),
+    #[error("job id {0} already exists")]
+    DuplicateJob(String),
+    #[error("amount out of range: {0}")]
+    Range(String),
+    #[error("ledger invariant violated: {0}")]
+    Invariant(String),
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("the ledger is shutting down")]
+    Closed,
+}
+
+impl From<rusqlite::Error> for LedgerError {
+    fn from(e: rusqlite::Error) -> Self {
+        LedgerError::Storage(e.to_string())
+    }
+}
+
+/// Opens (creating if needed) the ledger database and runs the migrations.
+pub fn open(path: &Path) -> Result<Connection, LedgerError> {
+    let mut conn = Connection::open(path)?;
+    configure(&conn)?;
+    migrations()
+        .to_latest(&mut conn)
+        .map_err(|e| LedgerError::Storage(format!("migration: {e}")))?;
+    ensure_mint(&conn)?;
+    Ok(conn)
+}
+
+/// A read-only connection for queries that never block the writer (WAL).
+pub fn open_reader(path: &Path) -> Result<Connection, LedgerError> {
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// An in-memory ledger (tests).
+pub fn open_in_memory() -> Result<Connection, LedgerError> {
+    let mut conn = Connection::open_in_memory()?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    migrations()
+        .to_latest(&mut conn)
+        .map_err(|e| LedgerError::Storage(format!("migration: {e}")))?;
+    ensure_mint(&conn)?;
+    Ok(conn)
+}
+
+fn configure(conn: &Connection) -> Result<(), LedgerError> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL: a commit is on disk (WAL fsynced) before anyone is answered.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(())
+}
+
+fn ensure_mint(conn: &Connection) -> Result<(), LedgerError> {
+    conn.execute(
+        "INSERT OR IGNORE INTO accounts (id, kind, created_at) VALUES (?1, 'mint', 0)",
+        [MINT],
+    )?;
+    Ok(())
+}
+
+/// A registered worker as the ledger stores it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerRow {
+    pub peer_id: String,
+    pub receipt_key: Vec<u8>,
+    pub models: Vec<String>,
+    pub addresses: Vec<String>,
+    pub version: Option<String>,
+    pub multiplier_milli: i64,
+    pub verified_gflops: Option<f64>,
+    pub active_jobs: u32,
+    pub queue_depth: u32,
+    pub registered_at: u64,
+    /// Unix seconds.
+    pub last_seen: u64,
+}
+
+/// A command for the writer.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Registers (or re-registers) a worker; an existing receipt key is kept.
+    RegisterWorker {
+        peer_id: String,
+        models: Vec<String>,
+        addresses: Vec<String>,
+        version: Option<String>,
+        new_key: [u8; 32],
+        now_secs: u64,
+    },
+    Heartbeat {
+        peer_id: String,
+        models: Option<Vec<String>>,
+        addresses: Option<Vec<String>>,
+        active_jobs: u32,
+        queue_depth: u32,
+        now_secs: u64,
+    },
+    /// Grants starter credits to a new user (once) and reserves `amount`.
+    Reserve {
+        user: String,
+        worker: String,
+        model: String,
+        job_id: String,
+        amount: MilliCredits,
+        multiplier_milli: i64,
+        starter_grant: MilliCredits,
+        expires_at: u64,
+        now_ms: u64,
+    },
+    /// Voids a reservation that was never handed out (signing failed).
+    Cancel { job_id: String, now_ms: u64 },
+    Settle {
+        receipt: Receipt,
+        receipt_sha256: String,
+        now_ms: u64,
+    },
+    /// Voids every pending reservation whose ticket expired before `cutoff_secs`.
+    ExpireDue { cutoff_secs: u64, now_ms: u64, limit: usize },
+}
+
+/// What a command did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Worker(WorkerRow),
+    Heartbeat { last_seen: u64 },
+    Reserved {
+        transfer_id: i64,
+        granted: MilliCredits,
+        available_after: MilliCredits,
+    },
+    Settled(Settlement),
+    Expired { jobs: Vec<String> },
+    Cancelled,
+}
+
+/// The result of applying a receipt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    pub job_id: String,
+    pub user: String,
+    pub worker: String,
+    /// `settled` or `refunded`.
+    pub outcome: &'static str,
+    pub cost: MilliCredits,
+    pub refunded: MilliCredits,
+    pub replayed: bool,
+}
+
+/// Applies one command inside an open transaction (or savepoint). Ledger
+/// changes are described in `events` for the audit log.
+pub fn apply(
+    tx: &Connection,
+    cmd: &Command,
+    events: &mut Vec<Value>,
+) -> Result<Outcome, LedgerError> {
+    match cmd {
+        Command::RegisterWorker {
+            peer_id,
+            models,
+            addresses,
+            version,
+            new_key,
+            now_secs,
+        } => register_worker(tx, peer_id, models, addresses, version.as_deref(), new_key, *now_secs),
+        Command::Heartbeat {
+            peer_id,
+            models,
+            addresses,
+            active_jobs,
+            queue_depth,
+            now_secs,
+        } => {
+            let models_json = models.as_ref().map(|m| json!(m).to_string());
+            let addrs_json = addresses.as_ref().map(|a| json!(a).to_string());
+            let n = tx
+                .prepare_cached(
+                    "UPDATE workers SET last_seen = ?2, active_jobs = ?3, queue_depth = ?4,
+                     models = COALESCE(?5, models), addresses = COALESCE(?6, addresses)
+                     WHERE peer_id = ?1",
+                )?
+                .execute(params![
+                    peer_id,
+                    to_i64(*now_secs)?,
+                    active_jobs,
+                    queue_depth,
+                    models_json,
+                    addrs_json
+                ])?;
+            if n == 0 {
+                return Err(LedgerError::UnknownWorker(peer_id.clone()));
+            }
+            Ok(Outcome::Heartbeat {
+                last_seen: *now_secs,
+            })
+        }
+        Command::Reserve {
+            user,
+            worker,
+            model,
+            job_id,
+            amount,
+            multiplier_milli,
+            starter_grant,
+            expires_at,
+            now_ms,
+        } => reserve(
+            tx,
+            user,
+            worker,
+            model,
+            job_id,
+            *amount,
+            *multiplier_milli,
+            *starter_grant,
+            *expires_at,
+            *now_ms,
+            events,
+        ),
+        Command::Cancel { job_id, now_ms } => {
+            let job = load_job(tx, job_id)?.ok_or_else(|| LedgerError::UnknownJob(job_id.clone()))?;
+            if job.state == "pending" {
+                void(tx, &job, "refund", *now_ms, events)?;
+            }
+            Ok(Outcome::Cancelled)
+        }
+        Command::Settle {
+            receipt,
+            receipt_sha256,
+            now_ms,
+        } => settle(tx, receipt, receipt_sha256, *now_ms, events).map(Outcome::Settled),
+        Command::ExpireDue {
+            cutoff_secs,
+            now_ms,
+            limit,
+        } => {
+            let ids: Vec<String> = tx
+                .prepare_cached(
+                    "SELECT job_id FROM jobs WHERE state = 'pending' AND expires_at < ?1
+                     ORDER BY expires_at LIMIT ?2",
+                )?
+                .query_map(params![to_i64(*cutoff_secs)?, to_i64(*limit as u64)?], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for id in &ids {
+                if let Some(job) = load_job(tx, id)? {
+                    void(tx, &job, "expire", *now_ms, events)?;
+                }
+            }
+            Ok(Outcome::Expired { jobs: ids })
+        }
+    }
+}
+
+fn to_i64(v: u64) -> Result<i64, LedgerError> {
+    i64::try_from(v).map_err(|_| LedgerError::Range(format!("{v} does not fit")))
+}
+
+fn register_worker(
+    tx: &Connection,
+    peer_id: &str,
+    models: &[String],
+    addresses: &[String],
+    version: Option<&str>,
+    new_key: &[u8; 32],
+    now: u64,
+) -> Result<Outcome, LedgerError> {
+    let now_i = to_i64(now)?;
+    tx.prepare_cached(
+        "INSERT INTO accounts (id, kind, created_at) VALUES (?1, 'worker', ?2)
+         ON CONFLICT(id) DO NOTHING",
+    )?
+    .execute(params![peer_id, now_i])?;
+    let kind: String = tx.query_row("SELECT kind FROM accounts WHERE id = ?1", [peer_id], |r| r.get(0))?;
+    if kind == "mint" {
+        return Err(LedgerError::Range("reserved account id".into()));
+    }
+    tx.prepare_cached(
+        "INSERT INTO workers (peer_id, receipt_key, models, addresses, version, registered_at, last_seen)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+         ON CONFLICT(peer_id) DO UPDATE SET models = excluded.models, addresses = excluded.addresses,
+           version = excluded.version, last_seen = excluded.last_seen",
+    )?
+    .execute(params![
+        peer_id,
+        &new_key[..],
+        json!(models).to_string(),
+        json!(addresses).to_string(),
+        version,
+        now_i
+    ])?;
+    load_worker(tx, peer_id)?
+        .map(Outcome::Worker)
+        .ok_or_else(|| LedgerError::UnknownWorker(peer_id.into()))
+}
+
+/// Reads one worker.
+pub fn load_worker(conn: &Connection, peer_id: &str) -> Result<Option<WorkerRow>, LedgerError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT peer_id, receipt_key, models, addresses, version, multiplier_milli, verified_gflops,
+                    active_jobs, queue_depth, registered_at, last_seen FROM workers WHERE peer_id = ?1",
+        )?
+        .query_row([peer_id], worker_from_row)
+        .optional()?)
+}
+
+/// Reads every worker.
+pub fn load_workers(conn: &Connection) -> Result<Vec<WorkerRow>, LedgerError> {
+    Ok(conn
+        .prepare(
+            "SELECT peer_id, receipt_key, models, addresses, version, multiplier_milli, verified_gflops,
+                    active_jobs, queue_depth, registered_at, last_seen FROM workers ORDER BY peer_id",
+        )?
+        .query_map([], worker_from_row)?
+        .collect::<Result<_, _>>()?)
+}
+
+fn worker_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<WorkerRow> {
+    let models: String = r.get(2)?;
+    let addresses: String = r.get(3)?;
+    Ok(WorkerRow {
+        peer_id: r.get(0)?,
+        receipt_key: r.get(1)?,
+        models: serde_json::from_str(&models).unwrap_or_default(),
+        addresses: serde_json::from_str(&addresses).unwrap_or_default(),
+        version: r.get(4)?,
+        multiplier_milli: r.get(5)?,
+        verified_gflops: r.get(6)?,
+        active_jobs: r.get(7)?,
+        queue_depth: r.get(8)?,
+        registered_at: r.get::<_, i64>(9)?.max(0) as u64,
+        last_seen: r.get::<_, i64>(10)?.max(0) as u64,
+    })
+}
+
+#[derive(Debug)]
+struct JobRow {
+    job_id: String,
+    user: String,
+    worker: String,
+    model: String,
+    reserve_transfer: i64,
+    reserved: i64,
+    multiplier_milli: i64,
+    state: String,
+    receipt_sha256: Option<String>,
+    receipt_status: Option<String>,
+    cost: Option<i64>,
+}
+
+fn load_job(tx: &Connection, job_id: &str) -> Result<Option<JobRow>, LedgerError> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT job_id, user_id, worker_id, model, reserve_transfer, reserved, multiplier_milli, state,
+                    receipt_sha256, receipt_status, cost FROM jobs WHERE job_id = ?1",
+        )?
+        .query_row([job_id], |r| {
+            Ok(JobRow {
+                job_id: r.get(0)?,
+                user: r.get(1)?,
+                worker: r.get(2)?,
+                model: r.get(3)?,
+                reserve_transfer: r.get(4)?,
+                reserved: r.get(5)?,
+                multiplier_milli: r.get(6)?,
+                state: r.get(7)?,
+                receipt_sha256: r.get(8)?,
+                receipt_status: r.get(9)?,
+                cost: r.get(10)?,
+            })
+        })
+        .optional()?)
+}
+
+/// Available balance of an account (None when it does not exist).
+pub fn available(conn: &Connection, account: &str) -> Result<Option<MilliCredits>, LedgerError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT credits_posted - debits_posted - debits_pending FROM accounts WHERE id = ?1",
+        )?
+        .query_row([account], |r| r.get(0))
+        .optional()?)
+}
+
+fn insert_transfer(
+    tx: &Connection,
+    kind: &str,
+    debit: &str,
+    credit: &str,
+    amount: i64,
+    pending_id: Option<i64>,
+    job_id: Option<&str>,
+    now_ms: u64,
+) -> Result<i64, LedgerError> {
+    tx.prepare_cached(
+        "INSERT INTO transfers (kind, debit_account, credit_account, amount, pending_id, job_id, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![kind, debit, credit, amount, pending_id, job_id, to_i64(now_ms)?])?;
+    Ok(tx.last_insert_rowid())
+}
+
+fn ledger_event(
+    kind: &str,
+    transfer_id: i64,
+    debit: &str,
+    credit: &str,
+    amount: i64,
+    job_id: Option<&str>,
+    pending_id: Option<i64>,
+) -> Value {
+    json!({
+        "event": format!("ledger.{kind}"),
+        "transfer_id": transfer_id,
+        "debit_account": debit,
+        "credit_account": credit,
+        "amount_milli": amount,
+        "job_id": job_id,
+        "pending_id": pending_id,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn reserve(
+    tx: &Connection,
+    user: &str,
+    worker: &str,
+    model: &str,
+    job_id: &str,
+    amount: MilliCredits,
+    multiplier_milli: i64,
+    starter_grant: MilliCredits,
+    expires_at: u64,
+    now_ms: u64,
+    events: &mut Vec<Value>,
+) -> Result<Outcome, LedgerError> {
+    if amount < 0 || starter_grant < 0 {
+        return Err(LedgerError::Range("negative amount".into()));
+    }
+    if user == worker {
+        return Err(LedgerError::Range("a user cannot buy from itself".into()));
+    }
+    let now_i = to_i64(now_ms)?;
+    let worker_kind: Option<String> = tx
+        .prepare_cached("SELECT kind FROM accounts WHERE id = ?1")?
+        .query_row([worker], |r| r.get(0))
+        .optional()?;
+    if worker_kind.as_deref() != Some("worker") {
+        return Err(LedgerError::UnknownWorker(worker.into()));
+    }
+    tx.prepare_cached(
+        "INSERT INTO accounts (id, kind, created_at) VALUES (?1, 'user', ?2) ON CONFLICT(id) DO NOTHING",
+    )?
+    .execute(params![user, now_i])?;
+    let (kind, granted): (String, i64) = tx
+        .prepare_cached("SELECT kind, granted FROM accounts WHERE id = ?1")?
+        .query_row([user], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    if kind == "mint" {
+        return Err(LedgerError::Range("reserved account id".into()));
+    }
+    let mut grant = 0;
+    if granted == 0 {
+        grant = starter_grant;
+        tx.prepare_cached(
+            "UPDATE accounts SET granted = 1, credits_posted = credits_posted + ?2 WHERE id = ?1",
+        )?
+        .execute(params![user, grant])?;
+        tx.prepare_cached("UPDATE accounts SET debits_posted = debits_posted + ?2 WHERE id = ?1")?
+            .execute(params![MINT, grant])?;
+        let id = insert_transfer(tx, "grant", MINT, user, grant, None, None, now_ms)?;
+        events.push(ledger_event("grant", id, MINT, user, grant, None, None));
+    }
+    let avail = available(tx, user)?.unwrap_or(0);
+    if avail < amount {
+        return Err(LedgerError::InsufficientFunds {
+            available: avail,
+            required: amount,
+        });
+    }
+    let exists: Option<i64> = tx
+        .prepare_cached("SELECT 1 FROM jobs WHERE job_id = ?1")?
+        .query_row([job_id], |r| r.get(0))
+        .optional()?;
+    if exists.is_some() {
+        return Err(LedgerError::DuplicateJob(job_id.into()));
+    }
+    tx.prepare_cached("UPDATE accounts SET debits_pending = debits_pending + ?2 WHERE id = ?1")?
+        .execute(params![user, amount])?;
+    tx.prepare_cached("UPDATE accounts SET credits_pending = credits_pending + ?2 WHERE id = ?1")?
+        .execute(params![worker, amount])?;
+    let id = insert_transfer(tx, "reserve", user, worker, amount, None, Some(job_id), now_ms)?;
+    tx.prepare_cached(
+        "INSERT INTO jobs (job_id, user_id, worker_id, model, reserve_transfer, reserved, multiplier_milli,
+                           state, expires_at, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?9)",
+    )?
+    .execute(params![
+        job_id,
+        user,
+        worker,
+        model,
+        id,
+        amount,
+        multiplier_milli,
+        to_i64(expires_at)?,
+        now_i
+    ])?;
+    events.push(ledger_event("reserve", id, user, worker, amount, Some(job_id), None));
+    Ok(Outcome::Reserved {
+        transfer_id: id,
+        granted: grant,
+        available_after: avail - amount,
+    })
+}
+
+/// Releases a pending reservation whole (`refund` or `expire`).
+fn void(
+    tx: &Connection,
+    job: &JobRow,
+    kind: &str,
+    now_ms: u64,
+    events: &mut Vec<Value>,
+) -> Result<i64, LedgerError> {
+    tx.prepare_cached("UPDATE accounts SET debits_pending = debits_pending - ?2 WHERE id = ?1")?
+        .execute(params![job.user, job.reserved])?;
+    tx.prepare_cached("UPDATE accounts SET credits_pending = credits_pending - ?2 WHERE id = ?1")?
+        .execute(params![job.worker, job.reserved])?;
+    let id = insert_transfer(
+        tx,
+        kind,
+        &job.user,
+        &job.worker,
+        job.reserved,
+        Some(job.reserve_transfer),
+        Some(&job.job_id),
+        now_ms,
+    )?;
+    tx.prepare_cached("UPDATE jobs SET state = 'voided', cost = 0, resolved_at = ?2 WHERE job_id = ?1")?
+        .execute(params![job.job_id, to_i64(now_ms)?])?;
+    events.push(ledger_event(
+        kind,
+        id,
+        &job.user,
+        &job.worker,
+        job.reserved,
+        Some(&job.job_id),
+        Some(job.reserve_transfer),
+    ));
+    Ok(id)
+}
+
+/// Cost of a job: its seconds times the multiplier, never more than reserved.
+pub fn job_cost(started_at_ms: u64, finished_at_ms: u64, multiplier_milli: i64, reserved: i64) -> i64 {
+    let ms = i128::from(finished_at_ms.saturating_sub(started_at_ms));
+    let cost = ms * i128::from(multiplier_milli.max(0)) / 1000;
+    i64::try_from(cost.min(i128::from(reserved))).unwrap_or(reserved)
+}
+
+fn settle(
+    tx: &Connection,
+    r: &Receipt,
+    receipt_sha256: &str,
+    now_ms: u64,
+    events: &mut Vec<Value>,
+) -> Result<Settlement, LedgerError> {
+    let job = load_job(tx, &r.job_id)?.ok_or_else(|| LedgerError::UnknownJob(r.job_id.clone()))?;
+    if job.worker != r.worker {
+        return Err(LedgerError::Mismatch("the job belongs to another worker".into()));
+    }
+    if job.user != r.user {
+        return Err(LedgerError::Mismatch("the job belongs to another user".into()));
+    }
+    if job.model != r.model {
+        return Err(LedgerError::Mismatch(format!(
+            "the job was for model {}",
+            job.model
+        )));
+    }
+    if r.finished_at < r.started_at {
+        return Err(LedgerError::Mismatch("finished_at is before started_at".into()));
+    }
+    if let Some(prev) = &job.receipt_sha256 {
+        if prev != receipt_sha256 {
+            return Err(LedgerError::Conflict(job.job_id));
+        }
+        let cost = job.cost.unwrap_or(0);
+        let settled = job.receipt_status.as_deref() == Some("completed");
+        return Ok(Settlement {
+            job_id: job.job_id,
+            user: job.user,
+            worker: job.worker,
+            outcome: if settled { "settled" } else { "refunded" },
+            cost,
+            refunded: job.reserved - cost,
+            replayed: true,
+        });
+    }
+    if job.state != "pending" {
+        return Err(LedgerError::ReservationExpired(job.job_id));
+    }
+    let status = match r.status {
+        JobStatus::Completed => "completed",
+        JobStatus::Failed => "failed",
+        JobStatus::Cancelled => "cancelled",
+    };
+    let (outcome, cost) = if r.status == JobStatus::Completed {
+        let cost = job_cost(r.started_at, r.finished_at, job.multiplier_milli, job.reserved);
+        tx.prepare_cached(
+            "UPDATE accounts SET debits_pending = debits_pending - ?2, debits_posted = debits_posted + ?3
+             WHERE id = ?1",
+        )?
+        .execute(params![job.user, job.reserved, cost])?;
+        tx.prepare_cached(
+            "UPDATE accounts SET credits_pending = credits_pending - ?2, credits_posted = credits_posted + ?3
+             WHERE id = ?1",
+        )?
+        .execute(params![job.worker, job.reserved, cost])?;
+        let id = insert_transfer(
+            tx,
+            "settle",
+            &job.user,
+            &job.worker,
+            cost,
+            Some(job.reserve_transfer),
+            Some(&job.job_id),
+            now_ms,
+        )?;
+        tx.prepare_cached("UPDATE jobs SET state = 'posted', cost = ?2, resolved_at = ?3 WHERE job_id = ?1")?
+            .execute(params![job.job_id, cost, to_i64(now_ms)?])?;
+        let mut ev = ledger_event(
+            "settle",
+            id,
+            &job.user,
+            &job.worker,
+            cost,
+            Some(&job.job_id),
+            Some(job.reserve_transfer),
+        );
+        ev["released_milli"] = json!(job.reserved - cost);
+        events.push(ev);
+        ("settled", cost)
+    } else {
+        void(tx, &job, "refund", now_ms, events)?;
+        ("refunded", 0)
+    };
+    tx.prepare_cached("UPDATE jobs SET receipt_sha256 = ?2, receipt_status = ?3 WHERE job_id = ?1")?
+        .execute(params![job.job_id, receipt_sha256, status])?;
+    Ok(Settlement {
+        job_id: job.job_id,
+        user: job.user,
+        worker: job.worker,
+        outcome,
+        cost,
+        refunded: job.reserved - cost,
+        replayed: false,
+    })
+}
+
+/// Totals over the whole ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Totals {
+    pub minted: i64,
+    pub balances: i64,
+    pub pending_accounts: i64,
+    pub pending_jobs: i64,
+    pub debits_posted: i64,
+    pub credits_posted: i64,
+    pub debits_pending: i64,
+    pub credits_pending: i64,
+    pub min_available: i64,
+}
+
+pub fn totals(conn: &Connection) -> Result<Totals, LedgerError> {
+    let mut t = conn
+        .prepare_cached(
+            "SELECT COALESCE(SUM(debits_posted), 0), COALESCE(SUM(credits_posted), 0),
+                    COALESCE(SUM(debits_pending), 0), COALESCE(SUM(credits_pending), 0),
+                    COALESCE(SUM(CASE WHEN kind != 'mint' THEN credits_posted - debits_posted - debits_pending END), 0),
+                    COALESCE(SUM(CASE WHEN kind = 'mint' THEN debits_posted - credits_posted END), 0),
+                    COALESCE(MIN(CASE WHEN kind != 'mint' THEN credits_posted - debits_posted - debits_pending END), 0),
+                    COALESCE(SUM(CASE WHEN kind != 'mint' THEN debits_pending END), 0)
+             FROM accounts",
+        )?
+        .query_row([], |r| {
+            Ok(Totals {
+                debits_posted: r.get(0)?,
+                credits_posted: r.get(1)?,
+                debits_pending: r.get(2)?,
+                credits_pending: r.get(3)?,
+                balances: r.get(4)?,
+                minted: r.get(5)?,
+                min_available: r.get(6)?,
+                pending_accounts: r.get(7)?,
+                pending_jobs: 0,
+            })
+        })?;
+    t.pending_jobs = conn
+        .prepare_cached("SELECT COALESCE(SUM(reserved), 0) FROM jobs WHERE state = 'pending'")?
+        .query_row([], |r| r.get(0))?;
+    Ok(t)
+}
+
+/// The invariants checked inside every transaction that changes money.
+pub fn check_invariants(conn: &Connection) -> Result<Totals, LedgerError> {
+    let t = totals(conn)?;
+    let mut problems = Vec::new();
+    if t.debits_posted != t.credits_posted {
+        problems.push(format!(
+            "posted debits {} != posted credits {}",
+            t.debits_posted, t.credits_posted
+        ));
+    }
+    if t.debits_pending != t.credits_pending {
+        problems.push(format!(
+            "pending debits {} != pending credits {}",
+            t.debits_pending, t.credits_pending
+        ));
+    }
+    if t.pending_jobs != t.debits_pending {
+        problems.push(format!(
+            "open reservations {} != pending debits {}",
+            t.pending_jobs, t.debits_pending
+        ));
+    }
+    if t.balances + t.pending_jobs != t.minted {
+        problems.push(format!(
+            "balances {} + pending {} != minted {}",
+            t.balances, t.pending_jobs, t.minted
+        ));
+    }
+    if t.min_available < 0 {
+        problems.push(format!("an account is negative ({})", t.min_available));
+    }
+    if problems.is_empty() {
+        Ok(t)
+    } else {
+        Err(LedgerError::Invariant(problems.join("; ")))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The writer thread: one connection, group commit.
+
+type Reply = oneshot::Sender<Result<Outcome, LedgerError>>;
+
+struct Envelope {
+    cmd: Command,
+    request_id: Option<String>,
+    reply: Reply,
+}
+
+enum Message {
+    Command(Envelope),
+    Stop,
+}
+
+/// Handle to the writer thread. Cloneable; every write goes through it.
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<Message>,
+}
+
+/// Owns the writer thread; `shutdown` finishes what is queued and joins it.
+pub struct WriterThread {
+    tx: mpsc::Sender<Message>,
+    join: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Receives the audit events of each committed batch.
+pub type AuditSink = Box<dyn Fn(Vec<(Option<String>, Value)>) + Send>;
+
+impl Writer {
+    /// Starts the writer on `conn`.
+    pub fn start(conn: Connection, max_batch: usize, audit: AuditSink) -> (Writer, WriterThread) {
+        let (tx, rx) = mpsc::channel(65_536);
+        let join = std::thread::Builder::new()
+            .name("ledger-writer".into())
+            .spawn(move || writer_loop(conn, rx, max_batch.max(1), audit))
+            .ok();
+        (Writer { tx: tx.clone() }, WriterThread { tx, join })
+    }
+
+    /// Submits a command and waits until it is durably committed (or refused).
+    pub async fn submit(&self, cmd: Command, request_id: Option<String>) -> Result<Outcome, LedgerError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Message::Command(Envelope {
+                cmd,
+                request_id,
+                reply,
+            }))
+            .await
+            .map_err(|_| LedgerError::Closed)?;
+        rx.await.map_err(|_| LedgerError::Closed)?
+    }
+}
+
+impl WriterThread {
+    /// Lets the writer finish every queued command, then joins it.
+    pub async fn shutdown(mut self) {
+        let _ = self.tx.send(Message::Stop).await;
+        if let Some(join) = self.join.take() {
+            let _ = tokio::task::spawn_blocking(move || join.join()).await;
+        }
+    }
+}
+
+fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Message>, max_batch: usize, audit: AuditSink) {
+    let mut stop = false;
+    while !stop {
+        let Some(first) = rx.blocking_recv() else { break };
+        let mut batch = Vec::new();
+        match first {
+            Message::Command(e) => batch.push(e),
+            Message::Stop => stop = true,
+        }
+        while batch.len() < max_batch && !stop {
+            match rx.try_recv() {
+                Ok(Message::Command(e)) => batch.push(e),
+                Ok(Message::Stop) => stop = true,
+                Err(_) => break,
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        run_batch(&mut conn, batch, &audit);
+        metrics::counter!("troop_ledger_commits_total").increment(1);
+    }
+    rx.close();
+    // Commands that raced with the stop are refused, never dropped silently.
+    while let Ok(Message::Command(e)) = rx.try_recv() {
+        let _ = e.reply.send(Err(LedgerError::Closed));
+    }
+    tracing::info!("ledger writer stopped");
+}
+
+fn run_batch(conn: &mut Connection, batch: Vec<Envelope>, audit: &AuditSink) {
+    let size = batch.len();
+    metrics::histogram!("troop_ledger_batch_size").record(size as f64);
+    let result = (|| -> Result<(Vec<Result<Outcome, LedgerError>>, Vec<(Option<String>, Value)>), LedgerError> {
+        let mut tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut results = Vec::with_capacity(size);
+        let mut all_events = Vec::new();
+        for env in &batch {
+            let mut events = Vec::new();
+            let sp = tx.savepoint()?;
+            let r = apply(&sp, &env.cmd, &mut events);
+            match r {
+                Ok(out) => {
+                    sp.commit()?;
+                    all_events.extend(events.into_iter().map(|e| (env.request_id.clone(), e)));
+                    results.push(Ok(out));
+                }
+                Err(e) => {
+                    drop(sp); // rolls back this command only
+                    results.push(Err(e));
+                }
+            }
+        }
+        check_invariants(&tx)?;
+        tx.set_drop_behavior(rusqlite::DropBehavior::Commit);
+        tx.commit()?;
+        Ok((results, all_events))
+    })();
+    match result {
+        Ok((results, events)) => {
+            if !events.is_empty() {
+                audit(events);
+            }
+            for (env, r) in batch.into_iter().zip(results) {
+                let _ = env.reply.send(r);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "ledger batch rolled back");
+            for env in batch {
+                let _ = env.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! Troop's coordinator: a thin HTTP service that signs short-lived RS256
+//! tickets and settles a double-entry SQLite credit ledger from receipts
+//! that workers authenticate with HMAC-SHA256.
+//!
+//! `app(state)` builds the router; [`Coordinator::open`] prepares the state
+//! from a data folder and [`Coordinator::serve`] runs it until a shutdown
+//! signal, finishing what is in flight.
+
+pub mod admin;
+pub mod audit;
+pub mod config;
+pub mod error;
+pub mod ledger;
+pub mod metrics;
+pub mod rate_limit;
+pub mod routes;
+pub mod tickets;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use anyhow::Context;
+use rusqlite::Connection;
+
+pub use config::Config;
+pub use routes::app;
+
+use audit::{AuditLog, AuditThread};
+use ledger::{WorkerRow, Writer, WriterThread};
+use rate_limit::{IpLimiter, UserLimiter};
+use tickets::TicketKeys;
+
+/// Unix seconds now.
+pub fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Unix milliseconds now.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Everything the handlers share.
+pub struct AppState {
+    pub cfg: Config,
+    pub writer: Writer,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+    pub keys: TicketKeys,
+    pub audit: AuditLog,
+    /// Registered workers, mirrored from the ledger after each commit.
+    pub workers: RwLock<HashMap<String, WorkerRow>>,
+    /// (peer, nonce) -> signed timestamp, for replay refusal.
+    pub nonces: Mutex<HashMap<(String, String), u64>>,
+    pub discovery_limiter: IpLimiter,
+    pub authorize_limiter: UserLimiter,
+    /// Requests signed before this second are refused (their nonces were
+    /// held in memory by a process that is gone).
+    pub started_at: u64,
+    pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+/// The opened coordinator, ready to serve.
+pub struct Coordinator {
+    pub state: Arc<AppState>,
+    writer_thread: WriterThread,
+    audit_thread: AuditThread,
+}
+
+impl Coordinator {
+    /// Opens the data folder: migrates the ledger, reconciles the audit log,
+    /// loads (or makes) the ticket key and the registered workers.
+    pub fn open(cfg: Config) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("creating data folder {}", cfg.data_dir.display()))?;
+        let conn = ledger::open(&cfg.ledger_path())
+            .with_context(|| format!("opening ledger {}", cfg.ledger_path().display()))?;
+        ledger::check_invariants(&conn).context("ledger invariants at start")?;
+        let recovered = audit::reconcile(&cfg.audit_path(), &conn).context("reconciling the audit log")?;
+        if recovered > 0 {
+            tracing::warn!(recovered, "audit log lacked committed transfers; recovered lines appended");
+        }
+        let workers: HashMap<String, WorkerRow> = ledger::load_workers(&conn)?
+            .into_iter()
+            .map(|w| (w.peer_id.clone(), w))
+            .collect();
+        let (audit_log, audit_thread) = AuditLog::open(&cfg.audit_path())
+            .with_context(|| format!("opening {}", cfg.audit_path().display()))?;
+        let keys = TicketKeys::load_or_create(&cfg.keys_dir())?;
+        let sink_log = audit_log.clone();
+        let sink: ledger::AuditSink = Box::new(move |events| {
+            for (_, ev) in &events {
+                match ev.get("event").and_then(|e| e.as_str()) {
+                    Some("ledger.settle") => ::metrics::counter!("troop_settlements_total").increment(1),
+                    Some("ledger.refund") | Some("ledger.expire") => {
+                        ::metrics::counter!("troop_refunds_total").increment(1)
+                    }
+                    _ => {}
+                }
+            }
+            sink_log.record_ledger(events);
+        });
+        let (writer, writer_thread) = Writer::start(conn, cfg.max_batch, sink);
+        let mut readers = Vec::new();
+        for _ in 0..4 {
+            readers.push(Mutex::new(ledger::open_reader(&cfg.ledger_path())?));
+        }
+        let state = AppState {
+            discovery_limiter: IpLimiter::per_hour(cfg.discovery_per_hour),
+            authorize_limiter: UserLimiter::per_hour(cfg.authorize_per_hour),
+            cfg,
+            writer,
+            readers,
+            next_reader: AtomicUsize::new(0),
+            keys,
+            audit: audit_log,
+            workers: RwLock::new(workers),
+            nonces: Mutex::new(HashMap::new()),
+            started_at: unix_secs(),
+            prometheus: metrics::handle(),
+        };
+        Ok(Self {
+            state: Arc::new(state),
+            writer_thread,
+            audit_thread,
+        })
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then stops accepting,
+    /// finishes the requests in flight, commits what the ledger holds and
+    /// flushes the audit log.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, kid = %self.state.keys.kid, "coordinator listening");
+        let sweeper = tokio::spawn(routes::sweeper(self.state.clone()));
+        let router = app(self.state.clone());
+        let served = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await;
+        sweeper.abort();
+        let _ = sweeper.await;
+        self.writer_thread.shutdown().await;
+        let audit_thread = self.audit_thread;
+        let _ = tokio::task::spawn_blocking(move || audit_thread.shutdown()).await;
+        tracing::info!("coordinator stopped");
+        served.context("serving HTTP")
+    }
+}
+
+impl AppState {
+    /// Runs a read-only query on one of the reader connections, off the
+    /// async threads.
+    pub async fn read_with<T, F>(self: &Arc<Self>, f: F) -> Result<T, ledger::LedgerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, ledger::LedgerError> + Send + 'static,
+    {
+        let state = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let i = state.next_reader.fetch_add(1, Ordering::Relaxed) % state.readers.len();
+            let guard = state.readers[i]
+                .lock()
+                .map_err(|_| ledger::LedgerError::Storage("reader lock poisoned".into()))?;
+            f(&guard)
+        })
+        .await
+        .map_err(|e| ledger::LedgerError::Storage(e.to_string()))?
+    }
+}
+
+/// A coordinator running in the background on 127.0.0.1 (tests, the demo).
+pub struct RunningCoordinator {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    join: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningCoordinator {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Graceful stop; returns when everything is flushed.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.join.await.context("coordinator task")?
+    }
+}
+
+/// Opens and serves a coordinator on `listen` in the background.
+pub async fn spawn(cfg: Config, listen: SocketAddr) -> anyhow::Result<RunningCoordinator> {
+    let coordinator = tokio::task::spawn_blocking(move || Coordinator::open(cfg)).await??;
+    let state = coordinator.state.clone();
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let join = tokio::spawn(coordinator.serve(listener, async move {
+        let _ = rx.await;
+    }));
+    Ok(RunningCoordinator {
+        addr,
+        state,
+        stop: Some(tx),
+        join,
+    })
+}

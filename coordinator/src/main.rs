@@ -1,0 +1,226 @@
+//! `troop-coordinator`: serve the API, or inspect the ledger.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use troop_coordinator::{Config, Coordinator, admin, ledger};
+
+#[derive(Parser, Debug)]
+#[command(name = "troop-coordinator", version, about = "Troop's coordinator: signs tickets and settles the credit ledger")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Serve the HTTP API (tickets, ledger, worker registry).
+    Serve(ServeArgs),
+    /// Inspect the ledger in a data folder.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCmd,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "TROOP_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Folder for the ledger, the keys and logs/audit.log (made if missing).
+    #[arg(long, env = "TROOP_DATA", default_value = "./data/coordinator")]
+    data: PathBuf,
+    /// Credit-seconds a new account gets once.
+    #[arg(long, env = "TROOP_STARTER_CREDITS", default_value_t = 3600.0)]
+    starter_credits: f64,
+    /// Seconds of the worker's rate held per reservation.
+    #[arg(long, env = "TROOP_RESERVATION_SECS", default_value_t = 300)]
+    reservation_secs: i64,
+    /// Ticket lifetime in seconds.
+    #[arg(long, env = "TROOP_TICKET_TTL_SECS", default_value_t = 300)]
+    ticket_ttl_secs: u64,
+    /// Seconds after a ticket's expiry before its unused reservation is refunded.
+    #[arg(long, env = "TROOP_RESERVATION_GRACE_SECS", default_value_t = 600)]
+    reservation_grace_secs: u64,
+    /// Seconds between sweeps for expired reservations.
+    #[arg(long, env = "TROOP_SWEEP_INTERVAL_SECS", default_value_t = 15)]
+    sweep_interval_secs: u64,
+    /// Requests an hour per IP on discovery reads (/workers, /bootstrap, balances, histories).
+    #[arg(long, env = "TROOP_DISCOVERY_PER_HOUR", default_value_t = 100)]
+    discovery_per_hour: u32,
+    /// Requests an hour per user on /authorize.
+    #[arg(long, env = "TROOP_AUTHORIZE_PER_HOUR", default_value_t = 20)]
+    authorize_per_hour: u32,
+    /// Seconds without a heartbeat after which a worker is not alive.
+    #[arg(long, env = "TROOP_WORKER_TTL_SECS", default_value_t = 90)]
+    worker_ttl_secs: u64,
+    /// Trust X-Forwarded-For for the client address (only behind your own proxy).
+    #[arg(long, env = "TROOP_TRUSTED_PROXY")]
+    trusted_proxy: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum LedgerCmd {
+    /// Check every invariant; exit 0 only when all hold.
+    Audit {
+        #[arg(long, env = "TROOP_DATA", default_value = "./data/coordinator")]
+        data: PathBuf,
+    },
+    /// Print an account's balance in credit-seconds.
+    Balance {
+        /// Account id (a PeerId).
+        id: String,
+        #[arg(long, env = "TROOP_DATA", default_value = "./data/coordinator")]
+        data: PathBuf,
+    },
+    /// Print an account's transfers, newest first.
+    History {
+        /// Account id (a PeerId).
+        id: String,
+        #[arg(long, env = "TROOP_DATA", default_value = "./data/coordinator")]
+        data: PathBuf,
+        /// One JSON object a line.
+        #[arg(long)]
+        json: bool,
+        /// Most lines to print.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Cmd::Serve(a) => {
+            let mut cfg = Config::new(a.data);
+            if !(a.starter_credits.is_finite() && a.starter_credits >= 0.0) {
+                anyhow::bail!("--starter-credits must be a non-negative number");
+            }
+            cfg.starter_credits_milli = (a.starter_credits * 1000.0).round() as i64;
+            cfg.reservation_secs = a.reservation_secs.max(0);
+            cfg.ticket_ttl = Duration::from_secs(a.ticket_ttl_secs);
+            cfg.reservation_grace = Duration::from_secs(a.reservation_grace_secs);
+            cfg.sweep_interval = Duration::from_secs(a.sweep_interval_secs.max(1));
+            cfg.discovery_per_hour = a.discovery_per_hour;
+            cfg.authorize_per_hour = a.authorize_per_hour;
+            cfg.worker_ttl = Duration::from_secs(a.worker_ttl_secs);
+            cfg.trusted_proxy = a.trusted_proxy;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async move {
+                let coordinator = Coordinator::open(cfg)?;
+                let listener = tokio::net::TcpListener::bind(a.listen)
+                    .await
+                    .with_context(|| format!("binding {}", a.listen))?;
+                coordinator.serve(listener, shutdown_signal()).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Ledger { command } => ledger_cmd(command),
+    }
+}
+
+fn ledger_cmd(cmd: LedgerCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        LedgerCmd::Audit { data } => {
+            let (findings, t) = admin::audit(&data)?;
+            println!(
+                "minted {:.3}  balances {:.3}  pending {:.3}",
+                t.minted as f64 / 1000.0,
+                t.balances as f64 / 1000.0,
+                t.pending_jobs as f64 / 1000.0
+            );
+            if findings.is_empty() {
+                println!("ledger audit: OK (every invariant holds)");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!("ledger audit: {} finding(s)", findings.len());
+                for f in &findings {
+                    println!("  - {f}");
+                }
+                Ok(ExitCode::from(1))
+            }
+        }
+        LedgerCmd::Balance { id, data } => {
+            let id = troop_protocol::identity::parse_account_id(&id)?.to_base58();
+            let conn = ledger::open_reader(&data.join("ledger.sqlite3"))?;
+            match admin::balance_of(&conn, &id)? {
+                Some(b) => {
+                    println!("account   {}", b.account);
+                    println!("available {:.3}", b.available);
+                    println!("pending   {:.3}", b.pending);
+                    println!("credited  {:.3}", b.credited);
+                    println!("debited   {:.3}", b.debited);
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => {
+                    eprintln!("no account {id}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        LedgerCmd::History { id, data, json, limit } => {
+            let id = troop_protocol::identity::parse_account_id(&id)?.to_base58();
+            let conn = ledger::open_reader(&data.join("ledger.sqlite3"))?;
+            let rows = admin::history(&conn, &id, i64::MAX, limit.max(1))?;
+            for r in rows {
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "{:>6}  {:<8} {:>12.3}  {:<8} {}",
+                        r.id,
+                        r.kind,
+                        r.amount,
+                        r.status,
+                        r.job_id.unwrap_or_default()
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received; finishing requests in flight");
+}

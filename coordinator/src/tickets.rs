@@ -1,0 +1,105 @@
+//! The coordinator's RSA-2048 ticket key and RS256 ticket signing.
+//!
+//! The key pair is made at first start and kept in `DIR/keys/`:
+//! `ticket-signing.pem` (PKCS#8, mode 0400) and `ticket-signing.pub.pem`
+//! (SPKI). The key id (`kid`) is the first 16 hex digits of the SHA-256 of
+//! the public key's DER, so it changes exactly when the key changes.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use aws_lc_rs::encoding::AsDer;
+use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm, PublicKeyUse};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use sha2::{Digest, Sha256};
+use troop_protocol::ticket::TicketClaims;
+
+const PRIVATE_FILE: &str = "ticket-signing.pem";
+const PUBLIC_FILE: &str = "ticket-signing.pub.pem";
+
+/// The signing key, its public half and its id.
+pub struct TicketKeys {
+    pub kid: String,
+    encoding: EncodingKey,
+    pub public_pem: String,
+    pub jwks: JwkSet,
+}
+
+impl TicketKeys {
+    /// Loads the key pair from `dir`, making one first if there is none.
+    pub fn load_or_create(dir: &Path) -> anyhow::Result<Self> {
+        let private_path = dir.join(PRIVATE_FILE);
+        if !private_path.exists() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
+                .map_err(|_| anyhow::anyhow!("RSA key generation failed"))?;
+            let der = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&pair)
+                .map_err(|_| anyhow::anyhow!("RSA key encoding failed"))?;
+            let pem_text = pem::encode(&pem::Pem::new("PRIVATE KEY", der.as_ref().to_vec()));
+            write_new(&private_path, pem_text.as_bytes(), 0o400)?;
+            tracing::info!(path = %private_path.display(), "made a new RSA-2048 ticket signing key");
+        }
+        let private_pem = std::fs::read(&private_path)
+            .with_context(|| format!("reading {}", private_path.display()))?;
+        Self::from_private_pem(&private_pem, Some(&dir.join(PUBLIC_FILE)))
+    }
+
+    fn from_private_pem(private_pem: &[u8], public_path: Option<&Path>) -> anyhow::Result<Self> {
+        let parsed = pem::parse(private_pem).context("ticket key is not PEM")?;
+        if parsed.tag() != "PRIVATE KEY" {
+            bail!("ticket key must be a PKCS#8 PRIVATE KEY, found {}", parsed.tag());
+        }
+        let pair = aws_lc_rs::rsa::KeyPair::from_pkcs8(parsed.contents())
+            .map_err(|e| anyhow::anyhow!("ticket key rejected: {e}"))?;
+        if pair.public_modulus_len() * 8 < 2048 {
+            bail!("ticket key must be at least 2048 bits");
+        }
+        let public = aws_lc_rs::signature::KeyPair::public_key(&pair);
+        let spki = AsDer::<aws_lc_rs::encoding::PublicKeyX509Der>::as_der(public)
+            .map_err(|_| anyhow::anyhow!("public key encoding failed"))?;
+        let public_pem = pem::encode(&pem::Pem::new("PUBLIC KEY", spki.as_ref().to_vec()));
+        if let Some(p) = public_path {
+            if std::fs::read_to_string(p).ok().as_deref() != Some(public_pem.as_str()) {
+                let _ = std::fs::remove_file(p);
+                write_new(p, public_pem.as_bytes(), 0o444)?;
+            }
+        }
+        let kid = hex::encode(Sha256::digest(spki.as_ref()))[..16].to_string();
+        let encoding = EncodingKey::from_rsa_pem(private_pem).context("loading the ticket key")?;
+        let mut jwk = Jwk::from_encoding_key(&encoding, Algorithm::RS256)
+            .context("building the JWK")?;
+        jwk.common.key_id = Some(kid.clone());
+        jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+        jwk.common.key_algorithm = Some(KeyAlgorithm::RS256);
+        Ok(Self {
+            kid,
+            encoding,
+            public_pem,
+            jwks: JwkSet { keys: vec![jwk] },
+        })
+    }
+
+    /// Signs a ticket (RS256, with this key's `kid`).
+    pub fn sign(&self, claims: &TicketClaims) -> anyhow::Result<String> {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.encoding).context("signing a ticket")
+    }
+}
+
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(mode);
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut f = opts.open(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}

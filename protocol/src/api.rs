@@ -1,0 +1,180 @@
+//! JSON bodies of the coordinator's HTTP API. Amounts are credit-seconds as
+//! JSON numbers with milli-credit precision.
+
+use serde::{Deserialize, Serialize};
+
+/// `POST /workers/register` (signed by the worker).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    /// Model names the worker serves.
+    pub models: Vec<String>,
+    /// Multiaddrs the worker listens on (with or without `/p2p/<id>`).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// Free-form version string of the worker software.
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+/// Answer to a registration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub peer_id: String,
+    /// The HMAC-SHA256 key for receipts, 32 bytes, hex.
+    pub receipt_key: String,
+    pub hardware_multiplier: f64,
+    /// Seconds between heartbeats the coordinator expects.
+    pub heartbeat_interval_secs: u64,
+}
+
+/// Load a worker reports.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Load {
+    #[serde(default)]
+    pub active_jobs: u32,
+    #[serde(default)]
+    pub queue_depth: u32,
+}
+
+/// `POST /workers/heartbeat` (signed by the worker).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    #[serde(default)]
+    pub addresses: Option<Vec<String>>,
+    #[serde(default)]
+    pub load: Load,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    pub ok: bool,
+    pub last_seen: u64,
+}
+
+/// A worker as `GET /workers` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub peer_id: String,
+    pub models: Vec<String>,
+    pub addresses: Vec<String>,
+    pub hardware_multiplier: f64,
+    /// Null until a proof of hardware passes.
+    pub verified_gflops: Option<f64>,
+    /// Unix seconds of the last registration or heartbeat.
+    pub last_seen: u64,
+    pub alive: bool,
+    pub load: Load,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkersResponse {
+    pub workers: Vec<WorkerInfo>,
+}
+
+/// One entry point into the DHT.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BootstrapPeer {
+    pub peer_id: String,
+    pub addresses: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BootstrapResponse {
+    pub peers: Vec<BootstrapPeer>,
+}
+
+/// `POST /authorize` (signed by the user).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizeRequest {
+    pub model: String,
+    /// The worker's PeerId.
+    pub worker: String,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuthorizeResponse {
+    /// The RS256 JWT to hand to the worker.
+    pub ticket: String,
+    pub job_id: String,
+    pub worker: String,
+    pub model: String,
+    /// Credit-seconds held for this job.
+    pub reserved: f64,
+    /// Unix seconds when the ticket expires.
+    pub expires_at: u64,
+    pub kid: String,
+}
+
+/// `GET /users/{id}/balance`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BalanceResponse {
+    pub account: String,
+    /// Spendable now.
+    pub available: f64,
+    /// Held by open reservations.
+    pub pending: f64,
+    /// Everything ever credited to the account.
+    pub credited: f64,
+    /// Everything ever debited from the account (posted).
+    pub debited: f64,
+}
+
+/// One line of `GET /users/{id}/transactions`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransactionEntry {
+    pub id: i64,
+    /// `grant`, `reserve`, `settle`, `refund` or `expire`.
+    pub kind: String,
+    /// Signed change to this account's available balance, in credit-seconds
+    /// (a reservation is negative; a settlement shows what moved).
+    pub amount: f64,
+    /// `pending`, `posted` or `voided`.
+    pub status: String,
+    pub debit_account: String,
+    pub credit_account: String,
+    #[serde(default)]
+    pub job_id: Option<String>,
+    /// Unix milliseconds.
+    pub created_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransactionsResponse {
+    pub account: String,
+    pub transactions: Vec<TransactionEntry>,
+    /// Pass as `?before=` to get the next (older) page; null at the end.
+    pub next_before: Option<i64>,
+}
+
+/// Answer to `POST /transactions/submit`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SettlementResponse {
+    pub job_id: String,
+    /// `settled` or `refunded`.
+    pub outcome: String,
+    /// Credit-seconds moved to the worker.
+    pub cost: f64,
+    /// Credit-seconds given back to the user.
+    pub refunded: f64,
+    /// True when this receipt had already been settled (nothing changed now).
+    pub replayed: bool,
+}
+
+/// The error body of every coordinator refusal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: crate::ErrorCode,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
