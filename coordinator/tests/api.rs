@@ -1,0 +1,626 @@
+//! The coordinator over real HTTP on loopback: every endpoint, its success
+//! and its refusals.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestCoordinator, now_secs, receipt_for};
+use serde_json::{Value, json};
+use troop_protocol::api::{AuthorizeResponse, SettlementResponse};
+use troop_protocol::identity::generate;
+use troop_protocol::receipt::JobStatus;
+use troop_protocol::signed::sign_request_with_nonce;
+use troop_protocol::ticket::TicketVerifier;
+
+const MODEL: &str = "gemma3:270m";
+
+async fn error_code(resp: reqwest::Response) -> (u16, String) {
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.expect("error body is JSON");
+    let code = body["error"]["code"].as_str().expect("error.code").to_string();
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    (status, code)
+}
+
+#[tokio::test]
+async fn health_keys_and_request_ids() {
+    let c = TestCoordinator::start().await;
+    let r = c.get("/health").await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-request-id").is_some());
+    assert!(r.headers().get("x-response-time").is_some());
+    let health: Value = r.json().await.expect("json");
+    let kid = health["kid"].as_str().expect("kid").to_string();
+
+    // A request id sent by the client is kept.
+    let r = c
+        .http
+        .get(format!("{}/health", c.url))
+        .header("x-request-id", "my-id-123")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.headers()["x-request-id"], "my-id-123");
+
+    let pk: Value = c.get("/public-key").await.json().await.expect("json");
+    assert_eq!(pk["kid"], kid.as_str());
+    assert!(pk["public_key"].as_str().expect("pem").starts_with("-----BEGIN PUBLIC KEY-----"));
+    let jwks: Value = c.get("/.well-known/jwks.json").await.json().await.expect("json");
+    assert_eq!(jwks["keys"][0]["kid"], kid.as_str());
+    assert_eq!(jwks["keys"][0]["alg"], "RS256");
+    assert_eq!(jwks["keys"][0]["kty"], "RSA");
+
+    let r = c.get("/no/such/route").await;
+    assert_eq!(error_code(r).await, (404, "not_found".into()));
+}
+
+#[tokio::test]
+async fn private_key_is_0400_and_survives_restart_with_balances() {
+    let mut c = TestCoordinator::start().await;
+    let key_path = c.dir.path().join("keys/ticket-signing.pem");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_path).expect("key file").permissions().mode();
+        assert_eq!(mode & 0o777, 0o400);
+    }
+    let kid1: Value = c.get("/public-key").await.json().await.expect("json");
+    let worker = generate();
+    let user = generate();
+    let reg = c.register(&worker, &[MODEL]).await;
+    let auth: AuthorizeResponse = c.authorize(&user, &worker, MODEL).await.json().await.expect("auth");
+    let before = c.balance(&user).await;
+
+    c.restart_with(|_| {}).await;
+    let kid2: Value = c.get("/public-key").await.json().await.expect("json");
+    assert_eq!(kid1["kid"], kid2["kid"], "same key after restart");
+    assert_eq!(c.balance(&user).await, before, "same balance after restart");
+    // The worker is still registered with the same receipt key.
+    let r = c
+        .submit_receipt(&reg.receipt_key, &receipt_for(&auth.job_id, &user, &worker, MODEL, 1500), now_secs())
+        .await;
+    assert_eq!(r.status(), 200);
+    let s: SettlementResponse = r.json().await.expect("json");
+    assert_eq!(s.cost, 1.5);
+}
+
+#[tokio::test]
+async fn register_heartbeat_workers_and_bootstrap() {
+    let c = TestCoordinator::start().await;
+    let worker = generate();
+    let reg = c.register(&worker, &[MODEL, "llama3"]).await;
+    assert_eq!(reg.peer_id, worker.public().to_peer_id().to_base58());
+    assert_eq!(hex::decode(&reg.receipt_key).expect("hex").len(), 32);
+    assert_eq!(reg.hardware_multiplier, 1.0);
+    // Re-registering keeps the receipt key.
+    assert_eq!(c.register(&worker, &[MODEL]).await.receipt_key, reg.receipt_key);
+
+    let hb = c
+        .signed(&worker, "/workers/heartbeat", &json!({ "load": { "active_jobs": 2, "queue_depth": 5 } }))
+        .await;
+    assert_eq!(hb.status(), 200);
+    let stranger = generate();
+    let hb = c.signed(&stranger, "/workers/heartbeat", &json!({})).await;
+    assert_eq!(error_code(hb).await, (404, "unknown_worker".into()));
+
+    let list: Value = c.get("/workers").await.json().await.expect("json");
+    let w = &list["workers"][0];
+    assert_eq!(w["peer_id"], reg.peer_id.as_str());
+    assert_eq!(w["models"], json!([MODEL]));
+    assert_eq!(w["hardware_multiplier"], 1.0);
+    assert!(w["verified_gflops"].is_null());
+    assert!(w["last_seen"].as_u64().expect("last_seen") >= now_secs() - 5);
+    assert_eq!(w["load"]["queue_depth"], 5);
+    assert_eq!(w["alive"], true);
+
+    let boot: Value = c.get("/bootstrap").await.json().await.expect("json");
+    assert_eq!(boot["peers"][0]["peer_id"], reg.peer_id.as_str());
+    assert_eq!(boot["peers"][0]["addresses"][0], "/ip4/127.0.0.1/tcp/4001");
+}
+
+#[tokio::test]
+async fn signatures_are_checked_and_nonces_refused_twice() {
+    let c = TestCoordinator::start().await;
+    let worker = generate();
+    let body = serde_json::to_vec(&json!({ "models": [MODEL] })).expect("json");
+
+    // Signed over another body.
+    let h = sign_request_with_nonce(&worker, "POST", "/workers/register", b"{}", now_secs(), "00112233445566778899aabbccddeeff");
+    let mut req = c.http.post(format!("{}/workers/register", c.url)).body(body.clone());
+    for (k, v) in h.pairs() {
+        req = req.header(k, v);
+    }
+    assert_eq!(error_code(req.send().await.expect("send")).await, (401, "bad_signature".into()));
+    c.wait_audit("bad signature", |l| l["event"] == "security.bad_signature").await;
+
+    // A stale timestamp.
+    let r = c.signed_raw(&worker, "/workers/register", body.clone(), now_secs() - 3600).await;
+    assert_eq!(error_code(r).await, (401, "stale_timestamp".into()));
+
+    // The same nonce twice: the second is a replay.
+    let h = sign_request_with_nonce(&worker, "POST", "/workers/register", &body, now_secs(), "ffeeddccbbaa99887766554433221100");
+    for expected in [200u16, 401] {
+        let mut req = c.http.post(format!("{}/workers/register", c.url)).body(body.clone());
+        for (k, v) in h.pairs() {
+            req = req.header(k, v);
+        }
+        let r = req.send().await.expect("send");
+        assert_eq!(r.status().as_u16(), expected);
+        if expected == 401 {
+            assert_eq!(error_code(r).await.1, "replay");
+        }
+    }
+    c.wait_audit("replay", |l| l["event"] == "security.replay").await;
+
+    // No signature at all.
+    let r = c.http.post(format!("{}/authorize", c.url)).body("{}").send().await.expect("send");
+    assert_eq!(error_code(r).await, (401, "unauthorized".into()));
+}
+
+#[tokio::test]
+async fn authorize_grants_once_reserves_and_signs_a_verifiable_ticket() {
+    let c = TestCoordinator::start_with(|cfg| cfg.authorize_per_hour = 1000).await;
+    let worker = generate();
+    let user = generate();
+    c.register(&worker, &[MODEL]).await;
+
+    let r = c.authorize(&user, &worker, MODEL).await;
+    assert_eq!(r.status(), 200);
+    let rid = r.headers()["x-request-id"].to_str().expect("rid").to_string();
+    let auth: AuthorizeResponse = r.json().await.expect("json");
+    assert_eq!(auth.reserved, 300.0);
+    let b = c.balance(&user).await;
+    assert_eq!(b["available"], 3300.0);
+    assert_eq!(b["pending"], 300.0);
+
+    // The ticket verifies offline with the published key, for this worker only.
+    let pk: Value = c.get("/public-key").await.json().await.expect("json");
+    let mut v = TicketVerifier::new(worker.public().to_peer_id().to_base58());
+    v.add_key_pem(pk["kid"].as_str().expect("kid"), pk["public_key"].as_str().expect("pem").as_bytes())
+        .expect("key");
+    let claims = v.verify(&auth.ticket, now_secs()).expect("ticket verifies");
+    assert_eq!(claims.sub, user.public().to_peer_id().to_base58());
+    assert_eq!(claims.aud, worker.public().to_peer_id().to_base58());
+    assert_eq!(claims.jti, auth.job_id);
+    assert_eq!(claims.model, MODEL);
+    assert_eq!(claims.exp - claims.iat, 300);
+    let mut other = TicketVerifier::new(generate().public().to_peer_id().to_base58());
+    other.add_key_pem(pk["kid"].as_str().expect("kid"), pk["public_key"].as_str().expect("pem").as_bytes())
+        .expect("key");
+    assert!(other.verify(&auth.ticket, now_secs()).is_err(), "ticket for another worker is refused");
+
+    // The grant happened once: 11 more reservations fit in 3600, the 13th does not.
+    for _ in 0..11 {
+        assert_eq!(c.authorize(&user, &worker, MODEL).await.status(), 200);
+    }
+    assert_eq!(c.balance(&user).await["available"], 0.0);
+    let r = c.authorize(&user, &worker, MODEL).await;
+    assert_eq!(error_code(r).await, (402, "payment_required".into()));
+    c.wait_audit("402", |l| l["event"] == "authorize.refused" && l["reason"] == "insufficient_credits").await;
+    c.wait_audit("granted with request id", |l| l["event"] == "authorize.granted" && l["request_id"] == rid.as_str())
+        .await;
+    let grants = c.audit_lines().iter().filter(|l| l["event"] == "ledger.grant").count();
+    assert_eq!(grants, 1);
+
+    let metrics = c.get("/metrics").await.text().await.expect("text");
+    assert!(metrics.contains("troop_tickets_issued_total"), "{metrics}");
+    assert!(metrics.contains("troop_payment_required_total"));
+    assert!(metrics.contains("troop_http_requests_total"));
+}
+
+#[tokio::test]
+async fn authorize_refuses_unknown_dead_or_wrong_model_workers() {
+    let c = TestCoordinator::start_with(|cfg| cfg.worker_ttl = Duration::from_secs(0)).await;
+    let user = generate();
+    let worker = generate();
+    let r = c.authorize(&user, &worker, MODEL).await;
+    assert_eq!(error_code(r).await, (503, "unavailable".into()));
+    c.register(&worker, &[MODEL]).await;
+    // ttl 0: alive only within the same second it was seen; wait until it is not.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = c.authorize(&user, &worker, "other-model").await;
+        assert_eq!(error_code(r).await, (503, "unavailable".into()));
+        let list: Value = c.get("/workers").await.json().await.expect("json");
+        if list["workers"][0]["alive"] == false {
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = c.authorize(&user, &worker, MODEL).await;
+    assert_eq!(error_code(r).await, (503, "unavailable".into()));
+    // Nothing was reserved or granted.
+    let r = c.get(&format!("/users/{}/balance", user.public().to_peer_id())).await;
+    assert_eq!(error_code(r).await, (404, "unknown_account".into()));
+    let r = c
+        .signed(&user, "/authorize", &json!({ "model": MODEL, "worker": "not-a-peer" }))
+        .await;
+    assert_eq!(error_code(r).await.0, 400);
+}
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_retry_after() {
+    let c = TestCoordinator::start_with(|cfg| {
+        cfg.authorize_per_hour = 20;
+        cfg.discovery_per_hour = 3;
+    })
+    .await;
+    let worker = generate();
+    let user = generate();
+    c.register(&worker, &[MODEL]).await;
+    for _ in 0..3 {
+        assert_eq!(c.get("/workers").await.status(), 200);
+    }
+    let r = c.get("/bootstrap").await;
+    assert_eq!(r.status(), 429);
+    let wait: u64 = r.headers()["retry-after"].to_str().expect("ascii").parse().expect("numeric Retry-After");
+    assert!(wait >= 1);
+    assert_eq!(error_code(r).await.1, "rate_limited");
+    // Health is not a discovery read.
+    assert_eq!(c.get("/health").await.status(), 200);
+
+    // 20 an hour per user on /authorize (12 fit the credits, the rest answer 402).
+    for _ in 0..20 {
+        let s = c.authorize(&user, &worker, MODEL).await.status().as_u16();
+        assert!(s == 200 || s == 402, "{s}");
+    }
+    let r = c.authorize(&user, &worker, MODEL).await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    // Another user is not limited.
+    assert_eq!(c.authorize(&generate(), &worker, MODEL).await.status(), 200);
+    c.wait_audit("429", |l| l["event"] == "rate_limited" && l["scope"] == "authorize").await;
+    c.wait_audit("429", |l| l["event"] == "rate_limited" && l["scope"] == "discovery").await;
+}
+
+#[tokio::test]
+async fn receipt_settles_cost_and_refunds_the_rest() {
+    let c = TestCoordinator::start().await;
+    let worker = generate();
+    let user = generate();
+    let reg = c.register(&worker, &[MODEL]).await;
+    let auth: AuthorizeResponse = c.authorize(&user, &worker, MODEL).await.json().await.expect("json");
+    let receipt = receipt_for(&auth.job_id, &user, &worker, MODEL, 2_000);
+    let r = c.submit_receipt(&reg.receipt_key, &receipt, now_secs()).await;
+    assert_eq!(r.status(), 200);
+    let s: SettlementResponse = r.json().await.expect("json");
+    assert_eq!((s.outcome.as_str(), s.cost, s.refunded, s.replayed), ("settled", 2.0, 298.0, false));
+    let b = c.balance(&user).await;
+    assert_eq!((b["available"].as_f64(), b["pending"].as_f64()), (Some(3598.0), Some(0.0)));
+    assert_eq!(c.balance(&worker).await["available"], 2.0);
+
+    let hist: Value = c
+        .get(&format!("/users/{}/transactions", user.public().to_peer_id()))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let kinds: Vec<&str> = hist["transactions"].as_array().expect("array").iter().map(|t| t["kind"].as_str().unwrap_or("")).collect();
+    assert_eq!(kinds, vec!["settle", "reserve", "grant"], "newest first");
+    assert_eq!(hist["transactions"][1]["status"], "posted");
+    assert_eq!(hist["transactions"][0]["amount"], -2.0);
+    let page: Value = c
+        .get(&format!("/users/{}/transactions?limit=1", user.public().to_peer_id()))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(page["transactions"].as_array().map(Vec::len), Some(1));
+    let before = page["next_before"].as_i64().expect("next page");
+    let page2: Value = c
+        .get(&format!("/users/{}/transactions?limit=5&before={before}", user.public().to_peer_id()))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(page2["transactions"].as_array().map(Vec::len), Some(2));
+
+    // A failed job is refunded in full.
+    let auth: AuthorizeResponse = c.authorize(&user, &worker, MODEL).await.json().await.expect("json");
+    let mut failed = receipt_for(&auth.job_id, &user, &worker, MODEL, 9_000);
+    failed.status = JobStatus::Failed;
+    let s: SettlementResponse = c.submit_receipt(&reg.receipt_key, &failed, now_secs()).await.json().await.expect("json");
+    assert_eq!((s.outcome.as_str(), s.cost, s.refunded), ("refunded", 0.0, 300.0));
+    assert_eq!(c.balance(&user).await["available"], 3598.0);
+
+    // The cost never exceeds the reservation.
+    let auth: AuthorizeResponse = c.authorize(&user, &worker, MODEL).await.json().await.expect("json");
+    let long = receipt_for(&auth.job_id, &user, &worker, MODEL, 900_000);
+    let s: SettlementResponse = c.submit_receipt(&reg.receipt_key, &long, now_secs()).await.json().await.expect("json");
+    assert_eq!(s.cost, 300.0);
+}
+
+#[tokio::test]
+async fn forged_stale_and_mismatched_receipts_change_nothing() {
+    let c = TestCoordinator::start().await;
+    let worker = generate();
+    let user = generate();
+    let reg = c.register(&worker, &[MODEL]).await;
+    let auth: AuthorizeResponse = c.authorize(&user, &worker, MODEL).await.json().await.expect("json");
+    let receipt = receipt_for(&auth.job_id, &user, &worker, MODEL, 1_000);
+
+    let wrong_key = hex::encode([9u8; 32]);
+    let r = c.submit_receipt(&wrong_key, &receipt, now_secs()).await;
+    assert_eq!(error_code(r).await, (401, "bad_signature".into()));
+    c.wait_audit("bad hmac", |l| l["event"] == "security.bad_hmac").await;
+
+    let r = c.submit_receipt(&reg.receipt_key, &receipt, now_secs() - 301).await;
+    assert_eq!(error_code(r).await, (401, "stale_timestamp".into()));
+
+    // Tampered body under a valid MAC of the original.
+    let body = serde_json::to_vec(&receipt).expect("json");
+    let mac = troop_protocol::receipt::sign_receipt(&hex::decode(&reg.receipt_key).expect("hex"), now_secs(), &body);
+    let mut tampered = receipt.clone();
+    tampered.finished_at += 100_000;
+    let r = c
+        .http
+        .post(format!("{}/transactions/submit", c.url))
+        .header("x-troop-timestamp", now_secs().to_string())
+        .header("x-troop-receipt-mac", mac)
+        .body(serde_json::to_vec(&tampered).expect("json"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 401);
+
+    let mut other_user = receipt.clone();
+    other_user.user = generate().public().to_peer_id().to_base58();
+    let r = c.submit_receipt(&reg.receipt_key, &other_user, now_secs()).await;
+    assert_eq!(r.status(), 422);
+    let mut unknown = receipt.clone();
+    unknown.job_id = "nope".into();
+    assert_eq!(c.submit_receipt(&reg.receipt_key, &unknown, now_secs()).await.status(), 404);
+
+    let b = c.balance(&user).await;
+    assert_eq!((b["available"].as_f64(), b["pending"].as_f64()), (Some(3300.0), Some(300.0)));
+
+    // Settled once; a different receipt for the same job is a conflict.
+    assert_eq!(c.submit_receipt(&reg.receipt_key, &receipt, now_secs()).await.status(), 200);
+    let mut second = receipt.clone();
+    second.completion_tokens += 1;
+    let r = c.submit_receipt(&reg.receipt_key, &second, now_secs()).await;
+    assert_eq!(error_code(r).await, (409, "conflict".into()));
+    assert_eq!(c.balance(&user).await["available"], 3599.0);
+}
+
+#[tokio::test]
+async fn a_receipt_replayed_100_times_concurrently_settles_once() {
+    let c = std::sync::Arc::new(TestCoordinator::start().await);
+    let worker = generate();
+    let user = generate();
+    let reg = c.register(&worker, &[MODEL]).await;
+    let auth: AuthorizeResponse = c.authorize(&user, &worker, MODEL).await.json().await.expect("json");
+    let receipt = receipt_for(&auth.job_id, &user, &worker, MODEL, 3_000);
+    let ts = now_secs();
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let c = c.clone();
+        let key = reg.receipt_key.clone();
+        let receipt = receipt.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = c.submit_receipt(&key, &receipt, ts).await;
+            assert_eq!(r.status(), 200);
+            r.json::<SettlementResponse>().await.expect("json")
+        }));
+    }
+    let mut fresh = 0;
+    for t in tasks {
+        let s = t.await.expect("task");
+        assert_eq!((s.cost, s.refunded), (3.0, 297.0), "every answer is the first one's");
+        fresh += usize::from(!s.replayed);
+    }
+    assert_eq!(fresh, 1, "exactly one settlement");
+    assert_eq!(c.balance(&user).await["available"], 3597.0);
+    assert_eq!(c.balance(&worker).await["available"], 3.0);
+    let settles = c.audit_lines().iter().filter(|l| l["event"] == "ledger.settle").count();
+    assert_eq!(settles, 1);
+}
+
+#[tokio::test]
+async fn unused_reservations_are_refunded_after_expiry() {
+    let c = TestCoordinator::start_with(|cfg| {
+        cfg.ticket_ttl = Duration::from_secs(0);
+        cfg.reservation_grace = Duration::from_secs(0);
+    })
+    .await;
+    let worker = generate();
+    let user = generate();
+    let reg = c.register(&worker, &[MODEL]).await;
+    let auth: AuthorizeResponse = c.authorize(&user, &worker, MODEL).await.json().await.expect("json");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let b = c.balance(&user).await;
+        if b["pending"] == 0.0 {
+            assert_eq!(b["available"], 3600.0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "reservation never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.wait_audit("expire", |l| l["event"] == "ledger.expire" && l["job_id"] == auth.job_id.as_str()).await;
+    // A receipt that comes after the refund is refused and changes nothing.
+    let late = receipt_for(&auth.job_id, &user, &worker, MODEL, 1_000);
+    let r = c.submit_receipt(&reg.receipt_key, &late, now_secs()).await;
+    assert_eq!(error_code(r).await, (409, "reservation_expired".into()));
+    assert_eq!(c.balance(&user).await["available"], 3600.0);
+    assert_eq!(c.balance(&worker).await["available"], 0.0);
+}
+
+#[tokio::test]
+async fn bad_input_gets_json_4xx_and_never_touches_the_ledger() {
+    let c = TestCoordinator::start().await;
+    let worker = generate();
+    let user = generate();
+    let reg = c.register(&worker, &[MODEL]).await;
+    let auth = |body: Vec<u8>| {
+        let c = &c;
+        let user = &user;
+        async move { c.signed_raw(user, "/authorize", body, now_secs()).await }
+    };
+    let cases: Vec<Vec<u8>> = vec![
+        b"{not json".to_vec(),
+        b"".to_vec(),
+        br#"{"model": 5, "worker": "x"}"#.to_vec(),
+        br#"{"model": "m"}"#.to_vec(),
+        br#"{"model": "m", "worker": "w", "max_tokens": -1}"#.to_vec(),
+        br#"{"model": "m", "worker": "w", "max_tokens": 99999999999999999999999}"#.to_vec(),
+        vec![0xff, 0xfe, 0x7b, 0x7d],
+        format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)).into_bytes(),
+        br#"{"model": "m", "worker": "w", "extra": true}"#.to_vec(),
+    ];
+    for body in cases {
+        let r = auth(body.clone()).await;
+        let (status, _) = error_code(r).await;
+        assert_eq!(status, 400, "body {:?}", String::from_utf8_lossy(&body[..body.len().min(40)]));
+    }
+    // Over 1 MiB: 413 with a JSON body.
+    let huge = vec![b' '; 2 * 1024 * 1024];
+    let r = c.http.post(format!("{}/authorize", c.url)).body(huge).send().await.expect("send");
+    assert_eq!(error_code(r).await, (413, "payload_too_large".into()));
+    // Receipts with negative or overflowing numbers.
+    for body in [
+        br#"{"job_id":"j","worker":"w","user":"u","model":"m","prompt_tokens":-1,"completion_tokens":0,"started_at":0,"finished_at":0,"status":"completed"}"#.to_vec(),
+        br#"{"job_id":"j","worker":"w","user":"u","model":"m","prompt_tokens":1e400,"completion_tokens":0,"started_at":0,"finished_at":0,"status":"completed"}"#.to_vec(),
+        br#"{"job_id":"j","status":"weird"}"#.to_vec(),
+    ] {
+        let r = c.submit_raw(&reg.receipt_key, body, now_secs()).await;
+        assert_eq!(error_code(r).await.0, 400);
+    }
+    let r = c.get("/users/not-an-id/balance").await;
+    assert_eq!(error_code(r).await, (400, "bad_request".into()));
+    let r = c.get(&format!("/users/{}/transactions?limit=abc", worker.public().to_peer_id())).await;
+    assert_eq!(error_code(r).await.0, 400);
+    // The user never got an account: nothing was granted or reserved.
+    let r = c.get(&format!("/users/{}/balance", user.public().to_peer_id())).await;
+    assert_eq!(error_code(r).await, (404, "unknown_account".into()));
+    let _ = auth;
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_troop-coordinator")
+}
+
+#[tokio::test]
+async fn ledger_cli_audits_balances_and_history() {
+    let mut c = TestCoordinator::start().await;
+    let worker = generate();
+    let user = generate();
+    let reg = c.register(&worker, &[MODEL]).await;
+    let auth: AuthorizeResponse = c.authorize(&user, &worker, MODEL).await.json().await.expect("json");
+    c.submit_receipt(&reg.receipt_key, &receipt_for(&auth.job_id, &user, &worker, MODEL, 4_000), now_secs())
+        .await;
+    let _open: AuthorizeResponse = c.authorize(&user, &worker, MODEL).await.json().await.expect("json");
+    c.stop().await;
+    let data = c.dir.path().to_str().expect("utf8").to_string();
+    let user_id = user.public().to_peer_id().to_base58();
+
+    let out = std::process::Command::new(bin()).args(["ledger", "audit", "--data", &data]).output().expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "audit failed: {text}");
+    assert!(text.contains("OK"));
+
+    let out = std::process::Command::new(bin())
+        .args(["ledger", "balance", &user_id, "--data", &data])
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("available 3296.000"), "{text}");
+    assert!(text.contains("pending   300.000"), "{text}");
+
+    let out = std::process::Command::new(bin())
+        .args(["ledger", "history", &user_id, "--data", &data, "--json"])
+        .output()
+        .expect("run");
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    let kinds: Vec<&str> = lines.iter().map(|l| l["kind"].as_str().unwrap_or("")).collect();
+    assert_eq!(kinds, vec!["reserve", "settle", "reserve", "grant"]);
+
+    // Tamper with a balance: the audit notices and exits non-zero.
+    let conn = rusqlite_open(&c.dir.path().join("ledger.sqlite3"));
+    conn.execute("UPDATE accounts SET credits_posted = credits_posted + 1000 WHERE id = ?1", [&user_id])
+        .expect("tamper");
+    drop(conn);
+    let out = std::process::Command::new(bin()).args(["ledger", "audit", "--data", &data]).output().expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains(&user_id), "{text}");
+}
+
+#[tokio::test]
+async fn ledger_audit_notices_a_doctored_audit_log() {
+    let mut c = TestCoordinator::start().await;
+    let worker = generate();
+    let user = generate();
+    c.register(&worker, &[MODEL]).await;
+    assert_eq!(c.authorize(&user, &worker, MODEL).await.status(), 200);
+    c.stop().await;
+    let log = c.dir.path().join("logs/audit.log");
+    let text = std::fs::read_to_string(&log).expect("log");
+    let doctored: String = text
+        .lines()
+        .filter(|l| !l.contains("\"ledger.reserve\""))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&log, doctored).expect("write");
+    let data = c.dir.path().to_str().expect("utf8");
+    let out = std::process::Command::new(bin()).args(["ledger", "audit", "--data", data]).output().expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("missing from the audit log"), "{text}");
+}
+
+fn rusqlite_open(path: &std::path::Path) -> rusqlite::Connection {
+    rusqlite::Connection::open(path).expect("open sqlite")
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_server_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let mut child = std::process::Command::new(bin())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
+        .arg(dir.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = http.get(format!("http://127.0.0.1:{port}/health")).send().await {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "server never came up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            assert!(s.success(), "exit status {s}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "server did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The ledger it left is whole.
+    let out = std::process::Command::new(bin())
+        .args(["ledger", "audit", "--data"])
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+}

@@ -1,0 +1,183 @@
+//! Helpers shared by the coordinator's tests and benchmark: a real
+//! coordinator on 127.0.0.1 with a temporary data folder, and a client that
+//! signs requests the way users and workers do.
+
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use libp2p_identity::Keypair;
+use reqwest::{Client, Response};
+use serde_json::Value;
+use troop_coordinator::{Config, RunningCoordinator};
+use troop_protocol::api::RegisterResponse;
+use troop_protocol::receipt::{HEADER_RECEIPT_MAC, HEADER_TIMESTAMP, Receipt, sign_receipt};
+use troop_protocol::signed::sign_request;
+
+pub fn now_secs() -> u64 {
+    troop_coordinator::unix_secs()
+}
+
+pub fn now_ms() -> u64 {
+    troop_coordinator::unix_ms()
+}
+
+pub struct TestCoordinator {
+    pub dir: tempfile::TempDir,
+    pub running: Option<RunningCoordinator>,
+    pub url: String,
+    pub http: Client,
+}
+
+pub fn config(dir: &std::path::Path) -> Config {
+    let mut cfg = Config::new(dir);
+    cfg.sweep_interval = Duration::from_millis(50);
+    cfg
+}
+
+impl TestCoordinator {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = config(dir.path());
+        tweak(&mut cfg);
+        let running = troop_coordinator::spawn(cfg, "127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("coordinator starts");
+        let url = running.url();
+        Self {
+            dir,
+            running: Some(running),
+            url,
+            http: Client::builder().pool_max_idle_per_host(64).build().expect("client"),
+        }
+    }
+
+    /// Stops and starts again on the same data folder.
+    pub async fn restart_with(&mut self, tweak: impl FnOnce(&mut Config)) {
+        if let Some(r) = self.running.take() {
+            r.stop().await.expect("clean stop");
+        }
+        let mut cfg = config(self.dir.path());
+        tweak(&mut cfg);
+        let running = troop_coordinator::spawn(cfg, "127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("coordinator restarts");
+        self.url = running.url();
+        self.running = Some(running);
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await.expect("clean stop");
+        }
+    }
+
+    pub fn audit_lines(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.dir.path().join("logs/audit.log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Polls the audit log until a line satisfies `pred` (capped wait).
+    pub async fn wait_audit(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(l) = self.audit_lines().into_iter().find(|l| pred(l)) {
+                return l;
+            }
+            assert!(Instant::now() < deadline, "no audit line for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.http
+            .get(format!("{}{}", self.url, path))
+            .send()
+            .await
+            .expect("GET")
+    }
+
+    pub async fn signed(&self, key: &Keypair, path: &str, body: &Value) -> Response {
+        let bytes = serde_json::to_vec(body).expect("json");
+        self.signed_raw(key, path, bytes, now_secs()).await
+    }
+
+    pub async fn signed_raw(&self, key: &Keypair, path: &str, body: Vec<u8>, ts: u64) -> Response {
+        let h = sign_request(key, "POST", path, &body, ts);
+        let mut req = self.http.post(format!("{}{}", self.url, path)).body(body);
+        req = req.header("content-type", "application/json");
+        for (k, v) in h.pairs() {
+            req = req.header(k, v);
+        }
+        req.send().await.expect("POST")
+    }
+
+    pub async fn register(&self, key: &Keypair, models: &[&str]) -> RegisterResponse {
+        let resp = self
+            .signed(
+                key,
+                "/workers/register",
+                &serde_json::json!({ "models": models, "addresses": ["/ip4/127.0.0.1/tcp/4001"] }),
+            )
+            .await;
+        assert_eq!(resp.status(), 200, "register: {:?}", resp.text().await);
+        resp.json().await.expect("register json")
+    }
+
+    pub async fn authorize(&self, user: &Keypair, worker: &Keypair, model: &str) -> Response {
+        self.signed(
+            user,
+            "/authorize",
+            &serde_json::json!({ "model": model, "worker": worker.public().to_peer_id().to_base58() }),
+        )
+        .await
+    }
+
+    pub async fn submit_receipt(&self, key_hex: &str, receipt: &Receipt, ts: u64) -> Response {
+        let body = serde_json::to_vec(receipt).expect("json");
+        self.submit_raw(key_hex, body, ts).await
+    }
+
+    pub async fn submit_raw(&self, key_hex: &str, body: Vec<u8>, ts: u64) -> Response {
+        let key = hex::decode(key_hex).expect("hex key");
+        let mac = sign_receipt(&key, ts, &body);
+        self.http
+            .post(format!("{}/transactions/submit", self.url))
+            .header("content-type", "application/json")
+            .header(HEADER_TIMESTAMP, ts.to_string())
+            .header(HEADER_RECEIPT_MAC, mac)
+            .body(body)
+            .send()
+            .await
+            .expect("POST receipt")
+    }
+
+    pub async fn balance(&self, key: &Keypair) -> Value {
+        let resp = self
+            .get(&format!("/users/{}/balance", key.public().to_peer_id()))
+            .await;
+        assert_eq!(resp.status(), 200);
+        resp.json().await.expect("balance json")
+    }
+}
+
+pub fn receipt_for(job_id: &str, user: &Keypair, worker: &Keypair, model: &str, millis: u64) -> Receipt {
+    let end = now_ms();
+    Receipt {
+        job_id: job_id.into(),
+        worker: worker.public().to_peer_id().to_base58(),
+        user: user.public().to_peer_id().to_base58(),
+        model: model.into(),
+        prompt_tokens: 12,
+        completion_tokens: 34,
+        started_at: end - millis,
+        finished_at: end,
+        status: troop_protocol::receipt::JobStatus::Completed,
+    }
+}
