@@ -12,7 +12,10 @@ use crate::ledger::{self, LedgerError, MINT};
 use crate::routes::balance_json;
 
 /// Balance of an account, `None` if there is no such account.
-pub fn balance_of(conn: &Connection, account: &str) -> Result<Option<BalanceResponse>, LedgerError> {
+pub fn balance_of(
+    conn: &Connection,
+    account: &str,
+) -> Result<Option<BalanceResponse>, LedgerError> {
     Ok(conn
         .prepare_cached(
             "SELECT credits_posted, debits_posted, debits_pending FROM accounts WHERE id = ?1 AND kind != 'mint'",
@@ -128,7 +131,9 @@ pub fn audit(data_dir: &Path) -> anyhow::Result<(Vec<String>, ledger::Totals)> {
                         continue;
                     };
                     if rd != &debit || rc != &credit {
-                        findings.push(format!("transfer {id}: accounts differ from reservation {p}"));
+                        findings.push(format!(
+                            "transfer {id}: accounts differ from reservation {p}"
+                        ));
                     }
                     let ramount = *ramount;
                     if amount > ramount {
@@ -137,7 +142,9 @@ pub fn audit(data_dir: &Path) -> anyhow::Result<(Vec<String>, ledger::Totals)> {
                         ));
                     }
                     if kind != "settle" && amount != ramount {
-                        findings.push(format!("transfer {id}: {kind} of {amount} does not void all {ramount}"));
+                        findings.push(format!(
+                            "transfer {id}: {kind} of {amount} does not void all {ramount}"
+                        ));
                     }
                     let d = computed.entry(debit).or_default();
                     d.dp -= ramount;
@@ -158,7 +165,9 @@ pub fn audit(data_dir: &Path) -> anyhow::Result<(Vec<String>, ledger::Totals)> {
     let mut resolved = HashSet::new();
     for (id, _, p, _) in &resolutions {
         if !resolved.insert(*p) {
-            findings.push(format!("reservation {p} resolved more than once (again by {id})"));
+            findings.push(format!(
+                "reservation {p} resolved more than once (again by {id})"
+            ));
         }
     }
     {
@@ -191,7 +200,8 @@ pub fn audit(data_dir: &Path) -> anyhow::Result<(Vec<String>, ledger::Totals)> {
     }
     // Jobs agree with their reservation's resolution.
     {
-        let mut stmt = conn.prepare("SELECT job_id, reserve_transfer, reserved, state, cost FROM jobs")?;
+        let mut stmt =
+            conn.prepare("SELECT job_id, reserve_transfer, reserved, state, cost FROM jobs")?;
         let mut rows = stmt.query([])?;
         let by_pending: HashMap<i64, (String, i64)> = resolutions
             .iter()
@@ -205,7 +215,9 @@ pub fn audit(data_dir: &Path) -> anyhow::Result<(Vec<String>, ledger::Totals)> {
             let cost: Option<i64> = r.get(4)?;
             match reserves.get(&rt) {
                 Some((_, _, a, j)) if *a == reserved && j.as_deref() == Some(job.as_str()) => {}
-                _ => findings.push(format!("job {job}: its reservation transfer {rt} does not match")),
+                _ => findings.push(format!(
+                    "job {job}: its reservation transfer {rt} does not match"
+                )),
             }
             let res = by_pending.get(&rt);
             let ok = match (state.as_str(), res) {
@@ -215,7 +227,9 @@ pub fn audit(data_dir: &Path) -> anyhow::Result<(Vec<String>, ledger::Totals)> {
                 _ => false,
             };
             if !ok {
-                findings.push(format!("job {job}: state {state} disagrees with its transfers"));
+                findings.push(format!(
+                    "job {job}: state {state} disagrees with its transfers"
+                ));
             }
         }
     }
@@ -230,10 +244,10 @@ pub fn audit(data_dir: &Path) -> anyhow::Result<(Vec<String>, ledger::Totals)> {
             .get("event")
             .and_then(Value::as_str)
             .is_some_and(|e| e.starts_with("ledger.") && e != "ledger.failure");
-        if let (true, Some(id)) = (is_ledger, l.get("transfer_id").and_then(Value::as_i64)) {
-            if audited.insert(id, l).is_some() {
-                findings.push(format!("audit log records transfer {id} twice"));
-            }
+        if let (true, Some(id)) = (is_ledger, l.get("transfer_id").and_then(Value::as_i64))
+            && audited.insert(id, l).is_some()
+        {
+            findings.push(format!("audit log records transfer {id} twice"));
         }
     }
     let mut stmt = conn.prepare("SELECT id, kind, amount FROM transfers")?;
@@ -245,7 +259,9 @@ pub fn audit(data_dir: &Path) -> anyhow::Result<(Vec<String>, ledger::Totals)> {
         let amount: i64 = r.get(2)?;
         in_ledger.insert(id);
         match audited.get(&id) {
-            None => findings.push(format!("transfer {id} ({kind}) is missing from the audit log")),
+            None => findings.push(format!(
+                "transfer {id} ({kind}) is missing from the audit log"
+            )),
             Some(l) => {
                 let ev = l.get("event").and_then(Value::as_str).unwrap_or("");
                 let am = l.get("amount_milli").and_then(Value::as_i64);
@@ -259,7 +275,9 @@ pub fn audit(data_dir: &Path) -> anyhow::Result<(Vec<String>, ledger::Totals)> {
     }
     for id in audited.keys() {
         if !in_ledger.contains(id) {
-            findings.push(format!("audit log records transfer {id}, which the ledger does not have"));
+            findings.push(format!(
+                "audit log records transfer {id}, which the ledger does not have"
+            ));
         }
     }
     Ok((findings, totals))

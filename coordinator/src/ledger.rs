@@ -233,21 +233,29 @@ pub enum Command {
         now_ms: u64,
     },
     /// Voids every pending reservation whose ticket expired before `cutoff_secs`.
-    ExpireDue { cutoff_secs: u64, now_ms: u64, limit: usize },
+    ExpireDue {
+        cutoff_secs: u64,
+        now_ms: u64,
+        limit: usize,
+    },
 }
 
 /// What a command did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Worker(WorkerRow),
-    Heartbeat { last_seen: u64 },
+    Heartbeat {
+        last_seen: u64,
+    },
     Reserved {
         transfer_id: i64,
         granted: MilliCredits,
         available_after: MilliCredits,
     },
     Settled(Settlement),
-    Expired { jobs: Vec<String> },
+    Expired {
+        jobs: Vec<String>,
+    },
     Cancelled,
 }
 
@@ -279,7 +287,15 @@ pub fn apply(
             version,
             new_key,
             now_secs,
-        } => register_worker(tx, peer_id, models, addresses, version.as_deref(), new_key, *now_secs),
+        } => register_worker(
+            tx,
+            peer_id,
+            models,
+            addresses,
+            version.as_deref(),
+            new_key,
+            *now_secs,
+        ),
         Command::Heartbeat {
             peer_id,
             models,
@@ -335,7 +351,8 @@ pub fn apply(
             events,
         ),
         Command::Cancel { job_id, now_ms } => {
-            let job = load_job(tx, job_id)?.ok_or_else(|| LedgerError::UnknownJob(job_id.clone()))?;
+            let job =
+                load_job(tx, job_id)?.ok_or_else(|| LedgerError::UnknownJob(job_id.clone()))?;
             if job.state == "pending" {
                 void(tx, &job, "refund", *now_ms, events)?;
             }
@@ -356,7 +373,10 @@ pub fn apply(
                     "SELECT job_id FROM jobs WHERE state = 'pending' AND expires_at < ?1
                      ORDER BY expires_at LIMIT ?2",
                 )?
-                .query_map(params![to_i64(*cutoff_secs)?, to_i64(*limit as u64)?], |r| r.get(0))?
+                .query_map(
+                    params![to_i64(*cutoff_secs)?, to_i64(*limit as u64)?],
+                    |r| r.get(0),
+                )?
                 .collect::<Result<_, _>>()?;
             for id in &ids {
                 if let Some(job) = load_job(tx, id)? {
@@ -387,7 +407,9 @@ fn register_worker(
          ON CONFLICT(id) DO NOTHING",
     )?
     .execute(params![peer_id, now_i])?;
-    let kind: String = tx.query_row("SELECT kind FROM accounts WHERE id = ?1", [peer_id], |r| r.get(0))?;
+    let kind: String = tx.query_row("SELECT kind FROM accounts WHERE id = ?1", [peer_id], |r| {
+        r.get(0)
+    })?;
     if kind == "mint" {
         return Err(LedgerError::Range("reserved account id".into()));
     }
@@ -499,6 +521,7 @@ pub fn available(conn: &Connection, account: &str) -> Result<Option<MilliCredits
         .optional()?)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn insert_transfer(
     tx: &Connection,
     kind: &str,
@@ -605,7 +628,16 @@ fn reserve(
         .execute(params![user, amount])?;
     tx.prepare_cached("UPDATE accounts SET credits_pending = credits_pending + ?2 WHERE id = ?1")?
         .execute(params![worker, amount])?;
-    let id = insert_transfer(tx, "reserve", user, worker, amount, None, Some(job_id), now_ms)?;
+    let id = insert_transfer(
+        tx,
+        "reserve",
+        user,
+        worker,
+        amount,
+        None,
+        Some(job_id),
+        now_ms,
+    )?;
     tx.prepare_cached(
         "INSERT INTO jobs (job_id, user_id, worker_id, model, reserve_transfer, reserved, multiplier_milli,
                            state, expires_at, created_at)
@@ -622,7 +654,15 @@ fn reserve(
         to_i64(expires_at)?,
         now_i
     ])?;
-    events.push(ledger_event("reserve", id, user, worker, amount, Some(job_id), None));
+    events.push(ledger_event(
+        "reserve",
+        id,
+        user,
+        worker,
+        amount,
+        Some(job_id),
+        None,
+    ));
     Ok(Outcome::Reserved {
         transfer_id: id,
         granted: grant,
@@ -652,8 +692,10 @@ fn void(
         Some(&job.job_id),
         now_ms,
     )?;
-    tx.prepare_cached("UPDATE jobs SET state = 'voided', cost = 0, resolved_at = ?2 WHERE job_id = ?1")?
-        .execute(params![job.job_id, to_i64(now_ms)?])?;
+    tx.prepare_cached(
+        "UPDATE jobs SET state = 'voided', cost = 0, resolved_at = ?2 WHERE job_id = ?1",
+    )?
+    .execute(params![job.job_id, to_i64(now_ms)?])?;
     events.push(ledger_event(
         kind,
         id,
@@ -667,7 +709,12 @@ fn void(
 }
 
 /// Cost of a job: its seconds times the multiplier, never more than reserved.
-pub fn job_cost(started_at_ms: u64, finished_at_ms: u64, multiplier_milli: i64, reserved: i64) -> i64 {
+pub fn job_cost(
+    started_at_ms: u64,
+    finished_at_ms: u64,
+    multiplier_milli: i64,
+    reserved: i64,
+) -> i64 {
     let ms = i128::from(finished_at_ms.saturating_sub(started_at_ms));
     let cost = ms * i128::from(multiplier_milli.max(0)) / 1000;
     i64::try_from(cost.min(i128::from(reserved))).unwrap_or(reserved)
@@ -682,10 +729,14 @@ fn settle(
 ) -> Result<Settlement, LedgerError> {
     let job = load_job(tx, &r.job_id)?.ok_or_else(|| LedgerError::UnknownJob(r.job_id.clone()))?;
     if job.worker != r.worker {
-        return Err(LedgerError::Mismatch("the job belongs to another worker".into()));
+        return Err(LedgerError::Mismatch(
+            "the job belongs to another worker".into(),
+        ));
     }
     if job.user != r.user {
-        return Err(LedgerError::Mismatch("the job belongs to another user".into()));
+        return Err(LedgerError::Mismatch(
+            "the job belongs to another user".into(),
+        ));
     }
     if job.model != r.model {
         return Err(LedgerError::Mismatch(format!(
@@ -694,7 +745,9 @@ fn settle(
         )));
     }
     if r.finished_at < r.started_at {
-        return Err(LedgerError::Mismatch("finished_at is before started_at".into()));
+        return Err(LedgerError::Mismatch(
+            "finished_at is before started_at".into(),
+        ));
     }
     if let Some(prev) = &job.receipt_sha256 {
         if prev != receipt_sha256 {
@@ -721,7 +774,12 @@ fn settle(
         JobStatus::Cancelled => "cancelled",
     };
     let (outcome, cost) = if r.status == JobStatus::Completed {
-        let cost = job_cost(r.started_at, r.finished_at, job.multiplier_milli, job.reserved);
+        let cost = job_cost(
+            r.started_at,
+            r.finished_at,
+            job.multiplier_milli,
+            job.reserved,
+        );
         tx.prepare_cached(
             "UPDATE accounts SET debits_pending = debits_pending - ?2, debits_posted = debits_posted + ?3
              WHERE id = ?1",
@@ -742,8 +800,10 @@ fn settle(
             Some(&job.job_id),
             now_ms,
         )?;
-        tx.prepare_cached("UPDATE jobs SET state = 'posted', cost = ?2, resolved_at = ?3 WHERE job_id = ?1")?
-            .execute(params![job.job_id, cost, to_i64(now_ms)?])?;
+        tx.prepare_cached(
+            "UPDATE jobs SET state = 'posted', cost = ?2, resolved_at = ?3 WHERE job_id = ?1",
+        )?
+        .execute(params![job.job_id, cost, to_i64(now_ms)?])?;
         let mut ev = ledger_event(
             "settle",
             id,
@@ -760,8 +820,10 @@ fn settle(
         void(tx, &job, "refund", now_ms, events)?;
         ("refunded", 0)
     };
-    tx.prepare_cached("UPDATE jobs SET receipt_sha256 = ?2, receipt_status = ?3 WHERE job_id = ?1")?
-        .execute(params![job.job_id, receipt_sha256, status])?;
+    tx.prepare_cached(
+        "UPDATE jobs SET receipt_sha256 = ?2, receipt_status = ?3 WHERE job_id = ?1",
+    )?
+    .execute(params![job.job_id, receipt_sha256, status])?;
     Ok(Settlement {
         job_id: job.job_id,
         user: job.user,
@@ -898,7 +960,11 @@ impl Writer {
     }
 
     /// Submits a command and waits until it is durably committed (or refused).
-    pub async fn submit(&self, cmd: Command, request_id: Option<String>) -> Result<Outcome, LedgerError> {
+    pub async fn submit(
+        &self,
+        cmd: Command,
+        request_id: Option<String>,
+    ) -> Result<Outcome, LedgerError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Message::Command(Envelope {
@@ -922,10 +988,17 @@ impl WriterThread {
     }
 }
 
-fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Message>, max_batch: usize, audit: AuditSink) {
+fn writer_loop(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Message>,
+    max_batch: usize,
+    audit: AuditSink,
+) {
     let mut stop = false;
     while !stop {
-        let Some(first) = rx.blocking_recv() else { break };
+        let Some(first) = rx.blocking_recv() else {
+            break;
+        };
         let mut batch = Vec::new();
         match first {
             Message::Command(e) => batch.push(e),
@@ -952,10 +1025,15 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Message>, max_batch:
     tracing::info!("ledger writer stopped");
 }
 
+type BatchResult = (
+    Vec<Result<Outcome, LedgerError>>,
+    Vec<(Option<String>, Value)>,
+);
+
 fn run_batch(conn: &mut Connection, batch: Vec<Envelope>, audit: &AuditSink) {
     let size = batch.len();
     metrics::histogram!("troop_ledger_batch_size").record(size as f64);
-    let result = (|| -> Result<(Vec<Result<Outcome, LedgerError>>, Vec<(Option<String>, Value)>), LedgerError> {
+    let result = (|| -> Result<BatchResult, LedgerError> {
         let mut tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut results = Vec::with_capacity(size);
         let mut all_events = Vec::new();

@@ -84,9 +84,13 @@ impl Coordinator {
         let conn = ledger::open(&cfg.ledger_path())
             .with_context(|| format!("opening ledger {}", cfg.ledger_path().display()))?;
         ledger::check_invariants(&conn).context("ledger invariants at start")?;
-        let recovered = audit::reconcile(&cfg.audit_path(), &conn).context("reconciling the audit log")?;
+        let recovered =
+            audit::reconcile(&cfg.audit_path(), &conn).context("reconciling the audit log")?;
         if recovered > 0 {
-            tracing::warn!(recovered, "audit log lacked committed transfers; recovered lines appended");
+            tracing::warn!(
+                recovered,
+                "audit log lacked committed transfers; recovered lines appended"
+            );
         }
         let workers: HashMap<String, WorkerRow> = ledger::load_workers(&conn)?
             .into_iter()
@@ -99,7 +103,9 @@ impl Coordinator {
         let sink: ledger::AuditSink = Box::new(move |events| {
             for (_, ev) in &events {
                 match ev.get("event").and_then(|e| e.as_str()) {
-                    Some("ledger.settle") => ::metrics::counter!("troop_settlements_total").increment(1),
+                    Some("ledger.settle") => {
+                        ::metrics::counter!("troop_settlements_total").increment(1)
+                    }
                     Some("ledger.refund") | Some("ledger.expire") => {
                         ::metrics::counter!("troop_refunds_total").increment(1)
                     }

@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use troop_coordinator::{Config, Coordinator, admin, ledger};
 
 #[derive(Parser, Debug)]
-#[command(name = "troop-coordinator", version, about = "Troop's coordinator: signs tickets and settles the credit ledger")]
+#[command(
+    name = "troop-coordinator",
+    version,
+    about = "Troop's coordinator: signs tickets and settles the credit ledger"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -180,7 +184,12 @@ fn ledger_cmd(cmd: LedgerCmd) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        LedgerCmd::History { id, data, json, limit } => {
+        LedgerCmd::History {
+            id,
+            data,
+            json,
+            limit,
+        } => {
             let id = troop_protocol::identity::parse_account_id(&id)?.to_base58();
             let conn = ledger::open_reader(&data.join("ledger.sqlite3"))?;
             let rows = admin::history(&conn, &id, i64::MAX, limit.max(1))?;

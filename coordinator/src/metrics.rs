@@ -34,14 +34,29 @@ pub fn handle() -> Option<PrometheusHandle> {
 }
 
 fn describe() {
-    metrics::describe_counter!("troop_http_requests_total", "HTTP requests by route, method and status");
-    metrics::describe_histogram!("troop_http_request_duration_seconds", "HTTP request latency by route");
+    metrics::describe_counter!(
+        "troop_http_requests_total",
+        "HTTP requests by route, method and status"
+    );
+    metrics::describe_histogram!(
+        "troop_http_request_duration_seconds",
+        "HTTP request latency by route"
+    );
     metrics::describe_counter!("troop_tickets_issued_total", "Tickets signed by /authorize");
-    metrics::describe_counter!("troop_settlements_total", "Receipts that moved credits to a worker");
-    metrics::describe_counter!("troop_refunds_total", "Reservations given back (failed, cancelled or expired)");
+    metrics::describe_counter!(
+        "troop_settlements_total",
+        "Receipts that moved credits to a worker"
+    );
+    metrics::describe_counter!(
+        "troop_refunds_total",
+        "Reservations given back (failed, cancelled or expired)"
+    );
     metrics::describe_counter!("troop_payment_required_total", "/authorize answered 402");
     metrics::describe_counter!("troop_rate_limited_total", "Requests answered 429");
-    metrics::describe_counter!("troop_security_events_total", "Bad signatures, bad HMACs, replays, stale timestamps");
+    metrics::describe_counter!(
+        "troop_security_events_total",
+        "Bad signatures, bad HMACs, replays, stale timestamps"
+    );
     metrics::describe_counter!("troop_ledger_commits_total", "Ledger group commits");
     metrics::describe_histogram!("troop_ledger_batch_size", "Commands per ledger commit");
 }

@@ -62,6 +62,9 @@ mod tests {
         let wait = l.check(&"a".to_string()).expect_err("fourth is refused");
         // 3 an hour: one comes back every 1200 s.
         assert!((1..=1200).contains(&wait), "wait {wait}");
-        assert!(l.check(&"b".to_string()).is_ok(), "other keys are unaffected");
+        assert!(
+            l.check(&"b".to_string()).is_ok(),
+            "other keys are unaffected"
+        );
     }
 }

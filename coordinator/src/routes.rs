@@ -43,7 +43,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/bootstrap", get(bootstrap))
         .route("/users/{id}/balance", get(balance))
         .route("/users/{id}/transactions", get(transactions))
-        .route_layer(middleware::from_fn_with_state(state.clone(), discovery_limit));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            discovery_limit,
+        ));
     Router::new()
         .route("/health", get(health))
         .route("/public-key", get(public_key))
@@ -99,7 +102,9 @@ async fn json_errors(req: Request, next: Next) -> Response {
         _ => ErrorCode::BadRequest,
     };
     let (parts, body) = resp.into_parts();
-    let text = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
     let text = String::from_utf8_lossy(&text).trim().to_string();
     let message = if text.is_empty() {
         status.canonical_reason().unwrap_or("error").to_string()
@@ -123,16 +128,15 @@ async fn not_found(uri: Uri, headers: HeaderMap) -> ApiError {
 }
 
 fn client_ip(state: &AppState, req: &Request) -> IpAddr {
-    if state.cfg.trusted_proxy {
-        if let Some(ip) = req
+    if state.cfg.trusted_proxy
+        && let Some(ip) = req
             .headers()
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split(',').next())
             .and_then(|v| v.trim().parse().ok())
-        {
-            return ip;
-        }
+    {
+        return ip;
     }
     req.extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -168,7 +172,9 @@ async fn discovery_limit(State(state): St, req: Request, next: Next) -> Response
 
 fn security_event(state: &AppState, event: &str, rid: &str, fields: Value) {
     metrics::counter!("troop_security_events_total", "event" => event.to_string()).increment(1);
-    state.audit.record(&format!("security.{event}"), Some(rid), fields);
+    state
+        .audit
+        .record(&format!("security.{event}"), Some(rid), fields);
 }
 
 /// Verifies a signed request and its nonce; audits every refusal.
@@ -181,7 +187,10 @@ fn verify_signed(
     rid: &str,
 ) -> Result<libp2p_identity::PeerId, ApiError> {
     let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or(uri.path());
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or(uri.path());
     let now = unix_secs();
     let refuse = |e: signed::SignError| {
         let event = match e.code() {
@@ -198,7 +207,12 @@ fn verify_signed(
         ApiError::unauthorized(e.code(), e.to_string()).with_request_id(rid)
     };
     let v = signed::verify_request(
-        [h(HEADER_PEER), h(HEADER_TIMESTAMP), h(HEADER_NONCE), h(HEADER_SIGNATURE)],
+        [
+            h(HEADER_PEER),
+            h(HEADER_TIMESTAMP),
+            h(HEADER_NONCE),
+            h(HEADER_SIGNATURE),
+        ],
         method.as_str(),
         path,
         body,
@@ -228,17 +242,25 @@ fn verify_signed(
 
 fn ledger_error(state: &AppState, e: LedgerError, rid: &str) -> ApiError {
     let (status, code) = match &e {
-        LedgerError::InsufficientFunds { .. } => (StatusCode::PAYMENT_REQUIRED, ErrorCode::PaymentRequired),
+        LedgerError::InsufficientFunds { .. } => {
+            (StatusCode::PAYMENT_REQUIRED, ErrorCode::PaymentRequired)
+        }
         LedgerError::UnknownJob(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
         LedgerError::UnknownWorker(_) => (StatusCode::NOT_FOUND, ErrorCode::UnknownWorker),
         LedgerError::Mismatch(_) => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::BadRequest),
-        LedgerError::Conflict(_) | LedgerError::DuplicateJob(_) => (StatusCode::CONFLICT, ErrorCode::Conflict),
+        LedgerError::Conflict(_) | LedgerError::DuplicateJob(_) => {
+            (StatusCode::CONFLICT, ErrorCode::Conflict)
+        }
         LedgerError::ReservationExpired(_) => (StatusCode::CONFLICT, ErrorCode::ReservationExpired),
         LedgerError::Range(_) => (StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
         LedgerError::Closed => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
         LedgerError::Invariant(_) | LedgerError::Storage(_) => {
             tracing::error!(error = %e, request_id = rid, "ledger failure");
-            state.audit.record("ledger.failure", Some(rid), json!({ "error": e.to_string() }));
+            state.audit.record(
+                "ledger.failure",
+                Some(rid),
+                json!({ "error": e.to_string() }),
+            );
             (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable)
         }
     };
@@ -269,9 +291,16 @@ async fn jwks(State(state): St) -> impl IntoResponse {
 }
 
 async fn metrics_text(State(state): St) -> Response {
-    let body = state.prometheus.as_ref().map(|h| h.render()).unwrap_or_default();
+    let body = state
+        .prometheus
+        .as_ref()
+        .map(|h| h.render())
+        .unwrap_or_default();
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
         body,
     )
         .into_response()
@@ -297,9 +326,16 @@ fn worker_info(cfg: &crate::Config, w: &WorkerRow, now: u64) -> WorkerInfo {
     }
 }
 
-fn check_list(name: &str, items: &[String], max_items: usize, max_len: usize) -> Result<(), ApiError> {
+fn check_list(
+    name: &str,
+    items: &[String],
+    max_items: usize,
+    max_len: usize,
+) -> Result<(), ApiError> {
     if items.len() > max_items {
-        return Err(ApiError::bad_request(format!("{name}: at most {max_items} entries")));
+        return Err(ApiError::bad_request(format!(
+            "{name}: at most {max_items} entries"
+        )));
     }
     if let Some(bad) = items.iter().find(|s| s.is_empty() || s.len() > max_len) {
         return Err(ApiError::bad_request(format!(
@@ -310,7 +346,13 @@ fn check_list(name: &str, items: &[String], max_items: usize, max_len: usize) ->
     Ok(())
 }
 
-async fn register(State(state): St, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn register(
+    State(state): St,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let rid = request_id(&headers);
     let peer = verify_signed(&state, &headers, &method, &uri, &body, &rid)?;
     let req: RegisterRequest = parse_json(&body).map_err(|e| e.with_request_id(&rid))?;
@@ -354,7 +396,13 @@ async fn register(State(state): St, method: Method, uri: Uri, headers: HeaderMap
     Ok(axum::Json(resp).into_response())
 }
 
-async fn heartbeat(State(state): St, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn heartbeat(
+    State(state): St,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let rid = request_id(&headers);
     let peer = verify_signed(&state, &headers, &method, &uri, &body, &rid)?;
     let req: HeartbeatRequest = parse_json(&body).map_err(|e| e.with_request_id(&rid))?;
@@ -381,17 +429,17 @@ async fn heartbeat(State(state): St, method: Method, uri: Uri, headers: HeaderMa
         )
         .await
         .map_err(|e| ledger_error(&state, e, &rid))?;
-    if let Ok(mut map) = state.workers.write() {
-        if let Some(w) = map.get_mut(&peer_id) {
-            w.last_seen = now;
-            w.active_jobs = req.load.active_jobs;
-            w.queue_depth = req.load.queue_depth;
-            if let Some(m) = req.models {
-                w.models = m;
-            }
-            if let Some(a) = req.addresses {
-                w.addresses = a;
-            }
+    if let Ok(mut map) = state.workers.write()
+        && let Some(w) = map.get_mut(&peer_id)
+    {
+        w.last_seen = now;
+        w.active_jobs = req.load.active_jobs;
+        w.queue_depth = req.load.queue_depth;
+        if let Some(m) = req.models {
+            w.models = m;
+        }
+        if let Some(a) = req.addresses {
+            w.addresses = a;
         }
     }
     Ok(axum::Json(HeartbeatResponse {
@@ -426,7 +474,7 @@ async fn bootstrap(State(state): St) -> Result<Response, ApiError> {
         .values()
         .filter(|w| now.saturating_sub(w.last_seen) <= ttl && !w.addresses.is_empty())
         .collect();
-    live.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+    live.sort_by_key(|w| std::cmp::Reverse(w.last_seen));
     let peers = live
         .into_iter()
         .take(state.cfg.bootstrap_peers)
@@ -444,7 +492,13 @@ fn new_job_id() -> String {
     hex::encode(b)
 }
 
-async fn authorize(State(state): St, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn authorize(
+    State(state): St,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let rid = request_id(&headers);
     let user = verify_signed(&state, &headers, &method, &uri, &body, &rid)?;
     let user_id = user.to_base58();
@@ -488,7 +542,8 @@ async fn authorize(State(state): St, method: Method, uri: Uri, headers: HeaderMa
             .read()
             .map_err(|_| ApiError::internal("worker table poisoned"))?;
         let unavailable = |why: String| {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, why).with_request_id(&rid)
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, why)
+                .with_request_id(&rid)
         };
         match map.get(&worker) {
             None => {
@@ -504,7 +559,10 @@ async fn authorize(State(state): St, method: Method, uri: Uri, headers: HeaderMa
             }
             Some(w) if !w.models.iter().any(|m| m == &req.model) => {
                 refuse("model_not_served", req.model.clone());
-                return Err(unavailable(format!("worker {worker} does not serve {}", req.model)));
+                return Err(unavailable(format!(
+                    "worker {worker} does not serve {}",
+                    req.model
+                )));
             }
             Some(w) => w.multiplier_milli,
         }
@@ -561,7 +619,13 @@ async fn authorize(State(state): St, method: Method, uri: Uri, headers: HeaderMa
             tracing::error!(?other, "ticket signing failed");
             let _ = state
                 .writer
-                .submit(Command::Cancel { job_id: job_id.clone(), now_ms: unix_ms() }, Some(rid.clone()))
+                .submit(
+                    Command::Cancel {
+                        job_id: job_id.clone(),
+                        now_ms: unix_ms(),
+                    },
+                    Some(rid.clone()),
+                )
                 .await;
             refuse("signing_failed", job_id);
             return Err(ApiError::internal("ticket signing failed").with_request_id(&rid));
@@ -585,23 +649,45 @@ async fn authorize(State(state): St, method: Method, uri: Uri, headers: HeaderMa
     .into_response())
 }
 
-async fn submit_receipt(State(state): St, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn submit_receipt(
+    State(state): St,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let rid = request_id(&headers);
     let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let refuse = |event: &str, code: ErrorCode, msg: String| {
-        security_event(&state, event, &rid, json!({ "path": "/transactions/submit", "reason": msg }));
+        security_event(
+            &state,
+            event,
+            &rid,
+            json!({ "path": "/transactions/submit", "reason": msg }),
+        );
         ApiError::unauthorized(code, msg).with_request_id(&rid)
     };
     let Some(mac) = h(HEADER_RECEIPT_MAC) else {
-        return Err(refuse("bad_hmac", ErrorCode::Unauthorized, format!("missing header {HEADER_RECEIPT_MAC}")));
+        return Err(refuse(
+            "bad_hmac",
+            ErrorCode::Unauthorized,
+            format!("missing header {HEADER_RECEIPT_MAC}"),
+        ));
     };
     let Some(ts) = h(HEADER_TIMESTAMP).and_then(|t| t.parse::<u64>().ok()) else {
-        return Err(refuse("bad_hmac", ErrorCode::Unauthorized, format!("missing or malformed {HEADER_TIMESTAMP}")));
+        return Err(refuse(
+            "bad_hmac",
+            ErrorCode::Unauthorized,
+            format!("missing or malformed {HEADER_TIMESTAMP}"),
+        ));
     };
     let receipt: Receipt = match parse_json(&body) {
         Ok(r) => r,
         Err(e) => {
-            security_event(&state, "malformed_receipt", &rid, json!({ "reason": e.message }));
+            security_event(
+                &state,
+                "malformed_receipt",
+                &rid,
+                json!({ "reason": e.message }),
+            );
             return Err(e.with_request_id(&rid));
         }
     };
@@ -612,17 +698,28 @@ async fn submit_receipt(State(state): St, headers: HeaderMap, body: Bytes) -> Re
         .get(&receipt.worker)
         .map(|w| w.receipt_key.clone());
     let Some(key) = key else {
-        return Err(refuse("unknown_worker", ErrorCode::UnknownWorker, format!("worker {:.60} is not registered", receipt.worker)));
+        return Err(refuse(
+            "unknown_worker",
+            ErrorCode::UnknownWorker,
+            format!("worker {:.60} is not registered", receipt.worker),
+        ));
     };
     if !verify_receipt_mac(&key, ts, &body, mac) {
-        return Err(refuse("bad_hmac", ErrorCode::BadSignature, "receipt HMAC does not verify".into()));
+        return Err(refuse(
+            "bad_hmac",
+            ErrorCode::BadSignature,
+            "receipt HMAC does not verify".into(),
+        ));
     }
     let now = unix_secs();
     if now.abs_diff(ts) > state.cfg.max_skew_secs {
         return Err(refuse(
             "stale_timestamp",
             ErrorCode::StaleTimestamp,
-            format!("timestamp {ts} is {} s from the server's clock", now.abs_diff(ts)),
+            format!(
+                "timestamp {ts} is {} s from the server's clock",
+                now.abs_diff(ts)
+            ),
         ));
     }
     let sha = hex::encode(Sha256::digest(&body));
@@ -643,7 +740,12 @@ async fn submit_receipt(State(state): St, headers: HeaderMap, body: Bytes) -> Re
         Ok(_) => return Err(ApiError::internal("unexpected ledger outcome").with_request_id(&rid)),
         Err(e) => {
             if matches!(e, LedgerError::Conflict(_)) {
-                security_event(&state, "receipt_conflict", &rid, json!({ "job_id": job_id }));
+                security_event(
+                    &state,
+                    "receipt_conflict",
+                    &rid,
+                    json!({ "job_id": job_id }),
+                );
             } else {
                 state.audit.record(
                     "receipt.refused",
@@ -655,7 +757,12 @@ async fn submit_receipt(State(state): St, headers: HeaderMap, body: Bytes) -> Re
         }
     };
     if settlement.replayed {
-        security_event(&state, "replay", &rid, json!({ "kind": "receipt", "job_id": settlement.job_id }));
+        security_event(
+            &state,
+            "replay",
+            &rid,
+            json!({ "kind": "receipt", "job_id": settlement.job_id }),
+        );
     }
     Ok(axum::Json(SettlementResponse {
         job_id: settlement.job_id,
@@ -673,7 +780,11 @@ fn account_param(id: &str, rid: &str) -> Result<String, ApiError> {
         .map_err(|e| ApiError::bad_request(e.to_string()).with_request_id(rid))
 }
 
-async fn balance(State(state): St, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn balance(
+    State(state): St,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let rid = request_id(&headers);
     let account = account_param(&id, &rid)?;
     let acc = account.clone();
@@ -683,7 +794,11 @@ async fn balance(State(state): St, Path(id): Path<String>, headers: HeaderMap) -
         .map_err(|e| ledger_error(&state, e, &rid))?;
     match row {
         Some(b) => Ok(axum::Json(b).into_response()),
-        None => Err(ApiError::not_found(ErrorCode::UnknownAccount, format!("no account {account}")).with_request_id(&rid)),
+        None => Err(ApiError::not_found(
+            ErrorCode::UnknownAccount,
+            format!("no account {account}"),
+        )
+        .with_request_id(&rid)),
     }
 }
 
@@ -701,7 +816,8 @@ async fn transactions(
 ) -> Result<Response, ApiError> {
     let rid = request_id(&headers);
     let account = account_param(&id, &rid)?;
-    let Query(page) = page.map_err(|e| ApiError::bad_request(e.body_text()).with_request_id(&rid))?;
+    let Query(page) =
+        page.map_err(|e| ApiError::bad_request(e.body_text()).with_request_id(&rid))?;
     let limit = page.limit.unwrap_or(50).clamp(1, 500);
     let before = page.before.unwrap_or(i64::MAX);
     let acc = account.clone();
@@ -713,9 +829,15 @@ async fn transactions(
         .await
         .map_err(|e| ledger_error(&state, e, &rid))?;
     if !exists {
-        return Err(ApiError::not_found(ErrorCode::UnknownAccount, format!("no account {account}")).with_request_id(&rid));
+        return Err(ApiError::not_found(
+            ErrorCode::UnknownAccount,
+            format!("no account {account}"),
+        )
+        .with_request_id(&rid));
     }
-    let next_before = (entries.len() == limit as usize).then(|| entries.last().map(|e: &TransactionEntry| e.id)).flatten();
+    let next_before = (entries.len() == limit as usize)
+        .then(|| entries.last().map(|e: &TransactionEntry| e.id))
+        .flatten();
     Ok(axum::Json(TransactionsResponse {
         account,
         transactions: entries,
@@ -736,7 +858,14 @@ pub async fn sweeper(state: Arc<AppState>) {
         loop {
             match state
                 .writer
-                .submit(Command::ExpireDue { cutoff_secs: cutoff, now_ms: unix_ms(), limit: 1000 }, None)
+                .submit(
+                    Command::ExpireDue {
+                        cutoff_secs: cutoff,
+                        now_ms: unix_ms(),
+                        limit: 1000,
+                    },
+                    None,
+                )
                 .await
             {
                 Ok(Outcome::Expired { jobs }) => {

@@ -48,7 +48,10 @@ impl TicketKeys {
     fn from_private_pem(private_pem: &[u8], public_path: Option<&Path>) -> anyhow::Result<Self> {
         let parsed = pem::parse(private_pem).context("ticket key is not PEM")?;
         if parsed.tag() != "PRIVATE KEY" {
-            bail!("ticket key must be a PKCS#8 PRIVATE KEY, found {}", parsed.tag());
+            bail!(
+                "ticket key must be a PKCS#8 PRIVATE KEY, found {}",
+                parsed.tag()
+            );
         }
         let pair = aws_lc_rs::rsa::KeyPair::from_pkcs8(parsed.contents())
             .map_err(|e| anyhow::anyhow!("ticket key rejected: {e}"))?;
@@ -59,16 +62,16 @@ impl TicketKeys {
         let spki = AsDer::<aws_lc_rs::encoding::PublicKeyX509Der>::as_der(public)
             .map_err(|_| anyhow::anyhow!("public key encoding failed"))?;
         let public_pem = pem::encode(&pem::Pem::new("PUBLIC KEY", spki.as_ref().to_vec()));
-        if let Some(p) = public_path {
-            if std::fs::read_to_string(p).ok().as_deref() != Some(public_pem.as_str()) {
-                let _ = std::fs::remove_file(p);
-                write_new(p, public_pem.as_bytes(), 0o444)?;
-            }
+        if let Some(p) = public_path
+            && std::fs::read_to_string(p).ok().as_deref() != Some(public_pem.as_str())
+        {
+            let _ = std::fs::remove_file(p);
+            write_new(p, public_pem.as_bytes(), 0o444)?;
         }
         let kid = hex::encode(Sha256::digest(spki.as_ref()))[..16].to_string();
         let encoding = EncodingKey::from_rsa_pem(private_pem).context("loading the ticket key")?;
-        let mut jwk = Jwk::from_encoding_key(&encoding, Algorithm::RS256)
-            .context("building the JWK")?;
+        let mut jwk =
+            Jwk::from_encoding_key(&encoding, Algorithm::RS256).context("building the JWK")?;
         jwk.common.key_id = Some(kid.clone());
         jwk.common.public_key_use = Some(PublicKeyUse::Signature);
         jwk.common.key_algorithm = Some(KeyAlgorithm::RS256);
@@ -98,7 +101,9 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     }
     #[cfg(not(unix))]
     let _ = mode;
-    let mut f = opts.open(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
     f.write_all(bytes)?;
     f.sync_all()?;
     Ok(())

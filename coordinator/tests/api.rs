@@ -18,8 +18,15 @@ const MODEL: &str = "gemma3:270m";
 async fn error_code(resp: reqwest::Response) -> (u16, String) {
     let status = resp.status().as_u16();
     let body: Value = resp.json().await.expect("error body is JSON");
-    let code = body["error"]["code"].as_str().expect("error.code").to_string();
-    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    let code = body["error"]["code"]
+        .as_str()
+        .expect("error.code")
+        .to_string();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
     (status, code)
 }
 
@@ -45,8 +52,18 @@ async fn health_keys_and_request_ids() {
 
     let pk: Value = c.get("/public-key").await.json().await.expect("json");
     assert_eq!(pk["kid"], kid.as_str());
-    assert!(pk["public_key"].as_str().expect("pem").starts_with("-----BEGIN PUBLIC KEY-----"));
-    let jwks: Value = c.get("/.well-known/jwks.json").await.json().await.expect("json");
+    assert!(
+        pk["public_key"]
+            .as_str()
+            .expect("pem")
+            .starts_with("-----BEGIN PUBLIC KEY-----")
+    );
+    let jwks: Value = c
+        .get("/.well-known/jwks.json")
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(jwks["keys"][0]["kid"], kid.as_str());
     assert_eq!(jwks["keys"][0]["alg"], "RS256");
     assert_eq!(jwks["keys"][0]["kty"], "RSA");
@@ -62,14 +79,22 @@ async fn private_key_is_0400_and_survives_restart_with_balances() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&key_path).expect("key file").permissions().mode();
+        let mode = std::fs::metadata(&key_path)
+            .expect("key file")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o400);
     }
     let kid1: Value = c.get("/public-key").await.json().await.expect("json");
     let worker = generate();
     let user = generate();
     let reg = c.register(&worker, &[MODEL]).await;
-    let auth: AuthorizeResponse = c.authorize(&user, &worker, MODEL).await.json().await.expect("auth");
+    let auth: AuthorizeResponse = c
+        .authorize(&user, &worker, MODEL)
+        .await
+        .json()
+        .await
+        .expect("auth");
     let before = c.balance(&user).await;
 
     c.restart_with(|_| {}).await;
@@ -78,7 +103,11 @@ async fn private_key_is_0400_and_survives_restart_with_balances() {
     assert_eq!(c.balance(&user).await, before, "same balance after restart");
     // The worker is still registered with the same receipt key.
     let r = c
-        .submit_receipt(&reg.receipt_key, &receipt_for(&auth.job_id, &user, &worker, MODEL, 1500), now_secs())
+        .submit_receipt(
+            &reg.receipt_key,
+            &receipt_for(&auth.job_id, &user, &worker, MODEL, 1500),
+            now_secs(),
+        )
         .await;
     assert_eq!(r.status(), 200);
     let s: SettlementResponse = r.json().await.expect("json");
@@ -94,10 +123,17 @@ async fn register_heartbeat_workers_and_bootstrap() {
     assert_eq!(hex::decode(&reg.receipt_key).expect("hex").len(), 32);
     assert_eq!(reg.hardware_multiplier, 1.0);
     // Re-registering keeps the receipt key.
-    assert_eq!(c.register(&worker, &[MODEL]).await.receipt_key, reg.receipt_key);
+    assert_eq!(
+        c.register(&worker, &[MODEL]).await.receipt_key,
+        reg.receipt_key
+    );
 
     let hb = c
-        .signed(&worker, "/workers/heartbeat", &json!({ "load": { "active_jobs": 2, "queue_depth": 5 } }))
+        .signed(
+            &worker,
+            "/workers/heartbeat",
+            &json!({ "load": { "active_jobs": 2, "queue_depth": 5 } }),
+        )
         .await;
     assert_eq!(hb.status(), 200);
     let stranger = generate();
@@ -126,22 +162,53 @@ async fn signatures_are_checked_and_nonces_refused_twice() {
     let body = serde_json::to_vec(&json!({ "models": [MODEL] })).expect("json");
 
     // Signed over another body.
-    let h = sign_request_with_nonce(&worker, "POST", "/workers/register", b"{}", now_secs(), "00112233445566778899aabbccddeeff");
-    let mut req = c.http.post(format!("{}/workers/register", c.url)).body(body.clone());
+    let h = sign_request_with_nonce(
+        &worker,
+        "POST",
+        "/workers/register",
+        b"{}",
+        now_secs(),
+        "00112233445566778899aabbccddeeff",
+    );
+    let mut req = c
+        .http
+        .post(format!("{}/workers/register", c.url))
+        .body(body.clone());
     for (k, v) in h.pairs() {
         req = req.header(k, v);
     }
-    assert_eq!(error_code(req.send().await.expect("send")).await, (401, "bad_signature".into()));
-    c.wait_audit("bad signature", |l| l["event"] == "security.bad_signature").await;
+    assert_eq!(
+        error_code(req.send().await.expect("send")).await,
+        (401, "bad_signature".into())
+    );
+    c.wait_audit("bad signature", |l| l["event"] == "security.bad_signature")
+        .await;
 
     // A stale timestamp.
-    let r = c.signed_raw(&worker, "/workers/register", body.clone(), now_secs() - 3600).await;
+    let r = c
+        .signed_raw(
+            &worker,
+            "/workers/register",
+            body.clone(),
+            now_secs() - 3600,
+        )
+        .await;
     assert_eq!(error_code(r).await, (401, "stale_timestamp".into()));
 
     // The same nonce twice: the second is a replay.
-    let h = sign_request_with_nonce(&worker, "POST", "/workers/register", &body, now_secs(), "ffeeddccbbaa99887766554433221100");
+    let h = sign_request_with_nonce(
+        &worker,
+        "POST",
+        "/workers/register",
+        &body,
+        now_secs(),
+        "ffeeddccbbaa99887766554433221100",
+    );
     for expected in [200u16, 401] {
-        let mut req = c.http.post(format!("{}/workers/register", c.url)).body(body.clone());
+        let mut req = c
+            .http
+            .post(format!("{}/workers/register", c.url))
+            .body(body.clone());
         for (k, v) in h.pairs() {
             req = req.header(k, v);
         }
@@ -151,10 +218,17 @@ async fn signatures_are_checked_and_nonces_refused_twice() {
             assert_eq!(error_code(r).await.1, "replay");
         }
     }
-    c.wait_audit("replay", |l| l["event"] == "security.replay").await;
+    c.wait_audit("replay", |l| l["event"] == "security.replay")
+        .await;
 
     // No signature at all.
-    let r = c.http.post(format!("{}/authorize", c.url)).body("{}").send().await.expect("send");
+    let r = c
+        .http
+        .post(format!("{}/authorize", c.url))
+        .body("{}")
+        .send()
+        .await
+        .expect("send");
     assert_eq!(error_code(r).await, (401, "unauthorized".into()));
 }
 
@@ -167,7 +241,10 @@ async fn authorize_grants_once_reserves_and_signs_a_verifiable_ticket() {
 
     let r = c.authorize(&user, &worker, MODEL).await;
     assert_eq!(r.status(), 200);
-    let rid = r.headers()["x-request-id"].to_str().expect("rid").to_string();
+    let rid = r.headers()["x-request-id"]
+        .to_str()
+        .expect("rid")
+        .to_string();
     let auth: AuthorizeResponse = r.json().await.expect("json");
     assert_eq!(auth.reserved, 300.0);
     let b = c.balance(&user).await;
@@ -177,8 +254,11 @@ async fn authorize_grants_once_reserves_and_signs_a_verifiable_ticket() {
     // The ticket verifies offline with the published key, for this worker only.
     let pk: Value = c.get("/public-key").await.json().await.expect("json");
     let mut v = TicketVerifier::new(worker.public().to_peer_id().to_base58());
-    v.add_key_pem(pk["kid"].as_str().expect("kid"), pk["public_key"].as_str().expect("pem").as_bytes())
-        .expect("key");
+    v.add_key_pem(
+        pk["kid"].as_str().expect("kid"),
+        pk["public_key"].as_str().expect("pem").as_bytes(),
+    )
+    .expect("key");
     let claims = v.verify(&auth.ticket, now_secs()).expect("ticket verifies");
     assert_eq!(claims.sub, user.public().to_peer_id().to_base58());
     assert_eq!(claims.aud, worker.public().to_peer_id().to_base58());
@@ -186,9 +266,16 @@ async fn authorize_grants_once_reserves_and_signs_a_verifiable_ticket() {
     assert_eq!(claims.model, MODEL);
     assert_eq!(claims.exp - claims.iat, 300);
     let mut other = TicketVerifier::new(generate().public().to_peer_id().to_base58());
-    other.add_key_pem(pk["kid"].as_str().expect("kid"), pk["public_key"].as_str().expect("pem").as_bytes())
+    other
+        .add_key_pem(
+            pk["kid"].as_str().expect("kid"),
+            pk["public_key"].as_str().expect("pem").as_bytes(),
+        )
         .expect("key");
-    assert!(other.verify(&auth.ticket, now_secs()).is_err(), "ticket for another worker is refused");
+    assert!(
+        other.verify(&auth.ticket, now_secs()).is_err(),
+        "ticket for another worker is refused"
+    );
 
     // The grant happened once: 11 more reservations fit in 3600, the 13th does not.
     for _ in 0..11 {
@@ -197,10 +284,19 @@ async fn authorize_grants_once_reserves_and_signs_a_verifiable_ticket() {
     assert_eq!(c.balance(&user).await["available"], 0.0);
     let r = c.authorize(&user, &worker, MODEL).await;
     assert_eq!(error_code(r).await, (402, "payment_required".into()));
-    c.wait_audit("402", |l| l["event"] == "authorize.refused" && l["reason"] == "insufficient_credits").await;
-    c.wait_audit("granted with request id", |l| l["event"] == "authorize.granted" && l["request_id"] == rid.as_str())
-        .await;
-    let grants = c.audit_lines().iter().filter(|l| l["event"] == "ledger.grant").count();
+    c.wait_audit("402", |l| {
+        l["event"] == "authorize.refused" && l["reason"] == "insufficient_credits"
+    })
+    .await;
+    c.wait_audit("granted with request id", |l| {
+        l["event"] == "authorize.granted" && l["request_id"] == rid.as_str()
+    })
+    .await;
+    let grants = c
+        .audit_lines()
+        .iter()
+        .filter(|l| l["event"] == "ledger.grant")
+        .count();
     assert_eq!(grants, 1);
 
     let metrics = c.get("/metrics").await.text().await.expect("text");
@@ -232,10 +328,16 @@ async fn authorize_refuses_unknown_dead_or_wrong_model_workers() {
     let r = c.authorize(&user, &worker, MODEL).await;
     assert_eq!(error_code(r).await, (503, "unavailable".into()));
     // Nothing was reserved or granted.
-    let r = c.get(&format!("/users/{}/balance", user.public().to_peer_id())).await;
+    let r = c
+        .get(&format!("/users/{}/balance", user.public().to_peer_id()))
+        .await;
     assert_eq!(error_code(r).await, (404, "unknown_account".into()));
     let r = c
-        .signed(&user, "/authorize", &json!({ "model": MODEL, "worker": "not-a-peer" }))
+        .signed(
+            &user,
+            "/authorize",
+            &json!({ "model": MODEL, "worker": "not-a-peer" }),
+        )
         .await;
     assert_eq!(error_code(r).await.0, 400);
 }
@@ -255,7 +357,11 @@ async fn rate_limits_answer_429_with_retry_after() {
     }
     let r = c.get("/bootstrap").await;
     assert_eq!(r.status(), 429);
-    let wait: u64 = r.headers()["retry-after"].to_str().expect("ascii").parse().expect("numeric Retry-After");
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("numeric Retry-After");
     assert!(wait >= 1);
     assert_eq!(error_code(r).await.1, "rate_limited");
     // Health is not a discovery read.
@@ -271,8 +377,14 @@ async fn rate_limits_answer_429_with_retry_after() {
     assert!(r.headers().contains_key("retry-after"));
     // Another user is not limited.
     assert_eq!(c.authorize(&generate(), &worker, MODEL).await.status(), 200);
-    c.wait_audit("429", |l| l["event"] == "rate_limited" && l["scope"] == "authorize").await;
-    c.wait_audit("429", |l| l["event"] == "rate_limited" && l["scope"] == "discovery").await;
+    c.wait_audit("429", |l| {
+        l["event"] == "rate_limited" && l["scope"] == "authorize"
+    })
+    .await;
+    c.wait_audit("429", |l| {
+        l["event"] == "rate_limited" && l["scope"] == "discovery"
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -281,28 +393,52 @@ async fn receipt_settles_cost_and_refunds_the_rest() {
     let worker = generate();
     let user = generate();
     let reg = c.register(&worker, &[MODEL]).await;
-    let auth: AuthorizeResponse = c.authorize(&user, &worker, MODEL).await.json().await.expect("json");
-    let receipt = receipt_for(&auth.job_id, &user, &worker, MODEL, 2_000);
-    let r = c.submit_receipt(&reg.receipt_key, &receipt, now_secs()).await;
-    assert_eq!(r.status(), 200);
-    let s: SettlementResponse = r.json().await.expect("json");
-    assert_eq!((s.outcome.as_str(), s.cost, s.refunded, s.replayed), ("settled", 2.0, 298.0, false));
-    let b = c.balance(&user).await;
-    assert_eq!((b["available"].as_f64(), b["pending"].as_f64()), (Some(3598.0), Some(0.0)));
-    assert_eq!(c.balance(&worker).await["available"], 2.0);
-
-    let hist: Value = c
-        .get(&format!("/users/{}/transactions", user.public().to_peer_id()))
+    let auth: AuthorizeResponse = c
+        .authorize(&user, &worker, MODEL)
         .await
         .json()
         .await
         .expect("json");
-    let kinds: Vec<&str> = hist["transactions"].as_array().expect("array").iter().map(|t| t["kind"].as_str().unwrap_or("")).collect();
+    let receipt = receipt_for(&auth.job_id, &user, &worker, MODEL, 2_000);
+    let r = c
+        .submit_receipt(&reg.receipt_key, &receipt, now_secs())
+        .await;
+    assert_eq!(r.status(), 200);
+    let s: SettlementResponse = r.json().await.expect("json");
+    assert_eq!(
+        (s.outcome.as_str(), s.cost, s.refunded, s.replayed),
+        ("settled", 2.0, 298.0, false)
+    );
+    let b = c.balance(&user).await;
+    assert_eq!(
+        (b["available"].as_f64(), b["pending"].as_f64()),
+        (Some(3598.0), Some(0.0))
+    );
+    assert_eq!(c.balance(&worker).await["available"], 2.0);
+
+    let hist: Value = c
+        .get(&format!(
+            "/users/{}/transactions",
+            user.public().to_peer_id()
+        ))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let kinds: Vec<&str> = hist["transactions"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|t| t["kind"].as_str().unwrap_or(""))
+        .collect();
     assert_eq!(kinds, vec!["settle", "reserve", "grant"], "newest first");
     assert_eq!(hist["transactions"][1]["status"], "posted");
     assert_eq!(hist["transactions"][0]["amount"], -2.0);
     let page: Value = c
-        .get(&format!("/users/{}/transactions?limit=1", user.public().to_peer_id()))
+        .get(&format!(
+            "/users/{}/transactions?limit=1",
+            user.public().to_peer_id()
+        ))
         .await
         .json()
         .await
@@ -310,7 +446,10 @@ async fn receipt_settles_cost_and_refunds_the_rest() {
     assert_eq!(page["transactions"].as_array().map(Vec::len), Some(1));
     let before = page["next_before"].as_i64().expect("next page");
     let page2: Value = c
-        .get(&format!("/users/{}/transactions?limit=5&before={before}", user.public().to_peer_id()))
+        .get(&format!(
+            "/users/{}/transactions?limit=5&before={before}",
+            user.public().to_peer_id()
+        ))
         .await
         .json()
         .await
@@ -318,17 +457,40 @@ async fn receipt_settles_cost_and_refunds_the_rest() {
     assert_eq!(page2["transactions"].as_array().map(Vec::len), Some(2));
 
     // A failed job is refunded in full.
-    let auth: AuthorizeResponse = c.authorize(&user, &worker, MODEL).await.json().await.expect("json");
+    let auth: AuthorizeResponse = c
+        .authorize(&user, &worker, MODEL)
+        .await
+        .json()
+        .await
+        .expect("json");
     let mut failed = receipt_for(&auth.job_id, &user, &worker, MODEL, 9_000);
     failed.status = JobStatus::Failed;
-    let s: SettlementResponse = c.submit_receipt(&reg.receipt_key, &failed, now_secs()).await.json().await.expect("json");
-    assert_eq!((s.outcome.as_str(), s.cost, s.refunded), ("refunded", 0.0, 300.0));
+    let s: SettlementResponse = c
+        .submit_receipt(&reg.receipt_key, &failed, now_secs())
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        (s.outcome.as_str(), s.cost, s.refunded),
+        ("refunded", 0.0, 300.0)
+    );
     assert_eq!(c.balance(&user).await["available"], 3598.0);
 
     // The cost never exceeds the reservation.
-    let auth: AuthorizeResponse = c.authorize(&user, &worker, MODEL).await.json().await.expect("json");
+    let auth: AuthorizeResponse = c
+        .authorize(&user, &worker, MODEL)
+        .await
+        .json()
+        .await
+        .expect("json");
     let long = receipt_for(&auth.job_id, &user, &worker, MODEL, 900_000);
-    let s: SettlementResponse = c.submit_receipt(&reg.receipt_key, &long, now_secs()).await.json().await.expect("json");
+    let s: SettlementResponse = c
+        .submit_receipt(&reg.receipt_key, &long, now_secs())
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(s.cost, 300.0);
 }
 
@@ -338,20 +500,32 @@ async fn forged_stale_and_mismatched_receipts_change_nothing() {
     let worker = generate();
     let user = generate();
     let reg = c.register(&worker, &[MODEL]).await;
-    let auth: AuthorizeResponse = c.authorize(&user, &worker, MODEL).await.json().await.expect("json");
+    let auth: AuthorizeResponse = c
+        .authorize(&user, &worker, MODEL)
+        .await
+        .json()
+        .await
+        .expect("json");
     let receipt = receipt_for(&auth.job_id, &user, &worker, MODEL, 1_000);
 
     let wrong_key = hex::encode([9u8; 32]);
     let r = c.submit_receipt(&wrong_key, &receipt, now_secs()).await;
     assert_eq!(error_code(r).await, (401, "bad_signature".into()));
-    c.wait_audit("bad hmac", |l| l["event"] == "security.bad_hmac").await;
+    c.wait_audit("bad hmac", |l| l["event"] == "security.bad_hmac")
+        .await;
 
-    let r = c.submit_receipt(&reg.receipt_key, &receipt, now_secs() - 301).await;
+    let r = c
+        .submit_receipt(&reg.receipt_key, &receipt, now_secs() - 301)
+        .await;
     assert_eq!(error_code(r).await, (401, "stale_timestamp".into()));
 
     // Tampered body under a valid MAC of the original.
     let body = serde_json::to_vec(&receipt).expect("json");
-    let mac = troop_protocol::receipt::sign_receipt(&hex::decode(&reg.receipt_key).expect("hex"), now_secs(), &body);
+    let mac = troop_protocol::receipt::sign_receipt(
+        &hex::decode(&reg.receipt_key).expect("hex"),
+        now_secs(),
+        &body,
+    );
     let mut tampered = receipt.clone();
     tampered.finished_at += 100_000;
     let r = c
@@ -367,20 +541,37 @@ async fn forged_stale_and_mismatched_receipts_change_nothing() {
 
     let mut other_user = receipt.clone();
     other_user.user = generate().public().to_peer_id().to_base58();
-    let r = c.submit_receipt(&reg.receipt_key, &other_user, now_secs()).await;
+    let r = c
+        .submit_receipt(&reg.receipt_key, &other_user, now_secs())
+        .await;
     assert_eq!(r.status(), 422);
     let mut unknown = receipt.clone();
     unknown.job_id = "nope".into();
-    assert_eq!(c.submit_receipt(&reg.receipt_key, &unknown, now_secs()).await.status(), 404);
+    assert_eq!(
+        c.submit_receipt(&reg.receipt_key, &unknown, now_secs())
+            .await
+            .status(),
+        404
+    );
 
     let b = c.balance(&user).await;
-    assert_eq!((b["available"].as_f64(), b["pending"].as_f64()), (Some(3300.0), Some(300.0)));
+    assert_eq!(
+        (b["available"].as_f64(), b["pending"].as_f64()),
+        (Some(3300.0), Some(300.0))
+    );
 
     // Settled once; a different receipt for the same job is a conflict.
-    assert_eq!(c.submit_receipt(&reg.receipt_key, &receipt, now_secs()).await.status(), 200);
+    assert_eq!(
+        c.submit_receipt(&reg.receipt_key, &receipt, now_secs())
+            .await
+            .status(),
+        200
+    );
     let mut second = receipt.clone();
     second.completion_tokens += 1;
-    let r = c.submit_receipt(&reg.receipt_key, &second, now_secs()).await;
+    let r = c
+        .submit_receipt(&reg.receipt_key, &second, now_secs())
+        .await;
     assert_eq!(error_code(r).await, (409, "conflict".into()));
     assert_eq!(c.balance(&user).await["available"], 3599.0);
 }
@@ -391,7 +582,12 @@ async fn a_receipt_replayed_100_times_concurrently_settles_once() {
     let worker = generate();
     let user = generate();
     let reg = c.register(&worker, &[MODEL]).await;
-    let auth: AuthorizeResponse = c.authorize(&user, &worker, MODEL).await.json().await.expect("json");
+    let auth: AuthorizeResponse = c
+        .authorize(&user, &worker, MODEL)
+        .await
+        .json()
+        .await
+        .expect("json");
     let receipt = receipt_for(&auth.job_id, &user, &worker, MODEL, 3_000);
     let ts = now_secs();
     let mut tasks = Vec::new();
@@ -408,13 +604,21 @@ async fn a_receipt_replayed_100_times_concurrently_settles_once() {
     let mut fresh = 0;
     for t in tasks {
         let s = t.await.expect("task");
-        assert_eq!((s.cost, s.refunded), (3.0, 297.0), "every answer is the first one's");
+        assert_eq!(
+            (s.cost, s.refunded),
+            (3.0, 297.0),
+            "every answer is the first one's"
+        );
         fresh += usize::from(!s.replayed);
     }
     assert_eq!(fresh, 1, "exactly one settlement");
     assert_eq!(c.balance(&user).await["available"], 3597.0);
     assert_eq!(c.balance(&worker).await["available"], 3.0);
-    let settles = c.audit_lines().iter().filter(|l| l["event"] == "ledger.settle").count();
+    let settles = c
+        .audit_lines()
+        .iter()
+        .filter(|l| l["event"] == "ledger.settle")
+        .count();
     assert_eq!(settles, 1);
 }
 
@@ -428,7 +632,12 @@ async fn unused_reservations_are_refunded_after_expiry() {
     let worker = generate();
     let user = generate();
     let reg = c.register(&worker, &[MODEL]).await;
-    let auth: AuthorizeResponse = c.authorize(&user, &worker, MODEL).await.json().await.expect("json");
+    let auth: AuthorizeResponse = c
+        .authorize(&user, &worker, MODEL)
+        .await
+        .json()
+        .await
+        .expect("json");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let b = c.balance(&user).await;
@@ -439,7 +648,10 @@ async fn unused_reservations_are_refunded_after_expiry() {
         assert!(Instant::now() < deadline, "reservation never expired");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    c.wait_audit("expire", |l| l["event"] == "ledger.expire" && l["job_id"] == auth.job_id.as_str()).await;
+    c.wait_audit("expire", |l| {
+        l["event"] == "ledger.expire" && l["job_id"] == auth.job_id.as_str()
+    })
+    .await;
     // A receipt that comes after the refund is refused and changes nothing.
     let late = receipt_for(&auth.job_id, &user, &worker, MODEL, 1_000);
     let r = c.submit_receipt(&reg.receipt_key, &late, now_secs()).await;
@@ -473,11 +685,22 @@ async fn bad_input_gets_json_4xx_and_never_touches_the_ledger() {
     for body in cases {
         let r = auth(body.clone()).await;
         let (status, _) = error_code(r).await;
-        assert_eq!(status, 400, "body {:?}", String::from_utf8_lossy(&body[..body.len().min(40)]));
+        assert_eq!(
+            status,
+            400,
+            "body {:?}",
+            String::from_utf8_lossy(&body[..body.len().min(40)])
+        );
     }
     // Over 1 MiB: 413 with a JSON body.
     let huge = vec![b' '; 2 * 1024 * 1024];
-    let r = c.http.post(format!("{}/authorize", c.url)).body(huge).send().await.expect("send");
+    let r = c
+        .http
+        .post(format!("{}/authorize", c.url))
+        .body(huge)
+        .send()
+        .await
+        .expect("send");
     assert_eq!(error_code(r).await, (413, "payload_too_large".into()));
     // Receipts with negative or overflowing numbers.
     for body in [
@@ -490,10 +713,17 @@ async fn bad_input_gets_json_4xx_and_never_touches_the_ledger() {
     }
     let r = c.get("/users/not-an-id/balance").await;
     assert_eq!(error_code(r).await, (400, "bad_request".into()));
-    let r = c.get(&format!("/users/{}/transactions?limit=abc", worker.public().to_peer_id())).await;
+    let r = c
+        .get(&format!(
+            "/users/{}/transactions?limit=abc",
+            worker.public().to_peer_id()
+        ))
+        .await;
     assert_eq!(error_code(r).await.0, 400);
     // The user never got an account: nothing was granted or reserved.
-    let r = c.get(&format!("/users/{}/balance", user.public().to_peer_id())).await;
+    let r = c
+        .get(&format!("/users/{}/balance", user.public().to_peer_id()))
+        .await;
     assert_eq!(error_code(r).await, (404, "unknown_account".into()));
     let _ = auth;
 }
@@ -508,15 +738,32 @@ async fn ledger_cli_audits_balances_and_history() {
     let worker = generate();
     let user = generate();
     let reg = c.register(&worker, &[MODEL]).await;
-    let auth: AuthorizeResponse = c.authorize(&user, &worker, MODEL).await.json().await.expect("json");
-    c.submit_receipt(&reg.receipt_key, &receipt_for(&auth.job_id, &user, &worker, MODEL, 4_000), now_secs())
-        .await;
-    let _open: AuthorizeResponse = c.authorize(&user, &worker, MODEL).await.json().await.expect("json");
+    let auth: AuthorizeResponse = c
+        .authorize(&user, &worker, MODEL)
+        .await
+        .json()
+        .await
+        .expect("json");
+    c.submit_receipt(
+        &reg.receipt_key,
+        &receipt_for(&auth.job_id, &user, &worker, MODEL, 4_000),
+        now_secs(),
+    )
+    .await;
+    let _open: AuthorizeResponse = c
+        .authorize(&user, &worker, MODEL)
+        .await
+        .json()
+        .await
+        .expect("json");
     c.stop().await;
     let data = c.dir.path().to_str().expect("utf8").to_string();
     let user_id = user.public().to_peer_id().to_base58();
 
-    let out = std::process::Command::new(bin()).args(["ledger", "audit", "--data", &data]).output().expect("run");
+    let out = std::process::Command::new(bin())
+        .args(["ledger", "audit", "--data", &data])
+        .output()
+        .expect("run");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "audit failed: {text}");
     assert!(text.contains("OK"));
@@ -537,15 +784,24 @@ async fn ledger_cli_audits_balances_and_history() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("json line"))
         .collect();
-    let kinds: Vec<&str> = lines.iter().map(|l| l["kind"].as_str().unwrap_or("")).collect();
+    let kinds: Vec<&str> = lines
+        .iter()
+        .map(|l| l["kind"].as_str().unwrap_or(""))
+        .collect();
     assert_eq!(kinds, vec!["reserve", "settle", "reserve", "grant"]);
 
     // Tamper with a balance: the audit notices and exits non-zero.
     let conn = rusqlite_open(&c.dir.path().join("ledger.sqlite3"));
-    conn.execute("UPDATE accounts SET credits_posted = credits_posted + 1000 WHERE id = ?1", [&user_id])
-        .expect("tamper");
+    conn.execute(
+        "UPDATE accounts SET credits_posted = credits_posted + 1000 WHERE id = ?1",
+        [&user_id],
+    )
+    .expect("tamper");
     drop(conn);
-    let out = std::process::Command::new(bin()).args(["ledger", "audit", "--data", &data]).output().expect("run");
+    let out = std::process::Command::new(bin())
+        .args(["ledger", "audit", "--data", &data])
+        .output()
+        .expect("run");
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains(&user_id), "{text}");
@@ -568,7 +824,10 @@ async fn ledger_audit_notices_a_doctored_audit_log() {
         .collect();
     std::fs::write(&log, doctored).expect("write");
     let data = c.dir.path().to_str().expect("utf8");
-    let out = std::process::Command::new(bin()).args(["ledger", "audit", "--data", data]).output().expect("run");
+    let out = std::process::Command::new(bin())
+        .args(["ledger", "audit", "--data", data])
+        .output()
+        .expect("run");
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("missing from the audit log"), "{text}");
@@ -594,10 +853,13 @@ async fn sigterm_stops_the_server_cleanly() {
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok(r) = http.get(format!("http://127.0.0.1:{port}/health")).send().await {
-            if r.status() == 200 {
-                break;
-            }
+        let up = http
+            .get(format!("http://127.0.0.1:{port}/health"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        if up {
+            break;
         }
         assert!(Instant::now() < deadline, "server never came up");
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -7,7 +7,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "troop", version, about = "Troop: a peer-to-peer inference mesh")]
+#[command(
+    name = "troop",
+    version,
+    about = "Troop: a peer-to-peer inference mesh"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,

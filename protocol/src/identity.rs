@@ -47,10 +47,12 @@ pub fn generate() -> Keypair {
 /// Writes a keypair (protobuf encoding) to `path` with mode 0600, refusing
 /// to overwrite an existing file.
 pub fn write_keypair(path: &Path, key: &Keypair) -> Result<(), TroopError> {
-    let bytes = key.to_protobuf_encoding().map_err(|e| TroopError::IdentityFile {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    let bytes = key
+        .to_protobuf_encoding()
+        .map_err(|e| TroopError::IdentityFile {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }

@@ -167,7 +167,9 @@ impl<C: Clock> CircuitBreaker<C> {
     /// Time left until a trial call is allowed (zero unless open).
     pub fn retry_in(&self) -> Duration {
         match self.opened_at {
-            Some(at) => self.cooldown.saturating_sub(self.clock.now().saturating_sub(at)),
+            Some(at) => self
+                .cooldown
+                .saturating_sub(self.clock.now().saturating_sub(at)),
             None => Duration::ZERO,
         }
     }

@@ -62,7 +62,9 @@ pub enum SignError {
     Malformed(&'static str, String),
     #[error("signature does not verify")]
     BadSignature,
-    #[error("timestamp {timestamp} is {skew} s away from the server's clock (at most {max} s allowed)")]
+    #[error(
+        "timestamp {timestamp} is {skew} s away from the server's clock (at most {max} s allowed)"
+    )]
     StaleTimestamp { timestamp: u64, skew: u64, max: u64 },
     #[error("nonce already used")]
     Replay,
@@ -109,7 +111,14 @@ pub fn sign_request(
 ) -> SignedHeaders {
     let mut nonce = [0u8; 16];
     rand::rng().fill_bytes(&mut nonce);
-    sign_request_with_nonce(key, method, path_and_query, body, timestamp, &hex::encode(nonce))
+    sign_request_with_nonce(
+        key,
+        method,
+        path_and_query,
+        body,
+        timestamp,
+        &hex::encode(nonce),
+    )
 }
 
 /// Signs a request with the given nonce (tests use this to replay one).
@@ -157,8 +166,8 @@ pub fn verify_request(
     let nonce = nonce.ok_or(SignError::MissingHeader(HEADER_NONCE))?;
     let signature = signature.ok_or(SignError::MissingHeader(HEADER_SIGNATURE))?;
 
-    let peer_id = parse_account_id(peer)
-        .map_err(|e| SignError::Malformed(HEADER_PEER, e.to_string()))?;
+    let peer_id =
+        parse_account_id(peer).map_err(|e| SignError::Malformed(HEADER_PEER, e.to_string()))?;
     let public = public_key_of(&peer_id)
         .ok_or_else(|| SignError::Malformed(HEADER_PEER, "no ed25519 key inside".into()))?;
     let ts: u64 = timestamp

@@ -92,7 +92,8 @@ impl TicketVerifier {
 
     /// Adds (or replaces) a verification key from its PEM (SPKI or PKCS#1).
     pub fn add_key_pem(&mut self, kid: &str, pem: &[u8]) -> Result<(), TicketError> {
-        let key = DecodingKey::from_rsa_pem(pem).map_err(|e| TicketError::Malformed(e.to_string()))?;
+        let key =
+            DecodingKey::from_rsa_pem(pem).map_err(|e| TicketError::Malformed(e.to_string()))?;
         self.keys.insert(kid.to_string(), key);
         Ok(())
     }
@@ -111,8 +112,8 @@ impl TicketVerifier {
 
     /// Checks a ticket without consuming its `jti`.
     pub fn check(&self, token: &str, now: u64) -> Result<TicketClaims, TicketError> {
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| TicketError::Malformed(e.to_string()))?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| TicketError::Malformed(e.to_string()))?;
         if header.alg != Algorithm::RS256 {
             return Err(TicketError::Algorithm(format!("{:?}", header.alg)));
         }

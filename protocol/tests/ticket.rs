@@ -49,7 +49,8 @@ fn sign(keys: &Keys, kid: &str, c: &TicketClaims) -> String {
 
 fn verifier(keys: &Keys) -> TicketVerifier {
     let mut v = TicketVerifier::new(WORKER).with_leeway(0);
-    v.add_key_pem("k1", keys.public_pem.as_bytes()).expect("add key");
+    v.add_key_pem("k1", keys.public_pem.as_bytes())
+        .expect("add key");
     v
 }
 
@@ -64,9 +65,15 @@ fn a_good_ticket_passes_once() {
     let t = sign(&keys, "k1", &claims("job-1"));
     let c = v.verify(&t, NOW + 10).expect("valid ticket");
     assert_eq!(c, claims("job-1"));
-    assert_eq!(v.verify(&t, NOW + 11), Err(TicketError::Reused("job-1".into())));
+    assert_eq!(
+        v.verify(&t, NOW + 11),
+        Err(TicketError::Reused("job-1".into()))
+    );
     // Another job id passes.
-    assert!(v.verify(&sign(&keys, "k1", &claims("job-2")), NOW + 12).is_ok());
+    assert!(
+        v.verify(&sign(&keys, "k1", &claims("job-2")), NOW + 12)
+            .is_ok()
+    );
 }
 
 #[test]
@@ -91,7 +98,10 @@ fn hs256_signed_with_the_public_key_is_refused() {
         &EncodingKey::from_secret(keys.public_pem.as_bytes()),
     )
     .expect("hs256");
-    assert!(matches!(v.verify(&forged, NOW), Err(TicketError::Algorithm(_))));
+    assert!(matches!(
+        v.verify(&forged, NOW),
+        Err(TicketError::Algorithm(_))
+    ));
 }
 
 #[test]
@@ -152,10 +162,17 @@ fn unknown_kid_is_reported_and_a_foreign_key_fails() {
     c.aud = WORKER.into();
     c.reserved_milli = 1;
     parts[1] = b64(&serde_json::to_value(&c).expect("json"));
-    assert_eq!(v.verify(&parts.join("."), NOW), Err(TicketError::BadSignature));
-    assert!(matches!(v.verify("garbage", NOW), Err(TicketError::Malformed(_))));
+    assert_eq!(
+        v.verify(&parts.join("."), NOW),
+        Err(TicketError::BadSignature)
+    );
+    assert!(matches!(
+        v.verify("garbage", NOW),
+        Err(TicketError::Malformed(_))
+    ));
     // The key can be added after the fact (refresh on unknown kid).
-    v.add_key_pem("k2", keys.public_pem.as_bytes()).expect("add");
+    v.add_key_pem("k2", keys.public_pem.as_bytes())
+        .expect("add");
     assert!(v.verify(&sign(&keys, "k2", &claims("x")), NOW).is_ok());
 }
 
@@ -163,7 +180,8 @@ fn unknown_kid_is_reported_and_a_foreign_key_fails() {
 fn remembered_jtis_are_dropped_after_expiry() {
     let keys = rsa_keys();
     let mut v = verifier(&keys);
-    v.verify(&sign(&keys, "k1", &claims("old")), NOW).expect("ok");
+    v.verify(&sign(&keys, "k1", &claims("old")), NOW)
+        .expect("ok");
     assert_eq!(v.remembered(), 1);
     let mut c = claims("new");
     c.iat = NOW + 400;

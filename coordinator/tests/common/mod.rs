@@ -52,7 +52,10 @@ impl TestCoordinator {
             dir,
             running: Some(running),
             url,
-            http: Client::builder().pool_max_idle_per_host(64).build().expect("client"),
+            http: Client::builder()
+                .pool_max_idle_per_host(64)
+                .build()
+                .expect("client"),
         }
     }
 
@@ -77,7 +80,8 @@ impl TestCoordinator {
     }
 
     pub fn audit_lines(&self) -> Vec<Value> {
-        let text = std::fs::read_to_string(self.dir.path().join("logs/audit.log")).unwrap_or_default();
+        let text =
+            std::fs::read_to_string(self.dir.path().join("logs/audit.log")).unwrap_or_default();
         text.lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
@@ -167,7 +171,13 @@ impl TestCoordinator {
     }
 }
 
-pub fn receipt_for(job_id: &str, user: &Keypair, worker: &Keypair, model: &str, millis: u64) -> Receipt {
+pub fn receipt_for(
+    job_id: &str,
+    user: &Keypair,
+    worker: &Keypair,
+    model: &str,
+    millis: u64,
+) -> Receipt {
     let end = now_ms();
     Receipt {
         job_id: job_id.into(),

@@ -1,0 +1,232 @@
+//! Random sequences of ledger operations (grant, authorize, settle, fail,
+//! replay, expire) against the real SQLite ledger and a small in-memory
+//! model; balances and the invariant are compared after every step.
+
+use std::collections::HashMap;
+
+use proptest::prelude::*;
+use rusqlite::Connection;
+use troop_coordinator::ledger::{self, Command, LedgerError, Outcome};
+use troop_protocol::receipt::{JobStatus, Receipt};
+
+const USERS: [&str; 3] = ["user-a", "user-b", "user-c"];
+const WORKERS: [(&str, i64); 2] = [("worker-x", 1000), ("worker-y", 2500)];
+const STARTER: i64 = 3_600_000;
+const RESERVE_SECS: i64 = 300;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Authorize { user: usize, worker: usize },
+    Receipt { job: usize, millis: u64, status: u8 },
+    Replay { job: usize },
+    Expire { cutoff: u64 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..USERS.len(), 0..WORKERS.len()).prop_map(|(user, worker)| Op::Authorize { user, worker }),
+        3 => (0..40usize, 0..400_000u64, 0..3u8).prop_map(|(job, millis, status)| Op::Receipt { job, millis, status }),
+        1 => (0..40usize).prop_map(|job| Op::Replay { job }),
+        1 => (0..60u64).prop_map(|cutoff| Op::Expire { cutoff }),
+    ]
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum JobState {
+    Pending,
+    Posted,
+    Voided,
+}
+
+#[derive(Debug, Clone)]
+struct ModelJob {
+    id: String,
+    user: String,
+    worker: String,
+    reserved: i64,
+    multiplier: i64,
+    expires_at: u64,
+    state: JobState,
+    receipt: Option<(Receipt, String, i64)>,
+}
+
+#[derive(Default)]
+struct Model {
+    /// account -> (credits_posted - debits_posted, debits_pending)
+    accounts: HashMap<String, (i64, i64)>,
+    granted: std::collections::HashSet<String>,
+    minted: i64,
+    jobs: Vec<ModelJob>,
+}
+
+fn run(conn: &mut Connection, cmd: Command) -> Result<Outcome, LedgerError> {
+    let tx = conn.transaction().expect("tx");
+    let mut events = Vec::new();
+    let out = ledger::apply(&tx, &cmd, &mut events);
+    match out {
+        Ok(o) => {
+            ledger::check_invariants(&tx).expect("invariant inside the transaction");
+            tx.commit().expect("commit");
+            Ok(o)
+        }
+        Err(e) => {
+            drop(tx);
+            Err(e)
+        }
+    }
+}
+
+fn receipt(job: &ModelJob, millis: u64, status: JobStatus) -> Receipt {
+    Receipt {
+        job_id: job.id.clone(),
+        worker: job.worker.clone(),
+        user: job.user.clone(),
+        model: "m".into(),
+        prompt_tokens: 1,
+        completion_tokens: millis,
+        started_at: 1_000_000,
+        finished_at: 1_000_000 + millis,
+        status,
+    }
+}
+
+fn check(conn: &Connection, model: &Model) -> Result<(), TestCaseError> {
+    for (id, (posted, pending)) in &model.accounts {
+        let row: (i64, i64) = conn
+            .query_row(
+                "SELECT credits_posted - debits_posted, debits_pending FROM accounts WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("account row");
+        prop_assert_eq!(row, (*posted, *pending), "account {}", id);
+    }
+    let t = ledger::check_invariants(conn).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    prop_assert_eq!(t.minted, model.minted);
+    let pending: i64 = model
+        .jobs
+        .iter()
+        .filter(|j| j.state == JobState::Pending)
+        .map(|j| j.reserved)
+        .sum();
+    prop_assert_eq!(t.pending_jobs, pending);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn sqlite_ledger_matches_the_model(ops in proptest::collection::vec(op(), 1..60)) {
+        let mut conn = ledger::open_in_memory().expect("ledger");
+        let mut model = Model::default();
+        for (name, _) in WORKERS {
+            let out = run(&mut conn, Command::RegisterWorker {
+                peer_id: name.into(), models: vec!["m".into()], addresses: vec![], version: None,
+                new_key: [1; 32], now_secs: 0,
+            });
+            prop_assert!(out.is_ok());
+            model.accounts.insert(name.into(), (0, 0));
+        }
+        for (step, op) in ops.into_iter().enumerate() {
+            let step = step as u64;
+            match op {
+                Op::Authorize { user, worker } => {
+                    let (w, mult) = WORKERS[worker];
+                    let u = USERS[user];
+                    let amount = RESERVE_SECS * mult;
+                    let job_id = format!("job-{step}");
+                    let out = run(&mut conn, Command::Reserve {
+                        user: u.into(), worker: w.into(), model: "m".into(), job_id: job_id.clone(),
+                        amount, multiplier_milli: mult, starter_grant: STARTER, expires_at: step, now_ms: step,
+                    });
+                    // Model: the grant happens once, even when the reservation is refused
+                    // (the grant commits with the refusal only if the reservation passes).
+                    let first = !model.granted.contains(u);
+                    let acc = *model.accounts.get(u).unwrap_or(&(0, 0));
+                    let avail = acc.0 - acc.1 + if first { STARTER } else { 0 };
+                    if avail < amount {
+                        let refused = matches!(out, Err(LedgerError::InsufficientFunds { .. }));
+                        prop_assert!(refused, "expected 402, got {:?}", out);
+                    } else {
+                        prop_assert!(out.is_ok(), "{:?}", out);
+                        if first {
+                            model.granted.insert(u.into());
+                            model.minted += STARTER;
+                        }
+                        let e = model.accounts.entry(u.into()).or_insert((0, 0));
+                        if first { e.0 += STARTER; }
+                        e.1 += amount;
+                        model.jobs.push(ModelJob {
+                            id: job_id, user: u.into(), worker: w.into(), reserved: amount, multiplier: mult,
+                            expires_at: step, state: JobState::Pending, receipt: None,
+                        });
+                    }
+                }
+                Op::Receipt { job, millis, status } => {
+                    let Some(j) = model.jobs.get(job % model.jobs.len().max(1)).cloned() else { continue };
+                    let status = [JobStatus::Completed, JobStatus::Failed, JobStatus::Cancelled][status as usize];
+                    let r = receipt(&j, millis, status);
+                    let sha = format!("{:?}-{millis}", status);
+                    let out = run(&mut conn, Command::Settle { receipt: r.clone(), receipt_sha256: sha.clone(), now_ms: step });
+                    let idx = model.jobs.iter().position(|x| x.id == j.id).unwrap_or(0);
+                    match (&j.state, &j.receipt) {
+                        (_, Some((_, prev, _))) if *prev != sha => {
+                            prop_assert!(matches!(out, Err(LedgerError::Conflict(_))), "{:?}", out);
+                        }
+                        (_, Some((_, _, cost))) => {
+                            let Ok(Outcome::Settled(s)) = out else { return Err(TestCaseError::fail("replay failed")) };
+                            prop_assert!(s.replayed);
+                            prop_assert_eq!(s.cost, *cost);
+                        }
+                        (JobState::Voided, None) => {
+                            prop_assert!(matches!(out, Err(LedgerError::ReservationExpired(_))), "{:?}", out);
+                        }
+                        (JobState::Pending, None) => {
+                            let cost = if status == JobStatus::Completed {
+                                ((millis as i128 * j.multiplier as i128 / 1000) as i64).min(j.reserved)
+                            } else { 0 };
+                            let Ok(Outcome::Settled(s)) = out else { return Err(TestCaseError::fail(format!("settle failed: {out:?}"))) };
+                            prop_assert_eq!(s.cost, cost);
+                            prop_assert_eq!(s.refunded, j.reserved - cost);
+                            prop_assert!(!s.replayed);
+                            let u = model.accounts.entry(j.user.clone()).or_default();
+                            u.0 -= cost;
+                            u.1 -= j.reserved;
+                            model.accounts.entry(j.worker.clone()).or_default().0 += cost;
+                            let mj = &mut model.jobs[idx];
+                            mj.state = if status == JobStatus::Completed { JobState::Posted } else { JobState::Voided };
+                            mj.receipt = Some((r, sha, cost));
+                        }
+                        (state, None) => return Err(TestCaseError::fail(format!("unreachable model state {state:?}"))),
+                    }
+                }
+                Op::Replay { job } => {
+                    let Some(j) = model.jobs.get(job % model.jobs.len().max(1)).cloned() else { continue };
+                    let Some((r, sha, cost)) = j.receipt else { continue };
+                    let out = run(&mut conn, Command::Settle { receipt: r, receipt_sha256: sha, now_ms: step });
+                    let Ok(Outcome::Settled(s)) = out else { return Err(TestCaseError::fail("replay failed")) };
+                    prop_assert!(s.replayed);
+                    prop_assert_eq!(s.cost, cost);
+                }
+                Op::Expire { cutoff } => {
+                    let out = run(&mut conn, Command::ExpireDue { cutoff_secs: cutoff, now_ms: step, limit: 1000 });
+                    let Ok(Outcome::Expired { jobs }) = out else { return Err(TestCaseError::fail("expire failed")) };
+                    let mut want = Vec::new();
+                    for mj in model.jobs.iter_mut() {
+                        if mj.state == JobState::Pending && mj.expires_at < cutoff {
+                            mj.state = JobState::Voided;
+                            want.push(mj.id.clone());
+                            model.accounts.entry(mj.user.clone()).or_default().1 -= mj.reserved;
+                        }
+                    }
+                    let mut got = jobs;
+                    got.sort();
+                    want.sort();
+                    prop_assert_eq!(got, want);
+                }
+            }
+            check(&conn, &model)?;
+        }
+    }
+}
