@@ -1,1 +1,166 @@
-fn main() {}
+//! Coordinator throughput on loopback, printed, never asserted:
+//! * bare RS256 signatures/s (jsonwebtoken, aws-lc-rs) on 1 thread and on all cores;
+//! * tickets/s: signed `POST /authorize` with its ledger reservation, concurrent clients;
+//! * receipts settled/s: HMAC `POST /transactions/submit`, concurrent clients;
+//! * settlements/s through the ledger writer alone (group commit, no HTTP).
+//!
+//! `cargo bench -p troop-coordinator --bench coordinator` (env: TICKETS, CONCURRENCY).
+//! The load generator runs in the same process, on the same cores, as the server.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{TestCoordinator, now_secs, receipt_for};
+use futures::StreamExt;
+use troop_coordinator::ledger::Command;
+use troop_protocol::api::AuthorizeResponse;
+use troop_protocol::identity::generate;
+use troop_protocol::ticket::{TICKET_ISSUER, TicketClaims};
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn claims(i: usize) -> TicketClaims {
+    TicketClaims {
+        iss: TICKET_ISSUER.into(),
+        sub: "12D3KooWuser".into(),
+        aud: "12D3KooWworker".into(),
+        model: "m".into(),
+        jti: format!("{i:032x}"),
+        iat: now_secs(),
+        nbf: now_secs(),
+        exp: now_secs() + 300,
+        max_tokens: None,
+        reserved_milli: 300_000,
+    }
+}
+
+fn bare_signing(keys: &Arc<troop_coordinator::tickets::TicketKeys>, threads: usize, per_thread: usize) -> f64 {
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let keys = keys.clone();
+            s.spawn(move || {
+                for i in 0..per_thread {
+                    let _ = keys.sign(&claims(t * per_thread + i)).expect("sign");
+                }
+            });
+        }
+    });
+    (threads * per_thread) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let tickets = env_usize("TICKETS", 3000);
+    let concurrency = env_usize("CONCURRENCY", 32);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+
+    rt.block_on(async move {
+        let c = Arc::new(
+            TestCoordinator::start_with(|cfg| {
+                cfg.authorize_per_hour = 1_000_000;
+                cfg.discovery_per_hour = 1_000_000;
+                cfg.sweep_interval = Duration::from_secs(3600);
+            })
+            .await,
+        );
+        let state = c.running.as_ref().expect("running").state.clone();
+        let keys = Arc::new(troop_coordinator::tickets::TicketKeys::load_or_create(&c.dir.path().join("keys")).expect("keys"));
+
+        // Bare signing, same key size, same library, same cores.
+        let _ = bare_signing(&keys, 1, 50);
+        let sign_1 = bare_signing(&keys, 1, 600);
+        let sign_all = bare_signing(&keys, cores, 600);
+
+        // Tickets over HTTP.
+        let worker = generate();
+        let reg = c.register(&worker, &["m"]).await;
+        let users: Vec<_> = (0..tickets.div_ceil(12)).map(|_| generate()).collect();
+        let start = Instant::now();
+        let jobs: Vec<(usize, AuthorizeResponse)> = futures::stream::iter(0..tickets)
+            .map(|i| {
+                let c = c.clone();
+                let user = users[i / 12].clone();
+                let worker = worker.clone();
+                async move {
+                    let r = c.authorize(&user, &worker, "m").await;
+                    assert_eq!(r.status(), 200, "authorize");
+                    (i / 12, r.json::<AuthorizeResponse>().await.expect("json"))
+                }
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        let ticket_secs = start.elapsed().as_secs_f64();
+        let tickets_per_s = tickets as f64 / ticket_secs;
+
+        // Receipts over HTTP: half of them; the other half through the writer alone.
+        let half = jobs.len() / 2;
+        let ts = now_secs();
+        let start = Instant::now();
+        futures::stream::iter(jobs[..half].iter())
+            .map(|(u, a)| {
+                let c = c.clone();
+                let receipt = receipt_for(&a.job_id, &users[*u], &worker, "m", 1500);
+                let key = reg.receipt_key.clone();
+                async move {
+                    let r = c.submit_receipt(&key, &receipt, ts).await;
+                    assert_eq!(r.status(), 200, "settle");
+                }
+            })
+            .buffer_unordered(concurrency * 2)
+            .collect::<Vec<()>>()
+            .await;
+        let http_settle_per_s = half as f64 / start.elapsed().as_secs_f64();
+
+        let start = Instant::now();
+        futures::stream::iter(jobs[half..].iter())
+            .map(|(u, a)| {
+                let state = state.clone();
+                let receipt = receipt_for(&a.job_id, &users[*u], &worker, "m", 1500);
+                async move {
+                    let sha = format!("bench-{}", receipt.job_id);
+                    state
+                        .writer
+                        .submit(Command::Settle { receipt, receipt_sha256: sha, now_ms: troop_coordinator::unix_ms() }, None)
+                        .await
+                        .expect("settle");
+                }
+            })
+            .buffer_unordered(4096)
+            .collect::<Vec<()>>()
+            .await;
+        let writer_settle_per_s = (jobs.len() - half) as f64 / start.elapsed().as_secs_f64();
+
+        println!();
+        println!("coordinator benchmark: {tickets} tickets, {concurrency} concurrent clients, {cores} cores (load generator in the same process)");
+        println!("| figure | measured | goal |");
+        println!("|---|---|---|");
+        println!("| bare RS256 signatures/s, 1 thread | {sign_1:.0} | - |");
+        println!("| bare RS256 signatures/s, {cores} threads | {sign_all:.0} | - |");
+        println!("| tickets/s over HTTP (/authorize + reservation) | {tickets_per_s:.0} | >= 1500 and >= 70 % of bare |");
+        println!("| tickets / bare signing on {cores} threads | {:.0} % | >= 70 % |", 100.0 * tickets_per_s / sign_all);
+        println!("| receipts settled/s over HTTP (HMAC + durable commit) | {http_settle_per_s:.0} | >= 10000 |");
+        println!("| receipts settled/s through the ledger writer (group commit) | {writer_settle_per_s:.0} | >= 10000 |");
+        if let Ok(path) = std::env::var("BENCH_JSON") {
+            let v = serde_json::json!({
+                "bare_rs256_per_s_1_thread": sign_1,
+                "bare_rs256_per_s_all_threads": sign_all,
+                "tickets_per_s": tickets_per_s,
+                "settlements_per_s_http": http_settle_per_s,
+                "settlements_per_s_writer": writer_settle_per_s,
+                "cores": cores,
+            });
+            std::fs::write(path, v.to_string()).expect("write BENCH_JSON");
+        }
+        if let Ok(c) = Arc::try_unwrap(c) {
+            let mut c = c;
+            c.stop().await;
+        }
+    });
+}
