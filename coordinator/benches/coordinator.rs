@@ -21,7 +21,10 @@ use troop_protocol::identity::generate;
 use troop_protocol::ticket::{TICKET_ISSUER, TicketClaims};
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn claims(i: usize) -> TicketClaims {
@@ -39,7 +42,11 @@ fn claims(i: usize) -> TicketClaims {
     }
 }
 
-fn bare_signing(keys: &Arc<troop_coordinator::tickets::TicketKeys>, threads: usize, per_thread: usize) -> f64 {
+fn bare_signing(
+    keys: &Arc<troop_coordinator::tickets::TicketKeys>,
+    threads: usize,
+    per_thread: usize,
+) -> f64 {
     let start = Instant::now();
     std::thread::scope(|s| {
         for t in 0..threads {
@@ -57,8 +64,13 @@ fn bare_signing(keys: &Arc<troop_coordinator::tickets::TicketKeys>, threads: usi
 fn main() {
     let tickets = env_usize("TICKETS", 3000);
     let concurrency = env_usize("CONCURRENCY", 32);
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
 
     rt.block_on(async move {
         let c = Arc::new(
