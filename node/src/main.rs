@@ -1,20 +1,57 @@
-//! `troop`: the worker and gateway node. The mesh itself is the next issue;
-//! for now it offers `keygen`, which the coordinator's users already need.
+//! `troop`: join the Troop mesh as a worker or a gateway, or look at it.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use libp2p::Multiaddr;
+use troop_node::network::NetConfig;
+use troop_node::upstream::Dialect;
+use troop_node::{commands, gateway, worker};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "troop",
-    version,
-    about = "Troop: a peer-to-peer inference mesh"
-)]
+#[command(name = "troop", version, about = "Troop: a peer-to-peer inference mesh", long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+}
+
+#[derive(Args, Debug, Clone)]
+struct MeshArgs {
+    /// Multiaddr to listen on (repeatable). Default: /ip4/0.0.0.0/tcp/0 and /ip4/0.0.0.0/udp/0/quic-v1.
+    #[arg(long = "listen", env = "TROOP_LISTEN", value_delimiter = ',')]
+    listen: Vec<Multiaddr>,
+    /// A node to join through, ending in /p2p/<PeerId> (repeatable).
+    #[arg(long = "bootstrap", env = "TROOP_BOOTSTRAP", value_delimiter = ',')]
+    bootstrap: Vec<Multiaddr>,
+    /// Find peers on the LAN by mDNS (multicast).
+    #[arg(long, env = "TROOP_MDNS")]
+    mdns: bool,
+    /// Turn Kademlia off (gossip only).
+    #[arg(long, env = "TROOP_NO_DHT")]
+    no_dht: bool,
+    /// Turn gossip adverts off (DHT only).
+    #[arg(long, env = "TROOP_NO_GOSSIP")]
+    no_gossip: bool,
+}
+
+impl MeshArgs {
+    fn net(&self, key: libp2p::identity::Keypair) -> anyhow::Result<NetConfig> {
+        let mut n = NetConfig::new(key);
+        n.listen = if self.listen.is_empty() {
+            vec!["/ip4/0.0.0.0/tcp/0".parse()?, "/ip4/0.0.0.0/udp/0/quic-v1".parse()?]
+        } else {
+            self.listen.clone()
+        };
+        n.bootstrap = self.bootstrap.clone();
+        n.mdns = self.mdns;
+        n.dht = !self.no_dht;
+        n.gossip = !self.no_gossip;
+        Ok(n)
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -22,26 +59,204 @@ enum Cmd {
     /// Write a new ed25519 identity (mode 0600) and print its PeerId.
     Keygen {
         /// Where to write the key; an existing file is never overwritten.
-        #[arg(long, env = "TROOP_IDENTITY")]
+        #[arg(long, env = "TROOP_IDENTITY_OUT")]
         out: PathBuf,
+    },
+    /// Serve a local model server (Ollama or OpenAI-compatible) to the mesh and earn credits.
+    Worker {
+        /// Identity file from `troop keygen`.
+        #[arg(long, env = "TROOP_IDENTITY")]
+        identity: PathBuf,
+        /// Coordinator URL, e.g. http://127.0.0.1:7070.
+        #[arg(long, env = "TROOP_COORDINATOR")]
+        coordinator: String,
+        /// Model server URL, e.g. http://127.0.0.1:11434 (Ollama) or http://127.0.0.1:8081 (llama-server).
+        #[arg(long, env = "TROOP_UPSTREAM")]
+        upstream: String,
+        /// Upstream dialect; probed when not given.
+        #[arg(long, env = "TROOP_UPSTREAM_DIALECT", value_enum)]
+        dialect: Option<Dialect>,
+        /// Most jobs at once; more get `busy`.
+        #[arg(long, env = "TROOP_MAX_JOBS", default_value_t = 64)]
+        max_jobs: usize,
+        /// Folder for queued receipts (default: next to the identity file).
+        #[arg(long, env = "TROOP_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        /// Seconds between gossip adverts.
+        #[arg(long, env = "TROOP_ADVERT_INTERVAL_SECS", default_value_t = 3.0)]
+        advert_interval: f64,
+        /// Seconds between heartbeats to the coordinator.
+        #[arg(long, env = "TROOP_HEARTBEAT_INTERVAL_SECS", default_value_t = 20.0)]
+        heartbeat_interval: f64,
+        /// Prove the hardware with a matmul benchmark at start (also RUN_INITIAL_BENCHMARK=true).
+        #[arg(long, env = "RUN_INITIAL_BENCHMARK")]
+        benchmark: bool,
+        #[command(flatten)]
+        mesh: MeshArgs,
+    },
+    /// Serve the OpenAI API on localhost, answered by workers on the mesh.
+    Gateway {
+        #[arg(long, env = "TROOP_IDENTITY")]
+        identity: PathBuf,
+        #[arg(long, env = "TROOP_COORDINATOR")]
+        coordinator: String,
+        /// Address for the OpenAI-compatible HTTP API.
+        #[arg(long, env = "TROOP_HTTP", default_value = "127.0.0.1:8080")]
+        http: SocketAddr,
+        #[command(flatten)]
+        mesh: MeshArgs,
+    },
+    /// List the models on the mesh with their workers, queue depth and TTFT.
+    Models {
+        #[arg(long = "bootstrap", env = "TROOP_BOOTSTRAP", value_delimiter = ',')]
+        bootstrap: Vec<Multiaddr>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Seconds to listen for adverts.
+        #[arg(long, default_value_t = 4.0)]
+        wait: f64,
+    },
+    /// Check reachability: listen addresses, NAT, relay, peers, workers, coordinator.
+    Doctor {
+        #[arg(long = "bootstrap", env = "TROOP_BOOTSTRAP", value_delimiter = ',')]
+        bootstrap: Vec<Multiaddr>,
+        #[arg(long, env = "TROOP_COORDINATOR")]
+        coordinator: Option<String>,
+        /// Seconds to watch the mesh.
+        #[arg(long, default_value_t = 5.0)]
+        wait: f64,
     },
 }
 
+fn secs(v: f64, name: &str) -> anyhow::Result<Duration> {
+    if v.is_finite() && v > 0.0 && v < 86_400.0 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        anyhow::bail!("{name} must be a number of seconds above 0")
+    }
+}
+
 fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn read_identity(path: &std::path::Path) -> anyhow::Result<libp2p::identity::Keypair> {
+    troop_protocol::identity::read_keypair(path)
+        .with_context(|| format!("reading the identity (make one with `troop keygen --out {}`)", path.display()))
+}
+
+async fn ctrl_c() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Cmd::Keygen { out } => {
             let key = troop_protocol::identity::generate();
-            match troop_protocol::identity::write_keypair(&out, &key) {
-                Ok(()) => {
-                    println!("{}", key.public().to_peer_id());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
+            troop_protocol::identity::write_keypair(&out, &key)?;
+            println!("{}", key.public().to_peer_id());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Worker {
+            identity,
+            coordinator,
+            upstream,
+            dialect,
+            max_jobs,
+            state_dir,
+            advert_interval,
+            heartbeat_interval,
+            benchmark,
+            mesh,
+        } => {
+            let key = read_identity(&identity)?;
+            let peer = key.public().to_peer_id();
+            let state_dir = state_dir.unwrap_or_else(|| {
+                identity
+                    .parent()
+                    .map(|p| p.join(format!("worker-{peer}")))
+                    .unwrap_or_else(|| PathBuf::from(format!("worker-{peer}")))
+            });
+            let mut cfg = worker::WorkerConfig::new(key.clone(), &coordinator, &upstream, state_dir);
+            cfg.dialect = dialect;
+            cfg.max_jobs = max_jobs.max(1);
+            cfg.advert_interval = secs(advert_interval, "--advert-interval")?;
+            cfg.heartbeat_interval = secs(heartbeat_interval, "--heartbeat-interval")?;
+            cfg.net = mesh.net(key)?;
+            if benchmark {
+                tracing::warn!("--benchmark: the proof of hardware is not built into this version yet; the multiplier stays 1.0");
+            }
+            tracing::info!(peer_id = %peer, "starting worker");
+            let w = worker::start(cfg).await?;
+            tokio::select! {
+                _ = w.wait() => {},
+                _ = ctrl_c() => tracing::info!("stopping"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Gateway {
+            identity,
+            coordinator,
+            http,
+            mesh,
+        } => {
+            let key = read_identity(&identity)?;
+            tracing::info!(peer_id = %key.public().to_peer_id(), "starting gateway");
+            let mut cfg = gateway::GatewayConfig::new(key.clone(), &coordinator, http);
+            cfg.net = mesh.net(key)?;
+            let g = gateway::start(cfg).await?;
+            tokio::select! {
+                _ = g.wait() => {},
+                _ = ctrl_c() => tracing::info!("stopping"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Models { bootstrap, json, wait } => {
+            let (rows, _) = commands::survey(bootstrap, secs(wait, "--wait")?).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                commands::print_models(&rows);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Doctor {
+            bootstrap,
+            coordinator,
+            wait,
+        } => {
+            let checks = commands::doctor(bootstrap, coordinator, secs(wait, "--wait")?).await?;
+            let mut all_ok = true;
+            for c in &checks {
+                println!("[{}] {:<22} {}", if c.ok { " ok " } else { "FAIL" }, c.name, c.detail);
+                if !c.ok {
+                    all_ok = false;
+                    println!("       -> {}", c.advice);
                 }
             }
+            Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
     }
 }

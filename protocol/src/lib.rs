@@ -6,8 +6,10 @@
 //! authenticated, the stable error codes, and the retry and circuit-breaker
 //! policy that every client follows.
 
+pub mod advert;
 pub mod api;
 pub mod error;
+pub mod frames;
 pub mod identity;
 pub mod policy;
 pub mod receipt;

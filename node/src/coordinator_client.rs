@@ -1,0 +1,183 @@
+//! The node's client for the coordinator's HTTP API: signed requests for
+//! registration, heartbeats and tickets; HMAC-signed receipts.
+
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use troop_protocol::ErrorCode;
+use troop_protocol::api::{
+    AuthorizeRequest, AuthorizeResponse, ErrorBody, HeartbeatRequest, HeartbeatResponse,
+    RegisterRequest, RegisterResponse, SettlementResponse,
+};
+use troop_protocol::policy::AUTH_TIMEOUT;
+use troop_protocol::receipt::{HEADER_RECEIPT_MAC, HEADER_TIMESTAMP, sign_receipt};
+use troop_protocol::signed::sign_request;
+
+/// Why a call to the coordinator failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// The coordinator answered with an error.
+    #[error("coordinator answered {status}: {message}")]
+    Refused {
+        status: u16,
+        code: Option<ErrorCode>,
+        message: String,
+        retry_after: Option<u64>,
+    },
+    /// It could not be reached (or did not answer in time).
+    #[error("coordinator unreachable: {0}")]
+    Transport(String),
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Refused { status, .. } => Some(*status),
+            ClientError::Transport(_) => None,
+        }
+    }
+}
+
+/// The coordinator's ticket key.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct PublicKey {
+    pub kid: String,
+    pub public_key: String,
+}
+
+#[derive(Clone)]
+pub struct CoordinatorClient {
+    base: String,
+    http: reqwest::Client,
+    key: Keypair,
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl CoordinatorClient {
+    pub fn new(base: &str, key: Keypair) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(AUTH_TIMEOUT)
+            .connect_timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(32)
+            .build()
+            .unwrap_or_default();
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+            key,
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, ClientError> {
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Transport(e.to_string()))?;
+        if (200..300).contains(&status) {
+            return serde_json::from_slice(&bytes).map_err(|e| ClientError::Refused {
+                status,
+                code: None,
+                message: format!("unreadable answer: {e}"),
+                retry_after: None,
+            });
+        }
+        let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(b) => (Some(b.error.code), b.error.message),
+            Err(_) => (None, String::from_utf8_lossy(&bytes).chars().take(200).collect()),
+        };
+        Err(ClientError::Refused {
+            status,
+            code,
+            message,
+            retry_after,
+        })
+    }
+
+    async fn signed_post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Transport(e.to_string()))?;
+        let h = sign_request(&self.key, "POST", path, &bytes, unix_secs());
+        let mut req = self
+            .http
+            .post(format!("{}{}", self.base, path))
+            .header("content-type", "application/json")
+            .body(bytes);
+        for (k, v) in h.pairs() {
+            req = req.header(k, v);
+        }
+        let resp = req.send().await.map_err(|e| ClientError::Transport(e.to_string()))?;
+        Self::decode(resp).await
+    }
+
+    pub async fn health(&self) -> Result<serde_json::Value, ClientError> {
+        let resp = self
+            .http
+            .get(format!("{}/health", self.base))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        Self::decode(resp).await
+    }
+
+    pub async fn public_key(&self) -> Result<PublicKey, ClientError> {
+        let resp = self
+            .http
+            .get(format!("{}/public-key", self.base))
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        Self::decode(resp).await
+    }
+
+    pub async fn register(&self, req: &RegisterRequest) -> Result<RegisterResponse, ClientError> {
+        self.signed_post("/workers/register", req).await
+    }
+
+    pub async fn heartbeat(&self, req: &HeartbeatRequest) -> Result<HeartbeatResponse, ClientError> {
+        self.signed_post("/workers/heartbeat", req).await
+    }
+
+    pub async fn authorize(&self, model: &str, worker: &str, max_tokens: Option<u32>) -> Result<AuthorizeResponse, ClientError> {
+        self.signed_post(
+            "/authorize",
+            &AuthorizeRequest {
+                model: model.to_string(),
+                worker: worker.to_string(),
+                max_tokens,
+            },
+        )
+        .await
+    }
+
+    /// Posts a receipt body (already serialized) with its HMAC.
+    pub async fn submit_receipt(&self, receipt_key: &[u8], body: Vec<u8>) -> Result<SettlementResponse, ClientError> {
+        let ts = unix_secs();
+        let mac = sign_receipt(receipt_key, ts, &body);
+        let resp = self
+            .http
+            .post(format!("{}/transactions/submit", self.base))
+            .header("content-type", "application/json")
+            .header(HEADER_TIMESTAMP, ts.to_string())
+            .header(HEADER_RECEIPT_MAC, mac)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        Self::decode(resp).await
+    }
+}

@@ -1,0 +1,315 @@
+//! The gateway role: an OpenAI-compatible HTTP server on the user's
+//! machine that finds workers on the mesh, buys a ticket from the
+//! coordinator and streams the answer from the chosen worker.
+
+pub mod http;
+pub mod table;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use libp2p::identity::Keypair;
+use libp2p::{PeerId, StreamProtocol};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use troop_protocol::ErrorCode;
+use troop_protocol::advert::{Advert, model_key};
+use troop_protocol::frames::{FRAME_VERSION, Frame, INFER_PROTOCOL, InferenceRequest};
+use troop_protocol::policy::{CircuitBreaker, DISCOVERY_TIMEOUT, SystemClock};
+
+use crate::coordinator_client::{ClientError, CoordinatorClient};
+use crate::frames_io::{read_frame, write_frame};
+use crate::network::{self, NetConfig, NetEvent, NetworkHandle};
+use table::WorkerTable;
+
+/// How to run a gateway.
+#[derive(Clone)]
+pub struct GatewayConfig {
+    pub identity: Keypair,
+    pub coordinator: String,
+    pub http: SocketAddr,
+    pub net: NetConfig,
+    /// Longest wait for the first frame from a worker.
+    pub first_token_timeout: Duration,
+    /// Longest silence between two frames of an answer.
+    pub idle_timeout: Duration,
+}
+
+impl GatewayConfig {
+    pub fn new(identity: Keypair, coordinator: &str, http: SocketAddr) -> Self {
+        Self {
+            net: NetConfig::new(identity.clone()),
+            identity,
+            coordinator: coordinator.to_string(),
+            http,
+            first_token_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+pub struct GatewayState {
+    pub cfg: GatewayConfig,
+    pub net: NetworkHandle,
+    pub table: RwLock<WorkerTable>,
+    pub client: CoordinatorClient,
+    breakers: Mutex<HashMap<PeerId, CircuitBreaker<SystemClock>>>,
+}
+
+/// A running gateway.
+pub struct RunningGateway {
+    pub http_addr: SocketAddr,
+    pub state: Arc<GatewayState>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningGateway {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    pub fn kill(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        self.state.net.shutdown();
+    }
+
+    pub async fn wait(mut self) {
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+}
+
+pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
+    let (net, events) = network::spawn(cfg.net.clone()).await?;
+    let client = CoordinatorClient::new(&cfg.coordinator, cfg.identity.clone());
+    let listener = tokio::net::TcpListener::bind(cfg.http)
+        .await
+        .with_context(|| format!("binding the gateway's HTTP address {}", cfg.http))?;
+    let http_addr = listener.local_addr()?;
+    let state = Arc::new(GatewayState {
+        cfg,
+        net,
+        table: RwLock::new(WorkerTable::default()),
+        client,
+        breakers: Mutex::new(HashMap::new()),
+    });
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(table_loop(state.clone(), events)));
+    let router = http::router(state.clone());
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "gateway HTTP server stopped");
+        }
+    }));
+    tracing::info!(url = %format!("http://{http_addr}/v1"), "gateway serving the OpenAI API");
+    Ok(RunningGateway {
+        http_addr,
+        state,
+        tasks,
+    })
+}
+
+async fn table_loop(state: Arc<GatewayState>, mut events: mpsc::Receiver<NetEvent>) {
+    while let Some(ev) = events.recv().await {
+        let Ok(mut t) = state.table.write() else { continue };
+        match ev {
+            NetEvent::Advert { source, data } => match Advert::decode(&data) {
+                Some(a) => t.on_advert(source, a),
+                None => metrics::counter!("troop_bad_adverts_total").increment(1),
+            },
+            NetEvent::Rtt { peer, rtt } => t.on_rtt(peer, rtt),
+            NetEvent::Connected(_) | NetEvent::Disconnected(_) => {}
+        }
+    }
+}
+
+/// Why a request could not be served (mapped to OpenAI-shaped errors).
+#[derive(Debug)]
+pub enum DispatchError {
+    /// No worker on the mesh has this model.
+    UnknownModel(String),
+    /// The coordinator refused the ticket for lack of credits.
+    PaymentRequired(String),
+    /// Rate limited by the coordinator.
+    RateLimited { message: String, retry_after: Option<u64> },
+    /// Every worker tried failed before the first token.
+    NoWorker(String),
+    /// The coordinator can't be reached.
+    Coordinator(String),
+}
+
+/// An answer in progress: the first frame already read, the rest on the stream.
+pub struct JobStream {
+    pub worker: PeerId,
+    pub first: Frame,
+    pub stream: libp2p::Stream,
+    state: Arc<GatewayState>,
+}
+
+impl Drop for JobStream {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.state.table.write() {
+            t.add_inflight(&self.worker, -1);
+        }
+    }
+}
+
+impl JobStream {
+    /// The next frame, or an error when the worker is gone or silent.
+    pub async fn next(&mut self, idle: Duration) -> Result<Option<Frame>, String> {
+        match tokio::time::timeout(idle, read_frame(&mut self.stream)).await {
+            Ok(Ok(f)) => Ok(f),
+            Ok(Err(e)) => Err(format!("the worker's stream broke: {e}")),
+            Err(_) => Err(format!("the worker sent nothing for {} s", idle.as_secs())),
+        }
+    }
+}
+
+impl GatewayState {
+    fn breaker_allows(&self, peer: &PeerId) -> bool {
+        let Ok(mut b) = self.breakers.lock() else { return true };
+        b.entry(*peer)
+            .or_insert_with(|| CircuitBreaker::new(SystemClock::default()))
+            .try_acquire()
+    }
+
+    fn breaker_record(&self, peer: &PeerId, ok: bool) {
+        if let Ok(mut b) = self.breakers.lock() {
+            let br = b.entry(*peer).or_insert_with(|| CircuitBreaker::new(SystemClock::default()));
+            if ok {
+                br.record_success();
+            } else {
+                br.record_failure();
+            }
+        }
+    }
+
+    /// Workers for `model`, from the table or else from the DHT.
+    pub async fn candidates(&self, model: &str) -> Vec<PeerId> {
+        let found = self.table.read().map(|t| t.candidates(model)).unwrap_or_default();
+        if !found.is_empty() {
+            return found;
+        }
+        let providers = tokio::time::timeout(DISCOVERY_TIMEOUT, self.net.find_providers(model_key(model)))
+            .await
+            .unwrap_or_default();
+        if let Ok(mut t) = self.table.write() {
+            for p in &providers {
+                t.on_provider(*p, model);
+            }
+            t.candidates(model)
+        } else {
+            providers
+        }
+    }
+
+    /// Finds a worker, buys a ticket, opens the stream and waits for the
+    /// first frame. A worker that refuses or fails before that is skipped
+    /// for the next (and counted by its breaker); when every candidate
+    /// failed, the round is retried after 1, 2 and 4 s.
+    pub async fn dispatch(self: &Arc<Self>, request: InferenceRequest) -> Result<JobStream, DispatchError> {
+        use backon::BackoffBuilder;
+        let mut delays = troop_protocol::policy::retry_policy().build();
+        let mut last_error = String::from("no worker answered");
+        let mut ever_found = false;
+        loop {
+            let candidates = self.candidates(&request.model).await;
+            ever_found |= !candidates.is_empty();
+            for worker in candidates {
+                if !self.breaker_allows(&worker) {
+                    continue;
+                }
+                match self.try_worker(worker, &request).await {
+                    Ok(job) => {
+                        self.breaker_record(&worker, true);
+                        return Ok(job);
+                    }
+                    Err(Attempt::Final(e)) => return Err(e),
+                    Err(Attempt::Next(reason)) => {
+                        tracing::info!(%worker, %reason, "worker skipped");
+                        self.breaker_record(&worker, false);
+                        last_error = reason;
+                    }
+                }
+            }
+            if !ever_found {
+                return Err(DispatchError::UnknownModel(request.model.clone()));
+            }
+            match delays.next() {
+                Some(d) => tokio::time::sleep(d).await,
+                None => return Err(DispatchError::NoWorker(last_error)),
+            }
+        }
+    }
+
+    async fn try_worker(self: &Arc<Self>, worker: PeerId, request: &InferenceRequest) -> Result<JobStream, Attempt> {
+        let auth = match self
+            .client
+            .authorize(&request.model, &worker.to_base58(), request.max_tokens)
+            .await
+        {
+            Ok(a) => a,
+            Err(ClientError::Refused { status: 402, message, .. }) => {
+                return Err(Attempt::Final(DispatchError::PaymentRequired(message)));
+            }
+            Err(ClientError::Refused { status: 429, message, retry_after, .. }) => {
+                return Err(Attempt::Final(DispatchError::RateLimited { message, retry_after }));
+            }
+            Err(ClientError::Transport(e)) => {
+                return Err(Attempt::Final(DispatchError::Coordinator(e)));
+            }
+            Err(e) => return Err(Attempt::Next(format!("no ticket: {e}"))),
+        };
+        let mut control = self.net.stream_control();
+        let open = tokio::time::timeout(
+            DISCOVERY_TIMEOUT,
+            control.open_stream(worker, StreamProtocol::new(INFER_PROTOCOL)),
+        )
+        .await;
+        let mut stream = match open {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(Attempt::Next(format!("could not open a stream: {e}"))),
+            Err(_) => return Err(Attempt::Next("opening a stream timed out".into())),
+        };
+        let frame = Frame::Request {
+            version: FRAME_VERSION,
+            ticket: auth.ticket,
+            request: request.clone(),
+        };
+        if let Err(e) = write_frame(&mut stream, &frame).await {
+            return Err(Attempt::Next(format!("could not send the request: {e}")));
+        }
+        if let Ok(mut t) = self.table.write() {
+            t.add_inflight(&worker, 1);
+        }
+        let mut job = JobStream {
+            worker,
+            first: Frame::Chunk { text: String::new() },
+            stream,
+            state: self.clone(),
+        };
+        match job.next(self.cfg.first_token_timeout).await {
+            Ok(Some(Frame::Error { code, message })) => {
+                let code = ErrorCode::from_number(code).map(|c| c.as_str()).unwrap_or("unknown");
+                Err(Attempt::Next(format!("worker refused ({code}): {message}")))
+            }
+            Ok(Some(first)) => {
+                job.first = first;
+                Ok(job)
+            }
+            Ok(None) => Err(Attempt::Next("the worker closed the stream".into())),
+            Err(e) => Err(Attempt::Next(e)),
+        }
+    }
+}
+
+enum Attempt {
+    Next(String),
+    Final(DispatchError),
+}

@@ -1,0 +1,248 @@
+//! The gateway's live table of workers, fed by gossip adverts, ping round
+//! trips and DHT lookups, and the rule that picks a worker.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use serde::Serialize;
+use troop_protocol::advert::Advert;
+
+/// Where we know a worker from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Gossip,
+    Dht,
+}
+
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub peer: PeerId,
+    pub advert: Option<Advert>,
+    pub models: Vec<String>,
+    pub source: Source,
+    pub seen: Instant,
+    pub ttl: Duration,
+    pub rtt: Option<Duration>,
+    /// Jobs this gateway has running on it right now (adverts lag behind).
+    pub local_inflight: u32,
+}
+
+/// One row of `troop models` and `GET /v1/models`.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerRow {
+    pub model: String,
+    pub peer_id: String,
+    pub source: Source,
+    pub queue_depth: u32,
+    pub active_jobs: u32,
+    pub max_jobs: u32,
+    pub ttft_ms: Option<f64>,
+    pub tokens_per_s: Option<f64>,
+    pub rtt_ms: Option<f64>,
+    pub hardware_multiplier: Option<f64>,
+    pub context_length: Option<u32>,
+    pub score: f64,
+}
+
+#[derive(Default)]
+pub struct WorkerTable {
+    entries: HashMap<PeerId, Entry>,
+    rtts: HashMap<PeerId, Duration>,
+}
+
+/// Default guesses before anything was measured.
+const DEFAULT_TTFT_MS: f64 = 150.0;
+const DEFAULT_RTT_MS: f64 = 5.0;
+const DHT_TTL: Duration = Duration::from_secs(60);
+
+impl WorkerTable {
+    pub fn on_advert(&mut self, source: PeerId, advert: Advert) {
+        // Only the worker itself may speak for its id (gossipsub has
+        // checked the signature of `source`).
+        if advert.peer_id != source.to_base58() {
+            return;
+        }
+        let ttl = Duration::from_millis(advert.ttl_ms.clamp(1_000, 600_000));
+        let models = advert.models.iter().map(|m| m.name.clone()).collect();
+        let inflight = self.entries.get(&source).map(|e| e.local_inflight).unwrap_or(0);
+        self.entries.insert(
+            source,
+            Entry {
+                peer: source,
+                advert: Some(advert),
+                models,
+                source: Source::Gossip,
+                seen: Instant::now(),
+                ttl,
+                rtt: self.rtts.get(&source).copied(),
+                local_inflight: inflight,
+            },
+        );
+    }
+
+    /// A provider found through the DHT (no advert, so no load figures).
+    pub fn on_provider(&mut self, peer: PeerId, model: &str) {
+        let rtt = self.rtts.get(&peer).copied();
+        let e = self.entries.entry(peer).or_insert_with(|| Entry {
+            peer,
+            advert: None,
+            models: Vec::new(),
+            source: Source::Dht,
+            seen: Instant::now(),
+            ttl: DHT_TTL,
+            rtt,
+            local_inflight: 0,
+        });
+        if !e.models.iter().any(|m| m == model) {
+            e.models.push(model.to_string());
+        }
+        if e.source == Source::Dht {
+            e.seen = Instant::now();
+        }
+    }
+
+    pub fn on_rtt(&mut self, peer: PeerId, rtt: Duration) {
+        self.rtts.insert(peer, rtt);
+        if let Some(e) = self.entries.get_mut(&peer) {
+            e.rtt = Some(rtt);
+        }
+    }
+
+    pub fn forget(&mut self, peer: &PeerId) {
+        self.entries.remove(peer);
+    }
+
+    pub fn add_inflight(&mut self, peer: &PeerId, delta: i32) {
+        if let Some(e) = self.entries.get_mut(peer) {
+            e.local_inflight = e.local_inflight.saturating_add_signed(delta);
+        }
+    }
+
+    fn live(&self) -> impl Iterator<Item = &Entry> {
+        let now = Instant::now();
+        self.entries.values().filter(move |e| now.duration_since(e.seen) <= e.ttl)
+    }
+
+    /// Lower is better: the expected wait for the first token.
+    ///
+    /// `rtt + ttft x (1 + jobs ahead)`, where `rtt` is our own ping round
+    /// trip to the worker, `ttft` its advertised recent time to first token,
+    /// and "jobs ahead" the larger of its advertised active jobs and the jobs
+    /// this gateway has running there (adverts lag by a few seconds). A
+    /// worker at its job cap would answer `busy`, so it goes last. With no
+    /// measurements yet, 5 ms and 150 ms stand in.
+    pub fn score(e: &Entry) -> f64 {
+        let rtt = e.rtt.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(DEFAULT_RTT_MS);
+        let (ttft, active, max) = match &e.advert {
+            Some(a) => (a.ttft_ms.unwrap_or(DEFAULT_TTFT_MS), a.active_jobs + a.queue_depth, a.max_jobs),
+            None => (DEFAULT_TTFT_MS, 0, u32::MAX),
+        };
+        let ahead = active.max(e.local_inflight);
+        let full = if ahead >= max { 1.0e6 } else { 0.0 };
+        rtt + ttft * (1.0 + f64::from(ahead)) + full
+    }
+
+    /// Workers serving `model`, best first.
+    pub fn candidates(&self, model: &str) -> Vec<PeerId> {
+        let mut v: Vec<(&Entry, f64)> = self
+            .live()
+            .filter(|e| e.models.iter().any(|m| m == model))
+            .map(|e| (e, Self::score(e)))
+            .collect();
+        v.sort_by(|a, b| a.1.total_cmp(&b.1));
+        v.into_iter().map(|(e, _)| e.peer).collect()
+    }
+
+    /// Every model on the mesh with its workers.
+    pub fn rows(&self) -> Vec<WorkerRow> {
+        let mut rows = Vec::new();
+        for e in self.live() {
+            for m in &e.models {
+                let a = e.advert.as_ref();
+                rows.push(WorkerRow {
+                    model: m.clone(),
+                    peer_id: e.peer.to_base58(),
+                    source: e.source,
+                    queue_depth: a.map(|a| a.queue_depth).unwrap_or(0),
+                    active_jobs: a.map(|a| a.active_jobs).unwrap_or(0),
+                    max_jobs: a.map(|a| a.max_jobs).unwrap_or(0),
+                    ttft_ms: a.and_then(|a| a.ttft_ms),
+                    tokens_per_s: a.and_then(|a| a.tokens_per_s),
+                    rtt_ms: e.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                    hardware_multiplier: a.map(|a| a.hardware_multiplier),
+                    context_length: a.and_then(|a| a.models.iter().find(|x| &x.name == m)).and_then(|x| x.context_length),
+                    score: Self::score(e),
+                });
+            }
+        }
+        rows.sort_by(|a, b| a.model.cmp(&b.model).then(a.score.total_cmp(&b.score)));
+        rows
+    }
+
+    pub fn models(&self) -> Vec<(String, usize)> {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for e in self.live() {
+            for m in &e.models {
+                *counts.entry(m.clone()).or_default() += 1;
+            }
+        }
+        let mut v: Vec<_> = counts.into_iter().collect();
+        v.sort();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use troop_protocol::advert::ModelAdvert;
+
+    fn advert(peer: &PeerId, ttft: f64, active: u32) -> Advert {
+        Advert {
+            peer_id: peer.to_base58(),
+            addresses: vec![],
+            models: vec![ModelAdvert { name: "m".into(), digest: None, context_length: None }],
+            queue_depth: 0,
+            active_jobs: active,
+            max_jobs: 4,
+            ttft_ms: Some(ttft),
+            tokens_per_s: None,
+            hardware_multiplier: 1.0,
+            ttl_ms: 10_000,
+            sent_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn picks_by_latency_and_load_not_at_random() {
+        let mut t = WorkerTable::default();
+        let fast = PeerId::random();
+        let slow = PeerId::random();
+        let busy = PeerId::random();
+        let full = PeerId::random();
+        t.on_advert(fast, advert(&fast, 50.0, 0));
+        t.on_advert(slow, advert(&slow, 400.0, 0));
+        t.on_advert(busy, advert(&busy, 50.0, 3));
+        t.on_advert(full, advert(&full, 10.0, 4));
+        assert_eq!(t.candidates("m"), vec![fast, busy, slow, full]);
+        // A slow network path counts too.
+        t.on_rtt(fast, Duration::from_millis(500));
+        assert_eq!(t.candidates("m")[0], busy);
+        // Our own in-flight jobs count before the adverts catch up.
+        t.add_inflight(&busy, 3);
+        t.add_inflight(&busy, 2);
+        assert_eq!(t.candidates("m").last(), Some(&full));
+        assert!(t.candidates("other").is_empty());
+    }
+
+    #[test]
+    fn adverts_for_someone_else_are_ignored() {
+        let mut t = WorkerTable::default();
+        let a = PeerId::random();
+        let b = PeerId::random();
+        t.on_advert(a, advert(&b, 1.0, 0));
+        assert!(t.candidates("m").is_empty());
+    }
+}

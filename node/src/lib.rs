@@ -1,0 +1,10 @@
+//! The `troop` node: worker and gateway roles on a libp2p mesh.
+
+pub mod commands;
+pub mod coordinator_client;
+pub mod frames_io;
+pub mod gateway;
+pub mod network;
+pub mod receipts;
+pub mod upstream;
+pub mod worker;

@@ -1,0 +1,106 @@
+//! The worker's receipt queue: every receipt is written to disk before it
+//! is sent, sent with retries and backoff, and removed only once the
+//! coordinator has taken it (or refused it for good). While the
+//! coordinator is away, receipts wait on disk; after a restart they are
+//! sent. The coordinator settles each job id once, so a receipt sent twice
+//! is still counted once.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use troop_protocol::receipt::Receipt;
+
+use crate::coordinator_client::{ClientError, CoordinatorClient};
+
+#[derive(Clone)]
+pub struct ReceiptQueue {
+    dir: PathBuf,
+    notify: Arc<Notify>,
+}
+
+impl ReceiptQueue {
+    pub fn open(dir: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir.join("rejected"))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            notify: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Writes the receipt durably (write to a temp file, fsync, rename).
+    pub fn enqueue(&self, r: &Receipt) -> std::io::Result<()> {
+        let safe: String = r
+            .job_id
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .take(64)
+            .collect();
+        let body = serde_json::to_vec(r).map_err(std::io::Error::other)?;
+        let tmp = self.dir.join(format!(".{safe}.tmp"));
+        std::fs::write(&tmp, &body)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, self.dir.join(format!("{safe}.json")))?;
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// Receipts waiting to be delivered.
+    pub fn pending(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Delivers queued receipts forever: at once when one is added, and
+    /// again with backoff (1 s doubling to 60 s) while the coordinator is
+    /// unreachable.
+    pub async fn run(self, client: CoordinatorClient, key: Arc<RwLock<Vec<u8>>>) {
+        let mut delay = Duration::from_secs(1);
+        loop {
+            let mut failed = false;
+            for path in self.pending() {
+                let Ok(body) = std::fs::read(&path) else { continue };
+                let k = key.read().map(|k| k.clone()).unwrap_or_default();
+                match client.submit_receipt(&k, body).await {
+                    Ok(s) => {
+                        tracing::info!(job = %s.job_id, outcome = %s.outcome, cost = s.cost, replayed = s.replayed, "receipt settled");
+                        let _ = std::fs::remove_file(&path);
+                        metrics::counter!("troop_receipts_delivered_total").increment(1);
+                    }
+                    Err(ClientError::Refused { status, message, .. })
+                        if matches!(status, 400 | 404 | 409 | 413 | 422) =>
+                    {
+                        tracing::warn!(status, %message, file = %path.display(), "receipt refused for good; kept under rejected/");
+                        if let Some(name) = path.file_name() {
+                            let _ = std::fs::rename(&path, self.dir.join("rejected").join(name));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "receipt not delivered yet; will retry");
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            if failed {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = self.notify.notified() => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(60));
+            } else {
+                delay = Duration::from_secs(1);
+                self.notify.notified().await;
+            }
+        }
+    }
+}

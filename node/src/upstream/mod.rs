@@ -1,0 +1,114 @@
+//! Upstream model servers in their two dialects: Ollama's native API
+//! (`/api/tags`, `/api/chat`, `/api/generate`, NDJSON) and the OpenAI API
+//! (`/v1/models`, `/v1/chat/completions`, `/v1/completions`, SSE). They know
+//! nothing of the mesh.
+//!
+//! Cancellation: a generation is a stream; dropping it drops the HTTP
+//! response, which closes the connection, which makes the server stop.
+
+pub mod ollama;
+pub mod openai;
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+use troop_protocol::advert::ModelAdvert;
+use troop_protocol::frames::{InferenceRequest, Usage};
+
+/// One piece of a generation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delta {
+    Text(String),
+    Done { usage: Usage, finish_reason: String },
+}
+
+/// Why the upstream failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    #[error("upstream answered {status}: {message}")]
+    Status { status: u16, message: String },
+    #[error("upstream sent something unreadable: {0}")]
+    Protocol(String),
+}
+
+pub type DeltaStream = Pin<Box<dyn Stream<Item = Result<Delta, UpstreamError>> + Send>>;
+
+/// Which API the upstream speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dialect {
+    Ollama,
+    Openai,
+}
+
+/// A model server.
+#[derive(Clone)]
+pub struct Upstream {
+    pub base: String,
+    pub dialect: Dialect,
+    http: reqwest::Client,
+}
+
+impl Upstream {
+    pub fn new(base: &str, dialect: Dialect) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(1024)
+            .build()
+            .unwrap_or_default();
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            dialect,
+            http,
+        }
+    }
+
+    /// Finds out which dialect `base` speaks (Ollama's `/api/tags` first,
+    /// then OpenAI's `/v1/models`).
+    pub async fn detect(base: &str) -> Result<Self, UpstreamError> {
+        let probe = Self::new(base, Dialect::Ollama);
+        if ollama::models(&probe.http, &probe.base).await.is_ok() {
+            return Ok(probe);
+        }
+        let probe = Self::new(base, Dialect::Openai);
+        match openai::models(&probe.http, &probe.base).await {
+            Ok(_) => Ok(probe),
+            Err(e) => Err(UpstreamError::Unreachable(format!(
+                "{base} answers neither /api/tags (Ollama) nor /v1/models (OpenAI): {e}"
+            ))),
+        }
+    }
+
+    pub async fn models(&self) -> Result<Vec<ModelAdvert>, UpstreamError> {
+        match self.dialect {
+            Dialect::Ollama => ollama::models(&self.http, &self.base).await,
+            Dialect::Openai => openai::models(&self.http, &self.base).await,
+        }
+    }
+
+    /// Starts a generation; the stream ends after one `Delta::Done`.
+    pub async fn generate(&self, req: &InferenceRequest) -> Result<DeltaStream, UpstreamError> {
+        match self.dialect {
+            Dialect::Ollama => ollama::generate(&self.http, &self.base, req).await,
+            Dialect::Openai => openai::generate(&self.http, &self.base, req).await,
+        }
+    }
+}
+
+pub(crate) fn unreachable(e: reqwest::Error) -> UpstreamError {
+    UpstreamError::Unreachable(e.to_string())
+}
+
+pub(crate) async fn check_status(resp: reqwest::Response) -> Result<reqwest::Response, UpstreamError> {
+    if resp.status().is_success() {
+        return Ok(resp);
+    }
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    Err(UpstreamError::Status {
+        status,
+        message: text.chars().take(300).collect(),
+    })
+}
