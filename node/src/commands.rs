@@ -9,7 +9,10 @@ use crate::gateway::table::{WorkerRow, WorkerTable};
 use crate::network::{self, NetConfig, NetEvent};
 
 /// Joins the mesh for `wait`, collecting adverts, and returns the table.
-pub async fn survey(bootstrap: Vec<Multiaddr>, wait: Duration) -> anyhow::Result<(Vec<WorkerRow>, network::NetStatus)> {
+pub async fn survey(
+    bootstrap: Vec<Multiaddr>,
+    wait: Duration,
+) -> anyhow::Result<(Vec<WorkerRow>, network::NetStatus)> {
     let mut cfg = NetConfig::new(troop_protocol::identity::generate());
     cfg.bootstrap = bootstrap;
     let (net, mut events) = network::spawn(cfg).await?;
@@ -34,7 +37,9 @@ pub async fn survey(bootstrap: Vec<Multiaddr>, wait: Duration) -> anyhow::Result
 
 pub fn print_models(rows: &[WorkerRow]) {
     if rows.is_empty() {
-        println!("no models found on the mesh (is a worker running, and did you pass --bootstrap?)");
+        println!(
+            "no models found on the mesh (is a worker running, and did you pass --bootstrap?)"
+        );
         return;
     }
     println!(
@@ -63,7 +68,11 @@ pub struct Check {
     pub advice: &'static str,
 }
 
-pub async fn doctor(bootstrap: Vec<Multiaddr>, coordinator: Option<String>, wait: Duration) -> anyhow::Result<Vec<Check>> {
+pub async fn doctor(
+    bootstrap: Vec<Multiaddr>,
+    coordinator: Option<String>,
+    wait: Duration,
+) -> anyhow::Result<Vec<Check>> {
     let started = Instant::now();
     let had_bootstrap = !bootstrap.is_empty();
     let (rows, st) = survey(bootstrap, wait).await?;
@@ -93,7 +102,11 @@ pub async fn doctor(bootstrap: Vec<Multiaddr>, coordinator: Option<String>, wait
         Check {
             name: "peers found",
             ok: !st.connected_peers.is_empty(),
-            detail: format!("{} connected, {} in the DHT routing table", st.connected_peers.len(), st.routing_table_peers),
+            detail: format!(
+                "{} connected, {} in the DHT routing table",
+                st.connected_peers.len(),
+                st.routing_table_peers
+            ),
             advice: if had_bootstrap {
                 "the bootstrap peers did not answer: check the address (it must end in /p2p/<PeerId>) and that the node runs"
             } else {
@@ -103,18 +116,28 @@ pub async fn doctor(bootstrap: Vec<Multiaddr>, coordinator: Option<String>, wait
         Check {
             name: "workers found",
             ok: !rows.is_empty(),
-            detail: format!("{} model entries from adverts after {:.1} s", rows.len(), started.elapsed().as_secs_f64()),
+            detail: format!(
+                "{} model entries from adverts after {:.1} s",
+                rows.len(),
+                started.elapsed().as_secs_f64()
+            ),
             advice: "no worker advert arrived: start a worker, or wait a few seconds and try again",
         },
     ];
     if let Some(url) = coordinator {
-        let client = crate::coordinator_client::CoordinatorClient::new(&url, troop_protocol::identity::generate());
+        let client = crate::coordinator_client::CoordinatorClient::new(
+            &url,
+            troop_protocol::identity::generate(),
+        );
         let res = client.health().await;
         checks.push(Check {
             name: "coordinator",
             ok: res.is_ok(),
             detail: match res {
-                Ok(v) => format!("{url} answers (key {})", v.get("kid").and_then(|k| k.as_str()).unwrap_or("?")),
+                Ok(v) => format!(
+                    "{url} answers (key {})",
+                    v.get("kid").and_then(|k| k.as_str()).unwrap_or("?")
+                ),
                 Err(e) => format!("{url}: {e}"),
             },
             advice: "check --coordinator (TROOP_COORDINATOR) and that the coordinator runs",

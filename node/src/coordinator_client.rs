@@ -87,7 +87,10 @@ impl CoordinatorClient {
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
-        let bytes = resp.bytes().await.map_err(|e| ClientError::Transport(e.to_string()))?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
         if (200..300).contains(&status) {
             return serde_json::from_slice(&bytes).map_err(|e| ClientError::Refused {
                 status,
@@ -98,7 +101,10 @@ impl CoordinatorClient {
         }
         let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
             Ok(b) => (Some(b.error.code), b.error.message),
-            Err(_) => (None, String::from_utf8_lossy(&bytes).chars().take(200).collect()),
+            Err(_) => (
+                None,
+                String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+            ),
         };
         Err(ClientError::Refused {
             status,
@@ -108,7 +114,11 @@ impl CoordinatorClient {
         })
     }
 
-    async fn signed_post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+    async fn signed_post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
         let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Transport(e.to_string()))?;
         let h = sign_request(&self.key, "POST", path, &bytes, unix_secs());
         let mut req = self
@@ -119,7 +129,10 @@ impl CoordinatorClient {
         for (k, v) in h.pairs() {
             req = req.header(k, v);
         }
-        let resp = req.send().await.map_err(|e| ClientError::Transport(e.to_string()))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
         Self::decode(resp).await
     }
 
@@ -148,11 +161,19 @@ impl CoordinatorClient {
         self.signed_post("/workers/register", req).await
     }
 
-    pub async fn heartbeat(&self, req: &HeartbeatRequest) -> Result<HeartbeatResponse, ClientError> {
+    pub async fn heartbeat(
+        &self,
+        req: &HeartbeatRequest,
+    ) -> Result<HeartbeatResponse, ClientError> {
         self.signed_post("/workers/heartbeat", req).await
     }
 
-    pub async fn authorize(&self, model: &str, worker: &str, max_tokens: Option<u32>) -> Result<AuthorizeResponse, ClientError> {
+    pub async fn authorize(
+        &self,
+        model: &str,
+        worker: &str,
+        max_tokens: Option<u32>,
+    ) -> Result<AuthorizeResponse, ClientError> {
         self.signed_post(
             "/authorize",
             &AuthorizeRequest {
@@ -165,7 +186,11 @@ impl CoordinatorClient {
     }
 
     /// Posts a receipt body (already serialized) with its HMAC.
-    pub async fn submit_receipt(&self, receipt_key: &[u8], body: Vec<u8>) -> Result<SettlementResponse, ClientError> {
+    pub async fn submit_receipt(
+        &self,
+        receipt_key: &[u8],
+        body: Vec<u8>,
+    ) -> Result<SettlementResponse, ClientError> {
         let ts = unix_secs();
         let mac = sign_receipt(receipt_key, ts, &body);
         let resp = self

@@ -4,7 +4,10 @@ use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use troop_protocol::frames::{self, Frame, FrameError};
 
 /// Writes one frame and flushes it.
-pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> Result<(), FrameError> {
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    frame: &Frame,
+) -> Result<(), FrameError> {
     let bytes = frames::encode(frame)?;
     w.write_all(&bytes).await?;
     w.flush().await?;
@@ -60,22 +63,48 @@ mod tests {
     #[tokio::test]
     async fn frames_round_trip_and_bad_input_is_refused() {
         let mut buf = Vec::new();
-        write_frame(&mut buf, &Frame::Chunk { text: "hi".into() }).await.expect("write");
-        write_frame(&mut buf, &Frame::Chunk { text: "there".into() }).await.expect("write");
+        write_frame(&mut buf, &Frame::Chunk { text: "hi".into() })
+            .await
+            .expect("write");
+        write_frame(
+            &mut buf,
+            &Frame::Chunk {
+                text: "there".into(),
+            },
+        )
+        .await
+        .expect("write");
         let mut r = Cursor::new(buf.clone());
-        assert_eq!(read_frame(&mut r).await.expect("read"), Some(Frame::Chunk { text: "hi".into() }));
-        assert_eq!(read_frame(&mut r).await.expect("read"), Some(Frame::Chunk { text: "there".into() }));
+        assert_eq!(
+            read_frame(&mut r).await.expect("read"),
+            Some(Frame::Chunk { text: "hi".into() })
+        );
+        assert_eq!(
+            read_frame(&mut r).await.expect("read"),
+            Some(Frame::Chunk {
+                text: "there".into()
+            })
+        );
         assert_eq!(read_frame(&mut r).await.expect("eof"), None);
 
         let mut truncated = Cursor::new(buf[..buf.len() - 2].to_vec());
         let _ = read_frame(&mut truncated).await.expect("first");
-        assert!(matches!(read_frame(&mut truncated).await, Err(FrameError::Truncated)));
+        assert!(matches!(
+            read_frame(&mut truncated).await,
+            Err(FrameError::Truncated)
+        ));
 
         // A length over the cap is refused before any body is read.
         let mut huge = Cursor::new(vec![0x7f, 0xff, 0xff, 0xff, 1, 2, 3]);
-        assert!(matches!(read_frame(&mut huge).await, Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            read_frame(&mut huge).await,
+            Err(FrameError::TooLarge(_))
+        ));
 
         let mut garbage = Cursor::new(vec![0, 0, 0, 3, 0xff, 0xfe, 0xfd]);
-        assert!(matches!(read_frame(&mut garbage).await, Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            read_frame(&mut garbage).await,
+            Err(FrameError::Malformed(_))
+        ));
     }
 }

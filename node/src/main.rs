@@ -42,7 +42,10 @@ impl MeshArgs {
     fn net(&self, key: libp2p::identity::Keypair) -> anyhow::Result<NetConfig> {
         let mut n = NetConfig::new(key);
         n.listen = if self.listen.is_empty() {
-            vec!["/ip4/0.0.0.0/tcp/0".parse()?, "/ip4/0.0.0.0/udp/0/quic-v1".parse()?]
+            vec![
+                "/ip4/0.0.0.0/tcp/0".parse()?,
+                "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
+            ]
         } else {
             self.listen.clone()
         };
@@ -144,6 +147,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p=warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Runtime::new() {
@@ -163,8 +167,12 @@ fn main() -> ExitCode {
 }
 
 fn read_identity(path: &std::path::Path) -> anyhow::Result<libp2p::identity::Keypair> {
-    troop_protocol::identity::read_keypair(path)
-        .with_context(|| format!("reading the identity (make one with `troop keygen --out {}`)", path.display()))
+    troop_protocol::identity::read_keypair(path).with_context(|| {
+        format!(
+            "reading the identity (make one with `troop keygen --out {}`)",
+            path.display()
+        )
+    })
 }
 
 async fn ctrl_c() {
@@ -199,14 +207,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .map(|p| p.join(format!("worker-{peer}")))
                     .unwrap_or_else(|| PathBuf::from(format!("worker-{peer}")))
             });
-            let mut cfg = worker::WorkerConfig::new(key.clone(), &coordinator, &upstream, state_dir);
+            let mut cfg =
+                worker::WorkerConfig::new(key.clone(), &coordinator, &upstream, state_dir);
             cfg.dialect = dialect;
             cfg.max_jobs = max_jobs.max(1);
             cfg.advert_interval = secs(advert_interval, "--advert-interval")?;
             cfg.heartbeat_interval = secs(heartbeat_interval, "--heartbeat-interval")?;
             cfg.net = mesh.net(key)?;
             if benchmark {
-                tracing::warn!("--benchmark: the proof of hardware is not built into this version yet; the multiplier stays 1.0");
+                tracing::warn!(
+                    "--benchmark: the proof of hardware is not built into this version yet; the multiplier stays 1.0"
+                );
             }
             tracing::info!(peer_id = %peer, "starting worker");
             let w = worker::start(cfg).await?;
@@ -233,7 +244,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Models { bootstrap, json, wait } => {
+        Cmd::Models {
+            bootstrap,
+            json,
+            wait,
+        } => {
             let (rows, _) = commands::survey(bootstrap, secs(wait, "--wait")?).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -250,13 +265,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let checks = commands::doctor(bootstrap, coordinator, secs(wait, "--wait")?).await?;
             let mut all_ok = true;
             for c in &checks {
-                println!("[{}] {:<22} {}", if c.ok { " ok " } else { "FAIL" }, c.name, c.detail);
+                println!(
+                    "[{}] {:<22} {}",
+                    if c.ok { " ok " } else { "FAIL" },
+                    c.name,
+                    c.detail
+                );
                 if !c.ok {
                     all_ok = false;
                     println!("       -> {}", c.advice);
                 }
             }
-            Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if all_ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
     }
 }

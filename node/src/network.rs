@@ -75,9 +75,15 @@ impl NetConfig {
 #[derive(Debug, Clone)]
 pub enum NetEvent {
     /// A gossipsub message on the advert topic (signature already checked).
-    Advert { source: PeerId, data: Vec<u8> },
+    Advert {
+        source: PeerId,
+        data: Vec<u8>,
+    },
     /// A ping round trip.
-    Rtt { peer: PeerId, rtt: Duration },
+    Rtt {
+        peer: PeerId,
+        rtt: Duration,
+    },
     Connected(PeerId),
     Disconnected(PeerId),
 }
@@ -159,7 +165,12 @@ impl NetworkHandle {
     /// before the answer comes. Empty when the DHT is off or finds nobody.
     pub async fn find_providers(&self, key: Vec<u8>) -> Vec<PeerId> {
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(Command::FindProviders { key, reply }).await.is_err() {
+        if self
+            .tx
+            .send(Command::FindProviders { key, reply })
+            .await
+            .is_err()
+        {
             return Vec::new();
         }
         rx.await.unwrap_or_default()
@@ -214,7 +225,8 @@ fn build_swarm(cfg: &NetConfig) -> anyhow::Result<Swarm<Behaviour>> {
             let kad = cfg.dht.then(|| {
                 let mut kc = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
                 kc.set_query_timeout(Duration::from_secs(5));
-                let mut k = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kc);
+                let mut k =
+                    kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kc);
                 // Serve the DHT even without a confirmed public address
                 // (home networks, loopback test meshes).
                 k.set_mode(Some(kad::Mode::Server));
@@ -227,8 +239,11 @@ fn build_swarm(cfg: &NetConfig) -> anyhow::Result<Swarm<Behaviour>> {
                     .max_transmit_size(64 * 1024)
                     .build()
                     .map_err(|e| anyhow::anyhow!("gossipsub config: {e}"))?;
-                let mut g = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gc)
-                    .map_err(|e| anyhow::anyhow!("gossipsub: {e}"))?;
+                let mut g = gossipsub::Behaviour::new(
+                    gossipsub::MessageAuthenticity::Signed(key.clone()),
+                    gc,
+                )
+                .map_err(|e| anyhow::anyhow!("gossipsub: {e}"))?;
                 g.with_peer_score(
                     gossipsub::PeerScoreParams::default(),
                     gossipsub::PeerScoreThresholds::default(),
@@ -240,7 +255,10 @@ fn build_swarm(cfg: &NetConfig) -> anyhow::Result<Swarm<Behaviour>> {
                 None
             };
             let mdns = if cfg.mdns {
-                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
+                Some(mdns::tokio::Behaviour::new(
+                    mdns::Config::default(),
+                    peer_id,
+                )?)
             } else {
                 None
             };
@@ -259,7 +277,9 @@ fn build_swarm(cfg: &NetConfig) -> anyhow::Result<Swarm<Behaviour>> {
                     identify::Config::new("/troop/id/1.0.0".into(), key.public())
                         .with_agent_version(format!("troop/{}", env!("CARGO_PKG_VERSION"))),
                 ),
-                ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5))),
+                ping: ping::Behaviour::new(
+                    ping::Config::new().with_interval(Duration::from_secs(5)),
+                ),
                 kad: Toggle::from(kad),
                 gossipsub: Toggle::from(gossipsub),
                 mdns: Toggle::from(mdns),
@@ -468,8 +488,16 @@ impl EventLoop {
             .listeners()
             .map(|a| with_p2p(a.clone(), peer_id).to_string())
             .collect();
-        let external_addrs = self.swarm.external_addresses().map(|a| a.to_string()).collect();
-        let connected_peers = self.swarm.connected_peers().map(|p| p.to_string()).collect();
+        let external_addrs = self
+            .swarm
+            .external_addresses()
+            .map(|a| a.to_string())
+            .collect();
+        let connected_peers = self
+            .swarm
+            .connected_peers()
+            .map(|p| p.to_string())
+            .collect();
         let routing_table_peers = self
             .swarm
             .behaviour_mut()
@@ -501,10 +529,11 @@ impl EventLoop {
             .lookups
             .get(&id)
             .is_some_and(|l| l.provider_query_done && l.unresolved.is_empty());
-        if done && let Some(mut l) = self.lookups.remove(&id) {
-            if let Some(reply) = l.reply.take() {
-                let _ = reply.send(l.found.into_iter().collect());
-            }
+        if done
+            && let Some(mut l) = self.lookups.remove(&id)
+            && let Some(reply) = l.reply.take()
+        {
+            let _ = reply.send(l.found.into_iter().collect());
         }
     }
 
@@ -512,13 +541,17 @@ impl EventLoop {
         match ev {
             kad::Event::OutboundQueryProgressed { id, result, .. } => match result {
                 QueryResult::GetProviders(res) => {
-                    let Some(&lookup) = self.provider_queries.get(&id) else { return };
+                    let Some(&lookup) = self.provider_queries.get(&id) else {
+                        return;
+                    };
                     match res {
                         Ok(GetProvidersOk::FoundProviders { providers, .. }) => {
                             let local = *self.swarm.local_peer_id();
                             for p in providers.into_iter().filter(|p| *p != local) {
                                 let connected = self.swarm.is_connected(&p);
-                                let Some(l) = self.lookups.get_mut(&lookup) else { break };
+                                let Some(l) = self.lookups.get_mut(&lookup) else {
+                                    break;
+                                };
                                 if !l.found.insert(p) {
                                     continue;
                                 }
@@ -551,7 +584,9 @@ impl EventLoop {
                     self.finish_lookup_if_done(lookup);
                 }
                 QueryResult::GetClosestPeers(res) => {
-                    let Some((lookup, target)) = self.closest_queries.remove(&id) else { return };
+                    let Some((lookup, target)) = self.closest_queries.remove(&id) else {
+                        return;
+                    };
                     let peers = match res {
                         Ok(GetClosestPeersOk { peers, .. }) => peers,
                         Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
@@ -569,7 +604,9 @@ impl EventLoop {
                     }
                     self.finish_lookup_if_done(lookup);
                 }
-                QueryResult::StartProviding(Err(e)) => tracing::debug!(error = %e, "providing not replicated yet"),
+                QueryResult::StartProviding(Err(e)) => {
+                    tracing::debug!(error = %e, "providing not replicated yet")
+                }
                 QueryResult::Bootstrap(Ok(_)) => {}
                 _ => {}
             },
@@ -603,17 +640,21 @@ impl EventLoop {
                     l.retain(|a| a != &address);
                 }
             }
-            SwarmEvent::ConnectionEstablished { peer_id, num_established, .. } => {
-                if num_established.get() == 1 {
-                    tracing::debug!(peer = %peer_id, "connected");
-                    self.emit(NetEvent::Connected(peer_id));
-                }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                num_established,
+                ..
+            } if num_established.get() == 1 => {
+                tracing::debug!(peer = %peer_id, "connected");
+                self.emit(NetEvent::Connected(peer_id));
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
-                if num_established == 0 {
-                    tracing::debug!(peer = %peer_id, "disconnected");
-                    self.emit(NetEvent::Disconnected(peer_id));
-                }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                tracing::debug!(peer = %peer_id, "disconnected");
+                self.emit(NetEvent::Disconnected(peer_id));
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, error = %error, "outgoing connection failed");
@@ -634,7 +675,11 @@ impl EventLoop {
                     }
                 }
             }
-            BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. }) => {
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            }) => {
                 self.emit(NetEvent::Rtt { peer, rtt });
             }
             BehaviourEvent::Kad(ev) => self.on_kad(ev),
@@ -663,7 +708,10 @@ impl EventLoop {
                 };
                 tracing::info!(status = %self.nat_status, "NAT status");
             }
-            BehaviourEvent::Relay(relay::client::Event::ReservationReqAccepted { relay_peer_id, .. }) => {
+            BehaviourEvent::Relay(relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                ..
+            }) => {
                 self.relay_reservations.insert(relay_peer_id.to_string());
                 tracing::info!(relay = %relay_peer_id, "relay reservation accepted");
             }

@@ -68,7 +68,9 @@ impl ReceiptQueue {
         loop {
             let mut failed = false;
             for path in self.pending() {
-                let Ok(body) = std::fs::read(&path) else { continue };
+                let Ok(body) = std::fs::read(&path) else {
+                    continue;
+                };
                 let k = key.read().map(|k| k.clone()).unwrap_or_default();
                 match client.submit_receipt(&k, body).await {
                     Ok(s) => {
@@ -76,9 +78,9 @@ impl ReceiptQueue {
                         let _ = std::fs::remove_file(&path);
                         metrics::counter!("troop_receipts_delivered_total").increment(1);
                     }
-                    Err(ClientError::Refused { status, message, .. })
-                        if matches!(status, 400 | 404 | 409 | 413 | 422) =>
-                    {
+                    Err(ClientError::Refused {
+                        status, message, ..
+                    }) if matches!(status, 400 | 404 | 409 | 413 | 422) => {
                         tracing::warn!(status, %message, file = %path.display(), "receipt refused for good; kept under rejected/");
                         if let Some(name) = path.file_name() {
                             let _ = std::fs::rename(&path, self.dir.join("rejected").join(name));

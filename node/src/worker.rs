@@ -110,6 +110,8 @@ struct Shared {
     jobs: Arc<Semaphore>,
     stats: Arc<WorkerStats>,
     net: NetworkHandle,
+    /// Cancelled by `kill`: every job task stops at once.
+    killed: tokio_util::sync::CancellationToken,
 }
 
 /// A running worker; dropping it leaves the tasks running, `kill` stops
@@ -125,6 +127,7 @@ pub struct RunningWorker {
 impl RunningWorker {
     /// Stops every task of this worker; its connections drop.
     pub fn kill(&mut self) {
+        self.shared.killed.cancel();
         for t in self.tasks.drain(..) {
             t.abort();
         }
@@ -215,7 +218,9 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
         addresses,
         version: Some(env!("CARGO_PKG_VERSION").into()),
     };
-    let reg = with_retries("registering with the coordinator", || client.register(&reg_req))
+    let reg = with_retries("registering with the coordinator", || {
+        client.register(&reg_req)
+    })
     .await
     .context("registering with the coordinator")?;
     let key = hex::decode(&reg.receipt_key).context("receipt key is not hex")?;
@@ -236,6 +241,7 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
         jobs: Arc::new(Semaphore::new(cfg.max_jobs)),
         stats: stats.clone(),
         net: net.clone(),
+        killed: tokio_util::sync::CancellationToken::new(),
         cfg,
     });
     let mut control = net.stream_control();
@@ -243,12 +249,13 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
         .accept(StreamProtocol::new(INFER_PROTOCOL))
         .map_err(|_| anyhow::anyhow!("{INFER_PROTOCOL} already registered"))?;
 
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(accept_loop(shared.clone(), incoming)));
-    tasks.push(tokio::spawn(advertise_loop(shared.clone())));
-    tasks.push(tokio::spawn(heartbeat_loop(shared.clone())));
-    tasks.push(tokio::spawn(refresh_models_loop(shared.clone())));
-    tasks.push(tokio::spawn(receipts.run(client, shared.receipt_key.clone())));
+    let tasks = vec![
+        tokio::spawn(accept_loop(shared.clone(), incoming)),
+        tokio::spawn(advertise_loop(shared.clone())),
+        tokio::spawn(heartbeat_loop(shared.clone())),
+        tokio::spawn(refresh_models_loop(shared.clone())),
+        tokio::spawn(receipts.run(client, shared.receipt_key.clone())),
+    ];
     Ok(RunningWorker {
         peer_id,
         net,
@@ -364,7 +371,9 @@ async fn heartbeat_loop(s: Arc<Shared>) {
                     .await
                 {
                     Ok(reg) => {
-                        if let (Ok(k), Ok(mut slot)) = (hex::decode(&reg.receipt_key), s.receipt_key.write()) {
+                        if let (Ok(k), Ok(mut slot)) =
+                            (hex::decode(&reg.receipt_key), s.receipt_key.write())
+                        {
                             *slot = k;
                         }
                         tracing::info!("registered again with the coordinator");
@@ -396,31 +405,59 @@ async fn accept_loop(s: Arc<Shared>, mut incoming: libp2p_stream::IncomingStream
     while let Some((peer, stream)) = incoming.next().await {
         let s = s.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_stream(s, peer, stream).await {
-                tracing::debug!(%peer, error = %e, "stream ended with an error");
+            let killed = s.killed.clone();
+            tokio::select! {
+                r = serve_stream(s, peer, stream) => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "stream ended with an error");
+                    }
+                }
+                _ = killed.cancelled() => {}
             }
         });
     }
 }
 
-async fn refuse(stream: &mut libp2p::Stream, code: ErrorCode, message: String) -> anyhow::Result<()> {
+async fn refuse(
+    stream: &mut libp2p::Stream,
+    code: ErrorCode,
+    message: String,
+) -> anyhow::Result<()> {
     metrics::counter!("troop_jobs_refused_total", "code" => code.as_str()).increment(1);
     write_frame(stream, &Frame::error(code, message)).await?;
     let _ = futures::AsyncWriteExt::close(stream).await;
     Ok(())
 }
 
-async fn serve_stream(s: Arc<Shared>, peer: PeerId, mut stream: libp2p::Stream) -> anyhow::Result<()> {
+async fn serve_stream(
+    s: Arc<Shared>,
+    peer: PeerId,
+    mut stream: libp2p::Stream,
+) -> anyhow::Result<()> {
     let first = tokio::time::timeout(Duration::from_secs(30), read_frame(&mut stream)).await;
     let (ticket, request) = match first {
-        Ok(Ok(Some(Frame::Request { ticket, request, .. }))) => (ticket, request),
-        Ok(Ok(Some(_))) => return refuse(&mut stream, ErrorCode::BadRequest, "expected a request frame".into()).await,
+        Ok(Ok(Some(Frame::Request {
+            ticket, request, ..
+        }))) => (ticket, request),
+        Ok(Ok(Some(_))) => {
+            return refuse(
+                &mut stream,
+                ErrorCode::BadRequest,
+                "expected a request frame".into(),
+            )
+            .await;
+        }
         Ok(Ok(None)) => return Ok(()),
         Ok(Err(e)) => {
             // Garbage, oversized or wrong-version frames reset the stream.
             tracing::debug!(%peer, error = %e, "bad frame; resetting the stream");
             if let troop_protocol::frames::FrameError::Version(v) = e {
-                let _ = refuse(&mut stream, ErrorCode::BadRequest, format!("unsupported frame version {v}")).await;
+                let _ = refuse(
+                    &mut stream,
+                    ErrorCode::BadRequest,
+                    format!("unsupported frame version {v}"),
+                )
+                .await;
             }
             return Ok(());
         }
@@ -434,7 +471,12 @@ async fn serve_stream(s: Arc<Shared>, peer: PeerId, mut stream: libp2p::Stream) 
         }
     };
     if claims.model != request.model {
-        return refuse(&mut stream, ErrorCode::BadRequest, "the ticket is for another model".into()).await;
+        return refuse(
+            &mut stream,
+            ErrorCode::BadRequest,
+            "the ticket is for another model".into(),
+        )
+        .await;
     }
     let served = s
         .models
@@ -442,10 +484,20 @@ async fn serve_stream(s: Arc<Shared>, peer: PeerId, mut stream: libp2p::Stream) 
         .map(|m| m.iter().any(|m| m.name == request.model))
         .unwrap_or(false);
     if !served {
-        return refuse(&mut stream, ErrorCode::UnknownModel, format!("this worker does not serve {}", request.model)).await;
+        return refuse(
+            &mut stream,
+            ErrorCode::UnknownModel,
+            format!("this worker does not serve {}", request.model),
+        )
+        .await;
     }
     let Ok(permit) = s.jobs.clone().try_acquire_owned() else {
-        return refuse(&mut stream, ErrorCode::Busy, "the worker is at its job limit".into()).await;
+        return refuse(
+            &mut stream,
+            ErrorCode::Busy,
+            "the worker is at its job limit".into(),
+        )
+        .await;
     };
     s.stats.active_jobs.fetch_add(1, Ordering::Relaxed);
     let started_ms = unix_ms();
@@ -492,7 +544,11 @@ async fn run_job(
         Ok(st) => st,
         Err(e) => {
             tracing::warn!(error = %e, "upstream failed");
-            let _ = write_frame(stream, &Frame::error(ErrorCode::UpstreamFailed, e.to_string())).await;
+            let _ = write_frame(
+                stream,
+                &Frame::error(ErrorCode::UpstreamFailed, e.to_string()),
+            )
+            .await;
             return Err(JobEnd::Failed(Default::default()));
         }
     };
@@ -503,7 +559,11 @@ async fn run_job(
         let next = match tokio::time::timeout_at(deadline, upstream.next()).await {
             Ok(n) => n,
             Err(_) => {
-                let _ = write_frame(stream, &Frame::error(ErrorCode::Timeout, "inference timed out")).await;
+                let _ = write_frame(
+                    stream,
+                    &Frame::error(ErrorCode::Timeout, "inference timed out"),
+                )
+                .await;
                 return Err(JobEnd::Failed(partial(chunks)));
             }
         };
@@ -517,12 +577,22 @@ async fn run_job(
                 // Backpressure: this waits while the gateway is not reading.
                 if write_frame(stream, &Frame::Chunk { text }).await.is_err() {
                     // The gateway hung up: dropping `upstream` stops the generation.
-                    tracing::info!(job = job_id, "client went away; upstream generation stopped");
+                    tracing::info!(
+                        job = job_id,
+                        "client went away; upstream generation stopped"
+                    );
                     return Err(JobEnd::Cancelled(partial(chunks)));
                 }
             }
-            Some(Ok(Delta::Done { usage, finish_reason })) => {
-                let usage = if usage.completion_tokens == 0 { partial(chunks).max_with(usage) } else { usage };
+            Some(Ok(Delta::Done {
+                usage,
+                finish_reason,
+            })) => {
+                let usage = if usage.completion_tokens == 0 {
+                    partial(chunks).max_with(usage)
+                } else {
+                    usage
+                };
                 if let Some(f) = first {
                     let secs = f.elapsed().as_secs_f64();
                     if secs > 0.0 && usage.completion_tokens > 1 {
@@ -542,11 +612,19 @@ async fn run_job(
             }
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "upstream failed mid-generation");
-                let _ = write_frame(stream, &Frame::error(ErrorCode::UpstreamFailed, e.to_string())).await;
+                let _ = write_frame(
+                    stream,
+                    &Frame::error(ErrorCode::UpstreamFailed, e.to_string()),
+                )
+                .await;
                 return Err(JobEnd::Failed(partial(chunks)));
             }
             None => {
-                let _ = write_frame(stream, &Frame::error(ErrorCode::UpstreamFailed, "upstream ended early")).await;
+                let _ = write_frame(
+                    stream,
+                    &Frame::error(ErrorCode::UpstreamFailed, "upstream ended early"),
+                )
+                .await;
                 return Err(JobEnd::Failed(partial(chunks)));
             }
         }
@@ -573,7 +651,10 @@ fn partial(chunks: u64) -> troop_protocol::frames::Usage {
     }
 }
 
-async fn verify_ticket(s: &Shared, token: &str) -> Result<troop_protocol::ticket::TicketClaims, TicketError> {
+async fn verify_ticket(
+    s: &Shared,
+    token: &str,
+) -> Result<troop_protocol::ticket::TicketClaims, TicketError> {
     let now = unix_secs();
     let mut v = s.verifier.lock().await;
     match v.verify(token, now) {

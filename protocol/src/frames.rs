@@ -139,7 +139,8 @@ pub fn body_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
 
 /// Decodes one frame body and checks a request's version.
 pub fn decode(body: &[u8]) -> Result<Frame, FrameError> {
-    let frame: Frame = ciborium::from_reader(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let frame: Frame =
+        ciborium::from_reader(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
     if let Frame::Request { version, .. } = &frame
         && *version != FRAME_VERSION
     {
@@ -164,20 +165,28 @@ mod tests {
             proptest::collection::vec(".{0,4}", 0..3),
             proptest::option::of(any::<i64>()),
         )
-            .prop_map(|(model, chat, msgs, prompt, max_tokens, temperature, stop, seed)| InferenceRequest {
-                model,
-                kind: if chat { RequestKind::Chat } else { RequestKind::Completion },
-                messages: msgs
-                    .into_iter()
-                    .map(|(role, content)| ChatMessage { role, content })
-                    .collect(),
-                prompt,
-                max_tokens,
-                temperature,
-                top_p: None,
-                stop,
-                seed,
-            })
+            .prop_map(
+                |(model, chat, msgs, prompt, max_tokens, temperature, stop, seed)| {
+                    InferenceRequest {
+                        model,
+                        kind: if chat {
+                            RequestKind::Chat
+                        } else {
+                            RequestKind::Completion
+                        },
+                        messages: msgs
+                            .into_iter()
+                            .map(|(role, content)| ChatMessage { role, content })
+                            .collect(),
+                        prompt,
+                        max_tokens,
+                        temperature,
+                        top_p: None,
+                        stop,
+                        seed,
+                    }
+                },
+            )
     }
 
     fn frame() -> impl Strategy<Value = Frame> {
@@ -188,13 +197,15 @@ mod tests {
                 request
             }),
             ".{0,100}".prop_map(|text| Frame::Chunk { text }),
-            (".{0,32}", any::<u64>(), any::<u64>(), ".{0,10}").prop_map(|(job_id, p, c, f)| Frame::Done {
-                job_id,
-                usage: Usage {
-                    prompt_tokens: p,
-                    completion_tokens: c
-                },
-                finish_reason: f
+            (".{0,32}", any::<u64>(), any::<u64>(), ".{0,10}").prop_map(|(job_id, p, c, f)| {
+                Frame::Done {
+                    job_id,
+                    usage: Usage {
+                        prompt_tokens: p,
+                        completion_tokens: c,
+                    },
+                    finish_reason: f,
+                }
             }),
             (any::<u16>(), ".{0,50}").prop_map(|(code, message)| Frame::Error { code, message }),
         ]
@@ -218,8 +229,13 @@ mod tests {
     #[test]
     fn caps_and_versions_are_enforced() {
         assert!(matches!(body_len([0, 0, 0, 0]), Err(FrameError::Empty)));
-        assert!(matches!(body_len([0xff, 0xff, 0xff, 0xff]), Err(FrameError::TooLarge(_))));
-        let big = Frame::Chunk { text: "x".repeat(MAX_FRAME_BYTES + 1) };
+        assert!(matches!(
+            body_len([0xff, 0xff, 0xff, 0xff]),
+            Err(FrameError::TooLarge(_))
+        ));
+        let big = Frame::Chunk {
+            text: "x".repeat(MAX_FRAME_BYTES + 1),
+        };
         assert!(matches!(encode(&big), Err(FrameError::TooLarge(_))));
         let mut req = encode(&Frame::Request {
             version: 2,

@@ -2,6 +2,10 @@
 //! `POST /v1/chat/completions`, `POST /v1/completions`, streaming
 //! (`text/event-stream`, `data: {...}`, `data: [DONE]`) and not.
 
+// Parsers return a ready error `Response` (the OpenAI-shaped body) as their
+// error; it is built once per refused request, so its size does not matter.
+#![allow(clippy::result_large_err)]
+
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -22,24 +26,51 @@ pub fn router(state: Arc<GatewayState>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
-        .route("/health", get(|| async { axum::Json(json!({"status": "ok"})) }))
-        .fallback(|| async { oai_error(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "no such endpoint", None) })
-        .layer(tower_http::limit::RequestBodyLimitLayer::new(4 * 1024 * 1024))
+        .route(
+            "/health",
+            get(|| async { axum::Json(json!({"status": "ok"})) }),
+        )
+        .fallback(|| async {
+            oai_error(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "not_found",
+                "no such endpoint",
+                None,
+            )
+        })
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            4 * 1024 * 1024,
+        ))
         .with_state(state)
 }
 
 /// An error in OpenAI's shape.
-pub fn oai_error(status: StatusCode, kind: &str, code: &str, message: &str, retry_after: Option<u64>) -> Response {
-    let body = json!({ "error": { "message": message, "type": kind, "param": null, "code": code } });
+pub fn oai_error(
+    status: StatusCode,
+    kind: &str,
+    code: &str,
+    message: &str,
+    retry_after: Option<u64>,
+) -> Response {
+    let body =
+        json!({ "error": { "message": message, "type": kind, "param": null, "code": code } });
     let mut resp = (status, axum::Json(body)).into_response();
     if let Some(s) = retry_after {
-        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s.max(1)));
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(s.max(1)));
     }
     resp
 }
 
 fn bad_request(message: impl AsRef<str>) -> Response {
-    oai_error(StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_request", message.as_ref(), None)
+    oai_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        "invalid_request",
+        message.as_ref(),
+        None,
+    )
 }
 
 fn dispatch_error(e: DispatchError) -> Response {
@@ -58,9 +89,16 @@ fn dispatch_error(e: DispatchError) -> Response {
             &format!("not enough credits: {msg}"),
             None,
         ),
-        DispatchError::RateLimited { message, retry_after } => {
-            oai_error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "rate_limited", &message, retry_after)
-        }
+        DispatchError::RateLimited {
+            message,
+            retry_after,
+        } => oai_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "rate_limited",
+            &message,
+            retry_after,
+        ),
         DispatchError::NoWorker(msg) => oai_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
@@ -96,7 +134,9 @@ fn now_secs() -> u64 {
 
 /// Options common to both endpoints.
 fn parse_common(v: &Value, kind: RequestKind) -> Result<(InferenceRequest, bool, bool), Response> {
-    let obj = v.as_object().ok_or_else(|| bad_request("the body must be a JSON object"))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad_request("the body must be a JSON object"))?;
     let model = match obj.get("model") {
         Some(Value::String(m)) if !m.is_empty() && m.len() <= 256 => m.clone(),
         Some(_) => return Err(bad_request("`model` must be a non-empty string")),
@@ -112,7 +152,10 @@ fn parse_common(v: &Value, kind: RequestKind) -> Result<(InferenceRequest, bool,
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let max_tokens = match obj.get("max_completion_tokens").or_else(|| obj.get("max_tokens")) {
+    let max_tokens = match obj
+        .get("max_completion_tokens")
+        .or_else(|| obj.get("max_tokens"))
+    {
         None | Some(Value::Null) => None,
         Some(v) => Some(
             v.as_u64()
@@ -178,7 +221,8 @@ fn content_text(v: &Value) -> Option<String> {
 }
 
 fn parse_json(body: &Bytes) -> Result<Value, Response> {
-    serde_json::from_slice(body).map_err(|e| bad_request(format!("the body is not valid JSON: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| bad_request(format!("the body is not valid JSON: {e}")))
 }
 
 async fn chat(State(state): State<Arc<GatewayState>>, body: Bytes) -> Response {
@@ -190,18 +234,32 @@ async fn chat(State(state): State<Arc<GatewayState>>, body: Bytes) -> Response {
         Ok(x) => x,
         Err(r) => return r,
     };
-    let Some(msgs) = v.get("messages").and_then(Value::as_array).filter(|m| !m.is_empty()) else {
+    let Some(msgs) = v
+        .get("messages")
+        .and_then(Value::as_array)
+        .filter(|m| !m.is_empty())
+    else {
         return bad_request("`messages` must be a non-empty array");
     };
     for m in msgs {
         let role = m.get("role").and_then(Value::as_str);
         let content = m.get("content").and_then(content_text);
         match (role, content) {
-            (Some(r @ ("system" | "user" | "assistant" | "developer" | "tool")), Some(c)) => req.messages.push(ChatMessage {
-                role: if r == "developer" { "system".into() } else { r.into() },
-                content: c,
-            }),
-            _ => return bad_request("each message needs a `role` (system, user or assistant) and text `content`"),
+            (Some(r @ ("system" | "user" | "assistant" | "developer" | "tool")), Some(c)) => {
+                req.messages.push(ChatMessage {
+                    role: if r == "developer" {
+                        "system".into()
+                    } else {
+                        r.into()
+                    },
+                    content: c,
+                })
+            }
+            _ => {
+                return bad_request(
+                    "each message needs a `role` (system, user or assistant) and text `content`",
+                );
+            }
         }
     }
     run(state, req, stream, include_usage).await
@@ -218,7 +276,9 @@ async fn completions(State(state): State<Arc<GatewayState>>, body: Bytes) -> Res
     };
     let prompt = match v.get("prompt") {
         Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+            a[0].as_str().unwrap_or_default().to_string()
+        }
         Some(_) => return bad_request("`prompt` must be a string (one prompt per request)"),
         None => return bad_request("missing required field `prompt`"),
     };
@@ -247,8 +307,10 @@ impl Shape {
                 json!({ "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                         "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] })
             }
-            RequestKind::Completion => json!({ "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                        "choices": [{ "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish }] }),
+            RequestKind::Completion => {
+                json!({ "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                        "choices": [{ "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish }] })
+            }
         }
     }
 
@@ -267,12 +329,16 @@ impl Shape {
 
     fn whole(&self, text: &str, finish: &str, u: &Usage) -> Value {
         match self.kind {
-            RequestKind::Chat => json!({ "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+            RequestKind::Chat => {
+                json!({ "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": finish }],
-                "usage": Self::usage(u) }),
-            RequestKind::Completion => json!({ "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "usage": Self::usage(u) })
+            }
+            RequestKind::Completion => {
+                json!({ "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": [{ "index": 0, "text": text, "logprobs": null, "finish_reason": finish }],
-                "usage": Self::usage(u) }),
+                "usage": Self::usage(u) })
+            }
         }
     }
 }
@@ -281,7 +347,12 @@ fn lost_event(message: &str) -> Value {
     json!({ "error": { "message": message, "type": "server_error", "param": null, "code": "worker_lost" } })
 }
 
-async fn run(state: Arc<GatewayState>, req: InferenceRequest, stream: bool, include_usage: bool) -> Response {
+async fn run(
+    state: Arc<GatewayState>,
+    req: InferenceRequest,
+    stream: bool,
+    include_usage: bool,
+) -> Response {
     let kind = req.kind;
     let model = req.model.clone();
     let mut job = match state.dispatch(req).await {
@@ -345,33 +416,70 @@ async fn run(state: Arc<GatewayState>, req: InferenceRequest, stream: bool, incl
             }
         }
     };
-    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 async fn collect(mut job: JobStream, shape: Shape, idle: std::time::Duration) -> Response {
     let mut text = String::new();
-    let mut frame = Some(std::mem::replace(&mut job.first, Frame::Chunk { text: String::new() }));
+    let mut frame = Some(std::mem::replace(
+        &mut job.first,
+        Frame::Chunk {
+            text: String::new(),
+        },
+    ));
     loop {
         let f = match frame.take() {
             Some(f) => f,
             None => match job.next(idle).await {
                 Ok(Some(f)) => f,
                 Ok(None) => {
-                    return oai_error(StatusCode::BAD_GATEWAY, "server_error", "worker_lost", "the worker closed the stream early", None);
+                    return oai_error(
+                        StatusCode::BAD_GATEWAY,
+                        "server_error",
+                        "worker_lost",
+                        "the worker closed the stream early",
+                        None,
+                    );
                 }
-                Err(e) => return oai_error(StatusCode::BAD_GATEWAY, "server_error", "worker_lost", &e, None),
+                Err(e) => {
+                    return oai_error(
+                        StatusCode::BAD_GATEWAY,
+                        "server_error",
+                        "worker_lost",
+                        &e,
+                        None,
+                    );
+                }
             },
         };
         match f {
             Frame::Chunk { text: t } => text.push_str(&t),
-            Frame::Done { usage, finish_reason, .. } => {
+            Frame::Done {
+                usage,
+                finish_reason,
+                ..
+            } => {
                 return axum::Json(shape.whole(&text, &finish_reason, &usage)).into_response();
             }
             Frame::Error { message, .. } => {
-                return oai_error(StatusCode::BAD_GATEWAY, "server_error", "worker_failed", &message, None);
+                return oai_error(
+                    StatusCode::BAD_GATEWAY,
+                    "server_error",
+                    "worker_failed",
+                    &message,
+                    None,
+                );
             }
             Frame::Request { .. } => {
-                return oai_error(StatusCode::BAD_GATEWAY, "server_error", "worker_lost", "unexpected frame", None);
+                return oai_error(
+                    StatusCode::BAD_GATEWAY,
+                    "server_error",
+                    "worker_lost",
+                    "unexpected frame",
+                    None,
+                );
             }
         }
     }

@@ -116,17 +116,46 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
 }
 
 async fn table_loop(state: Arc<GatewayState>, mut events: mpsc::Receiver<NetEvent>) {
+    let mut known_addrs: HashMap<PeerId, Vec<String>> = HashMap::new();
     while let Some(ev) = events.recv().await {
-        let Ok(mut t) = state.table.write() else { continue };
         match ev {
             NetEvent::Advert { source, data } => match Advert::decode(&data) {
-                Some(a) => t.on_advert(source, a),
+                Some(a) => {
+                    // Adverts carry the worker's addresses: the way to reach
+                    // it when it is not a direct neighbour and the DHT is off.
+                    let fresh = known_addrs.get(&source) != Some(&a.addresses);
+                    let addrs = a.addresses.clone();
+                    if let Ok(mut t) = state.table.write() {
+                        t.on_advert(source, a);
+                    }
+                    if fresh && a_peer_matches(&source, &addrs) {
+                        for addr in addrs
+                            .iter()
+                            .filter_map(|s| s.parse::<libp2p::Multiaddr>().ok())
+                        {
+                            state.net.add_address(source, addr).await;
+                        }
+                        known_addrs.insert(source, addrs);
+                    }
+                }
                 None => metrics::counter!("troop_bad_adverts_total").increment(1),
             },
-            NetEvent::Rtt { peer, rtt } => t.on_rtt(peer, rtt),
+            NetEvent::Rtt { peer, rtt } => {
+                if let Ok(mut t) = state.table.write() {
+                    t.on_rtt(peer, rtt);
+                }
+            }
             NetEvent::Connected(_) | NetEvent::Disconnected(_) => {}
         }
     }
+}
+
+/// Addresses in an advert must name the advertiser (or no one).
+fn a_peer_matches(source: &PeerId, addrs: &[String]) -> bool {
+    addrs
+        .iter()
+        .filter_map(|s| s.parse::<libp2p::Multiaddr>().ok())
+        .all(|a| crate::network::peer_of(&a).is_none_or(|p| p == *source))
 }
 
 /// Why a request could not be served (mapped to OpenAI-shaped errors).
@@ -137,7 +166,10 @@ pub enum DispatchError {
     /// The coordinator refused the ticket for lack of credits.
     PaymentRequired(String),
     /// Rate limited by the coordinator.
-    RateLimited { message: String, retry_after: Option<u64> },
+    RateLimited {
+        message: String,
+        retry_after: Option<u64>,
+    },
     /// Every worker tried failed before the first token.
     NoWorker(String),
     /// The coordinator can't be reached.
@@ -173,7 +205,9 @@ impl JobStream {
 
 impl GatewayState {
     fn breaker_allows(&self, peer: &PeerId) -> bool {
-        let Ok(mut b) = self.breakers.lock() else { return true };
+        let Ok(mut b) = self.breakers.lock() else {
+            return true;
+        };
         b.entry(*peer)
             .or_insert_with(|| CircuitBreaker::new(SystemClock::default()))
             .try_acquire()
@@ -181,7 +215,9 @@ impl GatewayState {
 
     fn breaker_record(&self, peer: &PeerId, ok: bool) {
         if let Ok(mut b) = self.breakers.lock() {
-            let br = b.entry(*peer).or_insert_with(|| CircuitBreaker::new(SystemClock::default()));
+            let br = b
+                .entry(*peer)
+                .or_insert_with(|| CircuitBreaker::new(SystemClock::default()));
             if ok {
                 br.record_success();
             } else {
@@ -192,13 +228,18 @@ impl GatewayState {
 
     /// Workers for `model`, from the table or else from the DHT.
     pub async fn candidates(&self, model: &str) -> Vec<PeerId> {
-        let found = self.table.read().map(|t| t.candidates(model)).unwrap_or_default();
+        let found = self
+            .table
+            .read()
+            .map(|t| t.candidates(model))
+            .unwrap_or_default();
         if !found.is_empty() {
             return found;
         }
-        let providers = tokio::time::timeout(DISCOVERY_TIMEOUT, self.net.find_providers(model_key(model)))
-            .await
-            .unwrap_or_default();
+        let providers =
+            tokio::time::timeout(DISCOVERY_TIMEOUT, self.net.find_providers(model_key(model)))
+                .await
+                .unwrap_or_default();
         if let Ok(mut t) = self.table.write() {
             for p in &providers {
                 t.on_provider(*p, model);
@@ -213,7 +254,10 @@ impl GatewayState {
     /// first frame. A worker that refuses or fails before that is skipped
     /// for the next (and counted by its breaker); when every candidate
     /// failed, the round is retried after 1, 2 and 4 s.
-    pub async fn dispatch(self: &Arc<Self>, request: InferenceRequest) -> Result<JobStream, DispatchError> {
+    pub async fn dispatch(
+        self: &Arc<Self>,
+        request: InferenceRequest,
+    ) -> Result<JobStream, DispatchError> {
         use backon::BackoffBuilder;
         let mut delays = troop_protocol::policy::retry_policy().build();
         let mut last_error = String::from("no worker answered");
@@ -248,18 +292,34 @@ impl GatewayState {
         }
     }
 
-    async fn try_worker(self: &Arc<Self>, worker: PeerId, request: &InferenceRequest) -> Result<JobStream, Attempt> {
+    async fn try_worker(
+        self: &Arc<Self>,
+        worker: PeerId,
+        request: &InferenceRequest,
+    ) -> Result<JobStream, Attempt> {
         let auth = match self
             .client
             .authorize(&request.model, &worker.to_base58(), request.max_tokens)
             .await
         {
             Ok(a) => a,
-            Err(ClientError::Refused { status: 402, message, .. }) => {
+            Err(ClientError::Refused {
+                status: 402,
+                message,
+                ..
+            }) => {
                 return Err(Attempt::Final(DispatchError::PaymentRequired(message)));
             }
-            Err(ClientError::Refused { status: 429, message, retry_after, .. }) => {
-                return Err(Attempt::Final(DispatchError::RateLimited { message, retry_after }));
+            Err(ClientError::Refused {
+                status: 429,
+                message,
+                retry_after,
+                ..
+            }) => {
+                return Err(Attempt::Final(DispatchError::RateLimited {
+                    message,
+                    retry_after,
+                }));
             }
             Err(ClientError::Transport(e)) => {
                 return Err(Attempt::Final(DispatchError::Coordinator(e)));
@@ -290,13 +350,17 @@ impl GatewayState {
         }
         let mut job = JobStream {
             worker,
-            first: Frame::Chunk { text: String::new() },
+            first: Frame::Chunk {
+                text: String::new(),
+            },
             stream,
             state: self.clone(),
         };
         match job.next(self.cfg.first_token_timeout).await {
             Ok(Some(Frame::Error { code, message })) => {
-                let code = ErrorCode::from_number(code).map(|c| c.as_str()).unwrap_or("unknown");
+                let code = ErrorCode::from_number(code)
+                    .map(|c| c.as_str())
+                    .unwrap_or("unknown");
                 Err(Attempt::Next(format!("worker refused ({code}): {message}")))
             }
             Ok(Some(first)) => {

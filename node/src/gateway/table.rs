@@ -66,7 +66,11 @@ impl WorkerTable {
         }
         let ttl = Duration::from_millis(advert.ttl_ms.clamp(1_000, 600_000));
         let models = advert.models.iter().map(|m| m.name.clone()).collect();
-        let inflight = self.entries.get(&source).map(|e| e.local_inflight).unwrap_or(0);
+        let inflight = self
+            .entries
+            .get(&source)
+            .map(|e| e.local_inflight)
+            .unwrap_or(0);
         self.entries.insert(
             source,
             Entry {
@@ -122,7 +126,9 @@ impl WorkerTable {
 
     fn live(&self) -> impl Iterator<Item = &Entry> {
         let now = Instant::now();
-        self.entries.values().filter(move |e| now.duration_since(e.seen) <= e.ttl)
+        self.entries
+            .values()
+            .filter(move |e| now.duration_since(e.seen) <= e.ttl)
     }
 
     /// Lower is better: the expected wait for the first token.
@@ -134,9 +140,16 @@ impl WorkerTable {
     /// worker at its job cap would answer `busy`, so it goes last. With no
     /// measurements yet, 5 ms and 150 ms stand in.
     pub fn score(e: &Entry) -> f64 {
-        let rtt = e.rtt.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(DEFAULT_RTT_MS);
+        let rtt = e
+            .rtt
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .unwrap_or(DEFAULT_RTT_MS);
         let (ttft, active, max) = match &e.advert {
-            Some(a) => (a.ttft_ms.unwrap_or(DEFAULT_TTFT_MS), a.active_jobs + a.queue_depth, a.max_jobs),
+            Some(a) => (
+                a.ttft_ms.unwrap_or(DEFAULT_TTFT_MS),
+                a.active_jobs + a.queue_depth,
+                a.max_jobs,
+            ),
             None => (DEFAULT_TTFT_MS, 0, u32::MAX),
         };
         let ahead = active.max(e.local_inflight);
@@ -172,7 +185,9 @@ impl WorkerTable {
                     tokens_per_s: a.and_then(|a| a.tokens_per_s),
                     rtt_ms: e.rtt.map(|d| d.as_secs_f64() * 1000.0),
                     hardware_multiplier: a.map(|a| a.hardware_multiplier),
-                    context_length: a.and_then(|a| a.models.iter().find(|x| &x.name == m)).and_then(|x| x.context_length),
+                    context_length: a
+                        .and_then(|a| a.models.iter().find(|x| &x.name == m))
+                        .and_then(|x| x.context_length),
                     score: Self::score(e),
                 });
             }
@@ -203,7 +218,11 @@ mod tests {
         Advert {
             peer_id: peer.to_base58(),
             addresses: vec![],
-            models: vec![ModelAdvert { name: "m".into(), digest: None, context_length: None }],
+            models: vec![ModelAdvert {
+                name: "m".into(),
+                digest: None,
+                context_length: None,
+            }],
             queue_depth: 0,
             active_jobs: active,
             max_jobs: 4,

@@ -101,7 +101,9 @@ pub(crate) fn unreachable(e: reqwest::Error) -> UpstreamError {
     UpstreamError::Unreachable(e.to_string())
 }
 
-pub(crate) async fn check_status(resp: reqwest::Response) -> Result<reqwest::Response, UpstreamError> {
+pub(crate) async fn check_status(
+    resp: reqwest::Response,
+) -> Result<reqwest::Response, UpstreamError> {
     if resp.status().is_success() {
         return Ok(resp);
     }

@@ -17,7 +17,11 @@ pub async fn models(http: &reqwest::Client, base: &str) -> Result<Vec<ModelAdver
         .send()
         .await
         .map_err(unreachable)?;
-    let v: Value = check_status(resp).await?.json().await.map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+    let v: Value = check_status(resp)
+        .await?
+        .json()
+        .await
+        .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
     let list = v
         .get("models")
         .and_then(Value::as_array)
@@ -25,7 +29,11 @@ pub async fn models(http: &reqwest::Client, base: &str) -> Result<Vec<ModelAdver
     Ok(list
         .iter()
         .filter_map(|m| {
-            let name = m.get("name").or_else(|| m.get("model"))?.as_str()?.to_string();
+            let name = m
+                .get("name")
+                .or_else(|| m.get("model"))?
+                .as_str()?
+                .to_string();
             Some(ModelAdvert {
                 name,
                 digest: m.get("digest").and_then(Value::as_str).map(String::from),
@@ -74,7 +82,11 @@ fn body(req: &InferenceRequest) -> (&'static str, Value) {
     }
 }
 
-pub async fn generate(http: &reqwest::Client, base: &str, req: &InferenceRequest) -> Result<DeltaStream, UpstreamError> {
+pub async fn generate(
+    http: &reqwest::Client,
+    base: &str,
+    req: &InferenceRequest,
+) -> Result<DeltaStream, UpstreamError> {
     let (path, b) = body(req);
     let resp = http
         .post(format!("{base}{path}"))

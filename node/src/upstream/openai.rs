@@ -15,7 +15,11 @@ pub async fn models(http: &reqwest::Client, base: &str) -> Result<Vec<ModelAdver
         .send()
         .await
         .map_err(unreachable)?;
-    let v: Value = check_status(resp).await?.json().await.map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+    let v: Value = check_status(resp)
+        .await?
+        .json()
+        .await
+        .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
     let data = v
         .get("data")
         .and_then(Value::as_array)
@@ -74,7 +78,11 @@ fn body(req: &InferenceRequest) -> (String, Value) {
     (path.to_string(), b)
 }
 
-pub async fn generate(http: &reqwest::Client, base: &str, req: &InferenceRequest) -> Result<DeltaStream, UpstreamError> {
+pub async fn generate(
+    http: &reqwest::Client,
+    base: &str,
+    req: &InferenceRequest,
+) -> Result<DeltaStream, UpstreamError> {
     let (path, b) = body(req);
     let resp = http
         .post(format!("{base}{path}"))

@@ -1,0 +1,424 @@
+//! Test harness: a fake model server in both dialects, and `TestNet`, which
+//! starts a real coordinator (SQLite in a temp dir), real workers and a
+//! gateway on loopback, with capped waits.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use libp2p::Multiaddr;
+use serde_json::{Value, json};
+use troop_coordinator::{Config, RunningCoordinator};
+use troop_node::gateway::{self, GatewayConfig, RunningGateway};
+use troop_node::worker::{self, RunningWorker, WorkerConfig};
+
+pub const MODEL: &str = "fake-model";
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Dialect {
+    OpenAi,
+    Ollama,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Mode {
+    /// Streams every token, then finishes.
+    Normal,
+    /// Answers 500 before any token.
+    FailBeforeFirst,
+}
+
+pub struct FakeState {
+    pub dialect: Dialect,
+    pub mode: std::sync::Mutex<Mode>,
+    pub tokens: Vec<String>,
+    pub delay: Duration,
+    pub requests: AtomicUsize,
+    pub completed: AtomicUsize,
+    /// Generations whose HTTP response was dropped before the end.
+    pub dropped: AtomicUsize,
+}
+
+pub struct FakeUpstream {
+    pub url: String,
+    pub state: Arc<FakeState>,
+}
+
+/// Counts a generation as dropped unless it reached its end.
+struct DropGuard {
+    state: Arc<FakeState>,
+    done: bool,
+}
+
+impl Drop for DropGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.state.dropped.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+pub fn tokens(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("tok{i} ")).collect()
+}
+
+impl FakeUpstream {
+    pub async fn start(dialect: Dialect, tokens: Vec<String>, delay: Duration) -> Self {
+        let state = Arc::new(FakeState {
+            dialect,
+            mode: std::sync::Mutex::new(Mode::Normal),
+            tokens,
+            delay,
+            requests: AtomicUsize::new(0),
+            completed: AtomicUsize::new(0),
+            dropped: AtomicUsize::new(0),
+        });
+        let app = match dialect {
+            Dialect::OpenAi => axum::Router::new()
+                .route(
+                    "/v1/models",
+                    get(|| async {
+                        axum::Json(
+                            json!({"object": "list", "data": [{"id": MODEL, "object": "model"}]}),
+                        )
+                    }),
+                )
+                .route("/v1/chat/completions", post(openai_generate))
+                .route("/v1/completions", post(openai_generate)),
+            Dialect::Ollama => axum::Router::new()
+                .route(
+                    "/api/tags",
+                    get(|| async {
+                        axum::Json(json!({"models": [{"name": MODEL, "digest": "sha256:0123"}]}))
+                    }),
+                )
+                .route("/api/chat", post(ollama_generate))
+                .route("/api/generate", post(ollama_generate)),
+        }
+        .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake upstream");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            url: format!("http://{addr}"),
+            state,
+        }
+    }
+
+    pub fn set_mode(&self, m: Mode) {
+        if let Ok(mut mode) = self.state.mode.lock() {
+            *mode = m;
+        }
+    }
+}
+
+fn failing(state: &FakeState) -> Option<Response> {
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    let mode = state.mode.lock().map(|m| *m).unwrap_or(Mode::Normal);
+    (mode == Mode::FailBeforeFirst).then(|| {
+        (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "model crashed",
+        )
+            .into_response()
+    })
+}
+
+async fn openai_generate(State(state): State<Arc<FakeState>>, body: Bytes) -> Response {
+    if let Some(r) = failing(&state) {
+        return r;
+    }
+    let req: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let chat = req.get("messages").is_some();
+    let stream = async_stream::stream! {
+        let mut guard = DropGuard { state: state.clone(), done: false };
+        for t in state.tokens.clone() {
+            tokio::time::sleep(state.delay).await;
+            let chunk = if chat {
+                json!({"choices": [{"index": 0, "delta": {"content": t}, "finish_reason": null}]})
+            } else {
+                json!({"choices": [{"index": 0, "text": t, "finish_reason": null}]})
+            };
+            yield Ok::<Bytes, Infallible>(Bytes::from(format!("data: {chunk}\n\n")));
+        }
+        let last = json!({"choices": [{"index": 0, "delta": {}, "text": "", "finish_reason": "stop"}]});
+        yield Ok(Bytes::from(format!("data: {last}\n\n")));
+        let usage = json!({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": state.tokens.len()}});
+        yield Ok(Bytes::from(format!("data: {usage}\n\ndata: [DONE]\n\n")));
+        guard.done = true;
+        state.completed.fetch_add(1, Ordering::SeqCst);
+    };
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(stream))
+        .unwrap_or_default()
+}
+
+async fn ollama_generate(State(state): State<Arc<FakeState>>, body: Bytes) -> Response {
+    if let Some(r) = failing(&state) {
+        return r;
+    }
+    let req: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let chat = req.get("messages").is_some();
+    let stream = async_stream::stream! {
+        let mut guard = DropGuard { state: state.clone(), done: false };
+        for t in state.tokens.clone() {
+            tokio::time::sleep(state.delay).await;
+            let line = if chat {
+                json!({"model": MODEL, "message": {"role": "assistant", "content": t}, "done": false})
+            } else {
+                json!({"model": MODEL, "response": t, "done": false})
+            };
+            yield Ok::<Bytes, Infallible>(Bytes::from(format!("{line}\n")));
+        }
+        let last = json!({"model": MODEL, "done": true, "done_reason": "stop", "prompt_eval_count": 7, "eval_count": state.tokens.len()});
+        yield Ok(Bytes::from(format!("{last}\n")));
+        guard.done = true;
+        state.completed.fetch_add(1, Ordering::SeqCst);
+    };
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .unwrap_or_default()
+}
+
+/// Polls `f` until it returns `Some`, failing the test after `secs`.
+pub async fn eventually<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub struct TestNet {
+    pub dir: tempfile::TempDir,
+    pub coordinator: Option<RunningCoordinator>,
+    pub coord_addr: SocketAddr,
+    coord_tweak: Arc<dyn Fn(&mut Config) + Send + Sync>,
+    pub workers: Vec<RunningWorker>,
+    pub hub: Option<troop_node::network::NetworkHandle>,
+    pub gateway: Option<RunningGateway>,
+    pub http: reqwest::Client,
+    pub dht: bool,
+    pub gossip: bool,
+}
+
+fn loopback() -> Multiaddr {
+    "/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")
+}
+
+impl TestNet {
+    pub async fn start(tweak: impl Fn(&mut Config) + Send + Sync + 'static) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tweak: Arc<dyn Fn(&mut Config) + Send + Sync> = Arc::new(tweak);
+        let cfg = Self::coord_config(dir.path(), &tweak);
+        let c = troop_coordinator::spawn(cfg, "127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("coordinator starts");
+        Self {
+            coord_addr: c.addr,
+            coordinator: Some(c),
+            coord_tweak: tweak,
+            dir,
+            workers: Vec::new(),
+            hub: None,
+            gateway: None,
+            http: reqwest::Client::new(),
+            dht: true,
+            gossip: true,
+        }
+    }
+
+    fn coord_config(
+        dir: &std::path::Path,
+        tweak: &Arc<dyn Fn(&mut Config) + Send + Sync>,
+    ) -> Config {
+        let mut cfg = Config::new(dir.join("coordinator"));
+        cfg.sweep_interval = Duration::from_millis(100);
+        cfg.discovery_per_hour = 100_000;
+        cfg.authorize_per_hour = 100_000;
+        tweak(&mut cfg);
+        cfg
+    }
+
+    pub fn coordinator_url(&self) -> String {
+        format!("http://{}", self.coord_addr)
+    }
+
+    pub async fn stop_coordinator(&mut self) {
+        if let Some(c) = self.coordinator.take() {
+            c.stop().await.expect("coordinator stops cleanly");
+        }
+    }
+
+    /// Starts the coordinator again on the same address and data folder.
+    pub async fn restart_coordinator(&mut self) {
+        self.stop_coordinator().await;
+        let cfg = Self::coord_config(self.dir.path(), &self.coord_tweak);
+        let c = troop_coordinator::spawn(cfg, self.coord_addr)
+            .await
+            .expect("coordinator restarts");
+        self.coordinator = Some(c);
+    }
+
+    /// A bare mesh node (no role) that later nodes join through.
+    pub async fn add_hub(&mut self) {
+        let mut cfg = troop_node::network::NetConfig::new(troop_protocol::identity::generate());
+        cfg.listen = vec![loopback()];
+        cfg.dht = self.dht;
+        cfg.gossip = self.gossip;
+        let (h, _events) = troop_node::network::spawn(cfg).await.expect("hub starts");
+        self.hub = Some(h);
+    }
+
+    fn bootstrap(&self) -> Vec<Multiaddr> {
+        if let Some(h) = &self.hub {
+            return h.listen_addrs();
+        }
+        self.workers
+            .first()
+            .map(|w| w.net.listen_addrs())
+            .unwrap_or_default()
+    }
+
+    pub async fn add_worker(
+        &mut self,
+        upstream: &str,
+        tweak: impl FnOnce(&mut WorkerConfig),
+    ) -> usize {
+        let key = troop_protocol::identity::generate();
+        let state = self
+            .dir
+            .path()
+            .join(format!("worker-{}", self.workers.len()));
+        let mut cfg = WorkerConfig::new(key.clone(), &self.coordinator_url(), upstream, state);
+        cfg.net.listen = vec![loopback()];
+        cfg.net.bootstrap = self.bootstrap();
+        cfg.net.dht = self.dht;
+        cfg.net.gossip = self.gossip;
+        cfg.advert_interval = Duration::from_millis(300);
+        cfg.heartbeat_interval = Duration::from_millis(200);
+        cfg.model_refresh_interval = Duration::from_secs(1);
+        cfg.breaker_cooldown = Duration::from_secs(1);
+        tweak(&mut cfg);
+        let w = worker::start(cfg).await.expect("worker starts");
+        self.workers.push(w);
+        self.workers.len() - 1
+    }
+
+    pub async fn add_gateway(&mut self) {
+        let key = troop_protocol::identity::generate();
+        let mut cfg = GatewayConfig::new(
+            key,
+            &self.coordinator_url(),
+            "127.0.0.1:0".parse().expect("addr"),
+        );
+        cfg.net.listen = vec![loopback()];
+        cfg.net.bootstrap = self.bootstrap();
+        cfg.net.dht = self.dht;
+        cfg.net.gossip = self.gossip;
+        cfg.first_token_timeout = Duration::from_secs(10);
+        cfg.idle_timeout = Duration::from_secs(10);
+        self.gateway = Some(gateway::start(cfg).await.expect("gateway starts"));
+    }
+
+    pub fn gateway_url(&self) -> String {
+        self.gateway.as_ref().map(|g| g.url()).expect("a gateway")
+    }
+
+    pub fn gateway_peer(&self) -> String {
+        self.gateway
+            .as_ref()
+            .map(|g| g.state.net.peer_id.to_base58())
+            .expect("a gateway")
+    }
+
+    /// Waits until the gateway's table lists `n` workers for the model.
+    pub async fn wait_for_workers(&self, n: usize) {
+        let url = format!("{}/v1/models", self.gateway_url());
+        let http = self.http.clone();
+        eventually("the gateway to see the workers", 30, || {
+            let http = http.clone();
+            let url = url.clone();
+            async move {
+                let v: Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+                let count =
+                    v["data"].as_array()?.iter().find(|m| m["id"] == MODEL)?["workers"].as_u64()?;
+                (count as usize >= n).then_some(())
+            }
+        })
+        .await;
+    }
+
+    pub async fn balance(&self, account: &str) -> Option<Value> {
+        let r = self
+            .http
+            .get(format!(
+                "{}/users/{account}/balance",
+                self.coordinator_url()
+            ))
+            .send()
+            .await
+            .ok()?;
+        if r.status() != 200 {
+            return None;
+        }
+        r.json().await.ok()
+    }
+
+    pub async fn chat(&self, stream: bool) -> reqwest::Response {
+        self.http
+            .post(format!("{}/v1/chat/completions", self.gateway_url()))
+            .json(&json!({
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "hello"}],
+                "stream": stream,
+                "max_tokens": 32,
+            }))
+            .send()
+            .await
+            .expect("POST /v1/chat/completions")
+    }
+}
+
+/// The `data:` payloads of an SSE body.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+        .map(|s| s.trim().to_string())
+        .collect()
+}
+
+/// Joins the content of chat chunks.
+pub fn chat_text(events: &[String]) -> String {
+    events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|v| {
+            v.pointer("/choices/0/delta/content")
+                .or_else(|| v.pointer("/choices/0/text"))
+                .and_then(Value::as_str)
+                .map(String::from)
+        })
+        .collect()
+}

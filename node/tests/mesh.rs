@@ -1,0 +1,544 @@
+//! The mesh end to end on loopback: a real coordinator, real workers in
+//! front of a fake upstream in each dialect, and a gateway.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{
+    Dialect, FakeUpstream, MODEL, Mode, TestNet, chat_text, eventually, sse_data, tokens,
+};
+use futures::StreamExt;
+use libp2p::StreamProtocol;
+use serde_json::Value;
+use troop_node::coordinator_client::CoordinatorClient;
+use troop_node::frames_io::{read_frame, write_frame};
+use troop_protocol::frames::{FRAME_VERSION, Frame, INFER_PROTOCOL, InferenceRequest, RequestKind};
+
+fn request() -> InferenceRequest {
+    InferenceRequest {
+        model: MODEL.into(),
+        kind: RequestKind::Chat,
+        messages: vec![troop_protocol::frames::ChatMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        }],
+        prompt: None,
+        max_tokens: Some(8),
+        temperature: None,
+        top_p: None,
+        stop: vec![],
+        seed: None,
+    }
+}
+
+async fn stream_and_check_payment(dialect: Dialect) {
+    let fake = FakeUpstream::start(dialect, tokens(12), Duration::from_millis(5)).await;
+    let mut net = TestNet::start(|_| {}).await;
+    let w = net.add_worker(&fake.url, |_| {}).await;
+    net.add_gateway().await;
+    net.wait_for_workers(1).await;
+
+    let resp = net.chat(true).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let body = resp.text().await.expect("body");
+    let events = sse_data(&body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{body}");
+    assert_eq!(chat_text(&events), tokens(12).concat());
+    let first: Value = serde_json::from_str(&events[0]).expect("json chunk");
+    assert_eq!(first["object"], "chat.completion.chunk");
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+
+    // Not streaming, and /v1/completions.
+    let r: Value = net.chat(false).await.json().await.expect("json");
+    assert_eq!(r["object"], "chat.completion");
+    assert_eq!(r["choices"][0]["message"]["content"], tokens(12).concat());
+    assert_eq!(r["usage"]["completion_tokens"], 12);
+    let r: Value = net
+        .http
+        .post(format!("{}/v1/completions", net.gateway_url()))
+        .json(&serde_json::json!({"model": MODEL, "prompt": "Once", "max_tokens": 5}))
+        .send()
+        .await
+        .expect("post")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(r["object"], "text_completion");
+    assert_eq!(r["choices"][0]["text"], tokens(12).concat());
+
+    // Three jobs were paid: the user's balance is 3600 minus the cost, the
+    // worker's is that cost.
+    let user = net.gateway_peer();
+    let worker = net.workers[w].peer_id.to_base58();
+    let (ub, wb) = eventually("three settlements", 20, || {
+        let net = &net;
+        let user = user.clone();
+        let worker = worker.clone();
+        async move {
+            let u = net.balance(&user).await?;
+            let wb = net.balance(&worker).await?;
+            (u["pending"] == 0.0
+                && net.workers[0].pending_receipts() == 0
+                && wb["available"].as_f64()? > 0.0)
+                .then_some((u, wb))
+        }
+    })
+    .await;
+    let cost = wb["available"].as_f64().expect("worker balance");
+    let avail = ub["available"].as_f64().expect("user balance");
+    assert!(
+        (avail + cost - 3600.0).abs() < 1e-6,
+        "user {avail} + worker {cost} != 3600"
+    );
+    assert_eq!(fake.state.completed.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_from_an_openai_upstream_and_pays() {
+    stream_and_check_payment(Dialect::OpenAi).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_from_an_ollama_upstream_and_pays() {
+    stream_and_check_payment(Dialect::Ollama).await;
+}
+
+async fn found_with(dht: bool, gossip: bool) {
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(3), Duration::ZERO).await;
+    let mut net = TestNet::start(|_| {}).await;
+    net.dht = dht;
+    net.gossip = gossip;
+    // Both join through a third node, so the gateway does not start out
+    // connected to the worker: it must find it.
+    net.add_hub().await;
+    net.add_worker(&fake.url, |_| {}).await;
+    net.add_gateway().await;
+    let resp = eventually("a worker found", 30, || {
+        let net = &net;
+        async move {
+            let r = net.chat(false).await;
+            (r.status() == 200).then_some(r)
+        }
+    })
+    .await;
+    let v: Value = resp.json().await.expect("json");
+    assert_eq!(v["choices"][0]["message"]["content"], tokens(3).concat());
+    let sources: Vec<String> = net
+        .gateway
+        .as_ref()
+        .expect("gateway")
+        .state
+        .table
+        .read()
+        .expect("table")
+        .rows()
+        .iter()
+        .map(|r| {
+            serde_json::to_value(r.source)
+                .expect("json")
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    let want = if gossip { "gossip" } else { "dht" };
+    assert_eq!(sources, vec![want.to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_is_found_through_the_dht_with_gossip_off() {
+    found_with(true, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_is_found_through_gossip_with_the_dht_off() {
+    found_with(false, true).await;
+}
+
+/// Opens an inference stream from the gateway's node to `worker` and sends
+/// a request with `ticket`; returns the first frame back.
+async fn send_ticket(net: &TestNet, worker: libp2p::PeerId, ticket: String) -> Option<Frame> {
+    let mut control = net
+        .gateway
+        .as_ref()
+        .expect("gateway")
+        .state
+        .net
+        .stream_control();
+    let mut s = control
+        .open_stream(worker, StreamProtocol::new(INFER_PROTOCOL))
+        .await
+        .expect("stream");
+    write_frame(
+        &mut s,
+        &Frame::Request {
+            version: FRAME_VERSION,
+            ticket,
+            request: request(),
+        },
+    )
+    .await
+    .expect("write");
+    read_frame(&mut s).await.expect("read")
+}
+
+fn is_unauthorized(f: &Option<Frame>) -> bool {
+    matches!(f, Some(Frame::Error { code, .. }) if *code == troop_protocol::ErrorCode::Unauthorized.number())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tickets_for_another_worker_expired_or_reused_are_refused() {
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(2), Duration::ZERO).await;
+    let mut net = TestNet::start(|_| {}).await;
+    let a = net.add_worker(&fake.url, |_| {}).await;
+    let b = net.add_worker(&fake.url, |_| {}).await;
+    net.add_gateway().await;
+    net.wait_for_workers(2).await;
+    let user = troop_protocol::identity::generate();
+    let client = CoordinatorClient::new(&net.coordinator_url(), user);
+    let (pa, pb) = (net.workers[a].peer_id, net.workers[b].peer_id);
+
+    // A ticket for A, shown to B.
+    let t = client
+        .authorize(MODEL, &pa.to_base58(), None)
+        .await
+        .expect("ticket")
+        .ticket;
+    assert!(is_unauthorized(&send_ticket(&net, pb, t.clone()).await));
+    // Used once at A: fine. Twice: refused.
+    assert!(matches!(
+        send_ticket(&net, pa, t.clone()).await,
+        Some(Frame::Chunk { .. })
+    ));
+    assert!(is_unauthorized(&send_ticket(&net, pa, t).await));
+    // Expired (signed with the coordinator's own key, an hour ago).
+    let keys = troop_coordinator::tickets::TicketKeys::load_or_create(
+        &net.dir.path().join("coordinator/keys"),
+    )
+    .expect("keys");
+    let now = troop_coordinator::unix_secs();
+    let claims = troop_protocol::ticket::TicketClaims {
+        iss: troop_protocol::ticket::TICKET_ISSUER.into(),
+        sub: "12D3KooWuser".into(),
+        aud: pa.to_base58(),
+        model: MODEL.into(),
+        jti: "expired-job".into(),
+        iat: now - 3600,
+        nbf: now - 3600,
+        exp: now - 3300,
+        max_tokens: None,
+        reserved_milli: 0,
+    };
+    assert!(is_unauthorized(
+        &send_ticket(&net, pa, keys.sign(&claims).expect("sign")).await
+    ));
+    // Garbage.
+    assert!(is_unauthorized(
+        &send_ticket(&net, pa, "not.a.ticket".into()).await
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_failing_before_the_first_token_is_skipped() {
+    let bad = FakeUpstream::start(Dialect::OpenAi, tokens(4), Duration::ZERO).await;
+    let good = FakeUpstream::start(Dialect::OpenAi, tokens(4), Duration::ZERO).await;
+    let mut net = TestNet::start(|_| {}).await;
+    let a = net.add_worker(&bad.url, |_| {}).await;
+    let b = net.add_worker(&good.url, |_| {}).await;
+    bad.set_mode(Mode::FailBeforeFirst);
+    net.add_gateway().await;
+    net.wait_for_workers(2).await;
+    // Make the failing worker the gateway's first choice.
+    let gw = net.gateway.as_ref().expect("gateway");
+    gw.state
+        .table
+        .write()
+        .expect("table")
+        .add_inflight(&net.workers[b].peer_id, 10);
+    let _ = a;
+    for _ in 0..3 {
+        let resp = net.chat(true).await;
+        assert_eq!(resp.status(), 200);
+        let events = sse_data(&resp.text().await.expect("body"));
+        assert_eq!(chat_text(&events), tokens(4).concat());
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    }
+    assert!(
+        bad.state.requests.load(Ordering::SeqCst) >= 1,
+        "the bad worker was tried first"
+    );
+    assert_eq!(good.state.completed.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_stream_gives_an_error_event_and_the_user_pays_nothing() {
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(400), Duration::from_millis(20)).await;
+    let mut net = TestNet::start(|c| {
+        c.ticket_ttl = Duration::from_secs(2);
+        c.reservation_grace = Duration::from_secs(0);
+    })
+    .await;
+    let w = net.add_worker(&fake.url, |_| {}).await;
+    net.add_gateway().await;
+    net.wait_for_workers(1).await;
+    let resp = net.chat(true).await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut text = String::new();
+    while sse_data(&text).len() < 5 {
+        let chunk = body.next().await.expect("chunks arrive").expect("bytes");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let worker_id = net.workers[w].peer_id.to_base58();
+    net.workers[w].kill();
+    let rest = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(Ok(chunk)) = body.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        text
+    })
+    .await
+    .expect("the stream closes within seconds, no hang");
+    let events = sse_data(&rest);
+    assert_ne!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "no [DONE] for a broken answer"
+    );
+    let last: Value = serde_json::from_str(events.last().expect("an event")).expect("json");
+    assert_eq!(last["error"]["code"], "worker_lost", "{last}");
+    // No receipt comes: the reservation is refunded when it expires.
+    let user = net.gateway_peer();
+    eventually("the refund", 30, || {
+        let net = &net;
+        let user = user.clone();
+        async move {
+            let b = net.balance(&user).await?;
+            (b["available"] == 3600.0 && b["pending"] == 0.0).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        net.balance(&worker_id)
+            .await
+            .map(|b| b["available"].clone()),
+        Some(Value::from(0.0))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_coordinator_down_heartbeats_back_off_tickets_work_and_receipts_arrive_once() {
+    let fake = FakeUpstream::start(Dialect::Ollama, tokens(3), Duration::ZERO).await;
+    let mut net = TestNet::start(|_| {}).await;
+    let w = net
+        .add_worker(&fake.url, |c| c.breaker_cooldown = Duration::from_secs(3))
+        .await;
+    net.add_gateway().await;
+    net.wait_for_workers(1).await;
+    let worker = net.workers[w].peer_id;
+    let user = troop_protocol::identity::generate();
+    let client = CoordinatorClient::new(&net.coordinator_url(), user.clone());
+    let ticket = client
+        .authorize(MODEL, &worker.to_base58(), None)
+        .await
+        .expect("ticket")
+        .ticket;
+
+    net.stop_coordinator().await;
+    // Five failed heartbeats open the breaker; then heartbeats are skipped.
+    let stats = net.workers[w].stats.clone();
+    eventually("the breaker to open", 20, || {
+        let stats = stats.clone();
+        async move {
+            let open = stats.breaker.lock().ok()?.as_str() == "open";
+            (open && stats.heartbeats_skipped.load(Ordering::SeqCst) >= 2).then_some(())
+        }
+    })
+    .await;
+    assert!(stats.heartbeats_failed.load(Ordering::SeqCst) >= 5);
+    let failed_when_open = stats.heartbeats_failed.load(Ordering::SeqCst);
+
+    // The ticket issued before the outage still works (verified offline).
+    let mut control = net
+        .gateway
+        .as_ref()
+        .expect("gateway")
+        .state
+        .net
+        .stream_control();
+    let mut s = control
+        .open_stream(worker, StreamProtocol::new(INFER_PROTOCOL))
+        .await
+        .expect("stream");
+    write_frame(
+        &mut s,
+        &Frame::Request {
+            version: FRAME_VERSION,
+            ticket,
+            request: request(),
+        },
+    )
+    .await
+    .expect("write");
+    let mut got = String::new();
+    loop {
+        match read_frame(&mut s).await.expect("frame") {
+            Some(Frame::Chunk { text }) => got.push_str(&text),
+            Some(Frame::Done { .. }) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, tokens(3).concat());
+    // The receipt waits on disk.
+    eventually("the receipt to be queued", 10, || {
+        let n = net.workers[w].pending_receipts();
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+    // While open, heartbeats are not hammered: at most one trial per cool-down.
+    assert!(stats.heartbeats_failed.load(Ordering::SeqCst) <= failed_when_open + 2);
+
+    net.restart_coordinator().await;
+    eventually("the receipt delivered", 60, || {
+        let n = net.workers[w].pending_receipts();
+        async move { (n == 0).then_some(()) }
+    })
+    .await;
+    eventually("heartbeats to resume", 30, || {
+        let stats = stats.clone();
+        async move { (stats.breaker.lock().ok()?.as_str() == "closed").then_some(()) }
+    })
+    .await;
+    let b = net
+        .balance(&worker.to_base58())
+        .await
+        .expect("worker balance");
+    assert!(b["available"].as_f64().expect("number") > 0.0);
+    let audit =
+        std::fs::read_to_string(net.dir.path().join("coordinator/logs/audit.log")).expect("audit");
+    let settles = audit
+        .lines()
+        .filter(|l| l.contains("\"ledger.settle\""))
+        .count();
+    assert_eq!(settles, 1, "delivered exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_frames_reset_the_stream_and_the_worker_keeps_serving() {
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(2), Duration::ZERO).await;
+    let mut net = TestNet::start(|_| {}).await;
+    let w = net.add_worker(&fake.url, |_| {}).await;
+    net.add_gateway().await;
+    net.wait_for_workers(1).await;
+    let worker = net.workers[w].peer_id;
+    let mut control = net
+        .gateway
+        .as_ref()
+        .expect("gateway")
+        .state
+        .net
+        .stream_control();
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    for bad in [
+        vec![0x7f, 0xff, 0xff, 0xff],
+        vec![0, 0, 0, 4, 0xde, 0xad, 0xbe, 0xef],
+        vec![0, 0, 0, 0],
+        vec![0, 0, 0, 9, 1],
+    ] {
+        let mut s = control
+            .open_stream(worker, StreamProtocol::new(INFER_PROTOCOL))
+            .await
+            .expect("stream");
+        s.write_all(&bad).await.expect("write");
+        let _ = s.close().await;
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+            .await
+            .expect("reset, not hang");
+        assert!(n.is_err() || rest.is_empty(), "no answer to garbage");
+    }
+    // A wrong version gets a clear error frame.
+    let mut s = control
+        .open_stream(worker, StreamProtocol::new(INFER_PROTOCOL))
+        .await
+        .expect("stream");
+    write_frame(
+        &mut s,
+        &Frame::Request {
+            version: 99,
+            ticket: "t".into(),
+            request: request(),
+        },
+    )
+    .await
+    .expect("write");
+    assert!(matches!(
+        read_frame(&mut s).await,
+        Ok(Some(Frame::Error { .. }))
+    ));
+    // Still serving.
+    let resp = net.chat(false).await;
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_answers_bad_requests_in_openai_shape() {
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(2), Duration::ZERO).await;
+    let mut net = TestNet::start(|c| c.starter_credits_milli = 0).await;
+    net.add_worker(&fake.url, |_| {}).await;
+    net.add_gateway().await;
+    net.wait_for_workers(1).await;
+    let url = format!("{}/v1/chat/completions", net.gateway_url());
+    let cases: Vec<(&str, u16, &str)> = vec![
+        ("{not json", 400, "invalid_request"),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}]}"#,
+            400,
+            "invalid_request",
+        ),
+        (r#"{"model": "fake-model"}"#, 400, "invalid_request"),
+        (
+            r#"{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "temperature": 9}"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            r#"{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "max_tokens": -4}"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            r#"{"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}"#,
+            404,
+            "model_not_found",
+        ),
+        // Starter credits are 0 here: the coordinator refuses the reservation.
+        (
+            r#"{"model": "fake-model", "messages": [{"role": "user", "content": "x"}]}"#,
+            402,
+            "insufficient_credits",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let r = net
+            .http
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(r.status().as_u16(), status, "{body}");
+        let v: Value = r.json().await.expect("json error");
+        assert_eq!(v["error"]["code"], code, "{body}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+        assert!(v["error"]["type"].is_string());
+    }
+}
