@@ -1,0 +1,99 @@
+//! The real thing: Gemma 3 270M served by llama.cpp (the `xllamacpp`
+//! wheel), a worker in front of it, a gateway, and the official `openai`
+//! Python client streaming a completion through the mesh.
+//!
+//! Needs `TROOP_PYTHON`: the python of the virtual environment that
+//! `scripts/setup-model` makes (`scripts/test` sets it).
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+
+use common::{TestNet, eventually};
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_client_streams_a_real_completion_through_the_mesh() {
+    let python = std::env::var("TROOP_PYTHON").expect(
+        "TROOP_PYTHON must name the python of the model venv: run scripts/test, or `export TROOP_PYTHON=$(scripts/setup-model | tail -1)`",
+    );
+    let scripts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts");
+    let port = free_port();
+    let _server = KillOnDrop(
+        Command::new(&python)
+            .arg(scripts.join("model_server.py"))
+            .args(["--port", &port.to_string(), "--threads", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the model server"),
+    );
+    let upstream = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    eventually("the model server to load", 180, || {
+        let http = http.clone();
+        let url = format!("{upstream}/health");
+        async move { (http.get(&url).send().await.ok()?.status() == 200).then_some(()) }
+    })
+    .await;
+
+    let mut net = TestNet::start(|_| {}).await;
+    let w = net.add_worker(&upstream, |_| {}).await;
+    assert_eq!(net.workers[w].models(), vec!["gemma3-270m".to_string()]);
+    net.add_gateway().await;
+    let gw = net.gateway_url();
+    eventually("the gateway to list gemma", 30, || {
+        let http = http.clone();
+        let url = format!("{gw}/v1/models");
+        async move {
+            let v: serde_json::Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+            v["data"]
+                .as_array()?
+                .iter()
+                .any(|m| m["id"] == "gemma3-270m")
+                .then_some(())
+        }
+    })
+    .await;
+
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(&python)
+            .arg(scripts.join("openai_stream_check.py"))
+            .args([&format!("{gw}/v1"), "gemma3-270m"])
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("run the openai client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "openai client failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("chunks, finish_reason="), "{stdout}");
+
+    // The job was paid for.
+    let worker = net.workers[w].peer_id.to_base58();
+    eventually("the settlement", 30, || {
+        let net = &net;
+        let worker = worker.clone();
+        async move { (net.balance(&worker).await?["available"].as_f64()? > 0.0).then_some(()) }
+    })
+    .await;
+}
