@@ -1,0 +1,345 @@
+//! Mesh figures on loopback, printed, never asserted:
+//! * time to first token through the mesh minus straight from the same
+//!   upstream (p50, p99);
+//! * chunks per second relayed on one stream from a fast fake upstream;
+//! * peak memory of one worker process holding 1,000 concurrent streams;
+//! * time for a newly started gateway to find a model's worker among 50 nodes.
+//!
+//! `cargo bench -p troop-node --bench mesh` (env: TTFT_RUNS, CHUNKS, STREAMS, NODES).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Dialect, FakeUpstream, MODEL, TestNet, tokens};
+use futures::StreamExt;
+use libp2p::StreamProtocol;
+use serde_json::json;
+use troop_node::coordinator_client::CoordinatorClient;
+use troop_node::frames_io::{read_frame, write_frame};
+use troop_node::network::{self, NetConfig};
+use troop_protocol::advert::model_key;
+use troop_protocol::frames::{FRAME_VERSION, Frame, INFER_PROTOCOL, InferenceRequest, RequestKind};
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+fn rich(c: &mut troop_coordinator::Config) {
+    c.starter_credits_milli = 1_000_000_000_000;
+    c.authorize_per_hour = 10_000_000;
+    c.discovery_per_hour = 10_000_000;
+}
+
+/// Sends a streaming chat request and returns the time to the first content chunk.
+async fn ttft(http: &reqwest::Client, url: &str) -> f64 {
+    let start = Instant::now();
+    let resp = http
+        .post(url)
+        .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": true, "max_tokens": 4}))
+        .send()
+        .await
+        .expect("send");
+    let mut body = resp.bytes_stream();
+    let mut seen = String::new();
+    let mut first = None;
+    while let Some(Ok(b)) = body.next().await {
+        seen.push_str(&String::from_utf8_lossy(&b));
+        if first.is_none() && seen.contains("tok0") {
+            first = Some(start.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    first.expect("a first token")
+}
+
+async fn bench_ttft(runs: usize) -> (f64, f64, f64, f64) {
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(2), Duration::ZERO).await;
+    let mut net = TestNet::start(rich).await;
+    net.add_worker(&fake.url, |_| {}).await;
+    net.add_gateway().await;
+    net.wait_for_workers(1).await;
+    let http = reqwest::Client::new();
+    let direct_url = format!("{}/v1/chat/completions", fake.url);
+    let mesh_url = format!("{}/v1/chat/completions", net.gateway_url());
+    for _ in 0..20 {
+        ttft(&http, &direct_url).await;
+        ttft(&http, &mesh_url).await;
+    }
+    let (mut d, mut m) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        d.push(ttft(&http, &direct_url).await);
+        m.push(ttft(&http, &mesh_url).await);
+    }
+    (
+        pct(&mut d, 0.5),
+        pct(&mut d, 0.99),
+        pct(&mut m, 0.5),
+        pct(&mut m, 0.99),
+    )
+}
+
+async fn bench_chunks(n: usize) -> (f64, f64) {
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(n), Duration::ZERO).await;
+    let mut net = TestNet::start(rich).await;
+    net.add_worker(&fake.url, |_| {}).await;
+    net.add_gateway().await;
+    net.wait_for_workers(1).await;
+    let http = reqwest::Client::new();
+    let count = |url: String| {
+        let http = http.clone();
+        async move {
+            let start = Instant::now();
+            let resp = http
+                .post(url)
+                .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": true}))
+                .send()
+                .await
+                .expect("send");
+            let mut body = resp.bytes_stream();
+            let mut chunks = 0usize;
+            let mut tail = Vec::new();
+            while let Some(Ok(b)) = body.next().await {
+                tail.extend_from_slice(&b);
+                // Count SSE events as they arrive.
+                while let Some(pos) = tail.windows(2).position(|w| w == b"\n\n") {
+                    chunks += 1;
+                    tail.drain(..pos + 2);
+                }
+            }
+            chunks as f64 / start.elapsed().as_secs_f64()
+        }
+    };
+    let direct = count(format!("{}/v1/chat/completions", fake.url)).await;
+    let mesh = count(format!("{}/v1/chat/completions", net.gateway_url())).await;
+    (direct, mesh)
+}
+
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let get = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (get("VmRSS:"), get("VmHWM:"))
+}
+
+fn request() -> InferenceRequest {
+    InferenceRequest {
+        model: MODEL.into(),
+        kind: RequestKind::Chat,
+        messages: vec![troop_protocol::frames::ChatMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        }],
+        prompt: None,
+        max_tokens: None,
+        temperature: None,
+        top_p: None,
+        stop: vec![],
+        seed: None,
+    }
+}
+
+async fn bench_memory(streams: usize) -> (u64, u64, u64, usize) {
+    // Slow tokens keep every stream open while we measure.
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(40), Duration::from_millis(500)).await;
+    let net = TestNet::start(rich).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_path = dir.path().join("worker.key");
+    let key = troop_protocol::identity::generate();
+    troop_protocol::identity::write_keypair(&key_path, &key).expect("key");
+    let worker_peer = key.public().to_peer_id();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_troop"))
+        .args(["worker", "--identity"])
+        .arg(&key_path)
+        .args([
+            "--coordinator",
+            &net.coordinator_url(),
+            "--upstream",
+            &fake.url,
+            "--listen",
+            &listen,
+        ])
+        .args(["--max-jobs", &(streams * 2).to_string()])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("worker process");
+    let pid = child.id();
+    let mut cfg = NetConfig::new(troop_protocol::identity::generate());
+    cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
+    let (client_net, _ev) = network::spawn(cfg).await.expect("client node");
+    let addr: libp2p::Multiaddr = format!("{listen}/p2p/{worker_peer}").parse().expect("addr");
+    // Wait for the worker to register (it answers the coordinator first).
+    let user = troop_protocol::identity::generate();
+    let cc = CoordinatorClient::new(&net.coordinator_url(), user);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ticket0 = loop {
+        if let Ok(a) = cc.authorize(MODEL, &worker_peer.to_base58(), None).await {
+            break a.ticket;
+        }
+        assert!(Instant::now() < deadline, "worker never registered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    client_net.dial(addr).await;
+    let idle = rss_kib(pid);
+    let mut tickets = vec![ticket0];
+    while tickets.len() < streams {
+        tickets.push(
+            cc.authorize(MODEL, &worker_peer.to_base58(), None)
+                .await
+                .expect("ticket")
+                .ticket,
+        );
+    }
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut handles = Vec::new();
+    for t in tickets {
+        let mut control = client_net.stream_control();
+        let started = started.clone();
+        handles.push(tokio::spawn(async move {
+            let mut s = loop {
+                match control
+                    .open_stream(worker_peer, StreamProtocol::new(INFER_PROTOCOL))
+                    .await
+                {
+                    Ok(s) => break s,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            };
+            write_frame(
+                &mut s,
+                &Frame::Request {
+                    version: FRAME_VERSION,
+                    ticket: t,
+                    request: request(),
+                },
+            )
+            .await
+            .ok()?;
+            if let Ok(Some(Frame::Chunk { .. })) = read_frame(&mut s).await {
+                started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            // Hold the stream open, reading slowly.
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            Some(())
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while started.load(std::sync::atomic::Ordering::SeqCst) < streams && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let live = started.load(std::sync::atomic::Ordering::SeqCst);
+    let (busy_rss, _) = rss_kib(pid);
+    for h in handles {
+        let _ = h.await;
+    }
+    let (_, hwm) = rss_kib(pid);
+    let _ = child.kill();
+    let _ = child.wait();
+    (idle.0, busy_rss, hwm, live)
+}
+
+async fn bench_discovery(nodes: usize) -> (f64, f64) {
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(1), Duration::ZERO).await;
+    let mut net = TestNet::start(rich).await;
+    net.add_hub().await;
+    let hub = net.hub.as_ref().expect("hub").listen_addrs();
+    let mut others = Vec::new();
+    // 48 more plain nodes, each joining through the hub: 50 with the worker.
+    for _ in 0..nodes.saturating_sub(2) {
+        let mut cfg = NetConfig::new(troop_protocol::identity::generate());
+        cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
+        cfg.bootstrap = hub.clone();
+        others.push(network::spawn(cfg).await.expect("node").0);
+    }
+    net.add_worker(&fake.url, |_| {}).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A new node joins through a node that is not the worker.
+    let entry = others
+        .last()
+        .map(|n| n.listen_addrs())
+        .unwrap_or(hub.clone());
+    let mut cfg = NetConfig::new(troop_protocol::identity::generate());
+    cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
+    cfg.bootstrap = entry.clone();
+    cfg.gossip = false;
+    let start = Instant::now();
+    let (dht_node, _ev) = network::spawn(cfg).await.expect("new node");
+    let mut found = Vec::new();
+    while found.is_empty() && start.elapsed() < Duration::from_secs(10) {
+        found = dht_node.find_providers(model_key(MODEL)).await;
+    }
+    let dht_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let mut cfg = NetConfig::new(troop_protocol::identity::generate());
+    cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
+    cfg.bootstrap = entry;
+    cfg.dht = false;
+    let start = Instant::now();
+    let (_g, mut ev) = network::spawn(cfg).await.expect("new node");
+    let mut gossip_ms = f64::NAN;
+    while start.elapsed() < Duration::from_secs(10) {
+        if let Ok(Some(network::NetEvent::Advert { .. })) =
+            tokio::time::timeout(Duration::from_secs(1), ev.recv()).await
+        {
+            gossip_ms = start.elapsed().as_secs_f64() * 1000.0;
+            break;
+        }
+    }
+    (dht_ms, gossip_ms)
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let runs = env_usize("TTFT_RUNS", 200);
+        let (d50, d99, m50, m99) = bench_ttft(runs).await;
+        let chunks = env_usize("CHUNKS", 100_000);
+        let (direct_cps, mesh_cps) = bench_chunks(chunks).await;
+        let streams = env_usize("STREAMS", 1000);
+        let (idle, busy, hwm, live) = bench_memory(streams).await;
+        let nodes = env_usize("NODES", 50);
+        let (dht_ms, gossip_ms) = bench_discovery(nodes).await;
+        println!();
+        println!("mesh benchmark on loopback ({} cores)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        println!("| figure | measured | goal |");
+        println!("|---|---|---|");
+        println!("| TTFT straight from the upstream, p50 / p99 ({runs} runs) | {d50:.2} / {d99:.2} ms | - |");
+        println!("| TTFT through the mesh, p50 / p99 | {m50:.2} / {m99:.2} ms | - |");
+        println!("| mesh overhead on TTFT, p50 / p99 | {:.2} / {:.2} ms | <= 2 ms at p50 |", m50 - d50, m99 - d99);
+        println!("| chunks/s on one stream, straight from the fake upstream | {direct_cps:.0} | - |");
+        println!("| chunks/s on one stream through the mesh ({chunks} chunks) | {mesh_cps:.0} | >= 50000 |");
+        println!("| worker RSS idle / with {live} of {streams} streams live / peak | {:.1} / {:.1} / {:.1} MiB | < 256 MiB at 1000 |", idle as f64 / 1024.0, busy as f64 / 1024.0, hwm as f64 / 1024.0);
+        println!("| new node finds the worker among {nodes} nodes: DHT lookup | {dht_ms:.0} ms | < 500 ms |");
+        println!("| new node finds the worker among {nodes} nodes: first gossip advert | {gossip_ms:.0} ms | < 500 ms |");
+        if let Ok(path) = std::env::var("BENCH_JSON") {
+            let v = json!({"ttft_direct_p50_ms": d50, "ttft_direct_p99_ms": d99, "ttft_mesh_p50_ms": m50, "ttft_mesh_p99_ms": m99,
+                "chunks_per_s_direct": direct_cps, "chunks_per_s_mesh": mesh_cps,
+                "worker_rss_idle_kib": idle, "worker_rss_busy_kib": busy, "worker_rss_peak_kib": hwm, "streams_live": live, "streams": streams,
+                "discovery_dht_ms": dht_ms, "discovery_gossip_ms": gossip_ms, "nodes": nodes});
+            std::fs::write(path, v.to_string()).expect("write BENCH_JSON");
+        }
+    });
+}
