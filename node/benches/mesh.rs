@@ -236,8 +236,11 @@ async fn bench_memory(streams: usize) -> (u64, u64, u64, usize) {
             )
             .await
             .ok()?;
-            if let Ok(Some(Frame::Chunk { .. })) = read_frame(&mut s).await {
-                started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            match read_frame(&mut s).await {
+                Ok(Some(Frame::Chunk { .. })) => {
+                    started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                other => eprintln!("[mesh bench] a stream did not start: {other:?}"),
             }
             // Hold the stream open, reading slowly.
             tokio::time::sleep(Duration::from_secs(8)).await;
@@ -315,12 +318,16 @@ fn main() {
         .expect("runtime");
     rt.block_on(async {
         let runs = env_usize("TTFT_RUNS", 200);
+        eprintln!("[mesh bench] time to first token, {runs} runs");
         let (d50, d99, m50, m99) = bench_ttft(runs).await;
         let chunks = env_usize("CHUNKS", 100_000);
+        eprintln!("[mesh bench] chunks on one stream ({chunks})");
         let (direct_cps, mesh_cps) = bench_chunks(chunks).await;
         let streams = env_usize("STREAMS", 1000);
+        eprintln!("[mesh bench] worker memory with {streams} streams");
         let (idle, busy, hwm, live) = bench_memory(streams).await;
         let nodes = env_usize("NODES", 50);
+        eprintln!("[mesh bench] discovery among {nodes} nodes");
         let (dht_ms, gossip_ms) = bench_discovery(nodes).await;
         println!();
         println!("mesh benchmark on loopback ({} cores)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use troop_protocol::ErrorCode;
 use troop_protocol::advert::{Advert, model_key};
+use troop_protocol::api::AuthorizeResponse;
 use troop_protocol::frames::{FRAME_VERSION, Frame, INFER_PROTOCOL, InferenceRequest};
 use troop_protocol::policy::{CircuitBreaker, DISCOVERY_TIMEOUT, SystemClock};
 
@@ -57,6 +58,10 @@ pub struct GatewayState {
     pub table: RwLock<WorkerTable>,
     pub client: CoordinatorClient,
     breakers: Mutex<HashMap<PeerId, CircuitBreaker<SystemClock>>>,
+    /// One ticket bought ahead per (model, worker) that just served us, so
+    /// the next request skips the round trip to the coordinator (its
+    /// reservation is refunded on expiry if it is never used).
+    spare: Mutex<HashMap<(String, PeerId), AuthorizeResponse>>,
 }
 
 /// A running gateway.
@@ -98,6 +103,7 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
         table: RwLock::new(WorkerTable::default()),
         client,
         breakers: Mutex::new(HashMap::new()),
+        spare: Mutex::new(HashMap::new()),
     });
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(table_loop(state.clone(), events)));
@@ -292,16 +298,58 @@ impl GatewayState {
         }
     }
 
+    /// A spare ticket for (model, worker) that still has a minute to live.
+    fn take_spare(&self, model: &str, worker: PeerId) -> Option<AuthorizeResponse> {
+        let t = self
+            .spare
+            .lock()
+            .ok()?
+            .remove(&(model.to_string(), worker))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        (t.expires_at > now + 60).then_some(t)
+    }
+
+    /// Buys the next ticket for (model, worker) in the background.
+    fn prefetch(self: &Arc<Self>, model: &str, worker: PeerId) {
+        let key = (model.to_string(), worker);
+        if self
+            .spare
+            .lock()
+            .map(|s| s.contains_key(&key))
+            .unwrap_or(true)
+        {
+            return;
+        }
+        let state = self.clone();
+        tokio::spawn(async move {
+            if let Ok(t) = state
+                .client
+                .authorize(&key.0, &key.1.to_base58(), None)
+                .await
+                && let Ok(mut s) = state.spare.lock()
+            {
+                s.entry(key).or_insert(t);
+            }
+        });
+    }
+
     async fn try_worker(
         self: &Arc<Self>,
         worker: PeerId,
         request: &InferenceRequest,
     ) -> Result<JobStream, Attempt> {
-        let auth = match self
-            .client
-            .authorize(&request.model, &worker.to_base58(), request.max_tokens)
-            .await
-        {
+        let auth = match self.take_spare(&request.model, worker) {
+            Some(t) => Ok(t),
+            None => {
+                self.client
+                    .authorize(&request.model, &worker.to_base58(), request.max_tokens)
+                    .await
+            }
+        };
+        let auth = match auth {
             Ok(a) => a,
             Err(ClientError::Refused {
                 status: 402,
@@ -365,6 +413,7 @@ impl GatewayState {
             }
             Ok(Some(first)) => {
                 job.first = first;
+                self.prefetch(&request.model, worker);
                 Ok(job)
             }
             Ok(None) => Err(Attempt::Next("the worker closed the stream".into())),

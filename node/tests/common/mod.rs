@@ -145,7 +145,9 @@ async fn openai_generate(State(state): State<Arc<FakeState>>, body: Bytes) -> Re
     let stream = async_stream::stream! {
         let mut guard = DropGuard { state: state.clone(), done: false };
         for t in state.tokens.clone() {
-            tokio::time::sleep(state.delay).await;
+            if !state.delay.is_zero() {
+                tokio::time::sleep(state.delay).await;
+            }
             let chunk = if chat {
                 json!({"choices": [{"index": 0, "delta": {"content": t}, "finish_reason": null}]})
             } else {
@@ -175,7 +177,9 @@ async fn ollama_generate(State(state): State<Arc<FakeState>>, body: Bytes) -> Re
     let stream = async_stream::stream! {
         let mut guard = DropGuard { state: state.clone(), done: false };
         for t in state.tokens.clone() {
-            tokio::time::sleep(state.delay).await;
+            if !state.delay.is_zero() {
+                tokio::time::sleep(state.delay).await;
+            }
             let line = if chat {
                 json!({"model": MODEL, "message": {"role": "assistant", "content": t}, "done": false})
             } else {

@@ -1,0 +1,181 @@
+//! Expanding a seed into the challenge matrices.
+//!
+//! Why the results are exact on every backend: every entry of A and B is an
+//! integer in `[-bound, bound]`, so every product is an integer of magnitude
+//! at most `bound^2` and every partial sum of a dot product (in whatever
+//! order and with or without fused multiply-add) is an integer of magnitude
+//! at most `n * bound^2`. [`bound_for`] picks the largest bound with
+//! `n * bound^2 < 2^24`, and f32 represents every integer below 2^24
+//! exactly, so no rounding ever happens: C = A x B is the same bits on the
+//! CPU, on wgpu and on CUDA, in any summation order. Between rounds, C is
+//! mapped back into `[-bound, bound]` (C mod (2 bound + 1), shifted), which
+//! is also exact, and multiplied by B again.
+
+use serde::{Deserialize, Serialize};
+
+/// Domain separation for the seed expansion.
+const CONTEXT: &str = "troop proof-of-hardware v1 matrices";
+
+/// What the coordinator asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Challenge {
+    /// 32 random bytes, hex.
+    pub seed: String,
+    pub n: usize,
+    pub rounds: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChallengeError {
+    #[error("seed must be 64 hex digits (32 bytes)")]
+    Seed,
+    #[error("size must be from 16 to 16384, got {0}")]
+    Size(usize),
+    #[error("rounds must be from 1 to 64, got {0}")]
+    Rounds(u32),
+}
+
+impl Challenge {
+    pub fn new(seed: [u8; 32], n: usize, rounds: u32) -> Self {
+        Self {
+            seed: hex::encode(seed),
+            n,
+            rounds,
+        }
+    }
+
+    /// Checks the fields and returns the raw seed.
+    pub fn validate(&self) -> Result<[u8; 32], ChallengeError> {
+        if !(16..=16_384).contains(&self.n) {
+            return Err(ChallengeError::Size(self.n));
+        }
+        if !(1..=64).contains(&self.rounds) {
+            return Err(ChallengeError::Rounds(self.rounds));
+        }
+        let bytes = hex::decode(&self.seed).map_err(|_| ChallengeError::Seed)?;
+        bytes.try_into().map_err(|_| ChallengeError::Seed)
+    }
+
+    /// Floating point operations of the whole proof.
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.n as f64).powi(3) * f64::from(self.rounds)
+    }
+}
+
+/// The largest entry bound for size `n` such that `n * bound^2 < 2^24`
+/// (capped at 127).
+pub fn bound_for(n: usize) -> i32 {
+    let limit = (1u64 << 24) - 1;
+    let mut b: u64 = 1;
+    while b < 127 && (n as u64) * (b + 1) * (b + 1) <= limit {
+        b += 1;
+    }
+    b as i32
+}
+
+/// Maps an integer-valued float back into `[-bound, bound]`.
+pub fn reduce(x: f32, bound: i32) -> f32 {
+    let m = (2 * bound + 1) as f32;
+    let r = ((x % m) + m) % m;
+    r - bound as f32
+}
+
+fn reader(seed: &[u8; 32], which: &[u8]) -> blake3::OutputReader {
+    let mut h = blake3::Hasher::new_derive_key(CONTEXT);
+    h.update(seed);
+    h.update(which);
+    h.finalize_xof()
+}
+
+fn fill(out: &mut [f32], mut xof: blake3::OutputReader, bound: i32) {
+    let m = (2 * bound + 1) as u32;
+    // Rejection sampling keeps every value equally likely.
+    let limit = 256 - (256 % m);
+    let mut buf = [0u8; 4096];
+    let mut pos = buf.len();
+    for slot in out.iter_mut() {
+        loop {
+            if pos == buf.len() {
+                xof.fill(&mut buf);
+                pos = 0;
+            }
+            let v = u32::from(buf[pos]);
+            pos += 1;
+            if v < limit {
+                *slot = ((v % m) as i32 - bound) as f32;
+                break;
+            }
+        }
+    }
+}
+
+/// Matrix A (row-major, `n x n`).
+pub fn matrix_a(seed: &[u8; 32], n: usize) -> Vec<f32> {
+    let mut v = vec![0f32; n * n];
+    fill(&mut v, reader(seed, b"A"), bound_for(n));
+    v
+}
+
+/// Matrix B (row-major, `n x n`).
+pub fn matrix_b(seed: &[u8; 32], n: usize) -> Vec<f32> {
+    let mut v = vec![0f32; n * n];
+    fill(&mut v, reader(seed, b"B"), bound_for(n));
+    v
+}
+
+/// Row `i` of A alone, without expanding the rest (the XOF is seekable).
+pub fn row_a(seed: &[u8; 32], n: usize, i: usize) -> Vec<f32> {
+    // Rejection sampling makes rows variable-length in the stream, so
+    // expand A up to row i (n^2 bytes at most: cheap next to B).
+    let mut v = vec![0f32; n * (i + 1)];
+    fill(&mut v, reader(seed, b"A"), bound_for(n));
+    v.split_off(n * i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bound_keeps_every_sum_below_2_pow_24() {
+        for n in [16usize, 64, 1000, 1024, 4096, 8192, 16384] {
+            let b = bound_for(n) as u64;
+            assert!((n as u64) * b * b < 1 << 24, "n {n} bound {b}");
+            assert!(b == 127 || (n as u64) * (b + 1) * (b + 1) >= 1 << 24);
+        }
+        assert_eq!(bound_for(4096), 63);
+    }
+
+    #[test]
+    fn expansion_is_deterministic_and_bounded() {
+        let seed = [7u8; 32];
+        let a = matrix_a(&seed, 64);
+        assert_eq!(a, matrix_a(&seed, 64));
+        assert_ne!(a, matrix_b(&seed, 64));
+        assert_ne!(a, matrix_a(&[8u8; 32], 64));
+        let b = bound_for(64) as f32;
+        assert!(a.iter().all(|x| x.fract() == 0.0 && x.abs() <= b));
+        assert_eq!(row_a(&seed, 64, 5), a[5 * 64..6 * 64].to_vec());
+    }
+
+    #[test]
+    fn reduce_maps_into_range() {
+        for x in [
+            -1000.0f32,
+            -64.0,
+            -63.0,
+            0.0,
+            63.0,
+            64.0,
+            127.0,
+            16_000_000.0,
+        ] {
+            let r = reduce(x, 63);
+            assert!(
+                (-63.0..=63.0).contains(&r) && r.fract() == 0.0,
+                "{x} -> {r}"
+            );
+            assert_eq!((r - x) % 127.0, 0.0);
+        }
+    }
+}
