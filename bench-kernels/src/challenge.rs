@@ -123,13 +123,12 @@ pub fn matrix_b(seed: &[u8; 32], n: usize) -> Vec<f32> {
     v
 }
 
-/// Row `i` of A alone, without expanding the rest (the XOF is seekable).
-pub fn row_a(seed: &[u8; 32], n: usize, i: usize) -> Vec<f32> {
-    // Rejection sampling makes rows variable-length in the stream, so
-    // expand A up to row i (n^2 bytes at most: cheap next to B).
-    let mut v = vec![0f32; n * (i + 1)];
+/// The first `rows` rows of A (rejection sampling makes rows variable-length
+/// in the stream, so a row can't be read alone; at most n^2 bytes).
+pub fn row_prefix_a(seed: &[u8; 32], n: usize, rows: usize) -> Vec<f32> {
+    let mut v = vec![0f32; n * rows.min(n)];
     fill(&mut v, reader(seed, b"A"), bound_for(n));
-    v.split_off(n * i)
+    v
 }
 
 #[cfg(test)]
@@ -155,7 +154,7 @@ mod tests {
         assert_ne!(a, matrix_a(&[8u8; 32], 64));
         let b = bound_for(64) as f32;
         assert!(a.iter().all(|x| x.fract() == 0.0 && x.abs() <= b));
-        assert_eq!(row_a(&seed, 64, 5), a[5 * 64..6 * 64].to_vec());
+        assert_eq!(row_prefix_a(&seed, 64, 6), a[..6 * 64].to_vec());
     }
 
     #[test]
@@ -175,7 +174,8 @@ mod tests {
                 (-63.0..=63.0).contains(&r) && r.fract() == 0.0,
                 "{x} -> {r}"
             );
-            assert_eq!((r - x) % 127.0, 0.0);
+            // r + bound is x modulo 2 bound + 1.
+            assert_eq!((x - (r + 63.0)) % 127.0, 0.0, "{x} -> {r}");
         }
     }
 }

@@ -124,7 +124,7 @@ pub fn prove(
     let data = c.into_data();
     let matmul_seconds = t0.elapsed().as_secs_f64();
     let c: Vec<f32> = data
-        .into_vec::<f32>()
+        .try_into_vec::<f32>()
         .map_err(|e| ProveError::Backend(format!("{e:?}")))?;
     if c.len() != n * n {
         return Err(ProveError::Backend(format!(

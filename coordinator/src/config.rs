@@ -39,6 +39,12 @@ pub struct Config {
     pub bootstrap_peers: usize,
     /// Most commands the ledger writer groups into one commit.
     pub max_batch: usize,
+    /// Proof of hardware: matrix size, rounds, and how long a worker has.
+    pub bench_size: usize,
+    pub bench_rounds: u32,
+    pub bench_deadline: Duration,
+    /// GFLOP/s that earn a multiplier of 1.0 (see `bench::multiplier_for`).
+    pub reference_gflops: f64,
 }
 
 impl Config {
@@ -60,6 +66,10 @@ impl Config {
             trusted_proxy: false,
             bootstrap_peers: 8,
             max_batch: 2048,
+            bench_size: 4096,
+            bench_rounds: 4,
+            bench_deadline: Duration::from_secs(300),
+            reference_gflops: 100.0,
         }
     }
 

@@ -232,6 +232,12 @@ pub enum Command {
         receipt_sha256: String,
         now_ms: u64,
     },
+    /// Records a verified proof of hardware.
+    SetHardware {
+        peer_id: String,
+        verified_gflops: f64,
+        multiplier_milli: i64,
+    },
     /// Voids every pending reservation whose ticket expired before `cutoff_secs`.
     ExpireDue {
         cutoff_secs: u64,
@@ -350,6 +356,23 @@ pub fn apply(
             *now_ms,
             events,
         ),
+        Command::SetHardware {
+            peer_id,
+            verified_gflops,
+            multiplier_milli,
+        } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE workers SET verified_gflops = ?2, multiplier_milli = ?3 WHERE peer_id = ?1",
+                )?
+                .execute(params![peer_id, verified_gflops, multiplier_milli])?;
+            if n == 0 {
+                return Err(LedgerError::UnknownWorker(peer_id.clone()));
+            }
+            load_worker(tx, peer_id)?
+                .map(Outcome::Worker)
+                .ok_or_else(|| LedgerError::UnknownWorker(peer_id.clone()))
+        }
         Command::Cancel { job_id, now_ms } => {
             let job =
                 load_job(tx, job_id)?.ok_or_else(|| LedgerError::UnknownJob(job_id.clone()))?;

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod ledger;
@@ -66,6 +67,8 @@ pub struct AppState {
     /// held in memory by a process that is gone).
     pub started_at: u64,
     pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Proof-of-hardware rounds in progress, by challenge id.
+    pub challenges: Mutex<HashMap<String, bench::Pending>>,
 }
 
 /// The opened coordinator, ready to serve.
@@ -132,6 +135,7 @@ impl Coordinator {
             nonces: Mutex::new(HashMap::new()),
             started_at: unix_secs(),
             prometheus: metrics::handle(),
+            challenges: Mutex::new(HashMap::new()),
         };
         Ok(Self {
             state: Arc::new(state),

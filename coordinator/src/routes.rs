@@ -57,9 +57,16 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/transactions/submit", post(submit_receipt))
         .route("/metrics", get(metrics_text))
         .merge(discovery)
-        .fallback(not_found)
+        .route("/bench/challenge", post(crate::bench::challenge))
         // Router::layer wraps from the inside out: the last one is outermost.
         .layer(RequestBodyLimitLayer::new(state.cfg.body_limit_bytes))
+        // Openings of 132 rows of 4096 numbers are a few MiB.
+        .merge(
+            Router::new()
+                .route("/bench/submit", post(crate::bench::submit))
+                .layer(RequestBodyLimitLayer::new(64 * 1024 * 1024)),
+        )
+        .fallback(not_found)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             state.cfg.request_timeout,
@@ -71,7 +78,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-fn request_id(headers: &HeaderMap) -> String {
+pub(crate) fn request_id(headers: &HeaderMap) -> String {
     headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
@@ -170,7 +177,7 @@ async fn discovery_limit(State(state): St, req: Request, next: Next) -> Response
     next.run(req).await
 }
 
-fn security_event(state: &AppState, event: &str, rid: &str, fields: Value) {
+pub(crate) fn security_event(state: &AppState, event: &str, rid: &str, fields: Value) {
     metrics::counter!("troop_security_events_total", "event" => event.to_string()).increment(1);
     state
         .audit
@@ -178,7 +185,7 @@ fn security_event(state: &AppState, event: &str, rid: &str, fields: Value) {
 }
 
 /// Verifies a signed request and its nonce; audits every refusal.
-fn verify_signed(
+pub(crate) fn verify_signed(
     state: &AppState,
     headers: &HeaderMap,
     method: &Method,
@@ -240,7 +247,7 @@ fn verify_signed(
     Ok(v.peer)
 }
 
-fn ledger_error(state: &AppState, e: LedgerError, rid: &str) -> ApiError {
+pub(crate) fn ledger_error(state: &AppState, e: LedgerError, rid: &str) -> ApiError {
     let (status, code) = match &e {
         LedgerError::InsufficientFunds { .. } => {
             (StatusCode::PAYMENT_REQUIRED, ErrorCode::PaymentRequired)

@@ -156,7 +156,7 @@ fn request() -> InferenceRequest {
 
 async fn bench_memory(streams: usize) -> (u64, u64, u64, usize) {
     // Slow tokens keep every stream open while we measure.
-    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(40), Duration::from_millis(500)).await;
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(240), Duration::from_millis(500)).await;
     let net = TestNet::start(rich).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let key_path = dir.path().join("worker.key");
@@ -212,47 +212,65 @@ async fn bench_memory(streams: usize) -> (u64, u64, u64, usize) {
         );
     }
     let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let release = Arc::new(tokio::sync::Notify::new());
     let mut handles = Vec::new();
     for t in tickets {
         let mut control = client_net.stream_control();
-        let started = started.clone();
+        let (started, failed, release) = (started.clone(), failed.clone(), release.clone());
         handles.push(tokio::spawn(async move {
-            let mut s = loop {
-                match control
+            let notified = release.notified();
+            // A stream the worker could not take at once (a burst of opens)
+            // is opened again with the same, still unused, ticket.
+            for _ in 0..5 {
+                let Ok(mut s) = control
                     .open_stream(worker_peer, StreamProtocol::new(INFER_PROTOCOL))
                     .await
+                else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                if write_frame(
+                    &mut s,
+                    &Frame::Request {
+                        version: FRAME_VERSION,
+                        ticket: t.clone(),
+                        request: request(),
+                    },
+                )
+                .await
+                .is_err()
                 {
-                    Ok(s) => break s,
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    continue;
                 }
-            };
-            write_frame(
-                &mut s,
-                &Frame::Request {
-                    version: FRAME_VERSION,
-                    ticket: t,
-                    request: request(),
-                },
-            )
-            .await
-            .ok()?;
-            match read_frame(&mut s).await {
-                Ok(Some(Frame::Chunk { .. })) => {
-                    started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                match read_frame(&mut s).await {
+                    Ok(Some(Frame::Chunk { .. })) => {
+                        started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        // Hold the stream open until the measurement is done.
+                        notified.await;
+                        return;
+                    }
+                    Ok(None) => continue,
+                    other => {
+                        eprintln!("[mesh bench] a stream did not start: {other:?}");
+                        break;
+                    }
                 }
-                other => eprintln!("[mesh bench] a stream did not start: {other:?}"),
             }
-            // Hold the stream open, reading slowly.
-            tokio::time::sleep(Duration::from_secs(8)).await;
-            Some(())
+            failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }));
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while started.load(std::sync::atomic::Ordering::SeqCst) < streams && Instant::now() < deadline {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while started.load(std::sync::atomic::Ordering::SeqCst)
+        + failed.load(std::sync::atomic::Ordering::SeqCst)
+        < streams
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let live = started.load(std::sync::atomic::Ordering::SeqCst);
     let (busy_rss, _) = rss_kib(pid);
+    release.notify_waiters();
     for h in handles {
         let _ = h.await;
     }
@@ -289,9 +307,12 @@ async fn bench_discovery(nodes: usize) -> (f64, f64) {
     let start = Instant::now();
     let (dht_node, _ev) = network::spawn(cfg).await.expect("new node");
     let mut found = Vec::new();
+    let mut tries = 0;
     while found.is_empty() && start.elapsed() < Duration::from_secs(10) {
+        tries += 1;
         found = dht_node.find_providers(model_key(MODEL)).await;
     }
+    eprintln!("[mesh bench] DHT lookup answered after {tries} queries");
     let dht_ms = start.elapsed().as_secs_f64() * 1000.0;
     let mut cfg = NetConfig::new(troop_protocol::identity::generate());
     cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];

@@ -136,6 +136,15 @@ impl CoordinatorClient {
         Self::decode(resp).await
     }
 
+    /// A signed POST with any JSON body (proof-of-hardware rounds).
+    pub async fn signed_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.signed_post(path, body).await
+    }
+
     pub async fn health(&self) -> Result<serde_json::Value, ClientError> {
         let resp = self
             .http

@@ -4,6 +4,7 @@ pub mod commands;
 pub mod coordinator_client;
 pub mod frames_io;
 pub mod gateway;
+pub mod hardware;
 pub mod network;
 pub mod receipts;
 pub mod upstream;

@@ -94,6 +94,9 @@ enum Cmd {
         /// Prove the hardware with a matmul benchmark at start (also RUN_INITIAL_BENCHMARK=true).
         #[arg(long, env = "RUN_INITIAL_BENCHMARK")]
         benchmark: bool,
+        /// Backend for that proof: cpu, wgpu or cuda (GPU ones need a build with that feature).
+        #[arg(long, env = "TROOP_BENCH_BACKEND", default_value = "cpu")]
+        bench_backend: troop_bench_kernels::Backend,
         #[command(flatten)]
         mesh: MeshArgs,
     },
@@ -108,6 +111,24 @@ enum Cmd {
         http: SocketAddr,
         #[command(flatten)]
         mesh: MeshArgs,
+    },
+    /// Time a verifiable matmul (the proof of hardware) on this machine.
+    Bench {
+        /// Matrix size n (n x n).
+        #[arg(long, default_value_t = 4096)]
+        size: usize,
+        /// Chained rounds (each maps C back to small integers and multiplies by B again).
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
+        /// Challenge seed, 64 hex digits (random when not given).
+        #[arg(long)]
+        seed: Option<String>,
+        /// cpu (burn Flex), wgpu or cuda (GPU ones need a build with that feature).
+        #[arg(long, env = "TROOP_BENCH_BACKEND", default_value = "cpu")]
+        backend: troop_bench_kernels::Backend,
+        /// Print one JSON line instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// List the models on the mesh with their workers, queue depth and TTFT.
     Models {
@@ -197,6 +218,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             advert_interval,
             heartbeat_interval,
             benchmark,
+            bench_backend,
             mesh,
         } => {
             let key = read_identity(&identity)?;
@@ -215,9 +237,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.heartbeat_interval = secs(heartbeat_interval, "--heartbeat-interval")?;
             cfg.net = mesh.net(key)?;
             if benchmark {
-                tracing::warn!(
-                    "--benchmark: the proof of hardware is not built into this version yet; the multiplier stays 1.0"
-                );
+                cfg.benchmark = Some(bench_backend);
             }
             tracing::info!(peer_id = %peer, "starting worker");
             let w = worker::start(cfg).await?;
@@ -241,6 +261,55 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tokio::select! {
                 _ = g.wait() => {},
                 _ = ctrl_c() => tracing::info!("stopping"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench {
+            size,
+            rounds,
+            seed,
+            backend,
+            json,
+        } => {
+            let seed: [u8; 32] = match seed {
+                Some(h) => hex::decode(&h)
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| anyhow::anyhow!("--seed must be 64 hex digits"))?,
+                None => {
+                    use rand::RngCore;
+                    let mut s = [0u8; 32];
+                    rand::rng().fill_bytes(&mut s);
+                    s
+                }
+            };
+            let report = tokio::task::spawn_blocking(move || {
+                troop_node::hardware::run_local(size, rounds, seed, backend, !json)
+            })
+            .await??;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("backend   {}", report.backend);
+                println!(
+                    "size      {} x {}, {} round(s)",
+                    report.n, report.n, report.rounds
+                );
+                println!(
+                    "matmul    {:.3} s  ({:.1} GFLOP/s)",
+                    report.matmul_seconds, report.gflops
+                );
+                println!(
+                    "total     {:.3} s  (expansion, rounds, hashing)",
+                    report.seconds
+                );
+                println!("root      {}", report.root);
+                println!(
+                    "verify    {} rows in {:.3} s ({:.1} % of proving)",
+                    report.verify_rows,
+                    report.verify_seconds,
+                    report.verify_fraction * 100.0
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -244,11 +244,20 @@ fn build_swarm(cfg: &NetConfig) -> anyhow::Result<Swarm<Behaviour>> {
                     gc,
                 )
                 .map_err(|e| anyhow::anyhow!("gossipsub: {e}"))?;
-                g.with_peer_score(
-                    gossipsub::PeerScoreParams::default(),
-                    gossipsub::PeerScoreThresholds::default(),
-                )
-                .map_err(|e| anyhow::anyhow!("gossipsub scoring: {e}"))?;
+                // Many peers on one IP are normal for loopback meshes and for
+                // several machines behind one home NAT: don't let the
+                // colocation penalty graylist them on loopback.
+                let params = gossipsub::PeerScoreParams {
+                    ip_colocation_factor_whitelist: [
+                        std::net::IpAddr::from([127, 0, 0, 1]),
+                        std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+                    ]
+                    .into_iter()
+                    .collect(),
+                    ..Default::default()
+                };
+                g.with_peer_score(params, gossipsub::PeerScoreThresholds::default())
+                    .map_err(|e| anyhow::anyhow!("gossipsub scoring: {e}"))?;
                 g.subscribe(&gossipsub::IdentTopic::new(ADVERT_TOPIC))?;
                 Some(g)
             } else {

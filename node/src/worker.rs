@@ -45,6 +45,8 @@ pub struct WorkerConfig {
     pub breaker_cooldown: Duration,
     /// Where receipts wait while the coordinator is away.
     pub state_dir: PathBuf,
+    /// Prove the hardware to the coordinator at start, on this backend.
+    pub benchmark: Option<troop_bench_kernels::Backend>,
 }
 
 impl WorkerConfig {
@@ -62,6 +64,7 @@ impl WorkerConfig {
             model_refresh_interval: Duration::from_secs(15),
             breaker_cooldown: troop_protocol::policy::BREAKER_COOLDOWN,
             state_dir,
+            benchmark: None,
         }
     }
 }
@@ -255,6 +258,7 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
         tokio::spawn(heartbeat_loop(shared.clone())),
         tokio::spawn(refresh_models_loop(shared.clone())),
         tokio::spawn(receipts.run(client, shared.receipt_key.clone())),
+        tokio::spawn(benchmark_task(shared.clone())),
     ];
     Ok(RunningWorker {
         peer_id,
@@ -263,6 +267,29 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
         tasks,
         shared,
     })
+}
+
+/// Proves the hardware once at start (off the event loop: the matmul runs
+/// on a blocking thread while the node keeps serving).
+async fn benchmark_task(s: Arc<Shared>) {
+    let Some(backend) = s.cfg.benchmark else {
+        return;
+    };
+    match crate::hardware::prove_to_coordinator(&s.client, backend).await {
+        Ok((m, gflops)) => {
+            tracing::info!(
+                gflops,
+                multiplier = m,
+                "hardware verified by the coordinator"
+            );
+            if let Ok(mut slot) = s.multiplier.write() {
+                *slot = m;
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "proof of hardware failed; the multiplier stays as it was")
+        }
+    }
 }
 
 fn advert(s: &Shared) -> Advert {

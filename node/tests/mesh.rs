@@ -562,3 +562,49 @@ async fn the_gateway_answers_bad_requests_in_openai_shape() {
         assert!(v["error"]["type"].is_string());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_with_benchmark_proves_its_hardware_and_advertises_the_multiplier() {
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(2), Duration::ZERO).await;
+    let mut net = TestNet::start(|c| {
+        c.bench_size = 64;
+        c.bench_rounds = 2;
+        c.reference_gflops = 1e-6;
+    })
+    .await;
+    let w = net
+        .add_worker(&fake.url, |c| {
+            c.benchmark = Some(troop_bench_kernels::Backend::Cpu)
+        })
+        .await;
+    net.add_gateway().await;
+    let peer = net.workers[w].peer_id.to_base58();
+    let url = format!("{}/workers", net.coordinator_url());
+    let http = net.http.clone();
+    eventually("the verified multiplier", 30, || {
+        let http = http.clone();
+        let url = url.clone();
+        let peer = peer.clone();
+        async move {
+            let v: Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+            let me = v["workers"]
+                .as_array()?
+                .iter()
+                .find(|x| x["peer_id"] == peer.as_str())?
+                .clone();
+            (me["verified_gflops"].as_f64()? > 0.0 && me["hardware_multiplier"] == 8.0)
+                .then_some(())
+        }
+    })
+    .await;
+    let gw = net.gateway.as_ref().expect("gateway");
+    eventually("the advert to carry it", 30, || {
+        let rows = gw.state.table.read().map(|t| t.rows()).unwrap_or_default();
+        async move {
+            rows.iter()
+                .any(|r| r.hardware_multiplier == Some(8.0))
+                .then_some(())
+        }
+    })
+    .await;
+}

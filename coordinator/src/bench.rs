@@ -1,0 +1,305 @@
+//! Proof of hardware, the coordinator's side.
+//!
+//! 1. `POST /bench/challenge` (signed by a registered worker): a fresh seed,
+//!    the size, the rounds and a deadline. The clock starts now.
+//! 2. `POST /bench/submit` with `{challenge_id, root}`: the clock stops (the
+//!    throughput is measured here, never taken from the worker), and the
+//!    answer names the rows to open: 132 random rows (see
+//!    `troop_bench_kernels::verify::SAMPLES`).
+//! 3. `POST /bench/submit` with `{challenge_id, openings}`: each row is
+//!    checked against the root and recomputed from the seed. Only then are
+//!    `verified_gflops` and the multiplier recorded.
+//!
+//! Multiplier: `clamp(verified_gflops / reference_gflops, 0.5, 8.0)`,
+//! rounded to a thousandth, with `reference_gflops = 100` by default (a
+//! recent desktop CPU). A worker that never proves keeps 1.0.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use rand::RngCore;
+use serde::Deserialize;
+use serde_json::json;
+use troop_bench_kernels::Challenge;
+use troop_bench_kernels::verify::{self, Opening, SAMPLES};
+use troop_protocol::ErrorCode;
+
+use crate::error::{ApiError, parse_json};
+use crate::ledger::{Command, Outcome};
+use crate::routes::{ledger_error, request_id, security_event, verify_signed};
+use crate::{AppState, unix_secs};
+
+/// A round in progress.
+pub struct Pending {
+    pub worker: String,
+    pub challenge: Challenge,
+    pub issued: Instant,
+    pub deadline: Instant,
+    /// Set when the root arrived: (root, seconds on our clock, rows asked).
+    pub committed: Option<(String, f64, Vec<usize>)>,
+}
+
+/// The multiplier for a verified throughput.
+pub fn multiplier_for(gflops: f64, reference: f64) -> i64 {
+    let m = (gflops / reference.max(1e-9)).clamp(0.5, 8.0);
+    (m * 1000.0).round() as i64
+}
+
+fn refuse(
+    state: &AppState,
+    rid: &str,
+    status: StatusCode,
+    code: ErrorCode,
+    event: &str,
+    worker: &str,
+    msg: String,
+) -> ApiError {
+    if let Some(ev) = event.strip_prefix("security.") {
+        security_event(state, ev, rid, json!({ "worker": worker, "reason": msg }));
+    } else {
+        state
+            .audit
+            .record(event, Some(rid), json!({ "worker": worker, "reason": msg }));
+    }
+    ApiError::new(status, code, msg).with_request_id(rid)
+}
+
+pub async fn challenge(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let rid = request_id(&headers);
+    let worker = verify_signed(&state, &headers, &method, &uri, &body, &rid)?.to_base58();
+    let known = state
+        .workers
+        .read()
+        .map(|w| w.contains_key(&worker))
+        .unwrap_or(false);
+    if !known {
+        return Err(ApiError::not_found(
+            ErrorCode::UnknownWorker,
+            "register before asking for a challenge",
+        )
+        .with_request_id(&rid));
+    }
+    let mut seed = [0u8; 32];
+    rand::rng().fill_bytes(&mut seed);
+    let mut id = [0u8; 16];
+    rand::rng().fill_bytes(&mut id);
+    let id = hex::encode(id);
+    let ch = Challenge::new(seed, state.cfg.bench_size, state.cfg.bench_rounds);
+    let now = Instant::now();
+    let deadline_unix = unix_secs() + state.cfg.bench_deadline.as_secs();
+    if let Ok(mut c) = state.challenges.lock() {
+        c.retain(|_, p| p.deadline > now);
+        c.insert(
+            id.clone(),
+            Pending {
+                worker: worker.clone(),
+                challenge: ch.clone(),
+                issued: now,
+                deadline: now + state.cfg.bench_deadline,
+                committed: None,
+            },
+        );
+    }
+    state.audit.record(
+        "bench.challenge",
+        Some(&rid),
+        json!({ "worker": worker, "challenge_id": id, "n": ch.n, "rounds": ch.rounds }),
+    );
+    Ok(axum::Json(json!({
+        "challenge_id": id,
+        "seed": ch.seed,
+        "n": ch.n,
+        "rounds": ch.rounds,
+        "deadline": deadline_unix,
+        "samples": SAMPLES,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Submit {
+    challenge_id: String,
+    #[serde(default)]
+    root: Option<String>,
+    /// The worker's own timing (recorded, never trusted).
+    #[serde(default)]
+    seconds: Option<f64>,
+    #[serde(default)]
+    openings: Option<Vec<Opening>>,
+}
+
+pub async fn submit(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let rid = request_id(&headers);
+    let worker = verify_signed(&state, &headers, &method, &uri, &body, &rid)?.to_base58();
+    let req: Submit = parse_json(&body).map_err(|e| e.with_request_id(&rid))?;
+    // Look the round up and check it belongs to this worker and is on time.
+    let (challenge, committed, issued) = {
+        let mut map = state
+            .challenges
+            .lock()
+            .map_err(|_| ApiError::internal("challenge table poisoned"))?;
+        let Some(p) = map.get(&req.challenge_id) else {
+            drop(map);
+            return Err(refuse(
+                &state,
+                &rid,
+                StatusCode::NOT_FOUND,
+                ErrorCode::NotFound,
+                "security.bench_unknown_challenge",
+                &worker,
+                format!(
+                    "no challenge {:.40} was issued (or it is over)",
+                    req.challenge_id
+                ),
+            ));
+        };
+        if p.worker != worker {
+            drop(map);
+            return Err(refuse(
+                &state,
+                &rid,
+                StatusCode::FORBIDDEN,
+                ErrorCode::Forbidden,
+                "security.bench_foreign_challenge",
+                &worker,
+                "this challenge was issued to another worker".into(),
+            ));
+        }
+        if arrived > p.deadline {
+            map.remove(&req.challenge_id);
+            drop(map);
+            return Err(refuse(
+                &state,
+                &rid,
+                StatusCode::GONE,
+                ErrorCode::Timeout,
+                "bench.expired",
+                &worker,
+                "the challenge's deadline has passed".into(),
+            ));
+        }
+        (p.challenge.clone(), p.committed.clone(), p.issued)
+    };
+    match (req.root, req.openings, committed) {
+        (Some(root), None, None) => {
+            if hex::decode(&root).map(|b| b.len()) != Ok(32) {
+                return Err(
+                    ApiError::bad_request("root must be 64 hex digits").with_request_id(&rid)
+                );
+            }
+            let seconds = arrived.duration_since(issued).as_secs_f64();
+            let mut r = [0u8; 32];
+            rand::rng().fill_bytes(&mut r);
+            let rows = verify::pick_rows(&r, challenge.n, SAMPLES);
+            if let Ok(mut map) = state.challenges.lock()
+                && let Some(p) = map.get_mut(&req.challenge_id)
+            {
+                p.committed = Some((root.clone(), seconds, rows.clone()));
+            }
+            state.audit.record(
+                "bench.committed",
+                Some(&rid),
+                json!({ "worker": worker, "challenge_id": req.challenge_id,
+                "seconds": seconds, "worker_seconds": req.seconds }),
+            );
+            Ok(axum::Json(
+                json!({ "challenge_id": req.challenge_id, "rows": rows, "seconds": seconds }),
+            )
+            .into_response())
+        }
+        (None, Some(openings), Some((root, seconds, rows))) => {
+            // One try per challenge, pass or fail.
+            if let Ok(mut map) = state.challenges.lock() {
+                map.remove(&req.challenge_id);
+            }
+            let ch = challenge.clone();
+            let verdict =
+                tokio::task::spawn_blocking(move || verify::verify(&ch, &root, &rows, &openings))
+                    .await
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
+            if let Err(e) = verdict {
+                return Err(refuse(
+                    &state,
+                    &rid,
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    ErrorCode::BadRequest,
+                    "security.bench_failed",
+                    &worker,
+                    format!("proof rejected: {e}"),
+                ));
+            }
+            let gflops = challenge.flops() / seconds.max(1e-9) / 1e9;
+            let multiplier_milli = multiplier_for(gflops, state.cfg.reference_gflops);
+            let out = state
+                .writer
+                .submit(
+                    Command::SetHardware {
+                        peer_id: worker.clone(),
+                        verified_gflops: gflops,
+                        multiplier_milli,
+                    },
+                    Some(rid.clone()),
+                )
+                .await
+                .map_err(|e| ledger_error(&state, e, &rid))?;
+            if let (Outcome::Worker(row), Ok(mut w)) = (out, state.workers.write()) {
+                w.insert(row.peer_id.clone(), row);
+            }
+            state.audit.record("bench.verified", Some(&rid), json!({ "worker": worker, "challenge_id": req.challenge_id,
+                "verified_gflops": gflops, "hardware_multiplier": multiplier_milli as f64 / 1000.0 }));
+            tracing::info!(%worker, gflops, multiplier = multiplier_milli as f64 / 1000.0, "proof of hardware verified");
+            Ok(axum::Json(json!({
+                "challenge_id": req.challenge_id,
+                "verified": true,
+                "verified_gflops": gflops,
+                "hardware_multiplier": multiplier_milli as f64 / 1000.0,
+                "seconds": seconds,
+            }))
+            .into_response())
+        }
+        (Some(_), None, Some(_)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorCode::Conflict,
+            "the root was already committed; send the openings",
+        )
+        .with_request_id(&rid)),
+        (None, Some(_), None) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorCode::Conflict,
+            "commit the root first",
+        )
+        .with_request_id(&rid)),
+        _ => Err(ApiError::bad_request("send either `root` or `openings`").with_request_id(&rid)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multiplier_has_a_floor_and_a_cap() {
+        assert_eq!(multiplier_for(100.0, 100.0), 1000);
+        assert_eq!(multiplier_for(250.0, 100.0), 2500);
+        assert_eq!(multiplier_for(1.0, 100.0), 500);
+        assert_eq!(multiplier_for(1e6, 100.0), 8000);
+    }
+}

@@ -1,0 +1,166 @@
+//! Proof of hardware from the node's side: `troop bench` locally, and the
+//! worker's round with the coordinator (`--benchmark`).
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::json;
+use troop_bench_kernels::verify::{self, Opening, SAMPLES};
+use troop_bench_kernels::{Backend, Challenge, prove};
+
+use crate::coordinator_client::CoordinatorClient;
+
+/// Longest a benchmark may run.
+pub const BENCH_LIMIT: Duration = Duration::from_secs(300);
+
+/// What `troop bench --json` prints (one line).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub backend: &'static str,
+    pub n: usize,
+    pub rounds: u32,
+    /// Expansion, all rounds and hashing.
+    pub seconds: f64,
+    pub matmul_seconds: f64,
+    /// On the matmul time.
+    pub gflops: f64,
+    pub root: String,
+    pub seed: String,
+    /// Rows a verifier opens, and the time it took here to check them.
+    pub verify_rows: usize,
+    pub verify_seconds: f64,
+    /// verify_seconds / seconds.
+    pub verify_fraction: f64,
+}
+
+/// Runs a local proof (and checks it as a coordinator would), stopping with
+/// an error after [`BENCH_LIMIT`].
+pub fn run_local(
+    n: usize,
+    rounds: u32,
+    seed: [u8; 32],
+    backend: Backend,
+    show_progress: bool,
+) -> anyhow::Result<Report> {
+    let ch = Challenge::new(seed, n, rounds);
+    ch.validate()?;
+    let bar = (show_progress && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new(u64::from(rounds));
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {msg} [{bar:30}] {pos}/{len} rounds {elapsed}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_message(format!("{n}x{n} matmul on {}", backend.name()));
+        b.enable_steady_tick(Duration::from_millis(120));
+        b
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ch2 = ch.clone();
+    let bar2 = bar.clone();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + BENCH_LIMIT;
+        let r = prove(&ch2, backend, Some(deadline), |done, _| {
+            if let Some(b) = &bar2 {
+                b.set_position(u64::from(done));
+            }
+        });
+        let _ = tx.send(r);
+    });
+    let proof = match rx.recv_timeout(BENCH_LIMIT) {
+        Ok(r) => r?,
+        Err(_) => anyhow::bail!(
+            "the benchmark ran past {} s and was stopped",
+            BENCH_LIMIT.as_secs()
+        ),
+    };
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let rows = verify::pick_rows(&seed, n, SAMPLES);
+    let openings: Vec<Opening> = rows
+        .iter()
+        .map(|&i| Opening {
+            row: i,
+            values: proof.row(i).to_vec(),
+            path: proof.tree.open(i),
+        })
+        .collect();
+    let t = Instant::now();
+    verify::verify(&ch, &proof.root_hex(), &rows, &openings)?;
+    let verify_seconds = t.elapsed().as_secs_f64();
+    Ok(Report {
+        backend: backend.name(),
+        n,
+        rounds,
+        seconds: proof.seconds,
+        matmul_seconds: proof.matmul_seconds,
+        gflops: ch.flops() / proof.matmul_seconds.max(1e-9) / 1e9,
+        root: proof.root_hex(),
+        seed: ch.seed.clone(),
+        verify_rows: rows.len(),
+        verify_seconds,
+        verify_fraction: verify_seconds / proof.seconds.max(1e-9),
+    })
+}
+
+/// The worker's round with the coordinator. Returns the verified multiplier.
+pub async fn prove_to_coordinator(
+    client: &CoordinatorClient,
+    backend: Backend,
+) -> anyhow::Result<(f64, f64)> {
+    let c = client.signed_json("/bench/challenge", &json!({})).await?;
+    let id = c["challenge_id"].as_str().unwrap_or_default().to_string();
+    let ch = Challenge {
+        seed: c["seed"].as_str().unwrap_or_default().to_string(),
+        n: c["n"].as_u64().unwrap_or(0) as usize,
+        rounds: c["rounds"].as_u64().unwrap_or(0) as u32,
+    };
+    ch.validate()?;
+    tracing::info!(
+        n = ch.n,
+        rounds = ch.rounds,
+        backend = backend.name(),
+        "proving hardware (the node keeps serving meanwhile)"
+    );
+    let ch2 = ch.clone();
+    let proof = tokio::task::spawn_blocking(move || {
+        prove(&ch2, backend, Some(Instant::now() + BENCH_LIMIT), |_, _| {})
+    })
+    .await??;
+    let asked = client
+        .signed_json(
+            "/bench/submit",
+            &json!({ "challenge_id": id, "root": proof.root_hex(), "seconds": proof.seconds }),
+        )
+        .await?;
+    let rows: Vec<usize> = asked["rows"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as usize)
+                .filter(|&i| i < ch.n)
+                .collect()
+        })
+        .unwrap_or_default();
+    let openings: Vec<Opening> = rows
+        .iter()
+        .map(|&i| Opening {
+            row: i,
+            values: proof.row(i).to_vec(),
+            path: proof.tree.open(i),
+        })
+        .collect();
+    let verdict = client
+        .signed_json(
+            "/bench/submit",
+            &json!({ "challenge_id": id, "openings": openings }),
+        )
+        .await?;
+    let m = verdict["hardware_multiplier"].as_f64().unwrap_or(1.0);
+    let g = verdict["verified_gflops"].as_f64().unwrap_or(0.0);
+    Ok((m, g))
+}
