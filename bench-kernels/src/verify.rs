@@ -283,3 +283,21 @@ mod tests {
         assert!(0.9f64.powi(SAMPLES as i32 - 1) >= 1e-6);
     }
 }
+
+/// Needs a Vulkan driver (Mesa's lavapipe on a CPU-only machine:
+/// `apt-get install mesa-vulkan-drivers`) and `--features wgpu`.
+#[cfg(all(test, feature = "wgpu"))]
+mod wgpu_tests {
+    use crate::Challenge;
+    use crate::matmul::{Backend, prove};
+
+    #[test]
+    fn the_root_is_the_same_on_flex_and_wgpu() {
+        for (n, rounds) in [(64usize, 1u32), (200, 3)] {
+            let ch = Challenge::new([5u8; 32], n, rounds);
+            let cpu = prove(&ch, Backend::Cpu, None, |_, _| {}).expect("cpu");
+            let gpu = prove(&ch, Backend::Wgpu, None, |_, _| {}).expect("wgpu");
+            assert_eq!(cpu.root_hex(), gpu.root_hex(), "n {n} rounds {rounds}");
+        }
+    }
+}

@@ -305,14 +305,23 @@ async fn bench_discovery(nodes: usize) -> (f64, f64) {
     cfg.bootstrap = entry.clone();
     cfg.gossip = false;
     let start = Instant::now();
-    let (dht_node, _ev) = network::spawn(cfg).await.expect("new node");
+    let (dht_node, mut ev) = network::spawn(cfg).await.expect("new node");
+    let spawned = start.elapsed().as_secs_f64() * 1000.0;
+    while !matches!(
+        ev.recv().await,
+        Some(network::NetEvent::Connected(_)) | None
+    ) {}
+    let connected = start.elapsed().as_secs_f64() * 1000.0;
     let mut found = Vec::new();
     let mut tries = 0;
     while found.is_empty() && start.elapsed() < Duration::from_secs(10) {
         tries += 1;
         found = dht_node.find_providers(model_key(MODEL)).await;
     }
-    eprintln!("[mesh bench] DHT lookup answered after {tries} queries");
+    eprintln!(
+        "[mesh bench] DHT: node up after {spawned:.0} ms, connected to its entry after {connected:.0} ms, providers after {tries} queries at {:.0} ms",
+        start.elapsed().as_secs_f64() * 1000.0
+    );
     let dht_ms = start.elapsed().as_secs_f64() * 1000.0;
     let mut cfg = NetConfig::new(troop_protocol::identity::generate());
     cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
@@ -338,18 +347,38 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async {
+        // MESH_BENCH picks parts (ttft,chunks,memory,discovery); all by default.
+        let parts = std::env::var("MESH_BENCH").unwrap_or_else(|_| "ttft,chunks,memory,discovery".into());
+        let on = |p: &str| parts.split(',').any(|x| x.trim() == p);
+        let nan = f64::NAN;
         let runs = env_usize("TTFT_RUNS", 200);
-        eprintln!("[mesh bench] time to first token, {runs} runs");
-        let (d50, d99, m50, m99) = bench_ttft(runs).await;
+        let (d50, d99, m50, m99) = if on("ttft") {
+            eprintln!("[mesh bench] time to first token, {runs} runs");
+            bench_ttft(runs).await
+        } else {
+            (nan, nan, nan, nan)
+        };
         let chunks = env_usize("CHUNKS", 100_000);
-        eprintln!("[mesh bench] chunks on one stream ({chunks})");
-        let (direct_cps, mesh_cps) = bench_chunks(chunks).await;
+        let (direct_cps, mesh_cps) = if on("chunks") {
+            eprintln!("[mesh bench] chunks on one stream ({chunks})");
+            bench_chunks(chunks).await
+        } else {
+            (nan, nan)
+        };
         let streams = env_usize("STREAMS", 1000);
-        eprintln!("[mesh bench] worker memory with {streams} streams");
-        let (idle, busy, hwm, live) = bench_memory(streams).await;
+        let (idle, busy, hwm, live) = if on("memory") {
+            eprintln!("[mesh bench] worker memory with {streams} streams");
+            bench_memory(streams).await
+        } else {
+            (0, 0, 0, 0)
+        };
         let nodes = env_usize("NODES", 50);
-        eprintln!("[mesh bench] discovery among {nodes} nodes");
-        let (dht_ms, gossip_ms) = bench_discovery(nodes).await;
+        let (dht_ms, gossip_ms) = if on("discovery") {
+            eprintln!("[mesh bench] discovery among {nodes} nodes");
+            bench_discovery(nodes).await
+        } else {
+            (nan, nan)
+        };
         println!();
         println!("mesh benchmark on loopback ({} cores)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
         println!("| figure | measured | goal |");

@@ -2,6 +2,7 @@
 
 pub mod commands;
 pub mod coordinator_client;
+pub mod demo;
 pub mod frames_io;
 pub mod gateway;
 pub mod hardware;

@@ -112,6 +112,31 @@ enum Cmd {
         #[command(flatten)]
         mesh: MeshArgs,
     },
+    /// Run a whole mesh on loopback over a real model: coordinator, two workers, a gateway.
+    Demo {
+        /// Answer one question, print the ledger lines and exit.
+        #[arg(long)]
+        once: bool,
+        /// The question to ask.
+        #[arg(long, default_value = "What is the capital of France?")]
+        question: String,
+        /// Address for the gateway's OpenAI API.
+        #[arg(long, env = "TROOP_HTTP", default_value = "127.0.0.1:8080")]
+        http: SocketAddr,
+        /// Python of the virtual environment with xllamacpp and the Gemma package.
+        #[arg(long, env = "TROOP_PYTHON", default_value = ".venv/bin/python")]
+        python: PathBuf,
+        /// The model server script.
+        #[arg(
+            long,
+            env = "TROOP_MODEL_SERVER",
+            default_value = "scripts/model_server.py"
+        )]
+        model_server: PathBuf,
+        /// Folder for keys, ledger and logs (emptied first).
+        #[arg(long, default_value = "./data/demo")]
+        data: PathBuf,
+    },
     /// Time a verifiable matmul (the proof of hardware) on this machine.
     Bench {
         /// Matrix size n (n x n).
@@ -262,6 +287,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 _ = g.wait() => {},
                 _ = ctrl_c() => tracing::info!("stopping"),
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Demo {
+            once,
+            question,
+            http,
+            python,
+            model_server,
+            data,
+        } => {
+            troop_node::demo::run(troop_node::demo::DemoOptions {
+                once,
+                question,
+                http,
+                python,
+                model_server,
+                data,
+            })
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Bench {

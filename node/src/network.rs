@@ -564,12 +564,16 @@ impl EventLoop {
                                 if !l.found.insert(p) {
                                     continue;
                                 }
-                                if !connected
-                                    && let Some(kad) = self.swarm.behaviour_mut().kad.as_mut()
-                                {
-                                    // Learn the provider's addresses, then dial it.
-                                    let q = kad.get_closest_peers(p);
-                                    self.closest_queries.insert(q, (lookup, p));
+                                if !connected {
+                                    // Dial now, while the query still holds the
+                                    // addresses the provider record came with;
+                                    // ask the DHT for them only if that fails.
+                                    if self.swarm.dial(p).is_err()
+                                        && let Some(kad) = self.swarm.behaviour_mut().kad.as_mut()
+                                    {
+                                        let q = kad.get_closest_peers(p);
+                                        self.closest_queries.insert(q, (lookup, p));
+                                    }
                                     if let Some(l) = self.lookups.get_mut(&lookup) {
                                         l.unresolved.insert(p);
                                     }
@@ -633,7 +637,32 @@ impl EventLoop {
         }
     }
 
+    /// A provider we were resolving is now connected (or could not be).
+    fn provider_settled(&mut self, peer: PeerId) {
+        let ids: Vec<u64> = self
+            .lookups
+            .iter_mut()
+            .filter_map(|(id, l)| l.unresolved.remove(&peer).then_some(*id))
+            .collect();
+        for id in ids {
+            self.finish_lookup_if_done(id);
+        }
+    }
+
     fn on_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match &ev {
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => self.provider_settled(*peer_id),
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(p), ..
+            } => {
+                // Still waiting for a closest-peers answer? Then keep waiting.
+                let p = *p;
+                if !self.closest_queries.values().any(|(_, t)| *t == p) {
+                    self.provider_settled(p);
+                }
+            }
+            _ => {}
+        }
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => {
                 let peer = *self.swarm.local_peer_id();
