@@ -249,10 +249,13 @@ mod tests {
         // A slow network path counts too.
         t.on_rtt(fast, Duration::from_millis(500));
         assert_eq!(t.candidates("m")[0], busy);
-        // Our own in-flight jobs count before the adverts catch up.
+        // Our own in-flight jobs count before the adverts catch up: five of
+        // ours on `busy` put it past its cap of four, behind everyone.
         t.add_inflight(&busy, 3);
         t.add_inflight(&busy, 2);
-        assert_eq!(t.candidates("m").last(), Some(&full));
+        assert_eq!(t.candidates("m").last(), Some(&busy));
+        t.add_inflight(&busy, -5);
+        assert_eq!(t.candidates("m")[0], busy);
         assert!(t.candidates("other").is_empty());
     }
 
