@@ -249,32 +249,29 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         30,
     )
     .await?;
+    // Both workers' adverts usually arrive within seconds; after 60 s go on
+    // with what the gateway sees (it also finds workers through the DHT).
     let deadline = Instant::now() + Duration::from_secs(60);
-    let model = loop {
-        let v: Value = http
-            .get(format!("{gw}/v1/models"))
-            .send()
-            .await?
-            .json()
-            .await
-            .unwrap_or_default();
-        let found = v["data"]
+    let (model, seen) = loop {
+        let v: Value = http.get(format!("{gw}/v1/models")).send().await?.json().await.unwrap_or_default();
+        let best = v["data"]
             .as_array()
-            .and_then(|a| a.iter().find(|m| m["workers"].as_u64().unwrap_or(0) >= 2))
-            .and_then(|m| m["id"].as_str().map(String::from));
-        if let Some(m) = found {
-            break m;
+            .and_then(|a| a.iter().max_by_key(|m| m["workers"].as_u64().unwrap_or(0)))
+            .and_then(|m| Some((m["id"].as_str()?.to_string(), m["workers"].as_u64().unwrap_or(0))));
+        match best {
+            Some((m, n)) if n >= 2 || (n >= 1 && Instant::now() > deadline) => break (m, n),
+            _ => {}
         }
         procs.check_alive()?;
-        if Instant::now() > deadline {
-            bail!("the gateway did not see both workers within 60 s");
+        if Instant::now() > deadline + Duration::from_secs(60) {
+            bail!("the gateway saw no worker within 120 s; see the logs in {}", data.display());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     if let Some(addr) = first_listen_addr(&data.join("worker-1.log")) {
         println!("    worker-1 listens on {addr}");
     }
-    println!("    the gateway sees {model} on 2 workers");
+    println!("    the gateway sees {model} on {seen} worker(s)");
 
     step(&format!("asking through the mesh: {}", opts.question));
     let resp = http
