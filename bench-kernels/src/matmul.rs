@@ -85,6 +85,18 @@ impl Proof {
     pub fn row(&self, i: usize) -> &[f32] {
         &self.c[i * self.n..(i + 1) * self.n]
     }
+
+    /// Opens the asked rows (values and Merkle paths) for the verifier.
+    pub fn openings(&self, rows: &[usize]) -> Vec<crate::verify::Opening> {
+        rows.iter()
+            .filter(|&&i| i < self.n)
+            .map(|&i| crate::verify::Opening {
+                row: i,
+                values: self.row(i).to_vec(),
+                path: self.tree.open(i),
+            })
+            .collect()
+    }
 }
 
 /// Runs the challenge on `backend`. `progress(done_rounds, total)` is called

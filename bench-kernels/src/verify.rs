@@ -193,13 +193,7 @@ mod tests {
     use crate::matmul::{Backend, prove};
 
     fn openings(p: &crate::Proof, rows: &[usize]) -> Vec<Opening> {
-        rows.iter()
-            .map(|&i| Opening {
-                row: i,
-                values: p.row(i).to_vec(),
-                path: p.tree.open(i),
-            })
-            .collect()
+        p.openings(rows)
     }
 
     #[test]

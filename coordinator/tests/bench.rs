@@ -38,13 +38,7 @@ async fn challenge(c: &TestCoordinator, w: &Keypair) -> (String, Challenge) {
 }
 
 fn openings(p: &troop_bench_kernels::Proof, rows: &[usize]) -> Vec<Opening> {
-    rows.iter()
-        .map(|&i| Opening {
-            row: i,
-            values: p.row(i).to_vec(),
-            path: p.tree.open(i),
-        })
-        .collect()
+    p.openings(rows)
 }
 
 async fn worker_info(c: &TestCoordinator, w: &Keypair) -> Value {

@@ -253,18 +253,32 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     // with what the gateway sees (it also finds workers through the DHT).
     let deadline = Instant::now() + Duration::from_secs(60);
     let (model, seen) = loop {
-        let v: Value = http.get(format!("{gw}/v1/models")).send().await?.json().await.unwrap_or_default();
+        let v: Value = http
+            .get(format!("{gw}/v1/models"))
+            .send()
+            .await?
+            .json()
+            .await
+            .unwrap_or_default();
         let best = v["data"]
             .as_array()
             .and_then(|a| a.iter().max_by_key(|m| m["workers"].as_u64().unwrap_or(0)))
-            .and_then(|m| Some((m["id"].as_str()?.to_string(), m["workers"].as_u64().unwrap_or(0))));
+            .and_then(|m| {
+                Some((
+                    m["id"].as_str()?.to_string(),
+                    m["workers"].as_u64().unwrap_or(0),
+                ))
+            });
         match best {
             Some((m, n)) if n >= 2 || (n >= 1 && Instant::now() > deadline) => break (m, n),
             _ => {}
         }
         procs.check_alive()?;
         if Instant::now() > deadline + Duration::from_secs(60) {
-            bail!("the gateway saw no worker within 120 s; see the logs in {}", data.display());
+            bail!(
+                "the gateway saw no worker within 120 s; see the logs in {}",
+                data.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::json;
-use troop_bench_kernels::verify::{self, Opening, SAMPLES};
+use troop_bench_kernels::verify::{self, SAMPLES};
 use troop_bench_kernels::{Backend, Challenge, prove};
 
 use crate::coordinator_client::CoordinatorClient;
@@ -80,14 +80,7 @@ pub fn run_local(
         b.finish_and_clear();
     }
     let rows = verify::pick_rows(&seed, n, SAMPLES);
-    let openings: Vec<Opening> = rows
-        .iter()
-        .map(|&i| Opening {
-            row: i,
-            values: proof.row(i).to_vec(),
-            path: proof.tree.open(i),
-        })
-        .collect();
+    let openings = proof.openings(&rows);
     let t = Instant::now();
     verify::verify(&ch, &proof.root_hex(), &rows, &openings)?;
     let verify_seconds = t.elapsed().as_secs_f64();
@@ -146,14 +139,7 @@ pub async fn prove_to_coordinator(
                 .collect()
         })
         .unwrap_or_default();
-    let openings: Vec<Opening> = rows
-        .iter()
-        .map(|&i| Opening {
-            row: i,
-            values: proof.row(i).to_vec(),
-            path: proof.tree.open(i),
-        })
-        .collect();
+    let openings = proof.openings(&rows);
     let verdict = client
         .signed_json(
             "/bench/submit",
