@@ -80,10 +80,13 @@ pub fn reduce(x: f32, bound: i32) -> f32 {
     r - bound as f32
 }
 
-fn reader(seed: &[u8; 32], which: &[u8]) -> blake3::OutputReader {
+/// One XOF stream per row, so rows expand in parallel and a verifier can
+/// make row `i` of A alone.
+fn row_reader(seed: &[u8; 32], which: u8, row: usize) -> blake3::OutputReader {
     let mut h = blake3::Hasher::new_derive_key(CONTEXT);
     h.update(seed);
-    h.update(which);
+    h.update(&[which]);
+    h.update(&(row as u64).to_le_bytes());
     h.finalize_xof()
 }
 
@@ -91,7 +94,7 @@ fn fill(out: &mut [f32], mut xof: blake3::OutputReader, bound: i32) {
     let m = (2 * bound + 1) as u32;
     // Rejection sampling keeps every value equally likely.
     let limit = 256 - (256 % m);
-    let mut buf = [0u8; 4096];
+    let mut buf = [0u8; 1024];
     let mut pos = buf.len();
     for slot in out.iter_mut() {
         loop {
@@ -109,25 +112,30 @@ fn fill(out: &mut [f32], mut xof: blake3::OutputReader, bound: i32) {
     }
 }
 
+fn matrix(seed: &[u8; 32], n: usize, which: u8) -> Vec<f32> {
+    use rayon::prelude::*;
+    let bound = bound_for(n);
+    let mut v = vec![0f32; n * n];
+    v.par_chunks_mut(n)
+        .enumerate()
+        .for_each(|(i, row)| fill(row, row_reader(seed, which, i), bound));
+    v
+}
+
 /// Matrix A (row-major, `n x n`).
 pub fn matrix_a(seed: &[u8; 32], n: usize) -> Vec<f32> {
-    let mut v = vec![0f32; n * n];
-    fill(&mut v, reader(seed, b"A"), bound_for(n));
-    v
+    matrix(seed, n, b'A')
 }
 
 /// Matrix B (row-major, `n x n`).
 pub fn matrix_b(seed: &[u8; 32], n: usize) -> Vec<f32> {
-    let mut v = vec![0f32; n * n];
-    fill(&mut v, reader(seed, b"B"), bound_for(n));
-    v
+    matrix(seed, n, b'B')
 }
 
-/// The first `rows` rows of A (rejection sampling makes rows variable-length
-/// in the stream, so a row can't be read alone; at most n^2 bytes).
-pub fn row_prefix_a(seed: &[u8; 32], n: usize, rows: usize) -> Vec<f32> {
-    let mut v = vec![0f32; n * rows.min(n)];
-    fill(&mut v, reader(seed, b"A"), bound_for(n));
+/// Row `i` of A alone.
+pub fn row_a(seed: &[u8; 32], n: usize, i: usize) -> Vec<f32> {
+    let mut v = vec![0f32; n];
+    fill(&mut v, row_reader(seed, b'A', i), bound_for(n));
     v
 }
 
@@ -154,7 +162,7 @@ mod tests {
         assert_ne!(a, matrix_a(&[8u8; 32], 64));
         let b = bound_for(64) as f32;
         assert!(a.iter().all(|x| x.fract() == 0.0 && x.abs() <= b));
-        assert_eq!(row_prefix_a(&seed, 64, 6), a[..6 * 64].to_vec());
+        assert_eq!(row_a(&seed, 64, 5), a[5 * 64..6 * 64].to_vec());
     }
 
     #[test]
