@@ -213,6 +213,29 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         &data.join("worker-1.log"),
     )?;
     let boot = format!("/ip4/127.0.0.1/tcp/{w1_port}/p2p/{}", ids[0].1);
+    // The others join through worker-1: wait until it listens (it registers
+    // with the coordinator right after binding its port).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v: Value = http
+            .get(format!("{coordinator}/workers"))
+            .send()
+            .await?
+            .json()
+            .await
+            .unwrap_or_default();
+        let up = v["workers"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|x| x["peer_id"] == ids[0].1.as_str()));
+        if up {
+            break;
+        }
+        procs.check_alive()?;
+        if Instant::now() > deadline {
+            bail!("worker-1 did not register within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     procs.spawn(
         "worker-2",
         Command::new(&exe)

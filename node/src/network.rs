@@ -366,6 +366,7 @@ pub async fn spawn(cfg: NetConfig) -> anyhow::Result<(NetworkHandle, mpsc::Recei
         relay_reservations: HashSet::new(),
         bootstrapped: false,
         provided: HashSet::new(),
+        bootstrap: cfg.bootstrap.clone(),
     };
     let task = tokio::spawn(ev_loop.run());
     if let Ok(mut t) = handle.task.lock() {
@@ -394,13 +395,24 @@ struct EventLoop {
     relay_reservations: HashSet<String>,
     bootstrapped: bool,
     provided: HashSet<Vec<u8>>,
+    bootstrap: Vec<Multiaddr>,
 }
 
 impl EventLoop {
     async fn run(mut self) {
         let mut reprovide = tokio::time::interval(Duration::from_secs(60));
+        let mut redial = tokio::time::interval(Duration::from_secs(3));
         loop {
             tokio::select! {
+                _ = redial.tick() => {
+                    // Alone? Try the bootstrap peers again (they may have
+                    // started after us).
+                    if self.swarm.connected_peers().next().is_none() {
+                        for addr in self.bootstrap.clone() {
+                            let _ = self.swarm.dial(addr);
+                        }
+                    }
+                }
                 cmd = self.rx.recv() => match cmd {
                     Some(cmd) => self.on_command(cmd),
                     None => break,
