@@ -114,3 +114,21 @@ pub(crate) async fn check_status(
         message: text.chars().take(300).collect(),
     })
 }
+
+/// GETs a JSON document from the upstream (5 s limit): the model listings.
+pub(crate) async fn get_json(
+    http: &reqwest::Client,
+    url: &str,
+) -> Result<serde_json::Value, UpstreamError> {
+    let resp = http
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map_err(unreachable)?;
+    check_status(resp)
+        .await?
+        .json()
+        .await
+        .map_err(|e| UpstreamError::Protocol(e.to_string()))
+}

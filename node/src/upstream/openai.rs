@@ -9,17 +9,7 @@ use troop_protocol::frames::{InferenceRequest, RequestKind, Usage};
 use super::{Delta, DeltaStream, UpstreamError, check_status, unreachable};
 
 pub async fn models(http: &reqwest::Client, base: &str) -> Result<Vec<ModelAdvert>, UpstreamError> {
-    let resp = http
-        .get(format!("{base}/v1/models"))
-        .timeout(std::time::Duration::from_secs(5))
-        .send()
-        .await
-        .map_err(unreachable)?;
-    let v: Value = check_status(resp)
-        .await?
-        .json()
-        .await
-        .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+    let v: Value = super::get_json(http, &format!("{base}/v1/models")).await?;
     let data = v
         .get("data")
         .and_then(Value::as_array)
