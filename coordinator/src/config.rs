@@ -37,6 +37,9 @@ pub struct Config {
     pub trusted_proxy: bool,
     /// How many workers `/bootstrap` returns at most.
     pub bootstrap_peers: usize,
+    /// Circuit relays `/bootstrap` lists first (`--relay`), each a multiaddr
+    /// ending in `/p2p/<PeerId>`.
+    pub relays: Vec<String>,
     /// Most commands the ledger writer groups into one commit.
     pub max_batch: usize,
     /// Proof of hardware: matrix size, rounds, and how long a worker has.
@@ -65,6 +68,7 @@ impl Config {
             request_timeout: Duration::from_secs(30),
             trusted_proxy: false,
             bootstrap_peers: 8,
+            relays: Vec::new(),
             max_batch: 2048,
             bench_size: 4096,
             bench_rounds: 4,
@@ -84,4 +88,15 @@ impl Config {
     pub fn keys_dir(&self) -> PathBuf {
         self.data_dir.join("keys")
     }
+}
+
+/// The PeerId a relay's multiaddr ends with (`.../p2p/<PeerId>`), if it
+/// is a well-formed one.
+pub fn relay_peer_id(addr: &str) -> Option<String> {
+    if !addr.starts_with('/') || addr.contains("/p2p-circuit") {
+        return None;
+    }
+    let (_, last) = addr.rsplit_once("/p2p/")?;
+    let peer: libp2p_identity::PeerId = last.parse().ok()?;
+    Some(peer.to_base58())
 }

@@ -66,6 +66,10 @@ struct ServeArgs {
     /// Trust X-Forwarded-For for the client address (only behind your own proxy).
     #[arg(long, env = "TROOP_TRUSTED_PROXY")]
     trusted_proxy: bool,
+    /// A circuit relay (`troop relay`) to list first in /bootstrap, as its
+    /// multiaddr ending in /p2p/<PeerId> (repeatable).
+    #[arg(long = "relay", env = "TROOP_RELAYS", value_delimiter = ',')]
+    relay: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -132,6 +136,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.authorize_per_hour = a.authorize_per_hour;
             cfg.worker_ttl = Duration::from_secs(a.worker_ttl_secs);
             cfg.trusted_proxy = a.trusted_proxy;
+            for r in &a.relay {
+                if troop_coordinator::config::relay_peer_id(r).is_none() {
+                    anyhow::bail!(
+                        "--relay {r}: expected a multiaddr ending in /p2p/<PeerId>, e.g. /ip4/203.0.113.7/tcp/4001/p2p/12D3KooW..."
+                    );
+                }
+            }
+            cfg.relays = a.relay.clone();
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
                 let coordinator = Coordinator::open(cfg)?;

@@ -482,14 +482,30 @@ async fn bootstrap(State(state): St) -> Result<Response, ApiError> {
         .filter(|w| now.saturating_sub(w.last_seen) <= ttl && !w.addresses.is_empty())
         .collect();
     live.sort_by_key(|w| std::cmp::Reverse(w.last_seen));
-    let peers = live
-        .into_iter()
-        .take(state.cfg.bootstrap_peers)
-        .map(|w| BootstrapPeer {
-            peer_id: w.peer_id.clone(),
-            addresses: w.addresses.clone(),
-        })
-        .collect();
+    // The operator's relays first: a node behind NAT needs one to be reached.
+    let mut peers: Vec<BootstrapPeer> = Vec::new();
+    for r in &state.cfg.relays {
+        let Some(peer_id) = crate::config::relay_peer_id(r) else {
+            continue;
+        };
+        match peers.iter_mut().find(|p| p.peer_id == peer_id) {
+            Some(p) => p.addresses.push(r.clone()),
+            None => peers.push(BootstrapPeer {
+                peer_id,
+                addresses: vec![r.clone()],
+                relay: true,
+            }),
+        }
+    }
+    peers.extend(
+        live.into_iter()
+            .take(state.cfg.bootstrap_peers)
+            .map(|w| BootstrapPeer {
+                peer_id: w.peer_id.clone(),
+                addresses: w.addresses.clone(),
+                relay: false,
+            }),
+    );
     Ok(axum::Json(BootstrapResponse { peers }).into_response())
 }
 

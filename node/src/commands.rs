@@ -13,15 +13,39 @@ pub async fn survey(
     bootstrap: Vec<Multiaddr>,
     wait: Duration,
 ) -> anyhow::Result<(Vec<WorkerRow>, network::NetStatus)> {
+    survey_with(bootstrap, Vec::new(), false, wait).await
+}
+
+/// [`survey`], optionally through `relays` and dialing every worker heard
+/// of (so hole punching can be seen).
+pub async fn survey_with(
+    bootstrap: Vec<Multiaddr>,
+    relays: Vec<Multiaddr>,
+    dial_workers: bool,
+    wait: Duration,
+) -> anyhow::Result<(Vec<WorkerRow>, network::NetStatus)> {
     let mut cfg = NetConfig::new(troop_protocol::identity::generate());
     cfg.bootstrap = bootstrap;
+    cfg.relays = relays;
     let (net, mut events) = network::spawn(cfg).await?;
     let mut table = WorkerTable::default();
+    let mut dialed = std::collections::HashSet::new();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         match tokio::time::timeout_at(deadline, events.recv()).await {
             Ok(Some(NetEvent::Advert { source, data })) => {
                 if let Some(a) = Advert::decode(&data) {
+                    if dial_workers && dialed.insert(source) {
+                        for addr in a
+                            .addresses
+                            .iter()
+                            .filter_map(|s| s.parse::<Multiaddr>().ok())
+                        {
+                            if network::peer_of(&addr) == Some(source) {
+                                net.dial(addr).await;
+                            }
+                        }
+                    }
                     table.on_advert(source, a);
                 }
             }
@@ -70,12 +94,14 @@ pub struct Check {
 
 pub async fn doctor(
     bootstrap: Vec<Multiaddr>,
+    relays: Vec<Multiaddr>,
     coordinator: Option<String>,
     wait: Duration,
 ) -> anyhow::Result<Vec<Check>> {
     let started = Instant::now();
     let had_bootstrap = !bootstrap.is_empty();
-    let (rows, st) = survey(bootstrap, wait).await?;
+    let (rows, st) = survey_with(bootstrap, relays, true, wait).await?;
+    let private = st.nat == "private";
     let mut checks = vec![
         Check {
             name: "listen addresses",
@@ -91,12 +117,28 @@ pub async fn doctor(
         },
         Check {
             name: "relay reservation",
-            ok: true,
+            ok: !private || !st.relay_reservations.is_empty(),
             detail: if st.relay_reservations.is_empty() {
-                "none (only needed behind NAT)".into()
+                if private {
+                    "none: behind NAT and no relay accepted us yet".into()
+                } else {
+                    "none (only needed behind NAT)".into()
+                }
             } else {
-                st.relay_reservations.join(", ")
+                format!("held by {}", st.relay_reservations.join(", "))
             },
+            advice: "pass --relay with a relay's address (troop relay), or --bootstrap a relay, or ask the coordinator's operator to list one in /bootstrap",
+        },
+        Check {
+            name: "paths to workers",
+            ok: true,
+            detail: format!(
+                "{} punched direct by DCUtR ({}), {} relayed only ({})",
+                st.hole_punched.len(),
+                st.hole_punched.join(", "),
+                st.relayed_peers.len(),
+                st.relayed_peers.join(", ")
+            ),
             advice: "",
         },
         Check {

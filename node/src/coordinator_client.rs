@@ -156,6 +156,18 @@ impl CoordinatorClient {
         Self::decode(resp).await
     }
 
+    /// `GET /bootstrap`: a few live workers and the operator's relays.
+    pub async fn bootstrap(&self) -> Result<troop_protocol::api::BootstrapResponse, ClientError> {
+        let resp = self
+            .http
+            .get(format!("{}/bootstrap", self.base))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        Self::decode(resp).await
+    }
+
     pub async fn public_key(&self) -> Result<PublicKey, ClientError> {
         let resp = self
             .http

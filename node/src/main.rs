@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use libp2p::Multiaddr;
-use troop_node::network::NetConfig;
+use troop_node::network::{NetConfig, RelayLimits};
 use troop_node::upstream::Dialect;
 use troop_node::{commands, gateway, worker};
 
@@ -36,6 +36,62 @@ struct MeshArgs {
     /// Turn gossip adverts off (DHT only).
     #[arg(long, env = "TROOP_NO_GOSSIP")]
     no_gossip: bool,
+    /// A circuit relay to reserve a slot on at once, ending in /p2p/<PeerId>
+    /// (repeatable). Without it, a node that AutoNAT finds behind NAT uses
+    /// the relays among its bootstrap peers and the coordinator's /bootstrap.
+    #[arg(long = "relay", env = "TROOP_RELAY", value_delimiter = ',')]
+    relay: Vec<Multiaddr>,
+    /// Offer circuit relay to others once AutoNAT finds this node public.
+    #[arg(long, env = "TROOP_RELAY_SERVER")]
+    relay_server: bool,
+    #[command(flatten)]
+    limits: RelayLimitArgs,
+}
+
+/// What a relay carries for others.
+#[derive(Args, Debug, Clone)]
+struct RelayLimitArgs {
+    /// Relay: most reservations held at once.
+    #[arg(long, env = "TROOP_RELAY_MAX_RESERVATIONS", default_value_t = 1024)]
+    relay_max_reservations: usize,
+    /// Relay: most relayed connections (circuits) at once.
+    #[arg(long, env = "TROOP_RELAY_MAX_CIRCUITS", default_value_t = 256)]
+    relay_max_circuits: usize,
+    /// Relay: most circuits per peer at once.
+    #[arg(long, env = "TROOP_RELAY_MAX_CIRCUITS_PER_PEER", default_value_t = 32)]
+    relay_max_circuits_per_peer: usize,
+    /// Relay: seconds a circuit may stay open (libp2p's default is 120).
+    #[arg(long, env = "TROOP_RELAY_CIRCUIT_SECS", default_value_t = 3600)]
+    relay_circuit_secs: u64,
+    /// Relay: bytes a circuit may carry each way (libp2p's default is 131072).
+    #[arg(long, env = "TROOP_RELAY_CIRCUIT_BYTES", default_value_t = 256 * 1024 * 1024)]
+    relay_circuit_bytes: u64,
+    /// Relay: seconds a reservation lasts before the client renews it.
+    #[arg(long, env = "TROOP_RELAY_RESERVATION_SECS", default_value_t = 3600)]
+    relay_reservation_secs: u64,
+}
+
+impl RelayLimitArgs {
+    fn limits(&self) -> anyhow::Result<RelayLimits> {
+        if self.relay_max_reservations == 0
+            || self.relay_max_circuits == 0
+            || self.relay_max_circuits_per_peer == 0
+            || self.relay_circuit_secs == 0
+            || self.relay_circuit_bytes == 0
+            || self.relay_reservation_secs == 0
+        {
+            anyhow::bail!("relay limits must be above 0");
+        }
+        Ok(RelayLimits {
+            max_reservations: self.relay_max_reservations,
+            max_circuits: self.relay_max_circuits,
+            max_circuits_per_peer: self.relay_max_circuits_per_peer,
+            max_circuit_duration: Duration::from_secs(self.relay_circuit_secs),
+            max_circuit_bytes: self.relay_circuit_bytes,
+            reservation_duration: Duration::from_secs(self.relay_reservation_secs),
+            ..RelayLimits::default()
+        })
+    }
 }
 
 impl MeshArgs {
@@ -53,6 +109,10 @@ impl MeshArgs {
         n.mdns = self.mdns;
         n.dht = !self.no_dht;
         n.gossip = !self.no_gossip;
+        n.relays = self.relay.clone();
+        if self.relay_server {
+            n.relay_server = Some(self.limits.limits()?);
+        }
         Ok(n)
     }
 }
@@ -111,6 +171,25 @@ enum Cmd {
         http: SocketAddr,
         #[command(flatten)]
         mesh: MeshArgs,
+    },
+    /// Run a public relay: DHT server, gossip peer, bootstrap node and circuit
+    /// relay v2 for workers and gateways behind NAT.
+    Relay {
+        /// Identity file from `troop keygen` (keep it: the PeerId is in everyone's --bootstrap).
+        #[arg(long, env = "TROOP_IDENTITY")]
+        identity: PathBuf,
+        /// Multiaddr to listen on (repeatable). Default: /ip4/0.0.0.0/tcp/4001 and /ip4/0.0.0.0/udp/4001/quic-v1.
+        #[arg(long = "listen", env = "TROOP_LISTEN", value_delimiter = ',')]
+        listen: Vec<Multiaddr>,
+        /// Other nodes to join through, ending in /p2p/<PeerId> (repeatable).
+        #[arg(long = "bootstrap", env = "TROOP_BOOTSTRAP", value_delimiter = ',')]
+        bootstrap: Vec<Multiaddr>,
+        /// Public address of this relay when it listens on 0.0.0.0 or behind a
+        /// port forward, e.g. /ip4/203.0.113.7/tcp/4001 (repeatable).
+        #[arg(long = "external", env = "TROOP_EXTERNAL", value_delimiter = ',')]
+        external: Vec<Multiaddr>,
+        #[command(flatten)]
+        limits: RelayLimitArgs,
     },
     /// Run a whole mesh on loopback over a real model: coordinator, two workers, a gateway.
     Demo {
@@ -172,7 +251,10 @@ enum Cmd {
         bootstrap: Vec<Multiaddr>,
         #[arg(long, env = "TROOP_COORDINATOR")]
         coordinator: Option<String>,
-        /// Seconds to watch the mesh.
+        /// A relay to reserve a slot on, ending in /p2p/<PeerId> (repeatable).
+        #[arg(long = "relay", env = "TROOP_RELAY", value_delimiter = ',')]
+        relay: Vec<Multiaddr>,
+        /// Seconds to watch the mesh (behind NAT, give AutoNAT and hole punching ~10 s).
         #[arg(long, default_value_t = 5.0)]
         wait: f64,
     },
@@ -270,6 +352,43 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 _ = w.wait() => {},
                 _ = ctrl_c() => tracing::info!("stopping"),
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Relay {
+            identity,
+            listen,
+            bootstrap,
+            external,
+            limits,
+        } => {
+            let key = read_identity(&identity)?;
+            let peer = key.public().to_peer_id();
+            let mut n = NetConfig::new(key);
+            n.listen = if listen.is_empty() {
+                vec![
+                    "/ip4/0.0.0.0/tcp/4001".parse()?,
+                    "/ip4/0.0.0.0/udp/4001/quic-v1".parse()?,
+                ]
+            } else {
+                listen
+            };
+            n.bootstrap = bootstrap;
+            n.external = external;
+            n.relay_server = Some(limits.limits()?);
+            n.relay_always = true;
+            let l = limits.limits()?;
+            tracing::info!(
+                peer_id = %peer,
+                max_reservations = l.max_reservations,
+                max_circuits = l.max_circuits,
+                circuit_secs = l.max_circuit_duration.as_secs(),
+                circuit_bytes = l.max_circuit_bytes,
+                "starting relay"
+            );
+            let (net, _events) = troop_node::network::spawn(n).await?;
+            ctrl_c().await;
+            tracing::info!("stopping");
+            net.shutdown();
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Gateway {
@@ -373,9 +492,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Doctor {
             bootstrap,
             coordinator,
+            relay,
             wait,
         } => {
-            let checks = commands::doctor(bootstrap, coordinator, secs(wait, "--wait")?).await?;
+            let checks =
+                commands::doctor(bootstrap, relay, coordinator, secs(wait, "--wait")?).await?;
             let mut all_ok = true;
             for c in &checks {
                 println!(

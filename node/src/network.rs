@@ -6,15 +6,16 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::StreamExt;
+use libp2p::core::transport::ListenerId;
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, GetClosestPeersOk, GetProvidersOk, QueryId, QueryResult, RecordKey};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, autonat, connection_limits, dcutr, gossipsub,
     identify, mdns, noise, ping, relay, tcp, yamux,
@@ -34,6 +35,7 @@ pub struct Behaviour {
     mdns: Toggle<mdns::tokio::Behaviour>,
     autonat: autonat::Behaviour,
     relay: relay::client::Behaviour,
+    relay_server: Toggle<relay::Behaviour>,
     dcutr: dcutr::Behaviour,
     stream: libp2p_stream::Behaviour,
 }
@@ -54,6 +56,97 @@ pub struct NetConfig {
     pub max_connections: u32,
     /// Most concurrent streams on one connection.
     pub max_streams_per_connection: usize,
+    /// Relays to reserve a slot on at once (`--relay`), each ending in
+    /// `/p2p/<PeerId>`. Relays learnt from peers are used only once AutoNAT
+    /// finds this node private.
+    pub relays: Vec<Multiaddr>,
+    /// Offer circuit relay v2 to others, with these limits.
+    pub relay_server: Option<RelayLimits>,
+    /// Advertise the relay service at once (a dedicated `troop relay`)
+    /// instead of waiting for AutoNAT to find this node public.
+    pub relay_always: bool,
+    /// Addresses others reach this node at, declared by its operator
+    /// (`troop relay --external`).
+    pub external: Vec<Multiaddr>,
+}
+
+/// The limits a relay sets on what it carries for others.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RelayLimits {
+    /// Reservations held at once, in all.
+    pub max_reservations: usize,
+    /// Reservations one peer may hold.
+    pub max_reservations_per_peer: usize,
+    /// How long a reservation lasts before the client renews it.
+    pub reservation_duration: Duration,
+    /// Relayed connections (circuits) at once, in all.
+    pub max_circuits: usize,
+    /// Circuits one peer may have at once.
+    pub max_circuits_per_peer: usize,
+    /// A circuit is closed after this long...
+    pub max_circuit_duration: Duration,
+    /// ...or after this many bytes in each direction.
+    pub max_circuit_bytes: u64,
+}
+
+impl Default for RelayLimits {
+    /// Sized for inference: a circuit carries many streams of up to 300 s
+    /// each (libp2p's own defaults, 2 min and 128 KiB, cut answers short).
+    fn default() -> Self {
+        Self {
+            max_reservations: 1024,
+            max_reservations_per_peer: 4,
+            reservation_duration: Duration::from_secs(3600),
+            max_circuits: 256,
+            max_circuits_per_peer: 32,
+            max_circuit_duration: Duration::from_secs(3600),
+            max_circuit_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+impl RelayLimits {
+    fn config(&self) -> relay::Config {
+        relay::Config {
+            max_reservations: self.max_reservations,
+            max_reservations_per_peer: self.max_reservations_per_peer,
+            reservation_duration: self.reservation_duration,
+            max_circuits: self.max_circuits,
+            max_circuits_per_peer: self.max_circuits_per_peer,
+            max_circuit_duration: self.max_circuit_duration,
+            max_circuit_bytes: self.max_circuit_bytes,
+            // libp2p's per-peer and per-IP reservation and circuit rates.
+            ..Default::default()
+        }
+    }
+}
+
+/// How this node is connected to a peer right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Path {
+    /// At least one connection that no relay carries.
+    Direct,
+    /// Only connections through a circuit relay.
+    Relayed,
+    /// Not connected.
+    None,
+}
+
+impl Path {
+    /// Order of preference in the worker choice: direct, relayed, unknown.
+    pub fn rank(self) -> u8 {
+        match self {
+            Path::Direct => 0,
+            Path::Relayed => 1,
+            Path::None => 2,
+        }
+    }
+}
+
+/// Whether an address goes through a circuit relay.
+pub fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| p == Protocol::P2pCircuit)
 }
 
 impl NetConfig {
@@ -67,6 +160,10 @@ impl NetConfig {
             gossip: true,
             max_connections: 512,
             max_streams_per_connection: 4096,
+            relays: Vec::new(),
+            relay_server: None,
+            relay_always: false,
+            external: Vec::new(),
         }
     }
 }
@@ -86,6 +183,10 @@ pub enum NetEvent {
     },
     Connected(PeerId),
     Disconnected(PeerId),
+    /// A direct connection now exists next to a relayed one (DCUtR punched
+    /// through, or a direct dial worked): the relayed one can be closed once
+    /// no stream uses it.
+    Upgraded(PeerId),
 }
 
 /// A snapshot for `troop doctor` and logs.
@@ -96,7 +197,17 @@ pub struct NetStatus {
     pub external_addrs: Vec<String>,
     pub connected_peers: Vec<String>,
     pub nat_status: String,
+    /// `public`, `private` or `unknown`.
+    pub nat: String,
+    /// Circuit addresses (`<relay>/p2p-circuit`) this node holds a
+    /// reservation on.
     pub relay_reservations: Vec<String>,
+    /// Whether this node offers circuit relay to others right now.
+    pub relay_server: bool,
+    /// Peers reached over a direct connection that DCUtR punched.
+    pub hole_punched: Vec<String>,
+    /// Peers reached only through a relay.
+    pub relayed_peers: Vec<String>,
     pub routing_table_peers: usize,
     pub gossip_peers: usize,
 }
@@ -111,6 +222,8 @@ enum Command {
     },
     Publish(Vec<u8>),
     Status(oneshot::Sender<NetStatus>),
+    AddRelay(Multiaddr),
+    CloseRelayed(PeerId),
 }
 
 /// Cloneable handle to the event loop.
@@ -120,6 +233,7 @@ pub struct NetworkHandle {
     tx: mpsc::Sender<Command>,
     control: libp2p_stream::Control,
     listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
+    paths: Arc<RwLock<HashMap<PeerId, Path>>>,
     task: Arc<std::sync::Mutex<Option<tokio::task::AbortHandle>>>,
 }
 
@@ -145,6 +259,27 @@ impl NetworkHandle {
             .read()
             .map(|v| v.iter().map(|a| with_p2p(a.clone(), own)).collect())
             .unwrap_or_default()
+    }
+
+    /// How we are connected to `peer` right now.
+    pub fn path(&self, peer: &PeerId) -> Path {
+        self.paths
+            .read()
+            .ok()
+            .and_then(|p| p.get(peer).copied())
+            .unwrap_or(Path::None)
+    }
+
+    /// A relay to use when AutoNAT finds this node private (from the
+    /// coordinator's `/bootstrap`); it is dialed at once.
+    pub async fn add_relay(&self, addr: Multiaddr) {
+        let _ = self.tx.send(Command::AddRelay(addr)).await;
+    }
+
+    /// Closes the relayed connections to `peer` when a direct one exists
+    /// (call when no stream of ours runs on it).
+    pub fn close_relayed(&self, peer: PeerId) {
+        let _ = self.tx.try_send(Command::CloseRelayed(peer));
     }
 
     pub async fn dial(&self, addr: Multiaddr) {
@@ -198,12 +333,15 @@ pub fn with_p2p(addr: Multiaddr, peer: PeerId) -> Multiaddr {
     }
 }
 
-/// The peer id at the end of a multiaddr, if any.
+/// The peer a multiaddr names: its last `/p2p/<PeerId>` (a circuit address
+/// `<relay>/p2p/R/p2p-circuit/p2p/W` names W, not the relay R).
 pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
-    addr.iter().find_map(|p| match p {
-        Protocol::P2p(id) => Some(id),
-        _ => None,
-    })
+    addr.iter()
+        .filter_map(|p| match p {
+            Protocol::P2p(id) => Some(id),
+            _ => None,
+        })
+        .last()
 }
 
 fn build_swarm(cfg: &NetConfig) -> anyhow::Result<Swarm<Behaviour>> {
@@ -222,6 +360,15 @@ fn build_swarm(cfg: &NetConfig) -> anyhow::Result<Swarm<Behaviour>> {
         .with_relay_client(noise::Config::new, yamux::Config::default)?
         .with_behaviour(|key, relay_client| {
             let peer_id = key.public().to_peer_id();
+            let relay_server = cfg.relay_server.map(|l| {
+                let mut r = relay::Behaviour::new(peer_id, l.config());
+                if cfg.relay_always {
+                    r.set_status(Some(relay::Status::Enable));
+                }
+                // Otherwise the service is advertised once AutoNAT confirms
+                // a public address.
+                r
+            });
             let kad = cfg.dht.then(|| {
                 let mut kc = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
                 kc.set_query_timeout(Duration::from_secs(5));
@@ -294,6 +441,7 @@ fn build_swarm(cfg: &NetConfig) -> anyhow::Result<Swarm<Behaviour>> {
                 mdns: Toggle::from(mdns),
                 autonat: autonat::Behaviour::new(peer_id, autonat_cfg),
                 relay: relay_client,
+                relay_server: Toggle::from(relay_server),
                 dcutr: dcutr::Behaviour::new(peer_id),
                 stream: libp2p_stream::Behaviour::new(),
             })
@@ -336,9 +484,36 @@ pub async fn spawn(cfg: NetConfig) -> anyhow::Result<(NetworkHandle, mpsc::Recei
         }
     }
     if let Ok(mut l) = listen_addrs.write() {
-        *l = bound;
+        *l = bound.clone();
     }
-    for addr in &cfg.bootstrap {
+    // A dedicated relay is public by its operator's word: declare the
+    // addresses it was told to listen on (when they name one IP) and those
+    // given with --external, so the relay service is advertised at once.
+    if cfg.relay_always {
+        let declared: Vec<Multiaddr> = bound
+            .iter()
+            .filter(|a| !is_unspecified(a))
+            .chain(cfg.external.iter())
+            .cloned()
+            .collect();
+        for a in declared {
+            tracing::info!(address = %with_p2p(a.clone(), peer_id), "external address");
+            swarm.add_external_address(a);
+        }
+    } else {
+        for a in &cfg.external {
+            swarm.add_external_address(a.clone());
+        }
+    }
+    let mut relays = Vec::new();
+    for addr in &cfg.relays {
+        match peer_of(addr) {
+            Some(p) if p != peer_id => relays.push((p, strip_p2p(addr), true)),
+            Some(_) => tracing::warn!(%addr, "ignoring --relay: that is this node itself"),
+            None => anyhow::bail!("--relay {addr} must end with /p2p/<PeerId>"),
+        }
+    }
+    for addr in cfg.bootstrap.iter().chain(cfg.relays.iter()) {
         if let (Some(peer), Some(kad)) = (peer_of(addr), swarm.behaviour_mut().kad.as_mut()) {
             kad.add_address(&peer, addr.clone());
         }
@@ -346,11 +521,13 @@ pub async fn spawn(cfg: NetConfig) -> anyhow::Result<(NetworkHandle, mpsc::Recei
             tracing::warn!(%addr, error = %e, "bootstrap dial failed");
         }
     }
+    let paths = Arc::new(RwLock::new(HashMap::new()));
     let handle = NetworkHandle {
         peer_id,
         tx,
         control,
         listen_addrs: listen_addrs.clone(),
+        paths: paths.clone(),
         task: Arc::new(std::sync::Mutex::new(None)),
     };
     let ev_loop = EventLoop {
@@ -363,10 +540,19 @@ pub async fn spawn(cfg: NetConfig) -> anyhow::Result<(NetworkHandle, mpsc::Recei
         lookups: HashMap::new(),
         next_lookup: 0,
         nat_status: "unknown (probing)".into(),
-        relay_reservations: HashSet::new(),
+        nat: Nat::Unknown,
         bootstrapped: false,
         provided: HashSet::new(),
         bootstrap: cfg.bootstrap.clone(),
+        conns: HashMap::new(),
+        paths,
+        dialed: HashMap::new(),
+        relays,
+        relay_listener: None,
+        reservation: None,
+        relay_backoff: HashMap::new(),
+        punched: HashSet::new(),
+        relay_serving: cfg.relay_server.is_some() && cfg.relay_always,
     };
     let task = tokio::spawn(ev_loop.run());
     if let Ok(mut t) = handle.task.lock() {
@@ -374,6 +560,44 @@ pub async fn spawn(cfg: NetConfig) -> anyhow::Result<(NetworkHandle, mpsc::Recei
     }
     Ok((handle, event_rx))
 }
+
+/// An address with its `/p2p/<PeerId>` taken off the end.
+fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
+    let mut a = addr.clone();
+    if matches!(a.iter().last(), Some(Protocol::P2p(_))) {
+        a.pop();
+    }
+    a
+}
+
+/// `0.0.0.0` or `::`: an address that names no interface.
+fn is_unspecified(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_unspecified(),
+        Protocol::Ip6(ip) => ip.is_unspecified(),
+        _ => false,
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Nat {
+    Public,
+    Private,
+    Unknown,
+}
+
+impl Nat {
+    fn as_str(self) -> &'static str {
+        match self {
+            Nat::Public => "public",
+            Nat::Private => "private",
+            Nat::Unknown => "unknown",
+        }
+    }
+}
+
+/// How long a relay that refused us or went away is left alone.
+const RELAY_BACKOFF: Duration = Duration::from_secs(30);
 
 struct Lookup {
     reply: Option<oneshot::Sender<Vec<PeerId>>>,
@@ -392,18 +616,37 @@ struct EventLoop {
     lookups: HashMap<u64, Lookup>,
     next_lookup: u64,
     nat_status: String,
-    relay_reservations: HashSet<String>,
+    nat: Nat,
     bootstrapped: bool,
     provided: HashSet<Vec<u8>>,
     bootstrap: Vec<Multiaddr>,
+    /// Every open connection, per peer: whether a relay carries it.
+    conns: HashMap<PeerId, HashMap<ConnectionId, bool>>,
+    paths: Arc<RwLock<HashMap<PeerId, Path>>>,
+    /// The address of our direct outgoing connection to each peer.
+    dialed: HashMap<PeerId, Multiaddr>,
+    /// Relays we know: (peer, address without /p2p, given with --relay).
+    relays: Vec<(PeerId, Multiaddr, bool)>,
+    /// The circuit listener asking a relay for a reservation.
+    relay_listener: Option<(ListenerId, PeerId, Multiaddr)>,
+    /// The relay whose reservation was accepted.
+    reservation: Option<PeerId>,
+    /// Relays not to ask again before the given time.
+    relay_backoff: HashMap<PeerId, Instant>,
+    /// Peers that DCUtR reached directly.
+    punched: HashSet<PeerId>,
+    /// Whether our relay service is advertised.
+    relay_serving: bool,
 }
 
 impl EventLoop {
     async fn run(mut self) {
         let mut reprovide = tokio::time::interval(Duration::from_secs(60));
         let mut redial = tokio::time::interval(Duration::from_secs(3));
+        let mut relay_tick = tokio::time::interval(Duration::from_secs(2));
         loop {
             tokio::select! {
+                _ = relay_tick.tick() => self.ensure_reservation(),
                 _ = redial.tick() => {
                     // Alone? Try the bootstrap peers again (they may have
                     // started after us).
@@ -499,6 +742,115 @@ impl EventLoop {
                 let st = self.status();
                 let _ = reply.send(st);
             }
+            Command::AddRelay(addr) => {
+                let Some(peer) = peer_of(&addr) else {
+                    return;
+                };
+                if peer == *self.swarm.local_peer_id() || is_relayed(&addr) {
+                    return;
+                }
+                if !self.relays.iter().any(|(p, _, _)| *p == peer) {
+                    tracing::info!(relay = %addr, "relay known");
+                    self.relays.push((peer, strip_p2p(&addr), false));
+                }
+                if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+                    kad.add_address(&peer, addr.clone());
+                }
+                if !self.swarm.is_connected(&peer) {
+                    let _ = self.swarm.dial(addr);
+                }
+            }
+            Command::CloseRelayed(peer) => {
+                let Some(c) = self.conns.get(&peer) else {
+                    return;
+                };
+                if !c.values().any(|relayed| !relayed) {
+                    return;
+                }
+                let relayed: Vec<ConnectionId> = c
+                    .iter()
+                    .filter(|(_, relayed)| **relayed)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in relayed {
+                    tracing::debug!(%peer, "closing the relayed connection: a direct one exists");
+                    self.swarm.close_connection(id);
+                }
+            }
+        }
+    }
+
+    /// Whether this node should hold a relay reservation: it was given a
+    /// relay explicitly, or AutoNAT found it behind NAT.
+    fn wants_relay(&self) -> bool {
+        self.relays.iter().any(|(_, _, explicit)| *explicit) || self.nat == Nat::Private
+    }
+
+    /// Asks a known relay for a reservation when we need one and hold none
+    /// (at start, after a refusal, or when our relay went away).
+    fn ensure_reservation(&mut self) {
+        if !self.wants_relay() || self.relay_listener.is_some() {
+            return;
+        }
+        let now = Instant::now();
+        let local = *self.swarm.local_peer_id();
+        self.relay_backoff.retain(|_, until| *until > now);
+        // Explicit relays first, then those learnt from peers.
+        let mut order: Vec<&(PeerId, Multiaddr, bool)> = self.relays.iter().collect();
+        order.sort_by_key(|(_, _, explicit)| !*explicit);
+        let pick = order
+            .into_iter()
+            .find(|(p, _, _)| *p != local && !self.relay_backoff.contains_key(p))
+            .cloned();
+        let Some((peer, addr, _)) = pick else {
+            return;
+        };
+        let circuit = addr
+            .clone()
+            .with(Protocol::P2p(peer))
+            .with(Protocol::P2pCircuit);
+        match self.swarm.listen_on(circuit.clone()) {
+            Ok(id) => {
+                tracing::info!(relay = %circuit, "asking the relay for a reservation");
+                self.relay_listener = Some((id, peer, addr));
+            }
+            Err(e) => {
+                tracing::warn!(relay = %circuit, error = %e, "cannot listen through the relay");
+                self.relay_backoff.insert(peer, now + RELAY_BACKOFF);
+            }
+        }
+    }
+
+    /// Our reservation on `peer` is gone: try another relay.
+    fn relay_lost(&mut self, peer: PeerId, why: &str) {
+        if let Some((id, p, _)) = &self.relay_listener
+            && *p == peer
+        {
+            let id = *id;
+            tracing::warn!(relay = %peer, reason = why, "relay reservation lost; looking for another relay");
+            self.swarm.remove_listener(id);
+            self.relay_listener = None;
+            if self.reservation == Some(peer) {
+                self.reservation = None;
+            }
+            self.relay_backoff
+                .insert(peer, Instant::now() + RELAY_BACKOFF);
+            self.ensure_reservation();
+        }
+    }
+
+    fn update_path(&mut self, peer: PeerId) {
+        let path = match self.conns.get(&peer) {
+            Some(c) if c.values().any(|r| !r) => Path::Direct,
+            Some(c) if !c.is_empty() => Path::Relayed,
+            _ => Path::None,
+        };
+        if let Ok(mut p) = self.paths.write() {
+            if path == Path::None {
+                p.remove(&peer);
+            } else {
+                p.insert(peer, path);
+            }
         }
     }
 
@@ -539,7 +891,29 @@ impl EventLoop {
             external_addrs,
             connected_peers,
             nat_status: self.nat_status.clone(),
-            relay_reservations: self.relay_reservations.iter().cloned().collect(),
+            nat: self.nat.as_str().into(),
+            relay_reservations: match (&self.reservation, &self.relay_listener) {
+                (Some(r), Some((_, p, addr))) if r == p => vec![
+                    addr.clone()
+                        .with(Protocol::P2p(*p))
+                        .with(Protocol::P2pCircuit)
+                        .to_string(),
+                ],
+                _ => Vec::new(),
+            },
+            relay_server: self.relay_serving,
+            hole_punched: self
+                .punched
+                .iter()
+                .filter(|p| self.swarm.is_connected(p))
+                .map(|p| p.to_string())
+                .collect(),
+            relayed_peers: self
+                .conns
+                .iter()
+                .filter(|(_, c)| !c.is_empty() && c.values().all(|r| *r))
+                .map(|(p, _)| p.to_string())
+                .collect(),
             routing_table_peers,
             gossip_peers,
         }
@@ -675,6 +1049,70 @@ impl EventLoop {
             }
             _ => {}
         }
+        match &ev {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                let relayed = endpoint.is_relayed();
+                if !relayed && endpoint.is_dialer() {
+                    self.dialed
+                        .insert(*peer_id, endpoint.get_remote_address().clone());
+                }
+                let c = self.conns.entry(*peer_id).or_default();
+                c.insert(*connection_id, relayed);
+                let upgraded = !relayed && c.values().any(|r| *r);
+                self.update_path(*peer_id);
+                if upgraded {
+                    tracing::info!(peer = %peer_id, "direct connection next to the relayed one");
+                    self.emit(NetEvent::Upgraded(*peer_id));
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                ..
+            } => {
+                if let Some(c) = self.conns.get_mut(peer_id) {
+                    c.remove(connection_id);
+                    if c.is_empty() {
+                        self.conns.remove(peer_id);
+                    }
+                }
+                self.update_path(*peer_id);
+                if *num_established == 0 {
+                    self.dialed.remove(peer_id);
+                    self.punched.remove(peer_id);
+                    let p = *peer_id;
+                    self.relay_lost(p, "the connection to the relay closed");
+                }
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                if let Some((id, p, _)) = &self.relay_listener
+                    && id == listener_id
+                {
+                    let p = *p;
+                    let why = match reason {
+                        Ok(()) => "closed".to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    tracing::warn!(relay = %p, reason = %why, "relay listener closed");
+                    self.relay_listener = None;
+                    if self.reservation == Some(p) {
+                        self.reservation = None;
+                    }
+                    self.relay_backoff.insert(p, Instant::now() + RELAY_BACKOFF);
+                }
+            }
+            _ => {}
+        }
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => {
                 let peer = *self.swarm.local_peer_id();
@@ -686,6 +1124,22 @@ impl EventLoop {
                 }
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
+                if let Ok(mut l) = self.listen_addrs.write() {
+                    l.retain(|a| a != &address);
+                }
+            }
+            // A relay reservation makes `<relay>/p2p-circuit` an address
+            // others reach us at: it goes into adverts with the rest.
+            SwarmEvent::ExternalAddrConfirmed { address } if is_relayed(&address) => {
+                let peer = *self.swarm.local_peer_id();
+                tracing::info!(address = %with_p2p(address.clone(), peer), "reachable through a relay");
+                if let Ok(mut l) = self.listen_addrs.write()
+                    && !l.contains(&address)
+                {
+                    l.push(address);
+                }
+            }
+            SwarmEvent::ExternalAddrExpired { address } if is_relayed(&address) => {
                 if let Ok(mut l) = self.listen_addrs.write() {
                     l.retain(|a| a != &address);
                 }
@@ -716,7 +1170,35 @@ impl EventLoop {
 
     fn on_behaviour(&mut self, ev: BehaviourEvent) {
         match ev {
-            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+            BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                connection_id,
+            }) => {
+                // A peer that offers circuit relay, reached directly: a relay
+                // to use if we turn out to be behind NAT.
+                let direct = self
+                    .conns
+                    .get(&peer_id)
+                    .and_then(|c| c.get(&connection_id))
+                    .is_some_and(|relayed| !relayed);
+                let offers_relay = info.protocols.contains(&relay::HOP_PROTOCOL_NAME);
+                if offers_relay
+                    && direct
+                    && peer_id != *self.swarm.local_peer_id()
+                    && !self.relays.iter().any(|(p, _, _)| *p == peer_id)
+                {
+                    let addr = self.dialed.get(&peer_id).cloned().or_else(|| {
+                        info.listen_addrs
+                            .iter()
+                            .find(|a| !is_relayed(a) && !is_unspecified(a))
+                            .cloned()
+                    });
+                    if let Some(addr) = addr {
+                        tracing::info!(relay = %with_p2p(addr.clone(), peer_id), "peer offers circuit relay");
+                        self.relays.push((peer_id, strip_p2p(&addr), false));
+                    }
+                }
                 if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut()
                     && info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL)
                 {
@@ -751,22 +1233,102 @@ impl EventLoop {
                 }
             }
             BehaviourEvent::Autonat(autonat::Event::StatusChanged { new, .. }) => {
-                self.nat_status = match new {
-                    autonat::NatStatus::Public(addr) => format!("public ({addr})"),
-                    autonat::NatStatus::Private => "private (behind NAT)".into(),
-                    autonat::NatStatus::Unknown => "unknown".into(),
+                (self.nat_status, self.nat) = match new {
+                    autonat::NatStatus::Public(addr) => (format!("public ({addr})"), Nat::Public),
+                    autonat::NatStatus::Private => ("private (behind NAT)".into(), Nat::Private),
+                    autonat::NatStatus::Unknown => ("unknown".into(), Nat::Unknown),
                 };
                 tracing::info!(status = %self.nat_status, "NAT status");
+                self.ensure_reservation();
             }
             BehaviourEvent::Relay(relay::client::Event::ReservationReqAccepted {
                 relay_peer_id,
+                renewal,
                 ..
             }) => {
-                self.relay_reservations.insert(relay_peer_id.to_string());
-                tracing::info!(relay = %relay_peer_id, "relay reservation accepted");
+                self.reservation = Some(relay_peer_id);
+                if renewal {
+                    tracing::debug!(relay = %relay_peer_id, "relay reservation renewed");
+                } else {
+                    tracing::info!(relay = %relay_peer_id, "relay reservation accepted");
+                }
             }
-            BehaviourEvent::Dcutr(ev) => tracing::debug!(?ev, "dcutr"),
+            BehaviourEvent::Relay(ev) => tracing::debug!(?ev, "relay client"),
+            BehaviourEvent::RelayServer(ev) => match ev {
+                relay::Event::StatusChanged { status } => {
+                    self.relay_serving = status == relay::Status::Enable;
+                    tracing::info!(serving = self.relay_serving, "relay service");
+                }
+                relay::Event::ReservationReqDenied {
+                    src_peer_id,
+                    status,
+                } => {
+                    metrics::counter!("troop_relay_denied_total", "kind" => "reservation")
+                        .increment(1);
+                    tracing::info!(peer = %src_peer_id, ?status, "relay reservation refused");
+                }
+                relay::Event::CircuitReqDenied {
+                    src_peer_id,
+                    dst_peer_id,
+                    status,
+                } => {
+                    metrics::counter!("troop_relay_denied_total", "kind" => "circuit").increment(1);
+                    tracing::info!(src = %src_peer_id, dst = %dst_peer_id, ?status, "relay circuit refused");
+                }
+                relay::Event::ReservationReqAccepted {
+                    src_peer_id,
+                    renewed,
+                } => {
+                    metrics::counter!("troop_relay_reservations_total").increment(1);
+                    tracing::debug!(peer = %src_peer_id, renewed, "relay reservation granted");
+                }
+                relay::Event::CircuitReqAccepted {
+                    src_peer_id,
+                    dst_peer_id,
+                } => {
+                    metrics::counter!("troop_relay_circuits_total").increment(1);
+                    tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, "relay circuit opened");
+                }
+                ev => tracing::debug!(?ev, "relay server"),
+            },
+            BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => match result {
+                Ok(_) => {
+                    tracing::info!(peer = %remote_peer_id, "hole punched: direct connection");
+                    metrics::counter!("troop_hole_punch_total", "result" => "direct").increment(1);
+                    self.punched.insert(remote_peer_id);
+                }
+                Err(e) => {
+                    tracing::info!(peer = %remote_peer_id, error = %e, "hole punching failed; staying relayed");
+                    metrics::counter!("troop_hole_punch_total", "result" => "failed").increment(1);
+                }
+            },
             _ => {}
         }
     }
+}
+
+/// Asks the coordinator's `/bootstrap` for the relays its operator lists
+/// and hands them to the swarm (used once AutoNAT finds us private). Runs
+/// in the background; a coordinator that is away only means fewer relays.
+pub fn learn_relays(client: crate::coordinator_client::CoordinatorClient, net: NetworkHandle) {
+    tokio::spawn(async move {
+        match client.bootstrap().await {
+            Ok(b) => {
+                for p in b.peers.into_iter().filter(|p| p.relay) {
+                    for a in p.addresses {
+                        match a.parse::<Multiaddr>() {
+                            Ok(addr) if peer_of(&addr).is_some() => net.add_relay(addr).await,
+                            _ => {
+                                tracing::debug!(address = %a, "unusable relay address from /bootstrap")
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "no relays from the coordinator's /bootstrap"),
+        }
+    });
 }

@@ -215,6 +215,7 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
         .map_err(|e| anyhow::anyhow!("coordinator key: {e}"))?;
 
     let (net, _events) = network::spawn(cfg.net.clone()).await?;
+    network::learn_relays(client.clone(), net.clone());
     let addresses: Vec<String> = net.listen_addrs().iter().map(|a| a.to_string()).collect();
     let reg_req = RegisterRequest {
         models: models.iter().map(|m| m.name.clone()).collect(),

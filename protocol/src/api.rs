@@ -78,6 +78,10 @@ pub struct WorkersResponse {
 pub struct BootstrapPeer {
     pub peer_id: String,
     pub addresses: Vec<String>,
+    /// A circuit relay (listed by the coordinator's operator) that nodes
+    /// behind NAT can reserve a slot on.
+    #[serde(default)]
+    pub relay: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

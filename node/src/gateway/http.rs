@@ -26,6 +26,7 @@ pub fn router(state: Arc<GatewayState>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/troop/status", get(troop_status))
         .route(
             "/health",
             get(|| async { axum::Json(json!({"status": "ok"})) }),
@@ -43,6 +44,35 @@ pub fn router(state: Arc<GatewayState>) -> Router {
             4 * 1024 * 1024,
         ))
         .with_state(state)
+}
+
+/// `GET /troop/status`: this gateway's place on the mesh, and how it
+/// reaches each worker it knows (direct, relayed through a circuit relay,
+/// or not connected).
+async fn troop_status(State(state): State<Arc<GatewayState>>) -> Response {
+    let st = state.net.status().await;
+    let workers = state.table.read().map(|t| t.workers()).unwrap_or_default();
+    let workers: Vec<Value> = workers
+        .into_iter()
+        .map(|(peer, models, rtt)| {
+            json!({
+                "peer_id": peer.to_base58(),
+                "models": models,
+                "connection": state.net.path(&peer),
+                "rtt_ms": rtt.map(|d| d.as_secs_f64() * 1000.0),
+            })
+        })
+        .collect();
+    axum::Json(json!({
+        "peer_id": st.peer_id,
+        "nat": st.nat,
+        "relays": st.relay_reservations,
+        "listen_addrs": st.listen_addrs,
+        "hole_punched": st.hole_punched,
+        "connected_peers": st.connected_peers.len(),
+        "workers": workers,
+    }))
+    .into_response()
 }
 
 /// An error in OpenAI's shape.

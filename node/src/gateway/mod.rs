@@ -93,6 +93,7 @@ impl RunningGateway {
 pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
     let (net, events) = network::spawn(cfg.net.clone()).await?;
     let client = CoordinatorClient::new(&cfg.coordinator, cfg.identity.clone());
+    network::learn_relays(client.clone(), net.clone());
     let listener = tokio::net::TcpListener::bind(cfg.http)
         .await
         .with_context(|| format!("binding the gateway's HTTP address {}", cfg.http))?;
@@ -151,6 +152,19 @@ async fn table_loop(state: Arc<GatewayState>, mut events: mpsc::Receiver<NetEven
                     t.on_rtt(peer, rtt);
                 }
             }
+            NetEvent::Upgraded(peer) => {
+                // Streams pick one of a peer's connections at random: once
+                // a direct path exists, close the relayed one (now, or when
+                // our last job on that worker ends).
+                let idle = state
+                    .table
+                    .read()
+                    .map(|t| t.inflight(&peer) == 0)
+                    .unwrap_or(false);
+                if idle {
+                    state.net.close_relayed(peer);
+                }
+            }
             NetEvent::Connected(_) | NetEvent::Disconnected(_) => {}
         }
     }
@@ -192,8 +206,15 @@ pub struct JobStream {
 
 impl Drop for JobStream {
     fn drop(&mut self) {
-        if let Ok(mut t) = self.state.table.write() {
-            t.add_inflight(&self.worker, -1);
+        let idle = match self.state.table.write() {
+            Ok(mut t) => {
+                t.add_inflight(&self.worker, -1);
+                t.inflight(&self.worker) == 0
+            }
+            Err(_) => false,
+        };
+        if idle && self.state.net.path(&self.worker) == network::Path::Direct {
+            self.state.net.close_relayed(self.worker);
         }
     }
 }
@@ -232,8 +253,16 @@ impl GatewayState {
         }
     }
 
-    /// Workers for `model`, from the table or else from the DHT.
+    /// Workers for `model`, from the table or else from the DHT: direct
+    /// paths first, then relayed ones, then workers we are not connected
+    /// to; by expected latency and load within each.
     pub async fn candidates(&self, model: &str) -> Vec<PeerId> {
+        let mut found = self.candidates_by_score(model).await;
+        found.sort_by_key(|p| self.net.path(p).rank());
+        found
+    }
+
+    async fn candidates_by_score(&self, model: &str) -> Vec<PeerId> {
         let found = self
             .table
             .read()

@@ -124,6 +124,24 @@ impl WorkerTable {
         }
     }
 
+    /// Jobs this gateway has running on `peer`.
+    pub fn inflight(&self, peer: &PeerId) -> u32 {
+        self.entries
+            .get(peer)
+            .map(|e| e.local_inflight)
+            .unwrap_or(0)
+    }
+
+    /// Live workers with their models and our round trip to them.
+    pub fn workers(&self) -> Vec<(PeerId, Vec<String>, Option<Duration>)> {
+        let mut v: Vec<_> = self
+            .live()
+            .map(|e| (e.peer, e.models.clone(), e.rtt))
+            .collect();
+        v.sort_by_key(|(p, _, _)| p.to_base58());
+        v
+    }
+
     fn live(&self) -> impl Iterator<Item = &Entry> {
         let now = Instant::now();
         self.entries

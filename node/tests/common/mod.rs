@@ -38,6 +38,7 @@ pub enum Mode {
 
 pub struct FakeState {
     pub dialect: Dialect,
+    pub model: String,
     pub mode: std::sync::Mutex<Mode>,
     pub tokens: Vec<String>,
     pub delay: Duration,
@@ -72,8 +73,22 @@ pub fn tokens(n: usize) -> Vec<String> {
 
 impl FakeUpstream {
     pub async fn start(dialect: Dialect, tokens: Vec<String>, delay: Duration) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind fake upstream");
+        Self::start_on(listener, MODEL, dialect, tokens, delay)
+    }
+
+    /// Serves `model` on a listener bound elsewhere (in a network
+    /// namespace, say).
+    pub fn start_on(
+        listener: std::net::TcpListener,
+        model: &str,
+        dialect: Dialect,
+        tokens: Vec<String>,
+        delay: Duration,
+    ) -> Self {
         let state = Arc::new(FakeState {
             dialect,
+            model: model.to_string(),
             mode: std::sync::Mutex::new(Mode::Normal),
             tokens,
             delay,
@@ -85,9 +100,9 @@ impl FakeUpstream {
             Dialect::OpenAi => axum::Router::new()
                 .route(
                     "/v1/models",
-                    get(|| async {
+                    get(|State(s): State<Arc<FakeState>>| async move {
                         axum::Json(
-                            json!({"object": "list", "data": [{"id": MODEL, "object": "model"}]}),
+                            json!({"object": "list", "data": [{"id": s.model, "object": "model"}]}),
                         )
                     }),
                 )
@@ -96,17 +111,18 @@ impl FakeUpstream {
             Dialect::Ollama => axum::Router::new()
                 .route(
                     "/api/tags",
-                    get(|| async {
-                        axum::Json(json!({"models": [{"name": MODEL, "digest": "sha256:0123"}]}))
+                    get(|State(s): State<Arc<FakeState>>| async move {
+                        axum::Json(json!({"models": [{"name": s.model, "digest": "sha256:0123"}]}))
                     }),
                 )
                 .route("/api/chat", post(ollama_generate))
                 .route("/api/generate", post(ollama_generate)),
         }
         .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind fake upstream");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let listener = tokio::net::TcpListener::from_std(listener).expect("fake upstream listener");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;

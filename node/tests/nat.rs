@@ -1,0 +1,533 @@
+//! Home workers behind real NAT routers: network namespaces, veth pairs and
+//! iptables MASQUERADE built by `scripts/netlab` (root needed). A public
+//! network holds the coordinator and a `troop relay`; home A (NAT) a worker,
+//! home B (NAT) a gateway, home C (symmetric NAT) a second worker. The
+//! gateway streams from both workers; A's path is punched direct by DCUtR,
+//! C's stays relayed and carries more than libp2p's default circuit limit;
+//! killing the relay leaves the direct path serving; the bill settles.
+//!
+//! Without root or iptables the test says "skipped"; with
+//! `TROOP_REQUIRE_ROOT_TESTS=1` (CI) a skip is a failure.
+
+mod common;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const PUB_IP: &str = "198.51.100.1";
+
+/// Runs `f` on a thread that has entered network namespace `ns`: every
+/// socket it makes (and every connection a current-thread runtime there
+/// makes) lives in that namespace.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = File::open(&path).expect("open the namespace");
+        nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("namespace thread")
+}
+
+/// Runs an async block on a current-thread runtime inside `ns`.
+fn block_in<T: Send + 'static>(
+    ns: &str,
+    fut: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>> + Send + 'static,
+) -> T {
+    in_netns(ns, move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(fut())
+    })
+}
+
+fn skip_or_fail(why: &str) {
+    if std::env::var("TROOP_REQUIRE_ROOT_TESTS").is_ok_and(|v| v == "1") {
+        panic!("NAT test cannot run: {why} (TROOP_REQUIRE_ROOT_TESTS=1)");
+    }
+    eprintln!("skipped: {why}");
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn bin(name: &str) -> PathBuf {
+    let troop = PathBuf::from(env!("CARGO_BIN_EXE_troop"));
+    troop.with_file_name(name)
+}
+
+struct Lab {
+    prefix: String,
+    procs: Vec<(String, Child)>,
+    logs: PathBuf,
+}
+
+impl Lab {
+    fn ns(&self, name: &str) -> String {
+        format!("{}{}", self.prefix, name)
+    }
+
+    /// Starts `program args` in namespace `ns`, its output in `logs/<label>.log`.
+    fn spawn(&mut self, label: &str, ns: &str, program: &Path, args: &[String]) {
+        let log = File::create(self.logs.join(format!("{label}.log"))).expect("log file");
+        let err = log.try_clone().expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(ns)])
+            .arg(program)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("TROOP_NAT_LOG")
+                    .unwrap_or_else(|_| "info,libp2p=warn,troop_node::network=debug".into()),
+            )
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("spawn in namespace");
+        self.procs.push((label.to_string(), child));
+    }
+
+    fn kill(&mut self, label: &str) {
+        if let Some((_, c)) = self.procs.iter_mut().find(|(l, _)| l == label) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self, label: &str) -> String {
+        std::fs::read_to_string(self.logs.join(format!("{label}.log"))).unwrap_or_default()
+    }
+
+    fn dump_logs(&self) {
+        for (l, _) in &self.procs {
+            eprintln!("===== {l} =====\n{}", self.log(l));
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.procs {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        let _ = Command::new(repo_root().join("scripts/netlab"))
+            .args(["down", "--prefix", &self.prefix])
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let path = dir.join(format!("{name}.key"));
+    let out = Command::new(bin("troop"))
+        .args(["keygen", "--out"])
+        .arg(&path)
+        .output()
+        .expect("troop keygen");
+    assert!(out.status.success(), "keygen failed");
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (path, id)
+}
+
+/// GET a JSON document from inside `ns`.
+fn get_json(ns: &str, url: String) -> Option<Value> {
+    block_in(ns, move || {
+        Box::pin(async move {
+            let resp = reqwest::Client::new()
+                .get(&url)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .ok()?;
+            resp.json::<Value>().await.ok()
+        })
+    })
+}
+
+/// What one streamed chat completion gave.
+struct Answer {
+    text: String,
+    ttft: Duration,
+    total: Duration,
+    chunks: usize,
+    error: Option<String>,
+}
+
+/// Streams a chat completion from the gateway in `ns`.
+fn chat(ns: &str, gateway: String, model: &str) -> Answer {
+    let model = model.to_string();
+    block_in(ns, move || {
+        Box::pin(async move {
+            use futures::StreamExt;
+            let started = Instant::now();
+            let resp = reqwest::Client::new()
+                .post(format!("{gateway}/v1/chat/completions"))
+                .json(&json!({
+                    "model": model,
+                    "stream": true,
+                    "messages": [{"role": "user", "content": "hello over NAT"}],
+                }))
+                .timeout(Duration::from_secs(120))
+                .send()
+                .await;
+            let mut a = Answer {
+                text: String::new(),
+                ttft: Duration::ZERO,
+                total: Duration::ZERO,
+                chunks: 0,
+                error: None,
+            };
+            let resp = match resp {
+                Ok(r) if r.status().is_success() => r,
+                Ok(r) => {
+                    let status = r.status();
+                    a.error = Some(format!("{status}: {}", r.text().await.unwrap_or_default()));
+                    return a;
+                }
+                Err(e) => {
+                    a.error = Some(e.to_string());
+                    return a;
+                }
+            };
+            let mut body = resp.bytes_stream();
+            let mut buf = String::new();
+            while let Some(piece) = body.next().await {
+                let piece = match piece {
+                    Ok(p) => p,
+                    Err(e) => {
+                        a.error = Some(e.to_string());
+                        break;
+                    }
+                };
+                buf.push_str(&String::from_utf8_lossy(&piece));
+                while let Some(i) = buf.find("\n\n") {
+                    let event: String = buf.drain(..i + 2).collect();
+                    let Some(data) = event.trim().strip_prefix("data: ") else {
+                        continue;
+                    };
+                    if data == "[DONE]" {
+                        continue;
+                    }
+                    let v: Value = serde_json::from_str(data).unwrap_or_default();
+                    if let Some(err) = v.get("error") {
+                        a.error = Some(err.to_string());
+                    }
+                    if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+                        if a.text.is_empty() {
+                            a.ttft = started.elapsed();
+                        }
+                        a.text.push_str(t);
+                        a.chunks += 1;
+                    }
+                }
+            }
+            a.total = started.elapsed();
+            a
+        })
+    })
+}
+
+/// Polls `f` every 250 ms until it gives `Some`, or panics after `limit`.
+fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn worker_entry(status: &Value, peer: &str) -> Option<Value> {
+    status["workers"]
+        .as_array()?
+        .iter()
+        .find(|w| w["peer_id"] == peer)
+        .cloned()
+}
+
+#[test]
+fn workers_behind_nat_are_reached_through_a_relay_and_punched_direct() {
+    let is_root = nix::unistd::Uid::effective().is_root();
+    if !is_root {
+        return skip_or_fail("needs root for network namespaces");
+    }
+    let have = |t: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !have("ip") || !have("iptables") {
+        return skip_or_fail("needs ip (iproute2) and iptables");
+    }
+    if !bin("troop-coordinator").exists() {
+        panic!(
+            "{} is missing: build the workspace first (cargo nextest run --workspace builds it)",
+            bin("troop-coordinator").display()
+        );
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let prefix = format!("t{}", std::process::id() % 100_000);
+    let up = Command::new(repo_root().join("scripts/netlab"))
+        .args(["up", "--prefix", &prefix])
+        .output()
+        .expect("scripts/netlab up");
+    let mut lab = Lab {
+        prefix: prefix.clone(),
+        procs: Vec::new(),
+        logs: tmp.path().to_path_buf(),
+    };
+    if !up.status.success() {
+        let err = String::from_utf8_lossy(&up.stderr).to_string();
+        drop(lab);
+        return skip_or_fail(&format!("scripts/netlab up failed: {err}"));
+    }
+
+    // Fake model servers on each worker's own loopback, in its home.
+    // A's answer is short; C's is 320 KiB, over libp2p's default circuit
+    // limit of 128 KiB.
+    let listener_a = in_netns(&lab.ns("hA"), || {
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind in home A")
+    });
+    let listener_c = in_netns(&lab.ns("hC"), || {
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind in home C")
+    });
+    let port_a = listener_a.local_addr().expect("addr").port();
+    let port_c = listener_c.local_addr().expect("addr").port();
+    let upstreams = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let big: Vec<String> = (0..320)
+        .map(|i| format!("{i:04}{}", "x".repeat(1020)))
+        .collect();
+    let _guard = upstreams.enter();
+    let _up_a = common::FakeUpstream::start_on(
+        listener_a,
+        "alpha",
+        common::Dialect::OpenAi,
+        common::tokens(40),
+        Duration::from_millis(5),
+    );
+    let _up_c = common::FakeUpstream::start_on(
+        listener_c,
+        "gamma",
+        common::Dialect::OpenAi,
+        big.clone(),
+        Duration::ZERO,
+    );
+
+    let (relay_key, relay_id) = keygen(tmp.path(), "relay");
+    let (a_key, a_id) = keygen(tmp.path(), "worker-a");
+    let (c_key, c_id) = keygen(tmp.path(), "worker-c");
+    let (b_key, b_id) = keygen(tmp.path(), "gateway-b");
+    let relay_addr = format!("/ip4/{PUB_IP}/tcp/4001/p2p/{relay_id}");
+    let coordinator = format!("http://{PUB_IP}:7070");
+    let s = |v: &str| v.to_string();
+
+    lab.spawn(
+        "coordinator",
+        "pub",
+        &bin("troop-coordinator"),
+        &[
+            s("serve"),
+            s("--listen"),
+            format!("{PUB_IP}:7070"),
+            s("--data"),
+            tmp.path().join("coord").display().to_string(),
+            s("--relay"),
+            relay_addr.clone(),
+        ],
+    );
+    lab.spawn(
+        "relay",
+        "pub",
+        &bin("troop"),
+        &[
+            s("relay"),
+            s("--identity"),
+            relay_key.display().to_string(),
+            s("--listen"),
+            format!("/ip4/{PUB_IP}/tcp/4001"),
+            s("--listen"),
+            format!("/ip4/{PUB_IP}/udp/4001/quic-v1"),
+        ],
+    );
+    poll("the coordinator", Duration::from_secs(30), || {
+        get_json(&lab.ns("pub"), format!("{coordinator}/health"))
+    });
+
+    let mesh = |key: &Path| {
+        vec![
+            s("--identity"),
+            key.display().to_string(),
+            s("--coordinator"),
+            coordinator.clone(),
+            s("--listen"),
+            s("/ip4/0.0.0.0/tcp/0"),
+            s("--listen"),
+            s("/ip4/0.0.0.0/udp/0/quic-v1"),
+            s("--bootstrap"),
+            relay_addr.clone(),
+        ]
+    };
+    let worker_started = Instant::now();
+    for (label, ns, key, port) in [
+        ("worker-a", "hA", &a_key, port_a),
+        ("worker-c", "hC", &c_key, port_c),
+    ] {
+        let mut args = vec![s("worker")];
+        args.extend(mesh(key));
+        args.extend([
+            s("--upstream"),
+            format!("http://127.0.0.1:{port}"),
+            s("--advert-interval"),
+            s("1"),
+            s("--state-dir"),
+            tmp.path().join(label).display().to_string(),
+        ]);
+        lab.spawn(label, ns, &bin("troop"), &args);
+    }
+    let mut args = vec![s("gateway")];
+    args.extend(mesh(&b_key));
+    args.extend([s("--http"), s("127.0.0.1:8080")]);
+    lab.spawn("gateway-b", "hB", &bin("troop"), &args);
+    let gw = s("http://127.0.0.1:8080");
+    let hb = lab.ns("hB");
+
+    // Both workers find out they are behind NAT, reserve a slot on the
+    // relay and advertise their circuit address; the gateway hears them.
+    let status = poll(
+        "the gateway to hear both workers",
+        Duration::from_secs(90),
+        || {
+            let st = get_json(&hb, format!("{gw}/troop/status"))?;
+            (worker_entry(&st, &a_id).is_some() && worker_entry(&st, &c_id).is_some()).then_some(st)
+        },
+    );
+    assert_eq!(status["peer_id"], b_id.as_str());
+
+    // A (endpoint-independent NAT): first answer, then the path is punched.
+    let first = poll("an answer from worker A", Duration::from_secs(90), || {
+        let a = chat(&hb, gw.clone(), "alpha");
+        a.error.is_none().then_some(a)
+    });
+    let first_served = worker_started.elapsed();
+    assert_eq!(first.text, common::tokens(40).concat());
+    for label in ["worker-a", "worker-c"] {
+        poll(
+            &format!("{label}'s relay reservation"),
+            Duration::from_secs(60),
+            || {
+                lab.log(label)
+                    .contains("relay reservation accepted")
+                    .then_some(())
+            },
+        );
+    }
+    let direct = poll("a direct path to worker A", Duration::from_secs(60), || {
+        let st = get_json(&hb, format!("{gw}/troop/status"))?;
+        let w = worker_entry(&st, &a_id)?;
+        (w["connection"] == "direct").then_some(w)
+    });
+    assert!(
+        direct["models"]
+            .as_array()
+            .is_some_and(|m| m.contains(&json!("alpha")))
+    );
+    let mut direct_runs = Vec::new();
+    for _ in 0..5 {
+        let a = chat(&hb, gw.clone(), "alpha");
+        assert!(a.error.is_none(), "direct answer failed: {:?}", a.error);
+        assert_eq!(a.text, common::tokens(40).concat());
+        direct_runs.push(a);
+    }
+
+    // C (symmetric NAT): answered through the relay, more bytes than
+    // libp2p's default circuit allows, and it stays relayed.
+    let mut relayed_runs = Vec::new();
+    for _ in 0..3 {
+        let c = chat(&hb, gw.clone(), "gamma");
+        assert!(c.error.is_none(), "relayed answer failed: {:?}", c.error);
+        assert_eq!(c.text.len(), big.concat().len());
+        assert!(c.text.len() > 128 * 1024);
+        relayed_runs.push(c);
+    }
+    let st = get_json(&hb, format!("{gw}/troop/status")).expect("status");
+    let c_entry = worker_entry(&st, &c_id).expect("worker C listed");
+    assert_eq!(c_entry["connection"], "relayed", "status: {st}");
+    assert_eq!(st["nat"], "private", "status: {st}");
+
+    // The relay goes away: the punched path to A keeps serving.
+    lab.kill("relay");
+    let after = chat(&hb, gw.clone(), "alpha");
+    assert!(
+        after.error.is_none(),
+        "A after the relay died: {:?}",
+        after.error
+    );
+    assert_eq!(after.text, common::tokens(40).concat());
+    let st = get_json(&hb, format!("{gw}/troop/status")).expect("status");
+    assert_eq!(
+        worker_entry(&st, &a_id).expect("A listed")["connection"],
+        "direct"
+    );
+
+    // The bill settles as on loopback: both workers earned, the user paid.
+    let pubns = lab.ns("pub");
+    for w in [&a_id, &c_id] {
+        poll("the worker's earnings", Duration::from_secs(60), || {
+            let b = get_json(&pubns, format!("{coordinator}/users/{w}/balance"))?;
+            (b["available"].as_f64()? > 0.0).then_some(())
+        });
+    }
+    let user = get_json(&pubns, format!("{coordinator}/users/{b_id}/balance")).expect("balance");
+    let spent = 3600.0 - user["available"].as_f64().unwrap_or(3600.0);
+    assert!(spent > 0.0, "the user paid nothing: {user}");
+
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let chunks_per_s = |runs: &[Answer]| {
+        median(
+            runs.iter()
+                .map(|r| r.chunks as f64 / r.total.as_secs_f64())
+                .collect(),
+        )
+    };
+    eprintln!(
+        "NAT lab: worker start to first served request {:.0} ms; TTFT direct p50 {:.1} ms, relayed p50 {:.1} ms; \
+         chunks/s direct {:.0} (40 x 5 ms paced), relayed {:.0} (320 x 1 KiB unpaced); \
+         upgraded to direct: A (endpoint-independent NAT) yes, C (symmetric NAT) no",
+        ms(first_served),
+        median(direct_runs.iter().map(|r| ms(r.ttft)).collect()),
+        median(relayed_runs.iter().map(|r| ms(r.ttft)).collect()),
+        chunks_per_s(&direct_runs),
+        chunks_per_s(&relayed_runs),
+    );
+    drop(lab);
+}
