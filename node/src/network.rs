@@ -422,8 +422,12 @@ fn build_swarm(cfg: &NetConfig) -> anyhow::Result<Swarm<Behaviour>> {
                 .with_max_established(Some(cfg.max_connections))
                 .with_max_established_per_peer(Some(4))
                 .with_max_pending_incoming(Some(64));
+            // Probe only through peers at public-looking addresses (see
+            // `is_lan_ip`): a peer on the same home LAN reaches us directly
+            // and would call us public. Servers are added as such peers connect.
             let autonat_cfg = autonat::Config {
                 only_global_ips: false,
+                use_connected: false,
                 boot_delay: Duration::from_secs(2),
                 ..Default::default()
             };
@@ -575,6 +579,30 @@ fn is_unspecified(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| match p {
         Protocol::Ip4(ip) => ip.is_unspecified(),
         Protocol::Ip6(ip) => ip.is_unspecified(),
+        _ => false,
+    })
+}
+
+/// An address on a LAN, loopback or carrier-grade NAT range: a peer there
+/// says nothing about whether the internet reaches us.
+fn is_lan(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => {
+            let o = ip.octets();
+            ip.is_private()
+                || ip.is_loopback()
+                || ip.is_link_local()
+                || ip.is_unspecified()
+                || (o[0] == 100 && (64..128).contains(&o[1]))
+        }
+        Protocol::Ip6(ip) => {
+            let s = ip.segments()[0];
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || (s & 0xfe00) == 0xfc00
+                || (s & 0xffc0) == 0xfe80
+        }
+        Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_) | Protocol::Dnsaddr(_) => false,
         _ => false,
     })
 }
@@ -782,8 +810,37 @@ impl EventLoop {
 
     /// Whether this node should hold a relay reservation: it was given a
     /// relay explicitly, or AutoNAT found it behind NAT.
+    ///
+    /// Until AutoNAT has answered (a probe can take 10 s), a node whose
+    /// every address is a LAN one cannot be reached from outside without a
+    /// port forward: it reserves at once and lets go if AutoNAT later finds
+    /// it public.
     fn wants_relay(&self) -> bool {
-        self.relays.iter().any(|(_, _, explicit)| *explicit) || self.nat == Nat::Private
+        self.explicit_relay()
+            || self.nat == Nat::Private
+            || (self.nat == Nat::Unknown && self.lan_only())
+    }
+
+    fn explicit_relay(&self) -> bool {
+        self.relays.iter().any(|(_, _, explicit)| *explicit)
+    }
+
+    /// Every address we listen on or were confirmed at is a LAN one.
+    fn lan_only(&self) -> bool {
+        let direct = |a: &&Multiaddr| !is_relayed(a);
+        let listen: Vec<Multiaddr> = self.swarm.listeners().cloned().collect();
+        let mut any = false;
+        for a in listen
+            .iter()
+            .chain(self.swarm.external_addresses())
+            .filter(direct)
+        {
+            any = true;
+            if !is_lan(a) && !is_unspecified(a) {
+                return false;
+            }
+        }
+        any
     }
 
     /// Asks a known relay for a reservation when we need one and hold none
@@ -1061,6 +1118,13 @@ impl EventLoop {
                     self.dialed
                         .insert(*peer_id, endpoint.get_remote_address().clone());
                 }
+                let remote = endpoint.get_remote_address();
+                if !relayed && !self.conns.contains_key(peer_id) && !is_lan(remote) {
+                    self.swarm
+                        .behaviour_mut()
+                        .autonat
+                        .add_server(*peer_id, Some(remote.clone()));
+                }
                 let c = self.conns.entry(*peer_id).or_default();
                 c.insert(*connection_id, relayed);
                 let upgraded = !relayed && c.values().any(|r| *r);
@@ -1084,6 +1148,7 @@ impl EventLoop {
                 }
                 self.update_path(*peer_id);
                 if *num_established == 0 {
+                    self.swarm.behaviour_mut().autonat.remove_server(peer_id);
                     self.dialed.remove(peer_id);
                     self.punched.remove(peer_id);
                     let p = *peer_id;
@@ -1239,6 +1304,14 @@ impl EventLoop {
                     autonat::NatStatus::Unknown => ("unknown".into(), Nat::Unknown),
                 };
                 tracing::info!(status = %self.nat_status, "NAT status");
+                if self.nat == Nat::Public
+                    && !self.explicit_relay()
+                    && let Some((id, relay, _)) = self.relay_listener.take()
+                {
+                    tracing::info!(%relay, "reachable directly: giving the relay reservation back");
+                    self.reservation = None;
+                    self.swarm.remove_listener(id);
+                }
                 self.ensure_reservation();
             }
             BehaviourEvent::Relay(relay::client::Event::ReservationReqAccepted {

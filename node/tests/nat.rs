@@ -14,6 +14,7 @@ mod common;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -169,8 +170,9 @@ struct Answer {
 }
 
 /// Streams a chat completion from the gateway in `ns`.
-fn chat(ns: &str, gateway: String, model: &str) -> Answer {
+fn chat(ns: &str, gateway: String, model: &str, prompt: &str) -> Answer {
     let model = model.to_string();
+    let prompt = prompt.to_string();
     block_in(ns, move || {
         Box::pin(async move {
             use futures::StreamExt;
@@ -180,7 +182,7 @@ fn chat(ns: &str, gateway: String, model: &str) -> Answer {
                 .json(&json!({
                     "model": model,
                     "stream": true,
-                    "messages": [{"role": "user", "content": "hello over NAT"}],
+                    "messages": [{"role": "user", "content": prompt}],
                 }))
                 .timeout(Duration::from_secs(120))
                 .send()
@@ -304,44 +306,40 @@ fn workers_behind_nat_are_reached_through_a_relay_and_punched_direct() {
         return skip_or_fail(&format!("scripts/netlab up failed: {err}"));
     }
 
-    // Fake model servers on each worker's own loopback, in its home.
-    // A's answer is short; C's is 320 KiB, over libp2p's default circuit
-    // limit of 128 KiB.
-    let listener_a = in_netns(&lab.ns("hA"), || {
-        std::net::TcpListener::bind("127.0.0.1:0").expect("bind in home A")
-    });
-    let listener_c = in_netns(&lab.ns("hC"), || {
-        std::net::TcpListener::bind("127.0.0.1:0").expect("bind in home C")
-    });
-    let port_a = listener_a.local_addr().expect("addr").port();
-    let port_c = listener_c.local_addr().expect("addr").port();
+    // Fake model servers on each worker's own loopback, in its home, all
+    // giving the same answer: 6,000 chunks, 144 KiB of text, more than
+    // libp2p's default circuit limit of 128 KiB. Worker D sits in the
+    // gateway's own home (the loopback reference).
+    let answer: Vec<String> = (0..6000)
+        .map(|i| format!("tok{i:05}-{} ", "x".repeat(14)))
+        .collect();
+    let expected = answer.concat();
+    assert!(expected.len() > 128 * 1024);
     let upstreams = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .expect("runtime");
-    let big: Vec<String> = (0..320)
-        .map(|i| format!("{i:04}{}", "x".repeat(1020)))
-        .collect();
     let _guard = upstreams.enter();
-    let _up_a = common::FakeUpstream::start_on(
-        listener_a,
-        "alpha",
-        common::Dialect::OpenAi,
-        common::tokens(40),
-        Duration::from_millis(5),
-    );
-    let _up_c = common::FakeUpstream::start_on(
-        listener_c,
-        "gamma",
-        common::Dialect::OpenAi,
-        big.clone(),
-        Duration::ZERO,
-    );
+    let mut fakes = Vec::new();
+    for (home, model) in [("hA", "alpha"), ("hC", "gamma"), ("hB", "delta")] {
+        let listener = in_netns(&lab.ns(home), || {
+            std::net::TcpListener::bind("127.0.0.1:0").expect("bind in a home")
+        });
+        fakes.push(common::FakeUpstream::start_on(
+            listener,
+            model,
+            common::Dialect::OpenAi,
+            answer.clone(),
+            Duration::ZERO,
+        ));
+    }
+    let port = |i: usize| fakes[i].url.clone();
 
     let (relay_key, relay_id) = keygen(tmp.path(), "relay");
     let (a_key, a_id) = keygen(tmp.path(), "worker-a");
     let (c_key, c_id) = keygen(tmp.path(), "worker-c");
+    let (d_key, d_id) = keygen(tmp.path(), "worker-d");
     let (b_key, b_id) = keygen(tmp.path(), "gateway-b");
     let relay_addr = format!("/ip4/{PUB_IP}/tcp/4001/p2p/{relay_id}");
     let coordinator = format!("http://{PUB_IP}:7070");
@@ -375,8 +373,9 @@ fn workers_behind_nat_are_reached_through_a_relay_and_punched_direct() {
             format!("/ip4/{PUB_IP}/udp/4001/quic-v1"),
         ],
     );
+    let pubns = lab.ns("pub");
     poll("the coordinator", Duration::from_secs(30), || {
-        get_json(&lab.ns("pub"), format!("{coordinator}/health"))
+        get_json(&pubns, format!("{coordinator}/health"))
     });
 
     let mesh = |key: &Path| {
@@ -394,15 +393,16 @@ fn workers_behind_nat_are_reached_through_a_relay_and_punched_direct() {
         ]
     };
     let worker_started = Instant::now();
-    for (label, ns, key, port) in [
-        ("worker-a", "hA", &a_key, port_a),
-        ("worker-c", "hC", &c_key, port_c),
+    for (label, ns, key, up) in [
+        ("worker-a", "hA", &a_key, port(0)),
+        ("worker-c", "hC", &c_key, port(1)),
+        ("worker-d", "hB", &d_key, port(2)),
     ] {
         let mut args = vec![s("worker")];
         args.extend(mesh(key));
         args.extend([
             s("--upstream"),
-            format!("http://127.0.0.1:{port}"),
+            up,
             s("--advert-interval"),
             s("1"),
             s("--state-dir"),
@@ -417,25 +417,28 @@ fn workers_behind_nat_are_reached_through_a_relay_and_punched_direct() {
     let gw = s("http://127.0.0.1:8080");
     let hb = lab.ns("hB");
 
-    // Both workers find out they are behind NAT, reserve a slot on the
-    // relay and advertise their circuit address; the gateway hears them.
+    // The workers find out they are behind NAT, reserve a slot on the relay
+    // and advertise their circuit address; the gateway hears them.
     let status = poll(
-        "the gateway to hear both workers",
+        "the gateway to hear the three workers",
         Duration::from_secs(90),
         || {
             let st = get_json(&hb, format!("{gw}/troop/status"))?;
-            (worker_entry(&st, &a_id).is_some() && worker_entry(&st, &c_id).is_some()).then_some(st)
+            [&a_id, &c_id, &d_id]
+                .iter()
+                .all(|w| worker_entry(&st, w).is_some())
+                .then_some(st)
         },
     );
     assert_eq!(status["peer_id"], b_id.as_str());
 
-    // A (endpoint-independent NAT): first answer, then the path is punched.
+    // A (endpoint-independent NAT): the first answer, then a punched path.
     let first = poll("an answer from worker A", Duration::from_secs(90), || {
-        let a = chat(&hb, gw.clone(), "alpha");
+        let a = chat(&hb, gw.clone(), "alpha", "hello over NAT");
         a.error.is_none().then_some(a)
     });
     let first_served = worker_started.elapsed();
-    assert_eq!(first.text, common::tokens(40).concat());
+    assert_eq!(first.text, expected);
     for label in ["worker-a", "worker-c"] {
         poll(
             &format!("{label}'s relay reservation"),
@@ -457,77 +460,129 @@ fn workers_behind_nat_are_reached_through_a_relay_and_punched_direct() {
             .as_array()
             .is_some_and(|m| m.contains(&json!("alpha")))
     );
-    let mut direct_runs = Vec::new();
-    for _ in 0..5 {
-        let a = chat(&hb, gw.clone(), "alpha");
-        assert!(a.error.is_none(), "direct answer failed: {:?}", a.error);
-        assert_eq!(a.text, common::tokens(40).concat());
-        direct_runs.push(a);
-    }
 
-    // C (symmetric NAT): answered through the relay, more bytes than
-    // libp2p's default circuit allows, and it stays relayed.
-    let mut relayed_runs = Vec::new();
-    for _ in 0..3 {
-        let c = chat(&hb, gw.clone(), "gamma");
-        assert!(c.error.is_none(), "relayed answer failed: {:?}", c.error);
-        assert_eq!(c.text.len(), big.concat().len());
-        assert!(c.text.len() > 128 * 1024);
-        relayed_runs.push(c);
+    // The same answer through a punched path (A), a relay (C: symmetric
+    // NAT defeats punching) and the gateway's own home (D).
+    let mut runs: Vec<(&str, Vec<Answer>)> = Vec::new();
+    for (model, path) in [
+        ("alpha", "punched"),
+        ("gamma", "relayed"),
+        ("delta", "loopback"),
+    ] {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            let a = chat(&hb, gw.clone(), model, "hello over NAT");
+            assert!(a.error.is_none(), "{path} answer failed: {:?}", a.error);
+            assert_eq!(a.text.len(), expected.len(), "{path} answer cut short");
+            assert_eq!(a.text, expected);
+            v.push(a);
+        }
+        runs.push((path, v));
     }
-    let st = get_json(&hb, format!("{gw}/troop/status")).expect("status");
-    let c_entry = worker_entry(&st, &c_id).expect("worker C listed");
-    assert_eq!(c_entry["connection"], "relayed", "status: {st}");
-    assert_eq!(st["nat"], "private", "status: {st}");
+    // AutoNAT's verdict takes a probe through the relay (its dial back
+    // times out after 10 s); the gateway reserved before it, its addresses
+    // being LAN ones only.
+    let st = poll(
+        "AutoNAT to find the gateway private",
+        Duration::from_secs(60),
+        || {
+            let st = get_json(&hb, format!("{gw}/troop/status"))?;
+            (st["nat"] == "private").then_some(st)
+        },
+    );
+    assert!(
+        st["relays"].as_array().is_some_and(|r| !r.is_empty()),
+        "the gateway holds no reservation: {st}"
+    );
+    assert_eq!(
+        worker_entry(&st, &a_id).expect("A")["connection"],
+        "direct",
+        "{st}"
+    );
+    assert_eq!(
+        worker_entry(&st, &c_id).expect("C")["connection"],
+        "relayed",
+        "{st}"
+    );
+    assert_eq!(
+        worker_entry(&st, &d_id).expect("D")["connection"],
+        "direct",
+        "{st}"
+    );
 
-    // The relay goes away: the punched path to A keeps serving.
+    // Every settled job so far is paid for: both NAT'd workers earned.
+    let balance = |w: &str| -> Option<f64> {
+        get_json(&pubns, format!("{coordinator}/users/{w}/balance"))?["available"].as_f64()
+    };
+    let settled = |lab: &Lab, label: &str| lab.log(label).matches("receipt settled").count();
+    for (label, w, jobs) in [("worker-a", &a_id, 4), ("worker-c", &c_id, 3)] {
+        poll("the workers' receipts", Duration::from_secs(60), || {
+            (settled(&lab, label) >= jobs).then_some(())
+        });
+        let earned = balance(w).expect("balance");
+        assert!(earned > 0.0, "{label} earned nothing");
+    }
+    let c_before = balance(&c_id).expect("balance");
+
+    // The relay dies in the middle of a relayed answer: the app gets
+    // `worker_lost` and the user pays nothing for it. The punched path to A
+    // keeps serving.
+    let requests_before = fakes[1].state.requests.load(Ordering::SeqCst);
+    let (hb2, gw2) = (hb.clone(), gw.clone());
+    let broken = std::thread::spawn(move || chat(&hb2, gw2, "gamma", "[slow] a long one"));
+    poll("the slow answer to start", Duration::from_secs(30), || {
+        (fakes[1].state.requests.load(Ordering::SeqCst) > requests_before).then_some(())
+    });
     lab.kill("relay");
-    let after = chat(&hb, gw.clone(), "alpha");
+    let broken = broken.join().expect("chat thread");
+    let err = broken
+        .error
+        .expect("the stream must break when the relay dies");
+    assert!(err.contains("worker_lost"), "got {err}");
+    assert!(broken.text.len() < expected.len());
+    let after = chat(&hb, gw.clone(), "alpha", "hello over NAT");
     assert!(
         after.error.is_none(),
         "A after the relay died: {:?}",
         after.error
     );
-    assert_eq!(after.text, common::tokens(40).concat());
+    assert_eq!(after.text, expected);
     let st = get_json(&hb, format!("{gw}/troop/status")).expect("status");
-    assert_eq!(
-        worker_entry(&st, &a_id).expect("A listed")["connection"],
-        "direct"
+    assert_eq!(worker_entry(&st, &a_id).expect("A")["connection"], "direct");
+    poll(
+        "worker C's receipt for the broken job",
+        Duration::from_secs(60),
+        || (settled(&lab, "worker-c") >= 4).then_some(()),
     );
-
-    // The bill settles as on loopback: both workers earned, the user paid.
-    let pubns = lab.ns("pub");
-    for w in [&a_id, &c_id] {
-        poll("the worker's earnings", Duration::from_secs(60), || {
-            let b = get_json(&pubns, format!("{coordinator}/users/{w}/balance"))?;
-            (b["available"].as_f64()? > 0.0).then_some(())
-        });
-    }
-    let user = get_json(&pubns, format!("{coordinator}/users/{b_id}/balance")).expect("balance");
-    let spent = 3600.0 - user["available"].as_f64().unwrap_or(3600.0);
-    assert!(spent > 0.0, "the user paid nothing: {user}");
+    let c_after = balance(&c_id).expect("balance");
+    assert!(
+        (c_after - c_before).abs() < 1e-9,
+        "worker C was paid for an answer that never arrived: {c_before} -> {c_after}"
+    );
 
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let chunks_per_s = |runs: &[Answer]| {
-        median(
-            runs.iter()
-                .map(|r| r.chunks as f64 / r.total.as_secs_f64())
-                .collect(),
-        )
-    };
-    eprintln!(
-        "NAT lab: worker start to first served request {:.0} ms; TTFT direct p50 {:.1} ms, relayed p50 {:.1} ms; \
-         chunks/s direct {:.0} (40 x 5 ms paced), relayed {:.0} (320 x 1 KiB unpaced); \
-         upgraded to direct: A (endpoint-independent NAT) yes, C (symmetric NAT) no",
-        ms(first_served),
-        median(direct_runs.iter().map(|r| ms(r.ttft)).collect()),
-        median(relayed_runs.iter().map(|r| ms(r.ttft)).collect()),
-        chunks_per_s(&direct_runs),
-        chunks_per_s(&relayed_runs),
+    let mut line = format!(
+        "NAT lab: worker start to first served request {:.0} ms;",
+        ms(first_served)
     );
+    for (path, v) in &runs {
+        line.push_str(&format!(
+            " {path}: TTFT p50 {:.1} ms, {:.0} chunks/s;",
+            median(v.iter().map(|r| ms(r.ttft)).collect()),
+            median(
+                v.iter()
+                    .map(|r| r.chunks as f64 / r.total.as_secs_f64())
+                    .collect()
+            ),
+        ));
+    }
+    line.push_str(
+        " upgraded to direct: endpoint-independent NAT (A) yes, symmetric NAT (C) no, same home (D) direct without a relay",
+    );
+    eprintln!("{line}");
     drop(lab);
 }

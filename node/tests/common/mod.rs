@@ -140,6 +140,16 @@ impl FakeUpstream {
     }
 }
 
+/// A prompt that says `[slow]` gets 20 ms between tokens (a long answer to
+/// break in the middle); others get the upstream's own pace.
+fn paced(req: &Value, delay: Duration) -> Duration {
+    if req.to_string().contains("[slow]") {
+        Duration::from_millis(20)
+    } else {
+        delay
+    }
+}
+
 fn failing(state: &FakeState) -> Option<Response> {
     state.requests.fetch_add(1, Ordering::SeqCst);
     let mode = state.mode.lock().map(|m| *m).unwrap_or(Mode::Normal);
@@ -158,11 +168,12 @@ async fn openai_generate(State(state): State<Arc<FakeState>>, body: Bytes) -> Re
     }
     let req: Value = serde_json::from_slice(&body).unwrap_or_default();
     let chat = req.get("messages").is_some();
+    let delay = paced(&req, state.delay);
     let stream = async_stream::stream! {
         let mut guard = DropGuard { state: state.clone(), done: false };
         for t in state.tokens.clone() {
-            if !state.delay.is_zero() {
-                tokio::time::sleep(state.delay).await;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
             }
             let chunk = if chat {
                 json!({"choices": [{"index": 0, "delta": {"content": t}, "finish_reason": null}]})
