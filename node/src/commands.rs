@@ -29,26 +29,42 @@ pub async fn survey_with(
     cfg.relays = relays;
     let (net, mut events) = network::spawn(cfg).await?;
     let mut table = WorkerTable::default();
-    let mut dialed = std::collections::HashSet::new();
-    let deadline = tokio::time::Instant::now() + wait;
+    let mut addrs: std::collections::HashMap<libp2p::PeerId, Vec<Multiaddr>> =
+        std::collections::HashMap::new();
+    let started = tokio::time::Instant::now();
+    let deadline = started + wait;
+    // Workers not reached by the middle of the wait are dialed once more.
+    let mut redial = dial_workers.then_some(started + wait / 2);
     loop {
-        match tokio::time::timeout_at(deadline, events.recv()).await {
+        if let Some(at) = redial
+            && tokio::time::Instant::now() >= at
+        {
+            redial = None;
+            for (peer, list) in &addrs {
+                if net.path(peer) == network::Path::None {
+                    net.dial_peer(*peer, list.clone()).await;
+                }
+            }
+        }
+        let until = redial.map_or(deadline, |r| r.min(deadline));
+        match tokio::time::timeout_at(until, events.recv()).await {
             Ok(Some(NetEvent::Advert { source, data })) => {
                 if let Some(a) = Advert::decode(&data) {
-                    if dial_workers && dialed.insert(source) {
-                        for addr in a
+                    if dial_workers {
+                        let list: Vec<Multiaddr> = a
                             .addresses
                             .iter()
                             .filter_map(|s| s.parse::<Multiaddr>().ok())
-                        {
-                            if network::peer_of(&addr) == Some(source) {
-                                net.dial(addr).await;
-                            }
+                            .filter(|m| network::peer_of(m) == Some(source))
+                            .collect();
+                        if addrs.insert(source, list.clone()).is_none() {
+                            net.dial_peer(source, list).await;
                         }
                     }
                     table.on_advert(source, a);
                 }
             }
+            Err(_) if tokio::time::Instant::now() < deadline => {}
             Ok(Some(NetEvent::Rtt { peer, rtt })) => table.on_rtt(peer, rtt),
             Ok(Some(_)) => {}
             Ok(None) | Err(_) => break,
@@ -102,6 +118,13 @@ pub async fn doctor(
     let had_bootstrap = !bootstrap.is_empty();
     let (rows, st) = survey_with(bootstrap, relays, true, wait).await?;
     let private = st.nat == "private";
+    let workers: std::collections::BTreeSet<String> =
+        rows.iter().map(|r| r.peer_id.clone()).collect();
+    let of_workers = |v: &[String]| -> Vec<String> {
+        v.iter().filter(|p| workers.contains(*p)).cloned().collect()
+    };
+    let punched = of_workers(&st.hole_punched);
+    let relayed = of_workers(&st.relayed_peers);
     let mut checks = vec![
         Check {
             name: "listen addresses",
@@ -111,8 +134,12 @@ pub async fn doctor(
         },
         Check {
             name: "NAT status (AutoNAT)",
-            ok: !st.nat_status.starts_with("private"),
-            detail: st.nat_status.clone(),
+            ok: !private || !st.relay_reservations.is_empty(),
+            detail: if private && !st.relay_reservations.is_empty() {
+                format!("{}, reachable through a relay", st.nat_status)
+            } else {
+                st.nat_status.clone()
+            },
             advice: "you are behind NAT: forward a port to this machine, or use a relay (the node reserves one when a relay peer is known)",
         },
         Check {
@@ -133,11 +160,15 @@ pub async fn doctor(
             name: "paths to workers",
             ok: true,
             detail: format!(
-                "{} punched direct by DCUtR ({}), {} relayed only ({})",
-                st.hole_punched.len(),
-                st.hole_punched.join(", "),
-                st.relayed_peers.len(),
-                st.relayed_peers.join(", ")
+                "{} direct, of which {} punched by DCUtR ({}); {} relayed only ({})",
+                workers
+                    .iter()
+                    .filter(|w| st.connected_peers.contains(w) && !st.relayed_peers.contains(w))
+                    .count(),
+                punched.len(),
+                punched.join(", "),
+                relayed.len(),
+                relayed.join(", ")
             ),
             advice: "",
         },

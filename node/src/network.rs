@@ -204,6 +204,10 @@ pub struct NetStatus {
     pub relay_reservations: Vec<String>,
     /// Whether this node offers circuit relay to others right now.
     pub relay_server: bool,
+    /// Reservations and circuits this relay refused (over its limits).
+    pub relay_refused: u64,
+    /// Reservations this relay holds for others right now.
+    pub relay_clients: usize,
     /// Peers reached over a direct connection that DCUtR punched.
     pub hole_punched: Vec<String>,
     /// Peers reached only through a relay.
@@ -223,6 +227,7 @@ enum Command {
     Publish(Vec<u8>),
     Status(oneshot::Sender<NetStatus>),
     AddRelay(Multiaddr),
+    DialPeer(PeerId, Vec<Multiaddr>),
     CloseRelayed(PeerId),
 }
 
@@ -280,6 +285,12 @@ impl NetworkHandle {
     /// (call when no stream of ours runs on it).
     pub fn close_relayed(&self, peer: PeerId) {
         let _ = self.tx.try_send(Command::CloseRelayed(peer));
+    }
+
+    /// Dials `peer` on all of `addrs` at once (one connection at most),
+    /// unless it is connected already (an attempt under way does not stop it).
+    pub async fn dial_peer(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let _ = self.tx.send(Command::DialPeer(peer, addrs)).await;
     }
 
     pub async fn dial(&self, addr: Multiaddr) {
@@ -557,6 +568,8 @@ pub async fn spawn(cfg: NetConfig) -> anyhow::Result<(NetworkHandle, mpsc::Recei
         relay_backoff: HashMap::new(),
         punched: HashSet::new(),
         relay_serving: cfg.relay_server.is_some() && cfg.relay_always,
+        relay_refused: 0,
+        relay_clients: HashSet::new(),
     };
     let task = tokio::spawn(ev_loop.run());
     if let Ok(mut t) = handle.task.lock() {
@@ -665,6 +678,8 @@ struct EventLoop {
     punched: HashSet<PeerId>,
     /// Whether our relay service is advertised.
     relay_serving: bool,
+    relay_refused: u64,
+    relay_clients: HashSet<PeerId>,
 }
 
 impl EventLoop {
@@ -788,6 +803,15 @@ impl EventLoop {
                     let _ = self.swarm.dial(addr);
                 }
             }
+            Command::DialPeer(peer, addrs) => {
+                let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                    .addresses(addrs)
+                    .condition(libp2p::swarm::dial_opts::PeerCondition::Disconnected)
+                    .build();
+                if let Err(e) = self.swarm.dial(opts) {
+                    tracing::debug!(%peer, error = %e, "not dialing");
+                }
+            }
             Command::CloseRelayed(peer) => {
                 let Some(c) = self.conns.get(&peer) else {
                     return;
@@ -855,11 +879,24 @@ impl EventLoop {
         // Explicit relays first, then those learnt from peers.
         let mut order: Vec<&(PeerId, Multiaddr, bool)> = self.relays.iter().collect();
         order.sort_by_key(|(_, _, explicit)| !*explicit);
-        let pick = order
+        let usable: Vec<(PeerId, Multiaddr, bool)> = order
             .into_iter()
-            .find(|(p, _, _)| *p != local && !self.relay_backoff.contains_key(p))
-            .cloned();
-        let Some((peer, addr, _)) = pick else {
+            .filter(|(p, _, _)| *p != local && !self.relay_backoff.contains_key(p))
+            .cloned()
+            .collect();
+        // Ask over a direct connection we already hold (a reservation asked
+        // for while the first dial is under way fails at once).
+        let direct = |p: &PeerId| {
+            self.conns
+                .get(p)
+                .is_some_and(|c| c.values().any(|relayed| !relayed))
+        };
+        let Some((peer, addr, _)) = usable.iter().find(|(p, _, _)| direct(p)).cloned() else {
+            if let Some((peer, addr, _)) = usable.first()
+                && !self.swarm.is_connected(peer)
+            {
+                let _ = self.swarm.dial(addr.clone().with(Protocol::P2p(*peer)));
+            }
             return;
         };
         let circuit = addr
@@ -959,6 +996,8 @@ impl EventLoop {
                 _ => Vec::new(),
             },
             relay_server: self.relay_serving,
+            relay_refused: self.relay_refused,
+            relay_clients: self.relay_clients.len(),
             hole_punched: self
                 .punched
                 .iter()
@@ -1226,7 +1265,7 @@ impl EventLoop {
                 self.emit(NetEvent::Disconnected(peer_id));
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
-                tracing::debug!(peer = ?peer_id, error = %error, "outgoing connection failed");
+                tracing::debug!(peer = ?peer_id, error = %error, detail = ?error, "outgoing connection failed");
             }
             SwarmEvent::Behaviour(ev) => self.on_behaviour(ev),
             _ => {}
@@ -1336,6 +1375,7 @@ impl EventLoop {
                     src_peer_id,
                     status,
                 } => {
+                    self.relay_refused += 1;
                     metrics::counter!("troop_relay_denied_total", "kind" => "reservation")
                         .increment(1);
                     tracing::info!(peer = %src_peer_id, ?status, "relay reservation refused");
@@ -1345,6 +1385,7 @@ impl EventLoop {
                     dst_peer_id,
                     status,
                 } => {
+                    self.relay_refused += 1;
                     metrics::counter!("troop_relay_denied_total", "kind" => "circuit").increment(1);
                     tracing::info!(src = %src_peer_id, dst = %dst_peer_id, ?status, "relay circuit refused");
                 }
@@ -1352,6 +1393,7 @@ impl EventLoop {
                     src_peer_id,
                     renewed,
                 } => {
+                    self.relay_clients.insert(src_peer_id);
                     metrics::counter!("troop_relay_reservations_total").increment(1);
                     tracing::debug!(peer = %src_peer_id, renewed, "relay reservation granted");
                 }
@@ -1361,6 +1403,10 @@ impl EventLoop {
                 } => {
                     metrics::counter!("troop_relay_circuits_total").increment(1);
                     tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, "relay circuit opened");
+                }
+                relay::Event::ReservationClosed { src_peer_id }
+                | relay::Event::ReservationTimedOut { src_peer_id } => {
+                    self.relay_clients.remove(&src_peer_id);
                 }
                 ev => tracing::debug!(?ev, "relay server"),
             },

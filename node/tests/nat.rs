@@ -106,6 +106,14 @@ impl Lab {
         }
     }
 
+    /// Waits for `label` to exit by itself; its exit code.
+    fn wait(&mut self, label: &str, limit: Duration) -> Option<i32> {
+        let (_, c) = self.procs.iter_mut().find(|(l, _)| l == label)?;
+        poll(&format!("{label} to finish"), limit, || {
+            c.try_wait().ok().flatten().map(|s| s.code())
+        })
+    }
+
     fn log(&self, label: &str) -> String {
         std::fs::read_to_string(self.logs.join(format!("{label}.log"))).unwrap_or_default()
     }
@@ -416,6 +424,21 @@ fn workers_behind_nat_are_reached_through_a_relay_and_punched_direct() {
     lab.spawn("gateway-b", "hB", &bin("troop"), &args);
     let gw = s("http://127.0.0.1:8080");
     let hb = lab.ns("hB");
+    // `troop doctor` from home A, while the mesh comes up.
+    lab.spawn(
+        "doctor",
+        "hA",
+        &bin("troop"),
+        &[
+            s("doctor"),
+            s("--bootstrap"),
+            relay_addr.clone(),
+            s("--coordinator"),
+            coordinator.clone(),
+            s("--wait"),
+            s("8"),
+        ],
+    );
 
     // The workers find out they are behind NAT, reserve a slot on the relay
     // and advertise their circuit address; the gateway hears them.
@@ -523,6 +546,28 @@ fn workers_behind_nat_are_reached_through_a_relay_and_punched_direct() {
         assert!(earned > 0.0, "{label} earned nothing");
     }
     let c_before = balance(&c_id).expect("balance");
+
+    // The doctor, behind NAT, names the relay that holds its reservation.
+    let code = lab.wait("doctor", Duration::from_secs(60));
+    let report = lab.log("doctor");
+    let verdicts: Vec<&str> = report.lines().filter(|l| l.starts_with('[')).collect();
+    for l in &verdicts {
+        eprintln!("doctor in home A: {l}");
+    }
+    let line = verdicts
+        .iter()
+        .find(|l| l.contains("relay reservation"))
+        .copied()
+        .unwrap_or_default();
+    assert!(
+        line.contains("[ ok ]") && line.contains(&format!("held by /ip4/{PUB_IP}/")),
+        "doctor: {report}"
+    );
+    assert!(
+        verdicts.iter().any(|l| l.contains("paths to workers")),
+        "doctor: {report}"
+    );
+    assert!(code.is_some(), "doctor: {report}");
 
     // The relay dies in the middle of a relayed answer: the app gets
     // `worker_lost` and the user pays nothing for it. The punched path to A

@@ -1,0 +1,123 @@
+//! Circuit relay on loopback: a relay over its reservation limit refuses
+//! with circuit relay v2's own status code and keeps serving the node it
+//! holds a reservation for; a peer that knows only the circuit address
+//! reaches that node through the relay.
+
+use std::time::Duration;
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::{Multiaddr, StreamProtocol};
+use troop_node::network::{self, NetConfig, NetworkHandle, RelayLimits, is_relayed};
+
+const ECHO: StreamProtocol = StreamProtocol::new("/troop/test-echo/1");
+
+fn node() -> NetConfig {
+    let mut c = NetConfig::new(troop_protocol::identity::generate());
+    c.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
+    c.dht = false;
+    c.gossip = false;
+    c
+}
+
+async fn poll<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn circuit_addr(n: &NetworkHandle) -> Option<Multiaddr> {
+    n.listen_addrs().into_iter().find(is_relayed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_relay_refuses_the_next_reservation_and_keeps_serving() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let mut rc = node();
+    rc.relay_server = Some(RelayLimits {
+        max_reservations: 1,
+        ..RelayLimits::default()
+    });
+    rc.relay_always = true;
+    let (relay, _relay_events) = network::spawn(rc).await.expect("relay");
+    let relay_addr = relay.listen_addrs()[0].clone();
+
+    // Two nodes ask the same relay (given with --relay) for a reservation.
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let mut c = node();
+        c.relays = vec![relay_addr.clone()];
+        let (net, events) = network::spawn(c).await.expect("client");
+        clients.push((net, events));
+    }
+    let holder = poll(
+        "one reservation granted and one refused",
+        Duration::from_secs(30),
+        async || {
+            let st = relay.status().await;
+            let mut holders = Vec::new();
+            for (c, _) in &clients {
+                if !c.status().await.relay_reservations.is_empty() {
+                    holders.push(c.clone());
+                }
+            }
+            (st.relay_refused >= 1 && holders.len() == 1 && st.relay_clients == 1)
+                .then(|| holders.remove(0))
+        },
+    )
+    .await;
+    let circuit = poll(
+        "the holder's circuit address",
+        Duration::from_secs(10),
+        async || circuit_addr(&holder),
+    )
+    .await;
+    assert_eq!(network::peer_of(&circuit), Some(holder.peer_id));
+
+    // The holder answers an echo stream; a third node that knows only the
+    // circuit address reaches it through the relay.
+    let mut incoming = holder
+        .stream_control()
+        .accept(ECHO)
+        .expect("accept the echo protocol");
+    tokio::spawn(async move {
+        while let Some((_, mut s)) = incoming.next().await {
+            let mut buf = [0u8; 5];
+            if s.read_exact(&mut buf).await.is_ok() {
+                let _ = s.write_all(&buf).await;
+                let _ = s.close().await;
+            }
+        }
+    });
+    let (caller, _caller_events) = network::spawn(node()).await.expect("caller");
+    caller.dial(relay_addr.clone()).await;
+    caller.add_address(holder.peer_id, circuit.clone()).await;
+    poll(
+        "the caller to reach the relay",
+        Duration::from_secs(10),
+        async || (caller.path(&relay.peer_id) == network::Path::Direct).then_some(()),
+    )
+    .await;
+    let mut s = tokio::time::timeout(
+        Duration::from_secs(15),
+        caller.stream_control().open_stream(holder.peer_id, ECHO),
+    )
+    .await
+    .expect("opening the stream timed out")
+    .expect("a stream through the relay");
+    s.write_all(b"hello").await.expect("write");
+    let mut back = [0u8; 5];
+    s.read_exact(&mut back).await.expect("read");
+    assert_eq!(&back, b"hello");
+    assert_eq!(relay.status().await.relay_clients, 1);
+}
