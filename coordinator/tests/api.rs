@@ -153,6 +153,32 @@ async fn register_heartbeat_workers_and_bootstrap() {
     let boot: Value = c.get("/bootstrap").await.json().await.expect("json");
     assert_eq!(boot["peers"][0]["peer_id"], reg.peer_id.as_str());
     assert_eq!(boot["peers"][0]["addresses"][0], "/ip4/127.0.0.1/tcp/4001");
+    assert_eq!(boot["peers"][0]["relay"], false);
+}
+
+#[tokio::test]
+async fn bootstrap_lists_the_operators_relays_first() {
+    let relay = generate().public().to_peer_id().to_base58();
+    let tcp = format!("/ip4/203.0.113.7/tcp/4001/p2p/{relay}");
+    let quic = format!("/ip4/203.0.113.7/udp/4001/quic-v1/p2p/{relay}");
+    let (t, q) = (tcp.clone(), quic.clone());
+    let c = TestCoordinator::start_with(move |cfg| cfg.relays = vec![t, q]).await;
+    let worker = generate();
+    let reg = c.register(&worker, &[MODEL]).await;
+    let boot: Value = c.get("/bootstrap").await.json().await.expect("json");
+    let peers = boot["peers"].as_array().expect("peers");
+    assert_eq!(peers.len(), 2, "{boot}");
+    assert_eq!(peers[0]["peer_id"], relay.as_str());
+    assert_eq!(peers[0]["relay"], true);
+    assert_eq!(peers[0]["addresses"], json!([tcp, quic]));
+    assert_eq!(peers[1]["peer_id"], reg.peer_id.as_str());
+    assert_eq!(peers[1]["relay"], false);
+    // A relay address must name its peer.
+    assert!(troop_coordinator::config::relay_peer_id("/ip4/203.0.113.7/tcp/4001").is_none());
+    assert!(
+        troop_coordinator::config::relay_peer_id(&format!("{tcp}/p2p-circuit/p2p/{relay}"))
+            .is_none()
+    );
 }
 
 #[tokio::test]
