@@ -139,7 +139,7 @@ fn main() {
                     let sha = format!("bench-{}", receipt.job_id);
                     state
                         .writer
-                        .submit(Command::Settle { receipt, receipt_sha256: sha, now_ms: troop_coordinator::unix_ms() }, None)
+                        .submit(Command::Settle { receipt, receipt_sha256: sha, now_ms: troop_coordinator::unix_ms(), unacked_cap_ms: 10_000, tolerance_ms: 2_000 }, None)
                         .await
                         .expect("settle");
                 }

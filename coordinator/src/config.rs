@@ -37,6 +37,19 @@ pub struct Config {
     pub trusted_proxy: bool,
     /// How many workers `/bootstrap` returns at most.
     pub bootstrap_peers: usize,
+    /// Most seconds charged for a request the user did not acknowledge.
+    pub unacked_cap_secs: u64,
+    /// How far a worker's clock may be off: the charging window runs from
+    /// the ticket's issue minus this to the receipt's arrival plus this.
+    pub clock_tolerance_ms: u64,
+    /// Starter grants to one client address in 24 hours (0: no limit).
+    pub starter_grants_per_ip_per_day: u32,
+    /// Starter credits granted in all in one hour, milli-credits (0: no limit).
+    pub starter_milli_per_hour: i64,
+    /// Hashcash bits a new account shows on its first `/authorize` (0: none).
+    pub starter_pow_bits: u32,
+    /// Requests an hour per client address on `/authorize`.
+    pub authorize_per_ip_per_hour: u32,
     /// Circuit relays `/bootstrap` lists first (`--relay`), each a multiaddr
     /// ending in `/p2p/<PeerId>`.
     pub relays: Vec<String>,
@@ -69,6 +82,12 @@ impl Config {
             trusted_proxy: false,
             bootstrap_peers: 8,
             relays: Vec::new(),
+            unacked_cap_secs: 10,
+            clock_tolerance_ms: 2_000,
+            starter_grants_per_ip_per_day: 3,
+            starter_milli_per_hour: 360_000_000,
+            starter_pow_bits: 0,
+            authorize_per_ip_per_hour: 200,
             max_batch: 2048,
             bench_size: 4096,
             bench_rounds: 4,

@@ -27,13 +27,15 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use troop_protocol::MilliCredits;
 use troop_protocol::receipt::{JobStatus, Receipt};
+use troop_protocol::usage::{LineStatus, RequestLine, charge_session};
 
 /// The account that issues credits.
 pub const MINT: &str = "troop:mint";
 
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(
-        r#"
+    Migrations::new(vec![
+        M::up(
+            r#"
 CREATE TABLE accounts (
     id TEXT PRIMARY KEY,
     kind TEXT NOT NULL CHECK (kind IN ('mint', 'user', 'worker')),
@@ -88,7 +90,100 @@ CREATE TABLE workers (
     last_seen INTEGER NOT NULL
 ) STRICT;
 "#,
-    )])
+        ),
+        // Bounded minting and reputation (sessions signed by both sides).
+        M::up(
+            r#"
+CREATE TABLE starter_grants (
+    id INTEGER PRIMARY KEY,
+    account TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    amount INTEGER NOT NULL CHECK (amount >= 0),
+    at INTEGER NOT NULL
+) STRICT;
+CREATE INDEX starter_grants_by_ip ON starter_grants(ip, at);
+CREATE INDEX starter_grants_by_time ON starter_grants(at);
+CREATE TABLE reputation (
+    account TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('worker', 'user')),
+    requests INTEGER NOT NULL DEFAULT 0,
+    acknowledged INTEGER NOT NULL DEFAULT 0,
+    disputed INTEGER NOT NULL DEFAULT 0,
+    unacknowledged INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (account, role)
+) STRICT;
+"#,
+        ),
+    ])
+}
+
+/// Limits on starter credits, checked when a new account asks for its first
+/// ticket (inside the same transaction as the grant).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GrantPolicy {
+    /// The client address the request came from.
+    pub ip: String,
+    /// Most grants to one address in 24 hours (0: no limit).
+    pub per_ip_per_day: u32,
+    /// Most milli-credits granted in all in one hour (0: no limit).
+    pub per_hour_milli: i64,
+    /// Hashcash bits a new account must show (0: none).
+    pub pow_bits: u32,
+    /// Whether the request carried a proof of work of `pow_bits`.
+    pub pow_ok: bool,
+}
+
+/// A worker's or user's figures from settled sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Reputation {
+    pub requests: i64,
+    pub acknowledged: i64,
+    pub disputed: i64,
+    pub unacknowledged: i64,
+}
+
+/// Every worker's reputation.
+pub fn worker_reputations(
+    conn: &Connection,
+) -> Result<std::collections::HashMap<String, Reputation>, LedgerError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT account, requests, acknowledged, disputed, unacknowledged FROM reputation
+         WHERE role = 'worker'",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            Reputation {
+                requests: r.get(1)?,
+                acknowledged: r.get(2)?,
+                disputed: r.get(3)?,
+                unacknowledged: r.get(4)?,
+            },
+        ))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn reputation_of(
+    conn: &Connection,
+    account: &str,
+    role: &str,
+) -> Result<Reputation, LedgerError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT requests, acknowledged, disputed, unacknowledged FROM reputation
+             WHERE account = ?1 AND role = ?2",
+        )?
+        .query_row(params![account, role], |r| {
+            Ok(Reputation {
+                requests: r.get(0)?,
+                acknowledged: r.get(1)?,
+                disputed: r.get(2)?,
+                unacknowledged: r.get(3)?,
+            })
+        })
+        .optional()?
+        .unwrap_or_default())
 }
 
 /// Why the ledger refused a command.
@@ -119,6 +214,10 @@ pub enum LedgerError {
     Storage(String),
     #[error("the ledger is shutting down")]
     Closed,
+    #[error("no starter credits: {0}")]
+    GrantRefused(String),
+    #[error("acknowledgement refused: {0}")]
+    BadAck(String),
 }
 
 impl From<rusqlite::Error> for LedgerError {
@@ -222,6 +321,7 @@ pub enum Command {
         amount: MilliCredits,
         multiplier_milli: i64,
         starter_grant: MilliCredits,
+        grant_policy: GrantPolicy,
         expires_at: u64,
         now_ms: u64,
     },
@@ -231,6 +331,10 @@ pub enum Command {
         receipt: Receipt,
         receipt_sha256: String,
         now_ms: u64,
+        /// Most milliseconds charged for a request the user did not acknowledge.
+        unacked_cap_ms: u64,
+        /// Clock tolerance on both ends of the charging window.
+        tolerance_ms: u64,
     },
     /// Records a verified proof of hardware.
     SetHardware {
@@ -341,6 +445,7 @@ pub fn apply(
             amount,
             multiplier_milli,
             starter_grant,
+            grant_policy,
             expires_at,
             now_ms,
         } => reserve(
@@ -351,7 +456,7 @@ pub fn apply(
             job_id,
             *amount,
             *multiplier_milli,
-            *starter_grant,
+            (*starter_grant, grant_policy),
             *expires_at,
             *now_ms,
             events,
@@ -385,7 +490,16 @@ pub fn apply(
             receipt,
             receipt_sha256,
             now_ms,
-        } => settle(tx, receipt, receipt_sha256, *now_ms, events).map(Outcome::Settled),
+            unacked_cap_ms,
+            tolerance_ms,
+        } => settle(
+            tx,
+            receipt,
+            receipt_sha256,
+            (*now_ms, *unacked_cap_ms, *tolerance_ms),
+            events,
+        )
+        .map(Outcome::Settled),
         Command::ExpireDue {
             cutoff_secs,
             now_ms,
@@ -506,15 +620,16 @@ struct JobRow {
     multiplier_milli: i64,
     state: String,
     receipt_sha256: Option<String>,
-    receipt_status: Option<String>,
     cost: Option<i64>,
+    /// Unix ms of the reservation (the ticket's issue).
+    created_at: i64,
 }
 
 fn load_job(tx: &Connection, job_id: &str) -> Result<Option<JobRow>, LedgerError> {
     Ok(tx
         .prepare_cached(
             "SELECT job_id, user_id, worker_id, model, reserve_transfer, reserved, multiplier_milli, state,
-                    receipt_sha256, receipt_status, cost FROM jobs WHERE job_id = ?1",
+                    receipt_sha256, cost, created_at FROM jobs WHERE job_id = ?1",
         )?
         .query_row([job_id], |r| {
             Ok(JobRow {
@@ -527,8 +642,8 @@ fn load_job(tx: &Connection, job_id: &str) -> Result<Option<JobRow>, LedgerError
                 multiplier_milli: r.get(6)?,
                 state: r.get(7)?,
                 receipt_sha256: r.get(8)?,
-                receipt_status: r.get(9)?,
-                cost: r.get(10)?,
+                cost: r.get(9)?,
+                created_at: r.get(10)?,
             })
         })
         .optional()?)
@@ -592,7 +707,7 @@ fn reserve(
     job_id: &str,
     amount: MilliCredits,
     multiplier_milli: i64,
-    starter_grant: MilliCredits,
+    (starter_grant, policy): (MilliCredits, &GrantPolicy),
     expires_at: u64,
     now_ms: u64,
     events: &mut Vec<Value>,
@@ -622,8 +737,13 @@ fn reserve(
         return Err(LedgerError::Range("reserved account id".into()));
     }
     let mut grant = 0;
-    if granted == 0 {
+    if granted == 0 && starter_grant > 0 {
+        check_grant(tx, policy, starter_grant, now_ms)?;
         grant = starter_grant;
+        tx.prepare_cached(
+            "INSERT INTO starter_grants (account, ip, amount, at) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![user, policy.ip, grant, now_i])?;
         tx.prepare_cached(
             "UPDATE accounts SET granted = 1, credits_posted = credits_posted + ?2 WHERE id = ?1",
         )?
@@ -693,6 +813,46 @@ fn reserve(
     })
 }
 
+/// Whether a new account may have its starter credits now: proof of work,
+/// grants to its address in the last 24 hours, all grants in the last hour.
+fn check_grant(
+    tx: &Connection,
+    p: &GrantPolicy,
+    grant: MilliCredits,
+    now_ms: u64,
+) -> Result<(), LedgerError> {
+    if p.pow_bits > 0 && !p.pow_ok {
+        return Err(LedgerError::GrantRefused(format!(
+            "a new account needs a proof of work of {} bits (field `pow` of /authorize)",
+            p.pow_bits
+        )));
+    }
+    let now = to_i64(now_ms)?;
+    if p.per_ip_per_day > 0 {
+        let n: i64 = tx
+            .prepare_cached("SELECT COUNT(*) FROM starter_grants WHERE ip = ?1 AND at > ?2")?
+            .query_row(params![p.ip, now - 86_400_000], |r| r.get(0))?;
+        if n >= i64::from(p.per_ip_per_day) {
+            return Err(LedgerError::GrantRefused(format!(
+                "{} new accounts from this address in the last 24 hours already got theirs",
+                p.per_ip_per_day
+            )));
+        }
+    }
+    if p.per_hour_milli > 0 {
+        let sum: i64 = tx
+            .prepare_cached("SELECT COALESCE(SUM(amount), 0) FROM starter_grants WHERE at > ?1")?
+            .query_row(params![now - 3_600_000], |r| r.get(0))?;
+        if sum.saturating_add(grant) > p.per_hour_milli {
+            return Err(LedgerError::GrantRefused(
+                "the coordinator's hourly budget for starter credits is spent; try again later"
+                    .into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Releases a pending reservation whole (`refund` or `expire`).
 fn void(
     tx: &Connection,
@@ -747,7 +907,7 @@ fn settle(
     tx: &Connection,
     r: &Receipt,
     receipt_sha256: &str,
-    now_ms: u64,
+    (now_ms, unacked_cap_ms, tolerance_ms): (u64, u64, u64),
     events: &mut Vec<Value>,
 ) -> Result<Settlement, LedgerError> {
     let job = load_job(tx, &r.job_id)?.ok_or_else(|| LedgerError::UnknownJob(r.job_id.clone()))?;
@@ -777,7 +937,7 @@ fn settle(
             return Err(LedgerError::Conflict(job.job_id));
         }
         let cost = job.cost.unwrap_or(0);
-        let settled = job.receipt_status.as_deref() == Some("completed");
+        let settled = job.state == "posted";
         return Ok(Settlement {
             job_id: job.job_id,
             user: job.user,
@@ -796,13 +956,65 @@ fn settle(
         JobStatus::Failed => "failed",
         JobStatus::Cancelled => "cancelled",
     };
-    let (outcome, cost) = if r.status == JobStatus::Completed {
-        let cost = job_cost(
-            r.started_at,
-            r.finished_at,
-            job.multiplier_milli,
-            job.reserved,
-        );
+    // The charging rule (see `troop_protocol::usage::charge_session`): a
+    // receipt without request lines is one unacknowledged request.
+    let lines = if r.requests.is_empty() {
+        vec![RequestLine {
+            index: 0,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+            chunks: r.completion_tokens,
+            status: match r.status {
+                JobStatus::Completed => LineStatus::Completed,
+                JobStatus::Failed => LineStatus::Failed,
+                JobStatus::Cancelled => LineStatus::Cancelled,
+            },
+            ack: None,
+        }]
+    } else {
+        r.requests.clone()
+    };
+    let charge = charge_session(
+        &lines,
+        &job.user,
+        &job.job_id,
+        &job.worker,
+        u64::try_from(job.created_at)
+            .unwrap_or(0)
+            .saturating_sub(tolerance_ms),
+        now_ms.saturating_add(tolerance_ms),
+        unacked_cap_ms,
+    )
+    .map_err(|e| LedgerError::BadAck(e.to_string()))?;
+    // A legacy receipt of a failed or cancelled job is refunded whole.
+    let billable = !r.requests.is_empty() || r.status == JobStatus::Completed;
+    let cost = if billable {
+        job_cost(0, charge.ms, job.multiplier_milli, job.reserved)
+    } else {
+        0
+    };
+    for (account, role) in [(&job.worker, "worker"), (&job.user, "user")] {
+        tx.prepare_cached(
+            "INSERT INTO reputation (account, role, requests, acknowledged, disputed, unacknowledged)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT(account, role) DO UPDATE SET
+                requests = requests + excluded.requests,
+                acknowledged = acknowledged + excluded.acknowledged,
+                disputed = disputed + excluded.disputed,
+                unacknowledged = unacknowledged + excluded.unacknowledged",
+        )?
+        .execute(params![
+            account,
+            role,
+            to_i64(charge.requests)?,
+            to_i64(charge.acknowledged)?,
+            to_i64(charge.disputed)?,
+            to_i64(charge.unacknowledged)?
+        ])?;
+    }
+    let (outcome, cost) = if cost > 0 {
         tx.prepare_cached(
             "UPDATE accounts SET debits_pending = debits_pending - ?2, debits_posted = debits_posted + ?3
              WHERE id = ?1",

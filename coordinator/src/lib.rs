@@ -63,6 +63,7 @@ pub struct AppState {
     pub nonces: Mutex<HashMap<(String, String), u64>>,
     pub discovery_limiter: IpLimiter,
     pub authorize_limiter: UserLimiter,
+    pub authorize_ip_limiter: IpLimiter,
     /// Requests signed before this second are refused (their nonces were
     /// held in memory by a process that is gone).
     pub started_at: u64,
@@ -125,6 +126,7 @@ impl Coordinator {
         let state = AppState {
             discovery_limiter: IpLimiter::per_hour(cfg.discovery_per_hour),
             authorize_limiter: UserLimiter::per_hour(cfg.authorize_per_hour),
+            authorize_ip_limiter: IpLimiter::per_hour(cfg.authorize_per_ip_per_hour),
             cfg,
             writer,
             readers,

@@ -66,6 +66,25 @@ struct ServeArgs {
     /// Trust X-Forwarded-For for the client address (only behind your own proxy).
     #[arg(long, env = "TROOP_TRUSTED_PROXY")]
     trusted_proxy: bool,
+    /// Most seconds charged for a request the user's gateway did not acknowledge.
+    #[arg(long, env = "TROOP_UNACKNOWLEDGED_CAP_SECS", default_value_t = 10)]
+    unacknowledged_cap_secs: u64,
+    /// New accounts from one client address that get starter credits in 24 hours (0: no limit).
+    #[arg(long, env = "TROOP_STARTER_GRANTS_PER_IP_PER_DAY", default_value_t = 3)]
+    starter_grants_per_ip_per_day: u32,
+    /// Starter credit-seconds granted in all in one hour (0: no limit).
+    #[arg(
+        long,
+        env = "TROOP_STARTER_CREDITS_PER_HOUR",
+        default_value_t = 360000.0
+    )]
+    starter_credits_per_hour: f64,
+    /// Hashcash bits a new account must show on its first /authorize (0: none).
+    #[arg(long, env = "TROOP_STARTER_POW_BITS", default_value_t = 0)]
+    starter_pow_bits: u32,
+    /// Requests an hour per client address on /authorize.
+    #[arg(long, env = "TROOP_AUTHORIZE_PER_IP_PER_HOUR", default_value_t = 200)]
+    authorize_per_ip_per_hour: u32,
     /// A circuit relay (`troop relay`) to list first in /bootstrap, as its
     /// multiaddr ending in /p2p/<PeerId> (repeatable).
     #[arg(long = "relay", env = "TROOP_RELAYS", value_delimiter = ',')]
@@ -144,6 +163,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             cfg.relays = a.relay.clone();
+            if !(a.starter_credits_per_hour.is_finite() && a.starter_credits_per_hour >= 0.0) {
+                anyhow::bail!("--starter-credits-per-hour must be a non-negative number");
+            }
+            if a.starter_pow_bits > 32 {
+                anyhow::bail!("--starter-pow-bits must be 0 to 32");
+            }
+            cfg.unacked_cap_secs = a.unacknowledged_cap_secs;
+            cfg.starter_grants_per_ip_per_day = a.starter_grants_per_ip_per_day;
+            cfg.starter_milli_per_hour = (a.starter_credits_per_hour * 1000.0).round() as i64;
+            cfg.starter_pow_bits = a.starter_pow_bits;
+            cfg.authorize_per_ip_per_hour = a.authorize_per_ip_per_hour;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
                 let coordinator = Coordinator::open(cfg)?;

@@ -20,7 +20,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::timeout::TimeoutLayer;
 use troop_protocol::api::{
     AuthorizeRequest, AuthorizeResponse, BalanceResponse, BootstrapPeer, BootstrapResponse,
-    HeartbeatRequest, HeartbeatResponse, Load, RegisterRequest, RegisterResponse,
+    HeartbeatRequest, HeartbeatResponse, Load, RegisterRequest, RegisterResponse, ReputationInfo,
     SettlementResponse, TransactionEntry, TransactionsResponse, WorkerInfo, WorkersResponse,
 };
 use troop_protocol::identity::parse_account_id;
@@ -30,7 +30,7 @@ use troop_protocol::ticket::{TICKET_ISSUER, TicketClaims};
 use troop_protocol::{ErrorCode, credits_from_milli};
 
 use crate::error::{ApiError, parse_json};
-use crate::ledger::{Command, LedgerError, Outcome, WorkerRow};
+use crate::ledger::{Command, GrantPolicy, LedgerError, Outcome, WorkerRow};
 use crate::{AppState, unix_ms, unix_secs};
 
 type St = State<Arc<AppState>>;
@@ -261,6 +261,8 @@ pub(crate) fn ledger_error(state: &AppState, e: LedgerError, rid: &str) -> ApiEr
         LedgerError::ReservationExpired(_) => (StatusCode::CONFLICT, ErrorCode::ReservationExpired),
         LedgerError::Range(_) => (StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
         LedgerError::Closed => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
+        LedgerError::GrantRefused(_) => (StatusCode::PAYMENT_REQUIRED, ErrorCode::PaymentRequired),
+        LedgerError::BadAck(_) => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::BadRequest),
         LedgerError::Invariant(_) | LedgerError::Storage(_) => {
             tracing::error!(error = %e, request_id = rid, "ledger failure");
             state.audit.record(
@@ -281,6 +283,7 @@ async fn health(State(state): St) -> impl IntoResponse {
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
         "kid": state.keys.kid,
+        "starter_pow_bits": state.cfg.starter_pow_bits,
     }))
 }
 
@@ -330,7 +333,16 @@ fn worker_info(cfg: &crate::Config, w: &WorkerRow, now: u64) -> WorkerInfo {
             active_jobs: w.active_jobs,
             queue_depth: w.queue_depth,
         },
+        reputation: None,
     }
+}
+
+fn reputation_info(r: &crate::ledger::Reputation) -> Option<ReputationInfo> {
+    (r.requests > 0).then(|| ReputationInfo {
+        requests: r.requests as u64,
+        acknowledged_share: r.acknowledged as f64 / r.requests as f64,
+        disputed_share: r.disputed as f64 / r.requests as f64,
+    })
 }
 
 fn check_list(
@@ -456,14 +468,23 @@ async fn heartbeat(
     .into_response())
 }
 
-async fn list_workers(State(state): St) -> Result<Response, ApiError> {
+async fn list_workers(State(state): St, headers: HeaderMap) -> Result<Response, ApiError> {
+    let rid = request_id(&headers);
     let now = unix_secs();
+    let reps = state
+        .read_with(crate::ledger::worker_reputations)
+        .await
+        .map_err(|e| ledger_error(&state, e, &rid))?;
     let mut workers: Vec<WorkerInfo> = state
         .workers
         .read()
         .map_err(|_| ApiError::internal("worker table poisoned"))?
         .values()
-        .map(|w| worker_info(&state.cfg, w, now))
+        .map(|w| {
+            let mut i = worker_info(&state.cfg, w, now);
+            i.reputation = reps.get(&w.peer_id).and_then(reputation_info);
+            i
+        })
         .collect();
     workers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
     Ok(axum::Json(WorkersResponse { workers }).into_response())
@@ -515,14 +536,30 @@ fn new_job_id() -> String {
     hex::encode(b)
 }
 
-async fn authorize(
-    State(state): St,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
+async fn authorize(State(state): St, req: Request) -> Result<Response, ApiError> {
+    let ip = client_ip(&state, &req);
+    let (parts, body) = req.into_parts();
+    let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
     let rid = request_id(&headers);
+    let body = axum::body::to_bytes(body, state.cfg.body_limit_bytes)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::PayloadTooLarge,
+                "request body too large",
+            )
+            .with_request_id(&rid)
+        })?;
+    if let Err(wait) = state.authorize_ip_limiter.check(&ip) {
+        return Err(rate_limited(
+            &state,
+            "authorize_ip",
+            &ip.to_string(),
+            wait,
+            &rid,
+        ));
+    }
     let user = verify_signed(&state, &headers, &method, &uri, &body, &rid)?;
     let user_id = user.to_base58();
     let refuse = |reason: &str, detail: String| {
@@ -604,6 +641,18 @@ async fn authorize(
                 amount,
                 multiplier_milli,
                 starter_grant: state.cfg.starter_credits_milli,
+                grant_policy: GrantPolicy {
+                    ip: ip.to_string(),
+                    per_ip_per_day: state.cfg.starter_grants_per_ip_per_day,
+                    per_hour_milli: state.cfg.starter_milli_per_hour,
+                    pow_bits: state.cfg.starter_pow_bits,
+                    pow_ok: state.cfg.starter_pow_bits == 0
+                        || req.pow.as_deref().is_some_and(|n| {
+                            n.len() <= 64
+                                && troop_protocol::usage::pow_bits(&user_id, n)
+                                    >= state.cfg.starter_pow_bits
+                        }),
+                },
                 expires_at: exp,
                 now_ms: unix_ms(),
             },
@@ -611,9 +660,26 @@ async fn authorize(
         )
         .await;
     match out {
+        Ok(Outcome::Reserved { granted, .. }) if granted > 0 => {
+            metrics::counter!("troop_starter_grants_total", "result" => "granted").increment(1);
+            metrics::counter!("troop_starter_credits_granted_total").increment(granted as u64);
+            state.audit.record(
+                "starter.granted",
+                Some(&rid),
+                json!({ "user": user_id, "ip": ip.to_string(), "amount_milli": granted }),
+            );
+        }
         Ok(_) => {}
         Err(e) => {
-            if matches!(e, LedgerError::InsufficientFunds { .. }) {
+            if let LedgerError::GrantRefused(reason) = &e {
+                metrics::counter!("troop_starter_grants_total", "result" => "refused").increment(1);
+                state.audit.record(
+                    "starter.refused",
+                    Some(&rid),
+                    json!({ "user": user_id, "ip": ip.to_string(), "reason": reason }),
+                );
+                refuse("starter_refused", reason.clone());
+            } else if matches!(e, LedgerError::InsufficientFunds { .. }) {
                 metrics::counter!("troop_payment_required_total").increment(1);
                 refuse("insufficient_credits", e.to_string());
             } else {
@@ -754,6 +820,8 @@ async fn submit_receipt(
                 receipt,
                 receipt_sha256: sha,
                 now_ms: unix_ms(),
+                unacked_cap_ms: state.cfg.unacked_cap_secs.saturating_mul(1000),
+                tolerance_ms: state.cfg.clock_tolerance_ms,
             },
             Some(rid.clone()),
         )
@@ -768,6 +836,13 @@ async fn submit_receipt(
                     "receipt_conflict",
                     &rid,
                     json!({ "job_id": job_id }),
+                );
+            } else if let LedgerError::BadAck(reason) = &e {
+                security_event(
+                    &state,
+                    "bad_ack",
+                    &rid,
+                    json!({ "job_id": job_id, "reason": reason }),
                 );
             } else {
                 state.audit.record(
@@ -835,10 +910,29 @@ async fn transactions(
     State(state): St,
     Path(id): Path<String>,
     page: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+    method: Method,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let rid = request_id(&headers);
     let account = account_param(&id, &rid)?;
+    // A history names counterparties, amounts and session ids: only its
+    // owner reads it (admins use `troop-coordinator ledger history`).
+    let signer = verify_signed(&state, &headers, &method, &uri, b"", &rid)?;
+    if signer.to_base58() != account {
+        security_event(
+            &state,
+            "foreign_history",
+            &rid,
+            json!({ "account": account, "signer": signer.to_base58() }),
+        );
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Unauthorized,
+            "a transaction history is readable only with its own account's signature",
+        )
+        .with_request_id(&rid));
+    }
     let Query(page) =
         page.map_err(|e| ApiError::bad_request(e.body_text()).with_request_id(&rid))?;
     let limit = page.limit.unwrap_or(50).clamp(1, 500);

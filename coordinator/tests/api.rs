@@ -443,10 +443,10 @@ async fn receipt_settles_cost_and_refunds_the_rest() {
     assert_eq!(c.balance(&worker).await["available"], 2.0);
 
     let hist: Value = c
-        .get(&format!(
-            "/users/{}/transactions",
-            user.public().to_peer_id()
-        ))
+        .signed_get(
+            &user,
+            &format!("/users/{}/transactions", user.public().to_peer_id()),
+        )
         .await
         .json()
         .await
@@ -461,10 +461,10 @@ async fn receipt_settles_cost_and_refunds_the_rest() {
     assert_eq!(hist["transactions"][1]["status"], "posted");
     assert_eq!(hist["transactions"][0]["amount"], -2.0);
     let page: Value = c
-        .get(&format!(
-            "/users/{}/transactions?limit=1",
-            user.public().to_peer_id()
-        ))
+        .signed_get(
+            &user,
+            &format!("/users/{}/transactions?limit=1", user.public().to_peer_id()),
+        )
         .await
         .json()
         .await
@@ -472,10 +472,13 @@ async fn receipt_settles_cost_and_refunds_the_rest() {
     assert_eq!(page["transactions"].as_array().map(Vec::len), Some(1));
     let before = page["next_before"].as_i64().expect("next page");
     let page2: Value = c
-        .get(&format!(
-            "/users/{}/transactions?limit=5&before={before}",
-            user.public().to_peer_id()
-        ))
+        .signed_get(
+            &user,
+            &format!(
+                "/users/{}/transactions?limit=5&before={before}",
+                user.public().to_peer_id()
+            ),
+        )
         .await
         .json()
         .await
@@ -489,7 +492,7 @@ async fn receipt_settles_cost_and_refunds_the_rest() {
         .json()
         .await
         .expect("json");
-    let mut failed = receipt_for(&auth.job_id, &user, &worker, MODEL, 9_000);
+    let mut failed = common::bare_receipt_for(&auth.job_id, &user, &worker, MODEL, 9_000);
     failed.status = JobStatus::Failed;
     let s: SettlementResponse = c
         .submit_receipt(&reg.receipt_key, &failed, now_secs())
@@ -503,21 +506,59 @@ async fn receipt_settles_cost_and_refunds_the_rest() {
     );
     assert_eq!(c.balance(&user).await["available"], 3598.0);
 
-    // The cost never exceeds the reservation.
+    // A worker that claims 300 s for a request its user saw take 1 s is
+    // paid 1 s.
     let auth: AuthorizeResponse = c
         .authorize(&user, &worker, MODEL)
         .await
         .json()
         .await
         .expect("json");
-    let long = receipt_for(&auth.job_id, &user, &worker, MODEL, 900_000);
+    let mut long = receipt_for(&auth.job_id, &user, &worker, MODEL, 1_000);
+    long.requests[0].started_at -= 299_000;
+    long.started_at -= 299_000;
     let s: SettlementResponse = c
         .submit_receipt(&reg.receipt_key, &long, now_secs())
         .await
         .json()
         .await
         .expect("json");
-    assert_eq!(s.cost, 300.0);
+    assert_eq!(s.cost, 1.0);
+
+    // Without the user's acknowledgement, 900 s claimed cost at most the
+    // 10 s cap, and no more than the ticket-to-receipt window (plus the 2 s
+    // clock tolerance on each end).
+    let auth: AuthorizeResponse = c
+        .authorize(&user, &worker, MODEL)
+        .await
+        .json()
+        .await
+        .expect("json");
+    let bare = common::bare_receipt_for(&auth.job_id, &user, &worker, MODEL, 900_000);
+    let s: SettlementResponse = c
+        .submit_receipt(&reg.receipt_key, &bare, now_secs())
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert!(s.cost > 0.0 && s.cost <= 10.0, "cost {}", s.cost);
+    // One in the future, or before the ticket, costs nothing beyond that.
+    let auth: AuthorizeResponse = c
+        .authorize(&user, &worker, MODEL)
+        .await
+        .json()
+        .await
+        .expect("json");
+    let mut future = common::bare_receipt_for(&auth.job_id, &user, &worker, MODEL, 1_000);
+    future.started_at += 200_000;
+    future.finished_at += 400_000;
+    let s: SettlementResponse = c
+        .submit_receipt(&reg.receipt_key, &future, now_secs())
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(s.cost, 0.0);
 }
 
 #[tokio::test]
@@ -614,7 +655,7 @@ async fn a_receipt_replayed_100_times_concurrently_settles_once() {
         .json()
         .await
         .expect("json");
-    let receipt = receipt_for(&auth.job_id, &user, &worker, MODEL, 3_000);
+    let receipt = receipt_for(&auth.job_id, &user, &worker, MODEL, 1_000);
     let ts = now_secs();
     let mut tasks = Vec::new();
     for _ in 0..100 {
@@ -632,14 +673,14 @@ async fn a_receipt_replayed_100_times_concurrently_settles_once() {
         let s = t.await.expect("task");
         assert_eq!(
             (s.cost, s.refunded),
-            (3.0, 297.0),
+            (1.0, 299.0),
             "every answer is the first one's"
         );
         fresh += usize::from(!s.replayed);
     }
     assert_eq!(fresh, 1, "exactly one settlement");
-    assert_eq!(c.balance(&user).await["available"], 3597.0);
-    assert_eq!(c.balance(&worker).await["available"], 3.0);
+    assert_eq!(c.balance(&user).await["available"], 3599.0);
+    assert_eq!(c.balance(&worker).await["available"], 1.0);
     let settles = c
         .audit_lines()
         .iter()
@@ -745,7 +786,8 @@ async fn bad_input_gets_json_4xx_and_never_touches_the_ledger() {
             worker.public().to_peer_id()
         ))
         .await;
-    assert_eq!(error_code(r).await.0, 400);
+    // Unsigned: a history is private.
+    assert_eq!(error_code(r).await.0, 401);
     // The user never got an account: nothing was granted or reserved.
     let r = c
         .get(&format!("/users/{}/balance", user.public().to_peer_id()))
@@ -772,7 +814,7 @@ async fn ledger_cli_audits_balances_and_history() {
         .expect("json");
     c.submit_receipt(
         &reg.receipt_key,
-        &receipt_for(&auth.job_id, &user, &worker, MODEL, 4_000),
+        &receipt_for(&auth.job_id, &user, &worker, MODEL, 2_000),
         now_secs(),
     )
     .await;
@@ -799,7 +841,7 @@ async fn ledger_cli_audits_balances_and_history() {
         .output()
         .expect("run");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("available 3296.000"), "{text}");
+    assert!(text.contains("available 3298.000"), "{text}");
     assert!(text.contains("pending   300.000"), "{text}");
 
     let out = std::process::Command::new(bin())

@@ -1,6 +1,10 @@
 //! Random sequences of ledger operations (grant, authorize, settle, fail,
 //! replay, expire) against the real SQLite ledger and a small in-memory
 //! model; balances and the invariant are compared after every step.
+//! Receipts come as old single-job receipts (charged as one unacknowledged
+//! request: at most the cap) and as session receipts whose request carries
+//! the user's signed acknowledgement (charged the lesser of the worker's
+//! and the user's time), always inside the ticket-to-receipt window.
 
 use std::collections::HashMap;
 
@@ -8,24 +12,57 @@ use proptest::prelude::*;
 use rusqlite::Connection;
 use troop_coordinator::ledger::{self, Command, LedgerError, Outcome};
 use troop_protocol::receipt::{JobStatus, Receipt};
+use troop_protocol::usage::{Ack, LineStatus, RequestLine};
 
-const USERS: [&str; 3] = ["user-a", "user-b", "user-c"];
+const T0: u64 = 1_000_000_000;
+const CAP_MS: u64 = 10_000;
+
+thread_local! {
+    static KEYS: Vec<libp2p_identity::Keypair> = (0..3).map(|_| troop_protocol::identity::generate()).collect();
+}
+
+fn user_id(i: usize) -> String {
+    KEYS.with(|k| k[i].public().to_peer_id().to_base58())
+}
+
+fn user_key(id: &str) -> Option<libp2p_identity::Keypair> {
+    KEYS.with(|k| {
+        k.iter()
+            .find(|k| k.public().to_peer_id().to_base58() == id)
+            .cloned()
+    })
+}
+
+const USERS: usize = 3;
 const WORKERS: [(&str, i64); 2] = [("worker-x", 1000), ("worker-y", 2500)];
 const STARTER: i64 = 3_600_000;
 const RESERVE_SECS: i64 = 300;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Authorize { user: usize, worker: usize },
-    Receipt { job: usize, millis: u64, status: u8 },
-    Replay { job: usize },
-    Expire { cutoff: u64 },
+    Authorize {
+        user: usize,
+        worker: usize,
+    },
+    Receipt {
+        job: usize,
+        millis: u64,
+        status: u8,
+        ack: Option<u64>,
+    },
+    Replay {
+        job: usize,
+    },
+    Expire {
+        cutoff: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (0..USERS.len(), 0..WORKERS.len()).prop_map(|(user, worker)| Op::Authorize { user, worker }),
-        3 => (0..40usize, 0..400_000u64, 0..3u8).prop_map(|(job, millis, status)| Op::Receipt { job, millis, status }),
+        4 => (0..USERS, 0..WORKERS.len()).prop_map(|(user, worker)| Op::Authorize { user, worker }),
+        3 => (0..40usize, 0..400_000u64, 0..3u8, proptest::option::of(0..400_000u64))
+            .prop_map(|(job, millis, status, ack)| Op::Receipt { job, millis, status, ack }),
         1 => (0..40usize).prop_map(|job| Op::Replay { job }),
         1 => (0..60u64).prop_map(|cutoff| Op::Expire { cutoff }),
     ]
@@ -46,6 +83,7 @@ struct ModelJob {
     reserved: i64,
     multiplier: i64,
     expires_at: u64,
+    created_ms: u64,
     state: JobState,
     receipt: Option<(Receipt, String, i64)>,
 }
@@ -76,7 +114,36 @@ fn run(conn: &mut Connection, cmd: Command) -> Result<Outcome, LedgerError> {
     }
 }
 
-fn receipt(job: &ModelJob, millis: u64, status: JobStatus) -> Receipt {
+fn receipt(job: &ModelJob, millis: u64, status: JobStatus, ack: Option<u64>) -> Receipt {
+    let started_at = job.created_ms + 500;
+    let requests = match ack {
+        None => Vec::new(),
+        Some(observed) => {
+            let key = user_key(&job.user).expect("a test user");
+            vec![RequestLine {
+                index: 0,
+                started_at,
+                finished_at: started_at + millis,
+                prompt_tokens: 1,
+                completion_tokens: millis,
+                chunks: millis,
+                status: match status {
+                    JobStatus::Completed => LineStatus::Completed,
+                    JobStatus::Failed => LineStatus::Failed,
+                    JobStatus::Cancelled => LineStatus::Cancelled,
+                },
+                ack: Some(Ack::sign(
+                    &key,
+                    &job.id,
+                    &job.worker,
+                    0,
+                    millis,
+                    millis,
+                    observed,
+                )),
+            }]
+        }
+    };
     Receipt {
         job_id: job.id.clone(),
         worker: job.worker.clone(),
@@ -84,10 +151,16 @@ fn receipt(job: &ModelJob, millis: u64, status: JobStatus) -> Receipt {
         model: "m".into(),
         prompt_tokens: 1,
         completion_tokens: millis,
-        started_at: 1_000_000,
-        finished_at: 1_000_000 + millis,
+        started_at,
+        finished_at: started_at + millis,
         status,
+        requests,
     }
+}
+
+/// Receipts arrive well after the work they describe.
+fn settle_ms(step: u64) -> u64 {
+    T0 + step * 1000 + 1_000_000
 }
 
 fn check(conn: &Connection, model: &Model) -> Result<(), TestCaseError> {
@@ -133,12 +206,15 @@ proptest! {
             match op {
                 Op::Authorize { user, worker } => {
                     let (w, mult) = WORKERS[worker];
-                    let u = USERS[user];
+                    let u = user_id(user);
+                    let u = u.as_str();
                     let amount = RESERVE_SECS * mult;
                     let job_id = format!("job-{step}");
+                    let created_ms = T0 + step * 1000;
                     let out = run(&mut conn, Command::Reserve {
                         user: u.into(), worker: w.into(), model: "m".into(), job_id: job_id.clone(),
-                        amount, multiplier_milli: mult, starter_grant: STARTER, expires_at: step, now_ms: step,
+                        amount, multiplier_milli: mult, starter_grant: STARTER,
+                        grant_policy: Default::default(), expires_at: step, now_ms: created_ms,
                     });
                     // Model: the grant happens once, even when the reservation is refused
                     // (the grant commits with the refusal only if the reservation passes).
@@ -159,16 +235,16 @@ proptest! {
                         e.1 += amount;
                         model.jobs.push(ModelJob {
                             id: job_id, user: u.into(), worker: w.into(), reserved: amount, multiplier: mult,
-                            expires_at: step, state: JobState::Pending, receipt: None,
+                            expires_at: step, created_ms, state: JobState::Pending, receipt: None,
                         });
                     }
                 }
-                Op::Receipt { job, millis, status } => {
+                Op::Receipt { job, millis, status, ack } => {
                     let Some(j) = model.jobs.get(job % model.jobs.len().max(1)).cloned() else { continue };
                     let status = [JobStatus::Completed, JobStatus::Failed, JobStatus::Cancelled][status as usize];
-                    let r = receipt(&j, millis, status);
-                    let sha = format!("{:?}-{millis}", status);
-                    let out = run(&mut conn, Command::Settle { receipt: r.clone(), receipt_sha256: sha.clone(), now_ms: step });
+                    let r = receipt(&j, millis, status, ack);
+                    let sha = format!("{:?}-{millis}-{ack:?}", status);
+                    let out = run(&mut conn, Command::Settle { receipt: r.clone(), receipt_sha256: sha.clone(), now_ms: settle_ms(step), unacked_cap_ms: CAP_MS, tolerance_ms: 0 });
                     let idx = model.jobs.iter().position(|x| x.id == j.id).unwrap_or(0);
                     match (&j.state, &j.receipt) {
                         (_, Some((_, prev, _))) if *prev != sha => {
@@ -183,9 +259,14 @@ proptest! {
                             prop_assert!(matches!(out, Err(LedgerError::ReservationExpired(_))), "{:?}", out);
                         }
                         (JobState::Pending, None) => {
-                            let cost = if status == JobStatus::Completed {
-                                ((millis as i128 * j.multiplier as i128 / 1000) as i64).min(j.reserved)
-                            } else { 0 };
+                            // min(worker ms, acknowledged ms), or the cap without an ack;
+                            // an old receipt of a failed job is refunded whole.
+                            let charged = match ack {
+                                Some(observed) => millis.min(observed),
+                                None if status == JobStatus::Completed => millis.min(CAP_MS),
+                                None => 0,
+                            };
+                            let cost = ((charged as i128 * j.multiplier as i128 / 1000) as i64).min(j.reserved);
                             let Ok(Outcome::Settled(s)) = out else { return Err(TestCaseError::fail(format!("settle failed: {out:?}"))) };
                             prop_assert_eq!(s.cost, cost);
                             prop_assert_eq!(s.refunded, j.reserved - cost);
@@ -195,7 +276,7 @@ proptest! {
                             u.1 -= j.reserved;
                             model.accounts.entry(j.worker.clone()).or_default().0 += cost;
                             let mj = &mut model.jobs[idx];
-                            mj.state = if status == JobStatus::Completed { JobState::Posted } else { JobState::Voided };
+                            mj.state = if cost > 0 { JobState::Posted } else { JobState::Voided };
                             mj.receipt = Some((r, sha, cost));
                         }
                         (state, None) => return Err(TestCaseError::fail(format!("unreachable model state {state:?}"))),
@@ -204,7 +285,7 @@ proptest! {
                 Op::Replay { job } => {
                     let Some(j) = model.jobs.get(job % model.jobs.len().max(1)).cloned() else { continue };
                     let Some((r, sha, cost)) = j.receipt else { continue };
-                    let out = run(&mut conn, Command::Settle { receipt: r, receipt_sha256: sha, now_ms: step });
+                    let out = run(&mut conn, Command::Settle { receipt: r, receipt_sha256: sha, now_ms: settle_ms(step), unacked_cap_ms: CAP_MS, tolerance_ms: 0 });
                     let Ok(Outcome::Settled(s)) = out else { return Err(TestCaseError::fail("replay failed")) };
                     prop_assert!(s.replayed);
                     prop_assert_eq!(s.cost, cost);

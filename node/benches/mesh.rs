@@ -236,6 +236,7 @@ async fn bench_memory(streams: usize) -> (u64, u64, u64, usize) {
                         version: FRAME_VERSION,
                         ticket: t.clone(),
                         request: request(),
+                        index: 0,
                     },
                 )
                 .await

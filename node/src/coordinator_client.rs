@@ -52,6 +52,9 @@ pub struct CoordinatorClient {
     base: String,
     http: reqwest::Client,
     key: Keypair,
+    /// The hashcash nonce a new account shows, found once when the
+    /// coordinator's `/health` asks for one.
+    pow: std::sync::Arc<tokio::sync::OnceCell<Option<String>>>,
 }
 
 fn unix_secs() -> u64 {
@@ -73,7 +76,35 @@ impl CoordinatorClient {
             base: base.trim_end_matches('/').to_string(),
             http,
             key,
+            pow: Default::default(),
         }
+    }
+
+    /// The proof of work for this account's starter credits, when the
+    /// coordinator wants one (`starter_pow_bits` in `/health`).
+    async fn pow(&self) -> Option<String> {
+        self.pow
+            .get_or_init(|| async {
+                let bits = self
+                    .health()
+                    .await
+                    .ok()?
+                    .get("starter_pow_bits")?
+                    .as_u64()
+                    .filter(|b| *b > 0 && *b <= 32)? as u32;
+                let account = self.key.public().to_peer_id().to_base58();
+                tracing::info!(
+                    bits,
+                    "solving the coordinator's proof of work for starter credits"
+                );
+                tokio::task::spawn_blocking(move || {
+                    troop_protocol::usage::solve_pow(&account, bits)
+                })
+                .await
+                .ok()
+            })
+            .await
+            .clone()
     }
 
     pub fn base(&self) -> &str {
@@ -126,6 +157,25 @@ impl CoordinatorClient {
             .post(format!("{}{}", self.base, path))
             .header("content-type", "application/json")
             .body(bytes);
+        for (k, v) in h.pairs() {
+            req = req.header(k, v);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        Self::decode(resp).await
+    }
+
+    /// This account's own transaction history (a signed GET: histories are
+    /// private).
+    pub async fn my_transactions(&self) -> Result<serde_json::Value, ClientError> {
+        let path = format!(
+            "/users/{}/transactions",
+            self.key.public().to_peer_id().to_base58()
+        );
+        let h = sign_request(&self.key, "GET", &path, b"", unix_secs());
+        let mut req = self.http.get(format!("{}{}", self.base, path));
         for (k, v) in h.pairs() {
             req = req.header(k, v);
         }
@@ -201,6 +251,7 @@ impl CoordinatorClient {
                 model: model.to_string(),
                 worker: worker.to_string(),
                 max_tokens,
+                pow: self.pow().await,
             },
         )
         .await

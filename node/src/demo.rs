@@ -192,11 +192,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     .await?;
 
     let mut ids = Vec::new();
+    let mut keys = Vec::new();
     for name in ["worker-1", "worker-2", "gateway"] {
         let key = troop_protocol::identity::generate();
         let path = data.join(format!("{name}.key"));
         troop_protocol::identity::write_keypair(&path, &key)?;
         ids.push((path, key.public().to_peer_id().to_base58()));
+        keys.push(key);
     }
 
     step("starting two workers in front of it");
@@ -208,7 +210,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             .arg(&ids[0].0)
             .args(["--coordinator", &coordinator, "--upstream", &upstream])
             .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{w1_port}")])
-            .args(["--advert-interval", "1", "--state-dir"])
+            .args([
+                "--advert-interval",
+                "1",
+                "--session-idle-secs",
+                "2",
+                "--state-dir",
+            ])
             .arg(data.join("worker-1")),
         &data.join("worker-1.log"),
     )?;
@@ -243,7 +251,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             .arg(&ids[1].0)
             .args(["--coordinator", &coordinator, "--upstream", &upstream])
             .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", &boot])
-            .args(["--advert-interval", "1", "--state-dir"])
+            .args([
+                "--advert-interval",
+                "1",
+                "--session-idle-secs",
+                "2",
+                "--state-dir",
+            ])
             .arg(data.join("worker-2")),
         &data.join("worker-2.log"),
     )?;
@@ -361,15 +375,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     step("the ledger entries this job caused");
     let user = &ids[2].1;
+    // The history is private: read it with the user's own signature.
+    let me = crate::coordinator_client::CoordinatorClient::new(&coordinator, keys[2].clone());
     let deadline = Instant::now() + Duration::from_secs(30);
     let history = loop {
-        let v: Value = http
-            .get(format!("{coordinator}/users/{user}/transactions"))
-            .send()
-            .await?
-            .json()
-            .await
-            .unwrap_or_default();
+        let v: Value = me.my_transactions().await.unwrap_or_default();
         let settled = v["transactions"]
             .as_array()
             .is_some_and(|t| t.iter().any(|x| x["kind"] == "settle"));

@@ -151,6 +151,10 @@ enum Cmd {
         /// Seconds between heartbeats to the coordinator.
         #[arg(long, env = "TROOP_HEARTBEAT_INTERVAL_SECS", default_value_t = 20.0)]
         heartbeat_interval: f64,
+        /// Seconds without a request after which a session is closed and its
+        /// receipt filed (also at its ticket's expiry or when its time is used up).
+        #[arg(long, env = "TROOP_SESSION_IDLE_SECS", default_value_t = 30.0)]
+        session_idle_secs: f64,
         /// Prove the hardware with a matmul benchmark at start (also RUN_INITIAL_BENCHMARK=true).
         #[arg(long, env = "RUN_INITIAL_BENCHMARK")]
         benchmark: bool,
@@ -324,6 +328,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             state_dir,
             advert_interval,
             heartbeat_interval,
+            session_idle_secs,
             benchmark,
             bench_backend,
             mesh,
@@ -342,6 +347,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.max_jobs = max_jobs.max(1);
             cfg.advert_interval = secs(advert_interval, "--advert-interval")?;
             cfg.heartbeat_interval = secs(heartbeat_interval, "--heartbeat-interval")?;
+            cfg.session_idle = secs(session_idle_secs, "--session-idle-secs")?;
             cfg.net = mesh.net(key)?;
             if benchmark {
                 cfg.benchmark = Some(bench_backend);

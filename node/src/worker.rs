@@ -20,6 +20,7 @@ use troop_protocol::frames::{Frame, INFER_PROTOCOL, InferenceRequest};
 use troop_protocol::policy::{BreakerState, CircuitBreaker, SystemClock};
 use troop_protocol::receipt::{JobStatus, Receipt};
 use troop_protocol::ticket::{TicketError, TicketVerifier};
+use troop_protocol::usage::{Ack, LineStatus, RequestLine};
 
 use crate::coordinator_client::CoordinatorClient;
 use crate::frames_io::{read_frame, write_frame};
@@ -47,6 +48,9 @@ pub struct WorkerConfig {
     pub state_dir: PathBuf,
     /// Prove the hardware to the coordinator at start, on this backend.
     pub benchmark: Option<troop_bench_kernels::Backend>,
+    /// A session with no request for this long is closed and its receipt
+    /// filed (also at the ticket's expiry, or when its time is used up).
+    pub session_idle: Duration,
 }
 
 impl WorkerConfig {
@@ -65,6 +69,7 @@ impl WorkerConfig {
             breaker_cooldown: troop_protocol::policy::BREAKER_COOLDOWN,
             state_dir,
             benchmark: None,
+            session_idle: Duration::from_secs(30),
         }
     }
 }
@@ -115,7 +120,36 @@ struct Shared {
     net: NetworkHandle,
     /// Cancelled by `kill`: every job task stops at once.
     killed: tokio_util::sync::CancellationToken,
+    sessions: Mutex<Sessions>,
 }
+
+/// Open sessions: one per ticket, serving every request of its user until
+/// the reservation is used up, the ticket expires or it sits idle.
+#[derive(Default)]
+struct Sessions {
+    /// The exact ticket text -> its jti.
+    by_ticket: std::collections::HashMap<String, String>,
+    by_jti: std::collections::HashMap<String, Session>,
+    /// Requests per user, in a row, that came without an acknowledgement.
+    unacked: std::collections::HashMap<String, u32>,
+}
+
+struct Session {
+    claims: troop_protocol::ticket::TicketClaims,
+    ticket: String,
+    /// The reservation in milliseconds of this worker's time.
+    limit_ms: u64,
+    used_ms: u64,
+    active: u32,
+    indices: std::collections::HashSet<u32>,
+    lines: Vec<RequestLine>,
+    acks: std::collections::HashMap<u32, Ack>,
+    last_activity: Instant,
+}
+
+/// A user whose gateway left this many requests in a row unacknowledged
+/// gets no new session from this worker.
+const MAX_UNACKED_IN_A_ROW: u32 = 20;
 
 /// A running worker; dropping it leaves the tasks running, `kill` stops
 /// everything at once (as a crash would).
@@ -246,6 +280,7 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
         stats: stats.clone(),
         net: net.clone(),
         killed: tokio_util::sync::CancellationToken::new(),
+        sessions: Mutex::new(Sessions::default()),
         cfg,
     });
     let mut control = net.stream_control();
@@ -260,6 +295,7 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
         tokio::spawn(refresh_models_loop(shared.clone())),
         tokio::spawn(receipts.run(client, shared.receipt_key.clone())),
         tokio::spawn(benchmark_task(shared.clone())),
+        tokio::spawn(session_loop(shared.clone())),
     ];
     Ok(RunningWorker {
         peer_id,
@@ -463,10 +499,18 @@ async fn serve_stream(
     mut stream: libp2p::Stream,
 ) -> anyhow::Result<()> {
     let first = tokio::time::timeout(Duration::from_secs(30), read_frame(&mut stream)).await;
-    let (ticket, request) = match first {
+    let (ticket, request, index) = match first {
         Ok(Ok(Some(Frame::Request {
-            ticket, request, ..
-        }))) => (ticket, request),
+            ticket,
+            request,
+            index,
+            ..
+        }))) => (ticket, request, index),
+        Ok(Ok(Some(Frame::Ack { ack }))) => {
+            record_ack(&s, peer, ack);
+            let _ = futures::AsyncWriteExt::close(&mut stream).await;
+            return Ok(());
+        }
         Ok(Ok(Some(_))) => {
             return refuse(
                 &mut stream,
@@ -491,14 +535,24 @@ async fn serve_stream(
         }
         Err(_) => return Ok(()),
     };
-    let claims = match verify_ticket(&s, &ticket).await {
+    let claims = match open_session(&s, &ticket, index).await {
         Ok(c) => c,
         Err(e) => {
             tracing::info!(%peer, error = %e, "ticket refused");
-            return refuse(&mut stream, ErrorCode::Unauthorized, e.to_string()).await;
+            return refuse(&mut stream, ErrorCode::Unauthorized, e).await;
         }
     };
+    // From here on the request holds a place in its session: every return
+    // goes through `end_request`.
+    let guard = RequestGuard {
+        s: s.clone(),
+        jti: claims.jti.clone(),
+        index,
+        started_ms: unix_ms(),
+        done: false,
+    };
     if claims.model != request.model {
+        guard.abandon();
         return refuse(
             &mut stream,
             ErrorCode::BadRequest,
@@ -512,6 +566,7 @@ async fn serve_stream(
         .map(|m| m.iter().any(|m| m.name == request.model))
         .unwrap_or(false);
     if !served {
+        guard.abandon();
         return refuse(
             &mut stream,
             ErrorCode::UnknownModel,
@@ -520,6 +575,7 @@ async fn serve_stream(
         .await;
     }
     let Ok(permit) = s.jobs.clone().try_acquire_owned() else {
+        guard.abandon();
         return refuse(
             &mut stream,
             ErrorCode::Busy,
@@ -528,32 +584,250 @@ async fn serve_stream(
         .await;
     };
     s.stats.active_jobs.fetch_add(1, Ordering::Relaxed);
-    let started_ms = unix_ms();
     let result = run_job(&s, &mut stream, &request, &claims.jti).await;
     s.stats.active_jobs.fetch_sub(1, Ordering::Relaxed);
     drop(permit);
-    let (status, usage) = match &result {
-        Ok(u) => (JobStatus::Completed, *u),
-        Err(JobEnd::Cancelled(u)) => (JobStatus::Cancelled, *u),
-        Err(JobEnd::Failed(u)) => (JobStatus::Failed, *u),
+    let (status, usage, chunks) = match &result {
+        Ok((u, c)) => (LineStatus::Completed, *u, *c),
+        Err(JobEnd::Cancelled(u)) => (LineStatus::Cancelled, *u, u.completion_tokens),
+        Err(JobEnd::Failed(u)) => (LineStatus::Failed, *u, u.completion_tokens),
+    };
+    tracing::info!(job = %claims.jti, index, status = ?status, tokens = usage.completion_tokens, "job finished");
+    s.stats.jobs_done.fetch_add(1, Ordering::Relaxed);
+    guard.finish(status, usage, chunks);
+    Ok(())
+}
+
+/// A request's place in its session; dropped without `finish` (the task
+/// was cancelled) it is recorded as cancelled with nothing served.
+struct RequestGuard {
+    s: Arc<Shared>,
+    jti: String,
+    index: u32,
+    started_ms: u64,
+    done: bool,
+}
+
+impl RequestGuard {
+    /// The request was refused before it ran: it costs nothing and its
+    /// index may be used again.
+    fn abandon(mut self) {
+        self.done = true;
+        if let Ok(mut ss) = self.s.sessions.lock()
+            && let Some(sess) = ss.by_jti.get_mut(&self.jti)
+        {
+            sess.active = sess.active.saturating_sub(1);
+            sess.indices.remove(&self.index);
+            sess.last_activity = Instant::now();
+        }
+    }
+
+    fn finish(mut self, status: LineStatus, usage: troop_protocol::frames::Usage, chunks: u64) {
+        self.done = true;
+        self.record(status, usage, chunks);
+    }
+
+    fn record(&self, status: LineStatus, usage: troop_protocol::frames::Usage, chunks: u64) {
+        let finished = unix_ms().max(self.started_ms);
+        if let Ok(mut ss) = self.s.sessions.lock()
+            && let Some(sess) = ss.by_jti.get_mut(&self.jti)
+        {
+            sess.active = sess.active.saturating_sub(1);
+            sess.used_ms = sess.used_ms.saturating_add(finished - self.started_ms);
+            sess.last_activity = Instant::now();
+            sess.lines.push(RequestLine {
+                index: self.index,
+                started_at: self.started_ms,
+                finished_at: finished,
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+                chunks,
+                status,
+                ack: None,
+            });
+        }
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.record(LineStatus::Cancelled, Default::default(), 0);
+        }
+    }
+}
+
+/// Finds the session of `ticket` (or opens one, verifying the ticket) and
+/// takes a place in it for request `index`.
+async fn open_session(
+    s: &Arc<Shared>,
+    ticket: &str,
+    index: u32,
+) -> Result<troop_protocol::ticket::TicketClaims, String> {
+    let now = unix_secs();
+    {
+        let mut ss = s.sessions.lock().map_err(|_| "session table poisoned")?;
+        if let Some(jti) = ss.by_ticket.get(ticket).cloned()
+            && let Some(sess) = ss.by_jti.get_mut(&jti)
+        {
+            if now >= sess.claims.exp {
+                return Err("the session's ticket expired".into());
+            }
+            if sess.used_ms >= sess.limit_ms {
+                return Err("the session's reservation is used up".into());
+            }
+            if !sess.indices.insert(index) {
+                return Err(format!("request {index} of this session was already sent"));
+            }
+            sess.active += 1;
+            sess.last_activity = Instant::now();
+            return Ok(sess.claims.clone());
+        }
+    }
+    let claims = verify_ticket(s, ticket).await.map_err(|e| e.to_string())?;
+    let multiplier_milli = s
+        .multiplier
+        .read()
+        .map(|m| (*m * 1000.0).round() as i64)
+        .unwrap_or(1000)
+        .max(1);
+    let limit_ms =
+        u64::try_from(claims.reserved_milli.max(0).saturating_mul(1000) / multiplier_milli)
+            .unwrap_or(0);
+    let mut ss = s.sessions.lock().map_err(|_| "session table poisoned")?;
+    if ss.unacked.get(&claims.sub).copied().unwrap_or(0) >= MAX_UNACKED_IN_A_ROW {
+        return Err(format!(
+            "{MAX_UNACKED_IN_A_ROW} requests in a row went unacknowledged: this worker serves users whose gateway signs its usage"
+        ));
+    }
+    let mut indices = std::collections::HashSet::new();
+    indices.insert(index);
+    ss.by_ticket.insert(ticket.to_string(), claims.jti.clone());
+    ss.by_jti.insert(
+        claims.jti.clone(),
+        Session {
+            claims: claims.clone(),
+            ticket: ticket.to_string(),
+            limit_ms,
+            used_ms: 0,
+            active: 1,
+            indices,
+            lines: Vec::new(),
+            acks: std::collections::HashMap::new(),
+            last_activity: Instant::now(),
+        },
+    );
+    Ok(claims)
+}
+
+/// Keeps a user's acknowledgement for the session's receipt (checked here
+/// too, so that junk is not stored; the coordinator checks it again).
+fn record_ack(s: &Shared, peer: PeerId, ack: Ack) {
+    let Ok(mut ss) = s.sessions.lock() else {
+        return;
+    };
+    let Some(sess) = ss.by_jti.get_mut(&ack.job_id) else {
+        tracing::debug!(%peer, job = %ack.job_id, "acknowledgement for no open session");
+        return;
+    };
+    let user = match troop_protocol::identity::parse_account_id(&sess.claims.sub) {
+        Ok(u) => u,
+        Err(_) => return,
+    };
+    if ack.worker != s.peer_id.to_base58()
+        || !sess.indices.contains(&ack.index)
+        || !ack.verify(&user)
+    {
+        metrics::counter!("troop_bad_acks_total").increment(1);
+        tracing::info!(%peer, job = %ack.job_id, index = ack.index, "acknowledgement refused");
+        return;
+    }
+    sess.acks.entry(ack.index).or_insert(ack);
+}
+
+/// Closes sessions that are idle, expired or used up, and files their
+/// receipts (after a short grace for the last acknowledgements).
+async fn session_loop(s: Arc<Shared>) {
+    let idle = s.cfg.session_idle;
+    let grace = idle.min(Duration::from_secs(2));
+    let mut tick = tokio::time::interval(Duration::from_millis(250).min(idle));
+    loop {
+        tick.tick().await;
+        let now = unix_secs();
+        let mut due = Vec::new();
+        if let Ok(mut ss) = s.sessions.lock() {
+            let jtis: Vec<String> = ss
+                .by_jti
+                .iter()
+                .filter(|(_, x)| {
+                    let quiet = x.last_activity.elapsed();
+                    let all_acked = x.lines.iter().all(|l| x.acks.contains_key(&l.index));
+                    x.active == 0
+                        && (quiet >= idle
+                            || ((now >= x.claims.exp || x.used_ms >= x.limit_ms)
+                                && (all_acked || quiet >= grace)))
+                })
+                .map(|(j, _)| j.clone())
+                .collect();
+            for j in jtis {
+                if let Some(mut sess) = ss.by_jti.remove(&j) {
+                    ss.by_ticket.remove(&sess.ticket);
+                    let mut unacked = 0;
+                    for l in sess.lines.iter_mut() {
+                        l.ack = sess.acks.remove(&l.index);
+                        if l.ack.is_none() {
+                            unacked += 1;
+                        }
+                    }
+                    let streak = ss.unacked.entry(sess.claims.sub.clone()).or_insert(0);
+                    *streak = if unacked == sess.lines.len() {
+                        streak.saturating_add(unacked as u32)
+                    } else {
+                        0
+                    };
+                    due.push(sess);
+                }
+            }
+        }
+        for sess in due {
+            file_session(&s, sess);
+        }
+    }
+}
+
+fn file_session(s: &Shared, mut sess: Session) {
+    if sess.lines.is_empty() {
+        return;
+    }
+    sess.lines.sort_by_key(|l| l.index);
+    let status = if sess.lines.iter().any(|l| l.status == LineStatus::Completed) {
+        JobStatus::Completed
+    } else if sess.lines.iter().any(|l| l.status == LineStatus::Cancelled) {
+        JobStatus::Cancelled
+    } else {
+        JobStatus::Failed
     };
     let receipt = Receipt {
-        job_id: claims.jti.clone(),
+        job_id: sess.claims.jti.clone(),
         worker: s.peer_id.to_base58(),
-        user: claims.sub.clone(),
-        model: claims.model.clone(),
-        prompt_tokens: usage.prompt_tokens,
-        completion_tokens: usage.completion_tokens,
-        started_at: started_ms,
-        finished_at: unix_ms().max(started_ms),
+        user: sess.claims.sub.clone(),
+        model: sess.claims.model.clone(),
+        prompt_tokens: sess.lines.iter().map(|l| l.prompt_tokens).sum(),
+        completion_tokens: sess.lines.iter().map(|l| l.completion_tokens).sum(),
+        started_at: sess.lines.iter().map(|l| l.started_at).min().unwrap_or(0),
+        finished_at: sess.lines.iter().map(|l| l.finished_at).max().unwrap_or(0),
         status,
+        requests: sess.lines,
     };
-    tracing::info!(job = %receipt.job_id, status = ?status, tokens = usage.completion_tokens, "job finished");
-    s.stats.jobs_done.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(
+        job = %receipt.job_id,
+        requests = receipt.requests.len(),
+        acknowledged = receipt.requests.iter().filter(|l| l.ack.is_some()).count(),
+        "session closed; receipt filed"
+    );
     if let Err(e) = s.receipts.enqueue(&receipt) {
         tracing::error!(error = %e, job = %receipt.job_id, "could not write the receipt");
     }
-    Ok(())
 }
 
 enum JobEnd {
@@ -566,7 +840,7 @@ async fn run_job(
     stream: &mut libp2p::Stream,
     request: &InferenceRequest,
     job_id: &str,
-) -> Result<troop_protocol::frames::Usage, JobEnd> {
+) -> Result<(troop_protocol::frames::Usage, u64), JobEnd> {
     let t0 = Instant::now();
     let mut upstream = match s.upstream.generate(request).await {
         Ok(st) => st,
@@ -636,7 +910,7 @@ async fn run_job(
                     return Err(JobEnd::Cancelled(usage));
                 }
                 let _ = futures::AsyncWriteExt::close(stream).await;
-                return Ok(usage);
+                return Ok((usage, chunks));
             }
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "upstream failed mid-generation");

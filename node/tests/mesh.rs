@@ -69,35 +69,37 @@ async fn stream_and_check_payment(dialect: Dialect) {
     assert_eq!(r["object"], "text_completion");
     assert_eq!(r["choices"][0]["text"], tokens(12).concat());
 
-    // Three jobs were paid: the user's balance is 3600 minus the cost, the
-    // worker's is that cost.
+    // The three requests went under one session (one ticket); once the
+    // worker closed it (idle), its receipt settled with all three requests
+    // acknowledged by the user's signature.
     let user = net.gateway_peer();
     let worker = net.workers[w].peer_id.to_base58();
-    let (ub, wb) = eventually("three settlements", 20, || {
+    let (ub, wb) = eventually("the session's settlement", 20, || {
         let net = &net;
         let user = user.clone();
         let worker = worker.clone();
         async move {
-            let hist: Value = net
+            let workers: Value = net
                 .http
-                .get(format!(
-                    "{}/users/{user}/transactions",
-                    net.coordinator_url()
-                ))
+                .get(format!("{}/workers", net.coordinator_url()))
                 .send()
                 .await
                 .ok()?
                 .json()
                 .await
                 .ok()?;
-            let settles = hist["transactions"]
+            let rep = workers["workers"]
                 .as_array()?
                 .iter()
-                .filter(|t| t["kind"] == "settle")
-                .count();
-            if settles < 3 {
+                .find(|x| x["peer_id"] == worker.as_str())?["reputation"]
+                .clone();
+            if rep["requests"].as_u64()? < 3 {
                 return None;
             }
+            assert_eq!(
+                rep["acknowledged_share"], 1.0,
+                "every request acknowledged: {rep}"
+            );
             Some((net.balance(&user).await?, net.balance(&worker).await?))
         }
     })
@@ -198,6 +200,7 @@ async fn send_ticket(net: &TestNet, worker: libp2p::PeerId, ticket: String) -> O
             version: FRAME_VERSION,
             ticket,
             request: request(),
+            index: 0,
         },
     )
     .await
@@ -399,6 +402,7 @@ async fn with_the_coordinator_down_heartbeats_back_off_tickets_work_and_receipts
             version: FRAME_VERSION,
             ticket,
             request: request(),
+            index: 0,
         },
     )
     .await
@@ -491,6 +495,7 @@ async fn garbage_frames_reset_the_stream_and_the_worker_keeps_serving() {
             version: 99,
             ticket: "t".into(),
             request: request(),
+            index: 0,
         },
     )
     .await

@@ -66,6 +66,19 @@ pub struct WorkerInfo {
     pub last_seen: u64,
     pub alive: bool,
     pub load: Load,
+    /// Figures from settled sessions (absent until one settles).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reputation: Option<ReputationInfo>,
+}
+
+/// A worker's record: requests settled, the share its users acknowledged,
+/// and the share where its time and the user's differed by more than the
+/// tolerance (1 s plus 20 %).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReputationInfo {
+    pub requests: u64,
+    pub acknowledged_share: f64,
+    pub disputed_share: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,6 +111,10 @@ pub struct AuthorizeRequest {
     pub worker: String,
     #[serde(default)]
     pub max_tokens: Option<u32>,
+    /// Hashcash nonce for a new account's starter credits when the
+    /// coordinator asks for one (`usage::pow_bits`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pow: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

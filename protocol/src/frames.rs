@@ -71,6 +71,9 @@ pub enum Frame {
         version: u16,
         ticket: String,
         request: InferenceRequest,
+        /// The request's number within the ticket's session (0, 1, 2, ...).
+        #[serde(default)]
+        index: u32,
     },
     Chunk {
         text: String,
@@ -83,6 +86,11 @@ pub enum Frame {
     Error {
         code: u16,
         message: String,
+    },
+    /// The user's signed acknowledgement of one request, gateway to worker,
+    /// the only frame of its stream.
+    Ack {
+        ack: crate::usage::Ack,
     },
 }
 
@@ -192,6 +200,7 @@ mod tests {
     fn frame() -> impl Strategy<Value = Frame> {
         prop_oneof![
             (".{0,200}", request()).prop_map(|(ticket, request)| Frame::Request {
+                index: 0,
                 version: FRAME_VERSION,
                 ticket,
                 request
@@ -239,6 +248,7 @@ mod tests {
         assert!(matches!(encode(&big), Err(FrameError::TooLarge(_))));
         let mut req = encode(&Frame::Request {
             version: 2,
+            index: 0,
             ticket: "t".into(),
             request: InferenceRequest {
                 model: "m".into(),

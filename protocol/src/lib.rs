@@ -15,6 +15,7 @@ pub mod policy;
 pub mod receipt;
 pub mod signed;
 pub mod ticket;
+pub mod usage;
 
 pub use error::{ErrorCode, TroopError};
 pub use identity::AccountId;

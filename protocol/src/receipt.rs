@@ -33,6 +33,11 @@ pub struct Receipt {
     pub started_at: u64,
     pub finished_at: u64,
     pub status: JobStatus,
+    /// A session's requests, each with the user's acknowledgement when it
+    /// came (see `usage`). A receipt without them counts as one
+    /// unacknowledged request from `started_at` to `finished_at`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requests: Vec<crate::usage::RequestLine>,
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -88,7 +93,7 @@ mod tests {
         #[test]
         fn receipt_json_round_trips(job_id in ".{0,40}", worker in "[a-zA-Z0-9]{0,52}", user in "[a-zA-Z0-9]{0,52}",
             model in ".{0,30}", p in any::<u64>(), c in any::<u64>(), s in any::<u64>(), f in any::<u64>(), st in status()) {
-            let r = Receipt { job_id, worker, user, model, prompt_tokens: p, completion_tokens: c, started_at: s, finished_at: f, status: st };
+            let r = Receipt { job_id, worker, user, model, prompt_tokens: p, completion_tokens: c, started_at: s, finished_at: f, status: st, requests: Vec::new() };
             let json = serde_json::to_vec(&r).expect("ser");
             let back: Receipt = serde_json::from_slice(&json).expect("de");
             prop_assert_eq!(back, r);

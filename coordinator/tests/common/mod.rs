@@ -32,6 +32,10 @@ pub struct TestCoordinator {
 pub fn config(dir: &std::path::Path) -> Config {
     let mut cfg = Config::new(dir);
     cfg.sweep_interval = Duration::from_millis(50);
+    // Every test user comes from 127.0.0.1; the minting tests set limits.
+    cfg.starter_grants_per_ip_per_day = 0;
+    cfg.starter_milli_per_hour = 0;
+    cfg.authorize_per_ip_per_hour = 100_000;
     cfg
 }
 
@@ -122,6 +126,16 @@ impl TestCoordinator {
         req.send().await.expect("POST")
     }
 
+    /// A GET signed by `key` (histories are readable only so).
+    pub async fn signed_get(&self, key: &Keypair, path: &str) -> Response {
+        let h = sign_request(key, "GET", path, b"", now_secs());
+        let mut req = self.http.get(format!("{}{}", self.url, path));
+        for (k, v) in h.pairs() {
+            req = req.header(k, v);
+        }
+        req.send().await.expect("GET")
+    }
+
     pub async fn register(&self, key: &Keypair, models: &[&str]) -> RegisterResponse {
         let resp = self
             .signed(
@@ -179,9 +193,14 @@ pub fn receipt_for(
     millis: u64,
 ) -> Receipt {
     let end = now_ms();
+    let w = worker.public().to_peer_id().to_base58();
+    // A session of one request that the user acknowledged as lasting
+    // `millis` (the coordinator's clock tolerance, 2 s, lets a test claim
+    // up to that much without waiting for it).
+    let ack = troop_protocol::usage::Ack::sign(user, job_id, &w, 0, 34, 34, millis);
     Receipt {
         job_id: job_id.into(),
-        worker: worker.public().to_peer_id().to_base58(),
+        worker: w,
         user: user.public().to_peer_id().to_base58(),
         model: model.into(),
         prompt_tokens: 12,
@@ -189,5 +208,28 @@ pub fn receipt_for(
         started_at: end - millis,
         finished_at: end,
         status: troop_protocol::receipt::JobStatus::Completed,
+        requests: vec![troop_protocol::usage::RequestLine {
+            index: 0,
+            started_at: end - millis,
+            finished_at: end,
+            prompt_tokens: 12,
+            completion_tokens: 34,
+            chunks: 34,
+            status: troop_protocol::usage::LineStatus::Completed,
+            ack: Some(ack),
+        }],
     }
+}
+
+/// An old-style receipt: no request lines, no acknowledgement.
+pub fn bare_receipt_for(
+    job_id: &str,
+    user: &Keypair,
+    worker: &Keypair,
+    model: &str,
+    millis: u64,
+) -> Receipt {
+    let mut r = receipt_for(job_id, user, worker, model, millis);
+    r.requests.clear();
+    r
 }

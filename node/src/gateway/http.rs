@@ -439,7 +439,7 @@ async fn run(
                     yield Ok(Event::default().data(lost_event(&format!("the worker failed: {message}")).to_string()));
                     return;
                 }
-                Frame::Request { .. } => {
+                Frame::Request { .. } | Frame::Ack { .. } => {
                     yield Ok(Event::default().data(lost_event("the worker sent a request frame").to_string()));
                     return;
                 }
@@ -502,7 +502,7 @@ async fn collect(mut job: JobStream, shape: Shape, idle: std::time::Duration) ->
                     None,
                 );
             }
-            Frame::Request { .. } => {
+            Frame::Request { .. } | Frame::Ack { .. } => {
                 return oai_error(
                     StatusCode::BAD_GATEWAY,
                     "server_error",

@@ -8,7 +8,7 @@ pub mod table;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use libp2p::identity::Keypair;
@@ -58,11 +58,25 @@ pub struct GatewayState {
     pub table: RwLock<WorkerTable>,
     pub client: CoordinatorClient,
     breakers: Mutex<HashMap<PeerId, CircuitBreaker<SystemClock>>>,
-    /// One ticket bought ahead per (model, worker) that just served us, so
-    /// the next request skips the round trip to the coordinator (its
-    /// reservation is refunded on expiry if it is never used).
+    /// The open session per (model, worker): one ticket serves every
+    /// request until its reservation is used up or it expires.
+    sessions: Mutex<HashMap<(String, PeerId), GwSession>>,
+    /// The next session, bought ahead when the open one nears its expiry
+    /// (its reservation is refunded on expiry if it is never used).
     spare: Mutex<HashMap<(String, PeerId), AuthorizeResponse>>,
 }
+
+struct GwSession {
+    auth: AuthorizeResponse,
+    next_index: u32,
+    last_used: Instant,
+}
+
+/// A session unused for this long may have been closed by its worker
+/// (workers close idle sessions after 30 s by default): buy a new one.
+const SESSION_REUSE_IDLE: Duration = Duration::from_secs(20);
+/// Buy the next session when the open one has less than this left.
+const SESSION_RENEW_BEFORE: u64 = 90;
 
 /// A running gateway.
 pub struct RunningGateway {
@@ -104,6 +118,7 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
         table: RwLock::new(WorkerTable::default()),
         client,
         breakers: Mutex::new(HashMap::new()),
+        sessions: Mutex::new(HashMap::new()),
         spare: Mutex::new(HashMap::new()),
     });
     let mut tasks = Vec::new();
@@ -202,10 +217,72 @@ pub struct JobStream {
     pub first: Frame,
     pub stream: libp2p::Stream,
     state: Arc<GatewayState>,
+    /// The session and this request's number in it.
+    job_id: String,
+    index: u32,
+    /// When the request was sent, and what came back since.
+    sent: Instant,
+    last_frame: Option<Instant>,
+    chunks: u64,
+    completion_tokens: Option<u64>,
+}
+
+impl JobStream {
+    fn saw(&mut self, f: &Frame) {
+        match f {
+            Frame::Chunk { .. } => {
+                self.chunks += 1;
+                self.last_frame = Some(Instant::now());
+            }
+            Frame::Done { usage, .. } => {
+                self.completion_tokens = Some(usage.completion_tokens);
+                self.last_frame = Some(Instant::now());
+            }
+            _ => {}
+        }
+    }
 }
 
 impl Drop for JobStream {
     fn drop(&mut self) {
+        // Acknowledge what arrived, signed by the user: the worker bills
+        // the session with it (a user who leaves mid-answer pays for the
+        // part it got).
+        let observed_ms = self
+            .last_frame
+            .map(|t| t.duration_since(self.sent).as_millis() as u64)
+            .unwrap_or(0);
+        let ack = troop_protocol::usage::Ack::sign(
+            &self.state.cfg.identity,
+            &self.job_id,
+            &self.worker.to_base58(),
+            self.index,
+            self.chunks,
+            self.completion_tokens.unwrap_or(self.chunks),
+            observed_ms,
+        );
+        let net = self.state.net.clone();
+        let worker = self.worker;
+        tokio::spawn(async move {
+            let sent = tokio::time::timeout(Duration::from_secs(10), async {
+                let mut s = net
+                    .stream_control()
+                    .open_stream(worker, StreamProtocol::new(INFER_PROTOCOL))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                write_frame(&mut s, &Frame::Ack { ack })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let _ = futures::AsyncWriteExt::close(&mut s).await;
+                Ok::<(), String>(())
+            })
+            .await;
+            match sent {
+                Ok(Ok(())) => metrics::counter!("troop_acks_sent_total").increment(1),
+                Ok(Err(e)) => tracing::debug!(%worker, error = %e, "acknowledgement not delivered"),
+                Err(_) => tracing::debug!(%worker, "acknowledgement timed out"),
+            }
+        });
         let idle = match self.state.table.write() {
             Ok(mut t) => {
                 t.add_inflight(&self.worker, -1);
@@ -223,7 +300,12 @@ impl JobStream {
     /// The next frame, or an error when the worker is gone or silent.
     pub async fn next(&mut self, idle: Duration) -> Result<Option<Frame>, String> {
         match tokio::time::timeout(idle, read_frame(&mut self.stream)).await {
-            Ok(Ok(f)) => Ok(f),
+            Ok(Ok(f)) => {
+                if let Some(f) = &f {
+                    self.saw(f);
+                }
+                Ok(f)
+            }
             Ok(Err(e)) => Err(format!("the worker's stream broke: {e}")),
             Err(_) => Err(format!("the worker sent nothing for {} s", idle.as_secs())),
         }
@@ -327,29 +409,84 @@ impl GatewayState {
         }
     }
 
-    /// A spare ticket for (model, worker) that still has a minute to live.
-    fn take_spare(&self, model: &str, worker: PeerId) -> Option<AuthorizeResponse> {
-        let t = self
+    /// The session to send a request to `worker` under: the open one, else
+    /// the one bought ahead, else a new one. Returns the ticket, the
+    /// request's index in the session and whether the session was in use
+    /// before.
+    async fn session_for(
+        self: &Arc<Self>,
+        model: &str,
+        worker: PeerId,
+    ) -> Result<(AuthorizeResponse, u32, bool), ClientError> {
+        let key = (model.to_string(), worker);
+        let now = unix_now();
+        if let Ok(mut ss) = self.sessions.lock() {
+            if let Some(s) = ss.get_mut(&key)
+                && s.auth.expires_at > now + 30
+                && s.last_used.elapsed() < SESSION_REUSE_IDLE
+            {
+                let index = s.next_index;
+                s.next_index += 1;
+                s.last_used = Instant::now();
+                return Ok((s.auth.clone(), index, true));
+            }
+            ss.remove(&key);
+        }
+        let spare = self
             .spare
             .lock()
-            .ok()?
-            .remove(&(model.to_string(), worker))?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        (t.expires_at > now + 60).then_some(t)
+            .ok()
+            .and_then(|mut s| s.remove(&key))
+            .filter(|t| t.expires_at > now + 60);
+        let auth = match spare {
+            Some(t) => t,
+            None => {
+                self.client
+                    .authorize(model, &worker.to_base58(), None)
+                    .await?
+            }
+        };
+        if let Ok(mut ss) = self.sessions.lock() {
+            ss.insert(
+                key,
+                GwSession {
+                    auth: auth.clone(),
+                    next_index: 1,
+                    last_used: Instant::now(),
+                },
+            );
+        }
+        Ok((auth, 0, false))
     }
 
-    /// Buys the next ticket for (model, worker) in the background.
-    fn prefetch(self: &Arc<Self>, model: &str, worker: PeerId) {
+    fn drop_session(&self, model: &str, worker: PeerId, job_id: &str) {
+        if let Ok(mut ss) = self.sessions.lock() {
+            let key = (model.to_string(), worker);
+            if ss.get(&key).is_some_and(|s| s.auth.job_id == job_id) {
+                ss.remove(&key);
+            }
+        }
+    }
+
+    /// Buys the next session for (model, worker) in the background when the
+    /// open one nears its expiry.
+    fn renew_ahead(self: &Arc<Self>, model: &str, worker: PeerId) {
         let key = (model.to_string(), worker);
-        if self
+        let now = unix_now();
+        let near_end = self
+            .sessions
+            .lock()
+            .map(|ss| {
+                ss.get(&key)
+                    .is_some_and(|s| s.auth.expires_at < now + SESSION_RENEW_BEFORE)
+            })
+            .unwrap_or(false);
+        let have_spare = self
             .spare
             .lock()
             .map(|s| s.contains_key(&key))
-            .unwrap_or(true)
-        {
+            .unwrap_or(true);
+        if !near_end || have_spare {
             return;
         }
         let state = self.clone();
@@ -370,39 +507,53 @@ impl GatewayState {
         worker: PeerId,
         request: &InferenceRequest,
     ) -> Result<JobStream, Attempt> {
-        let auth = match self.take_spare(&request.model, worker) {
-            Some(t) => Ok(t),
-            None => {
-                self.client
-                    .authorize(&request.model, &worker.to_base58(), request.max_tokens)
-                    .await
-            }
-        };
-        let auth = match auth {
-            Ok(a) => a,
-            Err(ClientError::Refused {
-                status: 402,
-                message,
-                ..
-            }) => {
-                return Err(Attempt::Final(DispatchError::PaymentRequired(message)));
-            }
-            Err(ClientError::Refused {
-                status: 429,
-                message,
-                retry_after,
-                ..
-            }) => {
-                return Err(Attempt::Final(DispatchError::RateLimited {
+        // A session the worker already closed (idle) is refused: then one
+        // more try with a new session.
+        for _ in 0..2 {
+            let (auth, index, reused) = match self.session_for(&request.model, worker).await {
+                Ok(a) => a,
+                Err(ClientError::Refused {
+                    status: 402,
+                    message,
+                    ..
+                }) => {
+                    return Err(Attempt::Final(DispatchError::PaymentRequired(message)));
+                }
+                Err(ClientError::Refused {
+                    status: 429,
                     message,
                     retry_after,
-                }));
+                    ..
+                }) => {
+                    return Err(Attempt::Final(DispatchError::RateLimited {
+                        message,
+                        retry_after,
+                    }));
+                }
+                Err(ClientError::Transport(e)) => {
+                    return Err(Attempt::Final(DispatchError::Coordinator(e)));
+                }
+                Err(e) => return Err(Attempt::Next(format!("no ticket: {e}"))),
+            };
+            match self.send_request(worker, request, &auth, index).await {
+                Err(Attempt::Next(reason)) if reused && reason.contains("(unauthorized)") => {
+                    tracing::debug!(%worker, %reason, "session closed by the worker; opening a new one");
+                    self.drop_session(&request.model, worker, &auth.job_id);
+                    continue;
+                }
+                other => return other,
             }
-            Err(ClientError::Transport(e)) => {
-                return Err(Attempt::Final(DispatchError::Coordinator(e)));
-            }
-            Err(e) => return Err(Attempt::Next(format!("no ticket: {e}"))),
-        };
+        }
+        Err(Attempt::Next("the worker refused two sessions".into()))
+    }
+
+    async fn send_request(
+        self: &Arc<Self>,
+        worker: PeerId,
+        request: &InferenceRequest,
+        auth: &AuthorizeResponse,
+        index: u32,
+    ) -> Result<JobStream, Attempt> {
         let mut control = self.net.stream_control();
         let open = tokio::time::timeout(
             DISCOVERY_TIMEOUT,
@@ -416,9 +567,11 @@ impl GatewayState {
         };
         let frame = Frame::Request {
             version: FRAME_VERSION,
-            ticket: auth.ticket,
+            ticket: auth.ticket.clone(),
             request: request.clone(),
+            index,
         };
+        let sent = Instant::now();
         if let Err(e) = write_frame(&mut stream, &frame).await {
             return Err(Attempt::Next(format!("could not send the request: {e}")));
         }
@@ -432,6 +585,12 @@ impl GatewayState {
             },
             stream,
             state: self.clone(),
+            job_id: auth.job_id.clone(),
+            index,
+            sent,
+            last_frame: None,
+            chunks: 0,
+            completion_tokens: None,
         };
         match job.next(self.cfg.first_token_timeout).await {
             Ok(Some(Frame::Error { code, message })) => {
@@ -442,13 +601,20 @@ impl GatewayState {
             }
             Ok(Some(first)) => {
                 job.first = first;
-                self.prefetch(&request.model, worker);
+                self.renew_ahead(&request.model, worker);
                 Ok(job)
             }
             Ok(None) => Err(Attempt::Next("the worker closed the stream".into())),
             Err(e) => Err(Attempt::Next(e)),
         }
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 enum Attempt {

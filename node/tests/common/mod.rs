@@ -288,6 +288,10 @@ impl TestNet {
         cfg.sweep_interval = Duration::from_millis(100);
         cfg.discovery_per_hour = 100_000;
         cfg.authorize_per_hour = 100_000;
+        cfg.authorize_per_ip_per_hour = 100_000;
+        // Every test user comes from 127.0.0.1.
+        cfg.starter_grants_per_ip_per_day = 0;
+        cfg.starter_milli_per_hour = 0;
         tweak(&mut cfg);
         cfg
     }
@@ -351,6 +355,7 @@ impl TestNet {
         cfg.heartbeat_interval = Duration::from_millis(200);
         cfg.model_refresh_interval = Duration::from_secs(1);
         cfg.breaker_cooldown = Duration::from_secs(1);
+        cfg.session_idle = Duration::from_millis(500);
         tweak(&mut cfg);
         let w = worker::start(cfg).await.expect("worker starts");
         self.workers.push(w);

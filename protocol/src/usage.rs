@@ -1,0 +1,402 @@
+//! Sessions and usage signed by both sides.
+//!
+//! A ticket buys a session: up to its reservation of one worker's time for
+//! one user. The gateway numbers the requests it sends under a session
+//! (`index` 0, 1, 2, ...). After each request (completed, cut by the user or
+//! failed) the gateway sends the worker an [`Ack`] signed with the user's
+//! ed25519 key: what it received and how long it waited from sending the
+//! request to the last chunk. The worker's session receipt lists every
+//! request with its own times and the user's ack; the coordinator charges
+//! each request `min(worker ms, acknowledged ms)`, an unacknowledged one at
+//! most the unacknowledged cap, all within the window from the ticket's issue
+//! to the receipt's arrival ([`charge_session`]).
+
+use base64::Engine;
+use libp2p_identity::{Keypair, PeerId};
+use serde::{Deserialize, Serialize};
+
+use crate::identity::public_key_of;
+
+/// What the user signs, in UTF-8:
+/// `troop-ack-v1\n{job_id}\n{worker}\n{index}\n{chunks}\n{completion_tokens}\n{observed_ms}`.
+pub fn ack_message(
+    job_id: &str,
+    worker: &str,
+    index: u32,
+    chunks: u64,
+    completion_tokens: u64,
+    observed_ms: u64,
+) -> String {
+    format!(
+        "troop-ack-v1\n{job_id}\n{worker}\n{index}\n{chunks}\n{completion_tokens}\n{observed_ms}"
+    )
+}
+
+/// A user's acknowledgement of one request of a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ack {
+    /// The session (the ticket's `jti`).
+    pub job_id: String,
+    /// The worker that served it (PeerId).
+    pub worker: String,
+    /// The request's number within the session.
+    pub index: u32,
+    /// Chunks of text the gateway received.
+    pub chunks: u64,
+    /// Completion tokens the gateway saw (from the worker's `done`, else its chunks).
+    pub completion_tokens: u64,
+    /// Milliseconds from sending the request to the last chunk (or to the
+    /// moment the user left).
+    pub observed_ms: u64,
+    /// ed25519 signature of [`ack_message`] by the user, base64 (standard, padded).
+    pub signature: String,
+}
+
+impl Ack {
+    pub fn sign(
+        user: &Keypair,
+        job_id: &str,
+        worker: &str,
+        index: u32,
+        chunks: u64,
+        completion_tokens: u64,
+        observed_ms: u64,
+    ) -> Ack {
+        let msg = ack_message(
+            job_id,
+            worker,
+            index,
+            chunks,
+            completion_tokens,
+            observed_ms,
+        );
+        // Signing with an ed25519 key cannot fail.
+        let sig = user.sign(msg.as_bytes()).unwrap_or_default();
+        Ack {
+            job_id: job_id.to_string(),
+            worker: worker.to_string(),
+            index,
+            chunks,
+            completion_tokens,
+            observed_ms,
+            signature: base64::engine::general_purpose::STANDARD.encode(sig),
+        }
+    }
+
+    /// Whether `user` signed exactly this ack.
+    pub fn verify(&self, user: &PeerId) -> bool {
+        let Some(key) = public_key_of(user) else {
+            return false;
+        };
+        let Ok(sig) = base64::engine::general_purpose::STANDARD.decode(&self.signature) else {
+            return false;
+        };
+        let msg = ack_message(
+            &self.job_id,
+            &self.worker,
+            self.index,
+            self.chunks,
+            self.completion_tokens,
+            self.observed_ms,
+        );
+        key.verify(msg.as_bytes(), &sig)
+    }
+}
+
+/// How one request of a session ended, on the worker's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LineStatus {
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+/// One request of a session as the worker saw it. Times are unix ms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestLine {
+    pub index: u32,
+    pub started_at: u64,
+    pub finished_at: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub chunks: u64,
+    pub status: LineStatus,
+    /// The user's acknowledgement, when it came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack: Option<Ack>,
+}
+
+/// How far a worker's time may differ from the user's before the request
+/// counts as disputed: 1 s plus 20 % of the user's time.
+pub fn disputed(worker_ms: u64, observed_ms: u64) -> bool {
+    worker_ms.abs_diff(observed_ms) > 1_000 + observed_ms / 5
+}
+
+/// What a session receipt is worth, and the figures reputation keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Charge {
+    /// Milliseconds of the worker's time to charge.
+    pub ms: u64,
+    pub requests: u64,
+    pub acknowledged: u64,
+    pub disputed: u64,
+    pub unacknowledged: u64,
+}
+
+/// Why a session receipt was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChargeError {
+    #[error("request {0} appears twice")]
+    DuplicateIndex(u32),
+    #[error("the acknowledgement of request {0} is not signed by the session's user")]
+    BadSignature(u32),
+    #[error("the acknowledgement of request {0} is for another session, worker or request")]
+    WrongAck(u32),
+    #[error("request {0} finishes before it starts")]
+    Backwards(u32),
+    #[error("too many requests in one receipt ({0})")]
+    TooMany(usize),
+}
+
+/// Most request lines one session receipt may carry.
+pub const MAX_LINES: usize = 10_000;
+
+/// The charging rule. Each request is charged the overlap of the worker's
+/// interval with the window `[window_start_ms, window_end_ms]` (the ticket's
+/// issue to the receipt's arrival), but no more than the user's
+/// acknowledged milliseconds, or than `unacked_cap_ms` when no ack came.
+/// The sum never exceeds the window's length. Every ack must be the user's
+/// signature over this session, this worker and this request's index.
+pub fn charge_session(
+    lines: &[RequestLine],
+    user: &str,
+    job_id: &str,
+    worker: &str,
+    window_start_ms: u64,
+    window_end_ms: u64,
+    unacked_cap_ms: u64,
+) -> Result<Charge, ChargeError> {
+    if lines.len() > MAX_LINES {
+        return Err(ChargeError::TooMany(lines.len()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut c = Charge::default();
+    let mut total: u64 = 0;
+    for l in lines {
+        if !seen.insert(l.index) {
+            return Err(ChargeError::DuplicateIndex(l.index));
+        }
+        if l.finished_at < l.started_at {
+            return Err(ChargeError::Backwards(l.index));
+        }
+        let start = l.started_at.max(window_start_ms);
+        let end = l.finished_at.min(window_end_ms);
+        let worker_ms = end.saturating_sub(start);
+        c.requests += 1;
+        let charged = match &l.ack {
+            Some(a) => {
+                if a.job_id != job_id || a.worker != worker || a.index != l.index {
+                    return Err(ChargeError::WrongAck(l.index));
+                }
+                let signer = crate::identity::parse_account_id(user).ok();
+                if !signer.is_some_and(|u| a.verify(&u)) {
+                    return Err(ChargeError::BadSignature(l.index));
+                }
+                c.acknowledged += 1;
+                if disputed(l.finished_at.saturating_sub(l.started_at), a.observed_ms) {
+                    c.disputed += 1;
+                }
+                worker_ms.min(a.observed_ms)
+            }
+            None => {
+                c.unacknowledged += 1;
+                worker_ms.min(unacked_cap_ms)
+            }
+        };
+        total = total.saturating_add(charged);
+    }
+    c.ms = total.min(window_end_ms.saturating_sub(window_start_ms));
+    Ok(c)
+}
+
+/// Hashcash for a new account's first `/authorize`: the number of leading
+/// zero bits of `sha256("troop-pow-v1\n{account}\n{nonce}")`.
+pub fn pow_bits(account: &str, nonce: &str) -> u32 {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(format!("troop-pow-v1\n{account}\n{nonce}").as_bytes());
+    let mut bits = 0;
+    for b in h.iter() {
+        if *b == 0 {
+            bits += 8;
+        } else {
+            bits += b.leading_zeros();
+            break;
+        }
+    }
+    bits
+}
+
+/// Finds a nonce with at least `bits` leading zero bits (2^bits tries on
+/// average).
+pub fn solve_pow(account: &str, bits: u32) -> String {
+    let mut n: u64 = 0;
+    loop {
+        let nonce = format!("{n:x}");
+        if pow_bits(account, &nonce) >= bits {
+            return nonce;
+        }
+        n += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::generate;
+    use proptest::prelude::*;
+
+    fn line(index: u32, s: u64, f: u64, ack: Option<Ack>) -> RequestLine {
+        RequestLine {
+            index,
+            started_at: s,
+            finished_at: f,
+            prompt_tokens: 1,
+            completion_tokens: 5,
+            chunks: 5,
+            status: LineStatus::Completed,
+            ack,
+        }
+    }
+
+    #[test]
+    fn acks_verify_and_bind_session_worker_and_index() {
+        let user = generate();
+        let uid_peer = user.public().to_peer_id();
+        let uid = uid_peer.to_base58();
+        let a = Ack::sign(&user, "job", "w", 3, 10, 10, 1_500);
+        assert!(a.verify(&uid_peer));
+        let other = generate().public().to_peer_id();
+        assert!(!a.verify(&other));
+        let mut t = a.clone();
+        t.observed_ms = 9_000;
+        assert!(!t.verify(&uid_peer));
+        // Charged: min(worker, observed).
+        let c = charge_session(
+            &[line(3, 1_000, 301_000, Some(a.clone()))],
+            &uid,
+            "job",
+            "w",
+            0,
+            400_000,
+            10_000,
+        )
+        .expect("charge");
+        assert_eq!(c.ms, 1_500);
+        assert_eq!((c.acknowledged, c.disputed), (1, 1));
+        // Reused for another index, session or worker: refused.
+        for (job, w, idx) in [("job", "w", 4), ("other", "w", 3), ("job", "x", 3)] {
+            let r = charge_session(
+                &[line(idx, 0, 10, Some(a.clone()))],
+                &uid,
+                job,
+                w,
+                0,
+                100,
+                10,
+            );
+            assert!(r.is_err(), "{job} {w} {idx}");
+        }
+        // Forged by someone else.
+        let forged = Ack::sign(&generate(), "job", "w", 3, 10, 10, 1_500);
+        assert_eq!(
+            charge_session(
+                &[line(3, 0, 10, Some(forged))],
+                &uid,
+                "job",
+                "w",
+                0,
+                100,
+                10
+            ),
+            Err(ChargeError::BadSignature(3))
+        );
+    }
+
+    #[test]
+    fn unacknowledged_requests_cost_at_most_the_cap_and_times_stay_in_the_window() {
+        let uid = generate().public().to_peer_id().to_base58();
+        let c = charge_session(
+            &[line(0, 0, 300_000, None), line(1, 0, 300_000, None)],
+            &uid,
+            "j",
+            "w",
+            0,
+            1_000_000,
+            10_000,
+        )
+        .expect("charge");
+        assert_eq!(c.ms, 20_000);
+        assert_eq!(c.unacknowledged, 2);
+        // Times before the ticket or after the receipt count for nothing.
+        let c = charge_session(&[line(0, 0, 50, None)], &uid, "j", "w", 100, 200, 10_000)
+            .expect("charge");
+        assert_eq!(c.ms, 0);
+        let c = charge_session(
+            &[line(0, 150, 10_000, None)],
+            &uid,
+            "j",
+            "w",
+            100,
+            200,
+            10_000,
+        )
+        .expect("charge");
+        assert_eq!(c.ms, 50);
+        assert!(charge_session(&[line(0, 5, 4, None)], &uid, "j", "w", 0, 9, 1).is_err());
+        assert!(
+            charge_session(
+                &[line(0, 0, 1, None), line(0, 0, 1, None)],
+                &uid,
+                "j",
+                "w",
+                0,
+                9,
+                1
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn pow_is_found_and_checked() {
+        let n = solve_pow("12D3KooWx", 8);
+        assert!(pow_bits("12D3KooWx", &n) >= 8);
+    }
+
+    proptest! {
+        #[test]
+        fn a_charge_never_exceeds_the_window_the_acks_or_the_caps(
+            spans in proptest::collection::vec((0u64..10_000, 0u64..10_000, proptest::option::of(0u64..20_000)), 0..12),
+            ws in 0u64..5_000, wl in 0u64..20_000, cap in 0u64..5_000,
+        ) {
+            let user = generate();
+            let uid = user.public().to_peer_id().to_base58();
+            let lines: Vec<RequestLine> = spans.iter().enumerate().map(|(i, (s, d, obs))| {
+                let ack = obs.map(|o| Ack::sign(&user, "j", "w", i as u32, 1, 1, o));
+                line(i as u32, *s, s + d, ack)
+            }).collect();
+            let c = charge_session(&lines, &uid, "j", "w", ws, ws + wl, cap).expect("charge");
+            prop_assert!(c.ms <= wl);
+            let bound: u64 = lines.iter().map(|l| match &l.ack {
+                Some(a) => a.observed_ms.min(l.finished_at - l.started_at),
+                None => cap.min(l.finished_at - l.started_at),
+            }).sum();
+            prop_assert!(c.ms <= bound);
+            prop_assert_eq!(c.requests, lines.len() as u64);
+            prop_assert_eq!(c.acknowledged + c.unacknowledged, c.requests);
+        }
+    }
+}
