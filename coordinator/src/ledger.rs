@@ -1164,7 +1164,7 @@ struct Envelope {
 }
 
 enum Message {
-    Command(Envelope),
+    Command(Box<Envelope>),
     Stop,
 }
 
@@ -1202,11 +1202,11 @@ impl Writer {
     ) -> Result<Outcome, LedgerError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Message::Command(Envelope {
+            .send(Message::Command(Box::new(Envelope {
                 cmd,
                 request_id,
                 reply,
-            }))
+            })))
             .await
             .map_err(|_| LedgerError::Closed)?;
         rx.await.map_err(|_| LedgerError::Closed)?
@@ -1236,12 +1236,12 @@ fn writer_loop(
         };
         let mut batch = Vec::new();
         match first {
-            Message::Command(e) => batch.push(e),
+            Message::Command(e) => batch.push(*e),
             Message::Stop => stop = true,
         }
         while batch.len() < max_batch && !stop {
             match rx.try_recv() {
-                Ok(Message::Command(e)) => batch.push(e),
+                Ok(Message::Command(e)) => batch.push(*e),
                 Ok(Message::Stop) => stop = true,
                 Err(_) => break,
             }
@@ -1255,6 +1255,7 @@ fn writer_loop(
     rx.close();
     // Commands that raced with the stop are refused, never dropped silently.
     while let Ok(Message::Command(e)) = rx.try_recv() {
+        let e = *e;
         let _ = e.reply.send(Err(LedgerError::Closed));
     }
     tracing::info!("ledger writer stopped");

@@ -206,6 +206,18 @@ impl CoordinatorClient {
         Self::decode(resp).await
     }
 
+    /// `GET /workers`: registered workers with their reputation.
+    pub async fn workers(&self) -> Result<troop_protocol::api::WorkersResponse, ClientError> {
+        let resp = self
+            .http
+            .get(format!("{}/workers", self.base))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        Self::decode(resp).await
+    }
+
     /// `GET /bootstrap`: a few live workers and the operator's relays.
     pub async fn bootstrap(&self) -> Result<troop_protocol::api::BootstrapResponse, ClientError> {
         let resp = self

@@ -64,7 +64,16 @@ pub struct GatewayState {
     /// The next session, bought ahead when the open one nears its expiry
     /// (its reservation is refunded on expiry if it is never used).
     spare: Mutex<HashMap<(String, PeerId), AuthorizeResponse>>,
+    /// Workers whose settled requests the coordinator reports as disputed
+    /// too often (refreshed from `GET /workers` every minute).
+    disputed: RwLock<std::collections::HashSet<PeerId>>,
 }
+
+/// A worker with at least this many settled requests, of which more than
+/// `DISPUTE_THRESHOLD` differed from their user's acknowledgement beyond
+/// the tolerance, is skipped.
+const DISPUTE_MIN_REQUESTS: u64 = 10;
+const DISPUTE_THRESHOLD: f64 = 0.2;
 
 struct GwSession {
     auth: AuthorizeResponse,
@@ -120,9 +129,11 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
         breakers: Mutex::new(HashMap::new()),
         sessions: Mutex::new(HashMap::new()),
         spare: Mutex::new(HashMap::new()),
+        disputed: RwLock::new(Default::default()),
     });
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(table_loop(state.clone(), events)));
+    tasks.push(tokio::spawn(reputation_loop(state.clone())));
     let router = http::router(state.clone());
     tasks.push(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router).await {
@@ -181,6 +192,33 @@ async fn table_loop(state: Arc<GatewayState>, mut events: mpsc::Receiver<NetEven
                 }
             }
             NetEvent::Connected(_) | NetEvent::Disconnected(_) => {}
+        }
+    }
+}
+
+/// Keeps the set of workers to skip for disputed bills up to date.
+async fn reputation_loop(state: Arc<GatewayState>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        let Ok(list) = state.client.workers().await else {
+            continue;
+        };
+        let bad: std::collections::HashSet<PeerId> = list
+            .workers
+            .iter()
+            .filter(|w| {
+                w.reputation.as_ref().is_some_and(|r| {
+                    r.requests >= DISPUTE_MIN_REQUESTS && r.disputed_share > DISPUTE_THRESHOLD
+                })
+            })
+            .filter_map(|w| w.peer_id.parse().ok())
+            .collect();
+        for p in &bad {
+            tracing::info!(worker = %p, "skipping a worker whose bills are often disputed");
+        }
+        if let Ok(mut d) = state.disputed.write() {
+            *d = bad;
         }
     }
 }
@@ -340,6 +378,9 @@ impl GatewayState {
     /// to; by expected latency and load within each.
     pub async fn candidates(&self, model: &str) -> Vec<PeerId> {
         let mut found = self.candidates_by_score(model).await;
+        if let Ok(d) = self.disputed.read() {
+            found.retain(|p| !d.contains(p));
+        }
         found.sort_by_key(|p| self.net.path(p).rank());
         found
     }
