@@ -302,23 +302,47 @@ impl Drop for JobStream {
         let net = self.state.net.clone();
         let worker = self.worker;
         tokio::spawn(async move {
-            let sent = tokio::time::timeout(Duration::from_secs(10), async {
-                let mut s = net
-                    .stream_control()
-                    .open_stream(worker, StreamProtocol::new(INFER_PROTOCOL))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                write_frame(&mut s, &Frame::Ack { ack })
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let _ = futures::AsyncWriteExt::close(&mut s).await;
-                Ok::<(), String>(())
-            })
-            .await;
-            match sent {
-                Ok(Ok(())) => metrics::counter!("troop_acks_sent_total").increment(1),
-                Ok(Err(e)) => tracing::debug!(%worker, error = %e, "acknowledgement not delivered"),
-                Err(_) => tracing::debug!(%worker, "acknowledgement timed out"),
+            // Retried: the connection it goes out on may be the relayed one
+            // that is being closed in favour of a direct path.
+            use backon::BackoffBuilder;
+            let mut delays = backon::ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_times(4)
+                .build();
+            loop {
+                let sent = tokio::time::timeout(Duration::from_secs(5), async {
+                    let mut s = net
+                        .stream_control()
+                        .open_stream(worker, StreamProtocol::new(INFER_PROTOCOL))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    write_frame(&mut s, &Frame::Ack { ack: ack.clone() })
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    futures::AsyncWriteExt::close(&mut s)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok::<(), String>(())
+                })
+                .await
+                .unwrap_or_else(|_| Err("timed out".into()));
+                match sent {
+                    Ok(()) => {
+                        metrics::counter!("troop_acks_sent_total").increment(1);
+                        return;
+                    }
+                    Err(e) => match delays.next() {
+                        Some(d) => {
+                            tracing::debug!(%worker, error = %e, "acknowledgement not delivered; retrying");
+                            tokio::time::sleep(d).await;
+                        }
+                        None => {
+                            metrics::counter!("troop_acks_lost_total").increment(1);
+                            tracing::info!(%worker, error = %e, "acknowledgement not delivered");
+                            return;
+                        }
+                    },
+                }
             }
         });
         let idle = match self.state.table.write() {
