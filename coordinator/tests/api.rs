@@ -419,12 +419,7 @@ async fn receipt_settles_cost_and_refunds_the_rest() {
     let worker = generate();
     let user = generate();
     let reg = c.register(&worker, &[MODEL]).await;
-    let auth: AuthorizeResponse = c
-        .authorize(&user, &worker, MODEL)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let auth = c.ticket(&user, &worker, MODEL).await;
     let receipt = receipt_for(&auth.job_id, &user, &worker, MODEL, 2_000);
     let r = c
         .submit_receipt(&reg.receipt_key, &receipt, now_secs())
@@ -486,12 +481,7 @@ async fn receipt_settles_cost_and_refunds_the_rest() {
     assert_eq!(page2["transactions"].as_array().map(Vec::len), Some(2));
 
     // A failed job is refunded in full.
-    let auth: AuthorizeResponse = c
-        .authorize(&user, &worker, MODEL)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let auth = c.ticket(&user, &worker, MODEL).await;
     let mut failed = common::bare_receipt_for(&auth.job_id, &user, &worker, MODEL, 9_000);
     failed.status = JobStatus::Failed;
     let s: SettlementResponse = c
@@ -508,12 +498,7 @@ async fn receipt_settles_cost_and_refunds_the_rest() {
 
     // A worker that claims 300 s for a request its user saw take 1 s is
     // paid 1 s.
-    let auth: AuthorizeResponse = c
-        .authorize(&user, &worker, MODEL)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let auth = c.ticket(&user, &worker, MODEL).await;
     let mut long = receipt_for(&auth.job_id, &user, &worker, MODEL, 1_000);
     long.requests[0].started_at -= 299_000;
     long.started_at -= 299_000;
@@ -528,12 +513,7 @@ async fn receipt_settles_cost_and_refunds_the_rest() {
     // Without the user's acknowledgement, 900 s claimed cost at most the
     // 10 s cap, and no more than the ticket-to-receipt window (plus the 2 s
     // clock tolerance on each end).
-    let auth: AuthorizeResponse = c
-        .authorize(&user, &worker, MODEL)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let auth = c.ticket(&user, &worker, MODEL).await;
     let bare = common::bare_receipt_for(&auth.job_id, &user, &worker, MODEL, 900_000);
     let s: SettlementResponse = c
         .submit_receipt(&reg.receipt_key, &bare, now_secs())
@@ -543,12 +523,7 @@ async fn receipt_settles_cost_and_refunds_the_rest() {
         .expect("json");
     assert!(s.cost > 0.0 && s.cost <= 10.0, "cost {}", s.cost);
     // One in the future, or before the ticket, costs nothing beyond that.
-    let auth: AuthorizeResponse = c
-        .authorize(&user, &worker, MODEL)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let auth = c.ticket(&user, &worker, MODEL).await;
     let mut future = common::bare_receipt_for(&auth.job_id, &user, &worker, MODEL, 1_000);
     future.started_at += 200_000;
     future.finished_at += 400_000;
@@ -567,12 +542,7 @@ async fn forged_stale_and_mismatched_receipts_change_nothing() {
     let worker = generate();
     let user = generate();
     let reg = c.register(&worker, &[MODEL]).await;
-    let auth: AuthorizeResponse = c
-        .authorize(&user, &worker, MODEL)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let auth = c.ticket(&user, &worker, MODEL).await;
     let receipt = receipt_for(&auth.job_id, &user, &worker, MODEL, 1_000);
 
     let wrong_key = hex::encode([9u8; 32]);
@@ -649,12 +619,7 @@ async fn a_receipt_replayed_100_times_concurrently_settles_once() {
     let worker = generate();
     let user = generate();
     let reg = c.register(&worker, &[MODEL]).await;
-    let auth: AuthorizeResponse = c
-        .authorize(&user, &worker, MODEL)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let auth = c.ticket(&user, &worker, MODEL).await;
     let receipt = receipt_for(&auth.job_id, &user, &worker, MODEL, 1_000);
     let ts = now_secs();
     let mut tasks = Vec::new();
@@ -699,12 +664,7 @@ async fn unused_reservations_are_refunded_after_expiry() {
     let worker = generate();
     let user = generate();
     let reg = c.register(&worker, &[MODEL]).await;
-    let auth: AuthorizeResponse = c
-        .authorize(&user, &worker, MODEL)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let auth = c.ticket(&user, &worker, MODEL).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let b = c.balance(&user).await;
@@ -806,24 +766,14 @@ async fn ledger_cli_audits_balances_and_history() {
     let worker = generate();
     let user = generate();
     let reg = c.register(&worker, &[MODEL]).await;
-    let auth: AuthorizeResponse = c
-        .authorize(&user, &worker, MODEL)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let auth = c.ticket(&user, &worker, MODEL).await;
     c.submit_receipt(
         &reg.receipt_key,
         &receipt_for(&auth.job_id, &user, &worker, MODEL, 2_000),
         now_secs(),
     )
     .await;
-    let _open: AuthorizeResponse = c
-        .authorize(&user, &worker, MODEL)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let _open = c.ticket(&user, &worker, MODEL).await;
     c.stop().await;
     let data = c.dir.path().to_str().expect("utf8").to_string();
     let user_id = user.public().to_peer_id().to_base58();

@@ -5,7 +5,7 @@ mod common;
 
 use common::{TestCoordinator, now_secs, receipt_for};
 use serde_json::{Value, json};
-use troop_protocol::api::{AuthorizeResponse, SettlementResponse};
+use troop_protocol::api::SettlementResponse;
 use troop_protocol::identity::generate;
 use troop_protocol::usage::Ack;
 
@@ -27,18 +27,8 @@ async fn forged_reused_and_foreign_acknowledgements_are_refused() {
     let user = generate();
     let stranger = generate();
     let reg = c.register(&worker, &[MODEL]).await;
-    let auth: AuthorizeResponse = c
-        .authorize(&user, &worker, MODEL)
-        .await
-        .json()
-        .await
-        .expect("json");
-    let other: AuthorizeResponse = c
-        .authorize(&stranger, &worker, MODEL)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let auth = c.ticket(&user, &worker, MODEL).await;
+    let other = c.ticket(&stranger, &worker, MODEL).await;
     let w = worker.public().to_peer_id().to_base58();
     let before = c.balance(&user).await;
 
@@ -89,12 +79,7 @@ async fn a_gateway_that_withholds_signatures_costs_at_most_the_cap_per_request()
     let worker = generate();
     let user = generate();
     let reg = c.register(&worker, &[MODEL]).await;
-    let auth: AuthorizeResponse = c
-        .authorize(&user, &worker, MODEL)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let auth = c.ticket(&user, &worker, MODEL).await;
     // Three requests of 60 s each, none acknowledged: 3 x 10 s.
     let mut r = receipt_for(&auth.job_id, &user, &worker, MODEL, 60_000);
     let line = r.requests[0].clone();
@@ -227,12 +212,7 @@ async fn a_history_is_readable_only_with_its_own_signature() {
     let worker = generate();
     let user = generate();
     c.register(&worker, &[MODEL]).await;
-    let auth: AuthorizeResponse = c
-        .authorize(&user, &worker, MODEL)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let auth = c.ticket(&user, &worker, MODEL).await;
     let path = format!("/users/{}/transactions", user.public().to_peer_id());
     assert_eq!(code(c.get(&path).await).await.0, 401, "unsigned");
     let r = c.signed_get(&worker, &path).await;

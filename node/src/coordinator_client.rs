@@ -195,39 +195,30 @@ impl CoordinatorClient {
         self.signed_post(path, body).await
     }
 
-    pub async fn health(&self) -> Result<serde_json::Value, ClientError> {
+    /// An unsigned GET of a public read (5 s limit).
+    async fn get_public<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let resp = self
             .http
-            .get(format!("{}/health", self.base))
+            .get(format!("{}{}", self.base, path))
             .timeout(Duration::from_secs(5))
             .send()
             .await
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         Self::decode(resp).await
+    }
+
+    pub async fn health(&self) -> Result<serde_json::Value, ClientError> {
+        self.get_public("/health").await
     }
 
     /// `GET /workers`: registered workers with their reputation.
     pub async fn workers(&self) -> Result<troop_protocol::api::WorkersResponse, ClientError> {
-        let resp = self
-            .http
-            .get(format!("{}/workers", self.base))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
-        Self::decode(resp).await
+        self.get_public("/workers").await
     }
 
     /// `GET /bootstrap`: a few live workers and the operator's relays.
     pub async fn bootstrap(&self) -> Result<troop_protocol::api::BootstrapResponse, ClientError> {
-        let resp = self
-            .http
-            .get(format!("{}/bootstrap", self.base))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
-        Self::decode(resp).await
+        self.get_public("/bootstrap").await
     }
 
     pub async fn public_key(&self) -> Result<PublicKey, ClientError> {

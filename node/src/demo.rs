@@ -118,6 +118,10 @@ fn first_listen_addr(log: &Path) -> Option<String> {
         })
 }
 
+/// Workers advertise every second and close an idle session after 2 s, so
+/// the demo's ledger lines appear within seconds.
+const WORKER_PACE: [&str; 4] = ["--advert-interval", "1", "--session-idle-secs", "2"];
+
 pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let bin_dir = exe
@@ -210,13 +214,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             .arg(&ids[0].0)
             .args(["--coordinator", &coordinator, "--upstream", &upstream])
             .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{w1_port}")])
-            .args([
-                "--advert-interval",
-                "1",
-                "--session-idle-secs",
-                "2",
-                "--state-dir",
-            ])
+            .args(WORKER_PACE)
+            .arg("--state-dir")
             .arg(data.join("worker-1")),
         &data.join("worker-1.log"),
     )?;
@@ -251,13 +250,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             .arg(&ids[1].0)
             .args(["--coordinator", &coordinator, "--upstream", &upstream])
             .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", &boot])
-            .args([
-                "--advert-interval",
-                "1",
-                "--session-idle-secs",
-                "2",
-                "--state-dir",
-            ])
+            .args(WORKER_PACE)
+            .arg("--state-dir")
             .arg(data.join("worker-2")),
         &data.join("worker-2.log"),
     )?;

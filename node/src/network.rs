@@ -564,7 +564,6 @@ pub async fn spawn(cfg: NetConfig) -> anyhow::Result<(NetworkHandle, mpsc::Recei
         dialed: HashMap::new(),
         relays,
         relay_listener: None,
-        reservation: None,
         relay_backoff: HashMap::new(),
         punched: HashSet::new(),
         relay_serving: cfg.relay_server.is_some() && cfg.relay_always,
@@ -637,6 +636,16 @@ impl Nat {
     }
 }
 
+/// Our circuit listener on one relay.
+struct RelayListener {
+    id: ListenerId,
+    relay: PeerId,
+    /// The relay's address, without `/p2p`.
+    addr: Multiaddr,
+    /// Whether the relay accepted the reservation.
+    accepted: bool,
+}
+
 /// How long a relay that refused us or went away is left alone.
 const RELAY_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -668,10 +677,8 @@ struct EventLoop {
     dialed: HashMap<PeerId, Multiaddr>,
     /// Relays we know: (peer, address without /p2p, given with --relay).
     relays: Vec<(PeerId, Multiaddr, bool)>,
-    /// The circuit listener asking a relay for a reservation.
-    relay_listener: Option<(ListenerId, PeerId, Multiaddr)>,
-    /// The relay whose reservation was accepted.
-    reservation: Option<PeerId>,
+    /// The circuit listener asking a relay for (or holding) a reservation.
+    relay_listener: Option<RelayListener>,
     /// Relays not to ask again before the given time.
     relay_backoff: HashMap<PeerId, Instant>,
     /// Peers that DCUtR reached directly.
@@ -906,7 +913,12 @@ impl EventLoop {
         match self.swarm.listen_on(circuit.clone()) {
             Ok(id) => {
                 tracing::info!(relay = %circuit, "asking the relay for a reservation");
-                self.relay_listener = Some((id, peer, addr));
+                self.relay_listener = Some(RelayListener {
+                    id,
+                    relay: peer,
+                    addr,
+                    accepted: false,
+                });
             }
             Err(e) => {
                 tracing::warn!(relay = %circuit, error = %e, "cannot listen through the relay");
@@ -917,16 +929,10 @@ impl EventLoop {
 
     /// Our reservation on `peer` is gone: try another relay.
     fn relay_lost(&mut self, peer: PeerId, why: &str) {
-        if let Some((id, p, _)) = &self.relay_listener
-            && *p == peer
-        {
-            let id = *id;
+        if let Some(l) = self.relay_listener.take_if(|l| l.relay == peer) {
             tracing::warn!(relay = %peer, reason = why, "relay reservation lost; looking for another relay");
-            self.swarm.remove_listener(id);
-            self.relay_listener = None;
-            if self.reservation == Some(peer) {
-                self.reservation = None;
-            }
+            // Already closed when the listener itself reported it: a no-op.
+            self.swarm.remove_listener(l.id);
             self.relay_backoff
                 .insert(peer, Instant::now() + RELAY_BACKOFF);
             self.ensure_reservation();
@@ -986,15 +992,18 @@ impl EventLoop {
             connected_peers,
             nat_status: self.nat_status.clone(),
             nat: self.nat.as_str().into(),
-            relay_reservations: match (&self.reservation, &self.relay_listener) {
-                (Some(r), Some((_, p, addr))) if r == p => vec![
-                    addr.clone()
-                        .with(Protocol::P2p(*p))
+            relay_reservations: self
+                .relay_listener
+                .iter()
+                .filter(|l| l.accepted)
+                .map(|l| {
+                    l.addr
+                        .clone()
+                        .with(Protocol::P2p(l.relay))
                         .with(Protocol::P2pCircuit)
-                        .to_string(),
-                ],
-                _ => Vec::new(),
-            },
+                        .to_string()
+                })
+                .collect(),
             relay_server: self.relay_serving,
             relay_refused: self.relay_refused,
             relay_clients: self.relay_clients.len(),
@@ -1199,20 +1208,17 @@ impl EventLoop {
                 reason,
                 ..
             } => {
-                if let Some((id, p, _)) = &self.relay_listener
-                    && id == listener_id
+                if let Some(relay) = self
+                    .relay_listener
+                    .as_ref()
+                    .filter(|l| l.id == *listener_id)
+                    .map(|l| l.relay)
                 {
-                    let p = *p;
                     let why = match reason {
-                        Ok(()) => "closed".to_string(),
+                        Ok(()) => "the relay listener closed".to_string(),
                         Err(e) => e.to_string(),
                     };
-                    tracing::warn!(relay = %p, reason = %why, "relay listener closed");
-                    self.relay_listener = None;
-                    if self.reservation == Some(p) {
-                        self.reservation = None;
-                    }
-                    self.relay_backoff.insert(p, Instant::now() + RELAY_BACKOFF);
+                    self.relay_lost(relay, &why);
                 }
             }
             _ => {}
@@ -1345,11 +1351,10 @@ impl EventLoop {
                 tracing::info!(status = %self.nat_status, "NAT status");
                 if self.nat == Nat::Public
                     && !self.explicit_relay()
-                    && let Some((id, relay, _)) = self.relay_listener.take()
+                    && let Some(l) = self.relay_listener.take()
                 {
-                    tracing::info!(%relay, "reachable directly: giving the relay reservation back");
-                    self.reservation = None;
-                    self.swarm.remove_listener(id);
+                    tracing::info!(relay = %l.relay, "reachable directly: giving the relay reservation back");
+                    self.swarm.remove_listener(l.id);
                 }
                 self.ensure_reservation();
             }
@@ -1358,7 +1363,13 @@ impl EventLoop {
                 renewal,
                 ..
             }) => {
-                self.reservation = Some(relay_peer_id);
+                if let Some(l) = self
+                    .relay_listener
+                    .as_mut()
+                    .filter(|l| l.relay == relay_peer_id)
+                {
+                    l.accepted = true;
+                }
                 if renewal {
                     tracing::debug!(relay = %relay_peer_id, "relay reservation renewed");
                 } else {

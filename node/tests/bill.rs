@@ -10,23 +10,6 @@ use common::{Dialect, FakeUpstream, MODEL, TestNet, eventually, tokens};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-async fn reputation(net: &TestNet, worker: &str) -> Option<Value> {
-    let v: Value = net
-        .http
-        .get(format!("{}/workers", net.coordinator_url()))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
-    v["workers"]
-        .as_array()?
-        .iter()
-        .find(|w| w["peer_id"] == worker)
-        .map(|w| w["reputation"].clone())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_chat_requests_in_a_row_are_answered_under_the_default_limits() {
     let fake = FakeUpstream::start(Dialect::OpenAi, tokens(4), Duration::ZERO).await;
@@ -81,7 +64,7 @@ async fn a_user_who_leaves_mid_answer_pays_for_what_arrived() {
         let net = &net;
         let worker = worker.clone();
         async move {
-            let rep = reputation(net, &worker).await?;
+            let rep = net.reputation(&worker).await?;
             (rep["requests"].as_u64()? >= 1).then_some(rep)
         }
     })

@@ -79,20 +79,7 @@ async fn stream_and_check_payment(dialect: Dialect) {
         let user = user.clone();
         let worker = worker.clone();
         async move {
-            let workers: Value = net
-                .http
-                .get(format!("{}/workers", net.coordinator_url()))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            let rep = workers["workers"]
-                .as_array()?
-                .iter()
-                .find(|x| x["peer_id"] == worker.as_str())?["reputation"]
-                .clone();
+            let rep = net.reputation(&worker).await?;
             if rep["requests"].as_u64()? < 3 {
                 return None;
             }

@@ -157,6 +157,20 @@ impl TestCoordinator {
         .await
     }
 
+    /// A granted ticket (the test fails on a refusal).
+    pub async fn ticket(
+        &self,
+        user: &Keypair,
+        worker: &Keypair,
+        model: &str,
+    ) -> troop_protocol::api::AuthorizeResponse {
+        self.authorize(user, worker, model)
+            .await
+            .json()
+            .await
+            .expect("json")
+    }
+
     pub async fn submit_receipt(&self, key_hex: &str, receipt: &Receipt, ts: u64) -> Response {
         let body = serde_json::to_vec(receipt).expect("json");
         self.submit_raw(key_hex, body, ts).await

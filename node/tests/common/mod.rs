@@ -406,6 +406,24 @@ impl TestNet {
         .await;
     }
 
+    /// A worker's reputation from the coordinator's `GET /workers`.
+    pub async fn reputation(&self, worker: &str) -> Option<Value> {
+        let v: Value = self
+            .http
+            .get(format!("{}/workers", self.coordinator_url()))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        v["workers"]
+            .as_array()?
+            .iter()
+            .find(|w| w["peer_id"] == worker)
+            .map(|w| w["reputation"].clone())
+    }
+
     pub async fn balance(&self, account: &str) -> Option<Value> {
         let r = self
             .http
