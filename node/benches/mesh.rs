@@ -21,7 +21,7 @@ use troop_node::coordinator_client::CoordinatorClient;
 use troop_node::frames_io::{read_frame, write_frame};
 use troop_node::network::{self, NetConfig};
 use troop_protocol::advert::model_key;
-use troop_protocol::frames::{FRAME_VERSION, Frame, INFER_PROTOCOL, InferenceRequest, RequestKind};
+use troop_protocol::frames::{Endpoint, FRAME_VERSION, Frame, INFER_PROTOCOL, InferenceRequest};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -138,20 +138,9 @@ fn rss_kib(pid: u32) -> (u64, u64) {
 }
 
 fn request() -> InferenceRequest {
-    InferenceRequest {
-        model: MODEL.into(),
-        kind: RequestKind::Chat,
-        messages: vec![troop_protocol::frames::ChatMessage {
-            role: "user".into(),
-            content: "hi".into(),
-        }],
-        prompt: None,
-        max_tokens: None,
-        temperature: None,
-        top_p: None,
-        stop: vec![],
-        seed: None,
-    }
+    let body =
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": true});
+    InferenceRequest::passthrough(MODEL, Endpoint::ChatCompletions, body.to_string())
 }
 
 async fn bench_memory(streams: usize) -> (u64, u64, u64, usize) {
@@ -245,7 +234,7 @@ async fn bench_memory(streams: usize) -> (u64, u64, u64, usize) {
                     continue;
                 }
                 match read_frame(&mut s).await {
-                    Ok(Some(Frame::Chunk { .. })) => {
+                    Ok(Some(Frame::Raw { .. })) => {
                         started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         // Hold the stream open until the measurement is done.
                         notified.await;

@@ -1,5 +1,6 @@
 //! The `troop` node: worker and gateway roles on a libp2p mesh.
 
+pub mod answer;
 pub mod commands;
 pub mod coordinator_client;
 pub mod demo;

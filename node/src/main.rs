@@ -173,6 +173,19 @@ enum Cmd {
         /// Address for the OpenAI-compatible HTTP API.
         #[arg(long, env = "TROOP_HTTP", default_value = "127.0.0.1:8080")]
         http: SocketAddr,
+        /// Browser origins allowed to call the API (CORS), e.g.
+        /// https://app.example.com (repeatable; `*` allows any). Pages on
+        /// localhost, 127.0.0.1 and [::1] are always allowed.
+        #[arg(
+            long = "cors-origin",
+            env = "TROOP_CORS_ORIGINS",
+            value_delimiter = ','
+        )]
+        cors_origins: Vec<String>,
+        /// Do not continue an answer on another worker when its worker is
+        /// lost mid-stream (the app then gets a `worker_lost` error event).
+        #[arg(long)]
+        no_resume: bool,
         #[command(flatten)]
         mesh: MeshArgs,
     },
@@ -401,12 +414,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             identity,
             coordinator,
             http,
+            cors_origins,
+            no_resume,
             mesh,
         } => {
             let key = read_identity(&identity)?;
             tracing::info!(peer_id = %key.public().to_peer_id(), "starting gateway");
             let mut cfg = gateway::GatewayConfig::new(key.clone(), &coordinator, http);
             cfg.net = mesh.net(key)?;
+            cfg.cors_origins = cors_origins;
+            cfg.resume = !no_resume;
             let g = gateway::start(cfg).await?;
             tokio::select! {
                 _ = g.wait() => {},

@@ -22,6 +22,7 @@ use troop_protocol::receipt::{JobStatus, Receipt};
 use troop_protocol::ticket::{TicketError, TicketVerifier};
 use troop_protocol::usage::{Ack, LineStatus, RequestLine};
 
+use crate::answer::JobEnd;
 use crate::coordinator_client::CoordinatorClient;
 use crate::frames_io::{read_frame, write_frame};
 use crate::network::{self, NetConfig, NetworkHandle};
@@ -584,15 +585,47 @@ async fn serve_stream(
         .await;
     };
     s.stats.active_jobs.fetch_add(1, Ordering::Relaxed);
-    let result = run_job(&s, &mut stream, &request, &claims.jti).await;
+    let request_id = request.request_id.clone().unwrap_or_default();
+    let result = if request.body.is_some() {
+        let t0 = Instant::now();
+        let r = crate::answer::relay(
+            &s.upstream,
+            &mut stream,
+            &request,
+            claims.max_tokens,
+            &claims.jti,
+        )
+        .await;
+        r.map(|served| {
+            if let Some(f) = served.first {
+                ewma(
+                    &s.stats.ttft_ms,
+                    f.duration_since(t0).as_secs_f64() * 1000.0,
+                );
+                let secs = f.elapsed().as_secs_f64();
+                if secs > 0.0 && served.usage.completion_tokens > 1 {
+                    ewma(
+                        &s.stats.tokens_per_s,
+                        served.usage.completion_tokens as f64 / secs,
+                    );
+                }
+            }
+            (served.usage, served.chunks)
+        })
+    } else {
+        run_job(&s, &mut stream, &request, &claims.jti).await
+    };
     s.stats.active_jobs.fetch_sub(1, Ordering::Relaxed);
     drop(permit);
     let (status, usage, chunks) = match &result {
         Ok((u, c)) => (LineStatus::Completed, *u, *c),
         Err(JobEnd::Cancelled(u)) => (LineStatus::Cancelled, *u, u.completion_tokens),
-        Err(JobEnd::Failed(u)) => (LineStatus::Failed, *u, u.completion_tokens),
+        Err(JobEnd::Failed { usage, .. }) => (LineStatus::Failed, *usage, usage.completion_tokens),
     };
-    tracing::info!(job = %claims.jti, index, status = ?status, tokens = usage.completion_tokens, "job finished");
+    if let Err(JobEnd::Failed { rejected: true, .. }) = &result {
+        metrics::counter!("troop_jobs_rejected_by_upstream_total").increment(1);
+    }
+    tracing::info!(job = %claims.jti, index, request_id, status = ?status, tokens = usage.completion_tokens, "job finished");
     s.stats.jobs_done.fetch_add(1, Ordering::Relaxed);
     guard.finish(status, usage, chunks);
     Ok(())
@@ -830,11 +863,6 @@ fn file_session(s: &Shared, mut sess: Session) {
     }
 }
 
-enum JobEnd {
-    Cancelled(troop_protocol::frames::Usage),
-    Failed(troop_protocol::frames::Usage),
-}
-
 async fn run_job(
     s: &Shared,
     stream: &mut libp2p::Stream,
@@ -851,7 +879,10 @@ async fn run_job(
                 &Frame::error(ErrorCode::UpstreamFailed, e.to_string()),
             )
             .await;
-            return Err(JobEnd::Failed(Default::default()));
+            return Err(JobEnd::Failed {
+                usage: Default::default(),
+                rejected: false,
+            });
         }
     };
     let mut chunks = 0u64;
@@ -866,7 +897,10 @@ async fn run_job(
                     &Frame::error(ErrorCode::Timeout, "inference timed out"),
                 )
                 .await;
-                return Err(JobEnd::Failed(partial(chunks)));
+                return Err(JobEnd::Failed {
+                    usage: partial(chunks),
+                    rejected: false,
+                });
             }
         };
         match next {
@@ -919,7 +953,10 @@ async fn run_job(
                     &Frame::error(ErrorCode::UpstreamFailed, e.to_string()),
                 )
                 .await;
-                return Err(JobEnd::Failed(partial(chunks)));
+                return Err(JobEnd::Failed {
+                    usage: partial(chunks),
+                    rejected: false,
+                });
             }
             None => {
                 let _ = write_frame(
@@ -927,7 +964,10 @@ async fn run_job(
                     &Frame::error(ErrorCode::UpstreamFailed, "upstream ended early"),
                 )
                 .await;
-                return Err(JobEnd::Failed(partial(chunks)));
+                return Err(JobEnd::Failed {
+                    usage: partial(chunks),
+                    rejected: false,
+                });
             }
         }
     }

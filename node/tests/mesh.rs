@@ -30,6 +30,9 @@ fn request() -> InferenceRequest {
         top_p: None,
         stop: vec![],
         seed: None,
+        endpoint: None,
+        body: None,
+        request_id: None,
     }
 }
 
@@ -67,7 +70,8 @@ async fn stream_and_check_payment(dialect: Dialect) {
         .await
         .expect("json");
     assert_eq!(r["object"], "text_completion");
-    assert_eq!(r["choices"][0]["text"], tokens(12).concat());
+    assert_eq!(r["choices"][0]["text"], tokens(12)[..5].concat());
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
 
     // The three requests went under one session (one ticket); once the
     // worker closed it (idle), its receipt settled with all three requests

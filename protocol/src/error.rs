@@ -27,6 +27,7 @@ pub enum ErrorCode {
     UnknownAccount,
     UnknownModel,
     ReservationExpired,
+    UpstreamRejected,
 }
 
 impl ErrorCode {
@@ -53,11 +54,12 @@ impl ErrorCode {
             ErrorCode::UnknownAccount => 18,
             ErrorCode::UnknownModel => 19,
             ErrorCode::ReservationExpired => 20,
+            ErrorCode::UpstreamRejected => 21,
         }
     }
 
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 21] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
@@ -78,6 +80,7 @@ impl ErrorCode {
         ErrorCode::UnknownAccount,
         ErrorCode::UnknownModel,
         ErrorCode::ReservationExpired,
+        ErrorCode::UpstreamRejected,
     ];
 
     /// Looks a code up by its stable number.
@@ -108,6 +111,7 @@ impl ErrorCode {
             ErrorCode::UnknownAccount => "unknown_account",
             ErrorCode::UnknownModel => "unknown_model",
             ErrorCode::ReservationExpired => "reservation_expired",
+            ErrorCode::UpstreamRejected => "upstream_rejected",
         }
     }
 }

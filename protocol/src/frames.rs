@@ -34,8 +34,36 @@ pub enum RequestKind {
     Completion,
 }
 
-/// What the user asked for, in the upstream-neutral form the worker
-/// translates into Ollama's or OpenAI's dialect.
+/// The OpenAI endpoint a pass-through request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+    Responses,
+}
+
+impl Endpoint {
+    /// The path under the upstream's base URL (Ollama serves the same
+    /// paths as its OpenAI compatibility API).
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+            Endpoint::Embeddings => "/v1/embeddings",
+            Endpoint::Responses => "/v1/responses",
+        }
+    }
+}
+
+/// What the user asked for.
+///
+/// A current gateway sends the app's own JSON body in `body` (with
+/// `endpoint` naming the OpenAI endpoint): the worker passes it to its
+/// upstream as is and answers with `raw` frames. The structured fields
+/// (`kind`, `messages`, ...) are the older form, still served (with `chunk`
+/// frames) for gateways that send no `body`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InferenceRequest {
     pub model: String,
@@ -54,6 +82,38 @@ pub struct InferenceRequest {
     pub stop: Vec<String>,
     #[serde(default)]
     pub seed: Option<i64>,
+    /// The endpoint `body` is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<Endpoint>,
+    /// The app's JSON request body, as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// The app's `x-request-id` (or the one the gateway made), for logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+impl InferenceRequest {
+    /// A pass-through request: `body` is the app's JSON for `endpoint`.
+    pub fn passthrough(model: &str, endpoint: Endpoint, body: String) -> Self {
+        Self {
+            model: model.to_string(),
+            kind: match endpoint {
+                Endpoint::Completions => RequestKind::Completion,
+                _ => RequestKind::Chat,
+            },
+            messages: Vec::new(),
+            prompt: None,
+            max_tokens: None,
+            temperature: None,
+            top_p: None,
+            stop: Vec::new(),
+            seed: None,
+            endpoint: Some(endpoint),
+            body: Some(body),
+            request_id: None,
+        }
+    }
 }
 
 /// Token counts of a finished job.
@@ -75,8 +135,16 @@ pub enum Frame {
         #[serde(default)]
         index: u32,
     },
-    Chunk {
-        text: String,
+    /// Older form: one piece of text.
+    Chunk { text: String },
+    /// Pass-through answer bytes, forwarded to the app as they are. For a
+    /// streamed answer, whole server-sent events (`data: ...` blocks, each
+    /// ended by a blank line, `[DONE]` included), `events` of them; for a
+    /// whole answer, the next piece of its JSON body (`events` = 0).
+    Raw {
+        data: String,
+        #[serde(default)]
+        events: u32,
     },
     Done {
         job_id: String,
@@ -86,12 +154,16 @@ pub enum Frame {
     Error {
         code: u16,
         message: String,
+        /// For `upstream_rejected`: the model server's HTTP status (4xx)
+        /// and its body, to hand the app unchanged.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status: Option<u16>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        body: Option<String>,
     },
     /// The user's signed acknowledgement of one request, gateway to worker,
     /// the only frame of its stream.
-    Ack {
-        ack: crate::usage::Ack,
-    },
+    Ack { ack: crate::usage::Ack },
 }
 
 impl Frame {
@@ -99,6 +171,8 @@ impl Frame {
         Frame::Error {
             code: code.number(),
             message: message.into(),
+            status: None,
+            body: None,
         }
     }
 }
@@ -192,6 +266,9 @@ mod tests {
                         top_p: None,
                         stop,
                         seed,
+                        endpoint: None,
+                        body: None,
+                        request_id: None,
                     }
                 },
             )
@@ -216,7 +293,19 @@ mod tests {
                     finish_reason: f,
                 }
             }),
-            (any::<u16>(), ".{0,50}").prop_map(|(code, message)| Frame::Error { code, message }),
+            (any::<u16>(), ".{0,50}").prop_map(|(code, message)| Frame::Error {
+                code,
+                message,
+                status: None,
+                body: None
+            }),
+            (".{0,200}", any::<u32>()).prop_map(|(data, events)| Frame::Raw { data, events }),
+            (".{0,200}", ".{0,200}").prop_map(|(ticket, body)| Frame::Request {
+                index: 1,
+                version: FRAME_VERSION,
+                ticket,
+                request: InferenceRequest::passthrough("m", Endpoint::ChatCompletions, body),
+            }),
         ]
     }
 
@@ -260,6 +349,9 @@ mod tests {
                 top_p: None,
                 stop: vec![],
                 seed: None,
+                endpoint: None,
+                body: None,
+                request_id: None,
             },
         })
         .expect("encode");

@@ -1,6 +1,13 @@
 //! The OpenAI-compatible HTTP API: `GET /v1/models`,
-//! `POST /v1/chat/completions`, `POST /v1/completions`, streaming
-//! (`text/event-stream`, `data: {...}`, `data: [DONE]`) and not.
+//! `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings` and
+//! `/v1/responses`, streamed (`text/event-stream`) or not.
+//!
+//! Requests pass through: the gateway checks the body's shape and the
+//! fields it must read (model, stream, n, ranges), then sends the app's own
+//! bytes to a worker, and writes the worker's `raw` frames back as they
+//! come. Only `n` > 1 and lists of prompts (served by several requests
+//! merged by index) and resumed answers are rewritten. CORS preflights are
+//! answered; every answer carries `x-request-id`.
 
 // Parsers return a ready error `Response` (the OpenAI-shaped body) as their
 // error; it is built once per refused request, so its size does not matter.
@@ -8,24 +15,35 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
-use troop_protocol::frames::{ChatMessage, Frame, InferenceRequest, RequestKind, Usage};
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use troop_protocol::frames::{Endpoint, Frame, InferenceRequest, MAX_FRAME_BYTES};
 
 use super::{DispatchError, GatewayState, JobStream};
+use crate::upstream::passthrough::{MAX_WHOLE_BYTES, SseSplitter};
+
+/// Largest request body the gateway passes on (it travels in one frame).
+pub const MAX_BODY_BYTES: usize = MAX_FRAME_BYTES - 16 * 1024;
+/// Most choices (`n`) times prompts one request may fan out to.
+pub const MAX_FAN_OUT: usize = 16;
 
 pub fn router(state: Arc<GatewayState>) -> Router {
     Router::new()
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/responses", post(responses))
         .route("/troop/status", get(troop_status))
         .route(
             "/health",
@@ -43,7 +61,49 @@ pub fn router(state: Arc<GatewayState>) -> Router {
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             4 * 1024 * 1024,
         ))
+        .layer(cors(&state.cfg.cors_origins))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
+}
+
+/// Whether a browser page at `origin` may call the API: pages served from
+/// this machine (localhost, 127.0.0.1, [::1], any port) always, others
+/// when listed (`*`: any).
+pub fn origin_allowed(origin: &str, allowed: &[String]) -> bool {
+    if allowed
+        .iter()
+        .any(|a| a == "*" || a.trim_end_matches('/') == origin)
+    {
+        return true;
+    }
+    let Some(rest) = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    let host = if rest.starts_with('[') {
+        rest.split_inclusive(']').next().unwrap_or_default()
+    } else {
+        rest.split(':').next().unwrap_or_default()
+    };
+    let port_ok = rest[host.len()..]
+        .strip_prefix(':')
+        .is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    port_ok && rest.len() >= host.len() && matches!(host, "localhost" | "127.0.0.1" | "[::1]")
+}
+
+fn cors(allowed: &[String]) -> CorsLayer {
+    let allowed = allowed.to_vec();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::predicate(move |origin, _| {
+            origin.to_str().is_ok_and(|o| origin_allowed(o, &allowed))
+        }))
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers(AllowHeaders::mirror_request())
+        .expose_headers([header::HeaderName::from_static("x-request-id")])
+        .max_age(Duration::from_secs(600))
 }
 
 /// `GET /troop/status`: this gateway's place on the mesh, and how it
@@ -143,7 +203,32 @@ fn dispatch_error(e: DispatchError) -> Response {
             &format!("the coordinator could not be reached: {msg}"),
             None,
         ),
+        DispatchError::Rejected { status, body } => rejected(status, body),
     }
+}
+
+/// The model server's own refusal, status and body as it sent them (its
+/// body wrapped in OpenAI's error shape when it is not one already).
+fn rejected(status: u16, body: String) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+    let is_oai = serde_json::from_str::<Value>(&body)
+        .ok()
+        .is_some_and(|v| v.get("error").is_some_and(Value::is_object));
+    if is_oai {
+        return (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    }
+    let message = if body.trim().is_empty() {
+        "the model server refused the request".to_string()
+    } else {
+        body
+    };
+    oai_error(
+        status,
+        "invalid_request_error",
+        "upstream_rejected",
+        &message,
+        None,
+    )
 }
 
 async fn models(State(state): State<Arc<GatewayState>>) -> Response {
@@ -155,15 +240,16 @@ async fn models(State(state): State<Arc<GatewayState>>) -> Response {
     axum::Json(json!({ "object": "list", "data": data })).into_response()
 }
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+/// What the gateway reads of a request body before passing it on.
+struct Checked {
+    model: String,
+    stream: bool,
+    n: usize,
+    /// Completions' `prompt` when it is a list of several prompts.
+    prompts: Option<Vec<Value>>,
 }
 
-/// Options common to both endpoints.
-fn parse_common(v: &Value, kind: RequestKind) -> Result<(InferenceRequest, bool, bool), Response> {
+fn validate(v: &Value, endpoint: Endpoint) -> Result<Checked, Response> {
     let obj = v
         .as_object()
         .ok_or_else(|| bad_request("the body must be a JSON object"))?;
@@ -174,80 +260,106 @@ fn parse_common(v: &Value, kind: RequestKind) -> Result<(InferenceRequest, bool,
     };
     let stream = match obj.get("stream") {
         None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
+        Some(Value::Bool(b)) => *b && endpoint != Endpoint::Embeddings,
         Some(_) => return Err(bad_request("`stream` must be a boolean")),
     };
-    let include_usage = obj
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let max_tokens = match obj
-        .get("max_completion_tokens")
-        .or_else(|| obj.get("max_tokens"))
-    {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(
-            v.as_u64()
-                .and_then(|n| u32::try_from(n).ok())
-                .filter(|n| *n > 0)
-                .ok_or_else(|| bad_request("`max_tokens` must be a positive integer"))?,
-        ),
-    };
-    let num = |name: &str, lo: f64, hi: f64| -> Result<Option<f32>, Response> {
+    for (name, lo, hi) in [
+        ("temperature", 0.0, 2.0),
+        ("top_p", 0.0, 1.0),
+        ("presence_penalty", -2.0, 2.0),
+        ("frequency_penalty", -2.0, 2.0),
+    ] {
         match obj.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .filter(|x| (lo..=hi).contains(x))
-                .map(|x| Some(x as f32))
-                .ok_or_else(|| bad_request(format!("`{name}` must be a number from {lo} to {hi}"))),
+            None | Some(Value::Null) => {}
+            Some(x) if x.as_f64().is_some_and(|x| (lo..=hi).contains(&x)) => {}
+            Some(_) => {
+                return Err(bad_request(format!(
+                    "`{name}` must be a number from {lo} to {hi}"
+                )));
+            }
         }
-    };
-    let temperature = num("temperature", 0.0, 2.0)?;
-    let top_p = num("top_p", 0.0, 1.0)?;
-    let stop = match obj.get("stop") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) if a.len() <= 4 => a
-            .iter()
-            .map(|s| s.as_str().map(String::from))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| bad_request("`stop` must be a string or up to 4 strings"))?,
-        Some(_) => return Err(bad_request("`stop` must be a string or up to 4 strings")),
-    };
-    let seed = obj.get("seed").and_then(Value::as_i64);
-    Ok((
-        InferenceRequest {
-            model,
-            kind,
-            messages: Vec::new(),
-            prompt: None,
-            max_tokens,
-            temperature,
-            top_p,
-            stop,
-            seed,
-        },
-        stream,
-        include_usage,
-    ))
-}
-
-fn content_text(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Array(parts) => parts
-            .iter()
-            .map(|p| match p.get("type").and_then(Value::as_str) {
-                Some("text") => p.get("text").and_then(Value::as_str).map(String::from),
-                _ => None,
-            })
-            .collect::<Option<Vec<_>>>()
-            .map(|v| v.join("")),
-        Value::Null => Some(String::new()),
-        _ => None,
     }
+    for name in ["max_tokens", "max_completion_tokens", "max_output_tokens"] {
+        match obj.get(name) {
+            None | Some(Value::Null) => {}
+            Some(x)
+                if x.as_u64()
+                    .is_some_and(|n| n > 0 && n <= u64::from(u32::MAX)) => {}
+            Some(_) => return Err(bad_request(format!("`{name}` must be a positive integer"))),
+        }
+    }
+    let n = match obj.get("n") {
+        None | Some(Value::Null) => 1,
+        Some(x) => match x.as_u64() {
+            Some(n) if (1..=MAX_FAN_OUT as u64).contains(&n) => n as usize,
+            _ => {
+                return Err(bad_request(format!(
+                    "`n` must be an integer from 1 to {MAX_FAN_OUT}"
+                )));
+            }
+        },
+    };
+    let mut prompts = None;
+    match endpoint {
+        Endpoint::ChatCompletions => {
+            let Some(msgs) = obj
+                .get("messages")
+                .and_then(Value::as_array)
+                .filter(|m| !m.is_empty())
+            else {
+                return Err(bad_request("`messages` must be a non-empty array"));
+            };
+            if !msgs
+                .iter()
+                .all(|m| m.get("role").is_some_and(Value::is_string))
+            {
+                return Err(bad_request("each message needs a string `role`"));
+            }
+        }
+        Endpoint::Completions => match obj.get("prompt") {
+            Some(Value::String(_)) => {}
+            Some(Value::Array(a)) if a.is_empty() => {
+                return Err(bad_request("`prompt` must not be an empty list"));
+            }
+            // One prompt given as token ids.
+            Some(Value::Array(a)) if a.iter().all(Value::is_number) => {}
+            Some(Value::Array(a)) if a.iter().all(|p| p.is_string() || p.is_array()) => {
+                if a.len() > 1 {
+                    prompts = Some(a.clone());
+                }
+            }
+            Some(_) => {
+                return Err(bad_request(
+                    "`prompt` must be a string, a list of strings or token ids",
+                ));
+            }
+            None => return Err(bad_request("missing required field `prompt`")),
+        },
+        Endpoint::Embeddings => match obj.get("input") {
+            Some(Value::String(_)) => {}
+            Some(Value::Array(a)) if !a.is_empty() => {}
+            _ => {
+                return Err(bad_request("`input` must be a string or a non-empty list"));
+            }
+        },
+        Endpoint::Responses => {}
+    }
+    let n = if matches!(endpoint, Endpoint::Embeddings | Endpoint::Responses) {
+        1
+    } else {
+        n
+    };
+    if n * prompts.as_ref().map_or(1, Vec::len) > MAX_FAN_OUT {
+        return Err(bad_request(format!(
+            "`n` times the number of prompts must be at most {MAX_FAN_OUT}"
+        )));
+    }
+    Ok(Checked {
+        model,
+        stream,
+        n,
+        prompts,
+    })
 }
 
 fn parse_json(body: &Bytes) -> Result<Value, Response> {
@@ -255,269 +367,519 @@ fn parse_json(body: &Bytes) -> Result<Value, Response> {
         .map_err(|e| bad_request(format!("the body is not valid JSON: {e}")))
 }
 
-async fn chat(State(state): State<Arc<GatewayState>>, body: Bytes) -> Response {
-    let v = match parse_json(&body) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    let (mut req, stream, include_usage) = match parse_common(&v, RequestKind::Chat) {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    let Some(msgs) = v
-        .get("messages")
-        .and_then(Value::as_array)
-        .filter(|m| !m.is_empty())
-    else {
-        return bad_request("`messages` must be a non-empty array");
-    };
-    for m in msgs {
-        let role = m.get("role").and_then(Value::as_str);
-        let content = m.get("content").and_then(content_text);
-        match (role, content) {
-            (Some(r @ ("system" | "user" | "assistant" | "developer" | "tool")), Some(c)) => {
-                req.messages.push(ChatMessage {
-                    role: if r == "developer" {
-                        "system".into()
-                    } else {
-                        r.into()
-                    },
-                    content: c,
-                })
-            }
-            _ => {
-                return bad_request(
-                    "each message needs a `role` (system, user or assistant) and text `content`",
-                );
-            }
-        }
-    }
-    run(state, req, stream, include_usage).await
+async fn chat(State(state): State<Arc<GatewayState>>, headers: HeaderMap, body: Bytes) -> Response {
+    serve(state, Endpoint::ChatCompletions, &headers, body).await
 }
 
-async fn completions(State(state): State<Arc<GatewayState>>, body: Bytes) -> Response {
-    let v = match parse_json(&body) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    let (mut req, stream, include_usage) = match parse_common(&v, RequestKind::Completion) {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    let prompt = match v.get("prompt") {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
-            a[0].as_str().unwrap_or_default().to_string()
-        }
-        Some(_) => return bad_request("`prompt` must be a string (one prompt per request)"),
-        None => return bad_request("missing required field `prompt`"),
-    };
-    req.prompt = Some(prompt);
-    run(state, req, stream, include_usage).await
-}
-
-struct Shape {
-    id: String,
-    model: String,
-    created: u64,
-    kind: RequestKind,
-}
-
-impl Shape {
-    fn chunk(&self, text: Option<&str>, first: bool, finish: Option<&str>) -> Value {
-        match self.kind {
-            RequestKind::Chat => {
-                let mut delta = json!({});
-                if first {
-                    delta["role"] = json!("assistant");
-                }
-                if let Some(t) = text {
-                    delta["content"] = json!(t);
-                }
-                json!({ "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                        "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] })
-            }
-            RequestKind::Completion => {
-                json!({ "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                        "choices": [{ "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish }] })
-            }
-        }
-    }
-
-    fn usage(u: &Usage) -> Value {
-        json!({ "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                "total_tokens": u.prompt_tokens + u.completion_tokens })
-    }
-
-    fn usage_chunk(&self, u: &Usage) -> Value {
-        let object = match self.kind {
-            RequestKind::Chat => "chat.completion.chunk",
-            RequestKind::Completion => "text_completion",
-        };
-        json!({ "id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [], "usage": Self::usage(u) })
-    }
-
-    fn whole(&self, text: &str, finish: &str, u: &Usage) -> Value {
-        match self.kind {
-            RequestKind::Chat => {
-                json!({ "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": finish }],
-                "usage": Self::usage(u) })
-            }
-            RequestKind::Completion => {
-                json!({ "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{ "index": 0, "text": text, "logprobs": null, "finish_reason": finish }],
-                "usage": Self::usage(u) })
-            }
-        }
-    }
-}
-
-fn lost_event(message: &str) -> Value {
-    json!({ "error": { "message": message, "type": "server_error", "param": null, "code": "worker_lost" } })
-}
-
-async fn run(
-    state: Arc<GatewayState>,
-    req: InferenceRequest,
-    stream: bool,
-    include_usage: bool,
+async fn completions(
+    State(state): State<Arc<GatewayState>>,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Response {
-    let kind = req.kind;
-    let model = req.model.clone();
-    let mut job = match state.dispatch(req).await {
+    serve(state, Endpoint::Completions, &headers, body).await
+}
+
+async fn embeddings(
+    State(state): State<Arc<GatewayState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    serve(state, Endpoint::Embeddings, &headers, body).await
+}
+
+async fn responses(
+    State(state): State<Arc<GatewayState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    serve(state, Endpoint::Responses, &headers, body).await
+}
+
+async fn serve(
+    state: Arc<GatewayState>,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
+    if body.len() > MAX_BODY_BYTES {
+        return oai_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            &format!("the request body is over {MAX_BODY_BYTES} bytes"),
+            None,
+        );
+    }
+    let v = match parse_json(&body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let checked = match validate(&v, endpoint) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|h| h.to_str().ok())
+        .map(|s| s.chars().take(128).collect::<String>());
+    if checked.n > 1 || checked.prompts.is_some() {
+        return fan_out(state, endpoint, v, checked, request_id).await;
+    }
+    // Valid JSON is valid UTF-8.
+    let Ok(text) = String::from_utf8(body.to_vec()) else {
+        return bad_request("the body is not UTF-8");
+    };
+    let mut req = InferenceRequest::passthrough(&checked.model, endpoint, text);
+    req.request_id = request_id;
+    let job = match state.dispatch(req.clone()).await {
         Ok(j) => j,
         Err(e) => return dispatch_error(e),
     };
-    let idle = state.cfg.idle_timeout;
-    let prefix = match kind {
-        RequestKind::Chat => "chatcmpl",
-        RequestKind::Completion => "cmpl",
-    };
-    let shape = Shape {
-        id: format!("{prefix}-{}", uuid_like()),
-        model,
-        created: now_secs(),
-        kind,
-    };
-    if !stream {
-        return collect(job, shape, idle).await;
+    if checked.stream {
+        stream_answer(state, job, req)
+    } else {
+        whole_answer(job, state.cfg.idle_timeout).await
     }
+}
+
+fn lost_event(message: &str) -> Bytes {
+    let v = json!({ "error": { "message": message, "type": "server_error", "param": null, "code": "worker_lost" } });
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+fn sse_response(body: Body) -> Response {
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+fn take_first(job: &mut JobStream) -> Frame {
+    std::mem::replace(
+        &mut job.first,
+        Frame::Raw {
+            data: String::new(),
+            events: 0,
+        },
+    )
+}
+
+/// What went wrong with a worker mid-answer.
+fn frame_problem(f: &Frame) -> Option<String> {
+    match f {
+        Frame::Raw { .. } | Frame::Done { .. } => None,
+        Frame::Error { message, .. } => Some(format!("the worker failed: {message}")),
+        Frame::Chunk { .. } => {
+            Some("the worker speaks an older protocol (text chunks); upgrade it".into())
+        }
+        Frame::Request { .. } | Frame::Ack { .. } => {
+            Some("the worker sent a frame that has no place in an answer".into())
+        }
+    }
+}
+
+/// At most this much of a streamed answer is kept to continue it on
+/// another worker; longer answers are not resumed.
+const RESUME_KEEP_BYTES: usize = 4 * 1024 * 1024;
+
+fn stream_answer(state: Arc<GatewayState>, job: JobStream, req: InferenceRequest) -> Response {
+    let idle = state.cfg.idle_timeout;
+    let resumable = state.cfg.resume
+        && matches!(
+            req.endpoint,
+            Some(Endpoint::ChatCompletions | Endpoint::Completions)
+        );
     let events = async_stream::stream! {
-        let mut first = true;
-        let mut frame = Some(std::mem::replace(&mut job.first, Frame::Chunk { text: String::new() }));
+        let mut job = job;
+        let mut next = Some(take_first(&mut job));
+        let mut kept = String::new();
+        let mut resumed: Option<Resumed> = None;
         loop {
-            let f = match frame.take() {
-                Some(f) => f,
+            let problem = match next.take() {
+                Some(f) => frame_problem(&f).map_or(Ok(f), Err),
                 None => match job.next(idle).await {
-                    Ok(Some(f)) => f,
-                    Ok(None) => {
-                        yield Ok::<Event, Infallible>(Event::default().data(lost_event("the worker closed the stream before the answer was complete").to_string()));
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(worker = %job.worker, error = %e, "worker lost mid-stream");
-                        yield Ok(Event::default().data(lost_event(&e).to_string()));
-                        return;
-                    }
+                    Ok(Some(f)) => frame_problem(&f).map_or(Ok(f), Err),
+                    Ok(None) => Err("the worker closed the stream before the answer was complete".to_string()),
+                    Err(e) => Err(e),
                 },
             };
-            match f {
-                Frame::Chunk { text } => {
-                    yield Ok(Event::default().data(shape.chunk(Some(&text), first, None).to_string()));
-                    first = false;
-                }
-                Frame::Done { usage, finish_reason, .. } => {
-                    yield Ok(Event::default().data(shape.chunk(None, first, Some(&finish_reason)).to_string()));
-                    if include_usage {
-                        yield Ok(Event::default().data(shape.usage_chunk(&usage).to_string()));
+            match problem {
+                Ok(Frame::Raw { data, .. }) => {
+                    match &mut resumed {
+                        Some(r) => yield Ok::<Bytes, Infallible>(r.rewrite(&data)),
+                        None => {
+                            if resumable && kept.len() + data.len() <= RESUME_KEEP_BYTES {
+                                kept.push_str(&data);
+                            } else {
+                                kept.clear();
+                            }
+                            yield Ok(Bytes::from(data));
+                        }
                     }
-                    yield Ok(Event::default().data("[DONE]"));
-                    return;
                 }
-                Frame::Error { message, .. } => {
-                    yield Ok(Event::default().data(lost_event(&format!("the worker failed: {message}")).to_string()));
-                    return;
-                }
-                Frame::Request { .. } | Frame::Ack { .. } => {
-                    yield Ok(Event::default().data(lost_event("the worker sent a request frame").to_string()));
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(worker = %job.worker, error = %e, "worker lost mid-stream");
+                    if resumable && resumed.is_none() && !kept.is_empty()
+                        && let Some((j, r)) = resume(&state, &req, &kept, job.worker).await
+                    {
+                        tracing::info!(lost = %job.worker, worker = %j.worker, "answer continued on another worker");
+                        metrics::counter!("troop_answers_resumed_total").increment(1);
+                        job = j;
+                        next = Some(take_first(&mut job));
+                        resumed = Some(r);
+                        continue;
+                    }
+                    yield Ok(lost_event(&e));
                     return;
                 }
             }
         }
     };
-    Sse::new(events)
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    sse_response(Body::from_stream(events))
 }
 
-async fn collect(mut job: JobStream, shape: Shape, idle: std::time::Duration) -> Response {
+/// The continuation of a resumed answer: its events take the first
+/// answer's `id` and `created`, the first one loses its `role`, and the
+/// chunks that finish it say `"troop": {"resumed": true}`.
+struct Resumed {
+    id: Value,
+    created: Value,
+    split: SseSplitter,
+    first: bool,
+}
+
+impl Resumed {
+    fn rewrite(&mut self, data: &str) -> Bytes {
+        self.split.push(data.as_bytes());
+        let mut out = String::new();
+        while let Ok(Some(ev)) = self.split.next_event() {
+            let Ok(mut v) = serde_json::from_str::<Value>(&ev.data) else {
+                out.push_str(&ev.raw);
+                out.push_str("\n\n");
+                continue;
+            };
+            v["id"] = self.id.clone();
+            v["created"] = self.created.clone();
+            if let Some(c) = v.pointer_mut("/choices/0") {
+                if self.first
+                    && let Some(d) = c.get_mut("delta").and_then(Value::as_object_mut)
+                {
+                    d.remove("role");
+                }
+                self.first = false;
+                if c.get("finish_reason").is_some_and(|f| !f.is_null()) {
+                    v["troop"] = json!({ "resumed": true });
+                }
+            } else if v.get("usage").is_some() {
+                v["troop"] = json!({ "resumed": true });
+            }
+            out.push_str(&format!("data: {v}\n\n"));
+        }
+        Bytes::from(out)
+    }
+}
+
+/// Continues an answer whose worker was lost: the prompt plus the text so
+/// far (as the assistant's message to continue, or appended to a
+/// completion prompt) goes to another worker serving the model, with the
+/// token limit lowered by what arrived. `None` when it cannot be resumed
+/// (tool calls, a prompt list, no other worker).
+async fn resume(
+    state: &Arc<GatewayState>,
+    req: &InferenceRequest,
+    kept: &str,
+    lost: libp2p::PeerId,
+) -> Option<(JobStream, Resumed)> {
+    let endpoint = req.endpoint?;
+    let mut split = SseSplitter::default();
+    split.push(kept.as_bytes());
     let mut text = String::new();
-    let mut frame = Some(std::mem::replace(
-        &mut job.first,
-        Frame::Chunk {
-            text: String::new(),
+    let (mut id, mut created) = (Value::Null, Value::Null);
+    let mut pieces = 0u64;
+    while let Ok(Some(ev)) = split.next_event() {
+        let v: Value = serde_json::from_str(&ev.data).ok()?;
+        if id.is_null() {
+            id = v.get("id").cloned().unwrap_or(Value::Null);
+            created = v.get("created").cloned().unwrap_or(Value::Null);
+        }
+        let Some(c) = v.pointer("/choices/0") else {
+            continue;
+        };
+        if c.pointer("/delta/tool_calls").is_some_and(|t| !t.is_null())
+            || c.get("finish_reason").is_some_and(|f| !f.is_null())
+        {
+            return None;
+        }
+        let piece = c
+            .pointer("/delta/content")
+            .or_else(|| c.get("text"))
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        text.push_str(piece);
+        pieces += 1;
+    }
+    let mut body: Value = serde_json::from_str(req.body.as_deref()?).ok()?;
+    match endpoint {
+        Endpoint::ChatCompletions => body
+            .get_mut("messages")?
+            .as_array_mut()?
+            .push(json!({ "role": "assistant", "content": text })),
+        Endpoint::Completions => {
+            let prompt = body.get("prompt")?.as_str()?.to_string();
+            body["prompt"] = json!(prompt + &text);
+        }
+        _ => return None,
+    }
+    for k in ["max_tokens", "max_completion_tokens"] {
+        if let Some(n) = body.get(k).and_then(Value::as_u64) {
+            body[k] = json!(n.saturating_sub(pieces).max(1));
+        }
+    }
+    let mut again = InferenceRequest::passthrough(&req.model, endpoint, body.to_string());
+    again.request_id = req.request_id.clone();
+    let job = state.dispatch_avoiding(again, &[lost]).await.ok()?;
+    Some((
+        job,
+        Resumed {
+            id,
+            created,
+            split: SseSplitter::default(),
+            first: true,
         },
-    ));
+    ))
+}
+
+/// Reads a whole answer (`raw` frames up to `done`).
+async fn read_whole(job: &mut JobStream, idle: Duration) -> Result<String, String> {
+    let mut out = String::new();
+    let mut next = Some(take_first(job));
     loop {
-        let f = match frame.take() {
+        let f = match next.take() {
             Some(f) => f,
             None => match job.next(idle).await {
                 Ok(Some(f)) => f,
-                Ok(None) => {
-                    return oai_error(
-                        StatusCode::BAD_GATEWAY,
-                        "server_error",
-                        "worker_lost",
-                        "the worker closed the stream early",
-                        None,
-                    );
-                }
-                Err(e) => {
-                    return oai_error(
-                        StatusCode::BAD_GATEWAY,
-                        "server_error",
-                        "worker_lost",
-                        &e,
-                        None,
-                    );
-                }
+                Ok(None) => return Err("the worker closed the stream early".into()),
+                Err(e) => return Err(e),
             },
         };
+        if let Some(p) = frame_problem(&f) {
+            return Err(p);
+        }
         match f {
-            Frame::Chunk { text: t } => text.push_str(&t),
-            Frame::Done {
-                usage,
-                finish_reason,
-                ..
-            } => {
-                return axum::Json(shape.whole(&text, &finish_reason, &usage)).into_response();
+            Frame::Raw { data, .. } => {
+                if out.len() + data.len() > MAX_WHOLE_BYTES {
+                    return Err("the answer is too large".into());
+                }
+                out.push_str(&data);
             }
-            Frame::Error { message, .. } => {
-                return oai_error(
-                    StatusCode::BAD_GATEWAY,
-                    "server_error",
-                    "worker_failed",
-                    &message,
-                    None,
-                );
-            }
-            Frame::Request { .. } | Frame::Ack { .. } => {
-                return oai_error(
-                    StatusCode::BAD_GATEWAY,
-                    "server_error",
-                    "worker_lost",
-                    "unexpected frame",
-                    None,
-                );
-            }
+            _ => return Ok(out),
         }
     }
 }
 
-fn uuid_like() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 12];
-    rand::rng().fill_bytes(&mut b);
-    hex::encode(b)
+fn worker_lost(e: &str) -> Response {
+    oai_error(
+        StatusCode::BAD_GATEWAY,
+        "server_error",
+        "worker_lost",
+        e,
+        None,
+    )
+}
+
+async fn whole_answer(mut job: JobStream, idle: Duration) -> Response {
+    match read_whole(&mut job, idle).await {
+        Ok(body) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response(),
+        Err(e) => worker_lost(&e),
+    }
+}
+
+/// `n` > 1 or several prompts: one request per (prompt, choice), sent at
+/// once (to one or several workers), merged by index: prompt `p`'s choice
+/// `j` is index `p n + j`. A `seed` becomes `seed + j` so the choices
+/// differ as they do with `n` upstream.
+async fn fan_out(
+    state: Arc<GatewayState>,
+    endpoint: Endpoint,
+    v: Value,
+    checked: Checked,
+    request_id: Option<String>,
+) -> Response {
+    let prompts: Vec<Option<Value>> = match &checked.prompts {
+        Some(p) => p.iter().cloned().map(Some).collect(),
+        None => vec![None],
+    };
+    let mut subs = Vec::new();
+    for p in &prompts {
+        for j in 0..checked.n {
+            let mut b = v.clone();
+            if let Some(o) = b.as_object_mut() {
+                o.remove("n");
+                if let Some(p) = p {
+                    o.insert("prompt".into(), p.clone());
+                }
+                if let Some(seed) = o.get("seed").and_then(Value::as_i64) {
+                    o.insert("seed".into(), json!(seed.wrapping_add(j as i64)));
+                }
+            }
+            let mut req = InferenceRequest::passthrough(&checked.model, endpoint, b.to_string());
+            req.request_id = request_id.clone();
+            subs.push(req);
+        }
+    }
+    let jobs = futures::future::join_all(subs.into_iter().map(|r| {
+        let state = state.clone();
+        async move { state.dispatch(r).await }
+    }))
+    .await;
+    let mut ok = Vec::new();
+    for j in jobs {
+        match j {
+            Ok(j) => ok.push(j),
+            Err(e) => return dispatch_error(e),
+        }
+    }
+    let idle = state.cfg.idle_timeout;
+    if !checked.stream {
+        return merge_whole(ok, idle).await;
+    }
+    merge_streams(ok, idle)
+}
+
+fn add_usage(total: &mut Option<Value>, u: &Value, count_prompt: bool) {
+    let t = total.get_or_insert_with(
+        || json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}),
+    );
+    for k in ["prompt_tokens", "completion_tokens"] {
+        if k == "prompt_tokens" && !count_prompt {
+            continue;
+        }
+        let add = u.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let now = t.get(k).and_then(Value::as_u64).unwrap_or(0);
+        t[k] = json!(now.saturating_add(add));
+    }
+    let sum =
+        t["prompt_tokens"].as_u64().unwrap_or(0) + t["completion_tokens"].as_u64().unwrap_or(0);
+    t["total_tokens"] = json!(sum);
+}
+
+async fn merge_whole(jobs: Vec<JobStream>, idle: Duration) -> Response {
+    let bodies = futures::future::join_all(
+        jobs.into_iter()
+            .map(|mut j| async move { read_whole(&mut j, idle).await }),
+    )
+    .await;
+    let mut merged: Option<Value> = None;
+    let mut choices = Vec::new();
+    let mut usage = None;
+    for (i, b) in bodies.into_iter().enumerate() {
+        let body = match b {
+            Ok(b) => b,
+            Err(e) => return worker_lost(&e),
+        };
+        let Ok(mut v) = serde_json::from_str::<Value>(&body) else {
+            return worker_lost("a worker's answer is not JSON");
+        };
+        if let Some(cs) = v.get_mut("choices").and_then(Value::as_array_mut) {
+            for c in cs.iter_mut() {
+                c["index"] = json!(i);
+                choices.push(c.take());
+            }
+        }
+        if let Some(u) = v.get("usage") {
+            add_usage(&mut usage, u, true);
+        }
+        merged.get_or_insert(v);
+    }
+    let Some(mut merged) = merged else {
+        return worker_lost("no answer");
+    };
+    merged["choices"] = Value::Array(choices);
+    if let Some(u) = usage {
+        merged["usage"] = u;
+    }
+    axum::Json(merged).into_response()
+}
+
+fn merge_streams(jobs: Vec<JobStream>, idle: Duration) -> Response {
+    let streams = jobs.into_iter().enumerate().map(|(i, job)| {
+        Box::pin(async_stream::stream! {
+            let mut job = job;
+            let mut split = SseSplitter::default();
+            let mut next = Some(take_first(&mut job));
+            loop {
+                let f = match next.take() {
+                    Some(f) => f,
+                    None => match job.next(idle).await {
+                        Ok(Some(f)) => f,
+                        Ok(None) => { yield (i, Err("the worker closed the stream early".to_string())); return; }
+                        Err(e) => { yield (i, Err(e)); return; }
+                    },
+                };
+                if let Some(p) = frame_problem(&f) {
+                    yield (i, Err(p));
+                    return;
+                }
+                match f {
+                    Frame::Raw { data, .. } => {
+                        split.push(data.as_bytes());
+                        while let Ok(Some(ev)) = split.next_event() {
+                            yield (i, Ok(ev.data));
+                        }
+                    }
+                    _ => return,
+                }
+            }
+        })
+    });
+    let mut all = futures::stream::select_all(streams);
+    let events = async_stream::stream! {
+        use futures::StreamExt;
+        let mut id: Option<Value> = None;
+        let mut object = json!("chat.completion.chunk");
+        let mut usage: Option<Value> = None;
+        while let Some((i, ev)) = all.next().await {
+            let data = match ev {
+                Ok(d) => d,
+                Err(e) => { yield Ok::<Bytes, Infallible>(lost_event(&e)); return; }
+            };
+            if data.trim() == "[DONE]" {
+                continue;
+            }
+            let Ok(mut v) = serde_json::from_str::<Value>(&data) else { continue };
+            let is_usage = v.get("choices").and_then(Value::as_array).is_some_and(|c| c.is_empty());
+            if is_usage {
+                if let Some(u) = v.get("usage") {
+                    add_usage(&mut usage, u, true);
+                }
+                continue;
+            }
+            match &id {
+                None => {
+                    id = v.get("id").cloned();
+                    object = v.get("object").cloned().unwrap_or(object);
+                }
+                Some(first) => v["id"] = first.clone(),
+            }
+            if let Some(cs) = v.get_mut("choices").and_then(Value::as_array_mut) {
+                for c in cs.iter_mut() {
+                    c["index"] = json!(i);
+                }
+            }
+            yield Ok(Bytes::from(format!("data: {v}\n\n")));
+        }
+        if let Some(u) = usage {
+            let chunk = json!({"id": id, "object": object, "choices": [], "usage": u});
+            yield Ok(Bytes::from(format!("data: {chunk}\n\n")));
+        }
+        yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));
+    };
+    sse_response(Body::from_stream(events))
 }

@@ -37,6 +37,10 @@ pub struct GatewayConfig {
     pub first_token_timeout: Duration,
     /// Longest silence between two frames of an answer.
     pub idle_timeout: Duration,
+    /// Browser origins allowed besides loopback ones (`*`: any).
+    pub cors_origins: Vec<String>,
+    /// Continue an answer on another worker when its worker is lost.
+    pub resume: bool,
 }
 
 impl GatewayConfig {
@@ -48,6 +52,8 @@ impl GatewayConfig {
             http,
             first_token_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(60),
+            cors_origins: Vec::new(),
+            resume: true,
         }
     }
 }
@@ -247,6 +253,9 @@ pub enum DispatchError {
     NoWorker(String),
     /// The coordinator can't be reached.
     Coordinator(String),
+    /// The worker's model server refused the request as the app's fault
+    /// (4xx): its status and body go to the app unchanged.
+    Rejected { status: u16, body: String },
 }
 
 /// An answer in progress: the first frame already read, the rest on the stream.
@@ -270,6 +279,10 @@ impl JobStream {
         match f {
             Frame::Chunk { .. } => {
                 self.chunks += 1;
+                self.last_frame = Some(Instant::now());
+            }
+            Frame::Raw { events, .. } => {
+                self.chunks += u64::from(*events);
                 self.last_frame = Some(Instant::now());
             }
             Frame::Done { usage, .. } => {
@@ -440,12 +453,29 @@ impl GatewayState {
         self: &Arc<Self>,
         request: InferenceRequest,
     ) -> Result<JobStream, DispatchError> {
+        self.dispatch_avoiding(request, &[]).await
+    }
+
+    /// [`dispatch`](Self::dispatch) to any worker but those in `avoid`
+    /// (failing at once when no other worker serves the model).
+    pub async fn dispatch_avoiding(
+        self: &Arc<Self>,
+        request: InferenceRequest,
+        avoid: &[PeerId],
+    ) -> Result<JobStream, DispatchError> {
         use backon::BackoffBuilder;
         let mut delays = troop_protocol::policy::retry_policy().build();
         let mut last_error = String::from("no worker answered");
         let mut ever_found = false;
         loop {
-            let candidates = self.candidates(&request.model).await;
+            let mut candidates = self.candidates(&request.model).await;
+            let before = candidates.len();
+            candidates.retain(|p| !avoid.contains(p));
+            if before > 0 && candidates.is_empty() {
+                return Err(DispatchError::NoWorker(
+                    "no other worker serves this model".into(),
+                ));
+            }
             ever_found |= !candidates.is_empty();
             for worker in candidates {
                 if !self.breaker_allows(&worker) {
@@ -657,8 +687,22 @@ impl GatewayState {
             chunks: 0,
             completion_tokens: None,
         };
-        match job.next(self.cfg.first_token_timeout).await {
-            Ok(Some(Frame::Error { code, message })) => {
+        // A whole (non-streamed) answer comes in one go when it is ready.
+        let first_wait = if request.body.is_some() && !wants_stream(request) {
+            troop_protocol::policy::INFERENCE_TIMEOUT
+        } else {
+            self.cfg.first_token_timeout
+        };
+        match job.next(first_wait).await {
+            Ok(Some(Frame::Error {
+                code, status, body, ..
+            })) if code == ErrorCode::UpstreamRejected.number() => {
+                Err(Attempt::Final(DispatchError::Rejected {
+                    status: status.filter(|s| (400..500).contains(s)).unwrap_or(400),
+                    body: body.unwrap_or_default(),
+                }))
+            }
+            Ok(Some(Frame::Error { code, message, .. })) => {
                 let code = ErrorCode::from_number(code)
                     .map(|c| c.as_str())
                     .unwrap_or("unknown");
@@ -673,6 +717,22 @@ impl GatewayState {
             Err(e) => Err(Attempt::Next(e)),
         }
     }
+}
+
+/// Whether a pass-through body asks for a stream (`"stream": true`).
+pub fn wants_stream(request: &InferenceRequest) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Flag {
+        #[serde(default)]
+        stream: Option<bool>,
+    }
+    request
+        .body
+        .as_deref()
+        .and_then(|b| serde_json::from_str::<Flag>(b).ok())
+        .and_then(|f| f.stream)
+        .unwrap_or(false)
+        && request.endpoint != Some(troop_protocol::frames::Endpoint::Embeddings)
 }
 
 fn unix_now() -> u64 {

@@ -8,6 +8,7 @@
 
 pub mod ollama;
 pub mod openai;
+pub mod passthrough;
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -32,6 +33,9 @@ pub enum UpstreamError {
     Status { status: u16, message: String },
     #[error("upstream sent something unreadable: {0}")]
     Protocol(String),
+    /// A 4xx: the request itself is at fault (context overflow, bad schema).
+    #[error("upstream refused the request ({status}): {body}")]
+    Rejected { status: u16, body: String },
 }
 
 pub type DeltaStream = Pin<Box<dyn Stream<Item = Result<Delta, UpstreamError>> + Send>>;
@@ -86,6 +90,15 @@ impl Upstream {
             Dialect::Ollama => ollama::models(&self.http, &self.base).await,
             Dialect::Openai => openai::models(&self.http, &self.base).await,
         }
+    }
+
+    /// Sends a pass-through request to the upstream's OpenAI endpoint.
+    pub async fn send_raw(
+        &self,
+        p: &passthrough::Prepared,
+        request_id: Option<&str>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        passthrough::send(&self.http, &self.base, p, request_id).await
     }
 
     /// Starts a generation; the stream ends after one `Delta::Done`.

@@ -46,6 +46,8 @@ pub struct FakeState {
     pub completed: AtomicUsize,
     /// Generations whose HTTP response was dropped before the end.
     pub dropped: AtomicUsize,
+    /// The body of the last generation request, as the upstream got it.
+    pub last_body: std::sync::Mutex<Option<Value>>,
 }
 
 pub struct FakeUpstream {
@@ -95,6 +97,7 @@ impl FakeUpstream {
             requests: AtomicUsize::new(0),
             completed: AtomicUsize::new(0),
             dropped: AtomicUsize::new(0),
+            last_body: std::sync::Mutex::new(None),
         });
         let app = match dialect {
             Dialect::OpenAi => axum::Router::new()
@@ -107,8 +110,12 @@ impl FakeUpstream {
                     }),
                 )
                 .route("/v1/chat/completions", post(openai_generate))
-                .route("/v1/completions", post(openai_generate)),
+                .route("/v1/completions", post(openai_generate))
+                .route("/v1/embeddings", post(openai_embed)),
+            // Ollama serves its OpenAI compatibility API beside its own.
             Dialect::Ollama => axum::Router::new()
+                .route("/v1/chat/completions", post(openai_generate))
+                .route("/v1/completions", post(openai_generate))
                 .route(
                     "/api/tags",
                     get(|State(s): State<Arc<FakeState>>| async move {
@@ -162,30 +169,142 @@ fn failing(state: &FakeState) -> Option<Response> {
     })
 }
 
+/// The last generation request's body.
+impl FakeUpstream {
+    pub fn last_body(&self) -> Value {
+        self.state
+            .last_body
+            .lock()
+            .ok()
+            .and_then(|b| b.clone())
+            .unwrap_or_default()
+    }
+}
+
+async fn openai_embed(State(state): State<Arc<FakeState>>, body: Bytes) -> Response {
+    let req: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let inputs = match req.get("input") {
+        Some(Value::Array(a)) => a.len(),
+        _ => 1,
+    };
+    let data: Vec<Value> = (0..inputs)
+        .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.25, -0.5, i as f64]}))
+        .collect();
+    axum::Json(json!({"object": "list", "model": state.model, "data": data,
+        "usage": {"prompt_tokens": 3 * inputs, "total_tokens": 3 * inputs}}))
+    .into_response()
+}
+
+/// A stand-in for llama.cpp's OpenAI API: streams (or returns whole) its
+/// tokens, at most `max_tokens` of them; with `tools` it calls the first
+/// tool instead (in tool_call deltas); `logprobs` adds log-probabilities;
+/// a prompt that says `[overflow]` is refused as llama.cpp refuses one over
+/// its context (400); the usage chunk comes when asked for.
 async fn openai_generate(State(state): State<Arc<FakeState>>, body: Bytes) -> Response {
     if let Some(r) = failing(&state) {
         return r;
     }
     let req: Value = serde_json::from_slice(&body).unwrap_or_default();
+    if let Ok(mut b) = state.last_body.lock() {
+        *b = Some(req.clone());
+    }
+    if req.to_string().contains("[overflow]") {
+        return (
+            axum::http::StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": {"code": 400, "message": "the request exceeds the available context size, try increasing it", "type": "exceed_context_size_error", "n_prompt_tokens": 9000, "n_ctx": 4096}})),
+        )
+            .into_response();
+    }
     let chat = req.get("messages").is_some();
+    let stream = req.get("stream") == Some(&Value::Bool(true));
+    let include_usage = req.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
+    let logprobs = req
+        .get("logprobs")
+        .is_some_and(|l| l == &json!(true) || l.is_u64());
+    let tool = req
+        .pointer("/tools/0/function/name")
+        .and_then(Value::as_str)
+        .map(String::from);
+    let limit = req
+        .get("max_tokens")
+        .and_then(Value::as_u64)
+        .map_or(usize::MAX, |n| n as usize);
+    let tokens: Vec<String> = state.tokens.iter().take(limit).cloned().collect();
+    let finish = if tool.is_some() {
+        "tool_calls"
+    } else if tokens.len() < state.tokens.len() {
+        "length"
+    } else {
+        "stop"
+    };
+    let id = format!("chatcmpl-fake{}", state.requests.load(Ordering::SeqCst));
+    let (object, chunk_object) = if chat {
+        ("chat.completion", "chat.completion.chunk")
+    } else {
+        ("text_completion", "text_completion")
+    };
+    let model = state.model.clone();
+    let usage = json!({"prompt_tokens": 7, "completion_tokens": tokens.len(), "total_tokens": 7 + tokens.len()});
+    let lp = |t: &str| json!({"content": [{"token": t, "logprob": -0.5, "bytes": null, "top_logprobs": []}]});
+    if !stream {
+        let text: String = tokens.concat();
+        let choice = if chat {
+            let message = match &tool {
+                Some(name) => {
+                    json!({"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": name, "arguments": "{\"city\":\"Paris\"}"}}]})
+                }
+                None => json!({"role": "assistant", "content": text}),
+            };
+            json!({"index": 0, "message": message, "finish_reason": finish, "logprobs": if logprobs { lp(&text) } else { Value::Null }})
+        } else {
+            json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null})
+        };
+        state.completed.fetch_add(1, Ordering::SeqCst);
+        return axum::Json(
+            json!({"id": id, "object": object, "created": 1, "model": model,
+            "system_fingerprint": "fp_fake", "choices": [choice], "usage": usage}),
+        )
+        .into_response();
+    }
     let delay = paced(&req, state.delay);
     let stream = async_stream::stream! {
         let mut guard = DropGuard { state: state.clone(), done: false };
-        for t in state.tokens.clone() {
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
+        let head = |choice: Value| json!({"id": id, "object": chunk_object, "created": 1, "model": model, "system_fingerprint": "fp_fake", "choices": [choice]});
+        if let Some(name) = &tool {
+            let parts = [
+                json!({"role": "assistant", "content": null, "tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": name, "arguments": ""}}]}),
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}),
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"Paris\"}"}}]}),
+            ];
+            for d in parts {
+                let c = head(json!({"index": 0, "delta": d, "finish_reason": null}));
+                yield Ok::<Bytes, Infallible>(Bytes::from(format!("data: {c}\n\n")));
             }
-            let chunk = if chat {
-                json!({"choices": [{"index": 0, "delta": {"content": t}, "finish_reason": null}]})
-            } else {
-                json!({"choices": [{"index": 0, "text": t, "finish_reason": null}]})
-            };
-            yield Ok::<Bytes, Infallible>(Bytes::from(format!("data: {chunk}\n\n")));
+        } else {
+            for (i, t) in tokens.iter().enumerate() {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                let mut choice = if chat && i == 0 {
+                    json!({"index": 0, "delta": {"role": "assistant", "content": t}, "finish_reason": null})
+                } else if chat {
+                    json!({"index": 0, "delta": {"content": t}, "finish_reason": null})
+                } else {
+                    json!({"index": 0, "text": t, "finish_reason": null})
+                };
+                if logprobs {
+                    choice["logprobs"] = lp(t);
+                }
+                yield Ok::<Bytes, Infallible>(Bytes::from(format!("data: {}\n\n", head(choice))));
+            }
         }
-        let last = json!({"choices": [{"index": 0, "delta": {}, "text": "", "finish_reason": "stop"}]});
+        let last = head(json!({"index": 0, "delta": {}, "text": "", "finish_reason": finish}));
         yield Ok(Bytes::from(format!("data: {last}\n\n")));
-        let usage = json!({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": state.tokens.len()}});
-        yield Ok(Bytes::from(format!("data: {usage}\n\ndata: [DONE]\n\n")));
+        if include_usage {
+            let u = json!({"id": id, "object": chunk_object, "created": 1, "model": model, "choices": [], "usage": usage});
+            yield Ok(Bytes::from(format!("data: {u}\n\n")));
+        }
+        yield Ok(Bytes::from("data: [DONE]\n\n"));
         guard.done = true;
         state.completed.fetch_add(1, Ordering::SeqCst);
     };

@@ -1,0 +1,366 @@
+//! The worker's side of a pass-through request: the app's body to the
+//! upstream, the upstream's answer to the gateway in `raw` frames.
+//!
+//! Events that are ready together go out in one frame (up to
+//! [`FRAME_TARGET`] bytes), so a fast upstream costs one frame per read,
+//! not one per token; nothing is parsed beyond the bill's fields.
+
+use std::time::Instant;
+
+use futures::{FutureExt, StreamExt};
+use troop_protocol::ErrorCode;
+use troop_protocol::frames::{Endpoint, Frame, InferenceRequest, Usage};
+
+use crate::frames_io::write_frame;
+use crate::upstream::passthrough::{self, MAX_WHOLE_BYTES, SseSplitter};
+use crate::upstream::{Upstream, UpstreamError};
+
+/// Bytes of answer gathered into one frame at most.
+pub const FRAME_TARGET: usize = 256 * 1024;
+
+/// How a job ended when it did not complete.
+#[derive(Debug)]
+pub enum JobEnd {
+    /// The gateway went away (the upstream generation was dropped).
+    Cancelled(Usage),
+    /// The upstream failed, or refused the request (`rejected`).
+    Failed { usage: Usage, rejected: bool },
+}
+
+/// A completed job: usage, events forwarded, when the first one went out.
+pub struct Served {
+    pub usage: Usage,
+    pub chunks: u64,
+    pub first: Option<Instant>,
+}
+
+fn partial(chunks: u64) -> Usage {
+    Usage {
+        prompt_tokens: 0,
+        completion_tokens: chunks,
+    }
+}
+
+async fn fail(stream: &mut libp2p::Stream, e: &UpstreamError, chunks: u64) -> JobEnd {
+    let (frame, rejected) = match e {
+        UpstreamError::Rejected { status, body } => (
+            Frame::Error {
+                code: ErrorCode::UpstreamRejected.number(),
+                message: format!("the model server refused the request ({status})"),
+                status: Some(*status),
+                body: Some(body.clone()),
+            },
+            true,
+        ),
+        other => (
+            Frame::error(ErrorCode::UpstreamFailed, other.to_string()),
+            false,
+        ),
+    };
+    let _ = write_frame(stream, &frame).await;
+    JobEnd::Failed {
+        usage: partial(chunks),
+        rejected,
+    }
+}
+
+/// Sends `data` in `raw` frames of at most [`FRAME_TARGET`] bytes (cut at
+/// character boundaries); `events` goes with the last piece.
+async fn send_raw(stream: &mut libp2p::Stream, data: &str, events: u32) -> bool {
+    let mut rest = data;
+    while rest.len() > FRAME_TARGET {
+        let mut cut = FRAME_TARGET;
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let (head, tail) = rest.split_at(cut);
+        let f = Frame::Raw {
+            data: head.to_string(),
+            events: 0,
+        };
+        if write_frame(stream, &f).await.is_err() {
+            return false;
+        }
+        rest = tail;
+    }
+    let f = Frame::Raw {
+        data: rest.to_string(),
+        events,
+    };
+    write_frame(stream, &f).await.is_ok()
+}
+
+/// Serves one pass-through request on `stream`.
+pub async fn relay(
+    upstream: &Upstream,
+    stream: &mut libp2p::Stream,
+    request: &InferenceRequest,
+    cap: Option<u32>,
+    job_id: &str,
+) -> Result<Served, JobEnd> {
+    let prepared = match passthrough::prepare(request, cap) {
+        Ok(p) => p,
+        Err(e) => {
+            let err = UpstreamError::Rejected {
+                status: 400,
+                body: serde_json::json!({"error": {"message": e, "type": "invalid_request_error", "param": null, "code": "invalid_request"}}).to_string(),
+            };
+            return Err(fail(stream, &err, 0).await);
+        }
+    };
+    let deadline = tokio::time::Instant::now() + troop_protocol::policy::INFERENCE_TIMEOUT;
+    let sent = tokio::time::timeout_at(
+        deadline,
+        upstream.send_raw(&prepared, request.request_id.as_deref()),
+    )
+    .await;
+    let resp = match sent {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::info!(job = job_id, error = %e, "upstream refused or failed");
+            return Err(fail(stream, &e, 0).await);
+        }
+        Err(_) => {
+            let _ = write_frame(
+                stream,
+                &Frame::error(ErrorCode::Timeout, "inference timed out"),
+            )
+            .await;
+            return Err(JobEnd::Failed {
+                usage: Usage::default(),
+                rejected: false,
+            });
+        }
+    };
+    let mut body = resp.bytes_stream();
+    if !prepared.stream {
+        return whole(stream, &mut body, deadline, job_id).await;
+    }
+    let chat_like = matches!(
+        prepared.endpoint,
+        Endpoint::ChatCompletions | Endpoint::Completions
+    );
+    let mut split = SseSplitter::default();
+    let mut out = String::new();
+    let mut out_events = 0u32;
+    let mut chunks = 0u64;
+    let mut usage: Option<Usage> = None;
+    let mut finish: Option<String> = None;
+    let mut first: Option<Instant> = None;
+    let mut saw_done = false;
+    let mut ended = false;
+    loop {
+        // Wait for bytes, then take whatever else is ready without waiting.
+        let mut got = match tokio::time::timeout_at(deadline, body.next()).await {
+            Ok(n) => n,
+            Err(_) => {
+                let _ = write_frame(
+                    stream,
+                    &Frame::error(ErrorCode::Timeout, "inference timed out"),
+                )
+                .await;
+                return Err(JobEnd::Failed {
+                    usage: partial(chunks),
+                    rejected: false,
+                });
+            }
+        };
+        loop {
+            match got {
+                Some(Ok(bytes)) => split.push(&bytes),
+                Some(Err(e)) => {
+                    let e = UpstreamError::Protocol(e.to_string());
+                    return Err(fail(stream, &e, chunks).await);
+                }
+                None => {
+                    ended = true;
+                    break;
+                }
+            }
+            if split.pending() >= FRAME_TARGET {
+                break;
+            }
+            match body.next().now_or_never() {
+                Some(n) => got = n,
+                None => break,
+            }
+        }
+        loop {
+            let ev = match split.next_event() {
+                Ok(Some(ev)) => ev,
+                Ok(None) => break,
+                Err(e) => return Err(fail(stream, &UpstreamError::Protocol(e), chunks).await),
+            };
+            if ev.data.is_empty() {
+                continue; // a comment or keep-alive
+            }
+            if ev.data.trim() == "[DONE]" {
+                saw_done = true;
+                out.push_str(&ev.raw);
+                out.push_str("\n\n");
+                out_events += 1;
+                break;
+            }
+            let seen = match passthrough::peek(&ev.data) {
+                Ok(s) => s,
+                Err(e) => {
+                    let e = UpstreamError::Protocol(format!("bad event: {e}"));
+                    return Err(fail(stream, &e, chunks).await);
+                }
+            };
+            if let Some(msg) = seen.error {
+                let e = UpstreamError::Status {
+                    status: 500,
+                    message: msg,
+                };
+                return Err(fail(stream, &e, chunks).await);
+            }
+            if seen.usage.is_some() {
+                usage = seen.usage;
+            }
+            if seen.finish.is_some() {
+                finish = seen.finish;
+            }
+            if seen.content {
+                chunks += 1;
+            }
+            if seen.usage_only && !prepared.forward_usage {
+                continue;
+            }
+            out.push_str(&ev.raw);
+            out.push_str("\n\n");
+            out_events += 1;
+        }
+        if ended && !saw_done && chat_like && finish.is_some() {
+            // Some servers end without `[DONE]`; apps wait for it.
+            out.push_str("data: [DONE]\n\n");
+            out_events += 1;
+        }
+        if !out.is_empty() {
+            first.get_or_insert_with(Instant::now);
+            // Backpressure: this waits while the gateway is not reading.
+            if !send_raw(stream, &out, out_events).await {
+                tracing::info!(
+                    job = job_id,
+                    "client went away; upstream generation stopped"
+                );
+                return Err(JobEnd::Cancelled(usage.unwrap_or(partial(chunks))));
+            }
+            out.clear();
+            out_events = 0;
+        }
+        if saw_done || ended {
+            break;
+        }
+    }
+    let finish = match finish {
+        Some(f) => f,
+        None if !chat_like => "completed".into(),
+        None => {
+            let e = UpstreamError::Protocol("the stream ended without a finish reason".into());
+            return Err(fail(stream, &e, chunks).await);
+        }
+    };
+    let mut usage = usage.unwrap_or_default();
+    if usage.completion_tokens == 0 {
+        usage.completion_tokens = chunks;
+    }
+    done(stream, job_id, usage, finish).await?;
+    Ok(Served {
+        usage,
+        chunks,
+        first,
+    })
+}
+
+async fn done(
+    stream: &mut libp2p::Stream,
+    job_id: &str,
+    usage: Usage,
+    finish_reason: String,
+) -> Result<(), JobEnd> {
+    let f = Frame::Done {
+        job_id: job_id.to_string(),
+        usage,
+        finish_reason,
+    };
+    if write_frame(stream, &f).await.is_err() {
+        return Err(JobEnd::Cancelled(usage));
+    }
+    let _ = futures::AsyncWriteExt::close(stream).await;
+    Ok(())
+}
+
+/// A whole answer: read it (at most [`MAX_WHOLE_BYTES`]), note its usage,
+/// forward it.
+async fn whole(
+    stream: &mut libp2p::Stream,
+    body: &mut (impl futures::Stream<Item = reqwest::Result<axum::body::Bytes>> + Unpin),
+    deadline: tokio::time::Instant,
+    job_id: &str,
+) -> Result<Served, JobEnd> {
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, body.next()).await {
+            Ok(Some(Ok(b))) => {
+                if buf.len() + b.len() > MAX_WHOLE_BYTES {
+                    let e = UpstreamError::Protocol(format!(
+                        "the answer is over {MAX_WHOLE_BYTES} bytes"
+                    ));
+                    return Err(fail(stream, &e, 0).await);
+                }
+                buf.extend_from_slice(&b);
+            }
+            Ok(Some(Err(e))) => {
+                return Err(fail(stream, &UpstreamError::Protocol(e.to_string()), 0).await);
+            }
+            Ok(None) => break,
+            Err(_) => {
+                let _ = write_frame(
+                    stream,
+                    &Frame::error(ErrorCode::Timeout, "inference timed out"),
+                )
+                .await;
+                return Err(JobEnd::Failed {
+                    usage: Usage::default(),
+                    rejected: false,
+                });
+            }
+        }
+    }
+    let text = match String::from_utf8(buf) {
+        Ok(t) => t,
+        Err(_) => {
+            let e = UpstreamError::Protocol("the answer is not UTF-8".into());
+            return Err(fail(stream, &e, 0).await);
+        }
+    };
+    let seen = match passthrough::peek(&text) {
+        Ok(s) => s,
+        Err(e) => return Err(fail(stream, &UpstreamError::Protocol(e), 0).await),
+    };
+    if let Some(msg) = seen.error {
+        let e = UpstreamError::Status {
+            status: 500,
+            message: msg,
+        };
+        return Err(fail(stream, &e, 0).await);
+    }
+    let usage = seen.usage.unwrap_or_default();
+    let first = Instant::now();
+    if !send_raw(stream, &text, 0).await {
+        return Err(JobEnd::Cancelled(usage));
+    }
+    done(
+        stream,
+        job_id,
+        usage,
+        seen.finish.unwrap_or_else(|| "stop".into()),
+    )
+    .await?;
+    Ok(Served {
+        usage,
+        chunks: 0,
+        first: Some(first),
+    })
+}
