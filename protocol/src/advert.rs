@@ -21,6 +21,10 @@ pub struct ModelAdvert {
     pub digest: Option<String>,
     #[serde(default)]
     pub context_length: Option<u32>,
+    /// The upstream serves `/v1/embeddings` for this model (absent in
+    /// older adverts: read it as false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub embeds: bool,
 }
 
 /// A worker's advert (CBOR on the gossipsub topic; gossipsub signs it).
@@ -69,7 +73,7 @@ mod tests {
             let a = Advert {
                 peer_id: "12D3KooW".into(),
                 addresses: vec!["/ip4/127.0.0.1/tcp/1".into()],
-                models: vec![ModelAdvert { name, digest: Some("sha256:ab".into()), context_length: Some(8192) }],
+                models: vec![ModelAdvert { name, digest: Some("sha256:ab".into()), context_length: Some(8192), embeds: q % 2 == 0 }],
                 queue_depth: q, active_jobs: 1, max_jobs: 8, ttft_ms: ttft, tokens_per_s: None,
                 hardware_multiplier: 1.0, ttl_ms: ttl, sent_at_ms: 5,
             };

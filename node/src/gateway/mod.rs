@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use troop_protocol::ErrorCode;
 use troop_protocol::advert::{Advert, model_key};
 use troop_protocol::api::AuthorizeResponse;
-use troop_protocol::frames::{FRAME_VERSION, Frame, INFER_PROTOCOL, InferenceRequest};
+use troop_protocol::frames::{Endpoint, FRAME_VERSION, Frame, INFER_PROTOCOL, InferenceRequest};
 use troop_protocol::policy::{CircuitBreaker, DISCOVERY_TIMEOUT, SystemClock};
 
 use crate::coordinator_client::{ClientError, CoordinatorClient};
@@ -413,8 +413,8 @@ impl GatewayState {
     /// Workers for `model`, from the table or else from the DHT: direct
     /// paths first, then relayed ones, then workers we are not connected
     /// to; by expected latency and load within each.
-    pub async fn candidates(&self, model: &str) -> Vec<PeerId> {
-        let mut found = self.candidates_by_score(model).await;
+    pub async fn candidates(&self, model: &str, embeddings: bool) -> Vec<PeerId> {
+        let mut found = self.candidates_by_score(model, embeddings).await;
         if let Ok(d) = self.disputed.read() {
             found.retain(|p| !d.contains(p));
         }
@@ -422,11 +422,11 @@ impl GatewayState {
         found
     }
 
-    async fn candidates_by_score(&self, model: &str) -> Vec<PeerId> {
+    async fn candidates_by_score(&self, model: &str, embeddings: bool) -> Vec<PeerId> {
         let found = self
             .table
             .read()
-            .map(|t| t.candidates(model))
+            .map(|t| t.candidates_for(model, embeddings))
             .unwrap_or_default();
         if !found.is_empty() {
             return found;
@@ -439,7 +439,7 @@ impl GatewayState {
             for p in &providers {
                 t.on_provider(*p, model);
             }
-            t.candidates(model)
+            t.candidates_for(model, embeddings)
         } else {
             providers
         }
@@ -468,7 +468,8 @@ impl GatewayState {
         let mut last_error = String::from("no worker answered");
         let mut ever_found = false;
         loop {
-            let mut candidates = self.candidates(&request.model).await;
+            let embeddings = request.endpoint == Some(Endpoint::Embeddings);
+            let mut candidates = self.candidates(&request.model, embeddings).await;
             let before = candidates.len();
             candidates.retain(|p| !avoid.contains(p));
             if before > 0 && candidates.is_empty() {

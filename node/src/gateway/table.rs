@@ -177,9 +177,21 @@ impl WorkerTable {
 
     /// Workers serving `model`, best first.
     pub fn candidates(&self, model: &str) -> Vec<PeerId> {
+        self.candidates_for(model, false)
+    }
+
+    /// Workers of `model`, best first; with `embeddings`, only those whose
+    /// advert says the model embeds (or that sent no advert yet).
+    pub fn candidates_for(&self, model: &str, embeddings: bool) -> Vec<PeerId> {
         let mut v: Vec<(&Entry, f64)> = self
             .live()
             .filter(|e| e.models.iter().any(|m| m == model))
+            .filter(|e| {
+                !embeddings
+                    || e.advert
+                        .as_ref()
+                        .is_none_or(|a| a.models.iter().any(|m| m.name == model && m.embeds))
+            })
             .map(|e| (e, Self::score(e)))
             .collect();
         v.sort_by(|a, b| a.1.total_cmp(&b.1));
@@ -240,6 +252,7 @@ mod tests {
                 name: "m".into(),
                 digest: None,
                 context_length: None,
+                embeds: false,
             }],
             queue_depth: 0,
             active_jobs: active,

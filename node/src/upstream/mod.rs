@@ -53,6 +53,8 @@ pub struct Upstream {
     pub base: String,
     pub dialect: Dialect,
     http: reqwest::Client,
+    /// Whether each model embeds, asked once per model name.
+    embeds: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, bool>>>,
 }
 
 impl Upstream {
@@ -66,6 +68,7 @@ impl Upstream {
             base: base.trim_end_matches('/').to_string(),
             dialect,
             http,
+            embeds: Default::default(),
         }
     }
 
@@ -85,11 +88,73 @@ impl Upstream {
         }
     }
 
+    /// The upstream's models, each marked with whether it embeds.
     pub async fn models(&self) -> Result<Vec<ModelAdvert>, UpstreamError> {
-        match self.dialect {
+        let mut list = match self.dialect {
             Dialect::Ollama => ollama::models(&self.http, &self.base).await,
             Dialect::Openai => openai::models(&self.http, &self.base).await,
+        }?;
+        for m in &mut list {
+            let known = self
+                .embeds
+                .lock()
+                .ok()
+                .and_then(|e| e.get(&m.name).copied());
+            m.embeds = match known {
+                Some(b) => b,
+                None => {
+                    let b = self.probe_embeddings(&m.name).await;
+                    if let Ok(mut e) = self.embeds.lock() {
+                        e.insert(m.name.clone(), b);
+                    }
+                    b
+                }
+            };
         }
+        Ok(list)
+    }
+
+    /// Ollama says so in `/api/show`'s capabilities; an OpenAI server is
+    /// asked to embed one word (llama.cpp answers 501 unless started with
+    /// `--embeddings`).
+    async fn probe_embeddings(&self, model: &str) -> bool {
+        let probe = async {
+            match self.dialect {
+                Dialect::Ollama => {
+                    let v: serde_json::Value = self
+                        .http
+                        .post(format!("{}/api/show", self.base))
+                        .json(&serde_json::json!({ "model": model }))
+                        .send()
+                        .await
+                        .ok()?
+                        .json()
+                        .await
+                        .ok()?;
+                    Some(
+                        v.get("capabilities")?
+                            .as_array()?
+                            .iter()
+                            .any(|c| c == "embedding"),
+                    )
+                }
+                Dialect::Openai => {
+                    let r = self
+                        .http
+                        .post(format!("{}/v1/embeddings", self.base))
+                        .json(&serde_json::json!({ "model": model, "input": "troop" }))
+                        .send()
+                        .await
+                        .ok()?;
+                    Some(r.status().is_success())
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), probe)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(false)
     }
 
     /// Sends a pass-through request to the upstream's OpenAI endpoint.

@@ -28,6 +28,7 @@ pub async fn models(http: &reqwest::Client, base: &str) -> Result<Vec<ModelAdver
                 name,
                 digest: m.get("digest").and_then(Value::as_str).map(String::from),
                 context_length: None,
+                embeds: false,
             })
         })
         .collect())

@@ -28,6 +28,7 @@ pub async fn models(http: &reqwest::Client, base: &str) -> Result<Vec<ModelAdver
                 name,
                 digest: None,
                 context_length,
+                embeds: false,
             })
         })
         .collect())

@@ -111,11 +111,13 @@ impl FakeUpstream {
                 )
                 .route("/v1/chat/completions", post(openai_generate))
                 .route("/v1/completions", post(openai_generate))
-                .route("/v1/embeddings", post(openai_embed)),
+                .route("/v1/embeddings", post(openai_embed))
+                .route("/v1/responses", post(openai_responses)),
             // Ollama serves its OpenAI compatibility API beside its own.
             Dialect::Ollama => axum::Router::new()
                 .route("/v1/chat/completions", post(openai_generate))
                 .route("/v1/completions", post(openai_generate))
+                .route("/v1/responses", post(openai_responses))
                 .route(
                     "/api/tags",
                     get(|State(s): State<Arc<FakeState>>| async move {
@@ -193,6 +195,40 @@ async fn openai_embed(State(state): State<Arc<FakeState>>, body: Bytes) -> Respo
     axum::Json(json!({"object": "list", "model": state.model, "data": data,
         "usage": {"prompt_tokens": 3 * inputs, "total_tokens": 3 * inputs}}))
     .into_response()
+}
+
+/// OpenAI's Responses API, as far as a test needs: the tokens as
+/// `response.output_text.delta` events, then `response.completed` with
+/// usage (or the whole response object).
+async fn openai_responses(State(state): State<Arc<FakeState>>, body: Bytes) -> Response {
+    let req: Value = serde_json::from_slice(&body).unwrap_or_default();
+    if let Ok(mut b) = state.last_body.lock() {
+        *b = Some(req.clone());
+    }
+    let text: String = state.tokens.concat();
+    let usage = json!({"input_tokens": 5, "output_tokens": state.tokens.len(), "total_tokens": 5 + state.tokens.len()});
+    let whole = json!({"id": "resp_fake", "object": "response", "status": "completed", "model": state.model,
+        "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}],
+        "usage": usage});
+    if req.get("stream") != Some(&Value::Bool(true)) {
+        return axum::Json(whole).into_response();
+    }
+    let mut out = String::new();
+    out.push_str(&format!("event: response.created\ndata: {}\n\n", json!({"type": "response.created", "response": {"id": "resp_fake", "status": "in_progress"}})));
+    for t in &state.tokens {
+        out.push_str(&format!(
+            "event: response.output_text.delta\ndata: {}\n\n",
+            json!({"type": "response.output_text.delta", "delta": t})
+        ));
+    }
+    out.push_str(&format!(
+        "event: response.completed\ndata: {}\n\n",
+        json!({"type": "response.completed", "response": whole})
+    ));
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from(out))
+        .unwrap_or_default()
 }
 
 /// A stand-in for llama.cpp's OpenAI API: streams (or returns whole) its
