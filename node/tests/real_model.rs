@@ -1,6 +1,11 @@
 //! The real thing: Gemma 3 270M served by llama.cpp (the `xllamacpp`
-//! wheel), a worker in front of it, a gateway, and the official `openai`
-//! Python client streaming a completion through the mesh.
+//! wheel), a worker in front of it, a gateway, and real clients: the
+//! official `openai` Python client streaming a completion through the mesh,
+//! then the same requests straight to llama.cpp and through the gateway
+//! side by side (`scripts/openai_compat_check.py`: sync, async, stream,
+//! structured output, logprobs, stop, seed, n, context overflow,
+//! langchain-openai, litellm), with a fake tool-calling model on the same
+//! mesh for the tool checks.
 //!
 //! Needs `TROOP_PYTHON`: the python of the virtual environment that
 //! `scripts/setup-model` makes (`scripts/test` sets it).
@@ -9,7 +14,7 @@ mod common;
 
 use std::process::{Child, Command, Stdio};
 
-use common::{TestNet, eventually};
+use common::{Dialect, FakeUpstream, MODEL, TestNet, eventually, tokens};
 
 struct KillOnDrop(Child);
 
@@ -71,6 +76,7 @@ async fn the_openai_client_streams_a_real_completion_through_the_mesh() {
     })
     .await;
 
+    let gw_v1 = format!("{gw}/v1");
     let out = tokio::task::spawn_blocking(move || {
         Command::new(&python)
             .arg(scripts.join("openai_stream_check.py"))
@@ -87,6 +93,34 @@ async fn the_openai_client_streams_a_real_completion_through_the_mesh() {
         "openai client failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("chunks, finish_reason="), "{stdout}");
+
+    // Side by side with real clients; tools on a model that calls them.
+    let tools = FakeUpstream::start(Dialect::OpenAi, tokens(3), std::time::Duration::ZERO).await;
+    net.add_worker(&tools.url, |_| {}).await;
+    net.wait_for_workers(1).await;
+    let python2 = std::env::var("TROOP_PYTHON").expect("TROOP_PYTHON");
+    let scripts2 = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts");
+    let direct = format!("{upstream}/v1");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(&python2)
+            .arg(scripts2.join("openai_compat_check.py"))
+            .args([&direct, &gw_v1, "gemma3-270m", MODEL])
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("run the compatibility check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(
+        out.status.success() && stdout.contains("[all passed]"),
+        "side-by-side checks failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.lines().filter(|l| l.starts_with("ok ")).count() >= 11,
+        "{stdout}"
+    );
 
     // The job was paid for.
     let worker = net.workers[w].peer_id.to_base58();
