@@ -1,11 +1,13 @@
 //! Mesh figures on loopback, printed, never asserted:
 //! * time to first token through the mesh minus straight from the same
 //!   upstream (p50, p99);
+//! * the same two next to nginx as a reverse proxy (when nginx is
+//!   installed), and chunks per second over 50 concurrent streams;
 //! * chunks per second relayed on one stream from a fast fake upstream;
 //! * peak memory of one worker process holding 1,000 concurrent streams;
 //! * time for a newly started gateway to find a model's worker among 50 nodes.
 //!
-//! `cargo bench -p troop-node --bench mesh` (env: TTFT_RUNS, CHUNKS, STREAMS, NODES).
+//! `cargo bench -p troop-node --bench mesh` (env: TTFT_RUNS, CHUNKS, CONCURRENT, STREAMS, NODES).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -63,8 +65,70 @@ async fn ttft(http: &reqwest::Client, url: &str) -> f64 {
     first.expect("a first token")
 }
 
-async fn bench_ttft(runs: usize) -> (f64, f64, f64, f64) {
+/// nginx as a reverse proxy in front of `upstream` (buffering off, as for
+/// SSE), when nginx is installed: the well-known relay to compare with.
+struct Nginx {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // TERM lets the master stop its workers (KILL would orphan them).
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+async fn nginx(upstream: &str) -> Option<Nginx> {
+    let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
+    let dir = tempfile::tempdir().ok()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .ok()?
+        .port();
+    let up = upstream.trim_start_matches("http://");
+    let d = dir.path().display();
+    let conf = format!(
+        "worker_processes 1; daemon off; pid {d}/nginx.pid; error_log {d}/error.log;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+           upstream up {{ server {up}; keepalive 64; }}\n\
+           server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; }} }} }}\n"
+    );
+    std::fs::write(dir.path().join("nginx.conf"), conf).ok()?;
+    let child = std::process::Command::new(bin)
+        .arg("-c")
+        .arg(dir.path().join("nginx.conf"))
+        .arg("-p")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    for _ in 0..100 {
+        if http.get(format!("{url}/v1/models")).send().await.is_ok() {
+            return Some(Nginx {
+                child,
+                url,
+                _dir: dir,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+async fn bench_ttft(runs: usize) -> [f64; 6] {
     let fake = FakeUpstream::start(Dialect::OpenAi, tokens(2), Duration::ZERO).await;
+    let proxy = nginx(&fake.url).await;
     let mut net = TestNet::start(rich).await;
     net.add_worker(&fake.url, |_| {}).await;
     net.add_gateway().await;
@@ -72,57 +136,173 @@ async fn bench_ttft(runs: usize) -> (f64, f64, f64, f64) {
     let http = reqwest::Client::new();
     let direct_url = format!("{}/v1/chat/completions", fake.url);
     let mesh_url = format!("{}/v1/chat/completions", net.gateway_url());
+    let nginx_url = proxy
+        .as_ref()
+        .map(|p| format!("{}/v1/chat/completions", p.url));
     for _ in 0..20 {
         ttft(&http, &direct_url).await;
         ttft(&http, &mesh_url).await;
+        if let Some(u) = &nginx_url {
+            ttft(&http, u).await;
+        }
     }
-    let (mut d, mut m) = (Vec::new(), Vec::new());
+    let (mut d, mut m, mut n) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         d.push(ttft(&http, &direct_url).await);
         m.push(ttft(&http, &mesh_url).await);
+        if let Some(u) = &nginx_url {
+            n.push(ttft(&http, u).await);
+        }
     }
-    (
+    let nx = |v: &mut Vec<f64>, p| if v.is_empty() { f64::NAN } else { pct(v, p) };
+    [
         pct(&mut d, 0.5),
         pct(&mut d, 0.99),
         pct(&mut m, 0.5),
         pct(&mut m, 0.99),
-    )
+        nx(&mut n, 0.5),
+        nx(&mut n, 0.99),
+    ]
 }
 
-async fn bench_chunks(n: usize) -> (f64, f64) {
-    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(n), Duration::ZERO).await;
+/// A model server that is never the bottleneck: it streams `max_tokens`
+/// pre-rendered chat chunks (one token each, llama.cpp's shape), written
+/// 16 to a write, as a server under load writes what is ready.
+async fn blast_upstream() -> String {
+    use axum::routing::{get, post};
+    async fn generate(body: axum::body::Bytes) -> axum::response::Response {
+        let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let n = req["max_tokens"].as_u64().unwrap_or(1000) as usize;
+        let usage = req
+            .pointer("/stream_options/include_usage")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false);
+        let one = |i: usize| {
+            format!(
+                "data: {{\"id\":\"chatcmpl-blast\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"{MODEL}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"t{}\"}},\"finish_reason\":null}}]}}\n\n",
+                i % 10
+            )
+        };
+        let group: String = (0..16).map(one).collect();
+        let group = axum::body::Bytes::from(group);
+        let stream = async_stream::stream! {
+            let mut left = n;
+            while left >= 16 {
+                yield Ok::<_, std::convert::Infallible>(group.clone());
+                left -= 16;
+            }
+            let mut tail: String = (0..left).map(one).collect();
+            tail.push_str(&format!("data: {{\"id\":\"chatcmpl-blast\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"{MODEL}\",\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"length\"}}]}}\n\n"));
+            if usage {
+                tail.push_str(&format!("data: {{\"id\":\"chatcmpl-blast\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"{MODEL}\",\"choices\":[],\"usage\":{{\"prompt_tokens\":1,\"completion_tokens\":{n},\"total_tokens\":{}}}}}\n\n", n + 1));
+            }
+            tail.push_str("data: [DONE]\n\n");
+            yield Ok(axum::body::Bytes::from(tail));
+        };
+        axum::response::Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(axum::body::Body::from_stream(stream))
+            .unwrap_or_default()
+    }
+    let app = axum::Router::new()
+        .route(
+            "/v1/models",
+            get(|| async {
+                axum::Json(json!({"object": "list", "data": [{"id": MODEL, "object": "model"}]}))
+            }),
+        )
+        .route("/v1/chat/completions", post(generate));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}")
+}
+
+/// Events per second on one stream of `n` chunks.
+async fn count_events(http: reqwest::Client, url: String, n: usize) -> (usize, f64) {
+    let start = Instant::now();
+    let resp = http
+        .post(url)
+        .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": true, "max_tokens": n}))
+        .send()
+        .await
+        .expect("send");
+    let mut body = resp.bytes_stream();
+    let mut events = 0usize;
+    let mut last = 0u8;
+    while let Some(Ok(b)) = body.next().await {
+        // Count blank lines (event ends), across reads too.
+        for &c in b.iter() {
+            if c == b'\n' && last == b'\n' {
+                events += 1;
+            }
+            last = c;
+        }
+    }
+    (events, start.elapsed().as_secs_f64())
+}
+
+/// Chunks/s on one stream and over `conc` concurrent streams: straight
+/// from the upstream, through nginx and through the mesh.
+async fn bench_chunks(n: usize, conc: usize) -> [f64; 6] {
+    let up = blast_upstream().await;
+    let proxy = nginx(&up).await;
     let mut net = TestNet::start(rich).await;
-    net.add_worker(&fake.url, |_| {}).await;
+    net.add_worker(&up, |_| {}).await;
     net.add_gateway().await;
     net.wait_for_workers(1).await;
     let http = reqwest::Client::new();
-    let count = |url: String| {
+    let one = |base: String| {
+        let http = http.clone();
+        async move {
+            let (ev, secs) = count_events(http, format!("{base}/v1/chat/completions"), n).await;
+            ev as f64 / secs
+        }
+    };
+    let many = |base: String| {
         let http = http.clone();
         async move {
             let start = Instant::now();
-            let resp = http
-                .post(url)
-                .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": true}))
-                .send()
-                .await
-                .expect("send");
-            let mut body = resp.bytes_stream();
-            let mut chunks = 0usize;
-            let mut tail = Vec::new();
-            while let Some(Ok(b)) = body.next().await {
-                tail.extend_from_slice(&b);
-                // Count SSE events as they arrive.
-                while let Some(pos) = tail.windows(2).position(|w| w == b"\n\n") {
-                    chunks += 1;
-                    tail.drain(..pos + 2);
-                }
-            }
-            chunks as f64 / start.elapsed().as_secs_f64()
+            let per = (n / conc).max(1);
+            let all = futures::future::join_all((0..conc).map(|_| {
+                let http = http.clone();
+                let url = format!("{base}/v1/chat/completions");
+                tokio::spawn(async move { count_events(http, url, per).await.0 })
+            }))
+            .await;
+            let events: usize = all.into_iter().map(|r| r.unwrap_or(0)).sum();
+            events as f64 / start.elapsed().as_secs_f64()
         }
     };
-    let direct = count(format!("{}/v1/chat/completions", fake.url)).await;
-    let mesh = count(format!("{}/v1/chat/completions", net.gateway_url())).await;
-    (direct, mesh)
+    // Warm the session and connections.
+    one(net.gateway_url()).await;
+    let nginx_url = proxy.as_ref().map(|p| p.url.clone());
+    let t = Instant::now();
+    let d1 = one(up.clone()).await;
+    eprintln!(
+        "[mesh bench] one stream straight: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let n1 = match &nginx_url {
+        Some(u) => one(u.clone()).await,
+        None => f64::NAN,
+    };
+    let m1 = one(net.gateway_url()).await;
+    let dc = many(up.clone()).await;
+    let nc = match &nginx_url {
+        Some(u) => many(u.clone()).await,
+        None => f64::NAN,
+    };
+    let mc = many(net.gateway_url()).await;
+    eprintln!(
+        "[mesh bench] chunks done after {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    [d1, n1, m1, dc, nc, mc]
 }
 
 fn rss_kib(pid: u32) -> (u64, u64) {
@@ -342,18 +522,19 @@ fn main() {
         let on = |p: &str| parts.split(',').any(|x| x.trim() == p);
         let nan = f64::NAN;
         let runs = env_usize("TTFT_RUNS", 200);
-        let (d50, d99, m50, m99) = if on("ttft") {
+        let [d50, d99, m50, m99, x50, x99] = if on("ttft") {
             eprintln!("[mesh bench] time to first token, {runs} runs");
             bench_ttft(runs).await
         } else {
-            (nan, nan, nan, nan)
+            [nan; 6]
         };
-        let chunks = env_usize("CHUNKS", 100_000);
-        let (direct_cps, mesh_cps) = if on("chunks") {
-            eprintln!("[mesh bench] chunks on one stream ({chunks})");
-            bench_chunks(chunks).await
+        let chunks = env_usize("CHUNKS", 400_000);
+        let conc = env_usize("CONCURRENT", 50);
+        let [d1, n1, m1, dc, nc, mc] = if on("chunks") {
+            eprintln!("[mesh bench] chunks on one stream and on {conc} ({chunks})");
+            bench_chunks(chunks, conc).await
         } else {
-            (nan, nan)
+            [nan; 6]
         };
         let streams = env_usize("STREAMS", 1000);
         let (idle, busy, hwm, live) = if on("memory") {
@@ -375,15 +556,19 @@ fn main() {
         println!("|---|---|---|");
         println!("| TTFT straight from the upstream, p50 / p99 ({runs} runs) | {d50:.2} / {d99:.2} ms | - |");
         println!("| TTFT through the mesh, p50 / p99 | {m50:.2} / {m99:.2} ms | - |");
-        println!("| mesh overhead on TTFT, p50 / p99 | {:.2} / {:.2} ms | <= 2 ms at p50 |", m50 - d50, m99 - d99);
-        println!("| chunks/s on one stream, straight from the fake upstream | {direct_cps:.0} | - |");
-        println!("| chunks/s on one stream through the mesh ({chunks} chunks) | {mesh_cps:.0} | >= 50000 |");
+        println!("| TTFT through nginx (reverse proxy, buffering off), p50 / p99 | {x50:.2} / {x99:.2} ms | - |");
+        println!("| added to TTFT, p50 / p99: mesh | {:.2} / {:.2} ms | <= 1 ms at p50 |", m50 - d50, m99 - d99);
+        println!("| added to TTFT, p50 / p99: nginx | {:.2} / {:.2} ms | - |", x50 - d50, x99 - d99);
+        println!("| chunks/s on one stream: straight / nginx / mesh ({chunks} chunks) | {d1:.0} / {n1:.0} / {m1:.0} | mesh >= 250000 |");
+        println!("| chunks/s over {conc} concurrent streams: straight / nginx / mesh | {dc:.0} / {nc:.0} / {mc:.0} | - |");
         println!("| worker RSS idle / with {live} of {streams} streams live / peak | {:.1} / {:.1} / {:.1} MiB | < 256 MiB at 1000 |", idle as f64 / 1024.0, busy as f64 / 1024.0, hwm as f64 / 1024.0);
         println!("| new node finds the worker among {nodes} nodes: DHT lookup | {dht_ms:.0} ms | < 500 ms |");
         println!("| new node finds the worker among {nodes} nodes: first gossip advert | {gossip_ms:.0} ms | < 500 ms |");
         if let Ok(path) = std::env::var("BENCH_JSON") {
             let v = json!({"ttft_direct_p50_ms": d50, "ttft_direct_p99_ms": d99, "ttft_mesh_p50_ms": m50, "ttft_mesh_p99_ms": m99,
-                "chunks_per_s_direct": direct_cps, "chunks_per_s_mesh": mesh_cps,
+                "ttft_nginx_p50_ms": x50, "ttft_nginx_p99_ms": x99,
+                "chunks_per_s_direct": d1, "chunks_per_s_nginx": n1, "chunks_per_s_mesh": m1,
+                "chunks_per_s_direct_concurrent": dc, "chunks_per_s_nginx_concurrent": nc, "chunks_per_s_mesh_concurrent": mc, "concurrent_streams": conc,
                 "worker_rss_idle_kib": idle, "worker_rss_busy_kib": busy, "worker_rss_peak_kib": hwm, "streams_live": live, "streams": streams,
                 "discovery_dht_ms": dht_ms, "discovery_gossip_ms": gossip_ms, "nodes": nodes});
             std::fs::write(path, v.to_string()).expect("write BENCH_JSON");

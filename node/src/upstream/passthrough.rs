@@ -277,9 +277,11 @@ impl SseSplitter {
             let (block_end, next) = end;
             let block: Vec<u8> = self.buf.drain(..next).take(block_end).collect();
             self.scanned = 0;
-            let raw = String::from_utf8(block)
+            let mut raw = String::from_utf8(block)
                 .map_err(|_| "the upstream sent an event that is not UTF-8".to_string())?;
-            let raw = raw.replace("\r\n", "\n");
+            if raw.contains('\r') {
+                raw = raw.replace("\r\n", "\n");
+            }
             let mut data = String::new();
             let mut has_data = false;
             for line in raw.lines() {
