@@ -14,11 +14,15 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 
 async fn mesh_with(fakes: &[&FakeUpstream]) -> TestNet {
+    mesh_resuming(fakes, true).await
+}
+
+async fn mesh_resuming(fakes: &[&FakeUpstream], resume: bool) -> TestNet {
     let mut net = TestNet::start(|_| {}).await;
     for f in fakes {
         net.add_worker(&f.url, |_| {}).await;
     }
-    net.add_gateway().await;
+    net.add_gateway_with(|c| c.resume = resume).await;
     net.wait_for_workers(fakes.len()).await;
     net
 }
@@ -356,11 +360,15 @@ async fn embeddings_and_the_responses_api_pass_through() {
     assert_eq!(last["type"], "response.completed");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_answer_whose_worker_is_lost_continues_on_another() {
+/// Starts a slow 40-token answer on a two-worker mesh, kills the worker
+/// serving it after a few chunks, and returns the whole SSE body, the two
+/// upstreams and which one was serving.
+async fn lose_a_worker_mid_answer(
+    resume: bool,
+) -> (String, FakeUpstream, FakeUpstream, usize, TestNet) {
     let a = FakeUpstream::start(Dialect::OpenAi, tokens(40), Duration::ZERO).await;
     let b = FakeUpstream::start(Dialect::OpenAi, tokens(40), Duration::ZERO).await;
-    let mut net = mesh_with(&[&a, &b]).await;
+    let mut net = mesh_resuming(&[&a, &b], resume).await;
     let resp = post(
         &net,
         "/v1/chat/completions",
@@ -389,7 +397,22 @@ async fn an_answer_whose_worker_is_lost_continues_on_another() {
         text
     })
     .await
-    .expect("the stream completes");
+    .expect("the stream ends");
+    (rest, a, b, serving, net)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_resume_a_lost_worker_ends_the_stream_with_an_error() {
+    let (rest, ..) = lose_a_worker_mid_answer(false).await;
+    let events = sse_data(&rest);
+    assert!(!events.iter().any(|e| e == "[DONE]"), "{rest}");
+    let last: Value = serde_json::from_str(events.last().expect("an event")).expect("json");
+    assert_eq!(last["error"]["code"], "worker_lost", "{last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_whose_worker_is_lost_continues_on_another() {
+    let (rest, a, b, serving, net) = lose_a_worker_mid_answer(true).await;
     let events = sse_data(&rest);
     assert_eq!(
         events.iter().filter(|e| *e == "[DONE]").count(),

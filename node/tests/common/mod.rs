@@ -518,6 +518,10 @@ impl TestNet {
     }
 
     pub async fn add_gateway(&mut self) {
+        self.add_gateway_with(|_| {}).await;
+    }
+
+    pub async fn add_gateway_with(&mut self, tweak: impl FnOnce(&mut GatewayConfig)) {
         let key = troop_protocol::identity::generate();
         let mut cfg = GatewayConfig::new(
             key,
@@ -530,6 +534,7 @@ impl TestNet {
         cfg.net.gossip = self.gossip;
         cfg.first_token_timeout = Duration::from_secs(10);
         cfg.idle_timeout = Duration::from_secs(10);
+        tweak(&mut cfg);
         self.gateway = Some(gateway::start(cfg).await.expect("gateway starts"));
     }
 
