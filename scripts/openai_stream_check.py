@@ -12,7 +12,7 @@ from openai import OpenAI
 
 def main() -> int:
     base_url, model = sys.argv[1], sys.argv[2]
-    question = sys.argv[3] if len(sys.argv) > 3 else "What is the capital of France?"
+    question = sys.argv[3] if len(sys.argv) > 3 else "Name three colors."
     client = OpenAI(base_url=base_url, api_key="troop-local")
     stream = client.chat.completions.create(
         model=model,

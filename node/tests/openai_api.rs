@@ -223,6 +223,11 @@ async fn browsers_get_cors_and_every_answer_has_a_request_id() {
         .expect("post");
     assert_eq!(resp.headers()["x-request-id"], "req-abc-123");
     assert_eq!(
+        resp.headers()["x-troop-worker"],
+        net.workers[0].peer_id.to_base58().as_str(),
+        "the answer names the worker that served it"
+    );
+    assert_eq!(
         resp.headers()["access-control-allow-origin"],
         "http://127.0.0.1:3000"
     );

@@ -1,5 +1,5 @@
-//! The real thing: Gemma 3 270M served by llama.cpp (the `xllamacpp`
-//! wheel), a worker in front of it, a gateway, and real clients: the
+//! The real thing: SmolLM2-135M-Instruct served by llama.cpp (the
+//! `xllamacpp` wheel), a worker in front of it, a gateway, and real clients: the
 //! official `openai` Python client streaming a completion through the mesh,
 //! then the same requests straight to llama.cpp and through the gateway
 //! side by side (`scripts/openai_compat_check.py`: sync, async, stream,
@@ -42,7 +42,8 @@ async fn the_openai_client_streams_a_real_completion_through_the_mesh() {
     let _server = KillOnDrop(
         Command::new(&python)
             .arg(scripts.join("model_server.py"))
-            .args(["--port", &port.to_string(), "--threads", "1"])
+            .args(["--model", "smollm2", "--port", &port.to_string()])
+            .args(["--threads", "1"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -59,10 +60,10 @@ async fn the_openai_client_streams_a_real_completion_through_the_mesh() {
 
     let mut net = TestNet::start(|_| {}).await;
     let w = net.add_worker(&upstream, |_| {}).await;
-    assert_eq!(net.workers[w].models(), vec!["gemma3-270m".to_string()]);
+    assert_eq!(net.workers[w].models(), vec!["smollm2-135m".to_string()]);
     net.add_gateway().await;
     let gw = net.gateway_url();
-    eventually("the gateway to list gemma", 30, || {
+    eventually("the gateway to list the model", 30, || {
         let http = http.clone();
         let url = format!("{gw}/v1/models");
         async move {
@@ -70,7 +71,7 @@ async fn the_openai_client_streams_a_real_completion_through_the_mesh() {
             v["data"]
                 .as_array()?
                 .iter()
-                .any(|m| m["id"] == "gemma3-270m")
+                .any(|m| m["id"] == "smollm2-135m")
                 .then_some(())
         }
     })
@@ -80,7 +81,7 @@ async fn the_openai_client_streams_a_real_completion_through_the_mesh() {
     let out = tokio::task::spawn_blocking(move || {
         Command::new(&python)
             .arg(scripts.join("openai_stream_check.py"))
-            .args([&format!("{gw}/v1"), "gemma3-270m"])
+            .args([&format!("{gw}/v1"), "smollm2-135m", "Name three colors."])
             .output()
     })
     .await
@@ -93,6 +94,16 @@ async fn the_openai_client_streams_a_real_completion_through_the_mesh() {
         "openai client failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("chunks, finish_reason="), "{stdout}");
+    // An instruction-tuned model answers the question: a list of colours.
+    let answer = stdout.to_lowercase();
+    assert!(
+        [
+            "red", "blue", "green", "yellow", "black", "white", "orange", "purple"
+        ]
+        .iter()
+        .any(|c| answer.contains(c)),
+        "no colour in the answer: {stdout}"
+    );
 
     // Side by side with real clients; tools on a model that calls them.
     let tools = FakeUpstream::start(Dialect::OpenAi, tokens(3), std::time::Duration::ZERO).await;
@@ -104,7 +115,7 @@ async fn the_openai_client_streams_a_real_completion_through_the_mesh() {
     let out = tokio::task::spawn_blocking(move || {
         Command::new(&python2)
             .arg(scripts2.join("openai_compat_check.py"))
-            .args([&direct, &gw_v1, "gemma3-270m", MODEL])
+            .args([&direct, &gw_v1, "smollm2-135m", MODEL])
             .output()
     })
     .await

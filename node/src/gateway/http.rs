@@ -102,7 +102,10 @@ fn cors(allowed: &[String]) -> CorsLayer {
         }))
         .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
         .allow_headers(AllowHeaders::mirror_request())
-        .expose_headers([header::HeaderName::from_static("x-request-id")])
+        .expose_headers([
+            header::HeaderName::from_static("x-request-id"),
+            header::HeaderName::from_static("x-troop-worker"),
+        ])
         .max_age(Duration::from_secs(600))
 }
 
@@ -435,11 +438,21 @@ async fn serve(
         Ok(j) => j,
         Err(e) => return dispatch_error(e),
     };
-    if checked.stream {
+    let worker = job.worker;
+    let resp = if checked.stream {
         stream_answer(state, job, req)
     } else {
         whole_answer(job, state.cfg.idle_timeout).await
+    };
+    with_worker(resp, &worker)
+}
+
+/// Names the worker that served (first) in `x-troop-worker`.
+fn with_worker(mut resp: Response, worker: &libp2p::PeerId) -> Response {
+    if let Ok(v) = HeaderValue::from_str(&worker.to_base58()) {
+        resp.headers_mut().insert("x-troop-worker", v);
     }
+    resp
 }
 
 fn lost_event(message: &str) -> Bytes {
@@ -747,10 +760,15 @@ async fn fan_out(
         }
     }
     let idle = state.cfg.idle_timeout;
-    if !checked.stream {
-        return merge_whole(ok, idle).await;
-    }
-    merge_streams(ok, idle)
+    let Some(first) = ok.first().map(|j| j.worker) else {
+        return worker_lost("no request was sent");
+    };
+    let resp = if checked.stream {
+        merge_streams(ok, idle)
+    } else {
+        merge_whole(ok, idle).await
+    };
+    with_worker(resp, &first)
 }
 
 fn add_usage(total: &mut Option<Value>, u: &Value, count_prompt: bool) {
