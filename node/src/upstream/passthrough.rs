@@ -247,38 +247,49 @@ pub struct SseEvent {
 #[derive(Default)]
 pub struct SseSplitter {
     buf: Vec<u8>,
+    /// Where the next event starts (bytes before it are consumed).
+    start: usize,
     /// Bytes already searched for an event's end.
     scanned: usize,
 }
 
 impl SseSplitter {
     pub fn push(&mut self, bytes: &[u8]) {
+        // Drop what was consumed before growing (once per read, not per event).
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.scanned = self.scanned.saturating_sub(self.start);
+            self.start = 0;
+        }
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Bytes received and not yet cut into events.
     pub fn pending(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
     }
 
     /// The next complete event, if one has arrived.
     pub fn next_event(&mut self) -> Result<Option<SseEvent>, String> {
         loop {
-            let from = self.scanned.saturating_sub(2);
-            let Some(end) = find_blank_line(&self.buf[from..]).map(|(a, b)| (from + a, from + b))
+            let from = self.scanned.saturating_sub(2).max(self.start);
+            let Some((block_end, next)) =
+                find_blank_line(&self.buf[from..]).map(|(a, b)| (from + a, from + b))
             else {
                 self.scanned = self.buf.len();
-                if self.buf.len() > MAX_EVENT_BYTES {
+                if self.pending() > MAX_EVENT_BYTES {
                     return Err(format!(
                         "an event of the upstream is over {MAX_EVENT_BYTES} bytes"
                     ));
                 }
                 return Ok(None);
             };
-            let (block_end, next) = end;
-            let block: Vec<u8> = self.buf.drain(..next).take(block_end).collect();
-            self.scanned = 0;
-            let mut raw = String::from_utf8(block)
-                .map_err(|_| "the upstream sent an event that is not UTF-8".to_string())?;
+            let block = &self.buf[self.start..block_end];
+            self.start = next;
+            self.scanned = next;
+            let mut raw = std::str::from_utf8(block)
+                .map_err(|_| "the upstream sent an event that is not UTF-8".to_string())?
+                .to_string();
             if raw.contains('\r') {
                 raw = raw.replace("\r\n", "\n");
             }
