@@ -34,10 +34,24 @@ pub struct Served {
     pub first: Option<Instant>,
 }
 
-fn partial(chunks: u64) -> Usage {
+/// What a job that ended early served: its chunks, as tokens.
+pub(crate) fn partial(chunks: u64) -> Usage {
     Usage {
         prompt_tokens: 0,
         completion_tokens: chunks,
+    }
+}
+
+/// Tells the gateway the job ran past the inference timeout.
+pub(crate) async fn timed_out(stream: &mut libp2p::Stream, chunks: u64) -> JobEnd {
+    let _ = write_frame(
+        stream,
+        &Frame::error(ErrorCode::Timeout, "inference timed out"),
+    )
+    .await;
+    JobEnd::Failed {
+        usage: partial(chunks),
+        rejected: false,
     }
 }
 
@@ -121,15 +135,7 @@ pub async fn relay(
             return Err(fail(stream, &e, 0).await);
         }
         Err(_) => {
-            let _ = write_frame(
-                stream,
-                &Frame::error(ErrorCode::Timeout, "inference timed out"),
-            )
-            .await;
-            return Err(JobEnd::Failed {
-                usage: Usage::default(),
-                rejected: false,
-            });
+            return Err(timed_out(stream, 0).await);
         }
     };
     let mut body = resp.bytes_stream();
@@ -154,15 +160,7 @@ pub async fn relay(
         let mut got = match tokio::time::timeout_at(deadline, body.next()).await {
             Ok(n) => n,
             Err(_) => {
-                let _ = write_frame(
-                    stream,
-                    &Frame::error(ErrorCode::Timeout, "inference timed out"),
-                )
-                .await;
-                return Err(JobEnd::Failed {
-                    usage: partial(chunks),
-                    rejected: false,
-                });
+                return Err(timed_out(stream, chunks).await);
             }
         };
         loop {
@@ -316,15 +314,7 @@ async fn whole(
             }
             Ok(None) => break,
             Err(_) => {
-                let _ = write_frame(
-                    stream,
-                    &Frame::error(ErrorCode::Timeout, "inference timed out"),
-                )
-                .await;
-                return Err(JobEnd::Failed {
-                    usage: Usage::default(),
-                    rejected: false,
-                });
+                return Err(timed_out(stream, 0).await);
             }
         }
     }

@@ -22,7 +22,7 @@ use troop_protocol::receipt::{JobStatus, Receipt};
 use troop_protocol::ticket::{TicketError, TicketVerifier};
 use troop_protocol::usage::{Ack, LineStatus, RequestLine};
 
-use crate::answer::JobEnd;
+use crate::answer::{JobEnd, partial};
 use crate::coordinator_client::CoordinatorClient;
 use crate::frames_io::{read_frame, write_frame};
 use crate::network::{self, NetConfig, NetworkHandle};
@@ -891,17 +891,7 @@ async fn run_job(
     loop {
         let next = match tokio::time::timeout_at(deadline, upstream.next()).await {
             Ok(n) => n,
-            Err(_) => {
-                let _ = write_frame(
-                    stream,
-                    &Frame::error(ErrorCode::Timeout, "inference timed out"),
-                )
-                .await;
-                return Err(JobEnd::Failed {
-                    usage: partial(chunks),
-                    rejected: false,
-                });
-            }
+            Err(_) => return Err(crate::answer::timed_out(stream, chunks).await),
         };
         match next {
             Some(Ok(Delta::Text(text))) => {
@@ -983,13 +973,6 @@ impl MaxWith for troop_protocol::frames::Usage {
             prompt_tokens: self.prompt_tokens.max(other.prompt_tokens),
             completion_tokens: self.completion_tokens.max(other.completion_tokens),
         }
-    }
-}
-
-fn partial(chunks: u64) -> troop_protocol::frames::Usage {
-    troop_protocol::frames::Usage {
-        prompt_tokens: 0,
-        completion_tokens: chunks,
     }
 }
 
