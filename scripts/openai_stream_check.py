@@ -18,6 +18,7 @@ def main() -> int:
         model=model,
         messages=[{"role": "user", "content": question}],
         max_tokens=24,
+        temperature=0,  # greedy: the answer is stable enough to check its meaning
         stream=True,
     )
     text, finish, chunks = "", None, 0
