@@ -108,13 +108,25 @@ async fn a_full_relay_refuses_the_next_reservation_and_keeps_serving() {
         async || (caller.path(&relay.peer_id) == network::Path::Direct).then_some(()),
     )
     .await;
-    let mut s = tokio::time::timeout(
-        Duration::from_secs(15),
-        caller.stream_control().open_stream(holder.peer_id, ECHO),
-    )
-    .await
-    .expect("opening the stream timed out")
-    .expect("a stream through the relay");
+    // The circuit address reaches the swarm as a command of its own: until
+    // it has, a dial finds "no addresses"; retry until a deadline.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut s = loop {
+        let opened = tokio::time::timeout_at(
+            deadline,
+            caller.stream_control().open_stream(holder.peer_id, ECHO),
+        )
+        .await
+        .expect("opening the stream timed out");
+        match opened {
+            Ok(s) => break s,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("no stream yet ({e}); retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("a stream through the relay: {e:?}"),
+        }
+    };
     s.write_all(b"hello").await.expect("write");
     let mut back = [0u8; 5];
     s.read_exact(&mut back).await.expect("read");
