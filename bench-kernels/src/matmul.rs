@@ -86,16 +86,27 @@ impl Proof {
         &self.c[i * self.n..(i + 1) * self.n]
     }
 
-    /// Opens the asked rows (values and Merkle paths) for the verifier.
+    /// Opens the asked rows for the verifier: Merkle paths only, since the
+    /// verifier recomputes the values from the seed.
     pub fn openings(&self, rows: &[usize]) -> Vec<crate::verify::Opening> {
         rows.iter()
             .filter(|&&i| i < self.n)
             .map(|&i| crate::verify::Opening {
                 row: i,
-                values: self.row(i).to_vec(),
+                values: None,
                 path: self.tree.open(i),
             })
             .collect()
+    }
+
+    /// Openings with the rows' values as well (optional on the wire; the
+    /// refusal then names the first wrong column).
+    pub fn openings_with_values(&self, rows: &[usize]) -> Vec<crate::verify::Opening> {
+        let mut out = self.openings(rows);
+        for o in &mut out {
+            o.values = Some(self.row(o.row).to_vec());
+        }
+        out
     }
 }
 

@@ -17,11 +17,22 @@ use crate::proof::{Hash, Step, leaf_hash, verify_path};
 /// Rows checked per proof (see the module docs).
 pub const SAMPLES: usize = 132;
 
-/// One opened row.
+/// Longest Merkle path accepted: a tree over at most 2^32 rows.
+pub const MAX_PATH: usize = 32;
+
+/// One opened row: its index and its Merkle path.
+///
+/// The verifier recomputes the row's values from the seed, so it needs only
+/// the path to check them against the committed root: 132 paths at
+/// n = 4096 are about 140 KB of JSON, where the values were 3.7 MB.
+/// `values` is optional: when present they are compared first, which names
+/// the first wrong column in the refusal.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Opening {
     pub row: usize,
-    pub values: Vec<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<Vec<f32>>,
     pub path: Vec<Step>,
 }
 
@@ -35,8 +46,10 @@ pub enum VerifyError {
     Row(usize),
     #[error("row {0} has {1} values, expected {2}")]
     Length(usize, usize, usize),
-    #[error("row {0}'s Merkle path does not lead to the root")]
+    #[error("row {0}'s Merkle path does not lead to the root from the recomputed row")]
     Path(usize),
+    #[error("row {0}'s Merkle path has {1} steps (at most {MAX_PATH})")]
+    PathLength(usize, usize),
     #[error("row {row} is wrong at column {col}: {got} instead of {want}")]
     Value {
         row: usize,
@@ -153,15 +166,18 @@ pub fn verify(
     }
     let n = ch.n;
     let mut seen = std::collections::HashSet::new();
+    // Everything cheap first: the recomputation below is the costly part.
     for o in openings {
         if !asked.contains(&o.row) || o.row >= n || !seen.insert(o.row) {
             return Err(VerifyError::Row(o.row));
         }
-        if o.values.len() != n {
-            return Err(VerifyError::Length(o.row, o.values.len(), n));
+        if let Some(values) = &o.values
+            && values.len() != n
+        {
+            return Err(VerifyError::Length(o.row, values.len(), n));
         }
-        if !verify_path(&root, o.row, leaf_hash(o.row, &o.values), &o.path) {
-            return Err(VerifyError::Path(o.row));
+        if o.path.len() > MAX_PATH {
+            return Err(VerifyError::PathLength(o.row, o.path.len()));
         }
     }
     let rows: Vec<usize> = openings.iter().map(|o| o.row).collect();
@@ -170,6 +186,7 @@ pub fn verify(
         if let Some((col, (got, w))) = o
             .values
             .iter()
+            .flatten()
             .zip(w)
             .enumerate()
             .find(|(_, (g, w))| g.to_bits() != w.to_bits())
@@ -180,6 +197,10 @@ pub fn verify(
                 got: *got,
                 want: *w,
             });
+        }
+        // The recomputed row must be the leaf the worker committed to.
+        if !verify_path(&root, o.row, leaf_hash(o.row, w), &o.path) {
+            return Err(VerifyError::Path(o.row));
         }
     }
     Ok(())
@@ -210,12 +231,22 @@ mod tests {
             .iter()
             .map(|&i| Opening {
                 row: i,
-                values: c[i * ch.n..(i + 1) * ch.n].to_vec(),
+                values: Some(c[i * ch.n..(i + 1) * ch.n].to_vec()),
                 path: tree.open(i),
             })
             .collect();
         let err = verify(&ch, &hex::encode(tree.root()), &rows, &forged).expect_err("caught");
         assert!(matches!(err, VerifyError::Value { col: 7, .. }), "{err}");
+        // Without values (the usual upload) the same forgery fails its path.
+        let bare: Vec<Opening> = forged
+            .iter()
+            .map(|o| Opening {
+                values: None,
+                ..o.clone()
+            })
+            .collect();
+        let err = verify(&ch, &hex::encode(tree.root()), &rows, &bare).expect_err("caught");
+        assert!(matches!(err, VerifyError::Path(_)), "{err}");
         // Honest values under the forged root: the path fails.
         assert!(matches!(
             verify(&ch, &hex::encode(tree.root()), &rows, &openings(&p, &rows)),
@@ -241,6 +272,10 @@ mod tests {
         let rows = pick_rows(&[1u8; 32], ch.n, 8);
         assert!(matches!(
             verify(&ch, &p.root_hex(), &rows, &openings(&p, &rows)),
+            Err(VerifyError::Path(_))
+        ));
+        assert!(matches!(
+            verify(&ch, &p.root_hex(), &rows, &p.openings_with_values(&rows)),
             Err(VerifyError::Value { .. })
         ));
     }
@@ -262,6 +297,33 @@ mod tests {
                 assert_eq!(a.row(i), fast[j].as_slice());
             }
         }
+    }
+
+    #[test]
+    fn openings_at_the_default_size_fit_a_one_mib_body() {
+        // The upload's size depends only on n and the rows asked: build the
+        // tree over 4096 leaves without proving.
+        let n = 4096;
+        let leaves: Vec<Hash> = (0..n)
+            .map(|i| *blake3::hash(&(i as u64).to_le_bytes()).as_bytes())
+            .collect();
+        let tree = crate::proof::MerkleTree::from_leaves(leaves);
+        let rows = pick_rows(&[7u8; 32], n, SAMPLES);
+        let openings: Vec<Opening> = rows
+            .iter()
+            .map(|&row| Opening {
+                row,
+                values: None,
+                path: tree.open(row),
+            })
+            .collect();
+        let body = serde_json::json!({ "challenge_id": "0".repeat(32), "openings": openings });
+        let size = serde_json::to_vec(&body)
+            .map(|b| b.len())
+            .unwrap_or(usize::MAX);
+        println!("openings at n = {n}: {size} bytes");
+        assert!(size < 1024 * 1024, "{size} bytes");
+        assert!(openings.iter().all(|o| o.path.len() <= MAX_PATH));
     }
 
     #[test]

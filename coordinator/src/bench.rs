@@ -15,6 +15,7 @@
 //! recent desktop CPU). A worker that never proves keeps 1.0.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use axum::body::Bytes;
@@ -66,6 +67,44 @@ fn refuse(
             .record(event, Some(rid), json!({ "worker": worker, "reason": msg }));
     }
     ApiError::new(status, code, msg).with_request_id(rid)
+}
+
+/// Waits for one of the `bench_verify_concurrency` verification slots, so
+/// that memory stays bounded however many proofs arrive at once. With
+/// `bench_verify_queue` proofs already waiting, answers 503 with
+/// `Retry-After` instead of queueing without end.
+async fn verify_slot<'a>(
+    state: &'a AppState,
+    rid: &str,
+) -> Result<tokio::sync::SemaphorePermit<'a>, ApiError> {
+    if let Ok(permit) = state.verify_slots.try_acquire() {
+        return Ok(permit);
+    }
+    let waiting = state.verify_waiting.fetch_add(1, Ordering::SeqCst);
+    struct Leave<'a>(&'a AtomicUsize);
+    impl Drop for Leave<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let _leave = Leave(&state.verify_waiting);
+    if waiting >= state.cfg.bench_verify_queue {
+        metrics::counter!("troop_limit_hits_total", "limit" => "bench_verify_queue").increment(1);
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Busy,
+            format!("{waiting} proofs are waiting to be verified; retry later"),
+        )
+        .with_request_id(rid);
+        e.retry_after = Some(30);
+        return Err(e);
+    }
+    metrics::counter!("troop_bench_verifications_queued_total").increment(1);
+    state
+        .verify_slots
+        .acquire()
+        .await
+        .map_err(|_| ApiError::internal("verification slots closed"))
 }
 
 pub async fn challenge(
@@ -226,9 +265,19 @@ pub async fn submit(
             .into_response())
         }
         (None, Some(openings), Some((root, seconds, rows))) => {
+            // A full queue refuses before the try is spent.
+            let _slot = verify_slot(&state, &rid).await?;
             // One try per challenge, pass or fail.
-            if let Ok(mut map) = state.challenges.lock() {
-                map.remove(&req.challenge_id);
+            if let Ok(mut map) = state.challenges.lock()
+                && map.remove(&req.challenge_id).is_none()
+            {
+                // A concurrent submit of the same openings took the try.
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    ErrorCode::Conflict,
+                    "these openings are already being verified",
+                )
+                .with_request_id(&rid));
             }
             let ch = challenge.clone();
             let verdict =

@@ -61,6 +61,12 @@ pub struct Config {
     pub bench_deadline: Duration,
     /// GFLOP/s that earn a multiplier of 1.0 (see `bench::multiplier_for`).
     pub reference_gflops: f64,
+    /// Proofs verified at once (each holds about 73 MB at n = 4096 while it
+    /// runs); default: the machine's cores.
+    pub bench_verify_concurrency: usize,
+    /// Proofs waiting for a verification slot before new ones are answered
+    /// 503 with `Retry-After` (a waiting proof holds only its ~140 KB body).
+    pub bench_verify_queue: usize,
 }
 
 impl Config {
@@ -93,6 +99,10 @@ impl Config {
             bench_rounds: 4,
             bench_deadline: Duration::from_secs(300),
             reference_gflops: 100.0,
+            bench_verify_concurrency: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            bench_verify_queue: 64,
         }
     }
 

@@ -70,6 +70,10 @@ pub struct AppState {
     pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Proof-of-hardware rounds in progress, by challenge id.
     pub challenges: Mutex<HashMap<String, bench::Pending>>,
+    /// At most `bench_verify_concurrency` proofs are checked at once.
+    pub verify_slots: tokio::sync::Semaphore,
+    /// Proofs waiting for a slot (bounded by `bench_verify_queue`).
+    pub verify_waiting: AtomicUsize,
 }
 
 /// The opened coordinator, ready to serve.
@@ -123,6 +127,7 @@ impl Coordinator {
         for _ in 0..4 {
             readers.push(Mutex::new(ledger::open_reader(&cfg.ledger_path())?));
         }
+        let verify_slots = cfg.bench_verify_concurrency.max(1);
         let state = AppState {
             discovery_limiter: IpLimiter::per_hour(cfg.discovery_per_hour),
             authorize_limiter: UserLimiter::per_hour(cfg.authorize_per_hour),
@@ -138,6 +143,8 @@ impl Coordinator {
             started_at: unix_secs(),
             prometheus: metrics::handle(),
             challenges: Mutex::new(HashMap::new()),
+            verify_slots: tokio::sync::Semaphore::new(verify_slots),
+            verify_waiting: AtomicUsize::new(0),
         };
         Ok(Self {
             state: Arc::new(state),

@@ -147,8 +147,10 @@ async fn a_wrong_row_is_refused_and_the_multiplier_stays() {
         .filter_map(Value::as_u64)
         .map(|v| v as usize)
         .collect();
-    let mut open = openings(&proof, &rows);
-    open[3].values[5] += 1.0;
+    let mut open = proof.openings_with_values(&rows);
+    if let Some(v) = open[3].values.as_mut() {
+        v[5] += 1.0;
+    }
     let (s, v) = json_of(
         c.signed(
             &w,
@@ -241,4 +243,153 @@ async fn foreign_unknown_and_stale_challenges_are_refused() {
     stale
         .wait_audit("expired", |l| l["event"] == "bench.expired")
         .await;
+}
+
+/// A worker that commits any root and uploads made-up paths: the
+/// coordinator still recomputes every asked row before refusing.
+async fn bogus_round(c: &TestCoordinator, w: &Keypair) -> (String, Vec<Opening>) {
+    let (id, ch) = challenge(c, w).await;
+    let root = hex::encode([0x5au8; 32]);
+    let (s, asked) = json_of(
+        c.signed(
+            w,
+            "/bench/submit",
+            &json!({"challenge_id": id, "root": root}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, 200, "{asked}");
+    let depth = usize::BITS as usize - (ch.n - 1).leading_zeros() as usize;
+    let open = asked["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter_map(Value::as_u64)
+        .map(|row| Opening {
+            row: row as usize,
+            values: None,
+            path: (0..depth)
+                .map(|level| troop_bench_kernels::proof::Step {
+                    sibling: Some(hex::encode([level as u8; 32])),
+                    left: (row >> level) & 1 == 1,
+                })
+                .collect(),
+        })
+        .collect();
+    (id, open)
+}
+
+/// Sends openings: (status, has Retry-After, body).
+async fn submit_openings(
+    c: &TestCoordinator,
+    w: &Keypair,
+    id: &str,
+    open: &[Opening],
+) -> (u16, bool, Value) {
+    let r = c
+        .signed(
+            w,
+            "/bench/submit",
+            &json!({"challenge_id": id, "openings": open}),
+        )
+        .await;
+    let retry = r.headers().get("retry-after").is_some();
+    let (s, v) = json_of(r).await;
+    (s, retry, v)
+}
+
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// 24 bogus proofs at the default size at once: each is refused with 422,
+/// at most `bench_verify_concurrency` are checked at a time (the rest wait
+/// in the queue), and nothing answers 5xx. Prints the peak memory of the
+/// process (the coordinator runs in it) for the closing note.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bogus_proofs_is_verified_a_few_at_a_time() {
+    let c = TestCoordinator::start_with(|cfg| {
+        cfg.bench_verify_concurrency = 2;
+    })
+    .await;
+    let before = peak_rss_mb();
+    let mut rounds = Vec::new();
+    for _ in 0..24 {
+        let w = generate();
+        c.register(&w, &["m"]).await;
+        let (id, open) = bogus_round(&c, &w).await;
+        rounds.push((w, id, open));
+    }
+    let statuses = futures::future::join_all(rounds.iter().map(|(w, id, open)| async {
+        let (s, _, v) = submit_openings(&c, w, id, open).await;
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("proof rejected")),
+            "{v}"
+        );
+        s
+    }))
+    .await;
+    assert!(statuses.iter().all(|s| *s == 422), "{statuses:?}");
+    let metrics = c.get("/metrics").await.text().await.expect("text");
+    let queued = metrics
+        .lines()
+        .find(|l| l.starts_with("troop_bench_verifications_queued_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .expect("the queue counter");
+    assert!(queued >= 1.0, "no proof ever waited for a slot: {queued}");
+    println!(
+        "24 concurrent bogus proofs at n = 4096: peak RSS {:.0} MB (before {:.0} MB), {queued} waited for a slot",
+        peak_rss_mb().unwrap_or(0.0),
+        before.unwrap_or(0.0)
+    );
+}
+
+/// With the queue full a proof is answered 503 with `Retry-After`, and its
+/// challenge is not spent: the same openings sent later are verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_verification_queue_answers_503_and_keeps_the_try() {
+    let c = TestCoordinator::start_with(|cfg| {
+        cfg.bench_size = 2048;
+        cfg.bench_verify_concurrency = 1;
+        cfg.bench_verify_queue = 1;
+    })
+    .await;
+    let mut rounds = Vec::new();
+    for _ in 0..6 {
+        let w = generate();
+        c.register(&w, &["m"]).await;
+        let (id, open) = bogus_round(&c, &w).await;
+        rounds.push((w, id, open));
+    }
+    let first = futures::future::join_all(
+        rounds
+            .iter()
+            .map(|(w, id, open)| submit_openings(&c, w, id, open)),
+    )
+    .await;
+    let busy: Vec<usize> = first
+        .iter()
+        .enumerate()
+        .filter(|(_, (s, _, _))| *s == 503)
+        .map(|(i, _)| i)
+        .collect();
+    assert!(!busy.is_empty(), "{first:?}");
+    assert!(busy.iter().all(|&i| first[i].1), "503 without Retry-After");
+    assert!(
+        first.iter().all(|(s, _, _)| *s == 503 || *s == 422),
+        "{first:?}"
+    );
+    // The refused ones still hold their try.
+    for i in busy {
+        let (w, id, open) = &rounds[i];
+        let (s, _, v) = submit_openings(&c, w, id, open).await;
+        assert_eq!(s, 422, "{v}");
+    }
 }

@@ -604,3 +604,40 @@ async fn a_worker_started_with_benchmark_proves_its_hardware_and_advertises_the_
     })
     .await;
 }
+
+/// The proof at the coordinator's defaults (n = 4096, 4 rounds): the
+/// openings must fit the default 1 MiB body limit (they are Merkle paths
+/// only) and the worker must come out with a verified throughput.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_benchmark_at_the_default_size_is_verified_end_to_end() {
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(2), Duration::ZERO).await;
+    let mut net = TestNet::start(|c| {
+        assert_eq!((c.bench_size, c.bench_rounds), (4096, 4));
+        assert_eq!(c.body_limit_bytes, 1024 * 1024);
+    })
+    .await;
+    let w = net
+        .add_worker(&fake.url, |c| {
+            c.benchmark = Some(troop_bench_kernels::Backend::Cpu)
+        })
+        .await;
+    let peer = net.workers[w].peer_id.to_base58();
+    let url = format!("{}/workers", net.coordinator_url());
+    let http = net.http.clone();
+    let gflops = eventually("the verified throughput at n = 4096", 240, || {
+        let http = http.clone();
+        let url = url.clone();
+        let peer = peer.clone();
+        async move {
+            let v: Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+            let me = v["workers"]
+                .as_array()?
+                .iter()
+                .find(|x| x["peer_id"] == peer.as_str())?
+                .clone();
+            me["verified_gflops"].as_f64().filter(|g| *g > 0.0)
+        }
+    })
+    .await;
+    println!("default-size proof verified at {gflops:.1} GFLOP/s");
+}
