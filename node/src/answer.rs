@@ -42,13 +42,84 @@ pub(crate) fn partial(chunks: u64) -> Usage {
     }
 }
 
-/// Tells the gateway the job ran past the inference timeout.
-pub(crate) async fn timed_out(stream: &mut libp2p::Stream, chunks: u64) -> JobEnd {
-    let _ = write_frame(
-        stream,
-        &Frame::error(ErrorCode::Timeout, "inference timed out"),
-    )
-    .await;
+/// How long the worker waits on its upstream before it gives up, tells the
+/// gateway (an `error` frame, code `timeout`) and drops the upstream
+/// request (which stops the generation).
+#[derive(Debug, Clone, Copy)]
+pub struct StreamTimeouts {
+    /// From the request to the first event of a streamed answer.
+    pub first_token: std::time::Duration,
+    /// Between two reads of a streamed answer.
+    pub between_chunks: std::time::Duration,
+    /// The whole job, streamed or not.
+    pub total: std::time::Duration,
+}
+
+impl Default for StreamTimeouts {
+    fn default() -> Self {
+        Self {
+            first_token: troop_protocol::policy::AUTH_TIMEOUT,
+            between_chunks: troop_protocol::policy::AUTH_TIMEOUT,
+            total: troop_protocol::policy::INFERENCE_TIMEOUT,
+        }
+    }
+}
+
+/// The deadlines of one job: the total, and the first-token or
+/// between-chunk one depending on whether anything has arrived yet.
+pub(crate) struct Pace {
+    t: StreamTimeouts,
+    end: tokio::time::Instant,
+    started: bool,
+    /// Whole answers come at once after the generation: only the total.
+    whole: bool,
+}
+
+impl Pace {
+    pub(crate) fn new(t: StreamTimeouts, whole: bool) -> Self {
+        Self {
+            t,
+            end: tokio::time::Instant::now() + t.total,
+            started: false,
+            whole,
+        }
+    }
+
+    /// Something arrived: from now on the between-chunk limit applies.
+    pub(crate) fn started(&mut self) {
+        self.started = true;
+    }
+
+    /// Waits for `f` within the deadline that applies now; on timeout, says
+    /// which limit bit.
+    pub(crate) async fn wait<F: std::future::Future>(&self, f: F) -> Result<F::Output, String> {
+        let (limit, what) = match (self.whole, self.started) {
+            (true, _) => (self.t.total, "the job ran past"),
+            (false, false) => (
+                self.t.first_token,
+                "no first token from the upstream within",
+            ),
+            (false, true) => (self.t.between_chunks, "the upstream sent nothing for"),
+        };
+        let deadline = self.end.min(tokio::time::Instant::now() + limit);
+        tokio::time::timeout_at(deadline, f).await.map_err(|_| {
+            let (stage, secs, what) = if deadline == self.end {
+                ("total", self.t.total.as_secs(), "the job ran past")
+            } else if self.started {
+                ("between_chunks", limit.as_secs(), what)
+            } else {
+                ("first_token", limit.as_secs(), what)
+            };
+            metrics::counter!("troop_jobs_timed_out_total", "stage" => stage).increment(1);
+            format!("{what} {secs} s")
+        })
+    }
+}
+
+/// Tells the gateway the upstream was too slow (`why` says which limit).
+pub(crate) async fn timed_out(stream: &mut libp2p::Stream, chunks: u64, why: &str) -> JobEnd {
+    tracing::warn!(reason = why, "upstream timed out; its request was dropped");
+    let _ = write_frame(stream, &Frame::error(ErrorCode::Timeout, why)).await;
     JobEnd::Failed {
         usage: partial(chunks),
         rejected: false,
@@ -111,6 +182,7 @@ pub async fn relay(
     request: &InferenceRequest,
     cap: Option<u32>,
     job_id: &str,
+    timeouts: StreamTimeouts,
 ) -> Result<Served, JobEnd> {
     let prepared = match passthrough::prepare(request, cap) {
         Ok(p) => p,
@@ -122,25 +194,23 @@ pub async fn relay(
             return Err(fail(stream, &err, 0).await);
         }
     };
-    let deadline = tokio::time::Instant::now() + troop_protocol::policy::INFERENCE_TIMEOUT;
-    let sent = tokio::time::timeout_at(
-        deadline,
-        upstream.send_raw(&prepared, request.request_id.as_deref()),
-    )
-    .await;
+    let mut pace = Pace::new(timeouts, !prepared.stream);
+    let sent = pace
+        .wait(upstream.send_raw(&prepared, request.request_id.as_deref()))
+        .await;
     let resp = match sent {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             tracing::info!(job = job_id, error = %e, "upstream refused or failed");
             return Err(fail(stream, &e, 0).await);
         }
-        Err(_) => {
-            return Err(timed_out(stream, 0).await);
+        Err(why) => {
+            return Err(timed_out(stream, 0, &why).await);
         }
     };
     let mut body = resp.bytes_stream();
     if !prepared.stream {
-        return whole(stream, &mut body, deadline, job_id).await;
+        return whole(stream, &mut body, &pace, job_id).await;
     }
     let chat_like = matches!(
         prepared.endpoint,
@@ -157,10 +227,10 @@ pub async fn relay(
     let mut ended = false;
     loop {
         // Wait for bytes, then take whatever else is ready without waiting.
-        let mut got = match tokio::time::timeout_at(deadline, body.next()).await {
+        let mut got = match pace.wait(body.next()).await {
             Ok(n) => n,
-            Err(_) => {
-                return Err(timed_out(stream, chunks).await);
+            Err(why) => {
+                return Err(timed_out(stream, chunks, &why).await);
             }
         };
         loop {
@@ -236,6 +306,7 @@ pub async fn relay(
         }
         if !out.is_empty() {
             first.get_or_insert_with(Instant::now);
+            pace.started();
             // Backpressure: this waits while the gateway is not reading.
             if !send_raw(stream, &out, out_events).await {
                 tracing::info!(
@@ -294,12 +365,12 @@ async fn done(
 async fn whole(
     stream: &mut libp2p::Stream,
     body: &mut (impl futures::Stream<Item = reqwest::Result<axum::body::Bytes>> + Unpin),
-    deadline: tokio::time::Instant,
+    pace: &Pace,
     job_id: &str,
 ) -> Result<Served, JobEnd> {
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        match tokio::time::timeout_at(deadline, body.next()).await {
+        match pace.wait(body.next()).await {
             Ok(Some(Ok(b))) => {
                 if buf.len() + b.len() > MAX_WHOLE_BYTES {
                     let e = UpstreamError::Protocol(format!(
@@ -313,8 +384,8 @@ async fn whole(
                 return Err(fail(stream, &UpstreamError::Protocol(e.to_string()), 0).await);
             }
             Ok(None) => break,
-            Err(_) => {
-                return Err(timed_out(stream, 0).await);
+            Err(why) => {
+                return Err(timed_out(stream, 0, &why).await);
             }
         }
     }

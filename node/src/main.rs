@@ -155,6 +155,17 @@ enum Cmd {
         /// receipt filed (also at its ticket's expiry or when its time is used up).
         #[arg(long, env = "TROOP_SESSION_IDLE_SECS", default_value_t = 30.0)]
         session_idle_secs: f64,
+        /// Seconds the upstream may take to send the first event of a
+        /// streamed answer (raise it for big models that load on first use).
+        #[arg(long, env = "TROOP_FIRST_TOKEN_TIMEOUT_SECS", default_value_t = 30.0)]
+        first_token_timeout_secs: f64,
+        /// Seconds the upstream may go silent between two events of a
+        /// streamed answer before the job is failed and the upstream dropped.
+        #[arg(long, env = "TROOP_CHUNK_TIMEOUT_SECS", default_value_t = 30.0)]
+        chunk_timeout_secs: f64,
+        /// Seconds a whole job may take, streamed or not.
+        #[arg(long, env = "TROOP_INFERENCE_TIMEOUT_SECS", default_value_t = 300.0)]
+        inference_timeout_secs: f64,
         /// Prove the hardware with a matmul benchmark at start (also RUN_INITIAL_BENCHMARK=true).
         #[arg(long, env = "RUN_INITIAL_BENCHMARK")]
         benchmark: bool,
@@ -342,6 +353,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             advert_interval,
             heartbeat_interval,
             session_idle_secs,
+            first_token_timeout_secs,
+            chunk_timeout_secs,
+            inference_timeout_secs,
             benchmark,
             bench_backend,
             mesh,
@@ -361,6 +375,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.advert_interval = secs(advert_interval, "--advert-interval")?;
             cfg.heartbeat_interval = secs(heartbeat_interval, "--heartbeat-interval")?;
             cfg.session_idle = secs(session_idle_secs, "--session-idle-secs")?;
+            cfg.timeouts = troop_node::answer::StreamTimeouts {
+                first_token: secs(first_token_timeout_secs, "--first-token-timeout-secs")?,
+                between_chunks: secs(chunk_timeout_secs, "--chunk-timeout-secs")?,
+                total: secs(inference_timeout_secs, "--inference-timeout-secs")?,
+            };
             cfg.net = mesh.net(key)?;
             if benchmark {
                 cfg.benchmark = Some(bench_backend);

@@ -52,6 +52,8 @@ pub struct WorkerConfig {
     /// A session with no request for this long is closed and its receipt
     /// filed (also at the ticket's expiry, or when its time is used up).
     pub session_idle: Duration,
+    /// First-token, between-chunk and total limits on the upstream.
+    pub timeouts: crate::answer::StreamTimeouts,
 }
 
 impl WorkerConfig {
@@ -71,6 +73,7 @@ impl WorkerConfig {
             state_dir,
             benchmark: None,
             session_idle: Duration::from_secs(30),
+            timeouts: crate::answer::StreamTimeouts::default(),
         }
     }
 }
@@ -594,6 +597,7 @@ async fn serve_stream(
             &request,
             claims.max_tokens,
             &claims.jti,
+            s.cfg.timeouts,
         )
         .await;
         r.map(|served| {
@@ -887,12 +891,13 @@ async fn run_job(
     };
     let mut chunks = 0u64;
     let mut first: Option<Instant> = None;
-    let deadline = tokio::time::Instant::now() + troop_protocol::policy::INFERENCE_TIMEOUT;
+    let mut pace = crate::answer::Pace::new(s.cfg.timeouts, false);
     loop {
-        let next = match tokio::time::timeout_at(deadline, upstream.next()).await {
+        let next = match pace.wait(upstream.next()).await {
             Ok(n) => n,
-            Err(_) => return Err(crate::answer::timed_out(stream, chunks).await),
+            Err(why) => return Err(crate::answer::timed_out(stream, chunks, &why).await),
         };
+        pace.started();
         match next {
             Some(Ok(Delta::Text(text))) => {
                 if first.is_none() {

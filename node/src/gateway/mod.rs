@@ -388,6 +388,15 @@ impl JobStream {
 }
 
 impl GatewayState {
+    /// The worker could not be dialled: it leaves the table (and
+    /// `/v1/models`) until it advertises again.
+    fn unreachable(&self, peer: PeerId) {
+        tracing::info!(worker = %peer, "worker unreachable; dropped from the table until it advertises again");
+        if let Ok(mut t) = self.table.write() {
+            t.mark_unreachable(&peer);
+        }
+    }
+
     fn breaker_allows(&self, peer: &PeerId) -> bool {
         let Ok(mut b) = self.breakers.lock() else {
             return true;
@@ -476,6 +485,11 @@ impl GatewayState {
                 return Err(DispatchError::NoWorker(
                     "no other worker serves this model".into(),
                 ));
+            }
+            if ever_found && candidates.is_empty() {
+                // Every worker we knew was dropped as unreachable: waiting
+                // brings none back, an advert would.
+                return Err(DispatchError::NoWorker(last_error));
             }
             ever_found |= !candidates.is_empty();
             for worker in candidates {
@@ -658,8 +672,14 @@ impl GatewayState {
         .await;
         let mut stream = match open {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(Attempt::Next(format!("could not open a stream: {e}"))),
-            Err(_) => return Err(Attempt::Next("opening a stream timed out".into())),
+            Ok(Err(e)) => {
+                self.unreachable(worker);
+                return Err(Attempt::Next(format!("could not open a stream: {e}")));
+            }
+            Err(_) => {
+                self.unreachable(worker);
+                return Err(Attempt::Next("opening a stream timed out".into()));
+            }
         };
         let frame = Frame::Request {
             version: FRAME_VERSION,

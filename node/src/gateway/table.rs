@@ -50,7 +50,15 @@ pub struct WorkerRow {
 pub struct WorkerTable {
     entries: HashMap<PeerId, Entry>,
     rtts: HashMap<PeerId, Duration>,
+    /// Workers a dial failed to reach, and when: left out until an advert
+    /// sent after that moment says they are back (DHT records of a dead
+    /// worker outlive it by up to an hour).
+    unreachable: HashMap<PeerId, Instant>,
 }
+
+/// Most workers the table holds; beyond it, expired rows are dropped and
+/// then new adverts are ignored (counted in `troop_limit_hits_total`).
+pub const MAX_ENTRIES: usize = 20_000;
 
 /// Default guesses before anything was measured.
 const DEFAULT_TTFT_MS: f64 = 150.0;
@@ -62,6 +70,21 @@ impl WorkerTable {
         // Only the worker itself may speak for its id (gossipsub has
         // checked the signature of `source`).
         if advert.peer_id != source.to_base58() {
+            return;
+        }
+        if let Some(&when) = self.unreachable.get(&source) {
+            // Only an advert sent after the failed dial brings it back.
+            let sent = Duration::from_millis(advert.sent_at_ms);
+            let failed_at = std::time::SystemTime::now()
+                .checked_sub(when.elapsed())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .unwrap_or_default();
+            if sent <= failed_at {
+                return;
+            }
+            self.unreachable.remove(&source);
+        }
+        if !self.entries.contains_key(&source) && !self.make_room() {
             return;
         }
         let ttl = Duration::from_millis(advert.ttl_ms.clamp(1_000, 600_000));
@@ -88,6 +111,16 @@ impl WorkerTable {
 
     /// A provider found through the DHT (no advert, so no load figures).
     pub fn on_provider(&mut self, peer: PeerId, model: &str) {
+        if self
+            .unreachable
+            .get(&peer)
+            .is_some_and(|t| t.elapsed() < DHT_TTL)
+        {
+            return;
+        }
+        if !self.entries.contains_key(&peer) && !self.make_room() {
+            return;
+        }
         let rtt = self.rtts.get(&peer).copied();
         let e = self.entries.entry(peer).or_insert_with(|| Entry {
             peer,
@@ -116,6 +149,36 @@ impl WorkerTable {
 
     pub fn forget(&mut self, peer: &PeerId) {
         self.entries.remove(peer);
+    }
+
+    /// A dial to `peer` failed: drop it from the table (and so from
+    /// `/v1/models`) until it advertises again.
+    pub fn mark_unreachable(&mut self, peer: &PeerId) {
+        self.entries.remove(peer);
+        self.rtts.remove(peer);
+        if self.unreachable.len() >= MAX_ENTRIES {
+            self.unreachable.retain(|_, t| t.elapsed() < DHT_TTL);
+        }
+        if self.unreachable.len() < MAX_ENTRIES {
+            self.unreachable.insert(*peer, Instant::now());
+        }
+    }
+
+    /// Drops expired rows when the table is full; false if still full.
+    fn make_room(&mut self) -> bool {
+        if self.entries.len() < MAX_ENTRIES {
+            return true;
+        }
+        let now = Instant::now();
+        self.entries
+            .retain(|_, e| now.duration_since(e.seen) <= e.ttl);
+        let live: std::collections::HashSet<PeerId> = self.entries.keys().copied().collect();
+        self.rtts.retain(|p, _| live.contains(p));
+        if self.entries.len() < MAX_ENTRIES {
+            return true;
+        }
+        metrics::counter!("troop_limit_hits_total", "limit" => "worker_table").increment(1);
+        false
     }
 
     pub fn add_inflight(&mut self, peer: &PeerId, delta: i32) {

@@ -34,6 +34,10 @@ pub enum Mode {
     Normal,
     /// Answers 500 before any token.
     FailBeforeFirst,
+    /// Streams answers' headers, then nothing (a stalled model).
+    StallBeforeFirst,
+    /// Streams one token, then nothing.
+    StallAfterFirst,
 }
 
 pub struct FakeState {
@@ -303,6 +307,7 @@ async fn openai_generate(State(state): State<Arc<FakeState>>, body: Bytes) -> Re
         .into_response();
     }
     let delay = paced(&req, state.delay);
+    let mode = state.mode.lock().map(|m| *m).unwrap_or(Mode::Normal);
     let stream = async_stream::stream! {
         let mut guard = DropGuard { state: state.clone(), done: false };
         let head = |choice: Value| json!({"id": id, "object": chunk_object, "created": 1, "model": model, "system_fingerprint": "fp_fake", "choices": [choice]});
@@ -320,6 +325,9 @@ async fn openai_generate(State(state): State<Arc<FakeState>>, body: Bytes) -> Re
             for (i, t) in tokens.iter().enumerate() {
                 if !delay.is_zero() {
                     tokio::time::sleep(delay).await;
+                }
+                if (mode == Mode::StallBeforeFirst && i == 0) || (mode == Mode::StallAfterFirst && i == 1) {
+                    futures::future::pending::<()>().await;
                 }
                 let mut choice = if chat && i == 0 {
                     json!({"index": 0, "delta": {"role": "assistant", "content": t}, "finish_reason": null})

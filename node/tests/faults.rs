@@ -1,0 +1,142 @@
+//! Faults in the stream path, on a real loopback mesh: upstreams that stall
+//! before or after their first token, and workers that die.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{
+    Dialect, FakeUpstream, MODEL, Mode, TestNet, chat_text, eventually, sse_data, tokens,
+};
+use serde_json::Value;
+use troop_node::answer::StreamTimeouts;
+
+fn quick() -> StreamTimeouts {
+    StreamTimeouts {
+        first_token: Duration::from_secs(1),
+        between_chunks: Duration::from_secs(1),
+        total: Duration::from_secs(60),
+    }
+}
+
+/// An upstream that sends one token and then nothing: the worker gives up
+/// after the between-chunk limit, drops the upstream request (so the model
+/// stops), frees its job slot, and the app gets an error event that says
+/// why, instead of waiting for the 300 s total.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_after_the_first_token_ends_with_an_error_event_and_frees_the_slot() {
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(8), Duration::ZERO).await;
+    let mut net = TestNet::start(|_| {}).await;
+    let w = net.add_worker(&fake.url, |c| c.timeouts = quick()).await;
+    net.add_gateway().await;
+    net.wait_for_workers(1).await;
+    fake.set_mode(Mode::StallAfterFirst);
+    let resp = net.chat(true).await;
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(20), resp.text())
+        .await
+        .expect("the answer ends within seconds")
+        .expect("body");
+    let events = sse_data(&body);
+    assert_eq!(chat_text(&events), "tok0 ", "{body}");
+    let last: Value = serde_json::from_str(events.last().expect("an event")).expect("json");
+    let message = last["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("sent nothing for 1 s"), "{last}");
+    // The upstream request was dropped and the worker's slot is free.
+    eventually("the upstream request dropped", 10, || {
+        let dropped = fake.state.dropped.load(Ordering::SeqCst);
+        async move { (dropped >= 1).then_some(()) }
+    })
+    .await;
+    let stats = net.workers[w].stats.clone();
+    eventually("the job slot freed", 10, || {
+        let active = stats.active_jobs.load(Ordering::SeqCst);
+        async move { (active == 0).then_some(()) }
+    })
+    .await;
+    // The worker serves the next request as usual.
+    fake.set_mode(Mode::Normal);
+    let resp = net.chat(true).await;
+    let events = sse_data(&resp.text().await.expect("body"));
+    assert_eq!(chat_text(&events), tokens(8).concat());
+}
+
+/// A worker whose model never sends a first token is given up after the
+/// first-token limit, and the request goes to another worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_before_the_first_token_moves_the_request_to_another_worker() {
+    let stalled = FakeUpstream::start(Dialect::OpenAi, tokens(4), Duration::ZERO).await;
+    let good = FakeUpstream::start(Dialect::OpenAi, tokens(4), Duration::ZERO).await;
+    let mut net = TestNet::start(|_| {}).await;
+    let a = net.add_worker(&stalled.url, |c| c.timeouts = quick()).await;
+    let b = net.add_worker(&good.url, |c| c.timeouts = quick()).await;
+    stalled.set_mode(Mode::StallBeforeFirst);
+    net.add_gateway().await;
+    net.wait_for_workers(2).await;
+    // Make the stalled worker the gateway's first choice.
+    let gw = net.gateway.as_ref().expect("gateway");
+    gw.state
+        .table
+        .write()
+        .expect("table")
+        .add_inflight(&net.workers[b].peer_id, 10);
+    let _ = a;
+    let resp = net.chat(true).await;
+    assert_eq!(resp.status(), 200);
+    let events = sse_data(&resp.text().await.expect("body"));
+    assert_eq!(chat_text(&events), tokens(4).concat());
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert!(stalled.state.requests.load(Ordering::SeqCst) >= 1);
+    eventually("the stalled upstream request dropped", 10, || {
+        let dropped = stalled.state.dropped.load(Ordering::SeqCst);
+        async move { (dropped >= 1).then_some(()) }
+    })
+    .await;
+}
+
+/// A worker that died leaves `/v1/models` once a dial to it fails, and the
+/// app gets 503 instead of retry rounds against a worker that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_worker_is_dropped_from_the_model_list_after_a_failed_dial() {
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(4), Duration::ZERO).await;
+    let mut net = TestNet::start(|_| {}).await;
+    let w = net.add_worker(&fake.url, |_| {}).await;
+    net.add_gateway().await;
+    net.wait_for_workers(1).await;
+    let models = format!("{}/v1/models", net.gateway_url());
+    let listed = |v: &Value| {
+        v["data"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|m| m["id"] == MODEL))
+    };
+    let v: Value = net
+        .http
+        .get(&models)
+        .send()
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    assert!(listed(&v), "{v}");
+    net.workers[w].kill();
+    let resp = net.chat(false).await;
+    assert_eq!(resp.status(), 503);
+    let v: Value = net
+        .http
+        .get(&models)
+        .send()
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    assert!(!listed(&v), "the dead worker is still listed: {v}");
+    let resp = net.chat(false).await;
+    assert!(
+        resp.status() == 404 || resp.status() == 503,
+        "{}",
+        resp.status()
+    );
+}
