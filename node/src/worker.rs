@@ -125,6 +125,53 @@ struct Shared {
     /// Cancelled by `kill`: every job task stops at once.
     killed: tokio_util::sync::CancellationToken,
     sessions: Mutex<Sessions>,
+    /// The coordinator's key is fetched by one task at a time, at most once
+    /// per [`KEY_REFRESH_EVERY`], never under the verifier's lock.
+    key_refresh: tokio::sync::Mutex<Option<Instant>>,
+    /// Streams whose ticket is not checked yet, by peer (bounded).
+    unchecked: Mutex<std::collections::HashMap<PeerId, u32>>,
+}
+
+/// Least time between two fetches of the coordinator's key for an unknown
+/// `kid` (any peer can send one).
+const KEY_REFRESH_EVERY: Duration = Duration::from_secs(10);
+/// Streams a peer may hold open before its ticket is checked.
+const UNCHECKED_PER_PEER: u32 = 16;
+/// Streams all peers together may hold open before their tickets are checked.
+const UNCHECKED_TOTAL: u32 = 1024;
+
+/// A place among the streams whose ticket is not checked yet.
+struct Unchecked {
+    s: Arc<Shared>,
+    peer: PeerId,
+}
+
+impl Unchecked {
+    fn take(s: &Arc<Shared>, peer: PeerId) -> Option<Self> {
+        let mut m = s.unchecked.lock().ok()?;
+        let total: u32 = m.values().sum();
+        let mine = m.get(&peer).copied().unwrap_or(0);
+        if total >= UNCHECKED_TOTAL || mine >= UNCHECKED_PER_PEER {
+            metrics::counter!("troop_limit_hits_total", "limit" => "unchecked_streams")
+                .increment(1);
+            return None;
+        }
+        m.insert(peer, mine + 1);
+        Some(Self { s: s.clone(), peer })
+    }
+}
+
+impl Drop for Unchecked {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.s.unchecked.lock()
+            && let Some(n) = m.get_mut(&self.peer)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// Open sessions: one per ticket, serving every request of its user until
@@ -285,6 +332,8 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
         net: net.clone(),
         killed: tokio_util::sync::CancellationToken::new(),
         sessions: Mutex::new(Sessions::default()),
+        key_refresh: tokio::sync::Mutex::new(None),
+        unchecked: Mutex::new(std::collections::HashMap::new()),
         cfg,
     });
     let mut control = net.stream_control();
@@ -471,11 +520,18 @@ fn set_breaker(s: &Shared, st: BreakerState) {
 
 async fn accept_loop(s: Arc<Shared>, mut incoming: libp2p_stream::IncomingStreams) {
     while let Some((peer, stream)) = incoming.next().await {
+        // Before any ticket is checked a stream costs only a bounded place;
+        // over the bound it is dropped (reset) at once.
+        let Some(place) = Unchecked::take(&s, peer) else {
+            tracing::debug!(%peer, "too many streams waiting for a ticket check; reset");
+            drop(stream);
+            continue;
+        };
         let s = s.clone();
         tokio::spawn(async move {
             let killed = s.killed.clone();
             tokio::select! {
-                r = serve_stream(s, peer, stream) => {
+                r = serve_stream(s, peer, stream, place) => {
                     if let Err(e) = r {
                         tracing::debug!(%peer, error = %e, "stream ended with an error");
                     }
@@ -501,6 +557,7 @@ async fn serve_stream(
     s: Arc<Shared>,
     peer: PeerId,
     mut stream: libp2p::Stream,
+    place: Unchecked,
 ) -> anyhow::Result<()> {
     let first = tokio::time::timeout(Duration::from_secs(30), read_frame(&mut stream)).await;
     let (ticket, request, index) = match first {
@@ -542,10 +599,12 @@ async fn serve_stream(
     let claims = match open_session(&s, &ticket, index).await {
         Ok(c) => c,
         Err(e) => {
+            drop(place);
             tracing::info!(%peer, error = %e, "ticket refused");
             return refuse(&mut stream, ErrorCode::Unauthorized, e).await;
         }
     };
+    drop(place);
     // From here on the request holds a place in its session: every return
     // goes through `end_request`.
     let guard = RequestGuard {
@@ -986,21 +1045,36 @@ async fn verify_ticket(
     token: &str,
 ) -> Result<troop_protocol::ticket::TicketClaims, TicketError> {
     let now = unix_secs();
-    let mut v = s.verifier.lock().await;
-    match v.verify(token, now) {
-        Err(TicketError::UnknownKid(kid)) => {
-            // The coordinator may have rotated its key: fetch it once.
-            match s.client.public_key().await {
-                Ok(pk) => {
-                    v.add_key_pem(&pk.kid, pk.public_key.as_bytes())?;
-                    v.verify(token, now)
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not refresh the coordinator's key");
-                    Err(TicketError::UnknownKid(kid))
-                }
-            }
+    let first = s.verifier.lock().await.verify(token, now);
+    let Err(TicketError::UnknownKid(kid)) = first else {
+        return first;
+    };
+    // The coordinator may have rotated its key. One task fetches it, at
+    // most once per KEY_REFRESH_EVERY, without the verifier's lock; tickets
+    // with an unknown kid meanwhile are refused at once.
+    let Ok(mut last) = s.key_refresh.try_lock() else {
+        return Err(TicketError::UnknownKid(kid));
+    };
+    if last.is_some_and(|t| t.elapsed() < KEY_REFRESH_EVERY) {
+        return Err(TicketError::UnknownKid(kid));
+    }
+    *last = Some(Instant::now());
+    metrics::counter!("troop_key_refreshes_total").increment(1);
+    let fetched =
+        tokio::time::timeout(troop_protocol::policy::AUTH_TIMEOUT, s.client.public_key()).await;
+    match fetched {
+        Ok(Ok(pk)) => {
+            let mut v = s.verifier.lock().await;
+            v.add_key_pem(&pk.kid, pk.public_key.as_bytes())?;
+            v.verify(token, unix_secs())
         }
-        other => other,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not refresh the coordinator's key");
+            Err(TicketError::UnknownKid(kid))
+        }
+        Err(_) => {
+            tracing::warn!("refreshing the coordinator's key timed out");
+            Err(TicketError::UnknownKid(kid))
+        }
     }
 }

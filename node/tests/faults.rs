@@ -6,8 +6,10 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use base64::Engine;
 use common::{
-    Dialect, FakeUpstream, MODEL, Mode, TestNet, chat_text, eventually, sse_data, tokens,
+    Dialect, FakeUpstream, MODEL, Mode, TestNet, chat_text, eventually, is_unauthorized,
+    send_ticket, sse_data, tokens,
 };
 use serde_json::Value;
 use troop_node::answer::StreamTimeouts;
@@ -139,4 +141,53 @@ async fn a_dead_worker_is_dropped_from_the_model_list_after_a_failed_dial() {
         "{}",
         resp.status()
     );
+}
+
+/// The coordinator's `/public-key` requests so far, from its `/metrics`.
+async fn key_fetches(net: &TestNet) -> f64 {
+    let text = net
+        .http
+        .get(format!("{}/metrics", net.coordinator_url()))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .filter(|l| {
+            l.starts_with("troop_http_requests_total") && l.contains("route=\"/public-key\"")
+        })
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Tickets naming a key the worker does not know make it fetch the
+/// coordinator's key once, not once each: 20 at once cost one fetch, all
+/// are refused, and a good ticket is served right after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_key_ids_cost_one_key_fetch_and_are_refused() {
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(4), Duration::ZERO).await;
+    let mut net = TestNet::start(|_| {}).await;
+    let w = net.add_worker(&fake.url, |_| {}).await;
+    net.add_gateway().await;
+    net.wait_for_workers(1).await;
+    let worker = net.workers[w].peer_id;
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let before = key_fetches(&net).await;
+    let frames = futures::future::join_all((0..20).map(|i| {
+        let head = serde_json::json!({"alg": "RS256", "typ": "JWT", "kid": format!("unknown-{i}")});
+        let claims =
+            serde_json::json!({"sub": "x", "aud": worker.to_base58(), "exp": u64::MAX / 2});
+        let token = format!("{}.{}.c2ln", b64(&head), b64(&claims));
+        let net = &net;
+        async move { send_ticket(net, worker, token).await }
+    }))
+    .await;
+    assert!(frames.iter().all(is_unauthorized), "{frames:?}");
+    let after = key_fetches(&net).await;
+    assert_eq!(after - before, 1.0, "one key fetch for 20 unknown kids");
+    let resp = net.chat(true).await;
+    let events = sse_data(&resp.text().await.expect("body"));
+    assert_eq!(chat_text(&events), tokens(4).concat());
 }

@@ -7,34 +7,15 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{
-    Dialect, FakeUpstream, MODEL, Mode, TestNet, chat_text, eventually, sse_data, tokens,
+    Dialect, FakeUpstream, MODEL, Mode, TestNet, chat_text, eventually, is_unauthorized, request,
+    send_ticket, sse_data, tokens,
 };
 use futures::StreamExt;
 use libp2p::StreamProtocol;
 use serde_json::Value;
 use troop_node::coordinator_client::CoordinatorClient;
 use troop_node::frames_io::{read_frame, write_frame};
-use troop_protocol::frames::{FRAME_VERSION, Frame, INFER_PROTOCOL, InferenceRequest, RequestKind};
-
-fn request() -> InferenceRequest {
-    InferenceRequest {
-        model: MODEL.into(),
-        kind: RequestKind::Chat,
-        messages: vec![troop_protocol::frames::ChatMessage {
-            role: "user".into(),
-            content: "hi".into(),
-        }],
-        prompt: None,
-        max_tokens: Some(8),
-        temperature: None,
-        top_p: None,
-        stop: vec![],
-        seed: None,
-        endpoint: None,
-        body: None,
-        request_id: None,
-    }
-}
+use troop_protocol::frames::{FRAME_VERSION, Frame, INFER_PROTOCOL};
 
 async fn stream_and_check_payment(dialect: Dialect) {
     let fake = FakeUpstream::start(dialect, tokens(12), Duration::from_millis(5)).await;
@@ -173,36 +154,6 @@ async fn a_worker_is_found_through_gossip_with_the_dht_off() {
 
 /// Opens an inference stream from the gateway's node to `worker` and sends
 /// a request with `ticket`; returns the first frame back.
-async fn send_ticket(net: &TestNet, worker: libp2p::PeerId, ticket: String) -> Option<Frame> {
-    let mut control = net
-        .gateway
-        .as_ref()
-        .expect("gateway")
-        .state
-        .net
-        .stream_control();
-    let mut s = control
-        .open_stream(worker, StreamProtocol::new(INFER_PROTOCOL))
-        .await
-        .expect("stream");
-    write_frame(
-        &mut s,
-        &Frame::Request {
-            version: FRAME_VERSION,
-            ticket,
-            request: request(),
-            index: 0,
-        },
-    )
-    .await
-    .expect("write");
-    read_frame(&mut s).await.expect("read")
-}
-
-fn is_unauthorized(f: &Option<Frame>) -> bool {
-    matches!(f, Some(Frame::Error { code, .. }) if *code == troop_protocol::ErrorCode::Unauthorized.number())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tickets_for_another_worker_expired_or_reused_are_refused() {
     let fake = FakeUpstream::start(Dialect::OpenAi, tokens(2), Duration::ZERO).await;

@@ -644,3 +644,65 @@ pub fn chat_text(events: &[String]) -> String {
         })
         .collect()
 }
+
+/// A small structured request (the older frame shape).
+pub fn request() -> troop_protocol::frames::InferenceRequest {
+    troop_protocol::frames::InferenceRequest {
+        model: MODEL.into(),
+        kind: troop_protocol::frames::RequestKind::Chat,
+        messages: vec![troop_protocol::frames::ChatMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        }],
+        prompt: None,
+        max_tokens: Some(8),
+        temperature: None,
+        top_p: None,
+        stop: vec![],
+        seed: None,
+        endpoint: None,
+        body: None,
+        request_id: None,
+    }
+}
+
+/// Sends `ticket` with a request straight to `worker` from the gateway's node
+/// and returns the first frame of the answer.
+pub async fn send_ticket(
+    net: &TestNet,
+    worker: libp2p::PeerId,
+    ticket: String,
+) -> Option<troop_protocol::frames::Frame> {
+    let mut control = net
+        .gateway
+        .as_ref()
+        .expect("gateway")
+        .state
+        .net
+        .stream_control();
+    let mut s = control
+        .open_stream(
+            worker,
+            libp2p::StreamProtocol::new(troop_protocol::frames::INFER_PROTOCOL),
+        )
+        .await
+        .expect("stream");
+    troop_node::frames_io::write_frame(
+        &mut s,
+        &troop_protocol::frames::Frame::Request {
+            version: troop_protocol::frames::FRAME_VERSION,
+            ticket,
+            request: request(),
+            index: 0,
+        },
+    )
+    .await
+    .expect("write");
+    troop_node::frames_io::read_frame(&mut s)
+        .await
+        .expect("read")
+}
+
+pub fn is_unauthorized(f: &Option<troop_protocol::frames::Frame>) -> bool {
+    matches!(f, Some(troop_protocol::frames::Frame::Error { code, .. }) if *code == troop_protocol::ErrorCode::Unauthorized.number())
+}
