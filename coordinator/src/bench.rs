@@ -116,6 +116,7 @@ pub async fn challenge(
 ) -> Result<Response, ApiError> {
     let rid = request_id(&headers);
     let worker = verify_signed(&state, &headers, &method, &uri, &body, &rid)?.to_base58();
+    let _: ChallengeRequest = parse_json(&body).map_err(|e| e.with_request_id(&rid))?;
     let known = state
         .workers
         .read()
@@ -164,6 +165,11 @@ pub async fn challenge(
     }))
     .into_response())
 }
+
+/// `POST /bench/challenge` takes an empty object.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChallengeRequest {}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

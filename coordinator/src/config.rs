@@ -67,6 +67,11 @@ pub struct Config {
     /// Proofs waiting for a verification slot before new ones are answered
     /// 503 with `Retry-After` (a waiting proof holds only its ~140 KB body).
     pub bench_verify_queue: usize,
+    /// New worker ids one client IP may register an hour (re-registering a
+    /// known id does not count).
+    pub registrations_per_ip_per_hour: u32,
+    /// Workers from one IP listed in `/bootstrap` at most.
+    pub bootstrap_per_ip: usize,
 }
 
 impl Config {
@@ -103,6 +108,8 @@ impl Config {
                 .map(|n| n.get())
                 .unwrap_or(1),
             bench_verify_queue: 64,
+            registrations_per_ip_per_hour: 20,
+            bootstrap_per_ip: 2,
         }
     }
 

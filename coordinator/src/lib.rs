@@ -64,6 +64,11 @@ pub struct AppState {
     pub discovery_limiter: IpLimiter,
     pub authorize_limiter: UserLimiter,
     pub authorize_ip_limiter: IpLimiter,
+    /// New worker registrations per client IP.
+    pub register_ip_limiter: IpLimiter,
+    /// The client IP each worker last registered or beat from (for
+    /// `/bootstrap`'s per-IP cap; bounded by the worker table).
+    pub worker_ips: Mutex<HashMap<String, std::net::IpAddr>>,
     /// Requests signed before this second are refused (their nonces were
     /// held in memory by a process that is gone).
     pub started_at: u64,
@@ -132,6 +137,8 @@ impl Coordinator {
             discovery_limiter: IpLimiter::per_hour(cfg.discovery_per_hour),
             authorize_limiter: UserLimiter::per_hour(cfg.authorize_per_hour),
             authorize_ip_limiter: IpLimiter::per_hour(cfg.authorize_per_ip_per_hour),
+            register_ip_limiter: IpLimiter::per_hour(cfg.registrations_per_ip_per_hour),
+            worker_ips: Mutex::new(HashMap::new()),
             cfg,
             writer,
             readers,

@@ -85,6 +85,16 @@ struct ServeArgs {
     /// Requests an hour per client address on /authorize.
     #[arg(long, env = "TROOP_AUTHORIZE_PER_IP_PER_HOUR", default_value_t = 200)]
     authorize_per_ip_per_hour: u32,
+    /// New worker ids one client address may register an hour.
+    #[arg(
+        long,
+        env = "TROOP_REGISTRATIONS_PER_IP_PER_HOUR",
+        default_value_t = 20
+    )]
+    registrations_per_ip_per_hour: u32,
+    /// Workers from one client address listed in /bootstrap at most.
+    #[arg(long, env = "TROOP_BOOTSTRAP_PER_IP", default_value_t = 2)]
+    bootstrap_per_ip: usize,
     /// A circuit relay (`troop relay`) to list first in /bootstrap, as its
     /// multiaddr ending in /p2p/<PeerId> (repeatable).
     #[arg(long = "relay", env = "TROOP_RELAYS", value_delimiter = ',')]
@@ -174,6 +184,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.starter_milli_per_hour = (a.starter_credits_per_hour * 1000.0).round() as i64;
             cfg.starter_pow_bits = a.starter_pow_bits;
             cfg.authorize_per_ip_per_hour = a.authorize_per_ip_per_hour;
+            cfg.registrations_per_ip_per_hour = a.registrations_per_ip_per_hour;
+            cfg.bootstrap_per_ip = a.bootstrap_per_ip.max(1);
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
                 let coordinator = Coordinator::open(cfg)?;

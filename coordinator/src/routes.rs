@@ -1,5 +1,6 @@
 //! HTTP routes of the coordinator.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,9 +132,12 @@ async fn not_found(uri: Uri, headers: HeaderMap) -> ApiError {
 }
 
 fn client_ip(state: &AppState, req: &Request) -> IpAddr {
+    client_ip_of(state, req.headers(), req.extensions())
+}
+
+fn client_ip_of(state: &AppState, headers: &HeaderMap, ext: &axum::http::Extensions) -> IpAddr {
     if state.cfg.trusted_proxy
-        && let Some(ip) = req
-            .headers()
+        && let Some(ip) = headers
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split(',').next())
@@ -141,8 +145,7 @@ fn client_ip(state: &AppState, req: &Request) -> IpAddr {
     {
         return ip;
     }
-    req.extensions()
-        .get::<ConnectInfo<SocketAddr>>()
+    ext.get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
 }
@@ -181,6 +184,10 @@ pub(crate) fn security_event(state: &AppState, event: &str, rid: &str, fields: V
 }
 
 /// Verifies a signed request and its nonce; audits every refusal.
+/// Nonces remembered at most (each for `max_skew_secs`): beyond it signed
+/// requests are answered 503 until old ones age out.
+const MAX_NONCES: usize = 500_000;
+
 pub(crate) fn verify_signed(
     state: &AppState,
     headers: &HeaderMap,
@@ -190,6 +197,26 @@ pub(crate) fn verify_signed(
     rid: &str,
 ) -> Result<libp2p_identity::PeerId, ApiError> {
     let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    for name in [
+        HEADER_PEER,
+        HEADER_TIMESTAMP,
+        HEADER_NONCE,
+        HEADER_SIGNATURE,
+    ] {
+        if headers.get_all(name).iter().nth(1).is_some() {
+            security_event(
+                state,
+                "bad_signature",
+                rid,
+                json!({ "path": uri.path(), "reason": format!("{name} sent twice") }),
+            );
+            return Err(ApiError::unauthorized(
+                ErrorCode::BadSignature,
+                format!("the {name} header must be sent once"),
+            )
+            .with_request_id(rid));
+        }
+    }
     let path = uri
         .path_and_query()
         .map(|p| p.as_str())
@@ -238,6 +265,18 @@ pub(crate) fn verify_signed(
     if nonces.contains_key(&key) {
         drop(nonces);
         return Err(refuse(signed::SignError::Replay));
+    }
+    if nonces.len() >= MAX_NONCES {
+        drop(nonces);
+        metrics::counter!("troop_limit_hits_total", "limit" => "nonces").increment(1);
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Busy,
+            "too many signed requests in the last minutes; retry later",
+        )
+        .with_request_id(rid);
+        e.retry_after = Some(state.cfg.max_skew_secs.min(60));
+        return Err(e);
     }
     nonces.insert(key, v.timestamp);
     Ok(v.peer)
@@ -361,18 +400,60 @@ fn check_list(
     Ok(())
 }
 
+/// Every address must be a multiaddr; one that ends in a PeerId must end
+/// in the registrant's own (a relay address may name its relay before
+/// `/p2p-circuit`).
+fn check_addresses(peer: &libp2p_identity::PeerId, addresses: &[String]) -> Result<(), ApiError> {
+    check_list("addresses", addresses, 32, 512)?;
+    for a in addresses {
+        let ma: multiaddr::Multiaddr = a.parse().map_err(|e| {
+            ApiError::bad_request(format!("addresses: {a:.80} is not a multiaddr: {e}"))
+        })?;
+        if let Some(multiaddr::Protocol::P2p(id)) = ma.iter().last()
+            && id != *peer
+        {
+            return Err(ApiError::bad_request(format!(
+                "addresses: {a:.80} names another peer ({id}), not the signer"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn note_worker_ip(state: &AppState, peer: &str, ip: IpAddr) {
+    if let Ok(mut m) = state.worker_ips.lock() {
+        m.insert(peer.to_string(), ip);
+    }
+}
+
 async fn register(
     State(state): St,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+    ext: axum::http::Extensions,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let rid = request_id(&headers);
     let peer = verify_signed(&state, &headers, &method, &uri, &body, &rid)?;
     let req: RegisterRequest = parse_json(&body).map_err(|e| e.with_request_id(&rid))?;
     check_list("models", &req.models, 256, 256).map_err(|e| e.with_request_id(&rid))?;
-    check_list("addresses", &req.addresses, 32, 512).map_err(|e| e.with_request_id(&rid))?;
+    check_addresses(&peer, &req.addresses).map_err(|e| e.with_request_id(&rid))?;
+    let ip = client_ip_of(&state, &headers, &ext);
+    let known = state
+        .workers
+        .read()
+        .map(|w| w.contains_key(&peer.to_base58()))
+        .unwrap_or(false);
+    if !known && let Err(wait) = state.register_ip_limiter.check(&ip) {
+        return Err(rate_limited(
+            &state,
+            "register",
+            &ip.to_string(),
+            wait,
+            &rid,
+        ));
+    }
     let mut key = [0u8; 32];
     rand::rng().fill_bytes(&mut key);
     let out = state
@@ -405,6 +486,7 @@ async fn register(
         hardware_multiplier: multiplier(row.multiplier_milli),
         heartbeat_interval_secs: state.cfg.heartbeat_interval.as_secs(),
     };
+    note_worker_ip(&state, &row.peer_id, ip);
     if let Ok(mut w) = state.workers.write() {
         w.insert(row.peer_id.clone(), row);
     }
@@ -416,6 +498,7 @@ async fn heartbeat(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+    ext: axum::http::Extensions,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let rid = request_id(&headers);
@@ -425,10 +508,11 @@ async fn heartbeat(
         check_list("models", m, 256, 256).map_err(|e| e.with_request_id(&rid))?;
     }
     if let Some(a) = &req.addresses {
-        check_list("addresses", a, 32, 512).map_err(|e| e.with_request_id(&rid))?;
+        check_addresses(&peer, a).map_err(|e| e.with_request_id(&rid))?;
     }
     let now = unix_secs();
     let peer_id = peer.to_base58();
+    note_worker_ip(&state, &peer_id, client_ip_of(&state, &headers, &ext));
     state
         .writer
         .submit(
@@ -498,7 +582,24 @@ async fn bootstrap(State(state): St) -> Result<Response, ApiError> {
         .values()
         .filter(|w| now.saturating_sub(w.last_seen) <= ttl && !w.addresses.is_empty())
         .collect();
-    live.sort_by_key(|w| std::cmp::Reverse(w.last_seen));
+    // Workers with a verified proof first, then the longest registered;
+    // at most `bootstrap_per_ip` from one IP, so one address cannot fill
+    // the list with ids it made up.
+    live.sort_by_key(|w| (w.verified_gflops.is_none(), w.registered_at));
+    let ips = state
+        .worker_ips
+        .lock()
+        .map(|m| m.clone())
+        .unwrap_or_default();
+    let mut per_ip: HashMap<IpAddr, usize> = HashMap::new();
+    live.retain(|w| match ips.get(&w.peer_id) {
+        Some(ip) => {
+            let n = per_ip.entry(*ip).or_insert(0);
+            *n += 1;
+            *n <= state.cfg.bootstrap_per_ip
+        }
+        None => true,
+    });
     // The operator's relays first: a node behind NAT needs one to be reached.
     let mut peers: Vec<BootstrapPeer> = Vec::new();
     for r in &state.cfg.relays {
@@ -1002,6 +1103,8 @@ pub async fn sweeper(state: Arc<AppState>) {
         }
         state.discovery_limiter.prune();
         state.authorize_limiter.prune();
+        state.authorize_ip_limiter.prune();
+        state.register_ip_limiter.prune();
     }
 }
 

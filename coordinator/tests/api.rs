@@ -904,3 +904,138 @@ async fn sigterm_stops_the_server_cleanly() {
         .expect("run");
     assert!(out.status.success());
 }
+
+/// New worker ids are limited per client IP and hour (re-registering a
+/// known id is not), and every address must be a multiaddr that names no
+/// peer but the signer at its end.
+#[tokio::test]
+async fn registrations_are_limited_per_ip_and_addresses_must_be_the_signers() {
+    let c = TestCoordinator::start_with(|cfg| cfg.registrations_per_ip_per_hour = 3).await;
+    let first = generate();
+    c.register(&first, &[MODEL]).await;
+    c.register(&generate(), &[MODEL]).await;
+    c.register(&generate(), &[MODEL]).await;
+    let r = c
+        .signed(
+            &generate(),
+            "/workers/register",
+            &json!({ "models": [MODEL], "addresses": [] }),
+        )
+        .await;
+    assert!(r.headers().get("retry-after").is_some());
+    assert_eq!(error_code(r).await, (429, "rate_limited".into()));
+    // A known id re-registers.
+    c.register(&first, &[MODEL]).await;
+
+    let me = first.public().to_peer_id();
+    let other = generate().public().to_peer_id();
+    let try_addr = |a: String| {
+        let c = &c;
+        let first = &first;
+        async move {
+            c.signed(
+                first,
+                "/workers/register",
+                &json!({ "models": [MODEL], "addresses": [a] }),
+            )
+            .await
+        }
+    };
+    for bad in [
+        format!("/ip4/10.0.0.1/tcp/4001/p2p/{other}"),
+        "not a multiaddr".to_string(),
+        "/ip4/999.0.0.1/tcp/1".to_string(),
+    ] {
+        assert_eq!(
+            error_code(try_addr(bad.clone()).await).await,
+            (400, "bad_request".into()),
+            "{bad}"
+        );
+    }
+    for good in [
+        format!("/ip4/10.0.0.1/tcp/4001/p2p/{me}"),
+        format!("/ip4/10.0.0.2/tcp/4001/p2p/{other}/p2p-circuit"),
+        format!("/ip4/10.0.0.2/tcp/4001/p2p/{other}/p2p-circuit/p2p/{me}"),
+        "/ip6/::1/udp/4001/quic-v1".to_string(),
+    ] {
+        assert_eq!(try_addr(good.clone()).await.status(), 200, "{good}");
+    }
+    // The heartbeat checks its addresses the same way.
+    let hb = c
+        .signed(
+            &first,
+            "/workers/heartbeat",
+            &json!({ "addresses": [format!("/ip4/10.0.0.1/tcp/1/p2p/{other}")] }),
+        )
+        .await;
+    assert_eq!(error_code(hb).await, (400, "bad_request".into()));
+}
+
+/// Typed bodies with no unknown fields, numbers in range, and each signed
+/// header sent once.
+#[tokio::test]
+async fn strict_bodies_and_duplicate_signature_headers_are_refused() {
+    let c = TestCoordinator::start().await;
+    let w = generate();
+    c.register(&w, &[MODEL]).await;
+    let raw = |body: &'static [u8]| {
+        let c = &c;
+        let w = &w;
+        async move {
+            c.signed_raw(w, "/workers/heartbeat", body.to_vec(), now_secs())
+                .await
+        }
+    };
+    for body in [
+        &br#"{"load": {"active_jobs": 1e400}}"#[..],
+        br#"{"load": {"active_jobs": -1}}"#,
+        br#"{"load": {"active_jobs": 1, "extra": [1, 2]}}"#,
+        br#"{"models": ["m"], "deep": {"a": {"b": {"c": 1}}}}"#,
+        br#"[1, 2, 3]"#,
+        b"{\"models\": [\"\xff\xfe\"]}",
+    ] {
+        let r = raw(body).await;
+        assert_eq!(
+            error_code(r).await,
+            (400, "bad_request".into()),
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+    }
+    assert_eq!(raw(br#"{"load": {"active_jobs": 1}}"#).await.status(), 200);
+    // `/bench/challenge` takes `{}` and nothing else.
+    let r = c
+        .signed(&w, "/bench/challenge", &json!({"n": 16, "rounds": 1}))
+        .await;
+    assert_eq!(error_code(r).await, (400, "bad_request".into()));
+
+    // Two signatures (or two nonces) in one request: refused.
+    let body = br#"{}"#.to_vec();
+    let h =
+        troop_protocol::signed::sign_request(&w, "POST", "/workers/heartbeat", &body, now_secs());
+    let mut req = c
+        .http
+        .post(format!("{}/workers/heartbeat", c.url))
+        .header("content-type", "application/json")
+        .body(body);
+    for (k, v) in h.pairs() {
+        req = req.header(k, v);
+        if k == troop_protocol::signed::HEADER_SIGNATURE {
+            req = req.header(k, v);
+        }
+    }
+    let r = req.send().await.expect("POST");
+    assert_eq!(error_code(r).await, (401, "bad_signature".into()));
+}
+
+/// One IP cannot fill `/bootstrap` with ids it made up.
+#[tokio::test]
+async fn bootstrap_lists_at_most_a_few_workers_per_ip() {
+    let c = TestCoordinator::start_with(|cfg| cfg.bootstrap_per_ip = 2).await;
+    for _ in 0..5 {
+        c.register(&generate(), &[MODEL]).await;
+    }
+    let boot: Value = c.get("/bootstrap").await.json().await.expect("json");
+    let listed = boot["peers"].as_array().expect("peers").len();
+    assert_eq!(listed, 2, "{boot}");
+}

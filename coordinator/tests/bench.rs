@@ -393,3 +393,40 @@ async fn a_full_verification_queue_answers_503_and_keeps_the_try() {
         assert_eq!(s, 422, "{v}");
     }
 }
+
+/// `/bootstrap` lists workers with a verified proof first.
+#[tokio::test]
+async fn bootstrap_prefers_workers_with_a_verified_proof() {
+    let c = small().await;
+    let ws: Vec<Keypair> = (0..3).map(|_| generate()).collect();
+    for w in &ws {
+        c.register(w, &["m"]).await;
+    }
+    let proven = &ws[2];
+    let (id, ch) = challenge(&c, proven).await;
+    let proof = prove(&ch, Backend::Cpu, None, |_, _| {}).expect("prove");
+    let (_, asked) = json_of(
+        c.signed(
+            proven,
+            "/bench/submit",
+            &json!({"challenge_id": id, "root": proof.root_hex()}),
+        )
+        .await,
+    )
+    .await;
+    let rows: Vec<usize> = asked["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter_map(Value::as_u64)
+        .map(|v| v as usize)
+        .collect();
+    let (s, _, v) = submit_openings(&c, proven, &id, &proof.openings(&rows)).await;
+    assert_eq!(s, 200, "{v}");
+    let boot: Value = c.get("/bootstrap").await.json().await.expect("json");
+    assert_eq!(
+        boot["peers"][0]["peer_id"],
+        proven.public().to_peer_id().to_base58().as_str(),
+        "{boot}"
+    );
+}

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// `POST /workers/register` (signed by the worker).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
     /// Model names the worker serves.
     pub models: Vec<String>,
@@ -29,6 +30,7 @@ pub struct RegisterResponse {
 
 /// Load a worker reports.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Load {
     #[serde(default)]
     pub active_jobs: u32,
@@ -38,6 +40,7 @@ pub struct Load {
 
 /// `POST /workers/heartbeat` (signed by the worker).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HeartbeatRequest {
     #[serde(default)]
     pub models: Option<Vec<String>>,

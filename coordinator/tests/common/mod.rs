@@ -36,6 +36,8 @@ pub fn config(dir: &std::path::Path) -> Config {
     cfg.starter_grants_per_ip_per_day = 0;
     cfg.starter_milli_per_hour = 0;
     cfg.authorize_per_ip_per_hour = 100_000;
+    cfg.registrations_per_ip_per_hour = 100_000;
+    cfg.bootstrap_per_ip = 100;
     cfg
 }
 
