@@ -299,6 +299,26 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Made-up openings (rows, paths of any length, siblings that are
+        /// not hex, values of any length) are refused, never a panic.
+        #[test]
+        fn random_openings_are_refused(
+            rows in proptest::collection::vec(0usize..80, 0..6),
+            steps in proptest::collection::vec((proptest::option::of("[0-9a-fz]{0,70}"), proptest::bool::ANY), 0..40),
+            values in proptest::option::of(proptest::collection::vec(proptest::num::f32::ANY, 0..70)),
+            json in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
+        ) {
+            let _ = serde_json::from_slice::<Vec<Opening>>(&json);
+            let ch = Challenge::new([1u8; 32], 64, 1);
+            let asked = pick_rows(&[2u8; 32], ch.n, 4);
+            let path: Vec<Step> = steps.into_iter().map(|(sibling, left)| Step { sibling, left }).collect();
+            let openings: Vec<Opening> = rows.iter().map(|&row| Opening { row, values: values.clone(), path: path.clone() }).collect();
+            proptest::prop_assert!(verify(&ch, &"ab".repeat(32), &asked, &openings).is_err());
+        }
+    }
+
     #[test]
     fn openings_at_the_default_size_fit_a_one_mib_body() {
         // The upload's size depends only on n and the rows asked: build the

@@ -322,6 +322,25 @@ mod tests {
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = decode(&bytes);
         }
+
+        /// Valid frames with bytes flipped, cut or inserted: decoding
+        /// returns an error or some frame, and never panics.
+        #[test]
+        fn mutated_frames_never_panic(
+            f in frame(),
+            at in any::<prop::sample::Index>(),
+            byte in any::<u8>(),
+            how in 0u8..3,
+        ) {
+            let mut bytes = encode(&f).expect("encode").split_off(4);
+            let i = at.index(bytes.len().max(1)).min(bytes.len().saturating_sub(1));
+            match how {
+                0 if !bytes.is_empty() => bytes[i] ^= byte | 1,
+                1 => bytes.truncate(i),
+                _ => bytes.insert(i, byte),
+            }
+            let _ = decode(&bytes);
+        }
     }
 
     #[test]
