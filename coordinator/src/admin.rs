@@ -68,9 +68,19 @@ pub fn history(
     Ok(rows)
 }
 
+/// What `ledger audit` found.
+pub struct AuditReport {
+    /// Broken invariants and disagreements; empty means everything holds.
+    pub findings: Vec<String>,
+    /// Transfers committed but missing from the end of the audit log, as a
+    /// crash between the ledger's commit and the log's flush leaves them:
+    /// `ledger repair` (or the next start) appends them.
+    pub recoverable: Vec<i64>,
+    pub totals: ledger::Totals,
+}
+
 /// Runs every check on the ledger in `data_dir` and its audit log.
-/// Returns the findings; empty means everything holds.
-pub fn audit(data_dir: &Path) -> anyhow::Result<(Vec<String>, ledger::Totals)> {
+pub fn audit(data_dir: &Path) -> anyhow::Result<AuditReport> {
     let path = data_dir.join("ledger.sqlite3");
     if !path.exists() {
         anyhow::bail!("no ledger at {}", path.display());
@@ -250,15 +260,36 @@ pub fn audit(data_dir: &Path) -> anyhow::Result<(Vec<String>, ledger::Totals)> {
             findings.push(format!("audit log records transfer {id} twice"));
         }
     }
-    let mut stmt = conn.prepare("SELECT id, kind, amount FROM transfers")?;
+    // The log is written in order, so a crash loses a suffix of it: a
+    // missing transfer is recoverable when it comes after every audited
+    // transfer and no line that would have followed it (one naming its job)
+    // is in the log. Anything else missing was removed.
+    let last_audited = audited.keys().copied().max().unwrap_or(0);
+    let jobs_in_log: HashSet<&str> = lines
+        .iter()
+        .filter(|l| {
+            !l.get("event")
+                .and_then(Value::as_str)
+                .is_some_and(|e| e.starts_with("ledger."))
+        })
+        .filter_map(|l| l.get("job_id").and_then(Value::as_str))
+        .collect();
+    let mut recoverable = Vec::new();
+    let mut stmt = conn.prepare("SELECT id, kind, amount, job_id FROM transfers ORDER BY id")?;
     let mut rows = stmt.query([])?;
     let mut in_ledger = HashSet::new();
     while let Some(r) = rows.next()? {
         let id: i64 = r.get(0)?;
         let kind: String = r.get(1)?;
         let amount: i64 = r.get(2)?;
+        let job: Option<String> = r.get(3)?;
         in_ledger.insert(id);
         match audited.get(&id) {
+            None if id > last_audited
+                && job.as_deref().is_none_or(|j| !jobs_in_log.contains(j)) =>
+            {
+                recoverable.push(id)
+            }
             None => findings.push(format!(
                 "transfer {id} ({kind}) is missing from the audit log"
             )),
@@ -280,5 +311,57 @@ pub fn audit(data_dir: &Path) -> anyhow::Result<(Vec<String>, ledger::Totals)> {
             ));
         }
     }
-    Ok((findings, totals))
+    Ok(AuditReport {
+        findings,
+        recoverable,
+        totals,
+    })
+}
+
+/// Holds `DIR/coordinator.lock` while a coordinator serves from `DIR` or
+/// `ledger repair` runs on it, so they never write the audit log together.
+pub struct DataLock {
+    _file: std::fs::File,
+}
+
+impl DataLock {
+    pub fn take(data_dir: &Path) -> anyhow::Result<Self> {
+        let path = data_dir.join("coordinator.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Self { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "a coordinator is running on {} (it holds {}); stop it first",
+                data_dir.display(),
+                path.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                anyhow::bail!("locking {}: {e}", path.display())
+            }
+        }
+    }
+}
+
+/// Appends the recoverable audit lines (see [`AuditReport::recoverable`])
+/// to the audit log of a stopped coordinator. Refuses when the audit finds
+/// anything else. Returns how many lines were appended.
+pub fn repair(data_dir: &Path) -> anyhow::Result<usize> {
+    let _lock = DataLock::take(data_dir)?;
+    let report = audit(data_dir)?;
+    if !report.findings.is_empty() {
+        anyhow::bail!(
+            "the audit found {} problem(s) that a repair cannot fix; run `ledger audit` to see them",
+            report.findings.len()
+        );
+    }
+    if report.recoverable.is_empty() {
+        return Ok(0);
+    }
+    let conn = ledger::open_reader(&data_dir.join("ledger.sqlite3"))?;
+    crate::audit::reconcile(&crate::audit::path_in(data_dir), &conn)
 }

@@ -72,6 +72,12 @@ pub struct Config {
     pub registrations_per_ip_per_hour: u32,
     /// Workers from one IP listed in `/bootstrap` at most.
     pub bootstrap_per_ip: usize,
+    /// Serve `/metrics` only on this address (not on the public one).
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Connections at once, per IP, and how long one may sit idle.
+    pub conn_limits: crate::listener::ConnLimits,
+    /// Requests handled at once; beyond it, 503 with `Retry-After`.
+    pub max_in_flight: usize,
 }
 
 impl Config {
@@ -110,6 +116,9 @@ impl Config {
             bench_verify_queue: 64,
             registrations_per_ip_per_hour: 20,
             bootstrap_per_ip: 2,
+            metrics_listen: None,
+            conn_limits: crate::listener::ConnLimits::default(),
+            max_in_flight: 1024,
         }
     }
 

@@ -12,6 +12,7 @@ pub mod bench;
 pub mod config;
 pub mod error;
 pub mod ledger;
+pub mod listener;
 pub mod metrics;
 pub mod rate_limit;
 pub mod routes;
@@ -79,6 +80,8 @@ pub struct AppState {
     pub verify_slots: tokio::sync::Semaphore,
     /// Proofs waiting for a slot (bounded by `bench_verify_queue`).
     pub verify_waiting: AtomicUsize,
+    /// Requests being handled (at most `max_in_flight`).
+    pub in_flight: tokio::sync::Semaphore,
 }
 
 /// The opened coordinator, ready to serve.
@@ -86,6 +89,8 @@ pub struct Coordinator {
     pub state: Arc<AppState>,
     writer_thread: WriterThread,
     audit_thread: AuditThread,
+    /// Held while this coordinator may write the audit log.
+    _data_lock: admin::DataLock,
 }
 
 impl Coordinator {
@@ -94,6 +99,7 @@ impl Coordinator {
     pub fn open(cfg: Config) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("creating data folder {}", cfg.data_dir.display()))?;
+        let data_lock = admin::DataLock::take(&cfg.data_dir)?;
         let conn = ledger::open(&cfg.ledger_path())
             .with_context(|| format!("opening ledger {}", cfg.ledger_path().display()))?;
         ledger::check_invariants(&conn).context("ledger invariants at start")?;
@@ -133,6 +139,7 @@ impl Coordinator {
             readers.push(Mutex::new(ledger::open_reader(&cfg.ledger_path())?));
         }
         let verify_slots = cfg.bench_verify_concurrency.max(1);
+        let max_in_flight = cfg.max_in_flight.max(1);
         let state = AppState {
             discovery_limiter: IpLimiter::per_hour(cfg.discovery_per_hour),
             authorize_limiter: UserLimiter::per_hour(cfg.authorize_per_hour),
@@ -152,11 +159,13 @@ impl Coordinator {
             challenges: Mutex::new(HashMap::new()),
             verify_slots: tokio::sync::Semaphore::new(verify_slots),
             verify_waiting: AtomicUsize::new(0),
+            in_flight: tokio::sync::Semaphore::new(max_in_flight),
         };
         Ok(Self {
             state: Arc::new(state),
             writer_thread,
             audit_thread,
+            _data_lock: data_lock,
         })
     }
 
@@ -172,12 +181,37 @@ impl Coordinator {
         tracing::info!(%addr, kid = %self.state.keys.kid, "coordinator listening");
         let sweeper = tokio::spawn(routes::sweeper(self.state.clone()));
         let router = app(self.state.clone());
+        let (stop_metrics, metrics_stopped) = tokio::sync::watch::channel(false);
+        let metrics_server = match self.state.cfg.metrics_listen {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding --metrics-listen {addr}"))?;
+                tracing::info!(addr = %l.local_addr()?, "metrics listening");
+                let mut stopped = metrics_stopped.clone();
+                Some(tokio::spawn(
+                    axum::serve(
+                        listener::Guarded::new(l, self.state.cfg.conn_limits),
+                        routes::metrics_app(self.state.clone()),
+                    )
+                    .with_graceful_shutdown(async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    })
+                    .into_future(),
+                ))
+            }
+            None => None,
+        };
         let served = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
+            listener::Guarded::new(listener, self.state.cfg.conn_limits),
+            router.into_make_service_with_connect_info::<listener::ClientAddr>(),
         )
         .with_graceful_shutdown(shutdown)
         .await;
+        let _ = stop_metrics.send(true);
+        if let Some(m) = metrics_server {
+            let _ = m.await;
+        }
         sweeper.abort();
         let _ = sweeper.await;
         self.writer_thread.shutdown().await;

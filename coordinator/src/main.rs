@@ -95,6 +95,20 @@ struct ServeArgs {
     /// Workers from one client address listed in /bootstrap at most.
     #[arg(long, env = "TROOP_BOOTSTRAP_PER_IP", default_value_t = 2)]
     bootstrap_per_ip: usize,
+    /// Serve /metrics on this address only (e.g. 127.0.0.1:9464), not on
+    /// the public one: metrics name workers and traffic.
+    #[arg(long, env = "TROOP_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Requests handled at once; more are answered 503 with Retry-After.
+    #[arg(long, env = "TROOP_MAX_IN_FLIGHT", default_value_t = 1024)]
+    max_in_flight: usize,
+    /// Connections at once from one client address.
+    #[arg(long, env = "TROOP_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
+    max_connections_per_ip: u32,
+    /// Seconds a connection may send and take nothing before it is closed
+    /// (slow headers, idle keep-alive).
+    #[arg(long, env = "TROOP_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    idle_timeout_secs: u64,
     /// A circuit relay (`troop relay`) to list first in /bootstrap, as its
     /// multiaddr ending in /p2p/<PeerId> (repeatable).
     #[arg(long = "relay", env = "TROOP_RELAYS", value_delimiter = ',')]
@@ -103,8 +117,15 @@ struct ServeArgs {
 
 #[derive(Subcommand, Debug)]
 enum LedgerCmd {
-    /// Check every invariant; exit 0 only when all hold.
+    /// Check every invariant; exit 0 when all hold, 1 on a finding, 3 when
+    /// only audit lines a crash left out are missing (`repair` adds them).
     Audit {
+        #[arg(long, env = "TROOP_DATA", default_value = "./data/coordinator")]
+        data: PathBuf,
+    },
+    /// Append the audit lines a crash left out (what `audit` calls
+    /// recoverable) while the coordinator is stopped.
+    Repair {
         #[arg(long, env = "TROOP_DATA", default_value = "./data/coordinator")]
         data: PathBuf,
     },
@@ -186,6 +207,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.authorize_per_ip_per_hour = a.authorize_per_ip_per_hour;
             cfg.registrations_per_ip_per_hour = a.registrations_per_ip_per_hour;
             cfg.bootstrap_per_ip = a.bootstrap_per_ip.max(1);
+            cfg.metrics_listen = a.metrics_listen;
+            cfg.max_in_flight = a.max_in_flight.max(1);
+            cfg.conn_limits.max_per_ip = a.max_connections_per_ip.max(1);
+            cfg.conn_limits.idle = std::time::Duration::from_secs(a.idle_timeout_secs.max(1));
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
                 let coordinator = Coordinator::open(cfg)?;
@@ -202,17 +227,41 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn ledger_cmd(cmd: LedgerCmd) -> anyhow::Result<ExitCode> {
     match cmd {
+        LedgerCmd::Repair { data } => {
+            let n = admin::repair(&data)?;
+            if n == 0 {
+                println!("ledger repair: nothing to repair");
+            } else {
+                println!("ledger repair: appended {n} audit line(s) marked \"recovered\"");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         LedgerCmd::Audit { data } => {
-            let (findings, t) = admin::audit(&data)?;
+            let admin::AuditReport {
+                findings,
+                recoverable,
+                totals: t,
+            } = admin::audit(&data)?;
             println!(
                 "minted {:.3}  balances {:.3}  pending {:.3}",
                 t.minted as f64 / 1000.0,
                 t.balances as f64 / 1000.0,
                 t.pending_jobs as f64 / 1000.0
             );
-            if findings.is_empty() {
+            if findings.is_empty() && recoverable.is_empty() {
                 println!("ledger audit: OK (every invariant holds)");
                 Ok(ExitCode::SUCCESS)
+            } else if findings.is_empty() {
+                println!(
+                    "ledger audit: recoverable: {} committed transfer(s) missing from the end of the audit log (a crash before its flush): {:?}",
+                    recoverable.len(),
+                    recoverable
+                );
+                println!(
+                    "run `troop-coordinator ledger repair --data {}` (or start the coordinator) to append them",
+                    data.display()
+                );
+                Ok(ExitCode::from(3))
             } else {
                 println!("ledger audit: {} finding(s)", findings.len());
                 for f in &findings {

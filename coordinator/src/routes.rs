@@ -48,7 +48,12 @@ pub fn app(state: Arc<AppState>) -> Router {
             state.clone(),
             discovery_limit,
         ));
-    Router::new()
+    let public = if state.cfg.metrics_listen.is_some() {
+        Router::new()
+    } else {
+        Router::new().route("/metrics", get(metrics_text))
+    };
+    public
         .route("/health", get(health))
         .route("/public-key", get(public_key))
         .route("/.well-known/jwks.json", get(jwks))
@@ -56,7 +61,6 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/workers/heartbeat", post(heartbeat))
         .route("/authorize", post(authorize))
         .route("/transactions/submit", post(submit_receipt))
-        .route("/metrics", get(metrics_text))
         .merge(discovery)
         .route("/bench/challenge", post(crate::bench::challenge))
         // Openings are Merkle paths only: about 140 KB at n = 4096.
@@ -69,9 +73,40 @@ pub fn app(state: Arc<AppState>) -> Router {
             state.cfg.request_timeout,
         ))
         .layer(middleware::from_fn(json_errors))
+        // Load shedding: beyond `max_in_flight` requests at once, answer
+        // 503 with Retry-After at once instead of queueing without end.
+        // (One semaphore for all routes: tower's ConcurrencyLimitLayer
+        // under `Router::layer` would be one limit per route.)
+        .layer(middleware::from_fn_with_state(state.clone(), shed_load))
         .layer(middleware::from_fn(crate::metrics::track))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .with_state(state)
+}
+
+async fn shed_load(State(state): St, req: Request, next: Next) -> Response {
+    match state.in_flight.try_acquire() {
+        Ok(_permit) => next.run(req).await,
+        Err(_) => overloaded().into_response(),
+    }
+}
+
+fn overloaded() -> ApiError {
+    metrics::counter!("troop_limit_hits_total", "limit" => "in_flight").increment(1);
+    let mut e = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Busy,
+        "the coordinator is at its limit of requests in flight; retry in a second",
+    );
+    e.retry_after = Some(1);
+    e
+}
+
+/// `/metrics` alone, for `--metrics-listen`.
+pub fn metrics_app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
         .with_state(state)
 }
 
@@ -144,6 +179,11 @@ fn client_ip_of(state: &AppState, headers: &HeaderMap, ext: &axum::http::Extensi
             .and_then(|v| v.trim().parse().ok())
     {
         return ip;
+    }
+    if let Some(ConnectInfo(crate::listener::ClientAddr(a))) =
+        ext.get::<ConnectInfo<crate::listener::ClientAddr>>()
+    {
+        return a.ip();
     }
     ext.get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())

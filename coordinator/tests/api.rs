@@ -1039,3 +1039,153 @@ async fn bootstrap_lists_at_most_a_few_workers_per_ip() {
     let listed = boot["peers"].as_array().expect("peers").len();
     assert_eq!(listed, 2, "{boot}");
 }
+
+/// A crash between the ledger's commit and the audit log's flush loses the
+/// log's tail: `ledger audit` calls that recoverable (exit 3), `ledger
+/// repair` appends the lines on a stopped coordinator (and refuses on a
+/// running one), and the audit passes again.
+#[tokio::test]
+async fn ledger_repair_restores_an_audit_log_cut_by_a_crash() {
+    let mut c = TestCoordinator::start().await;
+    let worker = generate();
+    let user = generate();
+    c.register(&worker, &[MODEL]).await;
+    assert_eq!(c.authorize(&user, &worker, MODEL).await.status(), 200);
+    let data = c.dir.path().to_str().expect("utf8").to_string();
+    let run = |args: &[&str]| {
+        std::process::Command::new(bin())
+            .args(args)
+            .output()
+            .expect("run")
+    };
+    // Running: repair refuses (the server owns the audit log).
+    let out = run(&["ledger", "repair", "--data", &data]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("a coordinator is running"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.stop().await;
+    // Cut the log where a crash would: just before the reservation's line.
+    let log = c.dir.path().join("logs/audit.log");
+    let text = std::fs::read_to_string(&log).expect("log");
+    let cut = text.find("\"ledger.reserve\"").expect("reserve line");
+    let start = text[..cut].rfind('\n').map_or(0, |i| i + 1);
+    std::fs::write(&log, &text[..start]).expect("write");
+
+    let out = run(&["ledger", "audit", "--data", &data]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    assert!(said.contains("recoverable"), "{said}");
+    let out = run(&["ledger", "repair", "--data", &data]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(said.contains("appended 1"), "{said}");
+    let out = run(&["ledger", "audit", "--data", &data]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    let out = run(&["ledger", "repair", "--data", &data]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to repair"));
+}
+
+fn addr_of(c: &TestCoordinator) -> String {
+    c.url.trim_start_matches("http://").to_string()
+}
+
+/// Reads until the server closes the connection (or `secs` pass).
+async fn closed_within(s: &mut tokio::net::TcpStream, secs: u64) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// A client that sends half its headers and then nothing is cut off after
+/// the idle limit; connections beyond the per-IP cap are closed at once.
+#[tokio::test]
+async fn slow_and_surplus_connections_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let c = TestCoordinator::start_with(|cfg| {
+        cfg.conn_limits.idle = Duration::from_secs(1);
+        cfg.conn_limits.max_per_ip = 2;
+    })
+    .await;
+    let addr = addr_of(&c);
+    let mut slow = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let mut idle = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    // A third connection from the same address is over the cap.
+    let mut third = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    assert!(closed_within(&mut third, 5).await, "over the cap, closed");
+    assert!(closed_within(&mut slow, 10).await, "slow headers cut off");
+    assert!(
+        closed_within(&mut idle, 10).await,
+        "idle connection cut off"
+    );
+    // Their places are free again.
+    let fresh = reqwest::Client::new();
+    let r = fresh
+        .get(format!("{}/health", c.url))
+        .send()
+        .await
+        .expect("health");
+    assert_eq!(r.status(), 200);
+}
+
+/// Beyond `max_in_flight` requests at once the answer is 503 `busy` with
+/// `Retry-After`, at once.
+#[tokio::test]
+async fn requests_over_the_in_flight_limit_are_shed_with_503() {
+    use tokio::io::AsyncWriteExt;
+    let c = TestCoordinator::start_with(|cfg| cfg.max_in_flight = 1).await;
+    // Hold the one place: a POST whose body never finishes arriving.
+    let mut held = tokio::net::TcpStream::connect(addr_of(&c))
+        .await
+        .expect("connect");
+    held.write_all(
+        b"POST /workers/heartbeat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"lo",
+    )
+    .await
+    .expect("write");
+    let r = common::eventually_status(&c, "/health", 503).await;
+    assert!(r.headers().get("retry-after").is_some());
+    let (status, code) = error_code(r).await;
+    assert_eq!((status, code.as_str()), (503, "busy"));
+    drop(held);
+    common::eventually_status(&c, "/health", 200).await;
+}
+
+/// With `--metrics-listen`, `/metrics` is served there and not on the
+/// public address.
+#[tokio::test]
+async fn metrics_can_move_to_their_own_address() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let maddr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let c = TestCoordinator::start_with(|cfg| cfg.metrics_listen = Some(maddr)).await;
+    assert_eq!(c.get("/metrics").await.status(), 404);
+    let text = reqwest::get(format!("http://{maddr}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(text.contains("troop_http_requests_total"), "{text}");
+}

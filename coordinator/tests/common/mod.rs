@@ -249,3 +249,21 @@ pub fn bare_receipt_for(
     r.requests.clear();
     r
 }
+
+/// Polls `GET path` on a fresh connection until it answers `status`.
+pub async fn eventually_status(c: &TestCoordinator, path: &str, status: u16) -> Response {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let fresh = Client::new();
+        if let Ok(r) = fresh.get(format!("{}{}", c.url, path)).send().await
+            && r.status().as_u16() == status
+        {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "GET {path} never answered {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
