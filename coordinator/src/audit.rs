@@ -26,11 +26,17 @@ enum Msg {
 /// Cloneable handle; lines are written in the order they are recorded.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<Msg>,
+    tx: mpsc::SyncSender<Msg>,
 }
 
+/// Lines queued for the writer at most. Ledger lines wait for room (the
+/// ledger's writer slows down with the disk); other events are dropped and
+/// counted in `troop_limit_hits_total{limit="audit_queue"}` while it is
+/// full, so a flood of refused requests cannot grow memory.
+pub const AUDIT_QUEUE: usize = 100_000;
+
 pub struct AuditThread {
-    tx: mpsc::Sender<Msg>,
+    tx: mpsc::SyncSender<Msg>,
     join: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -48,7 +54,7 @@ impl AuditLog {
             std::fs::create_dir_all(dir)?;
         }
         let file = OpenOptions::new().create(true).append(true).open(path)?;
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(AUDIT_QUEUE);
         let join = std::thread::Builder::new()
             .name("audit-log".into())
             .spawn(move || writer(file, rx))?;
@@ -69,7 +75,9 @@ impl AuditLog {
                 obj.entry(k).or_insert(v);
             }
         }
-        let _ = self.tx.send(Msg::Line(line));
+        if let Err(mpsc::TrySendError::Full(_)) = self.tx.try_send(Msg::Line(line)) {
+            metrics::counter!("troop_limit_hits_total", "limit" => "audit_queue").increment(1);
+        }
     }
 
     /// Records ledger events that already carry their `event` name.

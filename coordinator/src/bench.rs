@@ -18,9 +18,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use rand::RngCore;
 use serde::Deserialize;
@@ -29,9 +28,10 @@ use troop_bench_kernels::Challenge;
 use troop_bench_kernels::verify::{self, Opening, SAMPLES};
 use troop_protocol::ErrorCode;
 
-use crate::error::{ApiError, parse_json};
+use crate::error::ApiError;
 use crate::ledger::{Command, Outcome};
-use crate::routes::{ledger_error, request_id, security_event, verify_signed};
+use crate::pipeline::Signed;
+use crate::routes::{ledger_error, security_event};
 use crate::{AppState, unix_secs};
 
 /// A round in progress.
@@ -109,14 +109,11 @@ async fn verify_slot<'a>(
 
 pub async fn challenge(
     State(state): State<Arc<AppState>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    Signed {
+        peer, rid, body: _, ..
+    }: Signed<ChallengeRequest>,
 ) -> Result<Response, ApiError> {
-    let rid = request_id(&headers);
-    let worker = verify_signed(&state, &headers, &method, &uri, &body, &rid)?.to_base58();
-    let _: ChallengeRequest = parse_json(&body).map_err(|e| e.with_request_id(&rid))?;
+    let worker = peer.to_base58();
     let known = state
         .workers
         .read()
@@ -169,11 +166,11 @@ pub async fn challenge(
 /// `POST /bench/challenge` takes an empty object.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ChallengeRequest {}
+pub struct ChallengeRequest {}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Submit {
+pub struct Submit {
     challenge_id: String,
     #[serde(default)]
     root: Option<String>,
@@ -186,15 +183,15 @@ struct Submit {
 
 pub async fn submit(
     State(state): State<Arc<AppState>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    Signed {
+        peer,
+        rid,
+        body: req,
+        ..
+    }: Signed<Submit>,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
-    let rid = request_id(&headers);
-    let worker = verify_signed(&state, &headers, &method, &uri, &body, &rid)?.to_base58();
-    let req: Submit = parse_json(&body).map_err(|e| e.with_request_id(&rid))?;
+    let worker = peer.to_base58();
     // Look the round up and check it belongs to this worker and is on time.
     let (challenge, committed, issued) = {
         let mut map = state

@@ -14,6 +14,7 @@ pub mod error;
 pub mod ledger;
 pub mod listener;
 pub mod metrics;
+pub mod pipeline;
 pub mod rate_limit;
 pub mod routes;
 pub mod tickets;

@@ -32,6 +32,7 @@ use troop_protocol::{ErrorCode, credits_from_milli};
 
 use crate::error::{ApiError, parse_json};
 use crate::ledger::{Command, GrantPolicy, LedgerError, Outcome, WorkerRow};
+use crate::pipeline::{Signed, SignedBytes};
 use crate::{AppState, unix_ms, unix_secs};
 
 type St = State<Arc<AppState>>;
@@ -166,7 +167,7 @@ async fn not_found(uri: Uri, headers: HeaderMap) -> ApiError {
         .with_request_id(&request_id(&headers))
 }
 
-fn client_ip(state: &AppState, req: &Request) -> IpAddr {
+pub(crate) fn client_ip(state: &AppState, req: &Request) -> IpAddr {
     client_ip_of(state, req.headers(), req.extensions())
 }
 
@@ -322,33 +323,18 @@ pub(crate) fn verify_signed(
     Ok(v.peer)
 }
 
+/// A ledger refusal as an HTTP one; failures of the store itself are
+/// logged and audited as `ledger.failure`.
 pub(crate) fn ledger_error(state: &AppState, e: LedgerError, rid: &str) -> ApiError {
-    let (status, code) = match &e {
-        LedgerError::InsufficientFunds { .. } => {
-            (StatusCode::PAYMENT_REQUIRED, ErrorCode::PaymentRequired)
-        }
-        LedgerError::UnknownJob(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
-        LedgerError::UnknownWorker(_) => (StatusCode::NOT_FOUND, ErrorCode::UnknownWorker),
-        LedgerError::Mismatch(_) => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::BadRequest),
-        LedgerError::Conflict(_) | LedgerError::DuplicateJob(_) => {
-            (StatusCode::CONFLICT, ErrorCode::Conflict)
-        }
-        LedgerError::ReservationExpired(_) => (StatusCode::CONFLICT, ErrorCode::ReservationExpired),
-        LedgerError::Range(_) => (StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
-        LedgerError::Closed => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
-        LedgerError::GrantRefused(_) => (StatusCode::PAYMENT_REQUIRED, ErrorCode::PaymentRequired),
-        LedgerError::BadAck(_) => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::BadRequest),
-        LedgerError::Invariant(_) | LedgerError::Storage(_) => {
-            tracing::error!(error = %e, request_id = rid, "ledger failure");
-            state.audit.record(
-                "ledger.failure",
-                Some(rid),
-                json!({ "error": e.to_string() }),
-            );
-            (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable)
-        }
-    };
-    ApiError::new(status, code, e.to_string()).with_request_id(rid)
+    if matches!(e, LedgerError::Invariant(_) | LedgerError::Storage(_)) {
+        tracing::error!(error = %e, request_id = rid, "ledger failure");
+        state.audit.record(
+            "ledger.failure",
+            Some(rid),
+            json!({ "error": e.to_string() }),
+        );
+    }
+    ApiError::from(e).with_request_id(rid)
 }
 
 // ---------------------------------------------------------------------------
@@ -468,18 +454,15 @@ fn note_worker_ip(state: &AppState, peer: &str, ip: IpAddr) {
 
 async fn register(
     State(state): St,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    ext: axum::http::Extensions,
-    body: Bytes,
+    Signed {
+        peer,
+        body: req,
+        rid,
+        ip,
+    }: Signed<RegisterRequest>,
 ) -> Result<Response, ApiError> {
-    let rid = request_id(&headers);
-    let peer = verify_signed(&state, &headers, &method, &uri, &body, &rid)?;
-    let req: RegisterRequest = parse_json(&body).map_err(|e| e.with_request_id(&rid))?;
     check_list("models", &req.models, 256, 256).map_err(|e| e.with_request_id(&rid))?;
     check_addresses(&peer, &req.addresses).map_err(|e| e.with_request_id(&rid))?;
-    let ip = client_ip_of(&state, &headers, &ext);
     let known = state
         .workers
         .read()
@@ -535,15 +518,13 @@ async fn register(
 
 async fn heartbeat(
     State(state): St,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    ext: axum::http::Extensions,
-    body: Bytes,
+    Signed {
+        peer,
+        body: req,
+        rid,
+        ip,
+    }: Signed<HeartbeatRequest>,
 ) -> Result<Response, ApiError> {
-    let rid = request_id(&headers);
-    let peer = verify_signed(&state, &headers, &method, &uri, &body, &rid)?;
-    let req: HeartbeatRequest = parse_json(&body).map_err(|e| e.with_request_id(&rid))?;
     if let Some(m) = &req.models {
         check_list("models", m, 256, 256).map_err(|e| e.with_request_id(&rid))?;
     }
@@ -552,7 +533,7 @@ async fn heartbeat(
     }
     let now = unix_secs();
     let peer_id = peer.to_base58();
-    note_worker_ip(&state, &peer_id, client_ip_of(&state, &headers, &ext));
+    note_worker_ip(&state, &peer_id, ip);
     state
         .writer
         .submit(
@@ -673,21 +654,15 @@ fn new_job_id() -> String {
     hex::encode(b)
 }
 
-async fn authorize(State(state): St, req: Request) -> Result<Response, ApiError> {
-    let ip = client_ip(&state, &req);
-    let (parts, body) = req.into_parts();
-    let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
-    let rid = request_id(&headers);
-    let body = axum::body::to_bytes(body, state.cfg.body_limit_bytes)
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorCode::PayloadTooLarge,
-                "request body too large",
-            )
-            .with_request_id(&rid)
-        })?;
+async fn authorize(
+    State(state): St,
+    SignedBytes {
+        peer: user,
+        bytes: body,
+        rid,
+        ip,
+    }: SignedBytes,
+) -> Result<Response, ApiError> {
     if let Err(wait) = state.authorize_ip_limiter.check(&ip) {
         return Err(rate_limited(
             &state,
@@ -697,7 +672,6 @@ async fn authorize(State(state): St, req: Request) -> Result<Response, ApiError>
             &rid,
         ));
     }
-    let user = verify_signed(&state, &headers, &method, &uri, &body, &rid)?;
     let user_id = user.to_base58();
     let refuse = |reason: &str, detail: String| {
         state.audit.record(
