@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod rate_limit;
 pub mod routes;
+pub mod sweeper;
 pub mod tickets;
 
 use std::collections::HashMap;
@@ -180,7 +181,7 @@ impl Coordinator {
     ) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, kid = %self.state.keys.kid, "coordinator listening");
-        let sweeper = tokio::spawn(routes::sweeper(self.state.clone()));
+        let sweeper = tokio::spawn(sweeper::run(self.state.clone()));
         let router = app(self.state.clone());
         let (stop_metrics, metrics_stopped) = tokio::sync::watch::channel(false);
         let metrics_server = match self.state.cfg.metrics_listen {

@@ -1,0 +1,105 @@
+//! Accounts: balances and transaction histories.
+
+use super::*;
+
+pub(crate) fn account_param(id: &str, rid: &str) -> Result<String, ApiError> {
+    parse_account_id(id)
+        .map(|p| p.to_base58())
+        .map_err(|e| ApiError::bad_request(e.to_string()).with_request_id(rid))
+}
+
+pub(crate) async fn balance(
+    State(state): St,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let rid = request_id(&headers);
+    let account = account_param(&id, &rid)?;
+    let acc = account.clone();
+    let row = state
+        .read_with(move |c| crate::admin::balance_of(c, &acc))
+        .await
+        .map_err(|e| ledger_error(&state, e, &rid))?;
+    match row {
+        Some(b) => Ok(axum::Json(b).into_response()),
+        None => Err(ApiError::not_found(
+            ErrorCode::UnknownAccount,
+            format!("no account {account}"),
+        )
+        .with_request_id(&rid)),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct Page {
+    limit: Option<u32>,
+    before: Option<i64>,
+}
+
+pub(crate) async fn transactions(
+    State(state): St,
+    Path(id): Path<String>,
+    page: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let rid = request_id(&headers);
+    let account = account_param(&id, &rid)?;
+    // A history names counterparties, amounts and session ids: only its
+    // owner reads it (admins use `troop-coordinator ledger history`).
+    let signer = verify_signed(&state, &headers, &method, &uri, b"", &rid)?;
+    if signer.to_base58() != account {
+        security_event(
+            &state,
+            "foreign_history",
+            &rid,
+            json!({ "account": account, "signer": signer.to_base58() }),
+        );
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Unauthorized,
+            "a transaction history is readable only with its own account's signature",
+        )
+        .with_request_id(&rid));
+    }
+    let Query(page) =
+        page.map_err(|e| ApiError::bad_request(e.body_text()).with_request_id(&rid))?;
+    let limit = page.limit.unwrap_or(50).clamp(1, 500);
+    let before = page.before.unwrap_or(i64::MAX);
+    let acc = account.clone();
+    let (exists, entries) = state
+        .read_with(move |c| {
+            let exists = crate::admin::balance_of(c, &acc)?.is_some();
+            Ok((exists, crate::admin::history(c, &acc, before, limit)?))
+        })
+        .await
+        .map_err(|e| ledger_error(&state, e, &rid))?;
+    if !exists {
+        return Err(ApiError::not_found(
+            ErrorCode::UnknownAccount,
+            format!("no account {account}"),
+        )
+        .with_request_id(&rid));
+    }
+    let next_before = (entries.len() == limit as usize)
+        .then(|| entries.last().map(|e: &TransactionEntry| e.id))
+        .flatten();
+    Ok(axum::Json(TransactionsResponse {
+        account,
+        transactions: entries,
+        next_before,
+    })
+    .into_response())
+}
+
+/// Parses a `BalanceResponse` row helper used by both HTTP and the CLI.
+pub fn balance_json(account: &str, cp: i64, dp: i64, dpend: i64) -> BalanceResponse {
+    BalanceResponse {
+        account: account.to_string(),
+        available: credits_from_milli(cp - dp - dpend),
+        pending: credits_from_milli(dpend),
+        credited: credits_from_milli(cp),
+        debited: credits_from_milli(dp),
+    }
+}

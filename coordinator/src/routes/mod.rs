@@ -1,0 +1,390 @@
+//! HTTP routes of the coordinator: the router and its middleware here,
+//! one module per resource (workers, tickets, receipts, accounts; the
+//! proof of hardware in `crate::bench`), and the sweeper in `crate::sweeper`.
+
+mod accounts;
+mod receipts;
+mod tickets;
+mod workers;
+
+pub use accounts::balance_json;
+use accounts::{balance, transactions};
+use receipts::submit_receipt;
+use tickets::authorize;
+use workers::{bootstrap, heartbeat, list_workers, register};
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use rand::RngCore;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use troop_protocol::api::{
+    AuthorizeRequest, AuthorizeResponse, BalanceResponse, BootstrapPeer, BootstrapResponse,
+    HeartbeatRequest, HeartbeatResponse, Load, RegisterRequest, RegisterResponse, ReputationInfo,
+    SettlementResponse, TransactionEntry, TransactionsResponse, WorkerInfo, WorkersResponse,
+};
+use troop_protocol::identity::parse_account_id;
+use troop_protocol::receipt::{HEADER_RECEIPT_MAC, Receipt, verify_receipt_mac};
+use troop_protocol::signed::{self, HEADER_NONCE, HEADER_PEER, HEADER_SIGNATURE, HEADER_TIMESTAMP};
+use troop_protocol::ticket::{TICKET_ISSUER, TicketClaims};
+use troop_protocol::{ErrorCode, credits_from_milli};
+
+use crate::error::{ApiError, parse_json};
+use crate::ledger::{Command, GrantPolicy, LedgerError, Outcome, WorkerRow};
+use crate::pipeline::{Signed, SignedBytes};
+use crate::{AppState, unix_ms, unix_secs};
+
+type St = State<Arc<AppState>>;
+
+/// Builds the router with its middleware: request ids, response time,
+/// metrics, body limit, request timeout, JSON errors everywhere.
+pub fn app(state: Arc<AppState>) -> Router {
+    let discovery = Router::new()
+        .route("/workers", get(list_workers))
+        .route("/bootstrap", get(bootstrap))
+        .route("/users/{id}/balance", get(balance))
+        .route("/users/{id}/transactions", get(transactions))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            discovery_limit,
+        ));
+    let public = if state.cfg.metrics_listen.is_some() {
+        Router::new()
+    } else {
+        Router::new().route("/metrics", get(metrics_text))
+    };
+    public
+        .route("/health", get(health))
+        .route("/public-key", get(public_key))
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/workers/register", post(register))
+        .route("/workers/heartbeat", post(heartbeat))
+        .route("/authorize", post(authorize))
+        .route("/transactions/submit", post(submit_receipt))
+        .merge(discovery)
+        .route("/bench/challenge", post(crate::bench::challenge))
+        // Openings are Merkle paths only: about 140 KB at n = 4096.
+        .route("/bench/submit", post(crate::bench::submit))
+        // Router::layer wraps from the inside out: the last one is outermost.
+        .layer(RequestBodyLimitLayer::new(state.cfg.body_limit_bytes))
+        .fallback(not_found)
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            state.cfg.request_timeout,
+        ))
+        .layer(middleware::from_fn(json_errors))
+        // Load shedding: beyond `max_in_flight` requests at once, answer
+        // 503 with Retry-After at once instead of queueing without end.
+        // (One semaphore for all routes: tower's ConcurrencyLimitLayer
+        // under `Router::layer` would be one limit per route.)
+        .layer(middleware::from_fn_with_state(state.clone(), shed_load))
+        .layer(middleware::from_fn(crate::metrics::track))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .with_state(state)
+}
+
+async fn shed_load(State(state): St, req: Request, next: Next) -> Response {
+    match state.in_flight.try_acquire() {
+        Ok(_permit) => next.run(req).await,
+        Err(_) => overloaded().into_response(),
+    }
+}
+
+fn overloaded() -> ApiError {
+    metrics::counter!("troop_limit_hits_total", "limit" => "in_flight").increment(1);
+    let mut e = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Busy,
+        "the coordinator is at its limit of requests in flight; retry in a second",
+    );
+    e.retry_after = Some(1);
+    e
+}
+
+/// `/metrics` alone, for `--metrics-listen`.
+pub fn metrics_app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+pub(crate) fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Turns any error response that is not JSON (405, 413 from the body
+/// limit, 408 from the timeout, extractor rejections) into the JSON shape.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let rid = request_id(req.headers());
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if status.as_u16() < 400 || is_json {
+        return resp;
+    }
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+        StatusCode::REQUEST_TIMEOUT => ErrorCode::Timeout,
+        StatusCode::NOT_FOUND => ErrorCode::NotFound,
+        StatusCode::UNAUTHORIZED => ErrorCode::Unauthorized,
+        s if s.is_server_error() => ErrorCode::Internal,
+        _ => ErrorCode::BadRequest,
+    };
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let mut out = ApiError::new(status, code, message)
+        .with_request_id(&rid)
+        .into_response();
+    for name in [header::RETRY_AFTER, header::ALLOW] {
+        if let Some(v) = parts.headers.get(&name) {
+            out.headers_mut().insert(name, v.clone());
+        }
+    }
+    out
+}
+
+async fn not_found(uri: Uri, headers: HeaderMap) -> ApiError {
+    ApiError::not_found(ErrorCode::NotFound, format!("no route for {}", uri.path()))
+        .with_request_id(&request_id(&headers))
+}
+
+pub(crate) fn client_ip(state: &AppState, req: &Request) -> IpAddr {
+    client_ip_of(state, req.headers(), req.extensions())
+}
+
+fn client_ip_of(state: &AppState, headers: &HeaderMap, ext: &axum::http::Extensions) -> IpAddr {
+    if state.cfg.trusted_proxy
+        && let Some(ip) = headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.trim().parse().ok())
+    {
+        return ip;
+    }
+    if let Some(ConnectInfo(crate::listener::ClientAddr(a))) =
+        ext.get::<ConnectInfo<crate::listener::ClientAddr>>()
+    {
+        return a.ip();
+    }
+    ext.get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
+fn rate_limited(state: &AppState, scope: &str, key: &str, wait: u64, rid: &str) -> ApiError {
+    metrics::counter!("troop_rate_limited_total", "scope" => scope.to_string()).increment(1);
+    state.audit.record(
+        "rate_limited",
+        Some(rid),
+        json!({ "scope": scope, "key": key, "retry_after": wait }),
+    );
+    let mut e = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::RateLimited,
+        format!("rate limit for {scope} reached; retry in {wait} s"),
+    )
+    .with_request_id(rid);
+    e.retry_after = Some(wait);
+    e
+}
+
+async fn discovery_limit(State(state): St, req: Request, next: Next) -> Response {
+    let ip = client_ip(&state, &req);
+    if let Err(wait) = state.discovery_limiter.check(&ip) {
+        let rid = request_id(req.headers());
+        return rate_limited(&state, "discovery", &ip.to_string(), wait, &rid).into_response();
+    }
+    next.run(req).await
+}
+
+pub(crate) fn security_event(state: &AppState, event: &str, rid: &str, fields: Value) {
+    metrics::counter!("troop_security_events_total", "event" => event.to_string()).increment(1);
+    state
+        .audit
+        .record(&format!("security.{event}"), Some(rid), fields);
+}
+
+/// Nonces remembered at most (each for `max_skew_secs`): beyond it signed
+/// requests are answered 503 until old ones age out.
+const MAX_NONCES: usize = 500_000;
+
+/// Verifies a signed request and its nonce; audits every refusal.
+pub(crate) fn verify_signed(
+    state: &AppState,
+    headers: &HeaderMap,
+    method: &Method,
+    uri: &Uri,
+    body: &[u8],
+    rid: &str,
+) -> Result<libp2p_identity::PeerId, ApiError> {
+    let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    for name in [
+        HEADER_PEER,
+        HEADER_TIMESTAMP,
+        HEADER_NONCE,
+        HEADER_SIGNATURE,
+    ] {
+        if headers.get_all(name).iter().nth(1).is_some() {
+            security_event(
+                state,
+                "bad_signature",
+                rid,
+                json!({ "path": uri.path(), "reason": format!("{name} sent twice") }),
+            );
+            return Err(ApiError::unauthorized(
+                ErrorCode::BadSignature,
+                format!("the {name} header must be sent once"),
+            )
+            .with_request_id(rid));
+        }
+    }
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or(uri.path());
+    let now = unix_secs();
+    let refuse = |e: signed::SignError| {
+        let event = match e.code() {
+            ErrorCode::StaleTimestamp => "stale_timestamp",
+            ErrorCode::Replay => "replay",
+            _ => "bad_signature",
+        };
+        security_event(
+            state,
+            event,
+            rid,
+            json!({ "path": uri.path(), "peer": h(HEADER_PEER), "reason": e.to_string() }),
+        );
+        ApiError::unauthorized(e.code(), e.to_string()).with_request_id(rid)
+    };
+    let v = signed::verify_request(
+        [
+            h(HEADER_PEER),
+            h(HEADER_TIMESTAMP),
+            h(HEADER_NONCE),
+            h(HEADER_SIGNATURE),
+        ],
+        method.as_str(),
+        path,
+        body,
+        now,
+        state.cfg.max_skew_secs,
+    )
+    .map_err(refuse)?;
+    if v.timestamp < state.started_at {
+        return Err(refuse(signed::SignError::StaleTimestamp {
+            timestamp: v.timestamp,
+            skew: state.started_at - v.timestamp,
+            max: 0,
+        }));
+    }
+    let mut nonces = state
+        .nonces
+        .lock()
+        .map_err(|_| ApiError::internal("nonce store poisoned"))?;
+    let key = (v.peer.to_base58(), v.nonce.clone());
+    if nonces.contains_key(&key) {
+        drop(nonces);
+        return Err(refuse(signed::SignError::Replay));
+    }
+    if nonces.len() >= MAX_NONCES {
+        drop(nonces);
+        metrics::counter!("troop_limit_hits_total", "limit" => "nonces").increment(1);
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Busy,
+            "too many signed requests in the last minutes; retry later",
+        )
+        .with_request_id(rid);
+        e.retry_after = Some(state.cfg.max_skew_secs.min(60));
+        return Err(e);
+    }
+    nonces.insert(key, v.timestamp);
+    Ok(v.peer)
+}
+
+/// A ledger refusal as an HTTP one; failures of the store itself are
+/// logged and audited as `ledger.failure`.
+pub(crate) fn ledger_error(state: &AppState, e: LedgerError, rid: &str) -> ApiError {
+    if matches!(e, LedgerError::Invariant(_) | LedgerError::Storage(_)) {
+        tracing::error!(error = %e, request_id = rid, "ledger failure");
+        state.audit.record(
+            "ledger.failure",
+            Some(rid),
+            json!({ "error": e.to_string() }),
+        );
+    }
+    ApiError::from(e).with_request_id(rid)
+}
+
+// ---------------------------------------------------------------------------
+
+async fn health(State(state): St) -> impl IntoResponse {
+    axum::Json(json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "kid": state.keys.kid,
+        "starter_pow_bits": state.cfg.starter_pow_bits,
+    }))
+}
+
+async fn public_key(State(state): St) -> impl IntoResponse {
+    axum::Json(json!({
+        "kid": state.keys.kid,
+        "alg": "RS256",
+        "issuer": TICKET_ISSUER,
+        "public_key": state.keys.public_pem,
+    }))
+}
+
+async fn jwks(State(state): St) -> impl IntoResponse {
+    axum::Json(state.keys.jwks.clone())
+}
+
+async fn metrics_text(State(state): St) -> Response {
+    let body = state
+        .prometheus
+        .as_ref()
+        .map(|h| h.render())
+        .unwrap_or_default();
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        body,
+    )
+        .into_response()
+}

@@ -1,0 +1,280 @@
+//! Workers: registration, heartbeats, the public list and `/bootstrap`.
+
+use super::*;
+
+pub(crate) fn multiplier(milli: i64) -> f64 {
+    milli as f64 / 1000.0
+}
+
+pub(crate) fn worker_info(cfg: &crate::Config, w: &WorkerRow, now: u64) -> WorkerInfo {
+    WorkerInfo {
+        peer_id: w.peer_id.clone(),
+        models: w.models.clone(),
+        addresses: w.addresses.clone(),
+        hardware_multiplier: multiplier(w.multiplier_milli),
+        verified_gflops: w.verified_gflops,
+        last_seen: w.last_seen,
+        alive: now.saturating_sub(w.last_seen) <= cfg.worker_ttl.as_secs(),
+        load: Load {
+            active_jobs: w.active_jobs,
+            queue_depth: w.queue_depth,
+        },
+        reputation: None,
+    }
+}
+
+pub(crate) fn reputation_info(r: &crate::ledger::Reputation) -> Option<ReputationInfo> {
+    (r.requests > 0).then(|| ReputationInfo {
+        requests: r.requests as u64,
+        acknowledged_share: r.acknowledged as f64 / r.requests as f64,
+        disputed_share: r.disputed as f64 / r.requests as f64,
+    })
+}
+
+pub(crate) fn check_list(
+    name: &str,
+    items: &[String],
+    max_items: usize,
+    max_len: usize,
+) -> Result<(), ApiError> {
+    if items.len() > max_items {
+        return Err(ApiError::bad_request(format!(
+            "{name}: at most {max_items} entries"
+        )));
+    }
+    if let Some(bad) = items.iter().find(|s| s.is_empty() || s.len() > max_len) {
+        return Err(ApiError::bad_request(format!(
+            "{name}: entries must be 1 to {max_len} bytes (got {} bytes)",
+            bad.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Every address must be a multiaddr; one that ends in a PeerId must end
+/// in the registrant's own (a relay address may name its relay before
+/// `/p2p-circuit`).
+pub(crate) fn check_addresses(
+    peer: &libp2p_identity::PeerId,
+    addresses: &[String],
+) -> Result<(), ApiError> {
+    check_list("addresses", addresses, 32, 512)?;
+    for a in addresses {
+        let ma: multiaddr::Multiaddr = a.parse().map_err(|e| {
+            ApiError::bad_request(format!("addresses: {a:.80} is not a multiaddr: {e}"))
+        })?;
+        if let Some(multiaddr::Protocol::P2p(id)) = ma.iter().last()
+            && id != *peer
+        {
+            return Err(ApiError::bad_request(format!(
+                "addresses: {a:.80} names another peer ({id}), not the signer"
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn note_worker_ip(state: &AppState, peer: &str, ip: IpAddr) {
+    if let Ok(mut m) = state.worker_ips.lock() {
+        m.insert(peer.to_string(), ip);
+    }
+}
+
+pub(crate) async fn register(
+    State(state): St,
+    Signed {
+        peer,
+        body: req,
+        rid,
+        ip,
+    }: Signed<RegisterRequest>,
+) -> Result<Response, ApiError> {
+    check_list("models", &req.models, 256, 256).map_err(|e| e.with_request_id(&rid))?;
+    check_addresses(&peer, &req.addresses).map_err(|e| e.with_request_id(&rid))?;
+    let known = state
+        .workers
+        .read()
+        .map(|w| w.contains_key(&peer.to_base58()))
+        .unwrap_or(false);
+    if !known && let Err(wait) = state.register_ip_limiter.check(&ip) {
+        return Err(rate_limited(
+            &state,
+            "register",
+            &ip.to_string(),
+            wait,
+            &rid,
+        ));
+    }
+    let mut key = [0u8; 32];
+    rand::rng().fill_bytes(&mut key);
+    let out = state
+        .writer
+        .submit(
+            Command::RegisterWorker {
+                peer_id: peer.to_base58(),
+                models: req.models,
+                addresses: req.addresses,
+                version: req.version.map(|v| v.chars().take(64).collect()),
+                new_key: key,
+                now_secs: unix_secs(),
+            },
+            Some(rid.clone()),
+        )
+        .await
+        .map_err(|e| ledger_error(&state, e, &rid))?;
+    let Outcome::Worker(row) = out else {
+        return Err(ApiError::internal("unexpected ledger outcome").with_request_id(&rid));
+    };
+    state.audit.record(
+        "worker.registered",
+        Some(&rid),
+        json!({ "peer_id": row.peer_id, "models": row.models }),
+    );
+    tracing::info!(worker = %row.peer_id, models = ?row.models, "worker registered");
+    let resp = RegisterResponse {
+        peer_id: row.peer_id.clone(),
+        receipt_key: hex::encode(&row.receipt_key),
+        hardware_multiplier: multiplier(row.multiplier_milli),
+        heartbeat_interval_secs: state.cfg.heartbeat_interval.as_secs(),
+    };
+    note_worker_ip(&state, &row.peer_id, ip);
+    if let Ok(mut w) = state.workers.write() {
+        w.insert(row.peer_id.clone(), row);
+    }
+    Ok(axum::Json(resp).into_response())
+}
+
+pub(crate) async fn heartbeat(
+    State(state): St,
+    Signed {
+        peer,
+        body: req,
+        rid,
+        ip,
+    }: Signed<HeartbeatRequest>,
+) -> Result<Response, ApiError> {
+    if let Some(m) = &req.models {
+        check_list("models", m, 256, 256).map_err(|e| e.with_request_id(&rid))?;
+    }
+    if let Some(a) = &req.addresses {
+        check_addresses(&peer, a).map_err(|e| e.with_request_id(&rid))?;
+    }
+    let now = unix_secs();
+    let peer_id = peer.to_base58();
+    note_worker_ip(&state, &peer_id, ip);
+    state
+        .writer
+        .submit(
+            Command::Heartbeat {
+                peer_id: peer_id.clone(),
+                models: req.models.clone(),
+                addresses: req.addresses.clone(),
+                active_jobs: req.load.active_jobs,
+                queue_depth: req.load.queue_depth,
+                now_secs: now,
+            },
+            Some(rid.clone()),
+        )
+        .await
+        .map_err(|e| ledger_error(&state, e, &rid))?;
+    if let Ok(mut map) = state.workers.write()
+        && let Some(w) = map.get_mut(&peer_id)
+    {
+        w.last_seen = now;
+        w.active_jobs = req.load.active_jobs;
+        w.queue_depth = req.load.queue_depth;
+        if let Some(m) = req.models {
+            w.models = m;
+        }
+        if let Some(a) = req.addresses {
+            w.addresses = a;
+        }
+    }
+    Ok(axum::Json(HeartbeatResponse {
+        ok: true,
+        last_seen: now,
+    })
+    .into_response())
+}
+
+pub(crate) async fn list_workers(
+    State(state): St,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let rid = request_id(&headers);
+    let now = unix_secs();
+    let reps = state
+        .read_with(crate::ledger::worker_reputations)
+        .await
+        .map_err(|e| ledger_error(&state, e, &rid))?;
+    let mut workers: Vec<WorkerInfo> = state
+        .workers
+        .read()
+        .map_err(|_| ApiError::internal("worker table poisoned"))?
+        .values()
+        .map(|w| {
+            let mut i = worker_info(&state.cfg, w, now);
+            i.reputation = reps.get(&w.peer_id).and_then(reputation_info);
+            i
+        })
+        .collect();
+    workers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+    Ok(axum::Json(WorkersResponse { workers }).into_response())
+}
+
+pub(crate) async fn bootstrap(State(state): St) -> Result<Response, ApiError> {
+    let now = unix_secs();
+    let ttl = state.cfg.worker_ttl.as_secs();
+    let mut live: Vec<&WorkerRow>;
+    let map = state
+        .workers
+        .read()
+        .map_err(|_| ApiError::internal("worker table poisoned"))?;
+    live = map
+        .values()
+        .filter(|w| now.saturating_sub(w.last_seen) <= ttl && !w.addresses.is_empty())
+        .collect();
+    // Workers with a verified proof first, then the longest registered;
+    // at most `bootstrap_per_ip` from one IP, so one address cannot fill
+    // the list with ids it made up.
+    live.sort_by_key(|w| (w.verified_gflops.is_none(), w.registered_at));
+    let ips = state
+        .worker_ips
+        .lock()
+        .map(|m| m.clone())
+        .unwrap_or_default();
+    let mut per_ip: HashMap<IpAddr, usize> = HashMap::new();
+    live.retain(|w| match ips.get(&w.peer_id) {
+        Some(ip) => {
+            let n = per_ip.entry(*ip).or_insert(0);
+            *n += 1;
+            *n <= state.cfg.bootstrap_per_ip
+        }
+        None => true,
+    });
+    // The operator's relays first: a node behind NAT needs one to be reached.
+    let mut peers: Vec<BootstrapPeer> = Vec::new();
+    for r in &state.cfg.relays {
+        let Some(peer_id) = crate::config::relay_peer_id(r) else {
+            continue;
+        };
+        match peers.iter_mut().find(|p| p.peer_id == peer_id) {
+            Some(p) => p.addresses.push(r.clone()),
+            None => peers.push(BootstrapPeer {
+                peer_id,
+                addresses: vec![r.clone()],
+                relay: true,
+            }),
+        }
+    }
+    peers.extend(
+        live.into_iter()
+            .take(state.cfg.bootstrap_peers)
+            .map(|w| BootstrapPeer {
+                peer_id: w.peer_id.clone(),
+                addresses: w.addresses.clone(),
+                relay: false,
+            }),
+    );
+    Ok(axum::Json(BootstrapResponse { peers }).into_response())
+}
