@@ -65,6 +65,48 @@ impl TestCoordinator {
         }
     }
 
+    /// A data folder and a client, with no coordinator running (tests that
+    /// start the binary themselves set `url`).
+    pub fn idle() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+            running: None,
+            url: String::new(),
+            http: Client::new(),
+        }
+    }
+
+    /// The status of `GET path`, or None when nothing answers.
+    pub async fn get_maybe(&self, path: &str) -> Option<u16> {
+        self.http
+            .get(format!("{}{}", self.url, path))
+            .send()
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
+    }
+
+    /// A receipt's status, or an error when the connection broke.
+    pub async fn try_submit_receipt(
+        &self,
+        key_hex: &str,
+        receipt: &Receipt,
+        ts: u64,
+    ) -> Result<u16, reqwest::Error> {
+        let body = serde_json::to_vec(receipt).expect("json");
+        let key = hex::decode(key_hex).expect("hex key");
+        let mac = sign_receipt(&key, ts, &body);
+        self.http
+            .post(format!("{}/transactions/submit", self.url))
+            .header("content-type", "application/json")
+            .header(HEADER_TIMESTAMP, ts.to_string())
+            .header(HEADER_RECEIPT_MAC, mac)
+            .body(body)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    }
+
     /// Stops and starts again on the same data folder.
     pub async fn restart_with(&mut self, tweak: impl FnOnce(&mut Config)) {
         if let Some(r) = self.running.take() {
