@@ -2,9 +2,12 @@
 //! * bare RS256 signatures/s (jsonwebtoken, aws-lc-rs) on 1 thread and on all cores;
 //! * tickets/s: signed `POST /authorize` with its ledger reservation, concurrent clients;
 //! * receipts settled/s: HMAC `POST /transactions/submit`, concurrent clients;
-//! * settlements/s through the ledger writer alone (group commit, no HTTP).
+//! * settlements/s through the ledger writer alone (group commit, no HTTP);
+//! * 1,000 concurrent readers (each its own connection, 5 balance reads):
+//!   p50/p99 latency and how many answers were 5xx or failed.
 //!
-//! `cargo bench -p troop-coordinator --bench coordinator` (env: TICKETS, CONCURRENCY).
+//! `cargo bench -p troop-coordinator --bench coordinator` (env: TICKETS,
+//! CONCURRENCY, READERS).
 //! The load generator runs in the same process, on the same cores, as the server.
 
 #[path = "../tests/common/mod.rs"]
@@ -78,6 +81,8 @@ fn main() {
                 cfg.authorize_per_hour = 1_000_000;
                 cfg.discovery_per_hour = 1_000_000;
                 cfg.sweep_interval = Duration::from_secs(3600);
+                // Every reader below comes from 127.0.0.1.
+                cfg.conn_limits.max_per_ip = 1_000_000;
             })
             .await,
         );
@@ -149,6 +154,44 @@ fn main() {
             .await;
         let writer_settle_per_s = (jobs.len() - half) as f64 / start.elapsed().as_secs_f64();
 
+        // Readers: each its own client (connection), all at once.
+        let readers = env_usize("READERS", 1000);
+        let reads_each = 5;
+        let start = Instant::now();
+        let samples: Vec<(u16, f64)> = futures::stream::iter(0..readers)
+            .map(|i| {
+                let url = format!("{}/users/{}/balance", c.url, users[i % users.len()].public().to_peer_id());
+                async move {
+                    let client = reqwest::Client::new();
+                    let mut out = Vec::with_capacity(reads_each);
+                    for _ in 0..reads_each {
+                        let t = Instant::now();
+                        let status = match client.get(&url).send().await {
+                            Ok(r) => {
+                                let s = r.status().as_u16();
+                                let _ = r.bytes().await;
+                                s
+                            }
+                            Err(_) => 0,
+                        };
+                        out.push((status, t.elapsed().as_secs_f64() * 1000.0));
+                    }
+                    out
+                }
+            })
+            .buffer_unordered(readers)
+            .flat_map(futures::stream::iter)
+            .collect()
+            .await;
+        let read_secs = start.elapsed().as_secs_f64();
+        let mut lat: Vec<f64> = samples.iter().map(|(_, ms)| *ms).collect();
+        lat.sort_by(f64::total_cmp);
+        let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(f64::NAN);
+        let (read_p50, read_p99) = (pct(0.50), pct(0.99));
+        let read_5xx = samples.iter().filter(|(s, _)| *s >= 500).count();
+        let read_failed = samples.iter().filter(|(s, _)| *s == 0).count();
+        let reads_per_s = samples.len() as f64 / read_secs;
+
         println!();
         println!("coordinator benchmark: {tickets} tickets, {concurrency} concurrent clients, {cores} cores (load generator in the same process)");
         println!("| figure | measured | goal |");
@@ -159,6 +202,9 @@ fn main() {
         println!("| tickets / bare signing on {cores} threads | {:.0} % | >= 70 % |", 100.0 * tickets_per_s / sign_all);
         println!("| receipts settled/s over HTTP (HMAC + durable commit) | {http_settle_per_s:.0} | >= 10000 |");
         println!("| receipts settled/s through the ledger writer (group commit) | {writer_settle_per_s:.0} | >= 10000 |");
+        println!("| {readers} concurrent readers x {reads_each} balance reads: p50 / p99 ms | {read_p50:.1} / {read_p99:.1} | - |");
+        println!("| readers' reads/s | {reads_per_s:.0} | - |");
+        println!("| readers' answers 5xx / connection failures | {read_5xx} / {read_failed} | 0 / 0 |");
         if let Ok(path) = std::env::var("BENCH_JSON") {
             let v = serde_json::json!({
                 "bare_rs256_per_s_1_thread": sign_1,
@@ -167,6 +213,11 @@ fn main() {
                 "settlements_per_s_http": http_settle_per_s,
                 "settlements_per_s_writer": writer_settle_per_s,
                 "cores": cores,
+                "readers": readers,
+                "readers_p50_ms": read_p50,
+                "readers_p99_ms": read_p99,
+                "readers_5xx": read_5xx,
+                "readers_failed": read_failed,
             });
             std::fs::write(path, v.to_string()).expect("write BENCH_JSON");
         }
