@@ -27,6 +27,7 @@ use serde_json::json;
 use troop_bench_kernels::Challenge;
 use troop_bench_kernels::verify::{self, Opening, SAMPLES};
 use troop_protocol::ErrorCode;
+use troop_protocol::api::{BenchChallenge, BenchRows, BenchVerdict};
 
 use crate::error::ApiError;
 use crate::ledger::{Command, Outcome};
@@ -152,14 +153,14 @@ pub async fn challenge(
         Some(&rid),
         json!({ "worker": worker, "challenge_id": id, "n": ch.n, "rounds": ch.rounds }),
     );
-    Ok(axum::Json(json!({
-        "challenge_id": id,
-        "seed": ch.seed,
-        "n": ch.n,
-        "rounds": ch.rounds,
-        "deadline": deadline_unix,
-        "samples": SAMPLES,
-    }))
+    Ok(axum::Json(BenchChallenge {
+        challenge_id: id,
+        seed: ch.seed,
+        n: ch.n,
+        rounds: ch.rounds,
+        deadline: deadline_unix,
+        samples: SAMPLES,
+    })
     .into_response())
 }
 
@@ -262,9 +263,11 @@ pub async fn submit(
                 json!({ "worker": worker, "challenge_id": req.challenge_id,
                 "seconds": seconds, "worker_seconds": req.seconds }),
             );
-            Ok(axum::Json(
-                json!({ "challenge_id": req.challenge_id, "rows": rows, "seconds": seconds }),
-            )
+            Ok(axum::Json(BenchRows {
+                challenge_id: req.challenge_id,
+                rows,
+                seconds,
+            })
             .into_response())
         }
         (None, Some(openings), Some((root, seconds, rows))) => {
@@ -318,13 +321,13 @@ pub async fn submit(
             state.audit.record("bench.verified", Some(&rid), json!({ "worker": worker, "challenge_id": req.challenge_id,
                 "verified_gflops": gflops, "hardware_multiplier": multiplier_milli as f64 / 1000.0 }));
             tracing::info!(%worker, gflops, multiplier = multiplier_milli as f64 / 1000.0, "proof of hardware verified");
-            Ok(axum::Json(json!({
-                "challenge_id": req.challenge_id,
-                "verified": true,
-                "verified_gflops": gflops,
-                "hardware_multiplier": multiplier_milli as f64 / 1000.0,
-                "seconds": seconds,
-            }))
+            Ok(axum::Json(BenchVerdict {
+                challenge_id: req.challenge_id,
+                verified: true,
+                verified_gflops: gflops,
+                hardware_multiplier: multiplier_milli as f64 / 1000.0,
+                seconds,
+            })
             .into_response())
         }
         (Some(_), None, Some(_)) => Err(ApiError::new(

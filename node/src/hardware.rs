@@ -8,6 +8,7 @@ use serde::Serialize;
 use serde_json::json;
 use troop_bench_kernels::verify::{self, SAMPLES};
 use troop_bench_kernels::{Backend, Challenge, prove};
+use troop_protocol::api::{BenchChallenge, BenchRows, BenchVerdict};
 
 use crate::coordinator_client::CoordinatorClient;
 
@@ -104,12 +105,14 @@ pub async fn prove_to_coordinator(
     client: &CoordinatorClient,
     backend: Backend,
 ) -> anyhow::Result<(f64, f64)> {
-    let c = client.signed_json("/bench/challenge", &json!({})).await?;
-    let id = c["challenge_id"].as_str().unwrap_or_default().to_string();
+    let c: BenchChallenge =
+        serde_json::from_value(client.signed_json("/bench/challenge", &json!({})).await?)
+            .map_err(|e| anyhow::anyhow!("the coordinator's challenge is malformed: {e}"))?;
+    let id = c.challenge_id;
     let ch = Challenge {
-        seed: c["seed"].as_str().unwrap_or_default().to_string(),
-        n: c["n"].as_u64().unwrap_or(0) as usize,
-        rounds: c["rounds"].as_u64().unwrap_or(0) as u32,
+        seed: c.seed,
+        n: c.n,
+        rounds: c.rounds,
     };
     ch.validate()?;
     tracing::info!(
@@ -129,16 +132,9 @@ pub async fn prove_to_coordinator(
             &json!({ "challenge_id": id, "root": proof.root_hex(), "seconds": proof.seconds }),
         )
         .await?;
-    let rows: Vec<usize> = asked["rows"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_u64())
-                .map(|v| v as usize)
-                .filter(|&i| i < ch.n)
-                .collect()
-        })
-        .unwrap_or_default();
+    let asked: BenchRows = serde_json::from_value(asked)
+        .map_err(|e| anyhow::anyhow!("the coordinator's rows are malformed: {e}"))?;
+    let rows: Vec<usize> = asked.rows.into_iter().filter(|&i| i < ch.n).collect();
     let openings = proof.openings(&rows);
     let verdict = client
         .signed_json(
@@ -146,7 +142,7 @@ pub async fn prove_to_coordinator(
             &json!({ "challenge_id": id, "openings": openings }),
         )
         .await?;
-    let m = verdict["hardware_multiplier"].as_f64().unwrap_or(1.0);
-    let g = verdict["verified_gflops"].as_f64().unwrap_or(0.0);
-    Ok((m, g))
+    let verdict: BenchVerdict = serde_json::from_value(verdict)
+        .map_err(|e| anyhow::anyhow!("the coordinator's verdict is malformed: {e}"))?;
+    Ok((verdict.hardware_multiplier, verdict.verified_gflops))
 }

@@ -202,3 +202,37 @@ pub struct ErrorDetail {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
 }
+
+/// `POST /bench/challenge` (body `{}`): a round of the proof of hardware.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchChallenge {
+    pub challenge_id: String,
+    /// 64 hex digits.
+    pub seed: String,
+    pub n: usize,
+    pub rounds: u32,
+    /// Unix seconds.
+    pub deadline: u64,
+    /// Rows that will be asked for.
+    pub samples: usize,
+}
+
+/// The answer to `POST /bench/submit {"challenge_id", "root"}`: the rows to
+/// open, and the seconds the coordinator measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchRows {
+    pub challenge_id: String,
+    pub rows: Vec<usize>,
+    pub seconds: f64,
+}
+
+/// The answer to `POST /bench/submit {"challenge_id", "openings"}` when the
+/// proof verified.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchVerdict {
+    pub challenge_id: String,
+    pub verified: bool,
+    pub verified_gflops: f64,
+    pub hardware_multiplier: f64,
+    pub seconds: f64,
+}

@@ -783,8 +783,10 @@ fn add_usage(total: &mut Option<Value>, u: &Value, count_prompt: bool) {
         let now = t.get(k).and_then(Value::as_u64).unwrap_or(0);
         t[k] = json!(now.saturating_add(add));
     }
-    let sum =
-        t["prompt_tokens"].as_u64().unwrap_or(0) + t["completion_tokens"].as_u64().unwrap_or(0);
+    let sum = t["prompt_tokens"]
+        .as_u64()
+        .unwrap_or(0)
+        .saturating_add(t["completion_tokens"].as_u64().unwrap_or(0));
     t["total_tokens"] = json!(sum);
 }
 

@@ -282,7 +282,7 @@ impl JobStream {
                 self.last_frame = Some(Instant::now());
             }
             Frame::Raw { events, .. } => {
-                self.chunks += u64::from(*events);
+                self.chunks = self.chunks.saturating_add(u64::from(*events));
                 self.last_frame = Some(Instant::now());
             }
             Frame::Done { usage, .. } => {
