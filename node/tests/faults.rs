@@ -163,8 +163,9 @@ async fn key_fetches(net: &TestNet) -> f64 {
 }
 
 /// Tickets naming a key the worker does not know make it fetch the
-/// coordinator's key once, not once each: 20 at once cost one fetch, all
-/// are refused, and a good ticket is served right after.
+/// coordinator's key once, not once each: 12 at once (under the 16 streams
+/// a peer may hold before its tickets are checked) cost one fetch, all are
+/// refused, and a good ticket is served right after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_key_ids_cost_one_key_fetch_and_are_refused() {
     let fake = FakeUpstream::start(Dialect::OpenAi, tokens(4), Duration::ZERO).await;
@@ -173,9 +174,13 @@ async fn unknown_key_ids_cost_one_key_fetch_and_are_refused() {
     net.add_gateway().await;
     net.wait_for_workers(1).await;
     let worker = net.workers[w].peer_id;
+    // One request first, so the gateway holds its connection to the worker
+    // (12 first-contact dials at once would race the 4-per-peer cap).
+    let resp = net.chat(false).await;
+    assert_eq!(resp.status(), 200);
     let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
     let before = key_fetches(&net).await;
-    let frames = futures::future::join_all((0..20).map(|i| {
+    let frames = futures::future::join_all((0..12).map(|i| {
         let head = serde_json::json!({"alg": "RS256", "typ": "JWT", "kid": format!("unknown-{i}")});
         let claims =
             serde_json::json!({"sub": "x", "aud": worker.to_base58(), "exp": u64::MAX / 2});
@@ -186,7 +191,67 @@ async fn unknown_key_ids_cost_one_key_fetch_and_are_refused() {
     .await;
     assert!(frames.iter().all(is_unauthorized), "{frames:?}");
     let after = key_fetches(&net).await;
-    assert_eq!(after - before, 1.0, "one key fetch for 20 unknown kids");
+    assert_eq!(after - before, 1.0, "one key fetch for 12 unknown kids");
+    let resp = net.chat(true).await;
+    let events = sse_data(&resp.text().await.expect("body"));
+    assert_eq!(chat_text(&events), tokens(4).concat());
+}
+
+/// A peer that opens streams and sends nothing holds at most 16 of them
+/// open before its ticket is checked; more are reset at once, and a good
+/// request from another node is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_waiting_for_a_ticket_are_bounded_per_peer() {
+    use futures::AsyncReadExt;
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(4), Duration::ZERO).await;
+    let mut net = TestNet::start(|_| {}).await;
+    let w = net.add_worker(&fake.url, |_| {}).await;
+    net.add_gateway().await;
+    net.wait_for_workers(1).await;
+    let worker = net.workers[w].peer_id;
+    let mut control = net
+        .gateway
+        .as_ref()
+        .expect("gateway")
+        .state
+        .net
+        .stream_control();
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        held.push(
+            control
+                .open_stream(
+                    worker,
+                    libp2p::StreamProtocol::new(troop_protocol::frames::INFER_PROTOCOL),
+                )
+                .await
+                .expect("stream"),
+        );
+    }
+    // The 17th is reset by the worker: reading it ends at once.
+    let mut extra = control
+        .open_stream(
+            worker,
+            libp2p::StreamProtocol::new(troop_protocol::frames::INFER_PROTOCOL),
+        )
+        .await
+        .expect("stream");
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(10), extra.read(&mut buf))
+        .await
+        .expect("the surplus stream is closed, not left open");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // The 16 held ones are still open (nothing read yet).
+    let mut first = held.remove(0);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), first.read(&mut buf))
+            .await
+            .is_err(),
+        "a held stream was closed early"
+    );
+    drop(held);
+    drop(first);
+    // Once they are gone, requests are served.
     let resp = net.chat(true).await;
     let events = sse_data(&resp.text().await.expect("body"));
     assert_eq!(chat_text(&events), tokens(4).concat());

@@ -680,27 +680,42 @@ pub async fn send_ticket(
         .state
         .net
         .stream_control();
-    let mut s = control
-        .open_stream(
-            worker,
-            libp2p::StreamProtocol::new(troop_protocol::frames::INFER_PROTOCOL),
+    // A connection can close under a loaded test machine before the request
+    // is written; that is transport, not the ticket check: try again.
+    let mut last = String::new();
+    for _ in 0..3 {
+        let mut s = match control
+            .open_stream(
+                worker,
+                libp2p::StreamProtocol::new(troop_protocol::frames::INFER_PROTOCOL),
+            )
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                last = e.to_string();
+                continue;
+            }
+        };
+        let sent = troop_node::frames_io::write_frame(
+            &mut s,
+            &troop_protocol::frames::Frame::Request {
+                version: troop_protocol::frames::FRAME_VERSION,
+                ticket: ticket.clone(),
+                request: request(),
+                index: 0,
+            },
         )
-        .await
-        .expect("stream");
-    troop_node::frames_io::write_frame(
-        &mut s,
-        &troop_protocol::frames::Frame::Request {
-            version: troop_protocol::frames::FRAME_VERSION,
-            ticket,
-            request: request(),
-            index: 0,
-        },
-    )
-    .await
-    .expect("write");
-    troop_node::frames_io::read_frame(&mut s)
-        .await
-        .expect("read")
+        .await;
+        if let Err(e) = sent {
+            last = e.to_string();
+            continue;
+        }
+        return troop_node::frames_io::read_frame(&mut s)
+            .await
+            .expect("read");
+    }
+    panic!("could not send the ticket: {last}");
 }
 
 pub fn is_unauthorized(f: &Option<troop_protocol::frames::Frame>) -> bool {
