@@ -97,8 +97,9 @@ async fn a_stall_before_the_first_token_moves_the_request_to_another_worker() {
     .await;
 }
 
-/// A worker that died leaves `/v1/models` once a dial to it fails, and the
-/// app gets 503 instead of retry rounds against a worker that is gone.
+/// A worker that died leaves `/v1/models` once a dial to it fails, the app
+/// gets 503 instead of retry rounds against a worker that is gone, and no
+/// credits are reserved for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_worker_is_dropped_from_the_model_list_after_a_failed_dial() {
     let fake = FakeUpstream::start(Dialect::OpenAi, tokens(4), Duration::ZERO).await;
@@ -125,6 +126,16 @@ async fn a_dead_worker_is_dropped_from_the_model_list_after_a_failed_dial() {
     net.workers[w].kill();
     let resp = net.chat(false).await;
     assert_eq!(resp.status(), 503);
+    // The stream is opened before a ticket is bought: the dead worker cost
+    // the user no reservation.
+    let pending = net
+        .balance(&net.gateway_peer())
+        .await
+        .map(|b| b["pending"].clone());
+    assert!(
+        pending.is_none() || pending == Some(Value::from(0.0)),
+        "a reservation was made for a dead worker: {pending:?}"
+    );
     let v: Value = net
         .http
         .get(&models)

@@ -618,8 +618,11 @@ impl GatewayState {
         request: &InferenceRequest,
     ) -> Result<JobStream, Attempt> {
         // A session the worker already closed (idle) is refused: then one
-        // more try with a new session.
+        // more try with a new session. The stream is opened before the
+        // ticket is bought, so a worker that cannot be reached costs no
+        // reservation.
         for _ in 0..2 {
+            let stream = self.open_to(worker).await?;
             let (auth, index, reused) = match self.session_for(&request.model, worker).await {
                 Ok(a) => a,
                 Err(ClientError::Refused {
@@ -645,7 +648,10 @@ impl GatewayState {
                 }
                 Err(e) => return Err(Attempt::Next(format!("no ticket: {e}"))),
             };
-            match self.send_request(worker, request, &auth, index).await {
+            match self
+                .send_request(worker, stream, request, &auth, index)
+                .await
+            {
                 Err(Attempt::Next(reason)) if reused && reason.contains("(unauthorized)") => {
                     tracing::debug!(%worker, %reason, "session closed by the worker; opening a new one");
                     self.drop_session(&request.model, worker, &auth.job_id);
@@ -657,30 +663,36 @@ impl GatewayState {
         Err(Attempt::Next("the worker refused two sessions".into()))
     }
 
-    async fn send_request(
-        self: &Arc<Self>,
-        worker: PeerId,
-        request: &InferenceRequest,
-        auth: &AuthorizeResponse,
-        index: u32,
-    ) -> Result<JobStream, Attempt> {
+    /// Opens an inference stream to `worker` (dialling it if need be). A
+    /// worker that cannot be reached leaves the table.
+    async fn open_to(&self, worker: PeerId) -> Result<libp2p::Stream, Attempt> {
         let mut control = self.net.stream_control();
         let open = tokio::time::timeout(
             DISCOVERY_TIMEOUT,
             control.open_stream(worker, StreamProtocol::new(INFER_PROTOCOL)),
         )
         .await;
-        let mut stream = match open {
-            Ok(Ok(s)) => s,
+        match open {
+            Ok(Ok(s)) => Ok(s),
             Ok(Err(e)) => {
                 self.unreachable(worker);
-                return Err(Attempt::Next(format!("could not open a stream: {e}")));
+                Err(Attempt::Next(format!("could not open a stream: {e}")))
             }
             Err(_) => {
                 self.unreachable(worker);
-                return Err(Attempt::Next("opening a stream timed out".into()));
+                Err(Attempt::Next("opening a stream timed out".into()))
             }
-        };
+        }
+    }
+
+    async fn send_request(
+        self: &Arc<Self>,
+        worker: PeerId,
+        mut stream: libp2p::Stream,
+        request: &InferenceRequest,
+        auth: &AuthorizeResponse,
+        index: u32,
+    ) -> Result<JobStream, Attempt> {
         let frame = Frame::Request {
             version: FRAME_VERSION,
             ticket: auth.ticket.clone(),
