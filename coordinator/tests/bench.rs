@@ -37,6 +37,13 @@ async fn challenge(c: &TestCoordinator, w: &Keypair) -> (String, Challenge) {
     (v["challenge_id"].as_str().expect("id").into(), ch)
 }
 
+/// The rows the coordinator asked to open, from its typed answer.
+fn rows_of(asked: &Value) -> Vec<usize> {
+    serde_json::from_value::<troop_protocol::api::BenchRows>(asked.clone())
+        .expect("rows")
+        .rows
+}
+
 fn openings(p: &troop_bench_kernels::Proof, rows: &[usize]) -> Vec<Opening> {
     p.openings(rows)
 }
@@ -70,13 +77,7 @@ async fn a_verified_round_sets_the_multiplier_and_settlement_uses_it() {
     )
     .await;
     assert_eq!(s, 200, "{asked}");
-    let rows: Vec<usize> = asked["rows"]
-        .as_array()
-        .expect("rows")
-        .iter()
-        .filter_map(Value::as_u64)
-        .map(|v| v as usize)
-        .collect();
+    let rows = rows_of(&asked);
     assert_eq!(rows.len(), 64.min(troop_bench_kernels::verify::SAMPLES));
     let (s, verdict) = json_of(
         c.signed(
@@ -140,13 +141,7 @@ async fn a_wrong_row_is_refused_and_the_multiplier_stays() {
         .await,
     )
     .await;
-    let rows: Vec<usize> = asked["rows"]
-        .as_array()
-        .expect("rows")
-        .iter()
-        .filter_map(Value::as_u64)
-        .map(|v| v as usize)
-        .collect();
+    let rows = rows_of(&asked);
     let mut open = proof.openings_with_values(&rows);
     if let Some(v) = open[3].values.as_mut() {
         v[5] += 1.0;
@@ -261,13 +256,10 @@ async fn bogus_round(c: &TestCoordinator, w: &Keypair) -> (String, Vec<Opening>)
     .await;
     assert_eq!(s, 200, "{asked}");
     let depth = usize::BITS as usize - (ch.n - 1).leading_zeros() as usize;
-    let open = asked["rows"]
-        .as_array()
-        .expect("rows")
-        .iter()
-        .filter_map(Value::as_u64)
+    let open = rows_of(&asked)
+        .into_iter()
         .map(|row| Opening {
-            row: row as usize,
+            row,
             values: None,
             path: (0..depth)
                 .map(|level| troop_bench_kernels::proof::Step {
@@ -414,13 +406,7 @@ async fn bootstrap_prefers_workers_with_a_verified_proof() {
         .await,
     )
     .await;
-    let rows: Vec<usize> = asked["rows"]
-        .as_array()
-        .expect("rows")
-        .iter()
-        .filter_map(Value::as_u64)
-        .map(|v| v as usize)
-        .collect();
+    let rows = rows_of(&asked);
     let (s, _, v) = submit_openings(&c, proven, &id, &proof.openings(&rows)).await;
     assert_eq!(s, 200, "{v}");
     let boot: Value = c.get("/bootstrap").await.json().await.expect("json");

@@ -93,25 +93,28 @@ impl Pace {
     /// Waits for `f` within the deadline that applies now; on timeout, says
     /// which limit bit.
     pub(crate) async fn wait<F: std::future::Future>(&self, f: F) -> Result<F::Output, String> {
-        let (limit, what) = match (self.whole, self.started) {
-            (true, _) => (self.t.total, "the job ran past"),
+        const TOTAL: (&str, &str) = ("total", "the job ran past");
+        let (limit, (stage, what)) = match (self.whole, self.started) {
+            (true, _) => (self.t.total, TOTAL),
             (false, false) => (
                 self.t.first_token,
-                "no first token from the upstream within",
+                ("first_token", "no first token from the upstream within"),
             ),
-            (false, true) => (self.t.between_chunks, "the upstream sent nothing for"),
+            (false, true) => (
+                self.t.between_chunks,
+                ("between_chunks", "the upstream sent nothing for"),
+            ),
         };
         let deadline = self.end.min(tokio::time::Instant::now() + limit);
+        // When the total comes first, it is the limit that bites.
+        let (limit, (stage, what)) = if deadline == self.end {
+            (self.t.total, TOTAL)
+        } else {
+            (limit, (stage, what))
+        };
         tokio::time::timeout_at(deadline, f).await.map_err(|_| {
-            let (stage, secs, what) = if deadline == self.end {
-                ("total", self.t.total.as_secs(), "the job ran past")
-            } else if self.started {
-                ("between_chunks", limit.as_secs(), what)
-            } else {
-                ("first_token", limit.as_secs(), what)
-            };
             metrics::counter!("troop_jobs_timed_out_total", "stage" => stage).increment(1);
-            format!("{what} {secs} s")
+            format!("{what} {} s", limit.as_secs())
         })
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use base64::Engine;
 use common::{
     Dialect, FakeUpstream, MODEL, Mode, TestNet, chat_text, eventually, is_unauthorized,
-    send_ticket, sse_data, tokens,
+    open_infer_stream, send_ticket, sse_data, tokens,
 };
 use serde_json::Value;
 use troop_node::answer::StreamTimeouts;
@@ -220,33 +220,12 @@ async fn streams_waiting_for_a_ticket_are_bounded_per_peer() {
     net.add_gateway().await;
     net.wait_for_workers(1).await;
     let worker = net.workers[w].peer_id;
-    let mut control = net
-        .gateway
-        .as_ref()
-        .expect("gateway")
-        .state
-        .net
-        .stream_control();
     let mut held = Vec::new();
     for _ in 0..16 {
-        held.push(
-            control
-                .open_stream(
-                    worker,
-                    libp2p::StreamProtocol::new(troop_protocol::frames::INFER_PROTOCOL),
-                )
-                .await
-                .expect("stream"),
-        );
+        held.push(open_infer_stream(&net, worker).await.expect("stream"));
     }
     // The 17th is reset by the worker: reading it ends at once.
-    let mut extra = control
-        .open_stream(
-            worker,
-            libp2p::StreamProtocol::new(troop_protocol::frames::INFER_PROTOCOL),
-        )
-        .await
-        .expect("stream");
+    let mut extra = open_infer_stream(&net, worker).await.expect("stream");
     let mut buf = [0u8; 16];
     let read = tokio::time::timeout(Duration::from_secs(10), extra.read(&mut buf))
         .await

@@ -7,15 +7,14 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{
-    Dialect, FakeUpstream, MODEL, Mode, TestNet, chat_text, eventually, is_unauthorized, request,
-    send_ticket, sse_data, tokens,
+    Dialect, FakeUpstream, MODEL, Mode, TestNet, chat_text, eventually, is_unauthorized,
+    open_infer_stream, request, send_ticket, sse_data, tokens,
 };
 use futures::StreamExt;
-use libp2p::StreamProtocol;
 use serde_json::Value;
 use troop_node::coordinator_client::CoordinatorClient;
 use troop_node::frames_io::{read_frame, write_frame};
-use troop_protocol::frames::{FRAME_VERSION, Frame, INFER_PROTOCOL};
+use troop_protocol::frames::{FRAME_VERSION, Frame};
 
 async fn stream_and_check_payment(dialect: Dialect) {
     let fake = FakeUpstream::start(dialect, tokens(12), Duration::from_millis(5)).await;
@@ -327,17 +326,7 @@ async fn with_the_coordinator_down_heartbeats_back_off_tickets_work_and_receipts
     let failed_when_open = stats.heartbeats_failed.load(Ordering::SeqCst);
 
     // The ticket issued before the outage still works (verified offline).
-    let mut control = net
-        .gateway
-        .as_ref()
-        .expect("gateway")
-        .state
-        .net
-        .stream_control();
-    let mut s = control
-        .open_stream(worker, StreamProtocol::new(INFER_PROTOCOL))
-        .await
-        .expect("stream");
+    let mut s = open_infer_stream(&net, worker).await.expect("stream");
     write_frame(
         &mut s,
         &Frame::Request {
@@ -400,13 +389,6 @@ async fn garbage_frames_reset_the_stream_and_the_worker_keeps_serving() {
     net.add_gateway().await;
     net.wait_for_workers(1).await;
     let worker = net.workers[w].peer_id;
-    let mut control = net
-        .gateway
-        .as_ref()
-        .expect("gateway")
-        .state
-        .net
-        .stream_control();
     use futures::{AsyncReadExt, AsyncWriteExt};
     for bad in [
         vec![0x7f, 0xff, 0xff, 0xff],
@@ -414,10 +396,7 @@ async fn garbage_frames_reset_the_stream_and_the_worker_keeps_serving() {
         vec![0, 0, 0, 0],
         vec![0, 0, 0, 9, 1],
     ] {
-        let mut s = control
-            .open_stream(worker, StreamProtocol::new(INFER_PROTOCOL))
-            .await
-            .expect("stream");
+        let mut s = open_infer_stream(&net, worker).await.expect("stream");
         s.write_all(&bad).await.expect("write");
         let _ = s.close().await;
         let mut rest = Vec::new();
@@ -427,10 +406,7 @@ async fn garbage_frames_reset_the_stream_and_the_worker_keeps_serving() {
         assert!(n.is_err() || rest.is_empty(), "no answer to garbage");
     }
     // A wrong version gets a clear error frame.
-    let mut s = control
-        .open_stream(worker, StreamProtocol::new(INFER_PROTOCOL))
-        .await
-        .expect("stream");
+    let mut s = open_infer_stream(&net, worker).await.expect("stream");
     write_frame(
         &mut s,
         &Frame::Request {

@@ -94,14 +94,7 @@ impl TestCoordinator {
         ts: u64,
     ) -> Result<u16, reqwest::Error> {
         let body = serde_json::to_vec(receipt).expect("json");
-        let key = hex::decode(key_hex).expect("hex key");
-        let mac = sign_receipt(&key, ts, &body);
-        self.http
-            .post(format!("{}/transactions/submit", self.url))
-            .header("content-type", "application/json")
-            .header(HEADER_TIMESTAMP, ts.to_string())
-            .header(HEADER_RECEIPT_MAC, mac)
-            .body(body)
+        self.receipt_request(key_hex, body, ts)
             .send()
             .await
             .map(|r| r.status().as_u16())
@@ -221,6 +214,14 @@ impl TestCoordinator {
     }
 
     pub async fn submit_raw(&self, key_hex: &str, body: Vec<u8>, ts: u64) -> Response {
+        self.receipt_request(key_hex, body, ts)
+            .send()
+            .await
+            .expect("POST receipt")
+    }
+
+    /// `POST /transactions/submit` with the receipt MAC headers.
+    fn receipt_request(&self, key_hex: &str, body: Vec<u8>, ts: u64) -> reqwest::RequestBuilder {
         let key = hex::decode(key_hex).expect("hex key");
         let mac = sign_receipt(&key, ts, &body);
         self.http
@@ -229,9 +230,6 @@ impl TestCoordinator {
             .header(HEADER_TIMESTAMP, ts.to_string())
             .header(HEADER_RECEIPT_MAC, mac)
             .body(body)
-            .send()
-            .await
-            .expect("POST receipt")
     }
 
     pub async fn balance(&self, key: &Keypair) -> Value {

@@ -668,29 +668,34 @@ pub fn request() -> troop_protocol::frames::InferenceRequest {
 
 /// Sends `ticket` with a request straight to `worker` from the gateway's node
 /// and returns the first frame of the answer.
+/// Opens an inference stream to `worker` from the gateway's node.
+pub async fn open_infer_stream(
+    net: &TestNet,
+    worker: libp2p::PeerId,
+) -> Result<libp2p::Stream, libp2p_stream::OpenStreamError> {
+    net.gateway
+        .as_ref()
+        .expect("gateway")
+        .state
+        .net
+        .stream_control()
+        .open_stream(
+            worker,
+            libp2p::StreamProtocol::new(troop_protocol::frames::INFER_PROTOCOL),
+        )
+        .await
+}
+
 pub async fn send_ticket(
     net: &TestNet,
     worker: libp2p::PeerId,
     ticket: String,
 ) -> Option<troop_protocol::frames::Frame> {
-    let mut control = net
-        .gateway
-        .as_ref()
-        .expect("gateway")
-        .state
-        .net
-        .stream_control();
     // A connection can close under a loaded test machine before the request
     // is written; that is transport, not the ticket check: try again.
     let mut last = String::new();
     for _ in 0..3 {
-        let mut s = match control
-            .open_stream(
-                worker,
-                libp2p::StreamProtocol::new(troop_protocol::frames::INFER_PROTOCOL),
-            )
-            .await
-        {
+        let mut s = match open_infer_stream(net, worker).await {
             Ok(s) => s,
             Err(e) => {
                 last = e.to_string();
