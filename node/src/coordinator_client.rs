@@ -107,6 +107,11 @@ impl CoordinatorClient {
             .clone()
     }
 
+    /// This client's account: its key's PeerId.
+    pub fn account_id(&self) -> String {
+        self.key.public().to_peer_id().to_base58()
+    }
+
     pub fn base(&self) -> &str {
         &self.base
     }
@@ -184,6 +189,12 @@ impl CoordinatorClient {
             .await
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         Self::decode(resp).await
+    }
+
+    /// This account's balance (a public read).
+    pub async fn my_balance(&self) -> Result<troop_protocol::api::BalanceResponse, ClientError> {
+        let id = self.key.public().to_peer_id().to_base58();
+        self.get_public(&format!("/users/{id}/balance")).await
     }
 
     /// A signed POST with any JSON body (proof-of-hardware rounds).

@@ -293,6 +293,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     step("starting a worker in front of each");
     let w1_port = free_port()?;
+    // Each worker's status page on a free loopback port.
+    let pages = [
+        format!("127.0.0.1:{}", free_port()?),
+        format!("127.0.0.1:{}", free_port()?),
+    ];
     procs.spawn(
         "worker-1",
         Command::new(&exe)
@@ -300,6 +305,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             .arg(&ids[0].0)
             .args(["--coordinator", &coordinator, "--upstream", &upstreams[0]])
             .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{w1_port}")])
+            .args(["--http", &pages[0]])
             .args(WORKER_PACE)
             .arg("--state-dir")
             .arg(data.join("worker-1")),
@@ -336,6 +342,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             .arg(&ids[1].0)
             .args(["--coordinator", &coordinator, "--upstream", &upstreams[1]])
             .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", &boot])
+            .args(["--http", &pages[1]])
             .args(WORKER_PACE)
             .arg("--state-dir")
             .arg(data.join("worker-2")),
@@ -512,6 +519,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     println!("    client = OpenAI(base_url=\"{gw}/v1\", api_key=\"unused\")");
     println!(
         "    print(client.chat.completions.create(model=\"{CHAT_MODEL}\", messages=[{{\"role\": \"user\", \"content\": \"Hi!\"}}]).choices[0].message.content)"
+    );
+    println!("    console in a browser: {gw}/");
+    println!(
+        "    worker pages: http://{}/ and http://{}/",
+        pages[0], pages[1]
     );
     println!("    logs and keys: {}", data.display());
     if opts.once {

@@ -10,4 +10,5 @@ pub mod hardware;
 pub mod network;
 pub mod receipts;
 pub mod upstream;
+pub mod web;
 pub mod worker;

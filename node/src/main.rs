@@ -172,6 +172,10 @@ enum Cmd {
         /// Backend for that proof: cpu, wgpu or cuda (GPU ones need a build with that feature).
         #[arg(long, env = "TROOP_BENCH_BACKEND", default_value = "cpu")]
         bench_backend: troop_bench_kernels::Backend,
+        /// Address of the worker's status page, /troop/status and /metrics
+        /// (keep it on loopback: it shows earnings; port 0 picks a free one).
+        #[arg(long, env = "TROOP_HTTP", default_value = "127.0.0.1:9464")]
+        http: SocketAddr,
         #[command(flatten)]
         mesh: MeshArgs,
     },
@@ -181,7 +185,8 @@ enum Cmd {
         identity: PathBuf,
         #[arg(long, env = "TROOP_COORDINATOR")]
         coordinator: String,
-        /// Address for the OpenAI-compatible HTTP API.
+        /// Address for the OpenAI-compatible HTTP API, the console at `/` and
+        /// /metrics (keep it on loopback: whoever reaches it spends your credits).
         #[arg(long, env = "TROOP_HTTP", default_value = "127.0.0.1:8080")]
         http: SocketAddr,
         /// Browser origins allowed to call the API (CORS), e.g.
@@ -358,6 +363,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             inference_timeout_secs,
             benchmark,
             bench_backend,
+            http,
             mesh,
         } => {
             let key = read_identity(&identity)?;
@@ -381,6 +387,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 total: secs(inference_timeout_secs, "--inference-timeout-secs")?,
             };
             cfg.net = mesh.net(key)?;
+            cfg.http = Some(http);
             if benchmark {
                 cfg.benchmark = Some(bench_backend);
             }

@@ -6,6 +6,7 @@
 //! is still counted once.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -18,6 +19,10 @@ use crate::coordinator_client::{ClientError, CoordinatorClient};
 pub struct ReceiptQueue {
     dir: PathBuf,
     notify: Arc<Notify>,
+    /// Receipts the coordinator took (settled or refunded) since start.
+    delivered: Arc<AtomicU64>,
+    /// Receipts refused for good (kept under `rejected/`) since start.
+    rejected: Arc<AtomicU64>,
 }
 
 impl ReceiptQueue {
@@ -26,6 +31,8 @@ impl ReceiptQueue {
         Ok(Self {
             dir: dir.to_path_buf(),
             notify: Arc::new(Notify::new()),
+            delivered: Arc::default(),
+            rejected: Arc::default(),
         })
     }
 
@@ -42,8 +49,19 @@ impl ReceiptQueue {
         std::fs::write(&tmp, &body)?;
         std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, self.dir.join(format!("{safe}.json")))?;
+        metrics::counter!("troop_receipts_queued_total").increment(1);
         self.notify.notify_one();
         Ok(())
+    }
+
+    /// Receipts delivered since start.
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+
+    /// Receipts refused for good since start.
+    pub fn rejected(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
     }
 
     /// Receipts waiting to be delivered.
@@ -76,12 +94,15 @@ impl ReceiptQueue {
                     Ok(s) => {
                         tracing::info!(job = %s.job_id, outcome = %s.outcome, cost = s.cost, replayed = s.replayed, "receipt settled");
                         let _ = std::fs::remove_file(&path);
+                        self.delivered.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!("troop_receipts_delivered_total").increment(1);
                     }
                     Err(ClientError::Refused {
                         status, message, ..
                     }) if matches!(status, 400 | 404 | 409 | 413 | 422) => {
                         tracing::warn!(status, %message, file = %path.display(), "receipt refused for good; kept under rejected/");
+                        self.rejected.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("troop_receipts_rejected_total").increment(1);
                         if let Some(name) = path.file_name() {
                             let _ = std::fs::rename(&path, self.dir.join("rejected").join(name));
                         }

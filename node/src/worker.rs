@@ -29,6 +29,9 @@ use crate::network::{self, NetConfig, NetworkHandle};
 use crate::receipts::ReceiptQueue;
 use crate::upstream::{Delta, Dialect, Upstream};
 
+#[path = "worker_http.rs"]
+mod http;
+
 /// How to run a worker.
 #[derive(Clone)]
 pub struct WorkerConfig {
@@ -54,6 +57,9 @@ pub struct WorkerConfig {
     pub session_idle: Duration,
     /// First-token, between-chunk and total limits on the upstream.
     pub timeouts: crate::answer::StreamTimeouts,
+    /// Address of the status page, `/troop/status` and `/metrics`
+    /// (`None`: no HTTP server).
+    pub http: Option<std::net::SocketAddr>,
 }
 
 impl WorkerConfig {
@@ -74,6 +80,7 @@ impl WorkerConfig {
             benchmark: None,
             session_idle: Duration::from_secs(30),
             timeouts: crate::answer::StreamTimeouts::default(),
+            http: None,
         }
     }
 }
@@ -83,6 +90,9 @@ impl WorkerConfig {
 pub struct WorkerStats {
     pub active_jobs: AtomicU32,
     pub jobs_done: AtomicU64,
+    pub jobs_failed: AtomicU64,
+    pub jobs_cancelled: AtomicU64,
+    pub tokens_served: AtomicU64,
     pub heartbeats_ok: AtomicU64,
     pub heartbeats_failed: AtomicU64,
     pub heartbeats_skipped: AtomicU64,
@@ -130,6 +140,30 @@ struct Shared {
     key_refresh: tokio::sync::Mutex<Option<Instant>>,
     /// Streams whose ticket is not checked yet, by peer (bounded).
     unchecked: Mutex<std::collections::HashMap<PeerId, u32>>,
+    /// The upstream's last model listing: when, and what went wrong.
+    upstream_health: Mutex<UpstreamHealth>,
+    /// The proof of hardware: not asked, running, verified or failed.
+    proof: Mutex<ProofStatus>,
+    started_ms: u64,
+}
+
+/// The upstream as last seen by the model listing (every 15 s).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UpstreamHealth {
+    pub ok: bool,
+    pub checked_at_ms: u64,
+    pub error: Option<String>,
+}
+
+/// Where the proof of hardware stands.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ProofStatus {
+    /// `off` (not asked: `--benchmark`), `running`, `verified` or `failed`.
+    pub state: &'static str,
+    pub gflops: Option<f64>,
+    pub multiplier: Option<f64>,
+    pub error: Option<String>,
+    pub at_ms: Option<u64>,
 }
 
 /// Least time between two fetches of the coordinator's key for an unknown
@@ -208,6 +242,8 @@ pub struct RunningWorker {
     pub peer_id: PeerId,
     pub net: NetworkHandle,
     pub stats: Arc<WorkerStats>,
+    /// Where the status page and `/metrics` are served, when asked.
+    pub http_addr: Option<std::net::SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
     shared: Arc<Shared>,
 }
@@ -334,14 +370,32 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
         sessions: Mutex::new(Sessions::default()),
         key_refresh: tokio::sync::Mutex::new(None),
         unchecked: Mutex::new(std::collections::HashMap::new()),
+        upstream_health: Mutex::new(UpstreamHealth {
+            ok: true,
+            checked_at_ms: unix_ms(),
+            error: None,
+        }),
+        proof: Mutex::new(ProofStatus {
+            state: if cfg.benchmark.is_some() {
+                "running"
+            } else {
+                "off"
+            },
+            ..Default::default()
+        }),
+        started_ms: unix_ms(),
         cfg,
     });
+    let http = match shared.cfg.http {
+        Some(addr) => Some(http::serve(shared.clone(), addr).await?),
+        None => None,
+    };
     let mut control = net.stream_control();
     let incoming = control
         .accept(StreamProtocol::new(INFER_PROTOCOL))
         .map_err(|_| anyhow::anyhow!("{INFER_PROTOCOL} already registered"))?;
 
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(accept_loop(shared.clone(), incoming)),
         tokio::spawn(advertise_loop(shared.clone())),
         tokio::spawn(heartbeat_loop(shared.clone())),
@@ -350,10 +404,15 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
         tokio::spawn(benchmark_task(shared.clone())),
         tokio::spawn(session_loop(shared.clone())),
     ];
+    let http_addr = http.map(|(addr, task)| {
+        tasks.push(task);
+        addr
+    });
     Ok(RunningWorker {
         peer_id,
         net,
         stats,
+        http_addr,
         tasks,
         shared,
     })
@@ -375,9 +434,26 @@ async fn benchmark_task(s: Arc<Shared>) {
             if let Ok(mut slot) = s.multiplier.write() {
                 *slot = m;
             }
+            if let Ok(mut p) = s.proof.lock() {
+                *p = ProofStatus {
+                    state: "verified",
+                    gflops: Some(gflops),
+                    multiplier: Some(m),
+                    error: None,
+                    at_ms: Some(unix_ms()),
+                };
+            }
         }
         Err(e) => {
-            tracing::warn!(error = %e, "proof of hardware failed; the multiplier stays as it was")
+            tracing::warn!(error = %e, "proof of hardware failed; the multiplier stays as it was");
+            if let Ok(mut p) = s.proof.lock() {
+                *p = ProofStatus {
+                    state: "failed",
+                    error: Some(format!("{e:#}")),
+                    at_ms: Some(unix_ms()),
+                    ..Default::default()
+                };
+            }
         }
     }
 }
@@ -422,7 +498,15 @@ async fn refresh_models_loop(s: Arc<Shared>) {
     tick.tick().await;
     loop {
         tick.tick().await;
-        match s.upstream.models().await {
+        let listed = s.upstream.models().await;
+        if let Ok(mut h) = s.upstream_health.lock() {
+            *h = UpstreamHealth {
+                ok: listed.is_ok(),
+                checked_at_ms: unix_ms(),
+                error: listed.as_ref().err().map(|e| format!("{e:#}")),
+            };
+        }
+        match listed {
             Ok(models) => {
                 let changed = s.models.read().map(|m| *m != models).unwrap_or(true);
                 if changed {
@@ -647,6 +731,7 @@ async fn serve_stream(
         .await;
     };
     s.stats.active_jobs.fetch_add(1, Ordering::Relaxed);
+    metrics::gauge!("troop_jobs_running").increment(1.0);
     let request_id = request.request_id.clone().unwrap_or_default();
     let result = if request.body.is_some() {
         let t0 = Instant::now();
@@ -661,11 +746,15 @@ async fn serve_stream(
         .await;
         r.map(|served| {
             if let Some(f) = served.first {
-                ewma(
-                    &s.stats.ttft_ms,
-                    f.duration_since(t0).as_secs_f64() * 1000.0,
-                );
-                let secs = f.elapsed().as_secs_f64();
+                let ttft = f.duration_since(t0).as_secs_f64();
+                metrics::histogram!("troop_worker_ttft_seconds").record(ttft);
+                ewma(&s.stats.ttft_ms, ttft * 1000.0);
+                // A whole answer is one event: its rate is over the job.
+                let secs = if served.chunks > 1 {
+                    f.elapsed().as_secs_f64()
+                } else {
+                    t0.elapsed().as_secs_f64()
+                };
                 if secs > 0.0 && served.usage.completion_tokens > 1 {
                     ewma(
                         &s.stats.tokens_per_s,
@@ -679,6 +768,7 @@ async fn serve_stream(
         run_job(&s, &mut stream, &request, &claims.jti).await
     };
     s.stats.active_jobs.fetch_sub(1, Ordering::Relaxed);
+    metrics::gauge!("troop_jobs_running").decrement(1.0);
     drop(permit);
     let (status, usage, chunks) = match &result {
         Ok((u, c)) => (LineStatus::Completed, *u, *c),
@@ -690,6 +780,22 @@ async fn serve_stream(
     }
     tracing::info!(job = %claims.jti, index, request_id, status = ?status, tokens = usage.completion_tokens, "job finished");
     s.stats.jobs_done.fetch_add(1, Ordering::Relaxed);
+    s.stats
+        .tokens_served
+        .fetch_add(usage.completion_tokens, Ordering::Relaxed);
+    metrics::counter!("troop_tokens_served_total").increment(usage.completion_tokens);
+    let label = match status {
+        LineStatus::Completed => "completed",
+        LineStatus::Cancelled => {
+            s.stats.jobs_cancelled.fetch_add(1, Ordering::Relaxed);
+            "cancelled"
+        }
+        LineStatus::Failed => {
+            s.stats.jobs_failed.fetch_add(1, Ordering::Relaxed);
+            "failed"
+        }
+    };
+    metrics::counter!("troop_jobs_total", "status" => label).increment(1);
     guard.finish(status, usage, chunks);
     Ok(())
 }
@@ -961,7 +1067,9 @@ async fn run_job(
             Some(Ok(Delta::Text(text))) => {
                 if first.is_none() {
                     first = Some(Instant::now());
-                    ewma(&s.stats.ttft_ms, t0.elapsed().as_secs_f64() * 1000.0);
+                    let ttft = t0.elapsed().as_secs_f64();
+                    metrics::histogram!("troop_worker_ttft_seconds").record(ttft);
+                    ewma(&s.stats.ttft_ms, ttft * 1000.0);
                 }
                 chunks += 1;
                 // Backpressure: this waits while the gateway is not reading.

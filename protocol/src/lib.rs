@@ -14,6 +14,8 @@ pub mod identity;
 pub mod policy;
 pub mod receipt;
 pub mod signed;
+#[cfg(feature = "telemetry")]
+pub mod telemetry;
 pub mod ticket;
 pub mod usage;
 

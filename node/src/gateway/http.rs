@@ -39,6 +39,12 @@ pub const MAX_FAN_OUT: usize = 16;
 
 pub fn router(state: Arc<GatewayState>) -> Router {
     Router::new()
+        .route(
+            "/",
+            get(|| async { crate::web::page(crate::web::CONSOLE_HTML) }),
+        )
+        .route("/troop/account", get(account))
+        .merge(crate::web::common_routes())
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
@@ -61,6 +67,7 @@ pub fn router(state: Arc<GatewayState>) -> Router {
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             4 * 1024 * 1024,
         ))
+        .layer(axum::middleware::from_fn(troop_protocol::telemetry::track))
         .layer(cors(&state.cfg.cors_origins))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
@@ -109,33 +116,67 @@ fn cors(allowed: &[String]) -> CorsLayer {
         .max_age(Duration::from_secs(600))
 }
 
-/// `GET /troop/status`: this gateway's place on the mesh, and how it
-/// reaches each worker it knows (direct, relayed through a circuit relay,
-/// or not connected).
+/// `GET /troop/status`: this gateway's place on the mesh, how it reaches
+/// each worker it knows (direct, relayed through a circuit relay, or not
+/// connected) with what the worker advertises, and the latest answers.
 async fn troop_status(State(state): State<Arc<GatewayState>>) -> Response {
     let st = state.net.status().await;
-    let workers = state.table.read().map(|t| t.workers()).unwrap_or_default();
+    metrics::gauge!("troop_peers_connected").set(st.connected_peers.len() as f64);
+    let (workers, rows) = state
+        .table
+        .read()
+        .map(|t| (t.workers(), t.rows()))
+        .unwrap_or_default();
+    metrics::gauge!("troop_workers_known").set(workers.len() as f64);
+    let reputation = state
+        .reputation
+        .read()
+        .map(|r| r.clone())
+        .unwrap_or_default();
     let workers: Vec<Value> = workers
         .into_iter()
         .map(|(peer, models, rtt)| {
+            let id = peer.to_base58();
+            let row = rows.iter().find(|r| r.peer_id == id);
             json!({
-                "peer_id": peer.to_base58(),
+                "peer_id": id,
                 "models": models,
                 "connection": state.net.path(&peer),
                 "rtt_ms": rtt.map(|d| d.as_secs_f64() * 1000.0),
+                "hardware_multiplier": row.and_then(|r| r.hardware_multiplier),
+                "ttft_ms": row.and_then(|r| r.ttft_ms),
+                "tokens_per_s": row.and_then(|r| r.tokens_per_s),
+                "active_jobs": row.map(|r| r.active_jobs),
+                "max_jobs": row.map(|r| r.max_jobs),
+                "reputation": reputation.get(&peer),
             })
         })
         .collect();
+    let answers: Vec<super::AnswerRecord> = state
+        .answers
+        .lock()
+        .map(|a| a.iter().rev().cloned().collect())
+        .unwrap_or_default();
     axum::Json(json!({
+        "role": "gateway",
+        "version": env!("CARGO_PKG_VERSION"),
         "peer_id": st.peer_id,
+        "account": state.client.account_id(),
+        "coordinator": state.client.base(),
         "nat": st.nat,
         "relays": st.relay_reservations,
         "listen_addrs": st.listen_addrs,
         "hole_punched": st.hole_punched,
         "connected_peers": st.connected_peers.len(),
         "workers": workers,
+        "answers": answers,
     }))
     .into_response()
+}
+
+/// `GET /troop/account`: this gateway's credits and latest transactions.
+async fn account(State(state): State<Arc<GatewayState>>) -> Response {
+    crate::web::account(&state.client).await
 }
 
 /// An error in OpenAI's shape.
@@ -146,6 +187,7 @@ pub fn oai_error(
     message: &str,
     retry_after: Option<u64>,
 ) -> Response {
+    metrics::counter!("troop_gateway_errors_total", "code" => code.to_string()).increment(1);
     let body =
         json!({ "error": { "message": message, "type": kind, "param": null, "code": code } });
     let mut resp = (status, axum::Json(body)).into_response();

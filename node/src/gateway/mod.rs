@@ -5,7 +5,7 @@
 pub mod http;
 pub mod table;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -73,6 +73,32 @@ pub struct GatewayState {
     /// Workers whose settled requests the coordinator reports as disputed
     /// too often (refreshed from `GET /workers` every minute).
     disputed: RwLock<std::collections::HashSet<PeerId>>,
+    /// Each worker's record at the coordinator (refreshed every minute).
+    pub reputation: RwLock<HashMap<PeerId, troop_protocol::api::ReputationInfo>>,
+    /// The latest answers, newest last (for the console).
+    pub answers: Mutex<VecDeque<AnswerRecord>>,
+}
+
+/// Answers kept for the console.
+pub const ANSWERS_KEPT: usize = 100;
+
+/// One answer relayed by this gateway, as the console shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AnswerRecord {
+    /// Unix milliseconds when the request went to the worker.
+    pub at_ms: u64,
+    pub model: String,
+    pub worker: String,
+    /// The session (ticket) it was billed under, and its number in it.
+    pub job_id: String,
+    pub index: u32,
+    pub ttft_ms: Option<f64>,
+    pub duration_ms: f64,
+    pub events: u64,
+    pub completion_tokens: Option<u64>,
+    pub tokens_per_s: Option<f64>,
+    /// `done` (the worker finished it) or `cut` (it ended early).
+    pub outcome: &'static str,
 }
 
 /// A worker with at least this many settled requests, of which more than
@@ -136,7 +162,10 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
         sessions: Mutex::new(HashMap::new()),
         spare: Mutex::new(HashMap::new()),
         disputed: RwLock::new(Default::default()),
+        reputation: RwLock::new(HashMap::new()),
+        answers: Mutex::new(VecDeque::new()),
     });
+    crate::web::warn_if_public(http_addr, "gateway");
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(table_loop(state.clone(), events)));
     tasks.push(tokio::spawn(reputation_loop(state.clone())));
@@ -146,7 +175,7 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
             tracing::error!(error = %e, "gateway HTTP server stopped");
         }
     }));
-    tracing::info!(url = %format!("http://{http_addr}/v1"), "gateway serving the OpenAI API");
+    tracing::info!(url = %format!("http://{http_addr}/v1"), console = %format!("http://{http_addr}/"), "gateway serving the OpenAI API");
     Ok(RunningGateway {
         http_addr,
         state,
@@ -210,6 +239,13 @@ async fn reputation_loop(state: Arc<GatewayState>) {
         let Ok(list) = state.client.workers().await else {
             continue;
         };
+        if let Ok(mut r) = state.reputation.write() {
+            *r = list
+                .workers
+                .iter()
+                .filter_map(|w| Some((w.peer_id.parse().ok()?, w.reputation.clone()?)))
+                .collect();
+        }
         let bad: std::collections::HashSet<PeerId> = list
             .workers
             .iter()
@@ -269,13 +305,29 @@ pub struct JobStream {
     index: u32,
     /// When the request was sent, and what came back since.
     sent: Instant,
+    sent_unix_ms: u64,
+    model: String,
+    first_frame: Option<Instant>,
     last_frame: Option<Instant>,
     chunks: u64,
     completion_tokens: Option<u64>,
+    /// The worker took the request (its first frame was no refusal): only
+    /// such attempts count as answers.
+    answered: bool,
 }
 
 impl JobStream {
     fn saw(&mut self, f: &Frame) {
+        let now = Instant::now();
+        match self.last_frame {
+            Some(prev) => metrics::histogram!("troop_gateway_chunk_gap_seconds")
+                .record(now.duration_since(prev).as_secs_f64()),
+            None => {
+                self.first_frame = Some(now);
+                metrics::histogram!("troop_gateway_ttft_seconds")
+                    .record(now.duration_since(self.sent).as_secs_f64());
+            }
+        }
         match f {
             Frame::Chunk { .. } => {
                 self.chunks += 1;
@@ -312,6 +364,9 @@ impl Drop for JobStream {
             self.completion_tokens.unwrap_or(self.chunks),
             observed_ms,
         );
+        if self.answered {
+            self.record();
+        }
         let net = self.state.net.clone();
         let worker = self.worker;
         tokio::spawn(async move {
@@ -372,6 +427,47 @@ impl Drop for JobStream {
 }
 
 impl JobStream {
+    /// Keeps this answer for the console and counts it.
+    fn record(&self) {
+        let end = self.last_frame.unwrap_or(self.sent);
+        let duration = end.duration_since(self.sent).as_secs_f64();
+        let tokens = self.completion_tokens;
+        // A whole answer arrives in one frame: its rate is over the whole
+        // request, not from its first frame.
+        let from = match self.first_frame {
+            Some(f) if self.chunks > 1 => f,
+            _ => self.sent,
+        };
+        let tokens_per_s = tokens.and_then(|t| {
+            let secs = end.duration_since(from).as_secs_f64();
+            (secs > 0.0 && t > 1).then(|| t as f64 / secs)
+        });
+        let outcome = if tokens.is_some() { "done" } else { "cut" };
+        metrics::counter!("troop_gateway_answers_total", "outcome" => outcome).increment(1);
+        metrics::histogram!("troop_gateway_answer_chunks").record(self.chunks as f64);
+        let rec = AnswerRecord {
+            at_ms: self.sent_unix_ms,
+            model: self.model.clone(),
+            worker: self.worker.to_base58(),
+            job_id: self.job_id.clone(),
+            index: self.index,
+            ttft_ms: self
+                .first_frame
+                .map(|f| f.duration_since(self.sent).as_secs_f64() * 1000.0),
+            duration_ms: duration * 1000.0,
+            events: self.chunks,
+            completion_tokens: tokens,
+            tokens_per_s,
+            outcome,
+        };
+        if let Ok(mut a) = self.state.answers.lock() {
+            if a.len() >= ANSWERS_KEPT {
+                a.pop_front();
+            }
+            a.push_back(rec);
+        }
+    }
+
     /// The next frame, or an error when the worker is gone or silent.
     pub async fn next(&mut self, idle: Duration) -> Result<Option<Frame>, String> {
         match tokio::time::timeout(idle, read_frame(&mut self.stream)).await {
@@ -551,9 +647,12 @@ impl GatewayState {
         let auth = match spare {
             Some(t) => t,
             None => {
-                self.client
+                let t = self
+                    .client
                     .authorize(model, &worker.to_base58(), None)
-                    .await?
+                    .await?;
+                metrics::counter!("troop_tickets_bought_total", "when" => "now").increment(1);
+                t
             }
         };
         if let Ok(mut ss) = self.sessions.lock() {
@@ -607,6 +706,7 @@ impl GatewayState {
                 .await
                 && let Ok(mut s) = state.spare.lock()
             {
+                metrics::counter!("troop_tickets_bought_total", "when" => "ahead").increment(1);
                 s.entry(key).or_insert(t);
             }
         });
@@ -716,9 +816,13 @@ impl GatewayState {
             job_id: auth.job_id.clone(),
             index,
             sent,
+            sent_unix_ms: unix_now_ms(),
+            model: request.model.clone(),
+            first_frame: None,
             last_frame: None,
             chunks: 0,
             completion_tokens: None,
+            answered: false,
         };
         // A whole (non-streamed) answer comes in one go when it is ready.
         let first_wait = if request.body.is_some() && !wants_stream(request) {
@@ -743,6 +847,7 @@ impl GatewayState {
             }
             Ok(Some(first)) => {
                 job.first = first;
+                job.answered = true;
                 self.renew_ahead(&request.model, worker);
                 Ok(job)
             }
@@ -766,6 +871,13 @@ pub fn wants_stream(request: &InferenceRequest) -> bool {
         .and_then(|f| f.stream)
         .unwrap_or(false)
         && request.endpoint != Some(troop_protocol::frames::Endpoint::Embeddings)
+}
+
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn unix_now() -> u64 {
