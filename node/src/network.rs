@@ -1176,6 +1176,7 @@ impl EventLoop {
                 let c = self.conns.entry(*peer_id).or_default();
                 c.insert(*connection_id, relayed);
                 let upgraded = !relayed && c.values().any(|r| *r);
+                metrics::gauge!("troop_peers_connected").set(self.conns.len() as f64);
                 self.update_path(*peer_id);
                 if upgraded {
                     tracing::info!(peer = %peer_id, "direct connection next to the relayed one");
@@ -1194,6 +1195,7 @@ impl EventLoop {
                         self.conns.remove(peer_id);
                     }
                 }
+                metrics::gauge!("troop_peers_connected").set(self.conns.len() as f64);
                 self.update_path(*peer_id);
                 if *num_established == 0 {
                     self.swarm.behaviour_mut().autonat.remove_server(peer_id);

@@ -85,7 +85,9 @@ impl ReceiptQueue {
         let mut delay = Duration::from_secs(1);
         loop {
             let mut failed = false;
-            for path in self.pending() {
+            let pending = self.pending();
+            metrics::gauge!("troop_receipts_waiting").set(pending.len() as f64);
+            for path in pending {
                 let Ok(body) = std::fs::read(&path) else {
                     continue;
                 };
@@ -114,6 +116,7 @@ impl ReceiptQueue {
                     }
                 }
             }
+            metrics::gauge!("troop_receipts_waiting").set(self.pending().len() as f64);
             if failed {
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}

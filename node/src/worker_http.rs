@@ -53,9 +53,7 @@ pub(super) async fn serve(
 /// `GET /troop/status`: upstream, jobs, receipts, NAT and proof of hardware.
 async fn status(State(s): State<Arc<Shared>>) -> Response {
     let net = s.net.status().await;
-    metrics::gauge!("troop_peers_connected").set(net.connected_peers.len() as f64);
     let waiting = s.receipts.pending().len();
-    metrics::gauge!("troop_receipts_waiting").set(waiting as f64);
     let st = &s.stats;
     let models = s.models.read().map(|m| m.clone()).unwrap_or_default();
     let health = s.upstream_health.lock().map(|h| h.clone()).ok();

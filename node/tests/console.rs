@@ -603,6 +603,8 @@ async fn each_role_exports_metrics_that_move_with_traffic() {
     assert!(sample_sum(&w1, "troop_tokens_served_total", &[]) >= 12.0);
     assert!(sample_sum(&w1, "troop_worker_ttft_seconds", &[]) >= 2.0);
     assert!(sample_sum(&w1, "troop_receipts_queued_total", &[]) >= 1.0);
+    assert!(sample_sum(&g1, "troop_peers_connected", &[]) >= 1.0);
+    assert!(sample_sum(&w1, "troop_peers_connected", &[]) >= 1.0);
     // One process per role: the worker's metrics hold no gateway figures.
     assert_eq!(sample_sum(&w1, "troop_gateway_answers_total", &[]), 0.0);
     assert_eq!(sample_sum(&g1, "troop_jobs_total", &[]), 0.0);

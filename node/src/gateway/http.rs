@@ -121,7 +121,6 @@ fn cors(allowed: &[String]) -> CorsLayer {
 /// connected) with what the worker advertises, and the latest answers.
 async fn troop_status(State(state): State<Arc<GatewayState>>) -> Response {
     let st = state.net.status().await;
-    metrics::gauge!("troop_peers_connected").set(st.connected_peers.len() as f64);
     let (workers, rows) = state
         .table
         .read()
