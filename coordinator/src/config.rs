@@ -23,6 +23,9 @@ pub struct Config {
     pub discovery_per_hour: u32,
     /// Requests an hour per user on `/authorize`.
     pub authorize_per_hour: u32,
+    /// Reads an hour of an account's own history, signed by that account
+    /// (consoles and status pages poll it; these do not count per IP).
+    pub account_reads_per_hour: u32,
     /// How far a signed timestamp may be from our clock.
     pub max_skew_secs: u64,
     /// A worker not heard from for this long is not alive.
@@ -91,6 +94,7 @@ impl Config {
             sweep_interval: Duration::from_secs(15),
             discovery_per_hour: 100,
             authorize_per_hour: 20,
+            account_reads_per_hour: 1200,
             max_skew_secs: 300,
             worker_ttl: Duration::from_secs(90),
             heartbeat_interval: Duration::from_secs(20),

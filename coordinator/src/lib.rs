@@ -66,6 +66,7 @@ pub struct AppState {
     pub nonces: Mutex<HashMap<(String, String), u64>>,
     pub discovery_limiter: IpLimiter,
     pub authorize_limiter: UserLimiter,
+    pub account_read_limiter: UserLimiter,
     pub authorize_ip_limiter: IpLimiter,
     /// New worker registrations per client IP.
     pub register_ip_limiter: IpLimiter,
@@ -145,6 +146,7 @@ impl Coordinator {
         let state = AppState {
             discovery_limiter: IpLimiter::per_hour(cfg.discovery_per_hour),
             authorize_limiter: UserLimiter::per_hour(cfg.authorize_per_hour),
+            account_read_limiter: UserLimiter::per_hour(cfg.account_reads_per_hour),
             authorize_ip_limiter: IpLimiter::per_hour(cfg.authorize_per_ip_per_hour),
             register_ip_limiter: IpLimiter::per_hour(cfg.registrations_per_ip_per_hour),
             worker_ips: Mutex::new(HashMap::new()),

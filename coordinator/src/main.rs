@@ -54,9 +54,14 @@ struct ServeArgs {
     /// Seconds between sweeps for expired reservations.
     #[arg(long, env = "TROOP_SWEEP_INTERVAL_SECS", default_value_t = 15)]
     sweep_interval_secs: u64,
-    /// Requests an hour per IP on discovery reads (/workers, /bootstrap, balances, histories).
+    /// Requests an hour per IP on discovery reads (/workers, /bootstrap, balances,
+    /// and history reads not signed by their own account).
     #[arg(long, env = "TROOP_DISCOVERY_PER_HOUR", default_value_t = 100)]
     discovery_per_hour: u32,
+    /// Reads an hour of an account's own history signed by that account
+    /// (per account; the gateway console and worker page poll it).
+    #[arg(long, env = "TROOP_ACCOUNT_READS_PER_HOUR", default_value_t = 1200)]
+    account_reads_per_hour: u32,
     /// Requests an hour per user on /authorize.
     #[arg(long, env = "TROOP_AUTHORIZE_PER_HOUR", default_value_t = 20)]
     authorize_per_hour: u32,
@@ -184,6 +189,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.sweep_interval = Duration::from_secs(a.sweep_interval_secs.max(1));
             cfg.discovery_per_hour = a.discovery_per_hour;
             cfg.authorize_per_hour = a.authorize_per_hour;
+            cfg.account_reads_per_hour = a.account_reads_per_hour;
             cfg.worker_ttl = Duration::from_secs(a.worker_ttl_secs);
             cfg.trusted_proxy = a.trusted_proxy;
             for r in &a.relay {

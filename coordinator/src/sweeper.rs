@@ -50,6 +50,7 @@ pub async fn run(state: Arc<AppState>) {
         }
         state.discovery_limiter.prune();
         state.authorize_limiter.prune();
+        state.account_read_limiter.prune();
         state.authorize_ip_limiter.prune();
         state.register_ip_limiter.prune();
     }

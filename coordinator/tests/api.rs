@@ -413,6 +413,49 @@ async fn rate_limits_answer_429_with_retry_after() {
     .await;
 }
 
+/// A console polls its own history: reads signed by the account count
+/// against that account's quota, not the IP's discovery quota; foreign or
+/// bad reads still count per IP.
+#[tokio::test]
+async fn own_history_reads_count_per_account_not_per_ip() {
+    let c = TestCoordinator::start_with(|cfg| {
+        cfg.discovery_per_hour = 2;
+        cfg.account_reads_per_hour = 5;
+    })
+    .await;
+    let worker = generate();
+    let user = generate();
+    c.register(&worker, &[MODEL]).await;
+    c.ticket(&user, &worker, MODEL).await;
+    let path = format!("/users/{}/transactions", user.public().to_peer_id());
+    for _ in 0..5 {
+        let r = c.signed_get(&user, &path).await;
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.expect("json");
+        // The page carries the balance: one read serves a console.
+        assert_eq!(v["balance"]["pending"], 300.0);
+        assert_eq!(
+            v["balance"]["account"],
+            user.public().to_peer_id().to_base58()
+        );
+    }
+    // The sixth is over the account's quota.
+    let r = c.signed_get(&user, &path).await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    c.wait_audit("429", |l| {
+        l["event"] == "rate_limited" && l["scope"] == "account_reads"
+    })
+    .await;
+    // The IP's discovery quota was not touched by those five...
+    assert_eq!(c.get("/workers").await.status(), 200);
+    // ...but a foreign signer's read is charged to it (2nd discovery read).
+    let r = c.signed_get(&generate(), &path).await;
+    assert_eq!(r.status(), 403);
+    let r = c.signed_get(&generate(), &path).await;
+    assert_eq!(r.status(), 429);
+}
+
 #[tokio::test]
 async fn receipt_settles_cost_and_refunds_the_rest() {
     let c = TestCoordinator::start().await;

@@ -39,6 +39,14 @@ function note(text, bad) {
   n.className = bad ? "bad" : "";
 }
 
+// Says how fresh the account figures are (the node reads them from the
+// coordinator, which may be away or rate-limiting).
+function accountNote(a) {
+  const at = fmt.time(a.fetched_at_ms || Date.now());
+  if (a.stale) note(`account as of ${at}: ${a.problem}`, true);
+  else note(`account as of ${at}`);
+}
+
 // Runs `fn` now and every `ms`; a failure shows in the note line.
 function every(ms, fn) {
   const run = async () => {
@@ -200,7 +208,7 @@ function consolePage() {
     );
     chart($("#spending"), cumulative(txs, (t) => (t.kind === "settle" && t.debit_account === me ? Math.abs(t.amount) : 0)), "spent");
     fillTable($("#transactions tbody"), txRows(txs, me), "no transaction yet", 6);
-    note(`updated ${new Date().toLocaleTimeString()}`);
+    accountNote(a);
   };
 
   const addMsg = (role, text) => {
@@ -348,10 +356,10 @@ function workerPage() {
     const txs = a.transactions;
     chart($("#earnings"), cumulative(txs, (t) => (t.kind === "settle" && t.credit_account === me ? Math.abs(t.amount) : 0)), "earned");
     fillTable($("#transactions tbody"), txRows(txs, me), "no earnings yet", 6);
-    note(`updated ${new Date().toLocaleTimeString()}`);
+    accountNote(a);
   };
   every(2000, refreshStatus);
-  every(3000, refreshAccount);
+  every(5000, refreshAccount);
 }
 
 document.addEventListener("DOMContentLoaded", () => {

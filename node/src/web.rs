@@ -7,12 +7,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Once;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::coordinator_client::{ClientError, CoordinatorClient};
 
@@ -147,39 +148,134 @@ fn describe() {
     );
 }
 
-/// `GET /troop/account`: this node's balance and its latest transactions,
-/// read from the coordinator (the history with this node's signature:
-/// histories are private). 502 with a reason when the coordinator cannot
-/// be reached.
-pub async fn account(client: &CoordinatorClient) -> Response {
-    let id = client.account_id();
-    let (balance, history) = tokio::join!(client.my_balance(), client.my_transactions());
-    let balance = match balance {
-        Ok(b) => serde_json::to_value(b).unwrap_or_default(),
-        Err(ClientError::Refused { status: 404, .. }) => json!({
-            "account": id, "available": 0.0, "pending": 0.0, "credited": 0.0, "debited": 0.0
-        }),
-        Err(e) => return coordinator_unreachable(&e),
-    };
-    let transactions = match history {
-        Ok(v) => v.get("transactions").cloned().unwrap_or(json!([])),
-        Err(ClientError::Refused { status: 404, .. }) => json!([]),
-        Err(e) => return coordinator_unreachable(&e),
-    };
-    axum::Json(json!({
-        "account": id,
-        "coordinator": client.base(),
-        "balance": balance,
-        "transactions": transactions,
-    }))
-    .into_response()
+/// Least time between two reads of the account from the coordinator,
+/// however many pages poll (a history read costs the account's quota at
+/// the coordinator: 1,200 an hour by default).
+pub const ACCOUNT_MIN_AGE: Duration = Duration::from_secs(3);
+
+/// The node's account as last read from the coordinator, for the pages:
+/// one read at a time, at most one per [`ACCOUNT_MIN_AGE`]; after a
+/// refusal (429 with `Retry-After`, or the coordinator away) the last good
+/// copy is served, marked stale, until the wait is over.
+pub struct AccountView {
+    client: CoordinatorClient,
+    cache: tokio::sync::Mutex<AccountCache>,
 }
 
-fn coordinator_unreachable(e: &ClientError) -> Response {
+#[derive(Default)]
+struct AccountCache {
+    body: Option<Value>,
+    fetched: Option<Instant>,
+    fetched_at_ms: u64,
+    not_before: Option<Instant>,
+    problem: Option<String>,
+}
+
+impl AccountView {
+    pub fn new(client: CoordinatorClient) -> Self {
+        Self {
+            client,
+            cache: tokio::sync::Mutex::new(AccountCache::default()),
+        }
+    }
+
+    /// `GET /troop/account`: this node's balance and its latest
+    /// transactions (the history signed with this node's key: histories
+    /// are private). 502 with a reason when the coordinator was never read.
+    pub async fn respond(&self) -> Response {
+        let mut c = self.cache.lock().await;
+        let now = Instant::now();
+        let due = c
+            .fetched
+            .is_none_or(|t| now.duration_since(t) >= ACCOUNT_MIN_AGE)
+            && c.not_before.is_none_or(|t| now >= t);
+        if due {
+            match self.fetch().await {
+                Ok(body) => {
+                    c.body = Some(body);
+                    c.fetched = Some(now);
+                    c.fetched_at_ms = unix_ms();
+                    c.not_before = None;
+                    c.problem = None;
+                }
+                Err((wait, problem)) => {
+                    tracing::debug!(%problem, "account not read from the coordinator");
+                    c.not_before = Some(now + wait);
+                    c.problem = Some(problem);
+                }
+            }
+        }
+        match &c.body {
+            Some(body) => {
+                let mut body = body.clone();
+                body["fetched_at_ms"] = json!(c.fetched_at_ms);
+                body["stale"] = json!(c.problem.is_some());
+                body["problem"] = json!(c.problem);
+                axum::Json(body).into_response()
+            }
+            None => coordinator_unreachable(c.problem.as_deref().unwrap_or("not read yet")),
+        }
+    }
+
+    async fn fetch(&self) -> Result<Value, (Duration, String)> {
+        let id = self.client.account_id();
+        let zero = || json!({ "account": id, "available": 0.0, "pending": 0.0, "credited": 0.0, "debited": 0.0 });
+        let (balance, transactions) = match self.client.my_transactions().await {
+            Ok(mut v) => {
+                let txs = v
+                    .get_mut("transactions")
+                    .map(Value::take)
+                    .unwrap_or(json!([]));
+                match v.get_mut("balance").map(Value::take) {
+                    Some(b) if b.is_object() => (b, txs),
+                    // A coordinator older than the console: ask the balance too.
+                    _ => match self.client.my_balance().await {
+                        Ok(b) => (serde_json::to_value(b).unwrap_or_else(|_| zero()), txs),
+                        Err(e) => return Err(refusal(&e)),
+                    },
+                }
+            }
+            // No transaction yet: the coordinator does not know the account.
+            Err(ClientError::Refused { status: 404, .. }) => (zero(), json!([])),
+            Err(e) => return Err(refusal(&e)),
+        };
+        Ok(json!({
+            "account": id,
+            "coordinator": self.client.base(),
+            "balance": balance,
+            "transactions": transactions,
+        }))
+    }
+}
+
+/// How long to wait after a failed read, and why it failed.
+fn refusal(e: &ClientError) -> (Duration, String) {
+    let wait = match e {
+        ClientError::Refused {
+            status: 429,
+            retry_after,
+            ..
+        } => retry_after.unwrap_or(60),
+        _ => 10,
+    };
+    (
+        Duration::from_secs(wait),
+        format!("the coordinator did not answer: {e}"),
+    )
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn coordinator_unreachable(problem: &str) -> Response {
     (
         StatusCode::BAD_GATEWAY,
         axum::Json(json!({
-            "error": { "code": "coordinator_unreachable", "message": format!("the coordinator did not answer: {e}") }
+            "error": { "code": "coordinator_unreachable", "message": problem }
         })),
     )
         .into_response()

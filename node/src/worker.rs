@@ -145,6 +145,8 @@ struct Shared {
     /// The proof of hardware: not asked, running, verified or failed.
     proof: Mutex<ProofStatus>,
     started_ms: u64,
+    /// The account as the status page shows it (read from the coordinator).
+    account: crate::web::AccountView,
 }
 
 /// The upstream as last seen by the model listing (every 15 s).
@@ -384,6 +386,7 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
             ..Default::default()
         }),
         started_ms: unix_ms(),
+        account: crate::web::AccountView::new(client.clone()),
         cfg,
     });
     let http = match shared.cfg.http {

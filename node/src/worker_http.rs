@@ -108,5 +108,5 @@ async fn status(State(s): State<Arc<Shared>>) -> Response {
 
 /// `GET /troop/account`: the worker's earnings, from the coordinator.
 async fn account(State(s): State<Arc<Shared>>) -> Response {
-    crate::web::account(&s.client).await
+    s.account.respond().await
 }

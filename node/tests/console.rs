@@ -402,24 +402,27 @@ async fn the_console_streams_an_answer_and_the_worker_page_counts_it() {
     let _ = b.client.close().await;
 }
 
-/// Samples of `name` with every label in `labels`, summed.
+/// Samples of `name` with every label in `labels`, summed (a histogram's
+/// `_count`). The whole text must parse as Prometheus text.
 fn sample_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
-        .expect("valid Prometheus text");
+    use prom_text_format_parser::{Scrape, Type, ValueType};
+    let scrape = Scrape::parse(text).expect("valid Prometheus text");
     scrape
-        .samples
+        .metrics
         .iter()
-        .filter(|s| s.metric == name)
-        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            prometheus_parse::Value::Histogram(ref h) => {
-                h.iter().map(|b| b.count).fold(0.0, f64::max)
-            }
-            prometheus_parse::Value::Summary(_) => 0.0,
+        .filter(|m| m.name == name)
+        .flat_map(|m| {
+            let counted = matches!(m.kind, Type::Histogram | Type::Summary);
+            m.samples
+                .iter()
+                .filter(move |s| !counted || s.value.value_type == ValueType::Count)
         })
+        .filter(|s| {
+            labels
+                .iter()
+                .all(|(k, v)| s.labels.iter().any(|l| l.key == *k && l.value == *v))
+        })
+        .map(|s| s.value.value.parse::<f64>().expect("a number"))
         .sum()
 }
 
@@ -603,8 +606,38 @@ async fn each_role_exports_metrics_that_move_with_traffic() {
     assert!(sample_sum(&w1, "troop_tokens_served_total", &[]) >= 12.0);
     assert!(sample_sum(&w1, "troop_worker_ttft_seconds", &[]) >= 2.0);
     assert!(sample_sum(&w1, "troop_receipts_queued_total", &[]) >= 1.0);
-    assert!(sample_sum(&g1, "troop_peers_connected", &[]) >= 1.0);
-    assert!(sample_sum(&w1, "troop_peers_connected", &[]) >= 1.0);
+    // Set at every connection and disconnection (it may be back to 0 by
+    // now: idle connections close).
+    for t in [&g1, &w1] {
+        assert!(t.lines().any(|l| l.starts_with("troop_peers_connected ")));
+    }
+    // Pages polling the account cost the coordinator at most one history
+    // read per 3 s, however often they ask.
+    let reads = |t: &str| {
+        sample_sum(
+            t,
+            "troop_http_requests_total",
+            &[("route", "/users/{id}/transactions")],
+        )
+    };
+    let c0 = reads(&metrics(&http, &coordinator).await);
+    for _ in 0..10 {
+        let r = http
+            .get(format!("{gw}/troop/account"))
+            .send()
+            .await
+            .expect("account");
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.expect("json");
+        assert_eq!(v["account"], ids[1].1.as_str());
+        assert_eq!(v["stale"], false);
+        assert!(
+            v["balance"]["debited"].as_f64().is_some_and(|d| d > 0.0),
+            "{v}"
+        );
+    }
+    let c1 = reads(&metrics(&http, &coordinator).await);
+    assert!(c1 - c0 >= 1.0 && c1 - c0 <= 2.0, "{c0} -> {c1}");
     // One process per role: the worker's metrics hold no gateway figures.
     assert_eq!(sample_sum(&w1, "troop_gateway_answers_total", &[]), 0.0);
     assert_eq!(sample_sum(&g1, "troop_jobs_total", &[]), 0.0);

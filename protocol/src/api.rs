@@ -173,6 +173,10 @@ pub struct TransactionsResponse {
     pub transactions: Vec<TransactionEntry>,
     /// Pass as `?before=` to get the next (older) page; null at the end.
     pub next_before: Option<i64>,
+    /// The account's balance as of this page (absent from coordinators
+    /// older than the console).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<BalanceResponse>,
 }
 
 /// Answer to `POST /transactions/submit`.

@@ -36,19 +36,34 @@ pub(crate) struct Page {
     before: Option<i64>,
 }
 
+/// `GET /users/{id}/transactions`, signed by the account itself. A read
+/// with a good signature by its owner counts against the account's own
+/// quota (`account_reads_per_hour`); anything else (a bad or foreign
+/// signature, an account that does not exist) counts against the client
+/// IP's discovery quota, as an unsigned read would.
 pub(crate) async fn transactions(
     State(state): St,
     Path(id): Path<String>,
     page: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    req: Request,
 ) -> Result<Response, ApiError> {
+    let (method, uri, headers) = (
+        req.method().clone(),
+        req.uri().clone(),
+        req.headers().clone(),
+    );
     let rid = request_id(&headers);
-    let account = account_param(&id, &rid)?;
+    let ip = client_ip(&state, &req);
+    let charge_ip = |e: ApiError| -> ApiError {
+        match state.discovery_limiter.check(&ip) {
+            Ok(()) => e,
+            Err(wait) => rate_limited(&state, "discovery", &ip.to_string(), wait, &rid),
+        }
+    };
+    let account = account_param(&id, &rid).map_err(charge_ip)?;
     // A history names counterparties, amounts and session ids: only its
     // owner reads it (admins use `troop-coordinator ledger history`).
-    let signer = verify_signed(&state, &headers, &method, &uri, b"", &rid)?;
+    let signer = verify_signed(&state, &headers, &method, &uri, b"", &rid).map_err(charge_ip)?;
     if signer.to_base58() != account {
         security_event(
             &state,
@@ -56,32 +71,36 @@ pub(crate) async fn transactions(
             &rid,
             json!({ "account": account, "signer": signer.to_base58() }),
         );
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            ErrorCode::Unauthorized,
-            "a transaction history is readable only with its own account's signature",
-        )
-        .with_request_id(&rid));
+        return Err(charge_ip(
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                ErrorCode::Unauthorized,
+                "a transaction history is readable only with its own account's signature",
+            )
+            .with_request_id(&rid),
+        ));
+    }
+    if let Err(wait) = state.account_read_limiter.check(&account) {
+        return Err(rate_limited(&state, "account_reads", &account, wait, &rid));
     }
     let Query(page) =
         page.map_err(|e| ApiError::bad_request(e.body_text()).with_request_id(&rid))?;
     let limit = page.limit.unwrap_or(50).clamp(1, 500);
     let before = page.before.unwrap_or(i64::MAX);
     let acc = account.clone();
-    let (exists, entries) = state
+    let (balance, entries) = state
         .read_with(move |c| {
-            let exists = crate::admin::balance_of(c, &acc)?.is_some();
-            Ok((exists, crate::admin::history(c, &acc, before, limit)?))
+            let balance = crate::admin::balance_of(c, &acc)?;
+            Ok((balance, crate::admin::history(c, &acc, before, limit)?))
         })
         .await
         .map_err(|e| ledger_error(&state, e, &rid))?;
-    if !exists {
-        return Err(ApiError::not_found(
-            ErrorCode::UnknownAccount,
-            format!("no account {account}"),
-        )
-        .with_request_id(&rid));
-    }
+    let Some(balance) = balance else {
+        return Err(charge_ip(
+            ApiError::not_found(ErrorCode::UnknownAccount, format!("no account {account}"))
+                .with_request_id(&rid),
+        ));
+    };
     let next_before = (entries.len() == limit as usize)
         .then(|| entries.last().map(|e: &TransactionEntry| e.id))
         .flatten();
@@ -89,6 +108,7 @@ pub(crate) async fn transactions(
         account,
         transactions: entries,
         next_before,
+        balance: Some(balance),
     })
     .into_response())
 }

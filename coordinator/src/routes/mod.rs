@@ -56,7 +56,6 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/workers", get(list_workers))
         .route("/bootstrap", get(bootstrap))
         .route("/users/{id}/balance", get(balance))
-        .route("/users/{id}/transactions", get(transactions))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             discovery_limit,
@@ -70,6 +69,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/public-key", get(public_key))
         .route("/.well-known/jwks.json", get(jwks))
+        .route("/users/{id}/transactions", get(transactions))
         .route("/workers/register", post(register))
         .route("/workers/heartbeat", post(heartbeat))
         .route("/authorize", post(authorize))

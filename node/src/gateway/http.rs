@@ -175,7 +175,7 @@ async fn troop_status(State(state): State<Arc<GatewayState>>) -> Response {
 
 /// `GET /troop/account`: this gateway's credits and latest transactions.
 async fn account(State(state): State<Arc<GatewayState>>) -> Response {
-    crate::web::account(&state.client).await
+    state.account.respond().await
 }
 
 /// An error in OpenAI's shape.

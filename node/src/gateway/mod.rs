@@ -77,6 +77,8 @@ pub struct GatewayState {
     pub reputation: RwLock<HashMap<PeerId, troop_protocol::api::ReputationInfo>>,
     /// The latest answers, newest last (for the console).
     pub answers: Mutex<VecDeque<AnswerRecord>>,
+    /// The account as the console shows it (read from the coordinator).
+    pub account: crate::web::AccountView,
 }
 
 /// Answers kept for the console.
@@ -157,13 +159,14 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
         cfg,
         net,
         table: RwLock::new(WorkerTable::default()),
-        client,
+        client: client.clone(),
         breakers: Mutex::new(HashMap::new()),
         sessions: Mutex::new(HashMap::new()),
         spare: Mutex::new(HashMap::new()),
         disputed: RwLock::new(Default::default()),
         reputation: RwLock::new(HashMap::new()),
         answers: Mutex::new(VecDeque::new()),
+        account: crate::web::AccountView::new(client.clone()),
     });
     crate::web::warn_if_public(http_addr, "gateway");
     let mut tasks = Vec::new();
