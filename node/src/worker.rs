@@ -318,6 +318,8 @@ where
 /// Starts a worker: finds the upstream's models, fetches the coordinator's
 /// ticket key, registers, joins the mesh and starts serving.
 pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
+    // The metrics recorder first: the network counts from its first event.
+    crate::web::metrics_handle();
     let upstream = match cfg.dialect {
         Some(d) => Upstream::new(&cfg.upstream, d),
         None => Upstream::detect(&cfg.upstream).await?,

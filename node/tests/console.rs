@@ -235,6 +235,7 @@ async fn the_console_streams_an_answer_and_the_worker_page_counts_it() {
     let mer = &me;
     eventually("the first session to settle", 30, move || async move {
         let b = netr.balance(mer).await?;
+        eprintln!("balance {b}");
         (b["pending"].as_f64()? == 0.0 && b["debited"].as_f64()? > 0.0).then_some(())
     })
     .await;

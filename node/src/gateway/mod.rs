@@ -148,6 +148,8 @@ impl RunningGateway {
 }
 
 pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
+    // The metrics recorder first: the network counts from its first event.
+    crate::web::metrics_handle();
     let (net, events) = network::spawn(cfg.net.clone()).await?;
     let client = CoordinatorClient::new(&cfg.coordinator, cfg.identity.clone());
     network::learn_relays(client.clone(), net.clone());
