@@ -88,7 +88,7 @@ pub fn audit(data_dir: &Path) -> anyhow::Result<AuditReport> {
     let conn = ledger::open_reader(&path)?;
     let mut findings = Vec::new();
     let totals = ledger::totals(&conn)?;
-    if let Err(e) = ledger::check_invariants(&conn) {
+    if let Err(e) = ledger::check_invariants_full(&conn) {
         findings.push(e.to_string());
     }
 

@@ -114,6 +114,86 @@ CREATE TABLE reputation (
 ) STRICT;
 "#,
         ),
+        // Totals the invariants need, kept by triggers in the same
+        // transaction as every change: each batch checks one row (O(1))
+        // instead of scanning every account and job; `ledger audit` and
+        // start-up compare it with a full scan.
+        M::up(
+            r#"
+CREATE TABLE ledger_totals (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    debits_posted INTEGER NOT NULL,
+    credits_posted INTEGER NOT NULL,
+    debits_pending INTEGER NOT NULL,
+    credits_pending INTEGER NOT NULL,
+    balances INTEGER NOT NULL,
+    minted INTEGER NOT NULL,
+    negative_accounts INTEGER NOT NULL,
+    pending_jobs INTEGER NOT NULL
+) STRICT;
+INSERT INTO ledger_totals
+SELECT 1,
+    COALESCE(SUM(debits_posted), 0), COALESCE(SUM(credits_posted), 0),
+    COALESCE(SUM(debits_pending), 0), COALESCE(SUM(credits_pending), 0),
+    COALESCE(SUM(CASE WHEN a.kind != 'mint' THEN a.credits_posted - a.debits_posted - a.debits_pending ELSE 0 END), 0),
+    COALESCE(SUM(CASE WHEN a.kind = 'mint' THEN a.debits_posted - a.credits_posted ELSE 0 END), 0),
+    COALESCE(SUM(CASE WHEN a.kind != 'mint' AND a.credits_posted - a.debits_posted - a.debits_pending < 0 THEN 1 ELSE 0 END), 0),
+    (SELECT COALESCE(SUM(reserved), 0) FROM jobs WHERE state = 'pending')
+FROM accounts AS a;
+CREATE TRIGGER ledger_totals_account_insert AFTER INSERT ON accounts BEGIN
+    UPDATE ledger_totals SET
+        debits_posted = debits_posted + NEW.debits_posted,
+        credits_posted = credits_posted + NEW.credits_posted,
+        debits_pending = debits_pending + NEW.debits_pending,
+        credits_pending = credits_pending + NEW.credits_pending,
+        balances = balances + (CASE WHEN NEW.kind != 'mint' THEN NEW.credits_posted - NEW.debits_posted - NEW.debits_pending ELSE 0 END),
+        minted = minted + (CASE WHEN NEW.kind = 'mint' THEN NEW.debits_posted - NEW.credits_posted ELSE 0 END),
+        negative_accounts = negative_accounts + (CASE WHEN NEW.kind != 'mint' AND NEW.credits_posted - NEW.debits_posted - NEW.debits_pending < 0 THEN 1 ELSE 0 END)
+    WHERE id = 1;
+END;
+CREATE TRIGGER ledger_totals_account_update AFTER UPDATE ON accounts BEGIN
+    UPDATE ledger_totals SET
+        debits_posted = debits_posted - OLD.debits_posted,
+        credits_posted = credits_posted - OLD.credits_posted,
+        debits_pending = debits_pending - OLD.debits_pending,
+        credits_pending = credits_pending - OLD.credits_pending,
+        balances = balances - (CASE WHEN OLD.kind != 'mint' THEN OLD.credits_posted - OLD.debits_posted - OLD.debits_pending ELSE 0 END),
+        minted = minted - (CASE WHEN OLD.kind = 'mint' THEN OLD.debits_posted - OLD.credits_posted ELSE 0 END),
+        negative_accounts = negative_accounts - (CASE WHEN OLD.kind != 'mint' AND OLD.credits_posted - OLD.debits_posted - OLD.debits_pending < 0 THEN 1 ELSE 0 END)
+    WHERE id = 1;
+    UPDATE ledger_totals SET
+        debits_posted = debits_posted + NEW.debits_posted,
+        credits_posted = credits_posted + NEW.credits_posted,
+        debits_pending = debits_pending + NEW.debits_pending,
+        credits_pending = credits_pending + NEW.credits_pending,
+        balances = balances + (CASE WHEN NEW.kind != 'mint' THEN NEW.credits_posted - NEW.debits_posted - NEW.debits_pending ELSE 0 END),
+        minted = minted + (CASE WHEN NEW.kind = 'mint' THEN NEW.debits_posted - NEW.credits_posted ELSE 0 END),
+        negative_accounts = negative_accounts + (CASE WHEN NEW.kind != 'mint' AND NEW.credits_posted - NEW.debits_posted - NEW.debits_pending < 0 THEN 1 ELSE 0 END)
+    WHERE id = 1;
+END;
+CREATE TRIGGER ledger_totals_account_delete AFTER DELETE ON accounts BEGIN
+    UPDATE ledger_totals SET
+        debits_posted = debits_posted - OLD.debits_posted,
+        credits_posted = credits_posted - OLD.credits_posted,
+        debits_pending = debits_pending - OLD.debits_pending,
+        credits_pending = credits_pending - OLD.credits_pending,
+        balances = balances - (CASE WHEN OLD.kind != 'mint' THEN OLD.credits_posted - OLD.debits_posted - OLD.debits_pending ELSE 0 END),
+        minted = minted - (CASE WHEN OLD.kind = 'mint' THEN OLD.debits_posted - OLD.credits_posted ELSE 0 END),
+        negative_accounts = negative_accounts - (CASE WHEN OLD.kind != 'mint' AND OLD.credits_posted - OLD.debits_posted - OLD.debits_pending < 0 THEN 1 ELSE 0 END)
+    WHERE id = 1;
+END;
+CREATE TRIGGER ledger_totals_job_insert AFTER INSERT ON jobs BEGIN
+    UPDATE ledger_totals SET pending_jobs = pending_jobs + (CASE WHEN NEW.state = 'pending' THEN NEW.reserved ELSE 0 END) WHERE id = 1;
+END;
+CREATE TRIGGER ledger_totals_job_update AFTER UPDATE OF state, reserved ON jobs BEGIN
+    UPDATE ledger_totals SET pending_jobs = pending_jobs - (CASE WHEN OLD.state = 'pending' THEN OLD.reserved ELSE 0 END) WHERE id = 1;
+    UPDATE ledger_totals SET pending_jobs = pending_jobs + (CASE WHEN NEW.state = 'pending' THEN NEW.reserved ELSE 0 END) WHERE id = 1;
+END;
+CREATE TRIGGER ledger_totals_job_delete AFTER DELETE ON jobs BEGIN
+    UPDATE ledger_totals SET pending_jobs = pending_jobs - (CASE WHEN OLD.state = 'pending' THEN OLD.reserved ELSE 0 END) WHERE id = 1;
+END;
+"#,
+        ),
     ])
 }
 
@@ -1082,8 +1162,12 @@ pub struct Totals {
     pub debits_pending: i64,
     pub credits_pending: i64,
     pub min_available: i64,
+    /// Accounts (not the mint) whose available balance is below zero.
+    pub negative_accounts: i64,
 }
 
+/// Totals by a full scan of every account and pending job (O(accounts)):
+/// `ledger audit` and start-up; the request path reads [`stored_totals`].
 pub fn totals(conn: &Connection) -> Result<Totals, LedgerError> {
     let mut t = conn
         .prepare_cached(
@@ -1092,7 +1176,8 @@ pub fn totals(conn: &Connection) -> Result<Totals, LedgerError> {
                     COALESCE(SUM(CASE WHEN kind != 'mint' THEN credits_posted - debits_posted - debits_pending END), 0),
                     COALESCE(SUM(CASE WHEN kind = 'mint' THEN debits_posted - credits_posted END), 0),
                     COALESCE(MIN(CASE WHEN kind != 'mint' THEN credits_posted - debits_posted - debits_pending END), 0),
-                    COALESCE(SUM(CASE WHEN kind != 'mint' THEN debits_pending END), 0)
+                    COALESCE(SUM(CASE WHEN kind != 'mint' THEN debits_pending END), 0),
+                    COALESCE(SUM(CASE WHEN kind != 'mint' AND credits_posted - debits_posted - debits_pending < 0 THEN 1 ELSE 0 END), 0)
              FROM accounts",
         )?
         .query_row([], |r| {
@@ -1105,6 +1190,7 @@ pub fn totals(conn: &Connection) -> Result<Totals, LedgerError> {
                 minted: r.get(5)?,
                 min_available: r.get(6)?,
                 pending_accounts: r.get(7)?,
+                negative_accounts: r.get(8)?,
                 pending_jobs: 0,
             })
         })?;
@@ -1114,9 +1200,31 @@ pub fn totals(conn: &Connection) -> Result<Totals, LedgerError> {
     Ok(t)
 }
 
-/// The invariants checked inside every transaction that changes money.
-pub fn check_invariants(conn: &Connection) -> Result<Totals, LedgerError> {
-    let t = totals(conn)?;
+/// The totals row the triggers keep (one row: O(1)).
+pub fn stored_totals(conn: &Connection) -> Result<Totals, LedgerError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT debits_posted, credits_posted, debits_pending, credits_pending, balances,
+                    minted, negative_accounts, pending_jobs
+             FROM ledger_totals WHERE id = 1",
+        )?
+        .query_row([], |r| {
+            Ok(Totals {
+                debits_posted: r.get(0)?,
+                credits_posted: r.get(1)?,
+                debits_pending: r.get(2)?,
+                credits_pending: r.get(3)?,
+                balances: r.get(4)?,
+                minted: r.get(5)?,
+                negative_accounts: r.get(6)?,
+                pending_jobs: r.get(7)?,
+                min_available: 0,
+                pending_accounts: 0,
+            })
+        })?)
+}
+
+fn violations(t: &Totals) -> Vec<String> {
     let mut problems = Vec::new();
     if t.debits_posted != t.credits_posted {
         problems.push(format!(
@@ -1142,8 +1250,53 @@ pub fn check_invariants(conn: &Connection) -> Result<Totals, LedgerError> {
             t.balances, t.pending_jobs, t.minted
         ));
     }
-    if t.min_available < 0 {
-        problems.push(format!("an account is negative ({})", t.min_available));
+    if t.negative_accounts != 0 {
+        problems.push(format!("{} account(s) negative", t.negative_accounts));
+    }
+    problems
+}
+
+/// The invariants checked inside every transaction that changes money, on
+/// the totals row the triggers keep in that same transaction: the batch's
+/// changes balance (posted and pending debits equal credits, reservations
+/// match pending debits, balances plus reservations equal what was
+/// minted) and no account went negative. O(1), whatever the ledger's size.
+pub fn check_invariants(conn: &Connection) -> Result<Totals, LedgerError> {
+    let t = stored_totals(conn)?;
+    let problems = violations(&t);
+    if problems.is_empty() {
+        Ok(t)
+    } else {
+        Err(LedgerError::Invariant(problems.join("; ")))
+    }
+}
+
+/// The invariants by a full scan, and the totals row checked against it
+/// (start-up and `ledger audit`; O(accounts)).
+pub fn check_invariants_full(conn: &Connection) -> Result<Totals, LedgerError> {
+    let t = totals(conn)?;
+    let mut problems = violations(&t);
+    let stored = stored_totals(conn)?;
+    let fields = [
+        ("posted debits", t.debits_posted, stored.debits_posted),
+        ("posted credits", t.credits_posted, stored.credits_posted),
+        ("pending debits", t.debits_pending, stored.debits_pending),
+        ("pending credits", t.credits_pending, stored.credits_pending),
+        ("balances", t.balances, stored.balances),
+        ("minted", t.minted, stored.minted),
+        (
+            "negative accounts",
+            t.negative_accounts,
+            stored.negative_accounts,
+        ),
+        ("open reservations", t.pending_jobs, stored.pending_jobs),
+    ];
+    for (name, scanned, kept) in fields {
+        if scanned != kept {
+            problems.push(format!(
+                "the totals row says {name} {kept}, a full scan {scanned}"
+            ));
+        }
     }
     if problems.is_empty() {
         Ok(t)

@@ -105,7 +105,7 @@ impl Coordinator {
         let data_lock = admin::DataLock::take(&cfg.data_dir)?;
         let conn = ledger::open(&cfg.ledger_path())
             .with_context(|| format!("opening ledger {}", cfg.ledger_path().display()))?;
-        ledger::check_invariants(&conn).context("ledger invariants at start")?;
+        ledger::check_invariants_full(&conn).context("ledger invariants at start")?;
         let recovered =
             audit::reconcile(&cfg.audit_path(), &conn).context("reconciling the audit log")?;
         if recovered > 0 {

@@ -174,7 +174,9 @@ fn check(conn: &Connection, model: &Model) -> Result<(), TestCaseError> {
             .expect("account row");
         prop_assert_eq!(row, (*posted, *pending), "account {}", id);
     }
-    let t = ledger::check_invariants(conn).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    // The O(1) check on the totals row, and the full scan agreeing with it.
+    ledger::check_invariants(conn).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let t = ledger::check_invariants_full(conn).map_err(|e| TestCaseError::fail(e.to_string()))?;
     prop_assert_eq!(t.minted, model.minted);
     let pending: i64 = model
         .jobs
@@ -310,4 +312,63 @@ proptest! {
             check(&conn, &model)?;
         }
     }
+}
+
+/// The totals row follows changes made by any statement (triggers), the
+/// O(1) check catches a negative account and unbalanced totals, and the
+/// full scan names a totals row that drifted from the accounts.
+#[test]
+fn the_totals_row_follows_every_change_and_drift_is_caught() {
+    let conn = ledger::open_in_memory().expect("ledger");
+    conn.execute(
+        "INSERT INTO accounts (id, kind, credits_posted, created_at) VALUES ('a', 'user', 5000, 0)",
+        [],
+    )
+    .expect("account");
+    conn.execute(
+        "UPDATE accounts SET debits_posted = debits_posted + 5000 WHERE id = ?1",
+        [ledger::MINT],
+    )
+    .expect("mint");
+    let t = ledger::check_invariants(&conn).expect("balanced");
+    assert_eq!((t.minted, t.balances), (5000, 5000));
+    ledger::check_invariants_full(&conn).expect("the row agrees with a scan");
+
+    // An account spent beyond its credits, to the mint (balanced otherwise).
+    conn.execute(
+        "UPDATE accounts SET debits_posted = 6000 WHERE id = 'a'",
+        [],
+    )
+    .expect("overspend");
+    conn.execute(
+        "UPDATE accounts SET credits_posted = credits_posted + 6000 WHERE id = ?1",
+        [ledger::MINT],
+    )
+    .expect("counterpart");
+    let e = ledger::check_invariants(&conn).expect_err("negative");
+    assert_eq!(
+        e.to_string(),
+        "ledger invariant violated: 1 account(s) negative"
+    );
+    conn.execute("UPDATE accounts SET debits_posted = 0 WHERE id = 'a'", [])
+        .expect("undo");
+    conn.execute(
+        "UPDATE accounts SET credits_posted = credits_posted - 6000 WHERE id = ?1",
+        [ledger::MINT],
+    )
+    .expect("undo");
+    ledger::check_invariants_full(&conn).expect("balanced again");
+
+    // The row itself edited: the O(1) check sees unbalanced totals, and the
+    // full scan says which figure drifted.
+    conn.execute("UPDATE ledger_totals SET balances = balances + 7", [])
+        .expect("drift");
+    let e = ledger::check_invariants(&conn).expect_err("unbalanced");
+    assert!(e.to_string().contains("!= minted"), "{e}");
+    let e = ledger::check_invariants_full(&conn).expect_err("drift");
+    assert!(
+        e.to_string()
+            .contains("the totals row says balances 5007, a full scan 5000"),
+        "{e}"
+    );
 }
