@@ -109,10 +109,6 @@ fn describe() {
         "troop_gateway_ttft_seconds",
         "Gateway: request sent to the worker until its first frame"
     );
-    describe_histogram!(
-        "troop_gateway_chunk_gap_seconds",
-        "Gateway: time between two frames of one answer"
-    );
     describe_histogram!("troop_gateway_answer_chunks", "Gateway: events per answer");
     describe_counter!(
         "troop_tickets_bought_total",

@@ -590,7 +590,7 @@ async fn each_role_exports_metrics_that_move_with_traffic() {
             >= sample_sum(&g0, "troop_gateway_answers_total", &[("outcome", "done")]) + 2.0
     );
     assert!(sample_sum(&g1, "troop_gateway_ttft_seconds", &[]) >= 2.0);
-    assert!(sample_sum(&g1, "troop_gateway_chunk_gap_seconds", &[]) >= 1.0);
+    assert!(sample_sum(&g1, "troop_gateway_answer_chunks", &[]) >= 2.0);
     assert!(sample_sum(&g1, "troop_tickets_bought_total", &[]) >= 1.0);
     assert!(
         sample_sum(

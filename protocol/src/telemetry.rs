@@ -40,6 +40,17 @@ pub fn handle() -> Option<PrometheusHandle> {
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok()?;
             describe();
+            // Histogram samples wait in buckets until drained: drain them
+            // every 5 s even when nobody scrapes, so memory stays flat.
+            let upkeep = handle.clone();
+            let _ = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                });
             Some(handle)
         })
         .clone()

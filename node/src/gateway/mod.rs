@@ -323,15 +323,12 @@ pub struct JobStream {
 
 impl JobStream {
     fn saw(&mut self, f: &Frame) {
-        let now = Instant::now();
-        match self.last_frame {
-            Some(prev) => metrics::histogram!("troop_gateway_chunk_gap_seconds")
-                .record(now.duration_since(prev).as_secs_f64()),
-            None => {
-                self.first_frame = Some(now);
-                metrics::histogram!("troop_gateway_ttft_seconds")
-                    .record(now.duration_since(self.sent).as_secs_f64());
-            }
+        // Per answer, not per frame: the relay's hot path records nothing.
+        if self.first_frame.is_none() {
+            let now = Instant::now();
+            self.first_frame = Some(now);
+            metrics::histogram!("troop_gateway_ttft_seconds")
+                .record(now.duration_since(self.sent).as_secs_f64());
         }
         match f {
             Frame::Chunk { .. } => {
