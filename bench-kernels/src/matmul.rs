@@ -110,11 +110,64 @@ impl Proof {
     }
 }
 
+/// How a round's product is mapped back into `[-bound, bound]` before the
+/// next multiplication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fold {
+    /// On the host, all cores at once, with [`challenge::reduce`] itself
+    /// (the verifier's own function): the CPU backend's way. burn's
+    /// elementwise remainder runs on one thread and cost a third of a
+    /// 4-round proof.
+    Host,
+    /// As four tensor operations on the device (GPU backends, where they
+    /// run in parallel next to the data).
+    Device,
+}
+
+impl Backend {
+    /// The fold this backend proves with.
+    pub fn fold(self) -> Fold {
+        match self {
+            Backend::Cpu => Fold::Host,
+            Backend::Wgpu | Backend::Cuda => Fold::Device,
+        }
+    }
+}
+
 /// Runs the challenge on `backend`. `progress(done_rounds, total)` is called
 /// after each round; `deadline` stops the work between rounds.
 pub fn prove(
     ch: &Challenge,
     backend: Backend,
+    deadline: Option<Instant>,
+    progress: impl FnMut(u32, u32),
+) -> Result<Proof, ProveError> {
+    prove_with(ch, backend, backend.fold(), deadline, progress)
+}
+
+/// Maps every entry back into `[-bound, bound]` with the verifier's own
+/// [`challenge::reduce`], in parallel over rows.
+fn fold_on_host(c: Tensor<2>, n: usize, bound: i32) -> Result<Tensor<2>, ProveError> {
+    use rayon::prelude::*;
+    let device = c.device();
+    let mut v: Vec<f32> = c
+        .into_data()
+        .try_into_vec::<f32>()
+        .map_err(|e| ProveError::Backend(format!("{e:?}")))?;
+    v.par_chunks_mut(n.max(1) * 16).for_each(|rows| {
+        for x in rows {
+            *x = challenge::reduce(*x, bound);
+        }
+    });
+    Ok(Tensor::<2>::from_data(TensorData::new(v, [n, n]), &device))
+}
+
+/// [`prove`] with the fold chosen (the tests compare both on one backend:
+/// the same values, so the same root).
+pub fn prove_with(
+    ch: &Challenge,
+    backend: Backend,
+    fold: Fold,
     deadline: Option<Instant>,
     mut progress: impl FnMut(u32, u32),
 ) -> Result<Proof, ProveError> {
@@ -136,11 +189,14 @@ pub fn prove(
             return Err(ProveError::Timeout(start.elapsed().as_secs()));
         }
         // Back into [-bound, bound], exactly, then multiply by B again.
-        let reduced = c
-            .remainder_scalar(m)
-            .add_scalar(m)
-            .remainder_scalar(m)
-            .sub_scalar(bound as f32);
+        let reduced = match fold {
+            Fold::Host => fold_on_host(c, n, bound)?,
+            Fold::Device => c
+                .remainder_scalar(m)
+                .add_scalar(m)
+                .remainder_scalar(m)
+                .sub_scalar(bound as f32),
+        };
         c = reduced.matmul(b.clone());
         progress(round + 1, ch.rounds);
     }

@@ -299,6 +299,20 @@ mod tests {
         }
     }
 
+    /// The fold on the host (all cores) and the fold as tensor operations
+    /// give the same values, so the same root, round after round.
+    #[test]
+    fn the_host_fold_gives_the_root_of_the_tensor_fold() {
+        use crate::matmul::{Fold, prove_with};
+        for (n, rounds) in [(64usize, 4u32), (100, 2), (257, 3), (512, 4)] {
+            let ch = Challenge::new([3u8; 32], n, rounds);
+            let host = prove_with(&ch, Backend::Cpu, Fold::Host, None, |_, _| {}).expect("host");
+            let dev = prove_with(&ch, Backend::Cpu, Fold::Device, None, |_, _| {}).expect("device");
+            assert_eq!(host.root_hex(), dev.root_hex(), "n {n} rounds {rounds}");
+            assert_eq!(host.c, dev.c);
+        }
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
         /// Made-up openings (rows, paths of any length, siblings that are
