@@ -80,6 +80,20 @@ pub fn reduce(x: f32, bound: i32) -> f32 {
     r - bound as f32
 }
 
+/// [`reduce`] without `fmodf`: an integer-valued `x` below 2^24 (every
+/// product of a valid challenge is one) is reduced as an `i32`, which
+/// gives the same value; anything else goes through [`reduce`].
+#[inline]
+pub fn reduce_exact(x: f32, bound: i32) -> f32 {
+    const EXACT: f32 = 16_777_216.0;
+    if x.abs() < EXACT && x == x.trunc() {
+        let m = 2 * bound + 1;
+        ((x as i32).rem_euclid(m) - bound) as f32
+    } else {
+        reduce(x, bound)
+    }
+}
+
 /// One XOF stream per row, so rows expand in parallel and a verifier can
 /// make row `i` of A alone.
 fn row_reader(seed: &[u8; 32], which: u8, row: usize) -> blake3::OutputReader {
@@ -163,6 +177,17 @@ mod tests {
         let b = bound_for(64) as f32;
         assert!(a.iter().all(|x| x.fract() == 0.0 && x.abs() <= b));
         assert_eq!(row_a(&seed, 64, 5), a[5 * 64..6 * 64].to_vec());
+    }
+
+    proptest::proptest! {
+        /// The integer fold equals `reduce` on every integer below 2^24
+        /// and on anything else it is handed.
+        #[test]
+        fn reduce_exact_is_reduce(i in -16_777_215i32..16_777_215, f in proptest::num::f32::ANY, bound in 1i32..128) {
+            let x = i as f32;
+            proptest::prop_assert_eq!(reduce_exact(x, bound).to_bits(), reduce(x, bound).to_bits());
+            proptest::prop_assert_eq!(reduce_exact(f, bound).to_bits(), reduce(f, bound).to_bits());
+        }
     }
 
     #[test]
