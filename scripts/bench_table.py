@@ -17,6 +17,7 @@ def load(name):
 
 
 c, m, mm, np_ = load("coordinator.json"), load("mesh.json"), load("matmul.json"), load("numpy.json")
+acc, mm1 = load("accounts.json"), load("matmul-1.json")
 
 
 def fmt(v, unit="", digits=0):
@@ -60,6 +61,17 @@ rows.append(("burn matmul n = 4096 (CPU)", fmt(burn, " GFLOP/s", 1), "-", ""))
 rows.append(("numpy / OpenBLAS matmul n = 4096", fmt(blas, " GFLOP/s", 1), "-", ""))
 r = burn / blas * 100 if burn and blas else None
 rows.append(("burn vs best BLAS on the same machine", fmt(r, " %"), ">= 90 %", ok(r and r >= 90)))
+g1 = mm1.get("gflops")
+rr = burn / g1 if burn and g1 else None
+rows.append(("proof GFLOP/s, 4 rounds over 1 round", fmt(rr, "", 2), ">= 0.9", ok(rr and rr >= 0.9)))
+sizes = acc.get("sizes") or []
+p50s = [s.get("authorize_p50_ms") for s in sizes if s.get("authorize_p50_ms")]
+if p50s:
+    spread = max(p50s) / min(p50s)
+    label = " / ".join(f"{s['accounts']:,}" for s in sizes)
+    rows.append((f"/authorize p50 with {label} accounts", " / ".join(fmt(p, " ms", 2) for p in p50s), "within 1.3x", ok(spread <= 1.3)))
+    big = sizes[-1]
+    rows.append((f"settlements/s (writer) at {big['accounts']:,} accounts", fmt(big.get("settlements_per_s_writer")), "-", ""))
 vf = mm.get("verify_fraction")
 rows.append((f"verification of {mm.get('verify_rows', 132)} rows vs proving (n = 4096, {mm.get('rounds', 4)} rounds)", fmt(vf * 100 if vf is not None else None, " %", 1), "<= 5 %", ok(vf is not None and vf <= 0.05)))
 

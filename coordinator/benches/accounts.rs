@@ -5,7 +5,8 @@
 //! already hold 10, 10,000 and 1,000,000 accounts, in one run.
 //!
 //! `cargo bench -p troop-coordinator --bench accounts` (env: ACCOUNTS, a
-//! comma-separated list of sizes; REQUESTS, per size).
+//! comma-separated list of sizes; REQUESTS, per size; BENCH_JSON, a file
+//! for the figures).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -180,4 +181,17 @@ fn main() {
         );
     }
     println!("goal: p50 within 1.3x across sizes");
+    if let Ok(path) = std::env::var("BENCH_JSON") {
+        let sizes: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "accounts": r.accounts, "authorize_p50_ms": r.p50, "authorize_p99_ms": r.p99,
+                    "settlements_per_s_writer": r.settle_per_s, "startup_s": r.start_s,
+                })
+            })
+            .collect();
+        let v = serde_json::json!({ "requests": requests, "sizes": sizes });
+        std::fs::write(path, v.to_string()).expect("write BENCH_JSON");
+    }
 }
