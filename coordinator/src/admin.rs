@@ -35,9 +35,11 @@ pub fn history(
         "SELECT t.id, t.kind, t.debit_account, t.credit_account, t.amount, t.job_id, t.created_at, j.state
          FROM transfers t LEFT JOIN jobs j ON j.reserve_transfer = t.id
          WHERE t.id IN (
-             SELECT id FROM transfers WHERE debit_account = ?1 AND id < ?2
+             SELECT id FROM (SELECT id FROM transfers WHERE debit_account = ?1 AND id < ?2
+                             ORDER BY id DESC LIMIT ?3)
              UNION ALL
-             SELECT id FROM transfers WHERE credit_account = ?1 AND id < ?2
+             SELECT id FROM (SELECT id FROM transfers WHERE credit_account = ?1 AND id < ?2
+                             ORDER BY id DESC LIMIT ?3)
          )
          ORDER BY t.id DESC LIMIT ?3",
     )?;

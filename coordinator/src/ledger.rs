@@ -120,6 +120,8 @@ CREATE TABLE reputation (
         // start-up compare it with a full scan.
         M::up(
             r#"
+-- A history page names each reservation's state: by index, not a scan.
+CREATE INDEX jobs_by_reserve_transfer ON jobs(reserve_transfer);
 CREATE TABLE ledger_totals (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     debits_posted INTEGER NOT NULL,

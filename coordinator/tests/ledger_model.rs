@@ -372,3 +372,166 @@ fn the_totals_row_follows_every_change_and_drift_is_caught() {
         "{e}"
     );
 }
+
+/// Statements that ran, with SQLite's own counters: rows stepped through
+/// in full table scans, and rows put in automatic (transient) indexes.
+static SCANS: std::sync::Mutex<Vec<(String, i32, i32)>> = std::sync::Mutex::new(Vec::new());
+
+fn record_scans(e: rusqlite::trace::TraceEvent<'_>) {
+    if let rusqlite::trace::TraceEvent::Profile(stmt, _) = e {
+        let full = stmt.get_status(rusqlite::StatementStatus::FullscanStep);
+        let auto = stmt.get_status(rusqlite::StatementStatus::AutoIndex);
+        if let Ok(mut v) = SCANS.lock() {
+            v.push((stmt.sql().to_string(), full, auto));
+        }
+    }
+}
+
+/// Every statement the request path runs (tickets, settlements, refunds,
+/// expiries, registrations, heartbeats, balances, histories, the O(1)
+/// invariant check) finds its rows by index on a ledger of a few hundred
+/// accounts and jobs: no full table scan, no automatic index. The list of
+/// all workers (`GET /workers`, answered whole) is the one read that walks
+/// its table.
+#[test]
+fn no_statement_on_the_request_path_scans_a_table() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut conn = ledger::open(&dir.path().join("ledger.sqlite3")).expect("ledger");
+    let register = |conn: &mut Connection, name: &str| {
+        run(
+            conn,
+            Command::RegisterWorker {
+                peer_id: name.into(),
+                models: vec!["m".into()],
+                addresses: vec![],
+                version: None,
+                new_key: [1; 32],
+                now_secs: 0,
+            },
+        )
+        .expect("registered");
+    };
+    let reserve = |conn: &mut Connection, user: &str, job: &str, step: u64| {
+        run(
+            conn,
+            Command::Reserve {
+                user: user.into(),
+                worker: "worker-x".into(),
+                model: "m".into(),
+                job_id: job.into(),
+                amount: 1000,
+                multiplier_milli: 1000,
+                starter_grant: STARTER,
+                grant_policy: ledger::GrantPolicy {
+                    ip: "127.0.0.1".into(),
+                    per_ip_per_day: 1_000_000,
+                    per_hour_milli: i64::MAX / 4,
+                    ..Default::default()
+                },
+                expires_at: 10 + step,
+                now_ms: T0 + step,
+            },
+        )
+        .expect("reserved");
+    };
+    // A few hundred of everything, so that a scan would step.
+    register(&mut conn, "worker-x");
+    for i in 0..300u64 {
+        reserve(&mut conn, &format!("user-{i}"), &format!("seed-{i}"), i);
+    }
+    for w in 0..50 {
+        register(&mut conn, &format!("worker-{w}"));
+    }
+
+    conn.trace_v2(
+        rusqlite::trace::TraceEventCodes::SQLITE_TRACE_PROFILE,
+        Some(record_scans),
+    );
+    let user = user_id(0);
+    reserve(&mut conn, &user, "job-a", 1000);
+    reserve(&mut conn, &user, "job-b", 1001);
+    reserve(&mut conn, &user, "job-c", 1002);
+    let job = |id: &str| ModelJob {
+        id: id.into(),
+        user: user.clone(),
+        worker: "worker-x".into(),
+        reserved: 1000,
+        multiplier: 1000,
+        expires_at: 0,
+        created_ms: T0,
+        state: JobState::Pending,
+        receipt: None,
+    };
+    for (id, status) in [
+        ("job-a", JobStatus::Completed),
+        ("job-b", JobStatus::Failed),
+    ] {
+        let r = receipt(&job(id), 400, status, Some(400));
+        let cmd = || Command::Settle {
+            receipt: r.clone(),
+            receipt_sha256: format!("sha-{id}"),
+            now_ms: settle_ms(5),
+            unacked_cap_ms: CAP_MS,
+            tolerance_ms: 0,
+        };
+        run(&mut conn, cmd()).expect("settled");
+        run(&mut conn, cmd()).expect("replayed");
+    }
+    run(
+        &mut conn,
+        Command::Cancel {
+            job_id: "job-c".into(),
+            now_ms: settle_ms(6),
+        },
+    )
+    .expect("cancelled");
+    run(
+        &mut conn,
+        Command::ExpireDue {
+            cutoff_secs: 20,
+            now_ms: settle_ms(7),
+            limit: 1000,
+        },
+    )
+    .expect("expired");
+    run(
+        &mut conn,
+        Command::Heartbeat {
+            peer_id: "worker-x".into(),
+            models: Some(vec!["m".into()]),
+            addresses: None,
+            active_jobs: 1,
+            queue_depth: 0,
+            now_secs: 5,
+        },
+    )
+    .expect("heartbeat");
+    register(&mut conn, "worker-x");
+    troop_coordinator::admin::balance_of(&conn, &user).expect("balance");
+    let page = troop_coordinator::admin::history(&conn, &user, i64::MAX, 2).expect("history");
+    assert_eq!(page.len(), 2);
+    ledger::load_worker(&conn, "worker-x").expect("worker");
+    ledger::reputation_of(&conn, "worker-x", "worker").expect("reputation");
+    ledger::available(&conn, &user).expect("available");
+    ledger::check_invariants(&conn).expect("invariants");
+    ledger::load_workers(&conn).expect("all workers");
+    conn.trace_v2(rusqlite::trace::TraceEventCodes::empty(), None);
+
+    let seen = SCANS.lock().map(|v| v.clone()).unwrap_or_default();
+    assert!(seen.len() > 20, "{} statements traced", seen.len());
+    let scanning: Vec<_> = seen
+        .iter()
+        .filter(|(sql, full, auto)| {
+            (*full > 0 || *auto > 0) && !sql.contains("FROM workers ORDER BY peer_id")
+        })
+        .collect();
+    assert!(
+        scanning.is_empty(),
+        "statements that scan (sql, full-scan steps, automatic-index rows): {scanning:#?}"
+    );
+    // The counters work: the list of all workers does walk its table.
+    assert!(
+        seen.iter()
+            .any(|(sql, full, _)| sql.contains("FROM workers ORDER BY peer_id") && *full > 0)
+    );
+}
