@@ -450,6 +450,194 @@ async fn bench_memory(streams: usize) -> (u64, u64, u64, usize) {
     (idle.0, busy_rss, hwm, live)
 }
 
+/// What the simulated mesh measured.
+struct Scale {
+    nodes: usize,
+    join_s: f64,
+    reach50_ms: f64,
+    reach99_ms: f64,
+    reached: usize,
+    lookup50_ms: f64,
+    lookup99_ms: f64,
+    lookups_failed: usize,
+}
+
+/// `nodes` nodes in this process on libp2p's memory transport (noise,
+/// yamux, Kademlia, gossipsub, identify, ping: the real stack), joining
+/// through `HUBS` bootstrap nodes as a public mesh joins through its
+/// relays. Then a new worker provides a model and publishes adverts:
+/// how long until 50 % and 99 % of the other nodes hold one, and how long
+/// 100 DHT lookups of the model take from random nodes.
+async fn bench_scale(nodes: usize) -> Scale {
+    use std::sync::Mutex;
+    const HUBS: usize = 8;
+    let base: u64 = 40_000_000 + u64::from(rand::random::<u16>()) * 10_000;
+    let mem = |i: usize| -> libp2p::Multiaddr {
+        format!("/memory/{}", base + i as u64)
+            .parse()
+            .expect("memory addr")
+    };
+    let start = Instant::now();
+    let mut hubs = Vec::new();
+    for i in 0..HUBS {
+        let mut cfg = NetConfig::new(troop_protocol::identity::generate());
+        cfg.listen = vec![mem(i)];
+        cfg.max_connections = 8192;
+        cfg.bootstrap = hubs
+            .iter()
+            .map(|(h, _): &(network::NetworkHandle, _)| network::with_p2p(mem(0), h.peer_id))
+            .take(1)
+            .collect();
+        let (h, ev) = network::spawn(cfg).await.expect("hub");
+        hubs.push((h, ev));
+    }
+    let hub_addrs: Vec<libp2p::Multiaddr> = hubs
+        .iter()
+        .enumerate()
+        .map(|(i, (h, _))| network::with_p2p(mem(i), h.peer_id))
+        .collect();
+    let mut all: Vec<(
+        network::NetworkHandle,
+        tokio::sync::mpsc::Receiver<network::NetEvent>,
+    )> = Vec::new();
+    for i in HUBS..nodes {
+        let mut cfg = NetConfig::new(troop_protocol::identity::generate());
+        cfg.listen = vec![mem(i)];
+        // Two hubs each, spread evenly.
+        cfg.bootstrap = vec![
+            hub_addrs[i % HUBS].clone(),
+            hub_addrs[(i + 1) % HUBS].clone(),
+        ];
+        all.push(network::spawn(cfg).await.expect("node"));
+    }
+    all.extend(hubs);
+    // Settled: most nodes have gossip peers and a routing table.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut ready = 0;
+        let (mut gossip, mut table) = (Vec::new(), Vec::new());
+        for (h, _) in &all {
+            let st = h.status().await;
+            gossip.push(st.gossip_peers);
+            table.push(st.routing_table_peers);
+            if st.gossip_peers >= 3 && st.routing_table_peers >= 8 {
+                ready += 1;
+            }
+        }
+        if ready * 100 >= all.len() * 95 || Instant::now() > deadline {
+            gossip.sort_unstable();
+            table.sort_unstable();
+            let q = |v: &[usize], p: usize| v.get(v.len() * p / 100).copied().unwrap_or(0);
+            eprintln!(
+                "[mesh bench] scale: {ready} of {} nodes settled after {:.1} s; gossip peers p1/p50 {}/{}, routing table p1/p50 {}/{}",
+                all.len(),
+                start.elapsed().as_secs_f64(),
+                q(&gossip, 1),
+                q(&gossip, 50),
+                q(&table, 1),
+                q(&table, 50)
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let join_s = start.elapsed().as_secs_f64();
+
+    // The new worker.
+    let mut cfg = NetConfig::new(troop_protocol::identity::generate());
+    cfg.listen = vec![mem(nodes)];
+    cfg.bootstrap = vec![hub_addrs[0].clone(), hub_addrs[HUBS / 2].clone()];
+    let (worker, _wev) = network::spawn(cfg).await.expect("worker");
+    let wid = worker.peer_id;
+    let arrivals: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let t0 = Instant::now();
+    for (_, mut ev) in all.iter_mut().map(|(h, ev)| {
+        (
+            h.clone(),
+            std::mem::replace(ev, tokio::sync::mpsc::channel(1).1),
+        )
+    }) {
+        let arrivals = arrivals.clone();
+        tokio::spawn(async move {
+            let mut seen = false;
+            while let Some(e) = ev.recv().await {
+                if !seen && matches!(&e, network::NetEvent::Advert { source, .. } if *source == wid)
+                {
+                    seen = true;
+                    if let Ok(mut a) = arrivals.lock() {
+                        a.push(t0.elapsed().as_secs_f64() * 1000.0);
+                    }
+                }
+            }
+        });
+    }
+    worker.provide(model_key(MODEL)).await;
+    let others = all.len();
+    let publish_until = Instant::now() + Duration::from_secs(30);
+    let mut seq = 0u64;
+    while Instant::now() < publish_until {
+        seq += 1;
+        worker.publish(format!("advert {seq}").into_bytes()).await;
+        let got = arrivals.lock().map(|a| a.len()).unwrap_or(0);
+        if got * 100 >= others * 99 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut reach = arrivals.lock().map(|a| a.clone()).unwrap_or_default();
+    reach.sort_by(|a, b| a.total_cmp(b));
+    let at = |share: f64| -> f64 {
+        let need = ((others as f64) * share).ceil() as usize;
+        reach
+            .get(need.saturating_sub(1))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let (reach50_ms, reach99_ms) = (at(0.5), at(0.99));
+
+    // When can a random node find the record? Then 100 timed lookups.
+    let findable = Instant::now();
+    let probe = &all[all.len() / 3].0;
+    while !probe.find_providers(model_key(MODEL)).await.contains(&wid)
+        && findable.elapsed() < Duration::from_secs(30)
+    {}
+    eprintln!(
+        "[mesh bench] scale: the provider record was findable {:.0} ms after the adverts reached 99 %",
+        findable.elapsed().as_secs_f64() * 1000.0
+    );
+    let mut lat = Vec::new();
+    let mut failed = 0;
+    for k in 0..100 {
+        let (h, _) = &all[(k * 7919) % all.len()];
+        let t = Instant::now();
+        let found = h.find_providers(model_key(MODEL)).await;
+        if found.contains(&wid) {
+            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        } else {
+            failed += 1;
+        }
+    }
+    let (lookup50_ms, lookup99_ms) = if lat.is_empty() {
+        (f64::NAN, f64::NAN)
+    } else {
+        (pct(&mut lat, 0.5), pct(&mut lat, 0.99))
+    };
+    worker.shutdown();
+    for (h, _) in &all {
+        h.shutdown();
+    }
+    Scale {
+        nodes: all.len() + 1,
+        join_s,
+        reach50_ms,
+        reach99_ms,
+        reached: reach.len(),
+        lookup50_ms,
+        lookup99_ms,
+        lookups_failed: failed,
+    }
+}
+
 async fn bench_discovery(nodes: usize) -> (f64, f64) {
     let fake = FakeUpstream::start(Dialect::OpenAi, tokens(1), Duration::ZERO).await;
     let mut net = TestNet::start(rich).await;
@@ -518,7 +706,7 @@ fn main() {
         .expect("runtime");
     rt.block_on(async {
         // MESH_BENCH picks parts (ttft,chunks,memory,discovery); all by default.
-        let parts = std::env::var("MESH_BENCH").unwrap_or_else(|_| "ttft,chunks,memory,discovery".into());
+        let parts = std::env::var("MESH_BENCH").unwrap_or_else(|_| "ttft,chunks,memory,discovery,scale".into());
         let on = |p: &str| parts.split(',').any(|x| x.trim() == p);
         let nan = f64::NAN;
         let runs = env_usize("TTFT_RUNS", 200);
@@ -550,6 +738,13 @@ fn main() {
         } else {
             (nan, nan)
         };
+        let scale_nodes = env_usize("SCALE_NODES", 1000);
+        let scale = if on("scale") {
+            eprintln!("[mesh bench] {scale_nodes} simulated nodes on the memory transport");
+            Some(bench_scale(scale_nodes).await)
+        } else {
+            None
+        };
         println!();
         println!("mesh benchmark on loopback ({} cores)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
         println!("| figure | measured | goal |");
@@ -564,13 +759,21 @@ fn main() {
         println!("| worker RSS idle / with {live} of {streams} streams live / peak | {:.1} / {:.1} / {:.1} MiB | < 256 MiB at 1000 |", idle as f64 / 1024.0, busy as f64 / 1024.0, hwm as f64 / 1024.0);
         println!("| new node finds the worker among {nodes} nodes: DHT lookup | {dht_ms:.0} ms | < 500 ms |");
         println!("| new node finds the worker among {nodes} nodes: first gossip advert | {gossip_ms:.0} ms | < 500 ms |");
+        if let Some(sc) = &scale {
+            println!("| {} simulated nodes (memory transport): joined and settled | {:.1} s | - |", sc.nodes, sc.join_s);
+            println!("| {} nodes: a new worker's advert held by 50 % / 99 % of nodes ({} reached) | {:.0} / {:.0} ms | 99 % < 5 s |", sc.nodes, sc.reached, sc.reach50_ms, sc.reach99_ms);
+            println!("| {} nodes: DHT lookup of the model, p50 / p99 (100 lookups, {} failed) | {:.0} / {:.0} ms | p99 < 2 s |", sc.nodes, sc.lookups_failed, sc.lookup50_ms, sc.lookup99_ms);
+        }
         if let Ok(path) = std::env::var("BENCH_JSON") {
             let v = json!({"ttft_direct_p50_ms": d50, "ttft_direct_p99_ms": d99, "ttft_mesh_p50_ms": m50, "ttft_mesh_p99_ms": m99,
                 "ttft_nginx_p50_ms": x50, "ttft_nginx_p99_ms": x99,
                 "chunks_per_s_direct": d1, "chunks_per_s_nginx": n1, "chunks_per_s_mesh": m1,
                 "chunks_per_s_direct_concurrent": dc, "chunks_per_s_nginx_concurrent": nc, "chunks_per_s_mesh_concurrent": mc, "concurrent_streams": conc,
                 "worker_rss_idle_kib": idle, "worker_rss_busy_kib": busy, "worker_rss_peak_kib": hwm, "streams_live": live, "streams": streams,
-                "discovery_dht_ms": dht_ms, "discovery_gossip_ms": gossip_ms, "nodes": nodes});
+                "discovery_dht_ms": dht_ms, "discovery_gossip_ms": gossip_ms, "nodes": nodes,
+                "scale": scale.as_ref().map(|sc| json!({"nodes": sc.nodes, "join_s": sc.join_s,
+                    "advert_reach_p50_ms": sc.reach50_ms, "advert_reach_p99_ms": sc.reach99_ms, "reached": sc.reached,
+                    "lookup_p50_ms": sc.lookup50_ms, "lookup_p99_ms": sc.lookup99_ms, "lookups_failed": sc.lookups_failed}))});
             std::fs::write(path, v.to_string()).expect("write BENCH_JSON");
         }
     });

@@ -368,6 +368,15 @@ fn build_swarm(cfg: &NetConfig) -> anyhow::Result<Swarm<Behaviour>> {
             move || yamux_cfg.clone(),
         )?
         .with_quic()
+        // In-process addresses (`/memory/<n>`): simulations of large meshes
+        // in one process (the discovery benchmark); never dialled unless asked.
+        .with_other_transport(|key| {
+            use libp2p::Transport as _;
+            Ok(libp2p::core::transport::MemoryTransport::default()
+                .upgrade(libp2p::core::upgrade::Version::V1)
+                .authenticate(noise::Config::new(key)?)
+                .multiplex(yamux::Config::default()))
+        })?
         .with_relay_client(noise::Config::new, yamux::Config::default)?
         .with_behaviour(|key, relay_client| {
             let peer_id = key.public().to_peer_id();
