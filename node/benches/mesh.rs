@@ -482,6 +482,7 @@ async fn bench_scale(nodes: usize) -> Scale {
     for i in 0..HUBS {
         let mut cfg = NetConfig::new(troop_protocol::identity::generate());
         cfg.listen = vec![mem(i)];
+        cfg.external = vec![mem(i)];
         cfg.max_connections = 8192;
         cfg.bootstrap = hubs
             .iter()
@@ -503,6 +504,9 @@ async fn bench_scale(nodes: usize) -> Scale {
     for i in HUBS..nodes {
         let mut cfg = NetConfig::new(troop_protocol::identity::generate());
         cfg.listen = vec![mem(i)];
+        // Public nodes: their address is confirmed (AutoNAT does this on the
+        // internet), so provider records carry it.
+        cfg.external = vec![mem(i)];
         // Two hubs each, spread evenly.
         cfg.bootstrap = vec![
             hub_addrs[i % HUBS].clone(),
@@ -546,6 +550,7 @@ async fn bench_scale(nodes: usize) -> Scale {
     // The new worker.
     let mut cfg = NetConfig::new(troop_protocol::identity::generate());
     cfg.listen = vec![mem(nodes)];
+    cfg.external = vec![mem(nodes)];
     cfg.bootstrap = vec![hub_addrs[0].clone(), hub_addrs[HUBS / 2].clone()];
     let (worker, _wev) = network::spawn(cfg).await.expect("worker");
     let wid = worker.peer_id;
