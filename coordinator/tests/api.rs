@@ -173,6 +173,31 @@ async fn bootstrap_lists_the_operators_relays_first() {
     assert_eq!(peers[0]["addresses"], json!([tcp, quic]));
     assert_eq!(peers[1]["peer_id"], reg.peer_id.as_str());
     assert_eq!(peers[1]["relay"], false);
+    // `?model=` lists only the workers serving it, and no relays.
+    let other = generate();
+    let other_reg = c.register(&other, &["qwen2.5:0.5b"]).await;
+    let only: Value = c
+        .get("/bootstrap?model=qwen2.5%3A0.5b")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        only["peers"],
+        json!([{"peer_id": other_reg.peer_id, "addresses": ["/ip4/127.0.0.1/tcp/4001"], "relay": false}]),
+        "{only}"
+    );
+    let none: Value = c
+        .get("/bootstrap?model=nobody-serves-this")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(none["peers"], json!([]));
+    let r = c
+        .get(&format!("/bootstrap?model={}", "x".repeat(300)))
+        .await;
+    assert_eq!(r.status(), 400);
     // A relay address must name its peer.
     assert!(troop_coordinator::config::relay_peer_id("/ip4/203.0.113.7/tcp/4001").is_none());
     assert!(

@@ -484,6 +484,7 @@ async fn bench_scale(nodes: usize) -> Scale {
         cfg.listen = vec![mem(i)];
         cfg.external = vec![mem(i)];
         cfg.max_connections = 8192;
+        cfg.max_pending_incoming = 512;
         cfg.bootstrap = hubs
             .iter()
             .map(|(h, _): &(network::NetworkHandle, _)| network::with_p2p(mem(0), h.peer_id))
@@ -519,9 +520,10 @@ async fn bench_scale(nodes: usize) -> Scale {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let mut ready = 0;
-        let (mut gossip, mut table) = (Vec::new(), Vec::new());
+        let (mut gossip, mut table, mut conns) = (Vec::new(), Vec::new(), Vec::new());
         for (h, _) in &all {
             let st = h.status().await;
+            conns.push(st.connected_peers.len());
             gossip.push(st.gossip_peers);
             table.push(st.routing_table_peers);
             if st.gossip_peers >= 3 && st.routing_table_peers >= 8 {
@@ -531,15 +533,19 @@ async fn bench_scale(nodes: usize) -> Scale {
         if ready * 100 >= all.len() * 95 || Instant::now() > deadline {
             gossip.sort_unstable();
             table.sort_unstable();
+            conns.sort_unstable();
             let q = |v: &[usize], p: usize| v.get(v.len() * p / 100).copied().unwrap_or(0);
             eprintln!(
-                "[mesh bench] scale: {ready} of {} nodes settled after {:.1} s; gossip peers p1/p50 {}/{}, routing table p1/p50 {}/{}",
+                "[mesh bench] scale: {ready} of {} nodes settled after {:.1} s; gossip peers p1/p50 {}/{}, routing table p1/p50 {}/{}, connected peers p50/p99 {}/{}, process RSS {:.0} MiB",
                 all.len(),
                 start.elapsed().as_secs_f64(),
                 q(&gossip, 1),
                 q(&gossip, 50),
                 q(&table, 1),
-                q(&table, 50)
+                q(&table, 50),
+                q(&conns, 50),
+                q(&conns, 99),
+                rss_kib(std::process::id()).0 as f64 / 1024.0
             );
             break;
         }
@@ -610,17 +616,41 @@ async fn bench_scale(nodes: usize) -> Scale {
         "[mesh bench] scale: the provider record was findable {:.0} ms after the adverts reached 99 %",
         findable.elapsed().as_secs_f64() * 1000.0
     );
+    // 100 lookups from spread-out nodes, 10 at a time (gateways look up
+    // independently of each other).
     let mut lat = Vec::new();
-    let mut failed = 0;
-    for k in 0..100 {
-        let (h, _) = &all[(k * 7919) % all.len()];
-        let t = Instant::now();
-        let found = h.find_providers(model_key(MODEL)).await;
-        if found.contains(&wid) {
-            lat.push(t.elapsed().as_secs_f64() * 1000.0);
-        } else {
-            failed += 1;
+    let mut failed_ms = Vec::new();
+    use futures::StreamExt as _;
+    let lookups: Vec<(bool, f64)> = futures::stream::iter((0..100).map(|k| {
+        let h = all[(k * 7919) % all.len()].0.clone();
+        async move {
+            let t = Instant::now();
+            let found = h.find_providers(model_key(MODEL)).await;
+            if !found.contains(&wid) && std::env::var_os("SCALE_DEBUG").is_some() {
+                eprintln!(
+                    "[mesh bench] lookup from {} found {found:?}, not {wid}",
+                    h.peer_id
+                );
+            }
+            (found.contains(&wid), t.elapsed().as_secs_f64() * 1000.0)
         }
+    }))
+    .buffer_unordered(10)
+    .collect()
+    .await;
+    for (ok, ms) in lookups {
+        if ok {
+            lat.push(ms);
+        } else {
+            failed_ms.push(ms);
+        }
+    }
+    let failed = failed_ms.len();
+    if failed > 0 {
+        eprintln!(
+            "[mesh bench] scale: {failed} lookups failed, after {:.0} ms at p50",
+            pct(&mut failed_ms, 0.5)
+        );
     }
     let (lookup50_ms, lookup99_ms) = if lat.is_empty() {
         (f64::NAN, f64::NAN)
@@ -705,6 +735,13 @@ async fn bench_discovery(nodes: usize) -> (f64, f64) {
 }
 
 fn main() {
+    // RUST_LOG=troop_node=debug shows what the nodes do (off by default).
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -232,6 +232,22 @@ impl CoordinatorClient {
         self.get_public("/bootstrap").await
     }
 
+    /// Live workers that serve `model`, with their addresses (no relays).
+    pub async fn workers_for(
+        &self,
+        model: &str,
+    ) -> Result<troop_protocol::api::BootstrapResponse, ClientError> {
+        let resp = self
+            .http
+            .get(format!("{}/bootstrap", self.base))
+            .query(&[("model", model)])
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        Self::decode(resp).await
+    }
+
     pub async fn public_key(&self) -> Result<PublicKey, ClientError> {
         let resp = self
             .http

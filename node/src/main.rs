@@ -202,6 +202,18 @@ enum Cmd {
         /// lost mid-stream (the app then gets a `worker_lost` error event).
         #[arg(long)]
         no_resume: bool,
+        /// For a model no worker has advertised yet, ask the coordinator
+        /// for its workers (`GET /bootstrap?model=`) when the DHT has not
+        /// answered within this many milliseconds (0: at once).
+        #[arg(long, env = "TROOP_COORDINATOR_LOOKUP_MS", default_value_t = 500)]
+        coordinator_lookup_ms: u64,
+        /// Find workers through the mesh only (gossip and the DHT), never
+        /// through the coordinator's list.
+        #[arg(long, conflicts_with = "coordinator_lookup_ms")]
+        no_coordinator_lookup: bool,
+        /// Workers used last whose connections stay open while idle.
+        #[arg(long, env = "TROOP_WARM_WORKERS", default_value_t = gateway::WARM_WORKERS)]
+        warm_workers: usize,
         #[command(flatten)]
         mesh: MeshArgs,
     },
@@ -421,6 +433,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             n.external = external;
             n.relay_server = Some(limits.limits()?);
             n.relay_always = true;
+            // Every joiner's first handshake lands here.
+            n.max_pending_incoming = 512;
             let l = limits.limits()?;
             tracing::info!(
                 peer_id = %peer,
@@ -442,6 +456,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             http,
             cors_origins,
             no_resume,
+            coordinator_lookup_ms,
+            no_coordinator_lookup,
+            warm_workers,
             mesh,
         } => {
             let key = read_identity(&identity)?;
@@ -450,6 +467,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.net = mesh.net(key)?;
             cfg.cors_origins = cors_origins;
             cfg.resume = !no_resume;
+            cfg.coordinator_lookup_after = (!no_coordinator_lookup)
+                .then(|| std::time::Duration::from_millis(coordinator_lookup_ms));
+            cfg.warm_workers = warm_workers;
             let g = gateway::start(cfg).await?;
             tokio::select! {
                 _ = g.wait() => {},

@@ -38,7 +38,10 @@ pub struct Behaviour {
     relay_server: Toggle<relay::Behaviour>,
     dcutr: dcutr::Behaviour,
     stream: libp2p_stream::Behaviour,
+    warm: warm::Behaviour,
 }
+
+mod warm;
 
 /// How to start the swarm.
 #[derive(Clone)]
@@ -68,6 +71,17 @@ pub struct NetConfig {
     /// Addresses others reach this node at, declared by its operator
     /// (`troop relay --external`).
     pub external: Vec<Multiaddr>,
+    /// A connection with no stream open, to a peer that is neither in this
+    /// node's gossip mesh nor kept warm (`NetworkHandle::keep_warm`), is
+    /// closed after this long. DHT lookups touch dozens of peers; keeping
+    /// those connections for minutes is what grew every node to hundreds
+    /// of connections in the simulated mesh.
+    pub idle_timeout: Duration,
+    /// Incoming connections still in their handshake, at most. A relay
+    /// or hub that many nodes join through at once needs more than the
+    /// default (`troop relay` sets 512); beyond it, joiners are turned
+    /// away and retry.
+    pub max_pending_incoming: u32,
 }
 
 /// The limits a relay sets on what it carries for others.
@@ -164,6 +178,8 @@ impl NetConfig {
             relay_server: None,
             relay_always: false,
             external: Vec::new(),
+            idle_timeout: Duration::from_secs(30),
+            max_pending_incoming: 64,
         }
     }
 }
@@ -229,6 +245,7 @@ enum Command {
     AddRelay(Multiaddr),
     DialPeer(PeerId, Vec<Multiaddr>),
     CloseRelayed(PeerId),
+    KeepWarm(PeerId, bool),
 }
 
 /// Cloneable handle to the event loop.
@@ -285,6 +302,12 @@ impl NetworkHandle {
     /// (call when no stream of ours runs on it).
     pub fn close_relayed(&self, peer: PeerId) {
         let _ = self.tx.try_send(Command::CloseRelayed(peer));
+    }
+
+    /// Keeps this peer's connections open while idle (`true`), or lets
+    /// them close after `NetConfig::idle_timeout` again (`false`).
+    pub fn keep_warm(&self, peer: PeerId, keep: bool) {
+        let _ = self.tx.try_send(Command::KeepWarm(peer, keep));
     }
 
     /// Dials `peer` on all of `addrs` at once (one connection at most),
@@ -441,7 +464,7 @@ fn build_swarm(cfg: &NetConfig) -> anyhow::Result<Swarm<Behaviour>> {
             let limits = connection_limits::ConnectionLimits::default()
                 .with_max_established(Some(cfg.max_connections))
                 .with_max_established_per_peer(Some(4))
-                .with_max_pending_incoming(Some(64));
+                .with_max_pending_incoming(Some(cfg.max_pending_incoming));
             // Probe only through peers at public-looking addresses (see
             // `is_lan_ip`): a peer on the same home LAN reaches us directly
             // and would call us public. Servers are added as such peers connect.
@@ -468,10 +491,11 @@ fn build_swarm(cfg: &NetConfig) -> anyhow::Result<Swarm<Behaviour>> {
                 relay_server: Toggle::from(relay_server),
                 dcutr: dcutr::Behaviour::new(peer_id),
                 stream: libp2p_stream::Behaviour::new(),
+                warm: warm::Behaviour::default(),
             })
         })
         .map_err(|e| anyhow::anyhow!("building the behaviour: {e}"))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+        .with_swarm_config(|c| c.with_idle_connection_timeout(cfg.idle_timeout))
         .build();
     Ok(swarm)
 }
@@ -566,6 +590,7 @@ pub async fn spawn(cfg: NetConfig) -> anyhow::Result<(NetworkHandle, mpsc::Recei
         nat_status: "unknown (probing)".into(),
         nat: Nat::Unknown,
         bootstrapped: false,
+        rebootstrap: (Instant::now(), Duration::from_secs(3)),
         provided: HashSet::new(),
         bootstrap: cfg.bootstrap.clone(),
         conns: HashMap::new(),
@@ -677,6 +702,9 @@ struct EventLoop {
     nat_status: String,
     nat: Nat,
     bootstrapped: bool,
+    /// When to bootstrap the DHT again while its table is short, and the
+    /// wait after that (doubling up to a minute).
+    rebootstrap: (Instant, Duration),
     provided: HashSet<Vec<u8>>,
     bootstrap: Vec<Multiaddr>,
     /// Every open connection, per peer: whether a relay carries it.
@@ -713,6 +741,8 @@ impl EventLoop {
                         for addr in self.bootstrap.clone() {
                             let _ = self.swarm.dial(addr);
                         }
+                    } else {
+                        self.bootstrap_if_short();
                     }
                 }
                 cmd = self.rx.recv() => match cmd {
@@ -732,6 +762,30 @@ impl EventLoop {
         if self.events.try_send(ev).is_err() {
             metrics::counter!("troop_net_events_dropped_total").increment(1);
         }
+    }
+
+    /// The first DHT bootstrap runs before any connection is up; when the
+    /// peers it asked were busy (a hub turning joiners away), the table
+    /// stays short until Kademlia's own 5-minute refresh. Bootstrap again
+    /// while it holds fewer than one bucket (K = 20) of peers, backing off
+    /// from 3 s to a minute.
+    fn bootstrap_if_short(&mut self) {
+        let now = Instant::now();
+        if now < self.rebootstrap.0 {
+            return;
+        }
+        let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() else {
+            return;
+        };
+        let known: usize = kad.kbuckets().map(|b| b.num_entries()).sum();
+        if known >= 20 {
+            return;
+        }
+        if kad.bootstrap().is_ok() {
+            tracing::debug!(known, "DHT table short: bootstrapping again");
+        }
+        let wait = self.rebootstrap.1;
+        self.rebootstrap = (now + wait, (wait * 2).min(Duration::from_secs(60)));
     }
 
     fn reprovide(&mut self) {
@@ -827,6 +881,11 @@ impl EventLoop {
                 if let Err(e) = self.swarm.dial(opts) {
                     tracing::debug!(%peer, error = %e, "not dialing");
                 }
+            }
+            Command::KeepWarm(peer, keep) => {
+                let warm = &mut self.swarm.behaviour_mut().warm;
+                warm.set(peer, keep);
+                tracing::debug!(%peer, keep, warm = warm.len(), "warm connections");
             }
             Command::CloseRelayed(peer) => {
                 let Some(c) = self.conns.get(&peer) else {
@@ -1048,11 +1107,33 @@ impl EventLoop {
 
     fn on_kad(&mut self, ev: kad::Event) {
         match ev {
-            kad::Event::OutboundQueryProgressed { id, result, .. } => match result {
+            kad::Event::OutboundQueryProgressed {
+                id, result, stats, ..
+            } => match result {
                 QueryResult::GetProviders(res) => {
                     let Some(&lookup) = self.provider_queries.get(&id) else {
                         return;
                     };
+                    // libp2p-kad reports `FoundProviders` for every peer's
+                    // answer, with an empty set from a peer that only knew
+                    // closer peers: only a non-empty set is an answer.
+                    let found = match &res {
+                        Ok(GetProvidersOk::FoundProviders { providers, .. }) => {
+                            let local = *self.swarm.local_peer_id();
+                            providers.iter().filter(|p| **p != local).count()
+                        }
+                        _ => 0,
+                    };
+                    let last = !matches!(res, Ok(GetProvidersOk::FoundProviders { .. }));
+                    tracing::debug!(
+                        target: "troop_node::dht",
+                        found,
+                        requests = stats.num_requests(),
+                        ok = stats.num_successes(),
+                        failed = stats.num_failures(),
+                        ms = stats.duration().map(|d| d.as_millis()).unwrap_or(0),
+                        "provider lookup step"
+                    );
                     match res {
                         Ok(GetProvidersOk::FoundProviders { providers, .. }) => {
                             let local = *self.swarm.local_peer_id();
@@ -1080,7 +1161,8 @@ impl EventLoop {
                                 }
                             }
                             // One answer is enough: stop the query early.
-                            if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut()
+                            if found > 0
+                                && let Some(kad) = self.swarm.behaviour_mut().kad.as_mut()
                                 && let Some(mut q) = kad.query_mut(&id)
                             {
                                 q.finish();
@@ -1088,6 +1170,10 @@ impl EventLoop {
                         }
                         Ok(GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => {}
                         Err(e) => tracing::debug!(error = %e, "provider lookup failed"),
+                    }
+                    if found == 0 && !last {
+                        // Not an answer yet: the query goes on to closer peers.
+                        return;
                     }
                     // The first answer (or the end of the query) settles the lookup.
                     self.provider_queries.remove(&id);
@@ -1118,7 +1204,22 @@ impl EventLoop {
                     self.finish_lookup_if_done(lookup);
                 }
                 QueryResult::StartProviding(Err(e)) => {
-                    tracing::debug!(error = %e, "providing not replicated yet")
+                    tracing::debug!(
+                        target: "troop_node::dht",
+                        error = %e,
+                        requests = stats.num_requests(),
+                        ok = stats.num_successes(),
+                        "providing not replicated yet"
+                    )
+                }
+                QueryResult::StartProviding(Ok(_)) => {
+                    tracing::debug!(
+                        target: "troop_node::dht",
+                        requests = stats.num_requests(),
+                        ok = stats.num_successes(),
+                        failed = stats.num_failures(),
+                        "provider record stored"
+                    )
                 }
                 QueryResult::Bootstrap(Ok(_)) => {}
                 _ => {}

@@ -108,7 +108,13 @@ async fn found_with(dht: bool, gossip: bool) {
     // connected to the worker: it must find it.
     net.add_hub().await;
     net.add_worker(&fake.url, |_| {}).await;
-    net.add_gateway().await;
+    // The coordinator is asked only when both mesh paths are off, so each
+    // test shows one path.
+    let ask_coordinator = !dht && !gossip;
+    net.add_gateway_with(|g| {
+        g.coordinator_lookup_after = ask_coordinator.then_some(Duration::ZERO);
+    })
+    .await;
     let resp = eventually("a worker found", 30, || {
         let net = &net;
         async move {
@@ -137,7 +143,11 @@ async fn found_with(dht: bool, gossip: bool) {
                 .to_string()
         })
         .collect();
-    let want = if gossip { "gossip" } else { "dht" };
+    let want = match (gossip, dht) {
+        (true, _) => "gossip",
+        (false, true) => "dht",
+        (false, false) => "coordinator",
+    };
     assert_eq!(sources, vec![want.to_string()]);
 }
 
@@ -149,6 +159,13 @@ async fn a_worker_is_found_through_the_dht_with_gossip_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_is_found_through_gossip_with_the_dht_off() {
     found_with(false, true).await;
+}
+
+/// With neither gossip nor the DHT, the gateway asks the coordinator
+/// (`GET /bootstrap?model=`) for the model's workers and dials one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_is_found_through_the_coordinator_with_gossip_and_the_dht_off() {
+    found_with(false, false).await;
 }
 
 /// Opens an inference stream from the gateway's node to `worker` and sends

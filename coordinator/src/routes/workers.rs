@@ -222,7 +222,23 @@ pub(crate) async fn list_workers(
     Ok(axum::Json(WorkersResponse { workers }).into_response())
 }
 
-pub(crate) async fn bootstrap(State(state): St) -> Result<Response, ApiError> {
+/// `GET /bootstrap?model=NAME`: only workers that serve the model (and no
+/// relays): how a gateway with no advert for a model finds its workers in
+/// one request, whatever the mesh's size, instead of a DHT lookup.
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct BootstrapQuery {
+    model: Option<String>,
+}
+
+pub(crate) async fn bootstrap(
+    State(state): St,
+    query: Result<Query<BootstrapQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let model = query.model.filter(|m| !m.is_empty());
+    if model.as_ref().is_some_and(|m| m.len() > 256) {
+        return Err(ApiError::bad_request("model: at most 256 bytes"));
+    }
     let now = unix_secs();
     let ttl = state.cfg.worker_ttl.as_secs();
     let mut live: Vec<&WorkerRow>;
@@ -233,6 +249,7 @@ pub(crate) async fn bootstrap(State(state): St) -> Result<Response, ApiError> {
     live = map
         .values()
         .filter(|w| now.saturating_sub(w.last_seen) <= ttl && !w.addresses.is_empty())
+        .filter(|w| model.as_ref().is_none_or(|m| w.models.contains(m)))
         .collect();
     // Workers with a verified proof first, then the longest registered;
     // at most `bootstrap_per_ip` from one IP, so one address cannot fill
@@ -254,7 +271,7 @@ pub(crate) async fn bootstrap(State(state): St) -> Result<Response, ApiError> {
     });
     // The operator's relays first: a node behind NAT needs one to be reached.
     let mut peers: Vec<BootstrapPeer> = Vec::new();
-    for r in &state.cfg.relays {
+    for r in state.cfg.relays.iter().filter(|_| model.is_none()) {
         let Some(peer_id) = crate::config::relay_peer_id(r) else {
             continue;
         };

@@ -24,7 +24,7 @@ use troop_protocol::policy::{CircuitBreaker, DISCOVERY_TIMEOUT, SystemClock};
 use crate::coordinator_client::{ClientError, CoordinatorClient};
 use crate::frames_io::{read_frame, write_frame};
 use crate::network::{self, NetConfig, NetEvent, NetworkHandle};
-use table::WorkerTable;
+use table::{Source, WorkerTable};
 
 /// How to run a gateway.
 #[derive(Clone)]
@@ -41,6 +41,15 @@ pub struct GatewayConfig {
     pub cors_origins: Vec<String>,
     /// Continue an answer on another worker when its worker is lost.
     pub resume: bool,
+    /// The workers used last whose connections stay open while idle
+    /// (a reconnection costs a handshake, and a hole punch behind NAT);
+    /// connections to other peers close after `net.idle_timeout`.
+    pub warm_workers: usize,
+    /// A model with no advert is looked up in the DHT; if that has not
+    /// answered after this long, the coordinator is asked as well
+    /// (`GET /bootstrap?model=`, one request whatever the mesh's size).
+    /// `None`: the DHT only.
+    pub coordinator_lookup_after: Option<Duration>,
 }
 
 impl GatewayConfig {
@@ -54,6 +63,8 @@ impl GatewayConfig {
             idle_timeout: Duration::from_secs(60),
             cors_origins: Vec::new(),
             resume: true,
+            warm_workers: WARM_WORKERS,
+            coordinator_lookup_after: Some(Duration::from_millis(500)),
         }
     }
 }
@@ -79,10 +90,38 @@ pub struct GatewayState {
     pub answers: Mutex<VecDeque<AnswerRecord>>,
     /// The account as the console shows it (read from the coordinator).
     pub account: crate::web::AccountView,
+    /// The workers kept warm, most recently used first.
+    warm: Mutex<VecDeque<PeerId>>,
+    /// When the coordinator was last asked for each model's workers.
+    asked_coordinator: Mutex<HashMap<String, Instant>>,
+}
+
+impl GatewayState {
+    /// Keeps `worker`'s connection open while idle, and lets go of the
+    /// least recently used one beyond `cfg.warm_workers`.
+    fn keep_warm(&self, worker: PeerId) {
+        let Ok(mut warm) = self.warm.lock() else {
+            return;
+        };
+        if warm.front() == Some(&worker) {
+            return;
+        }
+        warm.retain(|p| *p != worker);
+        warm.push_front(worker);
+        self.net.keep_warm(worker, true);
+        while warm.len() > self.cfg.warm_workers {
+            if let Some(old) = warm.pop_back() {
+                self.net.keep_warm(old, false);
+            }
+        }
+    }
 }
 
 /// Answers kept for the console.
 pub const ANSWERS_KEPT: usize = 100;
+
+/// Workers a gateway keeps connected while idle, by default.
+pub const WARM_WORKERS: usize = 8;
 
 /// One answer relayed by this gateway, as the console shows it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -169,6 +208,8 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
         reputation: RwLock::new(HashMap::new()),
         answers: Mutex::new(VecDeque::new()),
         account: crate::web::AccountView::new(client.clone()),
+        warm: Mutex::new(VecDeque::new()),
+        asked_coordinator: Mutex::new(HashMap::new()),
     });
     crate::web::warn_if_public(http_addr, "gateway");
     let mut tasks = Vec::new();
@@ -538,18 +579,99 @@ impl GatewayState {
         if !found.is_empty() {
             return found;
         }
-        let providers =
-            tokio::time::timeout(DISCOVERY_TIMEOUT, self.net.find_providers(model_key(model)))
-                .await
-                .unwrap_or_default();
+        // No advert yet: ask the DHT and, when it is slow or finds nobody,
+        // the coordinator; the first answer that names a worker wins.
+        let dht =
+            tokio::time::timeout(DISCOVERY_TIMEOUT, self.net.find_providers(model_key(model)));
+        let after = self.cfg.coordinator_lookup_after;
+        let hedge = async {
+            match after {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(dht);
+        let (providers, source) = tokio::select! {
+            r = &mut dht => match r.unwrap_or_default() {
+                p if p.is_empty() && after.is_some() => {
+                    (self.workers_from_coordinator(model).await, Source::Coordinator)
+                }
+                p => (p, Source::Dht),
+            },
+            // The DHT is slow: ask the coordinator too (a hedged request).
+            () = hedge => {
+                let coordinator = self.workers_from_coordinator(model);
+                tokio::pin!(coordinator);
+                tokio::select! {
+                    r = &mut dht => match r.unwrap_or_default() {
+                        p if p.is_empty() => (coordinator.await, Source::Coordinator),
+                        p => (p, Source::Dht),
+                    },
+                    p = &mut coordinator => match p {
+                        p if p.is_empty() => (dht.await.unwrap_or_default(), Source::Dht),
+                        p => (p, Source::Coordinator),
+                    },
+                }
+            }
+        };
         if let Ok(mut t) = self.table.write() {
             for p in &providers {
-                t.on_provider(*p, model);
+                t.on_found(*p, model, source);
             }
             t.candidates_for(model, embeddings)
         } else {
             providers
         }
+    }
+
+    /// The live workers the coordinator knows for `model` (`GET
+    /// /bootstrap?model=`), their addresses learnt and a dial started. At
+    /// most one such read per model every 10 s (the coordinator counts them
+    /// against this IP's discovery quota).
+    async fn workers_from_coordinator(&self, model: &str) -> Vec<PeerId> {
+        if let Ok(mut asked) = self.asked_coordinator.lock() {
+            let now = Instant::now();
+            if asked
+                .get(model)
+                .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(10))
+            {
+                return Vec::new();
+            }
+            if asked.len() >= 1024 {
+                asked.retain(|_, t| now.duration_since(*t) < Duration::from_secs(10));
+            }
+            asked.insert(model.to_string(), now);
+        }
+        let peers = match self.client.workers_for(model).await {
+            Ok(r) => r.peers,
+            Err(e) => {
+                tracing::debug!(model, error = %e, "no workers from the coordinator");
+                return Vec::new();
+            }
+        };
+        let mut found = Vec::new();
+        for p in peers.into_iter().filter(|p| !p.relay) {
+            let Ok(peer) = p.peer_id.parse::<PeerId>() else {
+                continue;
+            };
+            let addrs: Vec<libp2p::Multiaddr> = p
+                .addresses
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                // An address naming another peer is not this worker's.
+                .filter(|a| network::peer_of(a).is_none_or(|p| p == peer))
+                .collect();
+            if addrs.is_empty() {
+                continue;
+            }
+            for a in &addrs {
+                self.net.add_address(peer, a.clone()).await;
+            }
+            self.net.dial_peer(peer, addrs).await;
+            found.push(peer);
+        }
+        tracing::info!(model, workers = found.len(), "workers from the coordinator");
+        found
     }
 
     /// Finds a worker, buys a ticket, opens the stream and waits for the
@@ -808,6 +930,7 @@ impl GatewayState {
         if let Ok(mut t) = self.table.write() {
             t.add_inflight(&worker, 1);
         }
+        self.keep_warm(worker);
         let mut job = JobStream {
             worker,
             first: Frame::Chunk {

@@ -14,6 +14,8 @@ use troop_protocol::advert::Advert;
 pub enum Source {
     Gossip,
     Dht,
+    /// The coordinator's `GET /bootstrap?model=`.
+    Coordinator,
 }
 
 #[derive(Debug, Clone)]
@@ -111,6 +113,12 @@ impl WorkerTable {
 
     /// A provider found through the DHT (no advert, so no load figures).
     pub fn on_provider(&mut self, peer: PeerId, model: &str) {
+        self.on_found(peer, model, Source::Dht);
+    }
+
+    /// A worker for `model` learnt from a lookup (not an advert): kept
+    /// for `DHT_TTL` unless an advert replaces it.
+    pub fn on_found(&mut self, peer: PeerId, model: &str, source: Source) {
         if self
             .unreachable
             .get(&peer)
@@ -126,7 +134,7 @@ impl WorkerTable {
             peer,
             advert: None,
             models: Vec::new(),
-            source: Source::Dht,
+            source,
             seen: Instant::now(),
             ttl: DHT_TTL,
             rtt,
@@ -135,7 +143,7 @@ impl WorkerTable {
         if !e.models.iter().any(|m| m == model) {
             e.models.push(model.to_string());
         }
-        if e.source == Source::Dht {
+        if e.source != Source::Gossip {
             e.seen = Instant::now();
         }
     }
