@@ -82,6 +82,9 @@ pub struct NetConfig {
     /// default (`troop relay` sets 512); beyond it, joiners are turned
     /// away and retry.
     pub max_pending_incoming: u32,
+    /// Kademlia's replication factor k: how many of the closest peers
+    /// hold each provider record, and the bucket size (libp2p's 20).
+    pub dht_replication: std::num::NonZeroUsize,
 }
 
 /// The limits a relay sets on what it carries for others.
@@ -180,6 +183,7 @@ impl NetConfig {
             external: Vec::new(),
             idle_timeout: Duration::from_secs(30),
             max_pending_incoming: 64,
+            dht_replication: kad::K_VALUE,
         }
     }
 }
@@ -415,6 +419,8 @@ fn build_swarm(cfg: &NetConfig) -> anyhow::Result<Swarm<Behaviour>> {
             let kad = cfg.dht.then(|| {
                 let mut kc = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
                 kc.set_query_timeout(Duration::from_secs(5));
+                kc.set_replication_factor(cfg.dht_replication);
+                kc.set_kbucket_size(cfg.dht_replication);
                 let mut k =
                     kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kc);
                 // Serve the DHT even without a confirmed public address
@@ -591,6 +597,7 @@ pub async fn spawn(cfg: NetConfig) -> anyhow::Result<(NetworkHandle, mpsc::Recei
         nat: Nat::Unknown,
         bootstrapped: false,
         rebootstrap: (Instant::now(), Duration::from_secs(3)),
+        dht_replication: cfg.dht_replication.get(),
         provided: HashSet::new(),
         bootstrap: cfg.bootstrap.clone(),
         conns: HashMap::new(),
@@ -705,6 +712,8 @@ struct EventLoop {
     /// When to bootstrap the DHT again while its table is short, and the
     /// wait after that (doubling up to a minute).
     rebootstrap: (Instant, Duration),
+    /// Kademlia's k (`NetConfig::dht_replication`).
+    dht_replication: usize,
     provided: HashSet<Vec<u8>>,
     bootstrap: Vec<Multiaddr>,
     /// Every open connection, per peer: whether a relay carries it.
@@ -767,7 +776,7 @@ impl EventLoop {
     /// The first DHT bootstrap runs before any connection is up; when the
     /// peers it asked were busy (a hub turning joiners away), the table
     /// stays short until Kademlia's own 5-minute refresh. Bootstrap again
-    /// while it holds fewer than one bucket (K = 20) of peers, backing off
+    /// while it holds fewer than one bucket (k, 20 by default) of peers, backing off
     /// from 3 s to a minute.
     fn bootstrap_if_short(&mut self) {
         let now = Instant::now();
@@ -778,7 +787,7 @@ impl EventLoop {
             return;
         };
         let known: usize = kad.kbuckets().map(|b| b.num_entries()).sum();
-        if known >= 20 {
+        if known >= self.dht_replication {
             return;
         }
         if kad.bootstrap().is_ok() {

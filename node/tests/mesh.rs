@@ -585,3 +585,87 @@ async fn the_benchmark_at_the_default_size_is_verified_end_to_end() {
     .await;
     println!("default-size proof verified at {gflops:.1} GFLOP/s");
 }
+
+/// A DHT lookup walks on to closer peers until one names a provider. In a
+/// mesh much larger than Kademlia's replication factor, most nodes do not
+/// hold the record, and the first peers a lookup asks answer with closer
+/// peers only (libp2p-kad reports that as `FoundProviders` with an empty
+/// set); a lookup that stopped there found nobody. 40 nodes on the
+/// in-process memory transport with k = 3 (as 100,000 nodes with k = 20
+/// look to one lookup), joining through one hub: every one of 20 lookups
+/// from different nodes must find the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dht_lookups_find_a_provider_that_most_nodes_do_not_hold() {
+    use troop_node::network::{self, NetConfig};
+    use troop_protocol::advert::model_key;
+    const NODES: u64 = 40;
+    let base: u64 = 70_000_000 + u64::from(rand::random::<u16>()) * 1_000;
+    let mem = |i: u64| -> libp2p::Multiaddr {
+        format!("/memory/{}", base + i)
+            .parse()
+            .expect("memory addr")
+    };
+    let node = |i: u64, bootstrap: Vec<libp2p::Multiaddr>| {
+        let mut cfg = NetConfig::new(troop_protocol::identity::generate());
+        cfg.listen = vec![mem(i)];
+        cfg.external = vec![mem(i)];
+        cfg.gossip = false;
+        cfg.bootstrap = bootstrap;
+        cfg.dht_replication = std::num::NonZeroUsize::new(3).expect("3 > 0");
+        cfg
+    };
+    let (hub, _hub_ev) = network::spawn(node(0, vec![])).await.expect("hub");
+    let hub_addr = network::with_p2p(mem(0), hub.peer_id);
+    let mut nodes = vec![];
+    for i in 1..NODES {
+        let (h, ev) = network::spawn(node(i, vec![hub_addr.clone()]))
+            .await
+            .expect("node");
+        nodes.push((h, ev));
+    }
+    // Every node knows a good part of the mesh.
+    eventually("routing tables filled", 60, || {
+        let nodes = &nodes;
+        async move {
+            for (h, _) in nodes {
+                if h.status().await.routing_table_peers < 6 {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    let (worker, _wev) = network::spawn(node(NODES, vec![hub_addr.clone()]))
+        .await
+        .expect("worker");
+    let wid = worker.peer_id;
+    eventually("the worker's routing table filled", 30, || {
+        let worker = &worker;
+        async move { (worker.status().await.routing_table_peers >= 6).then_some(()) }
+    })
+    .await;
+    worker.provide(model_key(MODEL)).await;
+    eventually("the provider record stored", 30, || {
+        let probe = nodes[0].0.clone();
+        async move {
+            probe
+                .find_providers(model_key(MODEL))
+                .await
+                .contains(&wid)
+                .then_some(())
+        }
+    })
+    .await;
+    let mut missed = Vec::new();
+    for (h, _) in nodes.iter().skip(1).step_by(2).take(20) {
+        if !h.find_providers(model_key(MODEL)).await.contains(&wid) {
+            missed.push(h.peer_id);
+        }
+    }
+    assert!(
+        missed.is_empty(),
+        "{} of 20 lookups found no provider",
+        missed.len()
+    );
+}
