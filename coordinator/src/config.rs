@@ -9,6 +9,12 @@ use std::time::Duration;
 pub struct Config {
     /// Folder that holds `ledger.sqlite3`, `keys/` and `logs/audit.log`.
     pub data_dir: PathBuf,
+    /// A ticket signing key shared with other replicas (`--key-file`,
+    /// from `troop-coordinator keygen`) instead of `DIR/keys/`.
+    pub key_file: Option<PathBuf>,
+    /// Earlier signing keys whose tickets still verify (listed in the
+    /// JWKS, never used to sign): `--previous-key-file`.
+    pub previous_key_files: Vec<PathBuf>,
     /// Credit-seconds a new account gets once.
     pub starter_credits_milli: i64,
     /// Seconds of the worker's rate held by each reservation.
@@ -87,6 +93,8 @@ impl Config {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
+            key_file: None,
+            previous_key_files: Vec::new(),
             starter_credits_milli: 3_600_000,
             reservation_secs: 300,
             ticket_ttl: Duration::from_secs(300),
@@ -132,6 +140,20 @@ impl Config {
 
     pub fn audit_path(&self) -> PathBuf {
         self.data_dir.join("logs").join("audit.log")
+    }
+
+    /// The ticket signing key: `key_file` when set (shared by replicas),
+    /// else made and kept in `DIR/keys/`.
+    pub fn ticket_keys(&self) -> anyhow::Result<crate::tickets::TicketKeys> {
+        let mut keys = match &self.key_file {
+            Some(p) => crate::tickets::TicketKeys::load_file(p)?,
+            None => crate::tickets::TicketKeys::load_or_create(&self.keys_dir())?,
+        };
+        for p in &self.previous_key_files {
+            let kid = keys.add_previous(p)?;
+            tracing::info!(kid, path = %p.display(), "an earlier ticket key is still accepted");
+        }
+        Ok(keys)
     }
 
     pub fn keys_dir(&self) -> PathBuf {

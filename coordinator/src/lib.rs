@@ -120,7 +120,7 @@ impl Coordinator {
             .collect();
         let (audit_log, audit_thread) = AuditLog::open(&cfg.audit_path())
             .with_context(|| format!("opening {}", cfg.audit_path().display()))?;
-        let keys = TicketKeys::load_or_create(&cfg.keys_dir())?;
+        let keys = cfg.ticket_keys()?;
         let sink_log = audit_log.clone();
         let sink: ledger::AuditSink = Box::new(move |events| {
             for (_, ev) in &events {

@@ -23,7 +23,14 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Serve the HTTP API (tickets, ledger, worker registry).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Make a new RSA-2048 ticket signing key (PKCS#8 PEM, mode 0400) for
+    /// `serve --key-file`, shared by every replica; prints its key id.
+    Keygen {
+        /// Where to write the key; an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Inspect the ledger in a data folder.
     Ledger {
         #[command(subcommand)]
@@ -39,6 +46,19 @@ struct ServeArgs {
     /// Folder for the ledger, the keys and logs/audit.log (made if missing).
     #[arg(long, env = "TROOP_DATA", default_value = "./data/coordinator")]
     data: PathBuf,
+    /// Ticket signing key from `troop-coordinator keygen`, shared by every
+    /// replica (default: one made and kept in DATA/keys/).
+    #[arg(long, env = "TROOP_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// An earlier --key-file whose tickets are still accepted while they
+    /// expire (listed in /.well-known/jwks.json, never used to sign;
+    /// repeatable).
+    #[arg(
+        long = "previous-key-file",
+        env = "TROOP_PREVIOUS_KEY_FILES",
+        value_delimiter = ','
+    )]
+    previous_key_files: Vec<PathBuf>,
     /// Credit-seconds a new account gets once.
     #[arg(long, env = "TROOP_STARTER_CREDITS", default_value_t = 3600.0)]
     starter_credits: f64,
@@ -178,7 +198,9 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Cmd::Serve(a) => {
-            let mut cfg = Config::new(a.data);
+            let mut cfg = Config::new(a.data.clone());
+            cfg.key_file = a.key_file.clone();
+            cfg.previous_key_files = a.previous_key_files.clone();
             if !(a.starter_credits.is_finite() && a.starter_credits >= 0.0) {
                 anyhow::bail!("--starter-credits must be a non-negative number");
             }
@@ -225,6 +247,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("binding {}", a.listen))?;
                 coordinator.serve(listener, shutdown_signal()).await
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Keygen { out } => {
+            let kid = troop_coordinator::tickets::TicketKeys::generate_to(&out)?;
+            println!("{kid}");
+            eprintln!(
+                "wrote {} (kid {kid}); start every replica with --key-file {}",
+                out.display(),
+                out.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Ledger { command } => ledger_cmd(command),

@@ -4,6 +4,11 @@
 //! `ticket-signing.pem` (PKCS#8, mode 0400) and `ticket-signing.pub.pem`
 //! (SPKI). The key id (`kid`) is the first 16 hex digits of the SHA-256 of
 //! the public key's DER, so it changes exactly when the key changes.
+//!
+//! Several replicas share one key instead: `troop-coordinator keygen --out
+//! PATH` makes it and `serve --key-file PATH` uses it. To rotate, each
+//! replica moves to the new key file with the old one as
+//! `--previous-key-file`: the JWKS lists both until old tickets expire.
 
 use std::io::Write;
 use std::path::Path;
@@ -43,6 +48,52 @@ impl TicketKeys {
         let private_pem = std::fs::read(&private_path)
             .with_context(|| format!("reading {}", private_path.display()))?;
         Self::from_private_pem(&private_pem, Some(&dir.join(PUBLIC_FILE)))
+    }
+
+    /// Writes a new RSA-2048 key (PKCS#8 PEM, mode 0400) to `path`, which
+    /// must not exist yet, and returns its key id. Replicas that share this
+    /// file (`serve --key-file`) sign tickets every worker accepts.
+    pub fn generate_to(path: &Path) -> anyhow::Result<String> {
+        if path.exists() {
+            bail!(
+                "{} exists already; a key is never overwritten",
+                path.display()
+            );
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
+            .map_err(|_| anyhow::anyhow!("RSA key generation failed"))?;
+        let der = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&pair)
+            .map_err(|_| anyhow::anyhow!("RSA key encoding failed"))?;
+        let pem_text = pem::encode(&pem::Pem::new("PRIVATE KEY", der.as_ref().to_vec()));
+        write_new(path, pem_text.as_bytes(), 0o400)?;
+        Ok(Self::from_private_pem(pem_text.as_bytes(), None)?.kid)
+    }
+
+    /// Loads the signing key from a file made by [`generate_to`](Self::generate_to)
+    /// (or any PKCS#8 RSA key of 2048 bits or more).
+    pub fn load_file(path: &Path) -> anyhow::Result<Self> {
+        let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::from_private_pem(&pem, None).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// Also lists the public half of an earlier key in the JWKS, so tickets
+    /// it signed (by a replica not rotated yet, or before the rotation)
+    /// still verify; it never signs again. Returns its key id.
+    pub fn add_previous(&mut self, path: &Path) -> anyhow::Result<String> {
+        let old = Self::load_file(path)?;
+        if old.kid != self.kid
+            && !self
+                .jwks
+                .keys
+                .iter()
+                .any(|k| k.common.key_id == Some(old.kid.clone()))
+        {
+            self.jwks.keys.extend(old.jwks.keys);
+        }
+        Ok(old.kid)
     }
 
     fn from_private_pem(private_pem: &[u8], public_path: Option<&Path>) -> anyhow::Result<Self> {

@@ -1257,3 +1257,109 @@ async fn metrics_can_move_to_their_own_address() {
         .expect("text");
     assert!(text.contains("troop_http_requests_total"), "{text}");
 }
+
+/// Replicas share one signing key (`keygen --out`, `serve --key-file`), and
+/// a rotation lists the previous key in the JWKS: a ticket signed with the
+/// old key by a replica not yet rotated still verifies with the keys the
+/// rotated replica publishes.
+#[tokio::test]
+async fn replicas_share_a_key_file_and_a_rotation_keeps_old_tickets_valid() {
+    use troop_coordinator::tickets::TicketKeys;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (old, new) = (dir.path().join("old.pem"), dir.path().join("keys/new.pem"));
+    let old_kid = TicketKeys::generate_to(&old).expect("old key");
+    let new_kid = TicketKeys::generate_to(&new).expect("new key");
+    assert_ne!(old_kid, new_kid);
+    let again = TicketKeys::generate_to(&old).expect_err("never overwritten");
+    assert!(again.to_string().contains("exists already"), "{again}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&old).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o400);
+    }
+    let o = old.clone();
+    let a = TestCoordinator::start_with(move |cfg| cfg.key_file = Some(o)).await;
+    let (n, o) = (new.clone(), old.clone());
+    let b = TestCoordinator::start_with(move |cfg| {
+        cfg.key_file = Some(n);
+        cfg.previous_key_files = vec![o];
+    })
+    .await;
+    let a2 = TestCoordinator::start_with({
+        let o = old.clone();
+        move |cfg| cfg.key_file = Some(o)
+    })
+    .await;
+    let kid = |v: Value| v["kid"].as_str().unwrap_or_default().to_string();
+    assert_eq!(
+        kid(a.get("/public-key").await.json().await.expect("json")),
+        old_kid
+    );
+    assert_eq!(
+        kid(a2.get("/public-key").await.json().await.expect("json")),
+        old_kid
+    );
+    assert_eq!(
+        kid(b.get("/public-key").await.json().await.expect("json")),
+        new_kid
+    );
+    let jwks: Value = b
+        .get("/.well-known/jwks.json")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let kids: Vec<&str> = jwks["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .filter_map(|k| k["kid"].as_str())
+        .collect();
+    assert_eq!(kids, vec![new_kid.as_str(), old_kid.as_str()]);
+
+    // A ticket from the replica still on the old key...
+    let (worker, user) = (generate(), generate());
+    a.register(&worker, &[MODEL]).await;
+    let r = a.authorize(&user, &worker, MODEL).await;
+    assert_eq!(r.status(), 200);
+    let auth: AuthorizeResponse = r.json().await.expect("json");
+    // ...verifies with what the rotated replica publishes, and with the
+    // other replica's public key as well.
+    let mut v = TicketVerifier::new(worker.public().to_peer_id().to_base58());
+    for k in jwks["keys"].as_array().expect("keys") {
+        v.add_key_components(
+            k["kid"].as_str().expect("kid"),
+            k["n"].as_str().expect("n"),
+            k["e"].as_str().expect("e"),
+        )
+        .expect("key");
+    }
+    let claims = v
+        .check(&auth.ticket, now_secs())
+        .expect("old-key ticket verifies");
+    assert_eq!(claims.aud, worker.public().to_peer_id().to_base58());
+    // Without the previous key, the JWKS of a coordinator on the new key
+    // alone would not verify it.
+    let c = TestCoordinator::start_with({
+        let n = new.clone();
+        move |cfg| cfg.key_file = Some(n)
+    })
+    .await;
+    let only_new: Value = c
+        .get("/.well-known/jwks.json")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let mut v2 = TicketVerifier::new(worker.public().to_peer_id().to_base58());
+    for k in only_new["keys"].as_array().expect("keys") {
+        v2.add_key_components(
+            k["kid"].as_str().expect("kid"),
+            k["n"].as_str().expect("n"),
+            k["e"].as_str().expect("e"),
+        )
+        .expect("key");
+    }
+    assert!(v2.check(&auth.ticket, now_secs()).is_err());
+}

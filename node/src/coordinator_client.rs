@@ -248,6 +248,25 @@ impl CoordinatorClient {
         Self::decode(resp).await
     }
 
+    /// Every ticket key the coordinator accepts (`GET
+    /// /.well-known/jwks.json`): its current key and earlier ones still
+    /// valid during a rotation, as (kid, n, e) of each RSA key.
+    pub async fn ticket_keys(&self) -> Result<Vec<(String, String, String)>, ClientError> {
+        let v: serde_json::Value = self.get_public("/.well-known/jwks.json").await?;
+        let keys = v["keys"].as_array().map(Vec::as_slice).unwrap_or_default();
+        Ok(keys
+            .iter()
+            .filter(|k| k["kty"] == "RSA")
+            .filter_map(|k| {
+                Some((
+                    k["kid"].as_str()?.to_string(),
+                    k["n"].as_str()?.to_string(),
+                    k["e"].as_str()?.to_string(),
+                ))
+            })
+            .collect())
+    }
+
     pub async fn public_key(&self) -> Result<PublicKey, ClientError> {
         let resp = self
             .http

@@ -338,6 +338,9 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
     verifier
         .add_key_pem(&pk.kid, pk.public_key.as_bytes())
         .map_err(|e| anyhow::anyhow!("coordinator key: {e}"))?;
+    // Earlier keys still valid during a rotation (other replicas may sign
+    // with one for a while).
+    add_previous_keys(&client, &mut verifier).await;
 
     let (net, _events) = network::spawn(cfg.net.clone()).await?;
     network::learn_relays(client.clone(), net.clone());
@@ -1153,6 +1156,23 @@ impl MaxWith for troop_protocol::frames::Usage {
     }
 }
 
+/// Adds the coordinator's other accepted ticket keys (its JWKS) to
+/// `verifier`, keeping those it has.
+async fn add_previous_keys(client: &CoordinatorClient, verifier: &mut TicketVerifier) {
+    match client.ticket_keys().await {
+        Ok(keys) => {
+            for (kid, n, e) in keys {
+                if !verifier.knows_kid(&kid)
+                    && let Err(err) = verifier.add_key_components(&kid, &n, &e)
+                {
+                    tracing::warn!(kid, error = %err, "unusable coordinator key");
+                }
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "no JWKS from the coordinator"),
+    }
+}
+
 async fn verify_ticket(
     s: &Shared,
     token: &str,
@@ -1173,12 +1193,34 @@ async fn verify_ticket(
     }
     *last = Some(Instant::now());
     metrics::counter!("troop_key_refreshes_total").increment(1);
-    let fetched =
-        tokio::time::timeout(troop_protocol::policy::AUTH_TIMEOUT, s.client.public_key()).await;
+    // The JWKS holds every key the coordinator accepts (its replicas may
+    // sign with the previous one during a rotation); `/public-key` only the
+    // current one, from coordinators older than the JWKS.
+    let fetched = tokio::time::timeout(troop_protocol::policy::AUTH_TIMEOUT, async {
+        let keys = s.client.ticket_keys().await.unwrap_or_default();
+        if keys.iter().any(|(k, _, _)| *k == kid) {
+            return Ok(keys);
+        }
+        s.client
+            .public_key()
+            .await
+            .map(|pk| vec![(pk.kid, pk.public_key, String::new())])
+    })
+    .await;
     match fetched {
-        Ok(Ok(pk)) => {
+        Ok(Ok(keys)) => {
             let mut v = s.verifier.lock().await;
-            v.add_key_pem(&pk.kid, pk.public_key.as_bytes())?;
+            for (k, n, e) in keys {
+                // A PEM comes with no exponent; JWKS entries with both.
+                let added = if e.is_empty() {
+                    v.add_key_pem(&k, n.as_bytes())
+                } else {
+                    v.add_key_components(&k, &n, &e)
+                };
+                if let Err(err) = added {
+                    tracing::warn!(kid = k, error = %err, "unusable coordinator key");
+                }
+            }
             v.verify(token, unix_secs())
         }
         Ok(Err(e)) => {
