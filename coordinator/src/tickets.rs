@@ -37,11 +37,7 @@ impl TicketKeys {
         let private_path = dir.join(PRIVATE_FILE);
         if !private_path.exists() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
-                .map_err(|_| anyhow::anyhow!("RSA key generation failed"))?;
-            let der = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&pair)
-                .map_err(|_| anyhow::anyhow!("RSA key encoding failed"))?;
-            let pem_text = pem::encode(&pem::Pem::new("PRIVATE KEY", der.as_ref().to_vec()));
+            let pem_text = new_private_pem()?;
             write_new(&private_path, pem_text.as_bytes(), 0o400)?;
             tracing::info!(path = %private_path.display(), "made a new RSA-2048 ticket signing key");
         }
@@ -63,11 +59,7 @@ impl TicketKeys {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
-            .map_err(|_| anyhow::anyhow!("RSA key generation failed"))?;
-        let der = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&pair)
-            .map_err(|_| anyhow::anyhow!("RSA key encoding failed"))?;
-        let pem_text = pem::encode(&pem::Pem::new("PRIVATE KEY", der.as_ref().to_vec()));
+        let pem_text = new_private_pem()?;
         write_new(path, pem_text.as_bytes(), 0o400)?;
         Ok(Self::from_private_pem(pem_text.as_bytes(), None)?.kid)
     }
@@ -84,13 +76,9 @@ impl TicketKeys {
     /// still verify; it never signs again. Returns its key id.
     pub fn add_previous(&mut self, path: &Path) -> anyhow::Result<String> {
         let old = Self::load_file(path)?;
-        if old.kid != self.kid
-            && !self
-                .jwks
-                .keys
-                .iter()
-                .any(|k| k.common.key_id == Some(old.kid.clone()))
-        {
+        // The JWKS holds the signing key too: a key already there is skipped.
+        let listed = |k: &Jwk| k.common.key_id.as_deref() == Some(old.kid.as_str());
+        if !self.jwks.keys.iter().any(listed) {
             self.jwks.keys.extend(old.jwks.keys);
         }
         Ok(old.kid)
@@ -140,6 +128,18 @@ impl TicketKeys {
         header.kid = Some(self.kid.clone());
         jsonwebtoken::encode(&header, claims, &self.encoding).context("signing a ticket")
     }
+}
+
+/// A new RSA-2048 private key, PKCS#8 PEM.
+fn new_private_pem() -> anyhow::Result<String> {
+    let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
+        .map_err(|_| anyhow::anyhow!("RSA key generation failed"))?;
+    let der = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&pair)
+        .map_err(|_| anyhow::anyhow!("RSA key encoding failed"))?;
+    Ok(pem::encode(&pem::Pem::new(
+        "PRIVATE KEY",
+        der.as_ref().to_vec(),
+    )))
 }
 
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {

@@ -1326,16 +1326,19 @@ async fn replicas_share_a_key_file_and_a_rotation_keeps_old_tickets_valid() {
     let auth: AuthorizeResponse = r.json().await.expect("json");
     // ...verifies with what the rotated replica publishes, and with the
     // other replica's public key as well.
-    let mut v = TicketVerifier::new(worker.public().to_peer_id().to_base58());
-    for k in jwks["keys"].as_array().expect("keys") {
-        v.add_key_components(
-            k["kid"].as_str().expect("kid"),
-            k["n"].as_str().expect("n"),
-            k["e"].as_str().expect("e"),
-        )
-        .expect("key");
-    }
-    let claims = v
+    let verifier = |jwks: &Value| {
+        let mut v = TicketVerifier::new(worker.public().to_peer_id().to_base58());
+        for k in jwks["keys"].as_array().expect("keys") {
+            v.add_key_components(
+                k["kid"].as_str().expect("kid"),
+                k["n"].as_str().expect("n"),
+                k["e"].as_str().expect("e"),
+            )
+            .expect("key");
+        }
+        v
+    };
+    let claims = verifier(&jwks)
         .check(&auth.ticket, now_secs())
         .expect("old-key ticket verifies");
     assert_eq!(claims.aud, worker.public().to_peer_id().to_base58());
@@ -1352,14 +1355,5 @@ async fn replicas_share_a_key_file_and_a_rotation_keeps_old_tickets_valid() {
         .json()
         .await
         .expect("json");
-    let mut v2 = TicketVerifier::new(worker.public().to_peer_id().to_base58());
-    for k in only_new["keys"].as_array().expect("keys") {
-        v2.add_key_components(
-            k["kid"].as_str().expect("kid"),
-            k["n"].as_str().expect("n"),
-            k["e"].as_str().expect("e"),
-        )
-        .expect("key");
-    }
-    assert!(v2.check(&auth.ticket, now_secs()).is_err());
+    assert!(verifier(&only_new).check(&auth.ticket, now_secs()).is_err());
 }

@@ -1160,16 +1160,26 @@ impl MaxWith for troop_protocol::frames::Usage {
 /// `verifier`, keeping those it has.
 async fn add_previous_keys(client: &CoordinatorClient, verifier: &mut TicketVerifier) {
     match client.ticket_keys().await {
-        Ok(keys) => {
-            for (kid, n, e) in keys {
-                if !verifier.knows_kid(&kid)
-                    && let Err(err) = verifier.add_key_components(&kid, &n, &e)
-                {
-                    tracing::warn!(kid, error = %err, "unusable coordinator key");
-                }
-            }
-        }
+        Ok(keys) => add_jwks(verifier, keys),
         Err(e) => tracing::debug!(error = %e, "no JWKS from the coordinator"),
+    }
+}
+
+/// What a key refresh brought: the JWKS naming the kid sought, or else
+/// the coordinator's current key (`/public-key`).
+enum FetchedKeys {
+    Jwks(Vec<(String, String, String)>),
+    Current(crate::coordinator_client::PublicKey),
+}
+
+/// Adds JWKS entries (kid, n, e) the verifier does not know yet.
+fn add_jwks(verifier: &mut TicketVerifier, keys: Vec<(String, String, String)>) {
+    for (kid, n, e) in keys {
+        if !verifier.knows_kid(&kid)
+            && let Err(err) = verifier.add_key_components(&kid, &n, &e)
+        {
+            tracing::warn!(kid, error = %err, "unusable coordinator key");
+        }
     }
 }
 
@@ -1199,27 +1209,17 @@ async fn verify_ticket(
     let fetched = tokio::time::timeout(troop_protocol::policy::AUTH_TIMEOUT, async {
         let keys = s.client.ticket_keys().await.unwrap_or_default();
         if keys.iter().any(|(k, _, _)| *k == kid) {
-            return Ok(keys);
+            return Ok(FetchedKeys::Jwks(keys));
         }
-        s.client
-            .public_key()
-            .await
-            .map(|pk| vec![(pk.kid, pk.public_key, String::new())])
+        s.client.public_key().await.map(FetchedKeys::Current)
     })
     .await;
     match fetched {
-        Ok(Ok(keys)) => {
+        Ok(Ok(found)) => {
             let mut v = s.verifier.lock().await;
-            for (k, n, e) in keys {
-                // A PEM comes with no exponent; JWKS entries with both.
-                let added = if e.is_empty() {
-                    v.add_key_pem(&k, n.as_bytes())
-                } else {
-                    v.add_key_components(&k, &n, &e)
-                };
-                if let Err(err) = added {
-                    tracing::warn!(kid = k, error = %err, "unusable coordinator key");
-                }
+            match found {
+                FetchedKeys::Current(pk) => v.add_key_pem(&pk.kid, pk.public_key.as_bytes())?,
+                FetchedKeys::Jwks(keys) => add_jwks(&mut v, keys),
             }
             v.verify(token, unix_secs())
         }
