@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Dialect, FakeUpstream, MODEL, TestNet, eventually, tokens};
+use common::{Dialect, FakeUpstream, MODEL, TestNet, chat_text, eventually, sse_data, tokens};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
@@ -229,8 +229,14 @@ async fn the_console_streams_an_answer_and_the_worker_page_counts_it() {
     );
     let me = net.gateway_peer();
 
-    // One answer first, so the account exists; wait until it settles.
-    assert_eq!(net.chat(false).await.status(), 200);
+    // One answer first, so the account exists; wait until it settles. It
+    // streams, so it takes the upstream's pace (12 x 120 ms) and costs more
+    // than nothing: an answer sent whole in under a millisecond may be
+    // charged 0 credits, which made this wait fail now and then.
+    let first = net.chat(true).await;
+    assert_eq!(first.status(), 200);
+    let first = first.text().await.expect("the first answer's body");
+    assert_eq!(chat_text(&sse_data(&first)), answer.concat());
     let netr = &net;
     let mer = &me;
     eventually("the first session to settle", 30, move || async move {
