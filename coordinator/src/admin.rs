@@ -3,7 +3,8 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use crate::db::Db;
+use crate::p;
 use serde_json::Value;
 use troop_protocol::api::{BalanceResponse, TransactionEntry};
 use troop_protocol::credits_from_milli;
@@ -13,42 +14,43 @@ use crate::routes::balance_json;
 
 /// Balance of an account, `None` if there is no such account.
 pub fn balance_of(
-    conn: &Connection,
+    conn: &mut dyn Db,
     account: &str,
 ) -> Result<Option<BalanceResponse>, LedgerError> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT credits_posted, debits_posted, debits_pending FROM accounts WHERE id = ?1 AND kind != 'mint'",
-        )?
-        .query_row([account], |r| Ok(balance_json(account, r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?)
+    conn.query_opt(
+        "SELECT credits_posted, debits_posted, debits_pending FROM accounts WHERE id = ?1 AND kind != 'mint'",
+        p![account],
+    )?
+    .map(|r| Ok(balance_json(account, r.i64(0)?, r.i64(1)?, r.i64(2)?)))
+    .transpose()
 }
 
 /// Transfers touching `account`, newest first, with ids below `before`.
 pub fn history(
-    conn: &Connection,
+    conn: &mut dyn Db,
     account: &str,
     before: i64,
     limit: u32,
 ) -> Result<Vec<TransactionEntry>, LedgerError> {
-    let mut stmt = conn.prepare_cached(
+    let rows = conn.query(
         "SELECT t.id, t.kind, t.debit_account, t.credit_account, t.amount, t.job_id, t.created_at, j.state
          FROM transfers t LEFT JOIN jobs j ON j.reserve_transfer = t.id
          WHERE t.id IN (
              SELECT id FROM (SELECT id FROM transfers WHERE debit_account = ?1 AND id < ?2
-                             ORDER BY id DESC LIMIT ?3)
+                             ORDER BY id DESC LIMIT ?3) AS d
              UNION ALL
              SELECT id FROM (SELECT id FROM transfers WHERE credit_account = ?1 AND id < ?2
-                             ORDER BY id DESC LIMIT ?3)
+                             ORDER BY id DESC LIMIT ?3) AS c
          )
          ORDER BY t.id DESC LIMIT ?3",
+        p![account, before, limit],
     )?;
-    let rows = stmt
-        .query_map(params![account, before, limit], |r| {
-            let kind: String = r.get(1)?;
-            let debit: String = r.get(2)?;
-            let amount: i64 = r.get(4)?;
-            let job_state: Option<String> = r.get(7)?;
+    rows.iter()
+        .map(|r| {
+            let kind = r.str(1)?;
+            let debit = r.str(2)?;
+            let amount = r.i64(4)?;
+            let job_state = r.opt_str(7)?;
             let status = match kind.as_str() {
                 "reserve" => job_state.unwrap_or_else(|| "pending".into()),
                 "refund" | "expire" => "voided".into(),
@@ -56,18 +58,17 @@ pub fn history(
             };
             let signed = if debit == account { -amount } else { amount };
             Ok(TransactionEntry {
-                id: r.get(0)?,
+                id: r.i64(0)?,
                 kind,
                 amount: credits_from_milli(signed),
                 status,
                 debit_account: debit,
-                credit_account: r.get(3)?,
-                job_id: r.get(5)?,
-                created_at: r.get::<_, i64>(6)?.max(0) as u64,
+                credit_account: r.str(3)?,
+                job_id: r.opt_str(5)?,
+                created_at: r.i64(6)?.max(0) as u64,
             })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+        })
+        .collect()
 }
 
 /// What `ledger audit` found.
@@ -81,16 +82,51 @@ pub struct AuditReport {
     pub totals: ledger::Totals,
 }
 
-/// Runs every check on the ledger in `data_dir` and its audit log.
-pub fn audit(data_dir: &Path) -> anyhow::Result<AuditReport> {
-    let path = data_dir.join("ledger.sqlite3");
-    if !path.exists() {
-        anyhow::bail!("no ledger at {}", path.display());
+/// Opens the ledger for the admin commands: PostgreSQL when `database`
+/// is given, else the SQLite file in `data_dir`.
+pub fn with_ledger<T>(
+    data_dir: &Path,
+    database: Option<&str>,
+    f: impl FnOnce(&mut dyn Db) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    match database {
+        Some(url) => {
+            let mut client = crate::pg::connect(url)?;
+            let have = crate::pg::schema_version(&mut client)?;
+            if have == 0 {
+                anyhow::bail!(
+                    "the database has no Troop ledger yet (run `troop-coordinator migrate`)"
+                );
+            }
+            let mut cache = crate::db::StatementCache::default();
+            f(&mut crate::db::Pg {
+                client: &mut client,
+                cache: &mut cache,
+            })
+        }
+        None => {
+            let path = data_dir.join("ledger.sqlite3");
+            if !path.exists() {
+                anyhow::bail!("no ledger at {}", path.display());
+            }
+            let conn = ledger::open_reader(&path)?;
+            f(&mut crate::db::Lite(&conn))
+        }
     }
-    let conn = ledger::open_reader(&path)?;
+}
+
+/// Runs every check on the ledger in `data_dir` (or `database`) and the
+/// audit log in `data_dir`.
+pub fn audit(data_dir: &Path, database: Option<&str>) -> anyhow::Result<AuditReport> {
+    with_ledger(data_dir, database, |conn| {
+        audit_on(conn, data_dir, database.is_some())
+    })
+}
+
+fn audit_on(conn: &mut dyn Db, data_dir: &Path, shared: bool) -> anyhow::Result<AuditReport> {
     let mut findings = Vec::new();
-    let totals = ledger::totals(&conn)?;
-    if let Err(e) = ledger::check_invariants_full(&conn) {
+    let totals = ledger::totals(conn)?;
+    if let Err(e) = ledger::check_invariants_full(conn) {
         findings.push(e.to_string());
     }
 
@@ -106,18 +142,18 @@ pub fn audit(data_dir: &Path) -> anyhow::Result<AuditReport> {
     let mut reserves: HashMap<i64, (String, String, i64, Option<String>)> = HashMap::new();
     let mut resolutions: Vec<(i64, String, i64, i64)> = Vec::new(); // id, kind, pending_id, amount
     {
-        let mut stmt = conn.prepare(
+        let rows = conn.query(
             "SELECT id, kind, debit_account, credit_account, amount, pending_id, job_id FROM transfers ORDER BY id",
+            p![],
         )?;
-        let mut rows = stmt.query([])?;
-        while let Some(r) = rows.next()? {
-            let id: i64 = r.get(0)?;
-            let kind: String = r.get(1)?;
-            let debit: String = r.get(2)?;
-            let credit: String = r.get(3)?;
-            let amount: i64 = r.get(4)?;
-            let pending: Option<i64> = r.get(5)?;
-            let job: Option<String> = r.get(6)?;
+        for r in &rows {
+            let id = r.i64(0)?;
+            let kind = r.str(1)?;
+            let debit = r.str(2)?;
+            let credit = r.str(3)?;
+            let amount = r.i64(4)?;
+            let pending = r.opt_i64(5)?;
+            let job = r.opt_str(6)?;
             match kind.as_str() {
                 "grant" => {
                     if debit != MINT {
@@ -183,18 +219,18 @@ pub fn audit(data_dir: &Path) -> anyhow::Result<AuditReport> {
         }
     }
     {
-        let mut stmt = conn.prepare(
+        let rows = conn.query(
             "SELECT id, kind, debits_pending, debits_posted, credits_pending, credits_posted FROM accounts",
+            p![],
         )?;
-        let mut rows = stmt.query([])?;
-        while let Some(r) = rows.next()? {
-            let id: String = r.get(0)?;
-            let kind: String = r.get(1)?;
+        for r in &rows {
+            let id = r.str(0)?;
+            let kind = r.str(1)?;
             let stored = Sums {
-                dp: r.get(2)?,
-                dpost: r.get(3)?,
-                cp: r.get(4)?,
-                cpost: r.get(5)?,
+                dp: r.i64(2)?,
+                dpost: r.i64(3)?,
+                cp: r.i64(4)?,
+                cpost: r.i64(5)?,
             };
             let want = computed.remove(&id).unwrap_or_default();
             if stored != want {
@@ -212,19 +248,20 @@ pub fn audit(data_dir: &Path) -> anyhow::Result<AuditReport> {
     }
     // Jobs agree with their reservation's resolution.
     {
-        let mut stmt =
-            conn.prepare("SELECT job_id, reserve_transfer, reserved, state, cost FROM jobs")?;
-        let mut rows = stmt.query([])?;
+        let rows = conn.query(
+            "SELECT job_id, reserve_transfer, reserved, state, cost FROM jobs",
+            p![],
+        )?;
         let by_pending: HashMap<i64, (String, i64)> = resolutions
             .iter()
             .map(|(_, k, p, a)| (*p, (k.clone(), *a)))
             .collect();
-        while let Some(r) = rows.next()? {
-            let job: String = r.get(0)?;
-            let rt: i64 = r.get(1)?;
-            let reserved: i64 = r.get(2)?;
-            let state: String = r.get(3)?;
-            let cost: Option<i64> = r.get(4)?;
+        for r in &rows {
+            let job = r.str(0)?;
+            let rt = r.i64(1)?;
+            let reserved = r.i64(2)?;
+            let state = r.str(3)?;
+            let cost = r.opt_i64(4)?;
             match reserves.get(&rt) {
                 Some((_, _, a, j)) if *a == reserved && j.as_deref() == Some(job.as_str()) => {}
                 _ => findings.push(format!(
@@ -244,6 +281,16 @@ pub fn audit(data_dir: &Path) -> anyhow::Result<AuditReport> {
                 ));
             }
         }
+    }
+    // With PostgreSQL each replica's audit log holds the transfers that
+    // replica committed, so no one log can be compared with the whole
+    // ledger; the ledger's own checks above are the audit.
+    if shared {
+        return Ok(AuditReport {
+            findings,
+            recoverable: Vec::new(),
+            totals,
+        });
     }
     // The audit log agrees with the ledger.
     let (lines, bad) = crate::audit::read_lines(&crate::audit::path_in(data_dir))?;
@@ -277,14 +324,16 @@ pub fn audit(data_dir: &Path) -> anyhow::Result<AuditReport> {
         .filter_map(|l| l.get("job_id").and_then(Value::as_str))
         .collect();
     let mut recoverable = Vec::new();
-    let mut stmt = conn.prepare("SELECT id, kind, amount, job_id FROM transfers ORDER BY id")?;
-    let mut rows = stmt.query([])?;
+    let rows = conn.query(
+        "SELECT id, kind, amount, job_id FROM transfers ORDER BY id",
+        p![],
+    )?;
     let mut in_ledger = HashSet::new();
-    while let Some(r) = rows.next()? {
-        let id: i64 = r.get(0)?;
-        let kind: String = r.get(1)?;
-        let amount: i64 = r.get(2)?;
-        let job: Option<String> = r.get(3)?;
+    for r in &rows {
+        let id = r.i64(0)?;
+        let kind = r.str(1)?;
+        let amount = r.i64(2)?;
+        let job = r.opt_str(3)?;
         in_ledger.insert(id);
         match audited.get(&id) {
             None if id > last_audited
@@ -354,7 +403,7 @@ impl DataLock {
 /// anything else. Returns how many lines were appended.
 pub fn repair(data_dir: &Path) -> anyhow::Result<usize> {
     let _lock = DataLock::take(data_dir)?;
-    let report = audit(data_dir)?;
+    let report = audit(data_dir, None)?;
     if !report.findings.is_empty() {
         anyhow::bail!(
             "the audit found {} problem(s) that a repair cannot fix; run `ledger audit` to see them",
@@ -365,5 +414,8 @@ pub fn repair(data_dir: &Path) -> anyhow::Result<usize> {
         return Ok(0);
     }
     let conn = ledger::open_reader(&data_dir.join("ledger.sqlite3"))?;
-    crate::audit::reconcile(&crate::audit::path_in(data_dir), &conn)
+    crate::audit::reconcile(
+        &crate::audit::path_in(data_dir),
+        &mut crate::db::Lite(&conn),
+    )
 }

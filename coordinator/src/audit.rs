@@ -165,34 +165,32 @@ pub fn audited_transfers(lines: &[Value]) -> HashSet<i64> {
 /// After a crash between a ledger commit and its audit lines, appends a
 /// `recovered` line for each committed transfer the log lacks, so that the
 /// log and the ledger agree again. Returns how many lines were added.
-pub fn reconcile(path: &Path, conn: &rusqlite::Connection) -> anyhow::Result<usize> {
+pub fn reconcile(path: &Path, conn: &mut dyn crate::db::Db) -> anyhow::Result<usize> {
     let (lines, _) = read_lines(path)?;
     let seen = audited_transfers(&lines);
-    let mut stmt = conn.prepare(
+    let rows = conn.query(
         "SELECT id, kind, debit_account, credit_account, amount, job_id, pending_id FROM transfers ORDER BY id",
+        crate::p![],
     )?;
-    let missing: Vec<Value> = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                json!({
-                    "event": format!("ledger.{}", r.get::<_, String>(1)?),
-                    "transfer_id": r.get::<_, i64>(0)?,
-                    "debit_account": r.get::<_, String>(2)?,
-                    "credit_account": r.get::<_, String>(3)?,
-                    "amount_milli": r.get::<_, i64>(4)?,
-                    "job_id": r.get::<_, Option<String>>(5)?,
-                    "pending_id": r.get::<_, Option<i64>>(6)?,
-                    "recovered": true,
-                    "ts_ms": now_ms(),
-                    "request_id": null,
-                }),
-            ))
-        })?
-        .filter_map(Result::ok)
-        .filter(|(id, _)| !seen.contains(id))
-        .map(|(_, v)| v)
-        .collect();
+    let mut missing: Vec<Value> = Vec::new();
+    for r in &rows {
+        let id = r.i64(0)?;
+        if seen.contains(&id) {
+            continue;
+        }
+        missing.push(json!({
+            "event": format!("ledger.{}", r.str(1)?),
+            "transfer_id": id,
+            "debit_account": r.str(2)?,
+            "credit_account": r.str(3)?,
+            "amount_milli": r.i64(4)?,
+            "job_id": r.opt_str(5)?,
+            "pending_id": r.opt_i64(6)?,
+            "recovered": true,
+            "ts_ms": now_ms(),
+            "request_id": null,
+        }));
+    }
     if missing.is_empty() {
         return Ok(0);
     }

@@ -12,6 +12,9 @@ pub struct Config {
     /// A ticket signing key shared with other replicas (`--key-file`,
     /// from `troop-coordinator keygen`) instead of `DIR/keys/`.
     pub key_file: Option<PathBuf>,
+    /// `postgres://…`: the ledger and everything replicas share live in
+    /// that database; `None`: SQLite in `data_dir`.
+    pub database: Option<String>,
     /// Earlier signing keys whose tickets still verify (listed in the
     /// JWKS, never used to sign): `--previous-key-file`.
     pub previous_key_files: Vec<PathBuf>,
@@ -94,6 +97,7 @@ impl Config {
         Self {
             data_dir: data_dir.into(),
             key_file: None,
+            database: None,
             previous_key_files: Vec::new(),
             starter_credits_milli: 3_600_000,
             reservation_secs: 300,

@@ -21,7 +21,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::Connection;
+
+use crate::db::{Db, Lite, Row};
+use crate::p;
 use rusqlite_migration::{M, Migrations};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
@@ -224,48 +227,42 @@ pub struct Reputation {
     pub unacknowledged: i64,
 }
 
+fn reputation_from(r: &Row, at: usize) -> Result<Reputation, LedgerError> {
+    Ok(Reputation {
+        requests: r.i64(at)?,
+        acknowledged: r.i64(at + 1)?,
+        disputed: r.i64(at + 2)?,
+        unacknowledged: r.i64(at + 3)?,
+    })
+}
+
 /// Every worker's reputation.
 pub fn worker_reputations(
-    conn: &Connection,
+    conn: &mut dyn Db,
 ) -> Result<std::collections::HashMap<String, Reputation>, LedgerError> {
-    let mut stmt = conn.prepare_cached(
+    conn.query(
         "SELECT account, requests, acknowledged, disputed, unacknowledged FROM reputation
          WHERE role = 'worker'",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            Reputation {
-                requests: r.get(1)?,
-                acknowledged: r.get(2)?,
-                disputed: r.get(3)?,
-                unacknowledged: r.get(4)?,
-            },
-        ))
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+        p![],
+    )?
+    .iter()
+    .map(|r| Ok((r.str(0)?, reputation_from(r, 1)?)))
+    .collect()
 }
 
 pub fn reputation_of(
-    conn: &Connection,
+    conn: &mut dyn Db,
     account: &str,
     role: &str,
 ) -> Result<Reputation, LedgerError> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT requests, acknowledged, disputed, unacknowledged FROM reputation
-             WHERE account = ?1 AND role = ?2",
-        )?
-        .query_row(params![account, role], |r| {
-            Ok(Reputation {
-                requests: r.get(0)?,
-                acknowledged: r.get(1)?,
-                disputed: r.get(2)?,
-                unacknowledged: r.get(3)?,
-            })
-        })
-        .optional()?
-        .unwrap_or_default())
+    conn.query_opt(
+        "SELECT requests, acknowledged, disputed, unacknowledged FROM reputation
+         WHERE account = ?1 AND role = ?2",
+        p![account, role],
+    )?
+    .map(|r| reputation_from(&r, 0))
+    .transpose()
+    .map(Option::unwrap_or_default)
 }
 
 /// Why the ledger refused a command.
@@ -296,6 +293,9 @@ pub enum LedgerError {
     Storage(String),
     #[error("the ledger is shutting down")]
     Closed,
+    /// The database cannot be reached now (PostgreSQL down or restarting).
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
     #[error("no starter credits: {0}")]
     GrantRefused(String),
     #[error("acknowledgement refused: {0}")]
@@ -315,7 +315,7 @@ pub fn open(path: &Path) -> Result<Connection, LedgerError> {
     migrations()
         .to_latest(&mut conn)
         .map_err(|e| LedgerError::Storage(format!("migration: {e}")))?;
-    ensure_mint(&conn)?;
+    ensure_mint(&mut Lite(&conn))?;
     Ok(conn)
 }
 
@@ -336,7 +336,7 @@ pub fn open_in_memory() -> Result<Connection, LedgerError> {
     migrations()
         .to_latest(&mut conn)
         .map_err(|e| LedgerError::Storage(format!("migration: {e}")))?;
-    ensure_mint(&conn)?;
+    ensure_mint(&mut Lite(&conn))?;
     Ok(conn)
 }
 
@@ -349,10 +349,10 @@ fn configure(conn: &Connection) -> Result<(), LedgerError> {
     Ok(())
 }
 
-fn ensure_mint(conn: &Connection) -> Result<(), LedgerError> {
-    conn.execute(
-        "INSERT OR IGNORE INTO accounts (id, kind, created_at) VALUES (?1, 'mint', 0)",
-        [MINT],
+pub(crate) fn ensure_mint(conn: &mut dyn Db) -> Result<(), LedgerError> {
+    conn.exec(
+        "INSERT INTO accounts (id, kind, created_at) VALUES (?1, 'mint', 0) ON CONFLICT(id) DO NOTHING",
+        p![MINT],
     )?;
     Ok(())
 }
@@ -467,7 +467,7 @@ pub struct Settlement {
 /// Applies one command inside an open transaction (or savepoint). Ledger
 /// changes are described in `events` for the audit log.
 pub fn apply(
-    tx: &Connection,
+    tx: &mut dyn Db,
     cmd: &Command,
     events: &mut Vec<Value>,
 ) -> Result<Outcome, LedgerError> {
@@ -498,20 +498,19 @@ pub fn apply(
         } => {
             let models_json = models.as_ref().map(|m| json!(m).to_string());
             let addrs_json = addresses.as_ref().map(|a| json!(a).to_string());
-            let n = tx
-                .prepare_cached(
-                    "UPDATE workers SET last_seen = ?2, active_jobs = ?3, queue_depth = ?4,
-                     models = COALESCE(?5, models), addresses = COALESCE(?6, addresses)
-                     WHERE peer_id = ?1",
-                )?
-                .execute(params![
+            let n = tx.exec(
+                "UPDATE workers SET last_seen = ?2, active_jobs = ?3, queue_depth = ?4,
+                 models = COALESCE(?5, models), addresses = COALESCE(?6, addresses)
+                 WHERE peer_id = ?1",
+                p![
                     peer_id,
                     to_i64(*now_secs)?,
-                    active_jobs,
-                    queue_depth,
+                    *active_jobs,
+                    *queue_depth,
                     models_json,
                     addrs_json
-                ])?;
+                ],
+            )?;
             if n == 0 {
                 return Err(LedgerError::UnknownWorker(peer_id.clone()));
             }
@@ -548,11 +547,10 @@ pub fn apply(
             verified_gflops,
             multiplier_milli,
         } => {
-            let n = tx
-                .prepare_cached(
-                    "UPDATE workers SET verified_gflops = ?2, multiplier_milli = ?3 WHERE peer_id = ?1",
-                )?
-                .execute(params![peer_id, verified_gflops, multiplier_milli])?;
+            let n = tx.exec(
+                "UPDATE workers SET verified_gflops = ?2, multiplier_milli = ?3 WHERE peer_id = ?1",
+                p![peer_id, *verified_gflops, *multiplier_milli],
+            )?;
             if n == 0 {
                 return Err(LedgerError::UnknownWorker(peer_id.clone()));
             }
@@ -588,14 +586,13 @@ pub fn apply(
             limit,
         } => {
             let ids: Vec<String> = tx
-                .prepare_cached(
+                .query(
                     "SELECT job_id FROM jobs WHERE state = 'pending' AND expires_at < ?1
                      ORDER BY expires_at LIMIT ?2",
+                    p![to_i64(*cutoff_secs)?, to_i64(*limit as u64)?],
                 )?
-                .query_map(
-                    params![to_i64(*cutoff_secs)?, to_i64(*limit as u64)?],
-                    |r| r.get(0),
-                )?
+                .iter()
+                .map(|r| r.str(0))
                 .collect::<Result<_, _>>()?;
             for id in &ids {
                 if let Some(job) = load_job(tx, id)? {
@@ -612,7 +609,7 @@ fn to_i64(v: u64) -> Result<i64, LedgerError> {
 }
 
 fn register_worker(
-    tx: &Connection,
+    tx: &mut dyn Db,
     peer_id: &str,
     models: &[String],
     addresses: &[String],
@@ -621,73 +618,90 @@ fn register_worker(
     now: u64,
 ) -> Result<Outcome, LedgerError> {
     let now_i = to_i64(now)?;
-    tx.prepare_cached(
+    tx.exec(
         "INSERT INTO accounts (id, kind, created_at) VALUES (?1, 'worker', ?2)
          ON CONFLICT(id) DO NOTHING",
-    )?
-    .execute(params![peer_id, now_i])?;
-    let kind: String = tx.query_row("SELECT kind FROM accounts WHERE id = ?1", [peer_id], |r| {
-        r.get(0)
-    })?;
+        p![peer_id, now_i],
+    )?;
+    let kind = tx
+        .query_one("SELECT kind FROM accounts WHERE id = ?1", p![peer_id])?
+        .str(0)?;
     if kind == "mint" {
         return Err(LedgerError::Range("reserved account id".into()));
     }
-    tx.prepare_cached(
+    tx.exec(
         "INSERT INTO workers (peer_id, receipt_key, models, addresses, version, registered_at, last_seen)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
          ON CONFLICT(peer_id) DO UPDATE SET models = excluded.models, addresses = excluded.addresses,
            version = excluded.version, last_seen = excluded.last_seen",
-    )?
-    .execute(params![
-        peer_id,
-        &new_key[..],
-        json!(models).to_string(),
-        json!(addresses).to_string(),
-        version,
-        now_i
-    ])?;
+        p![
+            peer_id,
+            &new_key[..],
+            json!(models).to_string(),
+            json!(addresses).to_string(),
+            version,
+            now_i
+        ],
+    )?;
     load_worker(tx, peer_id)?
         .map(Outcome::Worker)
         .ok_or_else(|| LedgerError::UnknownWorker(peer_id.into()))
 }
 
 /// Reads one worker.
-pub fn load_worker(conn: &Connection, peer_id: &str) -> Result<Option<WorkerRow>, LedgerError> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT peer_id, receipt_key, models, addresses, version, multiplier_milli, verified_gflops,
-                    active_jobs, queue_depth, registered_at, last_seen FROM workers WHERE peer_id = ?1",
-        )?
-        .query_row([peer_id], worker_from_row)
-        .optional()?)
+pub fn load_worker(conn: &mut dyn Db, peer_id: &str) -> Result<Option<WorkerRow>, LedgerError> {
+    conn.query_opt(
+        "SELECT peer_id, receipt_key, models, addresses, version, multiplier_milli, verified_gflops,
+                active_jobs, queue_depth, registered_at, last_seen FROM workers WHERE peer_id = ?1",
+        p![peer_id],
+    )?
+    .map(|r| worker_from_row(&r))
+    .transpose()
 }
 
 /// Reads every worker.
-pub fn load_workers(conn: &Connection) -> Result<Vec<WorkerRow>, LedgerError> {
-    Ok(conn
-        .prepare(
-            "SELECT peer_id, receipt_key, models, addresses, version, multiplier_milli, verified_gflops,
-                    active_jobs, queue_depth, registered_at, last_seen FROM workers ORDER BY peer_id",
-        )?
-        .query_map([], worker_from_row)?
-        .collect::<Result<_, _>>()?)
+pub fn load_workers(conn: &mut dyn Db) -> Result<Vec<WorkerRow>, LedgerError> {
+    conn.query(
+        "SELECT peer_id, receipt_key, models, addresses, version, multiplier_milli, verified_gflops,
+                active_jobs, queue_depth, registered_at, last_seen FROM workers ORDER BY peer_id",
+        p![],
+    )?
+    .iter()
+    .map(worker_from_row)
+    .collect()
 }
 
-fn worker_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<WorkerRow> {
-    let models: String = r.get(2)?;
-    let addresses: String = r.get(3)?;
+/// Workers seen since `since_secs` (replicas refresh their table with it).
+pub fn load_workers_seen_since(
+    conn: &mut dyn Db,
+    since_secs: u64,
+) -> Result<Vec<WorkerRow>, LedgerError> {
+    conn.query(
+        "SELECT peer_id, receipt_key, models, addresses, version, multiplier_milli, verified_gflops,
+                active_jobs, queue_depth, registered_at, last_seen FROM workers WHERE last_seen >= ?1",
+        p![to_i64(since_secs)?],
+    )?
+    .iter()
+    .map(worker_from_row)
+    .collect()
+}
+
+fn worker_from_row(r: &Row) -> Result<WorkerRow, LedgerError> {
+    let small = |i: usize| -> Result<u32, LedgerError> {
+        Ok(u32::try_from(r.i64(i)?.max(0)).unwrap_or(u32::MAX))
+    };
     Ok(WorkerRow {
-        peer_id: r.get(0)?,
-        receipt_key: r.get(1)?,
-        models: serde_json::from_str(&models).unwrap_or_default(),
-        addresses: serde_json::from_str(&addresses).unwrap_or_default(),
-        version: r.get(4)?,
-        multiplier_milli: r.get(5)?,
-        verified_gflops: r.get(6)?,
-        active_jobs: r.get(7)?,
-        queue_depth: r.get(8)?,
-        registered_at: r.get::<_, i64>(9)?.max(0) as u64,
-        last_seen: r.get::<_, i64>(10)?.max(0) as u64,
+        peer_id: r.str(0)?,
+        receipt_key: r.bytes(1)?,
+        models: serde_json::from_str(&r.str(2)?).unwrap_or_default(),
+        addresses: serde_json::from_str(&r.str(3)?).unwrap_or_default(),
+        version: r.opt_str(4)?,
+        multiplier_milli: r.i64(5)?,
+        verified_gflops: r.opt_f64(6)?,
+        active_jobs: small(7)?,
+        queue_depth: small(8)?,
+        registered_at: r.i64(9)?.max(0) as u64,
+        last_seen: r.i64(10)?.max(0) as u64,
     })
 }
 
@@ -707,43 +721,43 @@ struct JobRow {
     created_at: i64,
 }
 
-fn load_job(tx: &Connection, job_id: &str) -> Result<Option<JobRow>, LedgerError> {
-    Ok(tx
-        .prepare_cached(
-            "SELECT job_id, user_id, worker_id, model, reserve_transfer, reserved, multiplier_milli, state,
-                    receipt_sha256, cost, created_at FROM jobs WHERE job_id = ?1",
-        )?
-        .query_row([job_id], |r| {
-            Ok(JobRow {
-                job_id: r.get(0)?,
-                user: r.get(1)?,
-                worker: r.get(2)?,
-                model: r.get(3)?,
-                reserve_transfer: r.get(4)?,
-                reserved: r.get(5)?,
-                multiplier_milli: r.get(6)?,
-                state: r.get(7)?,
-                receipt_sha256: r.get(8)?,
-                cost: r.get(9)?,
-                created_at: r.get(10)?,
-            })
+fn load_job(tx: &mut dyn Db, job_id: &str) -> Result<Option<JobRow>, LedgerError> {
+    tx.query_opt(
+        "SELECT job_id, user_id, worker_id, model, reserve_transfer, reserved, multiplier_milli, state,
+                receipt_sha256, cost, created_at FROM jobs WHERE job_id = ?1",
+        p![job_id],
+    )?
+    .map(|r| {
+        Ok(JobRow {
+            job_id: r.str(0)?,
+            user: r.str(1)?,
+            worker: r.str(2)?,
+            model: r.str(3)?,
+            reserve_transfer: r.i64(4)?,
+            reserved: r.i64(5)?,
+            multiplier_milli: r.i64(6)?,
+            state: r.str(7)?,
+            receipt_sha256: r.opt_str(8)?,
+            cost: r.opt_i64(9)?,
+            created_at: r.i64(10)?,
         })
-        .optional()?)
+    })
+    .transpose()
 }
 
 /// Available balance of an account (None when it does not exist).
-pub fn available(conn: &Connection, account: &str) -> Result<Option<MilliCredits>, LedgerError> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT credits_posted - debits_posted - debits_pending FROM accounts WHERE id = ?1",
-        )?
-        .query_row([account], |r| r.get(0))
-        .optional()?)
+pub fn available(conn: &mut dyn Db, account: &str) -> Result<Option<MilliCredits>, LedgerError> {
+    conn.query_opt(
+        "SELECT credits_posted - debits_posted - debits_pending FROM accounts WHERE id = ?1",
+        p![account],
+    )?
+    .map(|r| r.i64(0))
+    .transpose()
 }
 
 #[allow(clippy::too_many_arguments)]
 fn insert_transfer(
-    tx: &Connection,
+    tx: &mut dyn Db,
     kind: &str,
     debit: &str,
     credit: &str,
@@ -752,12 +766,12 @@ fn insert_transfer(
     job_id: Option<&str>,
     now_ms: u64,
 ) -> Result<i64, LedgerError> {
-    tx.prepare_cached(
+    tx.query_one(
         "INSERT INTO transfers (kind, debit_account, credit_account, amount, pending_id, job_id, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
+        p![kind, debit, credit, amount, pending_id, job_id, to_i64(now_ms)?],
     )?
-    .execute(params![kind, debit, credit, amount, pending_id, job_id, to_i64(now_ms)?])?;
-    Ok(tx.last_insert_rowid())
+    .i64(0)
 }
 
 fn ledger_event(
@@ -782,7 +796,7 @@ fn ledger_event(
 
 #[allow(clippy::too_many_arguments)]
 fn reserve(
-    tx: &Connection,
+    tx: &mut dyn Db,
     user: &str,
     worker: &str,
     model: &str,
@@ -801,20 +815,19 @@ fn reserve(
         return Err(LedgerError::Range("a user cannot buy from itself".into()));
     }
     let now_i = to_i64(now_ms)?;
-    let worker_kind: Option<String> = tx
-        .prepare_cached("SELECT kind FROM accounts WHERE id = ?1")?
-        .query_row([worker], |r| r.get(0))
-        .optional()?;
+    let worker_kind = tx
+        .query_opt("SELECT kind FROM accounts WHERE id = ?1", p![worker])?
+        .map(|r| r.str(0))
+        .transpose()?;
     if worker_kind.as_deref() != Some("worker") {
         return Err(LedgerError::UnknownWorker(worker.into()));
     }
-    tx.prepare_cached(
+    tx.exec(
         "INSERT INTO accounts (id, kind, created_at) VALUES (?1, 'user', ?2) ON CONFLICT(id) DO NOTHING",
-    )?
-    .execute(params![user, now_i])?;
-    let (kind, granted): (String, i64) = tx
-        .prepare_cached("SELECT kind, granted FROM accounts WHERE id = ?1")?
-        .query_row([user], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        p![user, now_i],
+    )?;
+    let r = tx.query_one("SELECT kind, granted FROM accounts WHERE id = ?1", p![user])?;
+    let (kind, granted) = (r.str(0)?, r.i64(1)?);
     if kind == "mint" {
         return Err(LedgerError::Range("reserved account id".into()));
     }
@@ -822,16 +835,18 @@ fn reserve(
     if granted == 0 && starter_grant > 0 {
         check_grant(tx, policy, starter_grant, now_ms)?;
         grant = starter_grant;
-        tx.prepare_cached(
+        tx.exec(
             "INSERT INTO starter_grants (account, ip, amount, at) VALUES (?1, ?2, ?3, ?4)",
-        )?
-        .execute(params![user, policy.ip, grant, now_i])?;
-        tx.prepare_cached(
+            p![user, &policy.ip, grant, now_i],
+        )?;
+        tx.exec(
             "UPDATE accounts SET granted = 1, credits_posted = credits_posted + ?2 WHERE id = ?1",
-        )?
-        .execute(params![user, grant])?;
-        tx.prepare_cached("UPDATE accounts SET debits_posted = debits_posted + ?2 WHERE id = ?1")?
-            .execute(params![MINT, grant])?;
+            p![user, grant],
+        )?;
+        tx.exec(
+            "UPDATE accounts SET debits_posted = debits_posted + ?2 WHERE id = ?1",
+            p![MINT, grant],
+        )?;
         let id = insert_transfer(tx, "grant", MINT, user, grant, None, None, now_ms)?;
         events.push(ledger_event("grant", id, MINT, user, grant, None, None));
     }
@@ -842,17 +857,20 @@ fn reserve(
             required: amount,
         });
     }
-    let exists: Option<i64> = tx
-        .prepare_cached("SELECT 1 FROM jobs WHERE job_id = ?1")?
-        .query_row([job_id], |r| r.get(0))
-        .optional()?;
-    if exists.is_some() {
+    if tx
+        .query_opt("SELECT 1 FROM jobs WHERE job_id = ?1", p![job_id])?
+        .is_some()
+    {
         return Err(LedgerError::DuplicateJob(job_id.into()));
     }
-    tx.prepare_cached("UPDATE accounts SET debits_pending = debits_pending + ?2 WHERE id = ?1")?
-        .execute(params![user, amount])?;
-    tx.prepare_cached("UPDATE accounts SET credits_pending = credits_pending + ?2 WHERE id = ?1")?
-        .execute(params![worker, amount])?;
+    tx.exec(
+        "UPDATE accounts SET debits_pending = debits_pending + ?2 WHERE id = ?1",
+        p![user, amount],
+    )?;
+    tx.exec(
+        "UPDATE accounts SET credits_pending = credits_pending + ?2 WHERE id = ?1",
+        p![worker, amount],
+    )?;
     let id = insert_transfer(
         tx,
         "reserve",
@@ -863,22 +881,22 @@ fn reserve(
         Some(job_id),
         now_ms,
     )?;
-    tx.prepare_cached(
+    tx.exec(
         "INSERT INTO jobs (job_id, user_id, worker_id, model, reserve_transfer, reserved, multiplier_milli,
                            state, expires_at, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?9)",
-    )?
-    .execute(params![
-        job_id,
-        user,
-        worker,
-        model,
-        id,
-        amount,
-        multiplier_milli,
-        to_i64(expires_at)?,
-        now_i
-    ])?;
+        p![
+            job_id,
+            user,
+            worker,
+            model,
+            id,
+            amount,
+            multiplier_milli,
+            to_i64(expires_at)?,
+            now_i
+        ],
+    )?;
     events.push(ledger_event(
         "reserve",
         id,
@@ -898,7 +916,7 @@ fn reserve(
 /// Whether a new account may have its starter credits now: proof of work,
 /// grants to its address in the last 24 hours, all grants in the last hour.
 fn check_grant(
-    tx: &Connection,
+    tx: &mut dyn Db,
     p: &GrantPolicy,
     grant: MilliCredits,
     now_ms: u64,
@@ -911,9 +929,12 @@ fn check_grant(
     }
     let now = to_i64(now_ms)?;
     if p.per_ip_per_day > 0 {
-        let n: i64 = tx
-            .prepare_cached("SELECT COUNT(*) FROM starter_grants WHERE ip = ?1 AND at > ?2")?
-            .query_row(params![p.ip, now - 86_400_000], |r| r.get(0))?;
+        let n = tx
+            .query_one(
+                "SELECT COUNT(*) FROM starter_grants WHERE ip = ?1 AND at > ?2",
+                p![&p.ip, now - 86_400_000],
+            )?
+            .i64(0)?;
         if n >= i64::from(p.per_ip_per_day) {
             return Err(LedgerError::GrantRefused(format!(
                 "{} new accounts from this address in the last 24 hours already got theirs",
@@ -922,9 +943,12 @@ fn check_grant(
         }
     }
     if p.per_hour_milli > 0 {
-        let sum: i64 = tx
-            .prepare_cached("SELECT COALESCE(SUM(amount), 0) FROM starter_grants WHERE at > ?1")?
-            .query_row(params![now - 3_600_000], |r| r.get(0))?;
+        let sum = tx
+            .query_one(
+                "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM starter_grants WHERE at > ?1",
+                p![now - 3_600_000],
+            )?
+            .i64(0)?;
         if sum.saturating_add(grant) > p.per_hour_milli {
             return Err(LedgerError::GrantRefused(
                 "the coordinator's hourly budget for starter credits is spent; try again later"
@@ -937,16 +961,20 @@ fn check_grant(
 
 /// Releases a pending reservation whole (`refund` or `expire`).
 fn void(
-    tx: &Connection,
+    tx: &mut dyn Db,
     job: &JobRow,
     kind: &str,
     now_ms: u64,
     events: &mut Vec<Value>,
 ) -> Result<i64, LedgerError> {
-    tx.prepare_cached("UPDATE accounts SET debits_pending = debits_pending - ?2 WHERE id = ?1")?
-        .execute(params![job.user, job.reserved])?;
-    tx.prepare_cached("UPDATE accounts SET credits_pending = credits_pending - ?2 WHERE id = ?1")?
-        .execute(params![job.worker, job.reserved])?;
+    tx.exec(
+        "UPDATE accounts SET debits_pending = debits_pending - ?2 WHERE id = ?1",
+        p![&job.user, job.reserved],
+    )?;
+    tx.exec(
+        "UPDATE accounts SET credits_pending = credits_pending - ?2 WHERE id = ?1",
+        p![&job.worker, job.reserved],
+    )?;
     let id = insert_transfer(
         tx,
         kind,
@@ -957,10 +985,10 @@ fn void(
         Some(&job.job_id),
         now_ms,
     )?;
-    tx.prepare_cached(
+    tx.exec(
         "UPDATE jobs SET state = 'voided', cost = 0, resolved_at = ?2 WHERE job_id = ?1",
-    )?
-    .execute(params![job.job_id, to_i64(now_ms)?])?;
+        p![&job.job_id, to_i64(now_ms)?],
+    )?;
     events.push(ledger_event(
         kind,
         id,
@@ -986,7 +1014,7 @@ pub fn job_cost(
 }
 
 fn settle(
-    tx: &Connection,
+    tx: &mut dyn Db,
     r: &Receipt,
     receipt_sha256: &str,
     (now_ms, unacked_cap_ms, tolerance_ms): (u64, u64, u64),
@@ -1078,35 +1106,35 @@ fn settle(
         0
     };
     for (account, role) in [(&job.worker, "worker"), (&job.user, "user")] {
-        tx.prepare_cached(
+        tx.exec(
             "INSERT INTO reputation (account, role, requests, acknowledged, disputed, unacknowledged)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT(account, role) DO UPDATE SET
-                requests = requests + excluded.requests,
-                acknowledged = acknowledged + excluded.acknowledged,
-                disputed = disputed + excluded.disputed,
-                unacknowledged = unacknowledged + excluded.unacknowledged",
-        )?
-        .execute(params![
-            account,
-            role,
-            to_i64(charge.requests)?,
-            to_i64(charge.acknowledged)?,
-            to_i64(charge.disputed)?,
-            to_i64(charge.unacknowledged)?
-        ])?;
+                requests = reputation.requests + excluded.requests,
+                acknowledged = reputation.acknowledged + excluded.acknowledged,
+                disputed = reputation.disputed + excluded.disputed,
+                unacknowledged = reputation.unacknowledged + excluded.unacknowledged",
+            p![
+                account,
+                role,
+                to_i64(charge.requests)?,
+                to_i64(charge.acknowledged)?,
+                to_i64(charge.disputed)?,
+                to_i64(charge.unacknowledged)?
+            ],
+        )?;
     }
     let (outcome, cost) = if cost > 0 {
-        tx.prepare_cached(
+        tx.exec(
             "UPDATE accounts SET debits_pending = debits_pending - ?2, debits_posted = debits_posted + ?3
              WHERE id = ?1",
-        )?
-        .execute(params![job.user, job.reserved, cost])?;
-        tx.prepare_cached(
+            p![&job.user, job.reserved, cost],
+        )?;
+        tx.exec(
             "UPDATE accounts SET credits_pending = credits_pending - ?2, credits_posted = credits_posted + ?3
              WHERE id = ?1",
-        )?
-        .execute(params![job.worker, job.reserved, cost])?;
+            p![&job.worker, job.reserved, cost],
+        )?;
         let id = insert_transfer(
             tx,
             "settle",
@@ -1117,10 +1145,10 @@ fn settle(
             Some(&job.job_id),
             now_ms,
         )?;
-        tx.prepare_cached(
+        tx.exec(
             "UPDATE jobs SET state = 'posted', cost = ?2, resolved_at = ?3 WHERE job_id = ?1",
-        )?
-        .execute(params![job.job_id, cost, to_i64(now_ms)?])?;
+            p![&job.job_id, cost, to_i64(now_ms)?],
+        )?;
         let mut ev = ledger_event(
             "settle",
             id,
@@ -1137,10 +1165,10 @@ fn settle(
         void(tx, &job, "refund", now_ms, events)?;
         ("refunded", 0)
     };
-    tx.prepare_cached(
+    tx.exec(
         "UPDATE jobs SET receipt_sha256 = ?2, receipt_status = ?3 WHERE job_id = ?1",
-    )?
-    .execute(params![job.job_id, receipt_sha256, status])?;
+        p![&job.job_id, receipt_sha256, status],
+    )?;
     Ok(Settlement {
         job_id: job.job_id,
         user: job.user,
@@ -1170,60 +1198,59 @@ pub struct Totals {
 
 /// Totals by a full scan of every account and pending job (O(accounts)):
 /// `ledger audit` and start-up; the request path reads [`stored_totals`].
-pub fn totals(conn: &Connection) -> Result<Totals, LedgerError> {
-    let mut t = conn
-        .prepare_cached(
-            "SELECT COALESCE(SUM(debits_posted), 0), COALESCE(SUM(credits_posted), 0),
-                    COALESCE(SUM(debits_pending), 0), COALESCE(SUM(credits_pending), 0),
-                    COALESCE(SUM(CASE WHEN kind != 'mint' THEN credits_posted - debits_posted - debits_pending END), 0),
-                    COALESCE(SUM(CASE WHEN kind = 'mint' THEN debits_posted - credits_posted END), 0),
-                    COALESCE(MIN(CASE WHEN kind != 'mint' THEN credits_posted - debits_posted - debits_pending END), 0),
-                    COALESCE(SUM(CASE WHEN kind != 'mint' THEN debits_pending END), 0),
-                    COALESCE(SUM(CASE WHEN kind != 'mint' AND credits_posted - debits_posted - debits_pending < 0 THEN 1 ELSE 0 END), 0)
-             FROM accounts",
-        )?
-        .query_row([], |r| {
-            Ok(Totals {
-                debits_posted: r.get(0)?,
-                credits_posted: r.get(1)?,
-                debits_pending: r.get(2)?,
-                credits_pending: r.get(3)?,
-                balances: r.get(4)?,
-                minted: r.get(5)?,
-                min_available: r.get(6)?,
-                pending_accounts: r.get(7)?,
-                negative_accounts: r.get(8)?,
-                pending_jobs: 0,
-            })
-        })?;
+pub fn totals(conn: &mut dyn Db) -> Result<Totals, LedgerError> {
+    let r = conn.query_one(
+        "SELECT CAST(COALESCE(SUM(debits_posted), 0) AS BIGINT), CAST(COALESCE(SUM(credits_posted), 0) AS BIGINT),
+                CAST(COALESCE(SUM(debits_pending), 0) AS BIGINT), CAST(COALESCE(SUM(credits_pending), 0) AS BIGINT),
+                CAST(COALESCE(SUM(CASE WHEN kind != 'mint' THEN credits_posted - debits_posted - debits_pending END), 0) AS BIGINT),
+                CAST(COALESCE(SUM(CASE WHEN kind = 'mint' THEN debits_posted - credits_posted END), 0) AS BIGINT),
+                CAST(COALESCE(MIN(CASE WHEN kind != 'mint' THEN credits_posted - debits_posted - debits_pending END), 0) AS BIGINT),
+                CAST(COALESCE(SUM(CASE WHEN kind != 'mint' THEN debits_pending END), 0) AS BIGINT),
+                CAST(COALESCE(SUM(CASE WHEN kind != 'mint' AND credits_posted - debits_posted - debits_pending < 0 THEN 1 ELSE 0 END), 0) AS BIGINT)
+         FROM accounts",
+        p![],
+    )?;
+    let mut t = Totals {
+        debits_posted: r.i64(0)?,
+        credits_posted: r.i64(1)?,
+        debits_pending: r.i64(2)?,
+        credits_pending: r.i64(3)?,
+        balances: r.i64(4)?,
+        minted: r.i64(5)?,
+        min_available: r.i64(6)?,
+        pending_accounts: r.i64(7)?,
+        negative_accounts: r.i64(8)?,
+        pending_jobs: 0,
+    };
     t.pending_jobs = conn
-        .prepare_cached("SELECT COALESCE(SUM(reserved), 0) FROM jobs WHERE state = 'pending'")?
-        .query_row([], |r| r.get(0))?;
+        .query_one(
+            "SELECT CAST(COALESCE(SUM(reserved), 0) AS BIGINT) FROM jobs WHERE state = 'pending'",
+            p![],
+        )?
+        .i64(0)?;
     Ok(t)
 }
 
 /// The totals row the triggers keep (one row: O(1)).
-pub fn stored_totals(conn: &Connection) -> Result<Totals, LedgerError> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT debits_posted, credits_posted, debits_pending, credits_pending, balances,
-                    minted, negative_accounts, pending_jobs
-             FROM ledger_totals WHERE id = 1",
-        )?
-        .query_row([], |r| {
-            Ok(Totals {
-                debits_posted: r.get(0)?,
-                credits_posted: r.get(1)?,
-                debits_pending: r.get(2)?,
-                credits_pending: r.get(3)?,
-                balances: r.get(4)?,
-                minted: r.get(5)?,
-                negative_accounts: r.get(6)?,
-                pending_jobs: r.get(7)?,
-                min_available: 0,
-                pending_accounts: 0,
-            })
-        })?)
+pub fn stored_totals(conn: &mut dyn Db) -> Result<Totals, LedgerError> {
+    let r = conn.query_one(
+        "SELECT debits_posted, credits_posted, debits_pending, credits_pending, balances,
+                minted, negative_accounts, pending_jobs
+         FROM ledger_totals WHERE id = 1",
+        p![],
+    )?;
+    Ok(Totals {
+        debits_posted: r.i64(0)?,
+        credits_posted: r.i64(1)?,
+        debits_pending: r.i64(2)?,
+        credits_pending: r.i64(3)?,
+        balances: r.i64(4)?,
+        minted: r.i64(5)?,
+        negative_accounts: r.i64(6)?,
+        pending_jobs: r.i64(7)?,
+        min_available: 0,
+        pending_accounts: 0,
+    })
 }
 
 fn violations(t: &Totals) -> Vec<String> {
@@ -1263,7 +1290,7 @@ fn violations(t: &Totals) -> Vec<String> {
 /// changes balance (posted and pending debits equal credits, reservations
 /// match pending debits, balances plus reservations equal what was
 /// minted) and no account went negative. O(1), whatever the ledger's size.
-pub fn check_invariants(conn: &Connection) -> Result<Totals, LedgerError> {
+pub fn check_invariants(conn: &mut dyn Db) -> Result<Totals, LedgerError> {
     let t = stored_totals(conn)?;
     let problems = violations(&t);
     if problems.is_empty() {
@@ -1275,7 +1302,7 @@ pub fn check_invariants(conn: &Connection) -> Result<Totals, LedgerError> {
 
 /// The invariants by a full scan, and the totals row checked against it
 /// (start-up and `ledger audit`; O(accounts)).
-pub fn check_invariants_full(conn: &Connection) -> Result<Totals, LedgerError> {
+pub fn check_invariants_full(conn: &mut dyn Db) -> Result<Totals, LedgerError> {
     let t = totals(conn)?;
     let mut problems = violations(&t);
     let stored = stored_totals(conn)?;
@@ -1312,9 +1339,9 @@ pub fn check_invariants_full(conn: &Connection) -> Result<Totals, LedgerError> {
 
 type Reply = oneshot::Sender<Result<Outcome, LedgerError>>;
 
-struct Envelope {
-    cmd: Command,
-    request_id: Option<String>,
+pub(crate) struct Envelope {
+    pub(crate) cmd: Command,
+    pub(crate) request_id: Option<String>,
     reply: Reply,
 }
 
@@ -1338,13 +1365,81 @@ pub struct WriterThread {
 /// Receives the audit events of each committed batch.
 pub type AuditSink = Box<dyn Fn(Vec<(Option<String>, Value)>) + Send>;
 
+/// The database the writer commits to.
+pub enum Store {
+    Sqlite(Connection),
+    Postgres(Box<crate::pg::PgWriter>),
+}
+
+impl Store {
+    /// Applies a batch in one transaction: each command in its own
+    /// savepoint, the invariants checked before the one commit.
+    fn run(&mut self, batch: &[Envelope]) -> Result<BatchResult, LedgerError> {
+        match self {
+            Store::Sqlite(conn) => {
+                let mut tx =
+                    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let mut out = BatchOutcome::new(batch.len());
+                for env in batch {
+                    let mut events = Vec::new();
+                    let sp = tx.savepoint()?;
+                    let r = apply(&mut Lite(&sp), &env.cmd, &mut events);
+                    if r.is_ok() {
+                        sp.commit()?;
+                    } else {
+                        drop(sp); // rolls back this command only
+                    }
+                    out.push(env, r, events);
+                }
+                check_invariants(&mut Lite(&tx))?;
+                tx.set_drop_behavior(rusqlite::DropBehavior::Commit);
+                tx.commit()?;
+                Ok(out.done())
+            }
+            Store::Postgres(pg) => pg.run(batch),
+        }
+    }
+}
+
+/// Results and audit events of a batch, gathered command by command.
+pub(crate) struct BatchOutcome {
+    results: Vec<Result<Outcome, LedgerError>>,
+    events: Vec<(Option<String>, Value)>,
+}
+
+impl BatchOutcome {
+    pub(crate) fn new(size: usize) -> Self {
+        Self {
+            results: Vec::with_capacity(size),
+            events: Vec::new(),
+        }
+    }
+
+    pub(crate) fn push(
+        &mut self,
+        env: &Envelope,
+        r: Result<Outcome, LedgerError>,
+        events: Vec<Value>,
+    ) {
+        if r.is_ok() {
+            self.events
+                .extend(events.into_iter().map(|e| (env.request_id.clone(), e)));
+        }
+        self.results.push(r);
+    }
+
+    pub(crate) fn done(self) -> BatchResult {
+        (self.results, self.events)
+    }
+}
+
 impl Writer {
-    /// Starts the writer on `conn`.
-    pub fn start(conn: Connection, max_batch: usize, audit: AuditSink) -> (Writer, WriterThread) {
+    /// Starts the writer on `store`.
+    pub fn start(store: Store, max_batch: usize, audit: AuditSink) -> (Writer, WriterThread) {
         let (tx, rx) = mpsc::channel(65_536);
         let join = std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || writer_loop(conn, rx, max_batch.max(1), audit))
+            .spawn(move || writer_loop(store, rx, max_batch.max(1), audit))
             .ok();
         (Writer { tx: tx.clone() }, WriterThread { tx, join })
     }
@@ -1379,7 +1474,7 @@ impl WriterThread {
 }
 
 fn writer_loop(
-    mut conn: Connection,
+    mut store: Store,
     mut rx: mpsc::Receiver<Message>,
     max_batch: usize,
     audit: AuditSink,
@@ -1404,7 +1499,7 @@ fn writer_loop(
         if batch.is_empty() {
             continue;
         }
-        run_batch(&mut conn, batch, &audit);
+        run_batch(&mut store, batch, &audit);
         metrics::counter!("troop_ledger_commits_total").increment(1);
     }
     rx.close();
@@ -1416,39 +1511,15 @@ fn writer_loop(
     tracing::info!("ledger writer stopped");
 }
 
-type BatchResult = (
+pub(crate) type BatchResult = (
     Vec<Result<Outcome, LedgerError>>,
     Vec<(Option<String>, Value)>,
 );
 
-fn run_batch(conn: &mut Connection, batch: Vec<Envelope>, audit: &AuditSink) {
+fn run_batch(store: &mut Store, batch: Vec<Envelope>, audit: &AuditSink) {
     let size = batch.len();
     metrics::histogram!("troop_ledger_batch_size").record(size as f64);
-    let result = (|| -> Result<BatchResult, LedgerError> {
-        let mut tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let mut results = Vec::with_capacity(size);
-        let mut all_events = Vec::new();
-        for env in &batch {
-            let mut events = Vec::new();
-            let sp = tx.savepoint()?;
-            let r = apply(&sp, &env.cmd, &mut events);
-            match r {
-                Ok(out) => {
-                    sp.commit()?;
-                    all_events.extend(events.into_iter().map(|e| (env.request_id.clone(), e)));
-                    results.push(Ok(out));
-                }
-                Err(e) => {
-                    drop(sp); // rolls back this command only
-                    results.push(Err(e));
-                }
-            }
-        }
-        check_invariants(&tx)?;
-        tx.set_drop_behavior(rusqlite::DropBehavior::Commit);
-        tx.commit()?;
-        Ok((results, all_events))
-    })();
+    let result = store.run(&batch);
     match result {
         Ok((results, events)) => {
             if !events.is_empty() {

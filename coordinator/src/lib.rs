@@ -10,10 +10,12 @@ pub mod admin;
 pub mod audit;
 pub mod bench;
 pub mod config;
+pub mod db;
 pub mod error;
 pub mod ledger;
 pub mod listener;
 pub mod metrics;
+pub mod pg;
 pub mod pipeline;
 pub mod rate_limit;
 pub mod routes;
@@ -26,7 +28,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::Context;
-use rusqlite::Connection;
 
 pub use config::Config;
 pub use routes::app;
@@ -56,7 +57,7 @@ pub fn unix_ms() -> u64 {
 pub struct AppState {
     pub cfg: Config,
     pub writer: Writer,
-    readers: Vec<Mutex<Connection>>,
+    readers: Readers,
     next_reader: AtomicUsize,
     pub keys: TicketKeys,
     pub audit: AuditLog,
@@ -77,6 +78,9 @@ pub struct AppState {
     /// held in memory by a process that is gone).
     pub started_at: u64,
     pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Why the database cannot be used now (PostgreSQL down); `/health`
+    /// answers 503 with it.
+    pub db_down: Mutex<Option<String>>,
     /// Proof-of-hardware rounds in progress, by challenge id.
     pub challenges: Mutex<HashMap<String, bench::Pending>>,
     /// At most `bench_verify_concurrency` proofs are checked at once.
@@ -85,6 +89,12 @@ pub struct AppState {
     pub verify_waiting: AtomicUsize,
     /// Requests being handled (at most `max_in_flight`).
     pub in_flight: tokio::sync::Semaphore,
+}
+
+/// The connections handlers read with.
+enum Readers {
+    Sqlite(Vec<Mutex<rusqlite::Connection>>),
+    Postgres(pg::PgReaders),
 }
 
 /// The opened coordinator, ready to serve.
@@ -103,18 +113,46 @@ impl Coordinator {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("creating data folder {}", cfg.data_dir.display()))?;
         let data_lock = admin::DataLock::take(&cfg.data_dir)?;
-        let conn = ledger::open(&cfg.ledger_path())
-            .with_context(|| format!("opening ledger {}", cfg.ledger_path().display()))?;
-        ledger::check_invariants_full(&conn).context("ledger invariants at start")?;
-        let recovered =
-            audit::reconcile(&cfg.audit_path(), &conn).context("reconciling the audit log")?;
-        if recovered > 0 {
-            tracing::warn!(
-                recovered,
-                "audit log lacked committed transfers; recovered lines appended"
-            );
-        }
-        let workers: HashMap<String, WorkerRow> = ledger::load_workers(&conn)?
+        let (store, readers, workers, db_down) = match &cfg.database {
+            None => {
+                let conn = ledger::open(&cfg.ledger_path())
+                    .with_context(|| format!("opening ledger {}", cfg.ledger_path().display()))?;
+                let mut lite = db::Lite(&conn);
+                ledger::check_invariants_full(&mut lite).context("ledger invariants at start")?;
+                let recovered = audit::reconcile(&cfg.audit_path(), &mut lite)
+                    .context("reconciling the audit log")?;
+                if recovered > 0 {
+                    tracing::warn!(
+                        recovered,
+                        "audit log lacked committed transfers; recovered lines appended"
+                    );
+                }
+                let workers = ledger::load_workers(&mut lite)?;
+                let mut readers = Vec::new();
+                for _ in 0..4 {
+                    readers.push(Mutex::new(ledger::open_reader(&cfg.ledger_path())?));
+                }
+                (
+                    ledger::Store::Sqlite(conn),
+                    Readers::Sqlite(readers),
+                    workers,
+                    None,
+                )
+            }
+            Some(url) => {
+                let (client, workers, down) = pg::open_or_wait(url)?;
+                if down.is_none() {
+                    tracing::info!(schema = pg::known_version(), "PostgreSQL ledger ready");
+                }
+                (
+                    ledger::Store::Postgres(Box::new(pg::PgWriter::new(url, client))),
+                    Readers::Postgres(pg::PgReaders::new(url, 4)),
+                    workers,
+                    down,
+                )
+            }
+        };
+        let workers: HashMap<String, WorkerRow> = workers
             .into_iter()
             .map(|w| (w.peer_id.clone(), w))
             .collect();
@@ -136,11 +174,7 @@ impl Coordinator {
             }
             sink_log.record_ledger(events);
         });
-        let (writer, writer_thread) = Writer::start(conn, cfg.max_batch, sink);
-        let mut readers = Vec::new();
-        for _ in 0..4 {
-            readers.push(Mutex::new(ledger::open_reader(&cfg.ledger_path())?));
-        }
+        let (writer, writer_thread) = Writer::start(store, cfg.max_batch, sink);
         let verify_slots = cfg.bench_verify_concurrency.max(1);
         let max_in_flight = cfg.max_in_flight.max(1);
         let state = AppState {
@@ -161,6 +195,7 @@ impl Coordinator {
             started_at: unix_secs(),
             prometheus: metrics::handle(),
             challenges: Mutex::new(HashMap::new()),
+            db_down: Mutex::new(db_down),
             verify_slots: tokio::sync::Semaphore::new(verify_slots),
             verify_waiting: AtomicUsize::new(0),
             in_flight: tokio::sync::Semaphore::new(max_in_flight),
@@ -184,6 +219,10 @@ impl Coordinator {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, kid = %self.state.keys.kid, "coordinator listening");
         let sweeper = tokio::spawn(sweeper::run(self.state.clone()));
+        let refresher = self
+            .state
+            .shared()
+            .then(|| tokio::spawn(sweeper::refresh_workers(self.state.clone())));
         let router = app(self.state.clone());
         let (stop_metrics, metrics_stopped) = tokio::sync::watch::channel(false);
         let metrics_server = match self.state.cfg.metrics_listen {
@@ -218,6 +257,10 @@ impl Coordinator {
         }
         sweeper.abort();
         let _ = sweeper.await;
+        if let Some(r) = refresher {
+            r.abort();
+            let _ = r.await;
+        }
         self.writer_thread.shutdown().await;
         let audit_thread = self.audit_thread;
         let _ = tokio::task::spawn_blocking(move || audit_thread.shutdown()).await;
@@ -227,23 +270,77 @@ impl Coordinator {
 }
 
 impl AppState {
-    /// Runs a read-only query on one of the reader connections, off the
-    /// async threads.
+    /// Runs a query on one of the reader connections, off the async
+    /// threads.
     pub async fn read_with<T, F>(self: &Arc<Self>, f: F) -> Result<T, ledger::LedgerError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, ledger::LedgerError> + Send + 'static,
+        F: FnOnce(&mut dyn db::Db) -> Result<T, ledger::LedgerError> + Send + 'static,
     {
         let state = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let i = state.next_reader.fetch_add(1, Ordering::Relaxed) % state.readers.len();
-            let guard = state.readers[i]
-                .lock()
-                .map_err(|_| ledger::LedgerError::Storage("reader lock poisoned".into()))?;
-            f(&guard)
+        let r = tokio::task::spawn_blocking(move || {
+            let i = state.next_reader.fetch_add(1, Ordering::Relaxed);
+            match &state.readers {
+                Readers::Sqlite(readers) => {
+                    let guard = readers[i % readers.len()]
+                        .lock()
+                        .map_err(|_| ledger::LedgerError::Storage("reader lock poisoned".into()))?;
+                    f(&mut db::Lite(&guard))
+                }
+                Readers::Postgres(pool) => pool.with(i, f),
+            }
         })
         .await
-        .map_err(|e| ledger::LedgerError::Storage(e.to_string()))?
+        .map_err(|e| ledger::LedgerError::Storage(e.to_string()))?;
+        self.note_db(&r);
+        r
+    }
+
+    /// Whether the replicas share their state through PostgreSQL.
+    pub fn shared(&self) -> bool {
+        matches!(self.readers, Readers::Postgres(_))
+    }
+
+    /// Remembers whether the database answered (for `/health`).
+    pub fn note_db<T>(&self, r: &Result<T, ledger::LedgerError>) {
+        let down = match r {
+            Err(ledger::LedgerError::Unavailable(why)) => Some(why.clone()),
+            Err(_) => return,
+            Ok(_) => None,
+        };
+        if let Ok(mut d) = self.db_down.lock()
+            && *d != down
+        {
+            match &down {
+                Some(why) => tracing::error!(reason = %why, "database unavailable"),
+                None => tracing::info!("database available again"),
+            }
+            *d = down;
+        }
+    }
+
+    /// A signed request's nonce, refused when any replica (or this one)
+    /// saw it before.
+    pub async fn remember_nonce(
+        self: &Arc<Self>,
+        peer: String,
+        nonce: String,
+        signed_at: u64,
+    ) -> Result<bool, ledger::LedgerError> {
+        self.read_with(move |db| pg::remember_nonce(db, &peer, &nonce, signed_at))
+            .await
+    }
+
+    /// One request against a quota of `per_hour` an hour that every
+    /// replica shares; `Ok(Err(seconds))` to wait.
+    pub async fn shared_rate(
+        self: &Arc<Self>,
+        name: &'static str,
+        key: String,
+        per_hour: u32,
+    ) -> Result<Result<(), u64>, ledger::LedgerError> {
+        self.read_with(move |db| pg::check_rate(db, name, &key, per_hour, unix_ms()))
+            .await
     }
 }
 

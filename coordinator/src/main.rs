@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use troop_coordinator::{Config, Coordinator, admin, ledger};
+use troop_coordinator::{Config, Coordinator, admin};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -31,7 +31,14 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Inspect the ledger in a data folder.
+    /// Bring a PostgreSQL database's schema up to this version (serve
+    /// does it too; this runs it on its own, e.g. before a rolling upgrade).
+    Migrate {
+        /// `postgres://USER@HOST:PORT/DB`.
+        #[arg(long, env = "TROOP_DATABASE_URL")]
+        database: String,
+    },
+    /// Inspect the ledger in a data folder (or in PostgreSQL).
     Ledger {
         #[command(subcommand)]
         command: LedgerCmd,
@@ -50,6 +57,13 @@ struct ServeArgs {
     /// replica (default: one made and kept in DATA/keys/).
     #[arg(long, env = "TROOP_KEY_FILE")]
     key_file: Option<PathBuf>,
+    /// Keep the ledger and everything replicas share in PostgreSQL
+    /// (`postgres://USER[:PASSWORD]@HOST:PORT/DB`), so that several
+    /// replicas can serve behind one load balancer; without it the ledger
+    /// is SQLite in --data. --data stays this replica's own folder (audit
+    /// log, keys).
+    #[arg(long, env = "TROOP_DATABASE_URL")]
+    database: Option<String>,
     /// An earlier --key-file whose tickets are still accepted while they
     /// expire (listed in /.well-known/jwks.json, never used to sign;
     /// repeatable).
@@ -147,6 +161,10 @@ enum LedgerCmd {
     Audit {
         #[arg(long, env = "TROOP_DATA", default_value = "./data/coordinator")]
         data: PathBuf,
+        /// PostgreSQL ledger (`postgres://USER@HOST:PORT/DB`) instead of
+        /// the SQLite file in --data.
+        #[arg(long, env = "TROOP_DATABASE_URL")]
+        database: Option<String>,
     },
     /// Append the audit lines a crash left out (what `audit` calls
     /// recoverable) while the coordinator is stopped.
@@ -160,6 +178,10 @@ enum LedgerCmd {
         id: String,
         #[arg(long, env = "TROOP_DATA", default_value = "./data/coordinator")]
         data: PathBuf,
+        /// PostgreSQL ledger (`postgres://USER@HOST:PORT/DB`) instead of
+        /// the SQLite file in --data.
+        #[arg(long, env = "TROOP_DATABASE_URL")]
+        database: Option<String>,
     },
     /// Print an account's transfers, newest first.
     History {
@@ -167,6 +189,10 @@ enum LedgerCmd {
         id: String,
         #[arg(long, env = "TROOP_DATA", default_value = "./data/coordinator")]
         data: PathBuf,
+        /// PostgreSQL ledger (`postgres://USER@HOST:PORT/DB`) instead of
+        /// the SQLite file in --data.
+        #[arg(long, env = "TROOP_DATABASE_URL")]
+        database: Option<String>,
         /// One JSON object a line.
         #[arg(long)]
         json: bool,
@@ -200,6 +226,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Serve(a) => {
             let mut cfg = Config::new(a.data.clone());
             cfg.key_file = a.key_file.clone();
+            if let Some(url) = &a.database
+                && !troop_coordinator::pg::is_postgres_url(url)
+            {
+                anyhow::bail!(
+                    "--database {url}: expected a postgres:// or postgresql:// URL (leave it out for SQLite in --data)"
+                );
+            }
+            cfg.database = a.database.clone();
             cfg.previous_key_files = a.previous_key_files.clone();
             if !(a.starter_credits.is_finite() && a.starter_credits >= 0.0) {
                 anyhow::bail!("--starter-credits must be a non-negative number");
@@ -259,6 +293,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Migrate { database } => {
+            let mut client = troop_coordinator::pg::connect(&database)?;
+            let before = troop_coordinator::pg::schema_version(&mut client)?;
+            let applied = troop_coordinator::pg::migrate(&mut client)?;
+            println!(
+                "migrate: schema version {} (was {before}; {applied} step(s) applied)",
+                before + applied
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Ledger { command } => ledger_cmd(command),
     }
 }
@@ -274,12 +318,12 @@ fn ledger_cmd(cmd: LedgerCmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        LedgerCmd::Audit { data } => {
+        LedgerCmd::Audit { data, database } => {
             let admin::AuditReport {
                 findings,
                 recoverable,
                 totals: t,
-            } = admin::audit(&data)?;
+            } = admin::audit(&data, database.as_deref())?;
             println!(
                 "minted {:.3}  balances {:.3}  pending {:.3}",
                 t.minted as f64 / 1000.0,
@@ -308,10 +352,12 @@ fn ledger_cmd(cmd: LedgerCmd) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         }
-        LedgerCmd::Balance { id, data } => {
+        LedgerCmd::Balance { id, data, database } => {
             let id = troop_protocol::identity::parse_account_id(&id)?.to_base58();
-            let conn = ledger::open_reader(&data.join("ledger.sqlite3"))?;
-            match admin::balance_of(&conn, &id)? {
+            let balance = admin::with_ledger(&data, database.as_deref(), |db| {
+                Ok(admin::balance_of(db, &id)?)
+            })?;
+            match balance {
                 Some(b) => {
                     println!("account   {}", b.account);
                     println!("available {:.3}", b.available);
@@ -329,12 +375,14 @@ fn ledger_cmd(cmd: LedgerCmd) -> anyhow::Result<ExitCode> {
         LedgerCmd::History {
             id,
             data,
+            database,
             json,
             limit,
         } => {
             let id = troop_protocol::identity::parse_account_id(&id)?.to_base58();
-            let conn = ledger::open_reader(&data.join("ledger.sqlite3"))?;
-            let rows = admin::history(&conn, &id, i64::MAX, limit.max(1))?;
+            let rows = admin::with_ledger(&data, database.as_deref(), |db| {
+                Ok(admin::history(db, &id, i64::MAX, limit.max(1))?)
+            })?;
             for r in rows {
                 if json {
                     println!("{}", serde_json::to_string(&r)?);

@@ -61,7 +61,8 @@ impl FromRequest<Arc<AppState>> for SignedBytes {
             &parts.uri,
             &bytes,
             &rid,
-        )?;
+        )
+        .await?;
         Ok(Self {
             peer,
             bytes,
@@ -109,7 +110,10 @@ impl From<LedgerError> for ApiError {
                 (StatusCode::CONFLICT, ErrorCode::ReservationExpired)
             }
             LedgerError::Range(_) => (StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
-            LedgerError::Closed | LedgerError::Invariant(_) | LedgerError::Storage(_) => {
+            LedgerError::Closed
+            | LedgerError::Invariant(_)
+            | LedgerError::Storage(_)
+            | LedgerError::Unavailable(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable)
             }
         };

@@ -7,6 +7,40 @@ use std::time::Duration;
 use crate::ledger::{Command, Outcome};
 use crate::{AppState, unix_ms, unix_secs};
 
+/// With PostgreSQL, keeps this replica's worker table in step with what
+/// workers registered and beat on other replicas (every second; backing
+/// off while the database is down, and saying so on `/health`).
+pub async fn refresh_workers(state: Arc<AppState>) {
+    let mut delays = crate::pg::retry_delays();
+    loop {
+        let since = unix_secs().saturating_sub(state.cfg.worker_ttl.as_secs());
+        let r = state
+            .read_with(move |db| crate::ledger::load_workers_seen_since(db, since))
+            .await;
+        let wait = match r {
+            Ok(rows) => {
+                if let Ok(mut map) = state.workers.write() {
+                    for w in rows {
+                        match map.get(&w.peer_id) {
+                            Some(have) if have.last_seen > w.last_seen => {}
+                            _ => {
+                                map.insert(w.peer_id.clone(), w);
+                            }
+                        }
+                    }
+                }
+                delays = crate::pg::retry_delays();
+                Duration::from_secs(1)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "worker refresh failed");
+                delays.next().unwrap_or(Duration::from_secs(10))
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
 /// Refunds reservations whose ticket expired more than the grace period
 /// ago, and keeps the in-memory tables bounded.
 pub async fn run(state: Arc<AppState>) {
@@ -29,7 +63,12 @@ pub async fn run(state: Arc<AppState>) {
                 )
                 .await
             {
+                Err(e @ crate::ledger::LedgerError::Unavailable(_)) => {
+                    state.note_db::<()>(&Err(e));
+                    break;
+                }
                 Ok(Outcome::Expired { jobs }) => {
+                    state.note_db(&Ok(()));
                     if !jobs.is_empty() {
                         tracing::info!(count = jobs.len(), "refunded expired reservations");
                     }
@@ -45,6 +84,12 @@ pub async fn run(state: Arc<AppState>) {
             }
         }
         let skew = state.cfg.max_skew_secs;
+        if state.shared() {
+            let before = now.saturating_sub(skew);
+            let _ = state
+                .read_with(move |db| crate::pg::prune(db, before, unix_ms()))
+                .await;
+        }
         if let Ok(mut n) = state.nonces.lock() {
             n.retain(|_, ts| now.saturating_sub(*ts) <= skew);
         }

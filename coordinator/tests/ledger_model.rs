@@ -1,6 +1,7 @@
 //! Random sequences of ledger operations (grant, authorize, settle, fail,
-//! replay, expire) against the real SQLite ledger and a small in-memory
-//! model; balances and the invariant are compared after every step.
+//! replay, expire) against the real SQLite ledger, the real PostgreSQL
+//! ledger (a server started by the test) and a small in-memory model;
+//! balances and the invariant are compared after every step.
 //! Receipts come as old single-job receipts (charged as one unacknowledged
 //! request: at most the cap) and as session receipts whose request carries
 //! the user's signed acknowledgement (charged the lesser of the worker's
@@ -8,8 +9,11 @@
 
 use std::collections::HashMap;
 
+mod pg;
+
 use proptest::prelude::*;
 use rusqlite::Connection;
+use troop_coordinator::db::{Db, Lite, Pg, StatementCache};
 use troop_coordinator::ledger::{self, Command, LedgerError, Outcome};
 use troop_protocol::receipt::{JobStatus, Receipt};
 use troop_protocol::usage::{Ack, LineStatus, RequestLine};
@@ -100,16 +104,63 @@ struct Model {
 fn run(conn: &mut Connection, cmd: Command) -> Result<Outcome, LedgerError> {
     let tx = conn.transaction().expect("tx");
     let mut events = Vec::new();
-    let out = ledger::apply(&tx, &cmd, &mut events);
+    let out = ledger::apply(&mut Lite(&tx), &cmd, &mut events);
     match out {
         Ok(o) => {
-            ledger::check_invariants(&tx).expect("invariant inside the transaction");
+            ledger::check_invariants(&mut Lite(&tx)).expect("invariant inside the transaction");
             tx.commit().expect("commit");
             Ok(o)
         }
         Err(e) => {
             drop(tx);
             Err(e)
+        }
+    }
+}
+
+/// The ledger under test: SQLite or PostgreSQL.
+enum Store<'a> {
+    Lite(&'a mut Connection),
+    Pg(&'a mut postgres::Client, StatementCache),
+}
+
+impl Store<'_> {
+    /// One command in its own transaction, the invariants checked before
+    /// the commit, as the writer does it.
+    fn run(&mut self, cmd: Command) -> Result<Outcome, LedgerError> {
+        match self {
+            Store::Lite(conn) => run(conn, cmd),
+            Store::Pg(client, cache) => {
+                let mut tx = client.transaction().expect("tx");
+                let mut events = Vec::new();
+                let mut db = Pg {
+                    client: &mut tx,
+                    cache,
+                };
+                let out = ledger::apply(&mut db, &cmd, &mut events);
+                match out {
+                    Ok(o) => {
+                        ledger::check_invariants(&mut db)
+                            .expect("invariant inside the transaction");
+                        tx.commit().expect("commit");
+                        Ok(o)
+                    }
+                    Err(e) => {
+                        tx.rollback().expect("rollback");
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    fn db(&mut self) -> Box<dyn Db + '_> {
+        match self {
+            Store::Lite(conn) => Box::new(Lite(conn)),
+            Store::Pg(client, cache) => Box::new(Pg {
+                client: &mut **client,
+                cache,
+            }),
         }
     }
 }
@@ -163,15 +214,17 @@ fn settle_ms(step: u64) -> u64 {
     T0 + step * 1000 + 1_000_000
 }
 
-fn check(conn: &Connection, model: &Model) -> Result<(), TestCaseError> {
+fn check(store: &mut Store<'_>, model: &Model) -> Result<(), TestCaseError> {
+    let mut conn = store.db();
+    let conn = &mut *conn;
     for (id, (posted, pending)) in &model.accounts {
-        let row: (i64, i64) = conn
-            .query_row(
+        let r = conn
+            .query_one(
                 "SELECT credits_posted - debits_posted, debits_pending FROM accounts WHERE id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                troop_coordinator::p![id],
             )
             .expect("account row");
+        let row = (r.i64(0).expect("posted"), r.i64(1).expect("pending"));
         prop_assert_eq!(row, (*posted, *pending), "account {}", id);
     }
     // The O(1) check on the totals row, and the full scan agreeing with it.
@@ -194,11 +247,51 @@ proptest! {
     #[test]
     fn sqlite_ledger_matches_the_model(ops in proptest::collection::vec(op(), 1..60)) {
         let mut conn = ledger::open_in_memory().expect("ledger");
+        model_run(&mut Store::Lite(&mut conn), ops)?;
+    }
+}
+
+/// The same model on PostgreSQL: one server, a fresh schema per case.
+#[test]
+fn postgres_ledger_matches_the_model() {
+    let Some(server) = pg::PgServer::start() else {
+        return;
+    };
+    let url = server.create_db("model");
+    let client =
+        std::cell::RefCell::new(postgres::Client::connect(&url, postgres::NoTls).expect("connect"));
+    let case = std::cell::Cell::new(0);
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 24,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(&proptest::collection::vec(op(), 1..60), |ops| {
+            case.set(case.get() + 1);
+            let case = case.get();
+            let mut client = client.borrow_mut();
+            client
+                .batch_execute(&format!(
+                    "CREATE SCHEMA case_{case}; SET search_path TO case_{case}"
+                ))
+                .expect("a schema for this case");
+            troop_coordinator::pg::migrate(&mut client).expect("migrate");
+            model_run(&mut Store::Pg(&mut client, StatementCache::default()), ops)
+        })
+        .expect("the PostgreSQL ledger matches the model");
+}
+
+fn model_run(conn: &mut Store<'_>, ops: Vec<Op>) -> Result<(), TestCaseError> {
+    {
         let mut model = Model::default();
         for (name, _) in WORKERS {
-            let out = run(&mut conn, Command::RegisterWorker {
-                peer_id: name.into(), models: vec!["m".into()], addresses: vec![], version: None,
-                new_key: [1; 32], now_secs: 0,
+            let out = conn.run(Command::RegisterWorker {
+                peer_id: name.into(),
+                models: vec!["m".into()],
+                addresses: vec![],
+                version: None,
+                new_key: [1; 32],
+                now_secs: 0,
             });
             prop_assert!(out.is_ok());
             model.accounts.insert(name.into(), (0, 0));
@@ -213,10 +306,17 @@ proptest! {
                     let amount = RESERVE_SECS * mult;
                     let job_id = format!("job-{step}");
                     let created_ms = T0 + step * 1000;
-                    let out = run(&mut conn, Command::Reserve {
-                        user: u.into(), worker: w.into(), model: "m".into(), job_id: job_id.clone(),
-                        amount, multiplier_milli: mult, starter_grant: STARTER,
-                        grant_policy: Default::default(), expires_at: step, now_ms: created_ms,
+                    let out = conn.run(Command::Reserve {
+                        user: u.into(),
+                        worker: w.into(),
+                        model: "m".into(),
+                        job_id: job_id.clone(),
+                        amount,
+                        multiplier_milli: mult,
+                        starter_grant: STARTER,
+                        grant_policy: Default::default(),
+                        expires_at: step,
+                        now_ms: created_ms,
                     });
                     // Model: the grant happens once, even when the reservation is refused
                     // (the grant commits with the refusal only if the reservation passes).
@@ -233,32 +333,64 @@ proptest! {
                             model.minted += STARTER;
                         }
                         let e = model.accounts.entry(u.into()).or_insert((0, 0));
-                        if first { e.0 += STARTER; }
+                        if first {
+                            e.0 += STARTER;
+                        }
                         e.1 += amount;
                         model.jobs.push(ModelJob {
-                            id: job_id, user: u.into(), worker: w.into(), reserved: amount, multiplier: mult,
-                            expires_at: step, created_ms, state: JobState::Pending, receipt: None,
+                            id: job_id,
+                            user: u.into(),
+                            worker: w.into(),
+                            reserved: amount,
+                            multiplier: mult,
+                            expires_at: step,
+                            created_ms,
+                            state: JobState::Pending,
+                            receipt: None,
                         });
                     }
                 }
-                Op::Receipt { job, millis, status, ack } => {
-                    let Some(j) = model.jobs.get(job % model.jobs.len().max(1)).cloned() else { continue };
-                    let status = [JobStatus::Completed, JobStatus::Failed, JobStatus::Cancelled][status as usize];
+                Op::Receipt {
+                    job,
+                    millis,
+                    status,
+                    ack,
+                } => {
+                    let Some(j) = model.jobs.get(job % model.jobs.len().max(1)).cloned() else {
+                        continue;
+                    };
+                    let status = [
+                        JobStatus::Completed,
+                        JobStatus::Failed,
+                        JobStatus::Cancelled,
+                    ][status as usize];
                     let r = receipt(&j, millis, status, ack);
                     let sha = format!("{:?}-{millis}-{ack:?}", status);
-                    let out = run(&mut conn, Command::Settle { receipt: r.clone(), receipt_sha256: sha.clone(), now_ms: settle_ms(step), unacked_cap_ms: CAP_MS, tolerance_ms: 0 });
+                    let out = conn.run(Command::Settle {
+                        receipt: r.clone(),
+                        receipt_sha256: sha.clone(),
+                        now_ms: settle_ms(step),
+                        unacked_cap_ms: CAP_MS,
+                        tolerance_ms: 0,
+                    });
                     let idx = model.jobs.iter().position(|x| x.id == j.id).unwrap_or(0);
                     match (&j.state, &j.receipt) {
                         (_, Some((_, prev, _))) if *prev != sha => {
                             prop_assert!(matches!(out, Err(LedgerError::Conflict(_))), "{:?}", out);
                         }
                         (_, Some((_, _, cost))) => {
-                            let Ok(Outcome::Settled(s)) = out else { return Err(TestCaseError::fail("replay failed")) };
+                            let Ok(Outcome::Settled(s)) = out else {
+                                return Err(TestCaseError::fail("replay failed"));
+                            };
                             prop_assert!(s.replayed);
                             prop_assert_eq!(s.cost, *cost);
                         }
                         (JobState::Voided, None) => {
-                            prop_assert!(matches!(out, Err(LedgerError::ReservationExpired(_))), "{:?}", out);
+                            prop_assert!(
+                                matches!(out, Err(LedgerError::ReservationExpired(_))),
+                                "{:?}",
+                                out
+                            );
                         }
                         (JobState::Pending, None) => {
                             // min(worker ms, acknowledged ms), or the cap without an ack;
@@ -268,8 +400,11 @@ proptest! {
                                 None if status == JobStatus::Completed => millis.min(CAP_MS),
                                 None => 0,
                             };
-                            let cost = ((charged as i128 * j.multiplier as i128 / 1000) as i64).min(j.reserved);
-                            let Ok(Outcome::Settled(s)) = out else { return Err(TestCaseError::fail(format!("settle failed: {out:?}"))) };
+                            let cost = ((charged as i128 * j.multiplier as i128 / 1000) as i64)
+                                .min(j.reserved);
+                            let Ok(Outcome::Settled(s)) = out else {
+                                return Err(TestCaseError::fail(format!("settle failed: {out:?}")));
+                            };
                             prop_assert_eq!(s.cost, cost);
                             prop_assert_eq!(s.refunded, j.reserved - cost);
                             prop_assert!(!s.replayed);
@@ -278,23 +413,49 @@ proptest! {
                             u.1 -= j.reserved;
                             model.accounts.entry(j.worker.clone()).or_default().0 += cost;
                             let mj = &mut model.jobs[idx];
-                            mj.state = if cost > 0 { JobState::Posted } else { JobState::Voided };
+                            mj.state = if cost > 0 {
+                                JobState::Posted
+                            } else {
+                                JobState::Voided
+                            };
                             mj.receipt = Some((r, sha, cost));
                         }
-                        (state, None) => return Err(TestCaseError::fail(format!("unreachable model state {state:?}"))),
+                        (state, None) => {
+                            return Err(TestCaseError::fail(format!(
+                                "unreachable model state {state:?}"
+                            )));
+                        }
                     }
                 }
                 Op::Replay { job } => {
-                    let Some(j) = model.jobs.get(job % model.jobs.len().max(1)).cloned() else { continue };
-                    let Some((r, sha, cost)) = j.receipt else { continue };
-                    let out = run(&mut conn, Command::Settle { receipt: r, receipt_sha256: sha, now_ms: settle_ms(step), unacked_cap_ms: CAP_MS, tolerance_ms: 0 });
-                    let Ok(Outcome::Settled(s)) = out else { return Err(TestCaseError::fail("replay failed")) };
+                    let Some(j) = model.jobs.get(job % model.jobs.len().max(1)).cloned() else {
+                        continue;
+                    };
+                    let Some((r, sha, cost)) = j.receipt else {
+                        continue;
+                    };
+                    let out = conn.run(Command::Settle {
+                        receipt: r,
+                        receipt_sha256: sha,
+                        now_ms: settle_ms(step),
+                        unacked_cap_ms: CAP_MS,
+                        tolerance_ms: 0,
+                    });
+                    let Ok(Outcome::Settled(s)) = out else {
+                        return Err(TestCaseError::fail("replay failed"));
+                    };
                     prop_assert!(s.replayed);
                     prop_assert_eq!(s.cost, cost);
                 }
                 Op::Expire { cutoff } => {
-                    let out = run(&mut conn, Command::ExpireDue { cutoff_secs: cutoff, now_ms: step, limit: 1000 });
-                    let Ok(Outcome::Expired { jobs }) = out else { return Err(TestCaseError::fail("expire failed")) };
+                    let out = conn.run(Command::ExpireDue {
+                        cutoff_secs: cutoff,
+                        now_ms: step,
+                        limit: 1000,
+                    });
+                    let Ok(Outcome::Expired { jobs }) = out else {
+                        return Err(TestCaseError::fail("expire failed"));
+                    };
                     let mut want = Vec::new();
                     for mj in model.jobs.iter_mut() {
                         if mj.state == JobState::Pending && mj.expires_at < cutoff {
@@ -309,9 +470,10 @@ proptest! {
                     prop_assert_eq!(got, want);
                 }
             }
-            check(&conn, &model)?;
+            check(conn, &model)?;
         }
     }
+    Ok(())
 }
 
 /// The totals row follows changes made by any statement (triggers), the
@@ -330,9 +492,9 @@ fn the_totals_row_follows_every_change_and_drift_is_caught() {
         [ledger::MINT],
     )
     .expect("mint");
-    let t = ledger::check_invariants(&conn).expect("balanced");
+    let t = ledger::check_invariants(&mut Lite(&conn)).expect("balanced");
     assert_eq!((t.minted, t.balances), (5000, 5000));
-    ledger::check_invariants_full(&conn).expect("the row agrees with a scan");
+    ledger::check_invariants_full(&mut Lite(&conn)).expect("the row agrees with a scan");
 
     // An account spent beyond its credits, to the mint (balanced otherwise).
     conn.execute(
@@ -345,7 +507,7 @@ fn the_totals_row_follows_every_change_and_drift_is_caught() {
         [ledger::MINT],
     )
     .expect("counterpart");
-    let e = ledger::check_invariants(&conn).expect_err("negative");
+    let e = ledger::check_invariants(&mut Lite(&conn)).expect_err("negative");
     assert_eq!(
         e.to_string(),
         "ledger invariant violated: 1 account(s) negative"
@@ -357,15 +519,15 @@ fn the_totals_row_follows_every_change_and_drift_is_caught() {
         [ledger::MINT],
     )
     .expect("undo");
-    ledger::check_invariants_full(&conn).expect("balanced again");
+    ledger::check_invariants_full(&mut Lite(&conn)).expect("balanced again");
 
     // The row itself edited: the O(1) check sees unbalanced totals, and the
     // full scan says which figure drifted.
     conn.execute("UPDATE ledger_totals SET balances = balances + 7", [])
         .expect("drift");
-    let e = ledger::check_invariants(&conn).expect_err("unbalanced");
+    let e = ledger::check_invariants(&mut Lite(&conn)).expect_err("unbalanced");
     assert!(e.to_string().contains("!= minted"), "{e}");
-    let e = ledger::check_invariants_full(&conn).expect_err("drift");
+    let e = ledger::check_invariants_full(&mut Lite(&conn)).expect_err("drift");
     assert!(
         e.to_string()
             .contains("the totals row says balances 5007, a full scan 5000"),
@@ -507,14 +669,15 @@ fn no_statement_on_the_request_path_scans_a_table() {
     )
     .expect("heartbeat");
     register(&mut conn, "worker-x");
-    troop_coordinator::admin::balance_of(&conn, &user).expect("balance");
-    let page = troop_coordinator::admin::history(&conn, &user, i64::MAX, 2).expect("history");
+    troop_coordinator::admin::balance_of(&mut Lite(&conn), &user).expect("balance");
+    let page =
+        troop_coordinator::admin::history(&mut Lite(&conn), &user, i64::MAX, 2).expect("history");
     assert_eq!(page.len(), 2);
-    ledger::load_worker(&conn, "worker-x").expect("worker");
-    ledger::reputation_of(&conn, "worker-x", "worker").expect("reputation");
-    ledger::available(&conn, &user).expect("available");
-    ledger::check_invariants(&conn).expect("invariants");
-    ledger::load_workers(&conn).expect("all workers");
+    ledger::load_worker(&mut Lite(&conn), "worker-x").expect("worker");
+    ledger::reputation_of(&mut Lite(&conn), "worker-x", "worker").expect("reputation");
+    ledger::available(&mut Lite(&conn), &user).expect("available");
+    ledger::check_invariants(&mut Lite(&conn)).expect("invariants");
+    ledger::load_workers(&mut Lite(&conn)).expect("all workers");
     conn.trace_v2(rusqlite::trace::TraceEventCodes::empty(), None);
 
     let seen = SCANS.lock().map(|v| v.clone()).unwrap_or_default();

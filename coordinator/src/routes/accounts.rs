@@ -63,7 +63,9 @@ pub(crate) async fn transactions(
     let account = account_param(&id, &rid).map_err(charge_ip)?;
     // A history names counterparties, amounts and session ids: only its
     // owner reads it (admins use `troop-coordinator ledger history`).
-    let signer = verify_signed(&state, &headers, &method, &uri, b"", &rid).map_err(charge_ip)?;
+    let signer = verify_signed(&state, &headers, &method, &uri, b"", &rid)
+        .await
+        .map_err(charge_ip)?;
     if signer.to_base58() != account {
         security_event(
             &state,

@@ -220,11 +220,44 @@ fn rate_limited(state: &AppState, scope: &str, key: &str, wait: u64, rid: &str) 
     e
 }
 
+/// One request against a quota: this replica's own limiter with SQLite,
+/// the quota every replica shares (a row in PostgreSQL) otherwise.
+pub(crate) async fn check_quota<K>(
+    state: &Arc<AppState>,
+    scope: &'static str,
+    local: &crate::rate_limit::Limiter<K>,
+    key: &K,
+    per_hour: u32,
+    rid: &str,
+) -> Result<(), ApiError>
+where
+    K: std::hash::Hash + Eq + Clone + std::fmt::Display,
+{
+    let r = if state.shared() {
+        state
+            .shared_rate(scope, key.to_string(), per_hour)
+            .await
+            .map_err(|e| ledger_error(state, e, rid))?
+    } else {
+        local.check(key)
+    };
+    r.map_err(|wait| rate_limited(state, scope, &key.to_string(), wait, rid))
+}
+
 async fn discovery_limit(State(state): St, req: Request, next: Next) -> Response {
     let ip = client_ip(&state, &req);
-    if let Err(wait) = state.discovery_limiter.check(&ip) {
-        let rid = request_id(req.headers());
-        return rate_limited(&state, "discovery", &ip.to_string(), wait, &rid).into_response();
+    let rid = request_id(req.headers());
+    if let Err(e) = check_quota(
+        &state,
+        "discovery",
+        &state.discovery_limiter,
+        &ip,
+        state.cfg.discovery_per_hour,
+        &rid,
+    )
+    .await
+    {
+        return e.into_response();
     }
     next.run(req).await
 }
@@ -241,8 +274,8 @@ pub(crate) fn security_event(state: &AppState, event: &str, rid: &str, fields: V
 const MAX_NONCES: usize = 500_000;
 
 /// Verifies a signed request and its nonce; audits every refusal.
-pub(crate) fn verify_signed(
-    state: &AppState,
+pub(crate) async fn verify_signed(
+    state: &Arc<AppState>,
     headers: &HeaderMap,
     method: &Method,
     uri: &Uri,
@@ -303,6 +336,18 @@ pub(crate) fn verify_signed(
         state.cfg.max_skew_secs,
     )
     .map_err(refuse)?;
+    if state.shared() {
+        // PostgreSQL: every replica's nonces in one table, kept across
+        // restarts, so a request replayed to another replica is refused.
+        return match state
+            .remember_nonce(v.peer.to_base58(), v.nonce.clone(), v.timestamp)
+            .await
+        {
+            Ok(true) => Ok(v.peer),
+            Ok(false) => Err(refuse(signed::SignError::Replay)),
+            Err(e) => Err(ledger_error(state, e, rid)),
+        };
+    }
     if v.timestamp < state.started_at {
         return Err(refuse(signed::SignError::StaleTimestamp {
             timestamp: v.timestamp,
@@ -351,13 +396,28 @@ pub(crate) fn ledger_error(state: &AppState, e: LedgerError, rid: &str) -> ApiEr
 
 // ---------------------------------------------------------------------------
 
-async fn health(State(state): St) -> impl IntoResponse {
+async fn health(State(state): St) -> Response {
+    let down = state.db_down.lock().ok().and_then(|d| d.clone());
+    if let Some(reason) = down {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, HeaderValue::from_static("1"))],
+            axum::Json(json!({
+                "status": "unavailable",
+                "reason": reason,
+                "version": env!("CARGO_PKG_VERSION"),
+                "kid": state.keys.kid,
+            })),
+        )
+            .into_response();
+    }
     axum::Json(json!({
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
         "kid": state.keys.kid,
         "starter_pow_bits": state.cfg.starter_pow_bits,
     }))
+    .into_response()
 }
 
 async fn public_key(State(state): St) -> impl IntoResponse {

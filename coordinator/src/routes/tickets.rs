@@ -34,9 +34,18 @@ pub(crate) async fn authorize(
             json!({ "user": user_id, "reason": reason, "detail": detail }),
         );
     };
-    if let Err(wait) = state.authorize_limiter.check(&user_id) {
-        refuse("rate_limited", format!("retry in {wait} s"));
-        return Err(rate_limited(&state, "authorize", &user_id, wait, &rid));
+    if let Err(e) = check_quota(
+        &state,
+        "authorize",
+        &state.authorize_limiter,
+        &user_id,
+        state.cfg.authorize_per_hour,
+        &rid,
+    )
+    .await
+    {
+        refuse("rate_limited", e.message.clone());
+        return Err(e);
     }
     let req: AuthorizeRequest = match parse_json(&body) {
         Ok(r) => r,
