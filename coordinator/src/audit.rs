@@ -27,6 +27,9 @@ enum Msg {
 #[derive(Clone)]
 pub struct AuditLog {
     tx: mpsc::SyncSender<Msg>,
+    /// The replica's name, on every line when several replicas share one
+    /// PostgreSQL ledger (each keeps its own log).
+    replica: Option<std::sync::Arc<str>>,
 }
 
 /// Lines queued for the writer at most. Ledger lines wait for room (the
@@ -50,6 +53,14 @@ fn now_ms() -> u64 {
 impl AuditLog {
     /// Opens `path` for appending (creating its folder) and starts the writer.
     pub fn open(path: &Path) -> std::io::Result<(AuditLog, AuditThread)> {
+        Self::open_named(path, None)
+    }
+
+    /// Like [`AuditLog::open`], naming `replica` on every line.
+    pub fn open_named(
+        path: &Path,
+        replica: Option<String>,
+    ) -> std::io::Result<(AuditLog, AuditThread)> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -59,7 +70,10 @@ impl AuditLog {
             .name("audit-log".into())
             .spawn(move || writer(file, rx))?;
         Ok((
-            AuditLog { tx: tx.clone() },
+            AuditLog {
+                tx: tx.clone(),
+                replica: replica.map(std::sync::Arc::from),
+            },
             AuditThread {
                 tx,
                 join: Some(join),
@@ -70,6 +84,9 @@ impl AuditLog {
     /// Records one event. `fields` must be a JSON object.
     pub fn record(&self, event: &str, request_id: Option<&str>, fields: Value) {
         let mut line = json!({ "ts_ms": now_ms(), "event": event, "request_id": request_id });
+        if let (Some(r), Some(obj)) = (&self.replica, line.as_object_mut()) {
+            obj.insert("replica".into(), json!(r.as_ref()));
+        }
         if let (Some(obj), Value::Object(extra)) = (line.as_object_mut(), fields) {
             for (k, v) in extra {
                 obj.entry(k).or_insert(v);
@@ -86,6 +103,9 @@ impl AuditLog {
             if let Some(obj) = ev.as_object_mut() {
                 obj.insert("ts_ms".into(), json!(now_ms()));
                 obj.insert("request_id".into(), json!(rid));
+                if let Some(r) = &self.replica {
+                    obj.insert("replica".into(), json!(r.as_ref()));
+                }
             }
             let _ = self.tx.send(Msg::Line(ev));
         }

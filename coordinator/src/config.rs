@@ -15,6 +15,9 @@ pub struct Config {
     /// `postgres://…`: the ledger and everything replicas share live in
     /// that database; `None`: SQLite in `data_dir`.
     pub database: Option<String>,
+    /// This replica's name in its audit log lines (default: the host name
+    /// and the data folder).
+    pub replica_name: Option<String>,
     /// Earlier signing keys whose tickets still verify (listed in the
     /// JWKS, never used to sign): `--previous-key-file`.
     pub previous_key_files: Vec<PathBuf>,
@@ -98,6 +101,7 @@ impl Config {
             data_dir: data_dir.into(),
             key_file: None,
             database: None,
+            replica_name: None,
             previous_key_files: Vec::new(),
             starter_credits_milli: 3_600_000,
             reservation_secs: 300,
@@ -136,6 +140,19 @@ impl Config {
             conn_limits: crate::listener::ConnLimits::default(),
             max_in_flight: 1024,
         }
+    }
+
+    /// The name on this replica's audit lines.
+    pub fn replica_name(&self) -> String {
+        self.replica_name.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .unwrap_or_else(|| "coordinator".into());
+            format!("{host}:{}", self.data_dir.display())
+        })
     }
 
     pub fn ledger_path(&self) -> PathBuf {

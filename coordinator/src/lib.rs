@@ -156,7 +156,8 @@ impl Coordinator {
             .into_iter()
             .map(|w| (w.peer_id.clone(), w))
             .collect();
-        let (audit_log, audit_thread) = AuditLog::open(&cfg.audit_path())
+        let replica = cfg.database.as_ref().map(|_| cfg.replica_name());
+        let (audit_log, audit_thread) = AuditLog::open_named(&cfg.audit_path(), replica)
             .with_context(|| format!("opening {}", cfg.audit_path().display()))?;
         let keys = cfg.ticket_keys()?;
         let sink_log = audit_log.clone();

@@ -64,6 +64,10 @@ struct ServeArgs {
     /// log, keys).
     #[arg(long, env = "TROOP_DATABASE_URL")]
     database: Option<String>,
+    /// This replica's name on its audit log lines (with --database;
+    /// default: HOST:DATA).
+    #[arg(long, env = "TROOP_REPLICA_NAME")]
+    replica_name: Option<String>,
     /// An earlier --key-file whose tickets are still accepted while they
     /// expire (listed in /.well-known/jwks.json, never used to sign;
     /// repeatable).
@@ -234,6 +238,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             cfg.database = a.database.clone();
+            cfg.replica_name = a.replica_name.clone();
             cfg.previous_key_files = a.previous_key_files.clone();
             if !(a.starter_credits.is_finite() && a.starter_credits >= 0.0) {
                 anyhow::bail!("--starter-credits must be a non-negative number");
@@ -275,7 +280,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.conn_limits.idle = std::time::Duration::from_secs(a.idle_timeout_secs.max(1));
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
-                let coordinator = Coordinator::open(cfg)?;
+                // Off the async threads: opening may talk to PostgreSQL
+                // through a blocking client.
+                let coordinator = tokio::task::spawn_blocking(move || Coordinator::open(cfg))
+                    .await
+                    .context("opening the coordinator")??;
                 let listener = tokio::net::TcpListener::bind(a.listen)
                     .await
                     .with_context(|| format!("binding {}", a.listen))?;

@@ -385,11 +385,26 @@ fn run_batch(
     Ok(out.done())
 }
 
+/// A client dropped on a thread of its own: `postgres::Client` owns a
+/// small runtime, which must not be dropped on an async thread (the last
+/// handle to the state may go there at shutdown).
+struct Conn(Option<Client>, StatementCache);
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            let _ = std::thread::Builder::new()
+                .name("pg-close".into())
+                .spawn(move || drop(c));
+        }
+    }
+}
+
 /// A few connections for reads and the replicas' shared tables (nonces,
 /// rate limits), each made again when it breaks.
 pub struct PgReaders {
     url: String,
-    slots: Vec<Mutex<Option<(Client, StatementCache)>>>,
+    slots: Vec<Mutex<Option<Conn>>>,
 }
 
 impl PgReaders {
@@ -417,10 +432,16 @@ impl PgReaders {
         let mut slot = self.slots[i % self.slots.len()]
             .lock()
             .map_err(|_| LedgerError::Storage("reader lock poisoned".into()))?;
-        if slot.as_ref().is_none_or(|(c, _)| c.is_closed()) {
-            *slot = Some((connect_ready(&self.url)?, StatementCache::default()));
+        if slot
+            .as_ref()
+            .is_none_or(|c| c.0.as_ref().is_none_or(Client::is_closed))
+        {
+            *slot = Some(Conn(
+                Some(connect_ready(&self.url)?),
+                StatementCache::default(),
+            ));
         }
-        let Some((client, cache)) = slot.as_mut() else {
+        let Some(Conn(Some(client), cache)) = slot.as_mut() else {
             return Err(LedgerError::Unavailable("no database connection".into()));
         };
         let r = f(&mut Pg { client, cache });

@@ -237,6 +237,8 @@ pub struct NetStatus {
 }
 
 enum Command {
+    /// Answered once every command sent before it was handled.
+    Barrier(oneshot::Sender<()>),
     Dial(Multiaddr),
     AddAddress(PeerId, Multiaddr),
     Provide(Vec<u8>),
@@ -326,6 +328,16 @@ impl NetworkHandle {
 
     pub async fn add_address(&self, peer: PeerId, addr: Multiaddr) {
         let _ = self.tx.send(Command::AddAddress(peer, addr)).await;
+    }
+
+    /// Returns once the network has handled every command sent before
+    /// (addresses added, dials started): a stream opened after it finds
+    /// the addresses.
+    pub async fn barrier(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::Barrier(reply)).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// Announces a provider record for `key` (re-announced by the caller
@@ -821,6 +833,9 @@ impl EventLoop {
                 if let Err(e) = self.swarm.dial(addr.clone()) {
                     tracing::warn!(%addr, error = %e, "dial failed");
                 }
+            }
+            Command::Barrier(reply) => {
+                let _ = reply.send(());
             }
             Command::AddAddress(peer, addr) => {
                 self.swarm.add_peer_address(peer, addr.clone());

@@ -100,6 +100,12 @@ async fn streams_from_an_ollama_upstream_and_pays() {
 }
 
 async fn found_with(dht: bool, gossip: bool) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "troop_node=debug,troop_coordinator=info",
+        ))
+        .with_test_writer()
+        .try_init();
     let fake = FakeUpstream::start(Dialect::OpenAi, tokens(3), Duration::ZERO).await;
     let mut net = TestNet::start(|_| {}).await;
     net.dht = dht;

@@ -47,14 +47,19 @@ impl TestCoordinator {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::start_with_result(tweak)
+            .await
+            .expect("coordinator starts")
+    }
+
+    /// Starts a coordinator, or says why it would not start.
+    pub async fn start_with_result(tweak: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cfg = config(dir.path());
         tweak(&mut cfg);
-        let running = troop_coordinator::spawn(cfg, "127.0.0.1:0".parse().expect("addr"))
-            .await
-            .expect("coordinator starts");
+        let running = troop_coordinator::spawn(cfg, "127.0.0.1:0".parse().expect("addr")).await?;
         let url = running.url();
-        Self {
+        Ok(Self {
             dir,
             running: Some(running),
             url,
@@ -62,7 +67,7 @@ impl TestCoordinator {
                 .pool_max_idle_per_host(64)
                 .build()
                 .expect("client"),
-        }
+        })
     }
 
     /// A data folder and a client, with no coordinator running (tests that

@@ -159,11 +159,32 @@ impl PgServer {
 
     /// Makes a new, empty database and returns its URL.
     pub fn create_db(&self, name: &str) -> String {
-        let mut c = postgres::Client::connect(&self.url("postgres"), postgres::NoTls)
-            .expect("connect to the postgres database");
-        c.batch_execute(&format!("CREATE DATABASE {name}"))
-            .expect("CREATE DATABASE");
+        let admin = self.url("postgres");
+        let sql = format!("CREATE DATABASE {name}");
+        // On a thread of its own: the blocking client runs a runtime,
+        // which an async test's thread may not.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut c = postgres::Client::connect(&admin, postgres::NoTls)
+                    .expect("connect to the postgres database");
+                c.batch_execute(&sql).expect("CREATE DATABASE");
+            })
+            .join()
+            .expect("create the database");
+        });
         self.url(name)
+    }
+
+    /// Runs `f` with a client on database `url`, on a thread of its own.
+    pub fn with_client<T: Send>(url: &str, f: impl FnOnce(&mut postgres::Client) -> T + Send) -> T {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut c = postgres::Client::connect(url, postgres::NoTls).expect("connect");
+                f(&mut c)
+            })
+            .join()
+            .expect("the client's thread")
+        })
     }
 }
 

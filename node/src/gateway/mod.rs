@@ -670,6 +670,10 @@ impl GatewayState {
             self.net.dial_peer(peer, addrs).await;
             found.push(peer);
         }
+        // The addresses are in the swarm before anyone opens a stream to
+        // these workers (a stream opened earlier failed with "no addresses
+        // for peer", which dropped the worker from the table).
+        self.net.barrier().await;
         tracing::info!(model, workers = found.len(), "workers from the coordinator");
         found
     }

@@ -119,6 +119,11 @@ impl WorkerTable {
     /// A worker for `model` learnt from a lookup (not an advert): kept
     /// for `DHT_TTL` unless an advert replaces it.
     pub fn on_found(&mut self, peer: PeerId, model: &str, source: Source) {
+        // The coordinator names live workers with the addresses they
+        // registered: a fresh reason to try one marked unreachable.
+        if source == Source::Coordinator {
+            self.unreachable.remove(&peer);
+        }
         if self
             .unreachable
             .get(&peer)

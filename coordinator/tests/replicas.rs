@@ -1,0 +1,268 @@
+//! Several coordinator replicas on one real PostgreSQL server (started by
+//! the test): workers, tickets, receipts, nonces and quotas are shared; the
+//! database going away turns `/health` to 503 and coming back heals it;
+//! bad database URLs are refused at start.
+
+mod common;
+mod pg;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{TestCoordinator, now_secs, receipt_for};
+use serde_json::{Value, json};
+use troop_protocol::api::SettlementResponse;
+use troop_protocol::identity::generate;
+use troop_protocol::signed::sign_request;
+
+const MODEL: &str = "gemma3:270m";
+
+/// Polls `f` until it gives `Some`, failing after `secs`.
+async fn eventually<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn replica(url: &str, key: &std::path::Path, per_hour: u32) -> TestCoordinator {
+    let url = url.to_string();
+    let key = key.to_path_buf();
+    TestCoordinator::start_with(move |c| {
+        c.database = Some(url);
+        c.key_file = Some(key);
+        c.authorize_per_hour = per_hour;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_workers_tickets_receipts_nonces_and_quotas() {
+    let Some(server) = pg::PgServer::start() else {
+        return;
+    };
+    let url = server.create_db("replicas");
+    let key = server.dir().join("ticket.pem");
+    troop_coordinator::tickets::TicketKeys::generate_to(&key).expect("keygen");
+    let r1 = Arc::new(replica(&url, &key, 3).await);
+    let r2 = Arc::new(replica(&url, &key, 3).await);
+
+    // A worker registers and beats on replica 1 ...
+    let worker = generate();
+    let user = generate();
+    let reg = r1.register(&worker, &[MODEL]).await;
+    let beat = r1.signed(&worker, "/workers/heartbeat", &json!({})).await;
+    assert_eq!(beat.status(), 200);
+    // ... replica 2 lists it without being told ...
+    let wid = worker.public().to_peer_id().to_base58();
+    eventually("replica 2 to list the worker", 10, || {
+        let r2 = r2.clone();
+        let wid = wid.clone();
+        async move {
+            let v: Value = r2.get("/workers").await.json().await.ok()?;
+            v["workers"]
+                .as_array()?
+                .iter()
+                .any(|w| w["peer_id"] == wid.as_str())
+                .then_some(())
+        }
+    })
+    .await;
+    // ... sells its ticket, and the receipt settles on replica 1.
+    let auth = r2.ticket(&user, &worker, MODEL).await;
+    let r = r1
+        .submit_receipt(
+            &reg.receipt_key,
+            &receipt_for(&auth.job_id, &user, &worker, MODEL, 1500),
+            now_secs(),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let s: SettlementResponse = r.json().await.expect("settlement");
+    assert_eq!((s.cost, s.replayed), (1.5, false));
+    assert_eq!(r2.balance(&user).await["debited"], 1.5);
+    assert_eq!(r1.balance(&worker).await["available"], 1.5);
+
+    // 3 tickets an hour per user, whichever replica sells them.
+    assert_eq!(r1.authorize(&user, &worker, MODEL).await.status(), 200);
+    assert_eq!(r2.authorize(&user, &worker, MODEL).await.status(), 200);
+    for c in [&r1, &r2] {
+        let r = c.authorize(&user, &worker, MODEL).await;
+        assert_eq!(r.status(), 429, "the shared quota is spent");
+        assert!(r.headers().get("retry-after").is_some());
+    }
+
+    // A signed request replayed to the other replica is refused.
+    let body = serde_json::to_vec(&json!({ "models": [MODEL] })).expect("json");
+    let h = sign_request(&worker, "POST", "/workers/heartbeat", &body, now_secs());
+    let send = |c: &TestCoordinator| {
+        let mut req = c
+            .http
+            .post(format!("{}/workers/heartbeat", c.url))
+            .header("content-type", "application/json")
+            .body(body.clone());
+        for (k, v) in h.pairs() {
+            req = req.header(k, v);
+        }
+        req.send()
+    };
+    assert_eq!(send(&r1).await.expect("first").status(), 200);
+    let again = send(&r2).await.expect("replay");
+    assert_eq!(again.status(), 401);
+    let v: Value = again.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "replay");
+
+    // 100 concurrent copies of one receipt over both replicas settle once.
+    let user2 = generate();
+    let auth = r1.ticket(&user2, &worker, MODEL).await;
+    let receipt = receipt_for(&auth.job_id, &user2, &worker, MODEL, 1_000);
+    let ts = now_secs();
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let c = if i % 2 == 0 { r1.clone() } else { r2.clone() };
+        let key = reg.receipt_key.clone();
+        let receipt = receipt.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = c.submit_receipt(&key, &receipt, ts).await;
+            assert_eq!(r.status(), 200);
+            r.json::<SettlementResponse>().await.expect("json")
+        }));
+    }
+    let mut fresh = 0;
+    for t in tasks {
+        let s = t.await.expect("task");
+        assert_eq!((s.cost, s.refunded), (1.0, 299.0));
+        fresh += usize::from(!s.replayed);
+    }
+    assert_eq!(fresh, 1, "exactly one settlement across replicas");
+    assert_eq!(r2.balance(&worker).await["available"], 2.5);
+
+    // Each replica's audit log names it, and holds what it committed:
+    // two settlements between them.
+    let mut settles = 0;
+    for c in [&r1, &r2] {
+        let lines = c.audit_lines();
+        let name = format!("{}", c.dir.path().display());
+        assert!(
+            lines
+                .iter()
+                .all(|l| l["replica"].as_str().is_some_and(|r| r.ends_with(&name))),
+            "every line names its replica"
+        );
+        settles += lines
+            .iter()
+            .filter(|l| l["event"] == "ledger.settle")
+            .count();
+    }
+    assert_eq!(settles, 2);
+
+    // `ledger audit --database` finds everything in order.
+    let dir = r1.dir.path().to_path_buf();
+    let report = tokio::task::spawn_blocking(move || {
+        troop_coordinator::admin::audit(&dir, Some(&url)).expect("audit")
+    })
+    .await
+    .expect("audit thread");
+    assert!(report.findings.is_empty(), "{:?}", report.findings);
+    assert_eq!(report.totals.pending_jobs, 300_000 * 2, "two tickets open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_answers_503_while_postgres_is_down_and_heals_by_itself() {
+    let Some(server) = pg::PgServer::start() else {
+        return;
+    };
+    let url = server.create_db("outage");
+    let key = server.dir().join("ticket.pem");
+    troop_coordinator::tickets::TicketKeys::generate_to(&key).expect("keygen");
+    let r1 = Arc::new(replica(&url, &key, 100).await);
+    let worker = generate();
+    let user = generate();
+    r1.register(&worker, &[MODEL]).await;
+    assert_eq!(r1.get("/health").await.status(), 200);
+
+    server.stop();
+    let r = r1.authorize(&user, &worker, MODEL).await;
+    assert_eq!(r.status(), 503, "no ticket without the ledger");
+    let reason = eventually("/health to say the database is down", 20, || {
+        let r1 = r1.clone();
+        async move {
+            let r = r1.get("/health").await;
+            if r.status() != 503 {
+                return None;
+            }
+            let v: Value = r.json().await.ok()?;
+            v["reason"].as_str().map(str::to_string)
+        }
+    })
+    .await;
+    assert!(!reason.is_empty());
+
+    server.start_again();
+    eventually("/health to recover", 30, || {
+        let r1 = r1.clone();
+        async move { (r1.get("/health").await.status() == 200).then_some(()) }
+    })
+    .await;
+    assert_eq!(r1.authorize(&user, &worker, MODEL).await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_database_urls_are_refused_or_waited_for() {
+    let Some(server) = pg::PgServer::start() else {
+        return;
+    };
+    // A database that does not exist: one line, exit code 2.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_troop-coordinator"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--database"])
+        .arg(server.url("no_such_db"))
+        .arg("--data")
+        .arg(dir.path())
+        .output()
+        .expect("run troop-coordinator");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error:") && last.contains("no_such_db"),
+        "{err}"
+    );
+
+    // A schema newer than this build: refused with a clear message.
+    let url = server.create_db("newer");
+    pg::PgServer::with_client(&url, |c| {
+        troop_coordinator::pg::migrate(c).expect("migrate");
+        c.execute(
+            "INSERT INTO troop_schema (version, applied_at_ms) VALUES (99, 0)",
+            &[],
+        )
+        .expect("a future version");
+    });
+    let url2 = url.clone();
+    let e = match TestCoordinator::start_with_result(move |cfg| cfg.database = Some(url2)).await {
+        Ok(_) => panic!("a newer schema must be refused"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(e.contains("newer"), "{e}");
+
+    // A server that does not answer: the replica starts and says why.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let nobody = format!("postgres://troop@127.0.0.1:{port}/x");
+    let c = TestCoordinator::start_with(move |cfg| cfg.database = Some(nobody)).await;
+    let r = c.get("/health").await;
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.expect("json");
+    assert!(v["reason"].as_str().is_some_and(|s| !s.is_empty()), "{v}");
+}
