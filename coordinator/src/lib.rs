@@ -175,7 +175,15 @@ impl Coordinator {
             }
             sink_log.record_ledger(events);
         });
-        let (writer, writer_thread) = Writer::start(store, cfg.max_batch, sink);
+        // PostgreSQL keeps every version of a row updated in one
+        // transaction, and the totals row (and a busy worker's account)
+        // changes with every command: a batch's cost grows with its square,
+        // so batches stay small there.
+        let max_batch = match &store {
+            ledger::Store::Sqlite(_) => cfg.max_batch,
+            ledger::Store::Postgres(_) => cfg.max_batch.min(pg::MAX_BATCH),
+        };
+        let (writer, writer_thread) = Writer::start(store, max_batch, sink);
         let verify_slots = cfg.bench_verify_concurrency.max(1);
         let max_in_flight = cfg.max_in_flight.max(1);
         let state = AppState {
