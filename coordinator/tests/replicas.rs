@@ -266,3 +266,128 @@ async fn bad_database_urls_are_refused_or_waited_for() {
     let v: Value = r.json().await.expect("json");
     assert!(v["reason"].as_str().is_some_and(|s| !s.is_empty()), "{v}");
 }
+
+/// `kill -9` of a replica in the middle of a stream of receipts: every
+/// receipt it answered 200 is settled in the database, the others settle on
+/// the surviving replica when sent again, and `ledger audit` passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_replica_under_load_loses_no_acknowledged_settlement() {
+    let Some(server) = pg::PgServer::start() else {
+        return;
+    };
+    let url = server.create_db("kill9");
+    let key = server.dir().join("ticket.pem");
+    troop_coordinator::tickets::TicketKeys::generate_to(&key).expect("keygen");
+    let r1 = Arc::new(replica(&url, &key, 100_000).await);
+    let worker = generate();
+    let reg = r1.register(&worker, &[MODEL]).await;
+
+    // Replica 2 is the real binary, so that it can be killed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_troop-coordinator"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--database")
+        .arg(&url)
+        .arg("--key-file")
+        .arg(&key)
+        .arg("--data")
+        .arg(data.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start replica 2");
+    let r2 = Arc::new(TestCoordinator {
+        dir: tempfile::tempdir().expect("tempdir"),
+        running: None,
+        url: format!("http://127.0.0.1:{port}"),
+        http: reqwest::Client::new(),
+    });
+    eventually("replica 2 to be healthy", 30, || {
+        let r2 = r2.clone();
+        async move { (r2.get_maybe("/health").await == Some(200)).then_some(()) }
+    })
+    .await;
+
+    let mut receipts = Vec::new();
+    for i in 0..150 {
+        let user = generate();
+        let auth = r1.ticket(&user, &worker, MODEL).await;
+        receipts.push(receipt_for(&auth.job_id, &user, &worker, MODEL, 1000 + i));
+    }
+    let ts = now_secs();
+    let mut tasks = Vec::new();
+    for r in receipts.clone() {
+        let r2 = r2.clone();
+        let key = reg.receipt_key.clone();
+        tasks.push(tokio::spawn(async move {
+            let status = r2.try_submit_receipt(&key, &r, ts).await.ok();
+            (r.job_id.clone(), status)
+        }));
+    }
+    // Kill it once 30 receipts were answered, while the rest are in flight.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tasks.iter().filter(|t| t.is_finished()).count() < 30 {
+        assert!(Instant::now() < deadline, "no receipt was answered");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    let mut acknowledged = Vec::new();
+    for t in tasks {
+        let (job, status) = t.await.expect("task");
+        if status == Some(200) {
+            acknowledged.push(job);
+        }
+    }
+    assert!(!acknowledged.is_empty());
+    // Every acknowledged settlement is in the database.
+    let url2 = url.clone();
+    let acked = acknowledged.clone();
+    let posted = tokio::task::spawn_blocking(move || {
+        pg::PgServer::with_client(&url2, |c| {
+            acked
+                .iter()
+                .filter(|j| {
+                    c.query_one("SELECT state FROM jobs WHERE job_id = $1", &[j])
+                        .map(|r| r.get::<_, String>(0) == "posted")
+                        .unwrap_or(false)
+                })
+                .count()
+        })
+    })
+    .await
+    .expect("query");
+    assert_eq!(
+        posted,
+        acknowledged.len(),
+        "an acknowledged settlement was lost"
+    );
+    // The rest settle on replica 1, each once.
+    for r in &receipts {
+        let resp = r1.submit_receipt(&reg.receipt_key, r, now_secs()).await;
+        assert_eq!(resp.status(), 200);
+        let s: SettlementResponse = resp.json().await.expect("json");
+        // Acknowledged ones are replays; the others may be too (committed
+        // by replica 2 just before it died, never answered).
+        if acknowledged.contains(&r.job_id) {
+            assert!(s.replayed);
+        }
+    }
+    let dir = r1.dir.path().to_path_buf();
+    let report = tokio::task::spawn_blocking(move || {
+        troop_coordinator::admin::audit(&dir, Some(&url)).expect("audit")
+    })
+    .await
+    .expect("audit thread");
+    assert!(report.findings.is_empty(), "{:?}", report.findings);
+    assert_eq!(report.totals.pending_jobs, 0);
+    eprintln!(
+        "replica 2 acknowledged {} of {} receipts before kill -9",
+        acknowledged.len(),
+        receipts.len()
+    );
+}
