@@ -173,6 +173,41 @@ async fn two_replicas_share_workers_tickets_receipts_nonces_and_quotas() {
     .expect("audit thread");
     assert!(report.findings.is_empty(), "{:?}", report.findings);
     assert_eq!(report.totals.pending_jobs, 300_000 * 2, "two tickets open");
+    // The same from the command line.
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_troop-coordinator"))
+            .args(args)
+            .output()
+            .expect("run troop-coordinator")
+    };
+    let url = server.url("replicas");
+    let out = cli(&["ledger", "audit", "--database", &url]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+    let worker_id = worker.public().to_peer_id().to_base58();
+    let out = cli(&["ledger", "balance", &worker_id, "--database", &url]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("available 2.500"),
+        "{out:?}"
+    );
+    let out = cli(&[
+        "ledger",
+        "history",
+        &worker_id,
+        "--json",
+        "--database",
+        &url,
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        6,
+        "{out:?}"
+    );
+    let out = cli(&["migrate", "--database", &url]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("0 step(s) applied"),
+        "{out:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
