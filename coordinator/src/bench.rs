@@ -16,7 +16,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -33,16 +32,119 @@ use crate::error::ApiError;
 use crate::ledger::{Command, Outcome};
 use crate::pipeline::Signed;
 use crate::routes::{ledger_error, security_event};
-use crate::{AppState, unix_secs};
+use crate::{AppState, unix_ms, unix_secs};
 
-/// A round in progress.
+/// A round in progress (in this process with SQLite; in PostgreSQL, where
+/// every replica sees it, when replicas share the ledger).
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
 pub struct Pending {
     pub worker: String,
     pub challenge: Challenge,
-    pub issued: Instant,
-    pub deadline: Instant,
+    /// Unix milliseconds: replicas' clocks, not one process's.
+    pub issued_ms: u64,
+    pub deadline_ms: u64,
     /// Set when the root arrived: (root, seconds on our clock, rows asked).
     pub committed: Option<(String, f64, Vec<usize>)>,
+}
+
+/// Where rounds in progress are kept.
+mod rounds {
+    use super::*;
+    use crate::ledger::LedgerError;
+    use crate::p;
+
+    fn poisoned() -> LedgerError {
+        LedgerError::Storage("challenge table poisoned".into())
+    }
+
+    pub async fn put(state: &Arc<AppState>, id: String, p: Pending) -> Result<(), LedgerError> {
+        if state.shared() {
+            let json =
+                serde_json::to_string(&p).map_err(|e| LedgerError::Storage(e.to_string()))?;
+            let deadline = i64::try_from(p.deadline_ms).unwrap_or(i64::MAX);
+            return state
+                .read_with(move |db| {
+                    db.exec(
+                        "INSERT INTO bench_challenges (id, worker, pending, deadline_ms) VALUES (?1, ?2, ?3, ?4)",
+                        p![&id, &p.worker, json, deadline],
+                    )
+                    .map(|_| ())
+                })
+                .await;
+        }
+        let now = unix_ms();
+        let mut c = state.challenges.lock().map_err(|_| poisoned())?;
+        c.retain(|_, p| p.deadline_ms > now);
+        c.insert(id, p);
+        Ok(())
+    }
+
+    pub async fn get(state: &Arc<AppState>, id: &str) -> Result<Option<Pending>, LedgerError> {
+        if state.shared() {
+            let id = id.to_string();
+            let row = state
+                .read_with(move |db| {
+                    db.query_opt(
+                        "SELECT pending FROM bench_challenges WHERE id = ?1",
+                        p![&id],
+                    )
+                })
+                .await?;
+            return row
+                .map(|r| {
+                    serde_json::from_str(&r.str(0)?)
+                        .map_err(|e| LedgerError::Storage(format!("a stored challenge: {e}")))
+                })
+                .transpose();
+        }
+        Ok(state
+            .challenges
+            .lock()
+            .map_err(|_| poisoned())?
+            .get(id)
+            .cloned())
+    }
+
+    /// Records the committed root on the round.
+    pub async fn commit(state: &Arc<AppState>, id: &str, p: Pending) -> Result<(), LedgerError> {
+        if state.shared() {
+            let id = id.to_string();
+            let json =
+                serde_json::to_string(&p).map_err(|e| LedgerError::Storage(e.to_string()))?;
+            return state
+                .read_with(move |db| {
+                    db.exec(
+                        "UPDATE bench_challenges SET pending = ?2 WHERE id = ?1",
+                        p![&id, json],
+                    )
+                    .map(|_| ())
+                })
+                .await;
+        }
+        if let Some(have) = state.challenges.lock().map_err(|_| poisoned())?.get_mut(id) {
+            *have = p;
+        }
+        Ok(())
+    }
+
+    /// Removes the round; false when it was gone already (someone else
+    /// took its one try).
+    pub async fn take(state: &Arc<AppState>, id: &str) -> Result<bool, LedgerError> {
+        if state.shared() {
+            let id = id.to_string();
+            return state
+                .read_with(move |db| {
+                    Ok(db.exec("DELETE FROM bench_challenges WHERE id = ?1", p![&id])? == 1)
+                })
+                .await;
+        }
+        Ok(state
+            .challenges
+            .lock()
+            .map_err(|_| poisoned())?
+            .remove(id)
+            .is_some())
+    }
 }
 
 /// The multiplier for a verified throughput.
@@ -133,21 +235,21 @@ pub async fn challenge(
     rand::rng().fill_bytes(&mut id);
     let id = hex::encode(id);
     let ch = Challenge::new(seed, state.cfg.bench_size, state.cfg.bench_rounds);
-    let now = Instant::now();
+    let now = unix_ms();
     let deadline_unix = unix_secs() + state.cfg.bench_deadline.as_secs();
-    if let Ok(mut c) = state.challenges.lock() {
-        c.retain(|_, p| p.deadline > now);
-        c.insert(
-            id.clone(),
-            Pending {
-                worker: worker.clone(),
-                challenge: ch.clone(),
-                issued: now,
-                deadline: now + state.cfg.bench_deadline,
-                committed: None,
-            },
-        );
-    }
+    rounds::put(
+        &state,
+        id.clone(),
+        Pending {
+            worker: worker.clone(),
+            challenge: ch.clone(),
+            issued_ms: now,
+            deadline_ms: now + state.cfg.bench_deadline.as_millis() as u64,
+            committed: None,
+        },
+    )
+    .await
+    .map_err(|e| ledger_error(&state, e, &rid))?;
     state.audit.record(
         "bench.challenge",
         Some(&rid),
@@ -191,16 +293,14 @@ pub async fn submit(
         ..
     }: Signed<Submit>,
 ) -> Result<Response, ApiError> {
-    let arrived = Instant::now();
+    let arrived = unix_ms();
     let worker = peer.to_base58();
     // Look the round up and check it belongs to this worker and is on time.
+    let pending = rounds::get(&state, &req.challenge_id)
+        .await
+        .map_err(|e| ledger_error(&state, e, &rid))?;
     let (challenge, committed, issued) = {
-        let mut map = state
-            .challenges
-            .lock()
-            .map_err(|_| ApiError::internal("challenge table poisoned"))?;
-        let Some(p) = map.get(&req.challenge_id) else {
-            drop(map);
+        let Some(p) = pending.as_ref() else {
             return Err(refuse(
                 &state,
                 &rid,
@@ -215,7 +315,6 @@ pub async fn submit(
             ));
         };
         if p.worker != worker {
-            drop(map);
             return Err(refuse(
                 &state,
                 &rid,
@@ -226,9 +325,8 @@ pub async fn submit(
                 "this challenge was issued to another worker".into(),
             ));
         }
-        if arrived > p.deadline {
-            map.remove(&req.challenge_id);
-            drop(map);
+        if arrived > p.deadline_ms {
+            let _ = rounds::take(&state, &req.challenge_id).await;
             return Err(refuse(
                 &state,
                 &rid,
@@ -239,7 +337,7 @@ pub async fn submit(
                 "the challenge's deadline has passed".into(),
             ));
         }
-        (p.challenge.clone(), p.committed.clone(), p.issued)
+        (p.challenge.clone(), p.committed.clone(), p.issued_ms)
     };
     match (req.root, req.openings, committed) {
         (Some(root), None, None) => {
@@ -248,14 +346,15 @@ pub async fn submit(
                     ApiError::bad_request("root must be 64 hex digits").with_request_id(&rid)
                 );
             }
-            let seconds = arrived.duration_since(issued).as_secs_f64();
+            let seconds = arrived.saturating_sub(issued) as f64 / 1000.0;
             let mut r = [0u8; 32];
             rand::rng().fill_bytes(&mut r);
             let rows = verify::pick_rows(&r, challenge.n, SAMPLES);
-            if let Ok(mut map) = state.challenges.lock()
-                && let Some(p) = map.get_mut(&req.challenge_id)
-            {
+            if let Some(mut p) = pending {
                 p.committed = Some((root.clone(), seconds, rows.clone()));
+                rounds::commit(&state, &req.challenge_id, p)
+                    .await
+                    .map_err(|e| ledger_error(&state, e, &rid))?;
             }
             state.audit.record(
                 "bench.committed",
@@ -274,8 +373,9 @@ pub async fn submit(
             // A full queue refuses before the try is spent.
             let _slot = verify_slot(&state, &rid).await?;
             // One try per challenge, pass or fail.
-            if let Ok(mut map) = state.challenges.lock()
-                && map.remove(&req.challenge_id).is_none()
+            if !rounds::take(&state, &req.challenge_id)
+                .await
+                .map_err(|e| ledger_error(&state, e, &rid))?
             {
                 // A concurrent submit of the same openings took the try.
                 return Err(ApiError::new(

@@ -28,8 +28,8 @@ const WRITER_LOCK: i64 = 0x7472_6f6f_7001;
 const MIGRATION_LOCK: i64 = 0x7472_6f6f_7002;
 
 /// The schema, step by step; the first three are the SQLite migrations in
-/// PostgreSQL's dialect, the fourth holds what replicas share besides the
-/// ledger.
+/// PostgreSQL's dialect, the fourth and fifth hold what replicas share
+/// besides the ledger (nonces, quotas, proof-of-hardware rounds).
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE accounts (
@@ -184,6 +184,15 @@ CREATE TABLE rate_limits (
     PRIMARY KEY (name, key)
 );
 CREATE INDEX rate_limits_by_tat ON rate_limits(tat_ms);
+"#,
+    r#"
+CREATE TABLE bench_challenges (
+    id TEXT PRIMARY KEY,
+    worker TEXT NOT NULL,
+    pending TEXT NOT NULL,
+    deadline_ms BIGINT NOT NULL
+);
+CREATE INDEX bench_challenges_by_deadline ON bench_challenges(deadline_ms);
 "#,
 ];
 
@@ -512,7 +521,8 @@ pub fn check_rate(
     Ok(Err((wait_ms as u64).div_ceil(1000)))
 }
 
-/// Forgets nonces older than `before_secs` and quotas fully recovered.
+/// Forgets nonces older than `before_secs`, quotas fully recovered and
+/// proof-of-hardware rounds past their deadline.
 pub fn prune(db: &mut dyn Db, before_secs: u64, now_ms: u64) -> Result<(), LedgerError> {
     db.exec(
         "DELETE FROM request_nonces WHERE signed_at < ?1",
@@ -520,6 +530,10 @@ pub fn prune(db: &mut dyn Db, before_secs: u64, now_ms: u64) -> Result<(), Ledge
     )?;
     db.exec(
         "DELETE FROM rate_limits WHERE tat_ms < ?1",
+        crate::p![i64::try_from(now_ms).unwrap_or(i64::MAX)],
+    )?;
+    db.exec(
+        "DELETE FROM bench_challenges WHERE deadline_ms < ?1",
         crate::p![i64::try_from(now_ms).unwrap_or(i64::MAX)],
     )?;
     Ok(())

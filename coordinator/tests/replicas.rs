@@ -33,6 +33,24 @@ where
     }
 }
 
+/// A PostgreSQL server, a database `name` on it and a ticket key for the
+/// replicas to share; `None` when PostgreSQL is not installed.
+fn shared_database(name: &str) -> Option<(pg::PgServer, String, std::path::PathBuf)> {
+    let server = pg::PgServer::start()?;
+    let url = server.create_db(name);
+    let key = server.dir().join("ticket.pem");
+    troop_coordinator::tickets::TicketKeys::generate_to(&key).expect("keygen");
+    Some((server, url, key))
+}
+
+/// A loopback port nothing listens on.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port()
+}
+
 async fn replica(url: &str, key: &std::path::Path, per_hour: u32) -> TestCoordinator {
     let url = url.to_string();
     let key = key.to_path_buf();
@@ -46,12 +64,9 @@ async fn replica(url: &str, key: &std::path::Path, per_hour: u32) -> TestCoordin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_workers_tickets_receipts_nonces_and_quotas() {
-    let Some(server) = pg::PgServer::start() else {
+    let Some((server, url, key)) = shared_database("replicas") else {
         return;
     };
-    let url = server.create_db("replicas");
-    let key = server.dir().join("ticket.pem");
-    troop_coordinator::tickets::TicketKeys::generate_to(&key).expect("keygen");
     let r1 = Arc::new(replica(&url, &key, 3).await);
     let r2 = Arc::new(replica(&url, &key, 3).await);
 
@@ -212,12 +227,9 @@ async fn two_replicas_share_workers_tickets_receipts_nonces_and_quotas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_answers_503_while_postgres_is_down_and_heals_by_itself() {
-    let Some(server) = pg::PgServer::start() else {
+    let Some((server, url, key)) = shared_database("outage") else {
         return;
     };
-    let url = server.create_db("outage");
-    let key = server.dir().join("ticket.pem");
-    troop_coordinator::tickets::TicketKeys::generate_to(&key).expect("keygen");
     let r1 = Arc::new(replica(&url, &key, 100).await);
     let worker = generate();
     let user = generate();
@@ -290,10 +302,7 @@ async fn bad_database_urls_are_refused_or_waited_for() {
     assert!(e.contains("newer"), "{e}");
 
     // A server that does not answer: the replica starts and says why.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = free_port();
     let nobody = format!("postgres://troop@127.0.0.1:{port}/x");
     let c = TestCoordinator::start_with(move |cfg| cfg.database = Some(nobody)).await;
     let r = c.get("/health").await;
@@ -307,21 +316,15 @@ async fn bad_database_urls_are_refused_or_waited_for() {
 /// the surviving replica when sent again, and `ledger audit` passes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_replica_under_load_loses_no_acknowledged_settlement() {
-    let Some(server) = pg::PgServer::start() else {
+    let Some((_server, url, key)) = shared_database("kill9") else {
         return;
     };
-    let url = server.create_db("kill9");
-    let key = server.dir().join("ticket.pem");
-    troop_coordinator::tickets::TicketKeys::generate_to(&key).expect("keygen");
     let r1 = Arc::new(replica(&url, &key, 100_000).await);
     let worker = generate();
     let reg = r1.register(&worker, &[MODEL]).await;
 
     // Replica 2 is the real binary, so that it can be killed.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = free_port();
     let data = tempfile::tempdir().expect("tempdir");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_troop-coordinator"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
@@ -425,4 +428,78 @@ async fn kill_9_of_a_replica_under_load_loses_no_acknowledged_settlement() {
         acknowledged.len(),
         receipts.len()
     );
+}
+
+/// A proof-of-hardware round may span replicas: the challenge from one,
+/// the root to the other, the openings back to the first; its one try is
+/// spent on all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proof_of_hardware_round_spans_replicas() {
+    let Some((_server, url, key)) = shared_database("proof") else {
+        return;
+    };
+    let small = |url: String, key: std::path::PathBuf| {
+        TestCoordinator::start_with(move |c| {
+            c.database = Some(url);
+            c.key_file = Some(key);
+            c.bench_size = 64;
+            c.bench_rounds = 2;
+            c.reference_gflops = 1e-6; // any machine earns the cap here
+        })
+    };
+    let r1 = Arc::new(small(url.clone(), key.clone()).await);
+    let r2 = Arc::new(small(url, key).await);
+    let w = generate();
+    r1.register(&w, &[MODEL]).await;
+    let sign = |c: &Arc<TestCoordinator>, path: &'static str, body: Value| {
+        let c = c.clone();
+        let w = w.clone();
+        async move {
+            let r = c.signed(&w, path, &body).await;
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.expect("json"))
+        }
+    };
+    let (s, v) = sign(&r1, "/bench/challenge", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    let id = v["challenge_id"].as_str().expect("id").to_string();
+    let ch = troop_bench_kernels::Challenge {
+        seed: v["seed"].as_str().expect("seed").into(),
+        n: v["n"].as_u64().expect("n") as usize,
+        rounds: v["rounds"].as_u64().expect("rounds") as u32,
+    };
+    let proof = tokio::task::spawn_blocking(move || {
+        troop_bench_kernels::prove(&ch, troop_bench_kernels::Backend::Cpu, None, |_, _| {})
+            .expect("prove")
+    })
+    .await
+    .expect("prover");
+    let (s, asked) = sign(
+        &r2,
+        "/bench/submit",
+        json!({"challenge_id": id, "root": proof.root_hex()}),
+    )
+    .await;
+    assert_eq!(s, 200, "{asked}");
+    let rows = serde_json::from_value::<troop_protocol::api::BenchRows>(asked)
+        .expect("rows")
+        .rows;
+    let (s, verdict) = sign(
+        &r1,
+        "/bench/submit",
+        json!({"challenge_id": id, "openings": proof.openings(&rows)}),
+    )
+    .await;
+    assert_eq!(s, 200, "{verdict}");
+    assert_eq!(verdict["hardware_multiplier"], 8.0);
+    // The try is spent on both replicas.
+    for c in [&r1, &r2] {
+        let (s, _) = sign(
+            c,
+            "/bench/submit",
+            json!({"challenge_id": id, "openings": proof.openings(&rows)}),
+        )
+        .await;
+        assert_eq!(s, 404);
+    }
 }
