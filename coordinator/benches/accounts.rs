@@ -82,6 +82,7 @@ async fn measure(accounts: usize, requests: usize) -> Row {
         .expect("coordinator starts");
     let start_s = t.elapsed().as_secs_f64();
     let c = Arc::new(TestCoordinator {
+        postgres: None,
         url: running.url(),
         running: Some(running),
         dir,

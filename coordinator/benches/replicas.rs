@@ -12,8 +12,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-#[path = "../tests/pg/mod.rs"]
-mod pg;
+
+use common::pg;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

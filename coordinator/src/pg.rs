@@ -532,9 +532,11 @@ pub fn prune(db: &mut dyn Db, before_secs: u64, now_ms: u64) -> Result<(), Ledge
         "DELETE FROM rate_limits WHERE tat_ms < ?1",
         crate::p![i64::try_from(now_ms).unwrap_or(i64::MAX)],
     )?;
+    // Rounds are kept 10 minutes past their deadline, so that a late
+    // answer hears 410 (too late), not 404 (never issued).
     db.exec(
         "DELETE FROM bench_challenges WHERE deadline_ms < ?1",
-        crate::p![i64::try_from(now_ms).unwrap_or(i64::MAX)],
+        crate::p![i64::try_from(now_ms.saturating_sub(600_000)).unwrap_or(i64::MAX)],
     )?;
     Ok(())
 }

@@ -4,7 +4,8 @@
 //! bad database URLs are refused at start.
 
 mod common;
-mod pg;
+
+use common::pg;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -339,6 +340,7 @@ async fn kill_9_of_a_replica_under_load_loses_no_acknowledged_settlement() {
         .spawn()
         .expect("start replica 2");
     let r2 = Arc::new(TestCoordinator {
+        postgres: None,
         dir: tempfile::tempdir().expect("tempdir"),
         running: None,
         url: format!("http://127.0.0.1:{port}"),

@@ -54,21 +54,52 @@ pub(crate) async fn transactions(
     );
     let rid = request_id(&headers);
     let ip = client_ip(&state, &req);
-    let charge_ip = |e: ApiError| -> ApiError {
-        match state.discovery_limiter.check(&ip) {
-            Ok(()) => e,
-            Err(wait) => rate_limited(&state, "discovery", &ip.to_string(), wait, &rid),
-        }
-    };
-    let account = account_param(&id, &rid).map_err(charge_ip)?;
+    match own_history(&state, &id, page, &method, &uri, &headers, &rid).await {
+        Ok(r) => Ok(r),
+        Err(Refusal::Plain(e)) => Err(e),
+        // Charged to the IP's discovery quota (shared by replicas with
+        // PostgreSQL): the quota's 429 when it is spent, else the refusal.
+        Err(Refusal::Charged(e)) => Err(check_quota(
+            &state,
+            "discovery",
+            &state.discovery_limiter,
+            &ip,
+            state.cfg.discovery_per_hour,
+            &rid,
+        )
+        .await
+        .err()
+        .unwrap_or(e)),
+    }
+}
+
+/// Why a history read was refused: charged to the client IP's discovery
+/// quota or not.
+enum Refusal {
+    Charged(ApiError),
+    Plain(ApiError),
+}
+
+async fn own_history(
+    state: &Arc<AppState>,
+    id: &str,
+    page: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+    method: &axum::http::Method,
+    uri: &axum::http::Uri,
+    headers: &axum::http::HeaderMap,
+    rid: &str,
+) -> Result<Response, Refusal> {
+    let (state, rid) = (state, rid.to_string());
+    let charge_ip = Refusal::Charged;
+    let account = account_param(id, &rid).map_err(charge_ip)?;
     // A history names counterparties, amounts and session ids: only its
     // owner reads it (admins use `troop-coordinator ledger history`).
-    let signer = verify_signed(&state, &headers, &method, &uri, b"", &rid)
+    let signer = verify_signed(state, headers, method, uri, b"", &rid)
         .await
         .map_err(charge_ip)?;
     if signer.to_base58() != account {
         security_event(
-            &state,
+            state,
             "foreign_history",
             &rid,
             json!({ "account": account, "signer": signer.to_base58() }),
@@ -82,11 +113,18 @@ pub(crate) async fn transactions(
             .with_request_id(&rid),
         ));
     }
-    if let Err(wait) = state.account_read_limiter.check(&account) {
-        return Err(rate_limited(&state, "account_reads", &account, wait, &rid));
-    }
-    let Query(page) =
-        page.map_err(|e| ApiError::bad_request(e.body_text()).with_request_id(&rid))?;
+    check_quota(
+        state,
+        "account_reads",
+        &state.account_read_limiter,
+        &account,
+        state.cfg.account_reads_per_hour,
+        &rid,
+    )
+    .await
+    .map_err(Refusal::Plain)?;
+    let Query(page) = page
+        .map_err(|e| Refusal::Plain(ApiError::bad_request(e.body_text()).with_request_id(&rid)))?;
     let limit = page.limit.unwrap_or(50).clamp(1, 500);
     let before = page.before.unwrap_or(i64::MAX);
     let acc = account.clone();
@@ -96,7 +134,7 @@ pub(crate) async fn transactions(
             Ok((balance, crate::admin::history(c, &acc, before, limit)?))
         })
         .await
-        .map_err(|e| ledger_error(&state, e, &rid))?;
+        .map_err(|e| Refusal::Plain(ledger_error(state, e, &rid)))?;
     let Some(balance) = balance else {
         return Err(charge_ip(
             ApiError::not_found(ErrorCode::UnknownAccount, format!("no account {account}"))

@@ -1,6 +1,10 @@
 //! Helpers shared by the coordinator's tests and benchmark: a real
 //! coordinator on 127.0.0.1 with a temporary data folder, and a client that
 //! signs requests the way users and workers do.
+//!
+//! With `TROOP_TEST_STORE=postgres` every coordinator started here keeps
+//! its ledger in a PostgreSQL server of its own (started for it, stopped
+//! with it): `scripts/test` runs the HTTP tests once on each store.
 
 #![allow(dead_code)]
 
@@ -14,6 +18,14 @@ use troop_protocol::api::RegisterResponse;
 use troop_protocol::receipt::{HEADER_RECEIPT_MAC, HEADER_TIMESTAMP, Receipt, sign_receipt};
 use troop_protocol::signed::sign_request;
 
+#[path = "../pg/mod.rs"]
+pub mod pg;
+
+/// Whether this run's coordinators use PostgreSQL (`TROOP_TEST_STORE`).
+pub fn on_postgres() -> bool {
+    std::env::var("TROOP_TEST_STORE").is_ok_and(|v| v == "postgres")
+}
+
 pub fn now_secs() -> u64 {
     troop_coordinator::unix_secs()
 }
@@ -23,6 +35,9 @@ pub fn now_ms() -> u64 {
 }
 
 pub struct TestCoordinator {
+    /// The coordinator's own PostgreSQL server and database URL, with
+    /// `TROOP_TEST_STORE=postgres`.
+    pub postgres: Option<(pg::PgServer, String)>,
     pub dir: tempfile::TempDir,
     pub running: Option<RunningCoordinator>,
     pub url: String,
@@ -56,10 +71,19 @@ impl TestCoordinator {
     pub async fn start_with_result(tweak: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cfg = config(dir.path());
+        let postgres = if on_postgres() {
+            let server = pg::PgServer::start().expect("TROOP_TEST_STORE=postgres needs PostgreSQL");
+            let url = server.create_db("troop");
+            cfg.database = Some(url.clone());
+            Some((server, url))
+        } else {
+            None
+        };
         tweak(&mut cfg);
         let running = troop_coordinator::spawn(cfg, "127.0.0.1:0".parse().expect("addr")).await?;
         let url = running.url();
         Ok(Self {
+            postgres,
             dir,
             running: Some(running),
             url,
@@ -74,6 +98,7 @@ impl TestCoordinator {
     /// start the binary themselves set `url`).
     pub fn idle() -> Self {
         Self {
+            postgres: None,
             dir: tempfile::tempdir().expect("tempdir"),
             running: None,
             url: String::new(),
@@ -111,6 +136,7 @@ impl TestCoordinator {
             r.stop().await.expect("clean stop");
         }
         let mut cfg = config(self.dir.path());
+        cfg.database = self.postgres.as_ref().map(|(_, url)| url.clone());
         tweak(&mut cfg);
         let running = troop_coordinator::spawn(cfg, "127.0.0.1:0".parse().expect("addr"))
             .await
