@@ -59,17 +59,9 @@ pub(crate) async fn transactions(
         Err(Refusal::Plain(e)) => Err(e),
         // Charged to the IP's discovery quota (shared by replicas with
         // PostgreSQL): the quota's 429 when it is spent, else the refusal.
-        Err(Refusal::Charged(e)) => Err(check_quota(
-            &state,
-            "discovery",
-            &state.discovery_limiter,
-            &ip,
-            state.cfg.discovery_per_hour,
-            &rid,
-        )
-        .await
-        .err()
-        .unwrap_or(e)),
+        Err(Refusal::Charged(e)) => {
+            Err(check_discovery(&state, &ip, &rid).await.err().unwrap_or(e))
+        }
     }
 }
 
@@ -89,7 +81,7 @@ async fn own_history(
     headers: &axum::http::HeaderMap,
     rid: &str,
 ) -> Result<Response, Refusal> {
-    let (state, rid) = (state, rid.to_string());
+    let rid = rid.to_string();
     let charge_ip = Refusal::Charged;
     let account = account_param(id, &rid).map_err(charge_ip)?;
     // A history names counterparties, amounts and session ids: only its

@@ -244,19 +244,27 @@ where
     r.map_err(|wait| rate_limited(state, scope, &key.to_string(), wait, rid))
 }
 
+/// One read against the client IP's discovery quota.
+pub(crate) async fn check_discovery(
+    state: &Arc<AppState>,
+    ip: &IpAddr,
+    rid: &str,
+) -> Result<(), ApiError> {
+    check_quota(
+        state,
+        "discovery",
+        &state.discovery_limiter,
+        ip,
+        state.cfg.discovery_per_hour,
+        rid,
+    )
+    .await
+}
+
 async fn discovery_limit(State(state): St, req: Request, next: Next) -> Response {
     let ip = client_ip(&state, &req);
     let rid = request_id(req.headers());
-    if let Err(e) = check_quota(
-        &state,
-        "discovery",
-        &state.discovery_limiter,
-        &ip,
-        state.cfg.discovery_per_hour,
-        &rid,
-    )
-    .await
-    {
+    if let Err(e) = check_discovery(&state, &ip, &rid).await {
         return e.into_response();
     }
     next.run(req).await
