@@ -10,29 +10,13 @@ use common::pg;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{TestCoordinator, now_secs, receipt_for};
+use common::{TestCoordinator, eventually, free_port, now_secs, receipt_for};
 use serde_json::{Value, json};
 use troop_protocol::api::SettlementResponse;
 use troop_protocol::identity::generate;
 use troop_protocol::signed::sign_request;
 
 const MODEL: &str = "gemma3:270m";
-
-/// Polls `f` until it gives `Some`, failing after `secs`.
-async fn eventually<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// A PostgreSQL server, a database `name` on it and a ticket key for the
 /// replicas to share; `None` when PostgreSQL is not installed.
@@ -44,21 +28,17 @@ fn shared_database(name: &str) -> Option<(pg::PgServer, String, std::path::PathB
     Some((server, url, key))
 }
 
-/// A loopback port nothing listens on.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port()
-}
-
-async fn replica(url: &str, key: &std::path::Path, per_hour: u32) -> TestCoordinator {
+/// A replica on the shared database: `per_hour` tickets per user and
+/// `per_ip` per address, 3 new worker ids per address.
+async fn replica(url: &str, key: &std::path::Path, per_hour: u32, per_ip: u32) -> TestCoordinator {
     let url = url.to_string();
     let key = key.to_path_buf();
     TestCoordinator::start_with(move |c| {
         c.database = Some(url);
         c.key_file = Some(key);
         c.authorize_per_hour = per_hour;
+        c.registrations_per_ip_per_hour = 3;
+        c.authorize_per_ip_per_hour = per_ip;
     })
     .await
 }
@@ -68,8 +48,8 @@ async fn two_replicas_share_workers_tickets_receipts_nonces_and_quotas() {
     let Some((server, url, key)) = shared_database("replicas") else {
         return;
     };
-    let r1 = Arc::new(replica(&url, &key, 3).await);
-    let r2 = Arc::new(replica(&url, &key, 3).await);
+    let r1 = Arc::new(replica(&url, &key, 3, 7).await);
+    let r2 = Arc::new(replica(&url, &key, 3, 7).await);
 
     // A worker registers and beats on replica 1 ...
     let worker = generate();
@@ -161,6 +141,33 @@ async fn two_replicas_share_workers_tickets_receipts_nonces_and_quotas() {
     assert_eq!(fresh, 1, "exactly one settlement across replicas");
     assert_eq!(r2.balance(&worker).await["available"], 2.5);
 
+    // The per-IP quotas are shared too: new worker ids (3 an hour; the
+    // first worker was one) ...
+    r2.register(&generate(), &[MODEL]).await;
+    r1.register(&generate(), &[MODEL]).await;
+    let r = r2
+        .signed(
+            &generate(),
+            "/workers/register",
+            &json!({ "models": [MODEL], "addresses": ["/ip4/127.0.0.1/tcp/4001"] }),
+        )
+        .await;
+    assert_eq!(r.status(), 429, "the shared registration quota is spent");
+    // ... and tickets per address (7 an hour: six asked for so far, the
+    // refused ones included; replica 2 alone saw three).
+    let user3 = generate();
+    assert_eq!(r1.authorize(&user3, &worker, MODEL).await.status(), 200);
+    let r = r2.authorize(&user3, &worker, MODEL).await;
+    assert_eq!(r.status(), 429, "the shared per-address quota is spent");
+    let v: Value = r.json().await.expect("json");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("authorize_ip"),
+        "{v}"
+    );
+
     // Each replica's audit log names it, and holds what it committed:
     // two settlements between them.
     let mut settles = 0;
@@ -188,7 +195,11 @@ async fn two_replicas_share_workers_tickets_receipts_nonces_and_quotas() {
     .await
     .expect("audit thread");
     assert!(report.findings.is_empty(), "{:?}", report.findings);
-    assert_eq!(report.totals.pending_jobs, 300_000 * 2, "two tickets open");
+    assert_eq!(
+        report.totals.pending_jobs,
+        300_000 * 3,
+        "three tickets open"
+    );
     // The same from the command line.
     let cli = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_troop-coordinator"))
@@ -216,7 +227,7 @@ async fn two_replicas_share_workers_tickets_receipts_nonces_and_quotas() {
     ]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).lines().count(),
-        6,
+        7,
         "{out:?}"
     );
     let out = cli(&["migrate", "--database", &url]);
@@ -231,7 +242,7 @@ async fn a_replica_answers_503_while_postgres_is_down_and_heals_by_itself() {
     let Some((server, url, key)) = shared_database("outage") else {
         return;
     };
-    let r1 = Arc::new(replica(&url, &key, 100).await);
+    let r1 = Arc::new(replica(&url, &key, 100, 100_000).await);
     let worker = generate();
     let user = generate();
     r1.register(&worker, &[MODEL]).await;
@@ -320,7 +331,7 @@ async fn kill_9_of_a_replica_under_load_loses_no_acknowledged_settlement() {
     let Some((_server, url, key)) = shared_database("kill9") else {
         return;
     };
-    let r1 = Arc::new(replica(&url, &key, 100_000).await);
+    let r1 = Arc::new(replica(&url, &key, 100_000, 100_000).await);
     let worker = generate();
     let reg = r1.register(&worker, &[MODEL]).await;
 

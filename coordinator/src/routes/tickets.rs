@@ -17,15 +17,15 @@ pub(crate) async fn authorize(
         ip,
     }: SignedBytes,
 ) -> Result<Response, ApiError> {
-    if let Err(wait) = state.authorize_ip_limiter.check(&ip) {
-        return Err(rate_limited(
-            &state,
-            "authorize_ip",
-            &ip.to_string(),
-            wait,
-            &rid,
-        ));
-    }
+    check_quota(
+        &state,
+        "authorize_ip",
+        &state.authorize_ip_limiter,
+        &ip,
+        state.cfg.authorize_per_ip_per_hour,
+        &rid,
+    )
+    .await?;
     let user_id = user.to_base58();
     let refuse = |reason: &str, detail: String| {
         state.audit.record(

@@ -96,14 +96,16 @@ pub(crate) async fn register(
         .read()
         .map(|w| w.contains_key(&peer.to_base58()))
         .unwrap_or(false);
-    if !known && let Err(wait) = state.register_ip_limiter.check(&ip) {
-        return Err(rate_limited(
+    if !known {
+        check_quota(
             &state,
             "register",
-            &ip.to_string(),
-            wait,
+            &state.register_ip_limiter,
+            &ip,
+            state.cfg.registrations_per_ip_per_hour,
             &rid,
-        ));
+        )
+        .await?;
     }
     let mut key = [0u8; 32];
     rand::rng().fill_bytes(&mut key);
