@@ -14,18 +14,11 @@ mod common;
 use std::sync::Arc;
 use std::time::Instant;
 
-use common::{TestCoordinator, receipt_for};
+use common::{TestCoordinator, env_usize, receipt_for};
 use futures::StreamExt;
 use troop_coordinator::ledger::{self, Command, MINT};
 use troop_protocol::api::AuthorizeResponse;
 use troop_protocol::identity::generate;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

@@ -16,19 +16,12 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{TestCoordinator, now_secs, receipt_for};
+use common::{TestCoordinator, env_usize, now_secs, receipt_for};
 use futures::StreamExt;
 use troop_coordinator::ledger::Command;
 use troop_protocol::api::AuthorizeResponse;
 use troop_protocol::identity::generate;
 use troop_protocol::ticket::{TICKET_ISSUER, TicketClaims};
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn claims(i: usize) -> TicketClaims {
     TicketClaims {

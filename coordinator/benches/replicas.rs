@@ -18,18 +18,11 @@ use common::pg;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{TestCoordinator, now_secs, receipt_for};
+use common::{TestCoordinator, env_usize, now_secs, receipt_for};
 use futures::StreamExt;
 use troop_coordinator::ledger::Command;
 use troop_protocol::api::AuthorizeResponse;
 use troop_protocol::identity::generate;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 struct Figures {
     tickets_per_s: f64,

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{TestCoordinator, now_secs, receipt_for};
+use common::{TestCoordinator, free_port, now_secs, receipt_for};
 use futures::StreamExt;
 use rand::Rng;
 use troop_protocol::api::AuthorizeResponse;
@@ -17,13 +17,6 @@ use troop_protocol::identity::generate;
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_troop-coordinator")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 /// The coordinator process; killed when dropped (a failed assertion must

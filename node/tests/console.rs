@@ -14,28 +14,15 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Dialect, FakeUpstream, MODEL, TestNet, chat_text, eventually, sse_data, tokens};
+use common::{
+    Dialect, FakeUpstream, KillOnDrop, MODEL, TestNet, chat_text, eventually, free_port, sse_data,
+    tokens,
+};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 fn find(env: &str, candidates: &[&str]) -> Option<PathBuf> {
     if let Ok(p) = std::env::var(env) {

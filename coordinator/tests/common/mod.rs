@@ -21,6 +21,35 @@ use troop_protocol::signed::sign_request;
 #[path = "../pg/mod.rs"]
 pub mod pg;
 
+/// A port nothing listens on now, on 127.0.0.1.
+pub fn free_port() -> u16 {
+    pg::free_port()
+}
+
+/// A whole number from the environment (benchmark sizes), or `default`.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Polls `f` until it gives `Some`, failing after `secs`.
+pub async fn eventually<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Whether this run's coordinators use PostgreSQL (`TROOP_TEST_STORE`).
 pub fn on_postgres() -> bool {
     std::env::var("TROOP_TEST_STORE").is_ok_and(|v| v == "postgres")

@@ -28,7 +28,8 @@ fn find_bin() -> Option<PathBuf> {
     versions.pop()
 }
 
-fn free_port() -> u16 {
+/// A port nothing listens on now, on 127.0.0.1.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -22,6 +22,25 @@ use troop_node::worker::{self, RunningWorker, WorkerConfig};
 
 pub const MODEL: &str = "fake-model";
 
+/// A child process (a model server, chromedriver) killed when dropped, so a
+/// failed assertion does not leave it running.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A port nothing listens on now, on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Dialect {
     OpenAi,
