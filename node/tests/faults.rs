@@ -3,7 +3,8 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
@@ -12,6 +13,7 @@ use common::{
     open_infer_stream, send_ticket, sse_data, tokens,
 };
 use serde_json::Value;
+use troop_coordinator::tickets::TicketKeys;
 use troop_node::answer::StreamTimeouts;
 
 fn quick() -> StreamTimeouts {
@@ -154,8 +156,8 @@ async fn a_dead_worker_is_dropped_from_the_model_list_after_a_failed_dial() {
     );
 }
 
-/// The coordinator's `/public-key` requests so far, from its `/metrics`.
-async fn key_fetches(net: &TestNet) -> f64 {
+/// The coordinator's requests to `route` so far, from its `/metrics`.
+async fn route_requests(net: &TestNet, route: &str) -> f64 {
     let text = net
         .http
         .get(format!("{}/metrics", net.coordinator_url()))
@@ -165,12 +167,16 @@ async fn key_fetches(net: &TestNet) -> f64 {
         .text()
         .await
         .expect("text");
+    let label = format!("route=\"{route}\"");
     text.lines()
-        .filter(|l| {
-            l.starts_with("troop_http_requests_total") && l.contains("route=\"/public-key\"")
-        })
+        .filter(|l| l.starts_with("troop_http_requests_total") && l.contains(&label))
         .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The coordinator's `/public-key` requests so far.
+async fn key_fetches(net: &TestNet) -> f64 {
+    route_requests(net, "/public-key").await
 }
 
 /// Tickets naming a key the worker does not know make it fetch the
@@ -206,6 +212,82 @@ async fn unknown_key_ids_cost_one_key_fetch_and_are_refused() {
     let resp = net.chat(true).await;
     let events = sse_data(&resp.text().await.expect("body"));
     assert_eq!(chat_text(&events), tokens(4).concat());
+}
+
+/// A key rotation reaches workers that are already running: the
+/// coordinator restarts signing with a new key (the old one listed as
+/// previous), a gateway buys its tickets under the new kid, and the worker,
+/// which only knew the old key, fetches the JWKS once and serves them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_coordinator_key_reaches_a_running_worker_through_the_jwks() {
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(4), Duration::ZERO).await;
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (old, new) = (keys.path().join("old.pem"), keys.path().join("new.pem"));
+    let old_kid = TicketKeys::generate_to(&old).expect("keygen");
+    let new_kid = TicketKeys::generate_to(&new).expect("keygen");
+    assert_ne!(old_kid, new_kid);
+    let rotated = Arc::new(AtomicBool::new(false));
+    let flag = rotated.clone();
+    let mut net = TestNet::start(move |c| {
+        if flag.load(Ordering::SeqCst) {
+            c.key_file = Some(new.clone());
+            c.previous_key_files = vec![old.clone()];
+        } else {
+            c.key_file = Some(old.clone());
+        }
+    })
+    .await;
+    net.add_worker(&fake.url, |_| {}).await;
+    net.add_gateway().await;
+    net.wait_for_workers(1).await;
+    let answer = |resp: reqwest::Response| async move {
+        assert_eq!(resp.status(), 200);
+        chat_text(&sse_data(&resp.text().await.expect("body")))
+    };
+    assert_eq!(answer(net.chat(true).await).await, tokens(4).concat());
+    let kid = |net: &TestNet| {
+        let (http, url) = (net.http.clone(), net.coordinator_url());
+        async move {
+            let v: Value = http
+                .get(format!("{url}/public-key"))
+                .send()
+                .await
+                .expect("public key")
+                .json()
+                .await
+                .expect("json");
+            v["kid"].as_str().unwrap_or_default().to_string()
+        }
+    };
+    assert_eq!(kid(&net).await, old_kid);
+
+    // The rotation: the coordinator now signs with the new key.
+    rotated.store(true, Ordering::SeqCst);
+    net.restart_coordinator().await;
+    assert_eq!(kid(&net).await, new_kid);
+    // A fresh gateway holds no session yet, so its tickets name the new kid.
+    if let Some(mut g) = net.gateway.take() {
+        g.kill();
+    }
+    net.add_gateway().await;
+    net.wait_for_workers(1).await;
+    let (jwks, public) = (
+        route_requests(&net, "/.well-known/jwks.json").await,
+        key_fetches(&net).await,
+    );
+    for _ in 0..3 {
+        assert_eq!(answer(net.chat(true).await).await, tokens(4).concat());
+    }
+    assert_eq!(
+        route_requests(&net, "/.well-known/jwks.json").await - jwks,
+        1.0,
+        "the worker fetched the JWKS once"
+    );
+    assert_eq!(
+        key_fetches(&net).await,
+        public,
+        "the JWKS named the kid, so /public-key was not needed"
+    );
 }
 
 /// A peer that opens streams and sends nothing holds at most 16 of them
