@@ -14,9 +14,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Instant;
 
-use common::{TestCoordinator, env_usize, receipt_for};
+use common::{TestCoordinator, env_usize, receipt_for, settle_through_writer};
 use futures::StreamExt;
-use troop_coordinator::ledger::{self, Command, MINT};
+use troop_coordinator::ledger::{self, MINT};
 use troop_protocol::api::AuthorizeResponse;
 use troop_protocol::identity::generate;
 
@@ -104,23 +104,7 @@ async fn measure(accounts: usize, requests: usize) -> Row {
         .map(|(user, a)| {
             let state = state.clone();
             let receipt = receipt_for(&a.job_id, user, &worker, "m", 1_000);
-            async move {
-                let sha = format!("bench-{}", receipt.job_id);
-                state
-                    .writer
-                    .submit(
-                        Command::Settle {
-                            receipt,
-                            receipt_sha256: sha,
-                            now_ms: troop_coordinator::unix_ms(),
-                            unacked_cap_ms: 10_000,
-                            tolerance_ms: 2_000,
-                        },
-                        None,
-                    )
-                    .await
-                    .expect("settled");
-            }
+            async move { settle_through_writer(&state, receipt).await }
         })
         .buffer_unordered(256)
         .collect::<Vec<_>>()

@@ -16,9 +16,8 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{TestCoordinator, env_usize, now_secs, receipt_for};
+use common::{TestCoordinator, env_usize, now_secs, receipt_for, settle_through_writer};
 use futures::StreamExt;
-use troop_coordinator::ledger::Command;
 use troop_protocol::api::AuthorizeResponse;
 use troop_protocol::identity::generate;
 use troop_protocol::ticket::{TICKET_ISSUER, TicketClaims};
@@ -133,14 +132,7 @@ fn main() {
             .map(|(u, a)| {
                 let state = state.clone();
                 let receipt = receipt_for(&a.job_id, &users[*u], &worker, "m", 1500);
-                async move {
-                    let sha = format!("bench-{}", receipt.job_id);
-                    state
-                        .writer
-                        .submit(Command::Settle { receipt, receipt_sha256: sha, now_ms: troop_coordinator::unix_ms(), unacked_cap_ms: 10_000, tolerance_ms: 2_000 }, None)
-                        .await
-                        .expect("settle");
-                }
+                async move { settle_through_writer(&state, receipt).await }
             })
             .buffer_unordered(4096)
             .collect::<Vec<()>>()

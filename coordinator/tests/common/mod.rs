@@ -26,6 +26,26 @@ pub fn free_port() -> u16 {
     pg::free_port()
 }
 
+/// Settles `receipt` through the coordinator's ledger writer alone, without
+/// HTTP (what the benchmarks measure as the writer's own rate).
+pub async fn settle_through_writer(state: &troop_coordinator::AppState, receipt: Receipt) {
+    let sha = format!("bench-{}", receipt.job_id);
+    state
+        .writer
+        .submit(
+            troop_coordinator::ledger::Command::Settle {
+                receipt,
+                receipt_sha256: sha,
+                now_ms: troop_coordinator::unix_ms(),
+                unacked_cap_ms: 10_000,
+                tolerance_ms: 2_000,
+            },
+            None,
+        )
+        .await
+        .expect("settled through the writer");
+}
+
 /// A whole number from the environment (benchmark sizes), or `default`.
 pub fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
