@@ -317,6 +317,19 @@ fn rss_kib(pid: u32) -> (u64, u64) {
     (get("VmRSS:"), get("VmHWM:"))
 }
 
+/// CPU time this process has used (user + system), in seconds.
+fn cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and
+    // stime are the 12th and 13th, in clock ticks (100 a second on Linux).
+    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / 100.0
+}
+
 fn request() -> InferenceRequest {
     let body =
         json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": true});
@@ -552,6 +565,30 @@ async fn bench_scale(nodes: usize) -> Scale {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let join_s = start.elapsed().as_secs_f64();
+    // A quiet spell before the new worker: what the settled mesh costs
+    // per node while nothing happens (connections kept, CPU).
+    let soak = env_usize("SCALE_SOAK_S", 30);
+    let mut cpu_at = (Instant::now(), cpu_seconds());
+    let soak_until = Instant::now() + Duration::from_secs(soak as u64);
+    while Instant::now() < soak_until {
+        tokio::time::sleep(Duration::from_secs(10).min(soak_until - Instant::now())).await;
+        let mut conns = Vec::new();
+        for (h, _) in &all {
+            conns.push(h.status().await.connected_peers.len());
+        }
+        conns.sort_unstable();
+        let now = (Instant::now(), cpu_seconds());
+        let cpu = (now.1 - cpu_at.1) / (now.0 - cpu_at.0).as_secs_f64();
+        cpu_at = now;
+        eprintln!(
+            "[mesh bench] scale: settled and idle: connected peers p50/p99 {}/{}, CPU {:.0} % ({:.2} ms per node per second), RSS {:.0} MiB",
+            conns[conns.len() / 2],
+            conns[conns.len() * 99 / 100],
+            cpu * 100.0,
+            cpu * 1000.0 / all.len() as f64,
+            rss_kib(std::process::id()).0 as f64 / 1024.0
+        );
+    }
 
     // The new worker.
     let mut cfg = NetConfig::new(troop_protocol::identity::generate());

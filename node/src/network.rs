@@ -71,12 +71,25 @@ pub struct NetConfig {
     /// Addresses others reach this node at, declared by its operator
     /// (`troop relay --external`).
     pub external: Vec<Multiaddr>,
-    /// A connection with no stream open, to a peer that is neither in this
-    /// node's gossip mesh nor kept warm (`NetworkHandle::keep_warm`), is
-    /// closed after this long. DHT lookups touch dozens of peers; keeping
-    /// those connections for minutes is what grew every node to hundreds
-    /// of connections in the simulated mesh.
+    /// A connection no protocol needs, to a peer not kept warm
+    /// (`NetworkHandle::keep_warm`), is closed after this long. Gossipsub
+    /// holds a stream open to every peer that speaks it, so this closes
+    /// only connections to peers without gossip (and relayed ones); the
+    /// peer limits below bound the rest.
     pub idle_timeout: Duration,
+    /// Connections (peers) above which the oldest idle ones are closed,
+    /// down to `peers_low`. Without it a node keeps a connection to every
+    /// peer a DHT lookup ever touched: a third of a 300-node mesh, and the
+    /// pings and gossip on each. Never closed: gossip mesh peers, peers
+    /// kept warm or busy (`NetworkHandle::busy`), relays we hold a
+    /// reservation on, relayed connections, and connections younger than
+    /// `peers_grace`. A node that serves as a relay trims nothing.
+    pub peers_high: usize,
+    /// What trimming brings the connection count down to.
+    pub peers_low: usize,
+    /// A connection this young is never trimmed (a lookup or a handshake
+    /// may still be using it).
+    pub peers_grace: Duration,
     /// Incoming connections still in their handshake, at most. A relay
     /// or hub that many nodes join through at once needs more than the
     /// default (`troop relay` sets 512); beyond it, joiners are turned
@@ -182,6 +195,9 @@ impl NetConfig {
             relay_always: false,
             external: Vec::new(),
             idle_timeout: Duration::from_secs(30),
+            peers_high: 64,
+            peers_low: 32,
+            peers_grace: Duration::from_secs(20),
             max_pending_incoming: 64,
             dht_replication: kad::K_VALUE,
         }
@@ -262,7 +278,31 @@ pub struct NetworkHandle {
     control: libp2p_stream::Control,
     listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
     paths: Arc<RwLock<HashMap<PeerId, Path>>>,
+    busy: Busy,
     task: Arc<std::sync::Mutex<Option<tokio::task::AbortHandle>>>,
+}
+
+/// Streams of ours in use, per peer: their connections are never trimmed.
+type Busy = Arc<std::sync::Mutex<HashMap<PeerId, usize>>>;
+
+/// Held while a stream to `peer` is in use (an inference request on either
+/// side): the connection under it is not trimmed. Dropping it lets go.
+pub struct BusyGuard {
+    busy: Busy,
+    peer: PeerId,
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        if let Ok(mut b) = self.busy.lock()
+            && let Some(n) = b.get_mut(&self.peer)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                b.remove(&self.peer);
+            }
+        }
+    }
 }
 
 impl NetworkHandle {
@@ -308,6 +348,18 @@ impl NetworkHandle {
     /// (call when no stream of ours runs on it).
     pub fn close_relayed(&self, peer: PeerId) {
         let _ = self.tx.try_send(Command::CloseRelayed(peer));
+    }
+
+    /// Marks `peer` busy until the guard is dropped: the connection
+    /// trimming (`NetConfig::peers_high`) leaves it alone.
+    pub fn busy(&self, peer: PeerId) -> BusyGuard {
+        if let Ok(mut b) = self.busy.lock() {
+            *b.entry(peer).or_default() += 1;
+        }
+        BusyGuard {
+            busy: self.busy.clone(),
+            peer,
+        }
     }
 
     /// Keeps this peer's connections open while idle (`true`), or lets
@@ -590,12 +642,14 @@ pub async fn spawn(cfg: NetConfig) -> anyhow::Result<(NetworkHandle, mpsc::Recei
         }
     }
     let paths = Arc::new(RwLock::new(HashMap::new()));
+    let busy = Busy::default();
     let handle = NetworkHandle {
         peer_id,
         tx,
         control,
         listen_addrs: listen_addrs.clone(),
         paths: paths.clone(),
+        busy: busy.clone(),
         task: Arc::new(std::sync::Mutex::new(None)),
     };
     let ev_loop = EventLoop {
@@ -615,6 +669,13 @@ pub async fn spawn(cfg: NetConfig) -> anyhow::Result<(NetworkHandle, mpsc::Recei
         provided: HashSet::new(),
         bootstrap: cfg.bootstrap.clone(),
         conns: HashMap::new(),
+        since: HashMap::new(),
+        busy,
+        trim: cfg.relay_server.is_none().then_some((
+            cfg.peers_low.min(cfg.peers_high),
+            cfg.peers_high,
+            cfg.peers_grace,
+        )),
         paths,
         dialed: HashMap::new(),
         relays,
@@ -732,6 +793,11 @@ struct EventLoop {
     bootstrap: Vec<Multiaddr>,
     /// Every open connection, per peer: whether a relay carries it.
     conns: HashMap<PeerId, HashMap<ConnectionId, bool>>,
+    /// When each connected peer's first open connection was established.
+    since: HashMap<PeerId, Instant>,
+    busy: Busy,
+    /// Connection trimming: (low, high, grace); `None` on a relay.
+    trim: Option<(usize, usize, Duration)>,
     paths: Arc<RwLock<HashMap<PeerId, Path>>>,
     /// The address of our direct outgoing connection to each peer.
     dialed: HashMap<PeerId, Multiaddr>,
@@ -754,9 +820,11 @@ impl EventLoop {
         let mut reprovide = tokio::time::interval(Duration::from_secs(60));
         let mut redial = tokio::time::interval(Duration::from_secs(3));
         let mut relay_tick = tokio::time::interval(Duration::from_secs(2));
+        let mut trim_tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tokio::select! {
                 _ = relay_tick.tick() => self.ensure_reservation(),
+                _ = trim_tick.tick() => self.trim_connections(),
                 _ = redial.tick() => {
                     // Alone? Try the bootstrap peers again (they may have
                     // started after us).
@@ -930,6 +998,61 @@ impl EventLoop {
                     self.swarm.close_connection(id);
                 }
             }
+        }
+    }
+
+    /// Above `peers_high` connected peers, closes the connections to the
+    /// longest-connected peers that nothing needs, down to `peers_low`
+    /// (the connection manager of go-libp2p does the same with its low
+    /// and high water marks). Gossipsub keeps a stream open to every peer
+    /// that speaks it, so without this every peer a DHT lookup touched
+    /// stays connected for good, each with its pings and gossip.
+    fn trim_connections(&mut self) {
+        let Some((low, high, grace)) = self.trim else {
+            return;
+        };
+        if self.conns.len() <= high {
+            return;
+        }
+        let now = Instant::now();
+        let mut keep: HashSet<PeerId> = HashSet::new();
+        if let Some(g) = self.swarm.behaviour().gossipsub.as_ref() {
+            keep.extend(g.all_mesh_peers().copied());
+        }
+        if let Some(r) = &self.relay_listener {
+            keep.insert(r.relay);
+        }
+        keep.extend(self.relays.iter().filter(|r| r.2).map(|r| r.0));
+        if let Ok(b) = self.busy.lock() {
+            keep.extend(b.keys().copied());
+        }
+        let warm = &self.swarm.behaviour().warm;
+        let mut candidates: Vec<(Instant, PeerId)> = self
+            .conns
+            .iter()
+            .filter(|(p, c)| {
+                !keep.contains(*p) && !warm.contains(p) && !c.values().any(|relayed| *relayed)
+            })
+            .filter_map(|(p, _)| self.since.get(p).map(|t| (*t, *p)))
+            .filter(|(t, _)| now.duration_since(*t) >= grace)
+            .collect();
+        candidates.sort_unstable();
+        let excess = self.conns.len().saturating_sub(low);
+        let mut closed = 0;
+        for (_, peer) in candidates.into_iter().take(excess) {
+            if self.swarm.disconnect_peer_id(peer).is_ok() {
+                closed += 1;
+            }
+        }
+        if closed > 0 {
+            metrics::counter!("troop_peers_trimmed_total").increment(closed as u64);
+            tracing::debug!(
+                closed,
+                connected = self.conns.len(),
+                high,
+                low,
+                "closed idle connections above the peer limit"
+            );
         }
     }
 
@@ -1309,6 +1432,7 @@ impl EventLoop {
                         .autonat
                         .add_server(*peer_id, Some(remote.clone()));
                 }
+                self.since.entry(*peer_id).or_insert_with(Instant::now);
                 let c = self.conns.entry(*peer_id).or_default();
                 c.insert(*connection_id, relayed);
                 let upgraded = !relayed && c.values().any(|r| *r);
@@ -1329,6 +1453,7 @@ impl EventLoop {
                     c.remove(connection_id);
                     if c.is_empty() {
                         self.conns.remove(peer_id);
+                        self.since.remove(peer_id);
                     }
                 }
                 metrics::gauge!("troop_peers_connected").set(self.conns.len() as f64);

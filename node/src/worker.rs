@@ -621,6 +621,8 @@ async fn accept_loop(s: Arc<Shared>, mut incoming: libp2p_stream::IncomingStream
         };
         let s = s.clone();
         tokio::spawn(async move {
+            // The connection under a job is not trimmed while it runs.
+            let _busy = s.net.busy(peer);
             let killed = s.killed.clone();
             tokio::select! {
                 r = serve_stream(s, peer, stream, place) => {

@@ -360,6 +360,8 @@ pub struct JobStream {
     /// The worker took the request (its first frame was no refusal): only
     /// such attempts count as answers.
     answered: bool,
+    /// Keeps the connection under this stream from being trimmed.
+    _busy: crate::network::BusyGuard,
 }
 
 impl JobStream {
@@ -952,6 +954,7 @@ impl GatewayState {
             chunks: 0,
             completion_tokens: None,
             answered: false,
+            _busy: self.net.busy(worker),
         };
         // A whole (non-streamed) answer comes in one go when it is ready.
         let first_wait = if request.body.is_some() && !wants_stream(request) {

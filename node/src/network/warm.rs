@@ -53,6 +53,10 @@ impl Behaviour {
         }
     }
 
+    pub fn contains(&self, peer: &PeerId) -> bool {
+        self.warm.contains(peer)
+    }
+
     pub fn len(&self) -> usize {
         self.warm.len()
     }
