@@ -552,8 +552,12 @@ fn build_swarm(cfg: &NetConfig) -> anyhow::Result<Swarm<Behaviour>> {
                     identify::Config::new("/troop/id/1.0.0".into(), key.public())
                         .with_agent_version(format!("troop/{}", env!("CARGO_PKG_VERSION"))),
                 ),
+                // libp2p's 15 s: the first ping goes out as a connection
+                // opens (the gateway's round trip to a new worker); after
+                // that every connection pays for each ping, and at 5 s the
+                // pings were most of an idle node's work.
                 ping: ping::Behaviour::new(
-                    ping::Config::new().with_interval(Duration::from_secs(5)),
+                    ping::Config::new().with_interval(Duration::from_secs(15)),
                 ),
                 kad: Toggle::from(kad),
                 gossipsub: Toggle::from(gossipsub),
