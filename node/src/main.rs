@@ -36,6 +36,14 @@ struct MeshArgs {
     /// Turn gossip adverts off (DHT only).
     #[arg(long, env = "TROOP_NO_GOSSIP")]
     no_gossip: bool,
+    /// Above this many connected peers, the oldest idle connections are
+    /// closed (never gossip mesh peers, warm workers, peers with a job
+    /// running, relays; a node with --relay-server trims nothing).
+    #[arg(long, env = "TROOP_PEERS_HIGH", default_value_t = 64)]
+    peers_high: usize,
+    /// How many connected peers a trim leaves (at most --peers-high).
+    #[arg(long, env = "TROOP_PEERS_LOW", default_value_t = 32)]
+    peers_low: usize,
     /// A circuit relay to reserve a slot on at once, ending in /p2p/<PeerId>
     /// (repeatable). Without it, a node that AutoNAT finds behind NAT uses
     /// the relays among its bootstrap peers and the coordinator's /bootstrap.
@@ -109,6 +117,15 @@ impl MeshArgs {
         n.mdns = self.mdns;
         n.dht = !self.no_dht;
         n.gossip = !self.no_gossip;
+        if self.peers_high == 0 || self.peers_low > self.peers_high {
+            anyhow::bail!(
+                "--peers-high must be above 0 and --peers-low at most --peers-high (got {} and {})",
+                self.peers_high,
+                self.peers_low
+            );
+        }
+        n.peers_high = self.peers_high;
+        n.peers_low = self.peers_low;
         n.relays = self.relay.clone();
         if self.relay_server {
             n.relay_server = Some(self.limits.limits()?);

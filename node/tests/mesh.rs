@@ -675,3 +675,72 @@ async fn dht_lookups_find_a_provider_that_most_nodes_do_not_hold() {
         missed.len()
     );
 }
+
+/// Gossipsub keeps a stream open to every peer that speaks it, so without
+/// a limit a node stays connected to every peer that ever reached it (a
+/// hub to the whole mesh). Above `peers_high` the oldest idle connections
+/// close, down to `peers_low`; a peer kept warm and a peer with a stream in
+/// use (`busy`) stay connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_closes_idle_connections_above_its_peer_limit_but_keeps_warm_and_busy_peers() {
+    use troop_node::network::{self, NetConfig};
+    const NODES: u64 = 30;
+    let base: u64 = 80_000_000 + u64::from(rand::random::<u16>()) * 1_000;
+    let mem = |i: u64| -> libp2p::Multiaddr {
+        format!("/memory/{}", base + i)
+            .parse()
+            .expect("memory addr")
+    };
+    let mut hub_cfg = NetConfig::new(troop_protocol::identity::generate());
+    hub_cfg.listen = vec![mem(0)];
+    hub_cfg.external = vec![mem(0)];
+    hub_cfg.peers_high = 10;
+    hub_cfg.peers_low = 6;
+    hub_cfg.peers_grace = Duration::from_secs(1);
+    let (hub, _hub_ev) = network::spawn(hub_cfg).await.expect("hub");
+    let hub_addr = network::with_p2p(mem(0), hub.peer_id);
+    // The first two nodes to join are kept warm and busy before they
+    // join: they are the oldest connections, the first a trim would close.
+    let keys: Vec<_> = (1..NODES)
+        .map(|_| troop_protocol::identity::generate())
+        .collect();
+    hub.keep_warm(keys[0].public().to_peer_id(), true);
+    let _busy = hub.busy(keys[1].public().to_peer_id());
+    let mut nodes = vec![];
+    for (i, key) in (1..NODES).zip(keys) {
+        let mut cfg = NetConfig::new(key);
+        cfg.listen = vec![mem(i)];
+        cfg.external = vec![mem(i)];
+        cfg.bootstrap = vec![hub_addr.clone()];
+        // Only the hub trims.
+        cfg.peers_high = 1_000;
+        nodes.push(network::spawn(cfg).await.expect("node"));
+    }
+    let (warm, busy) = (nodes[0].0.peer_id, nodes[1].0.peer_id);
+    let connected = |h: &network::NetworkHandle| {
+        let h = h.clone();
+        async move { h.status().await.connected_peers }
+    };
+    // Everyone joined through the hub: it was connected to most of them.
+    let most = eventually("the hub connected to most nodes", 60, || {
+        let c = connected(&hub);
+        async move {
+            let n = c.await.len();
+            (n > 20).then_some(n)
+        }
+    })
+    .await;
+    let after = eventually("the hub down to its peer limit", 60, || {
+        let c = connected(&hub);
+        async move {
+            let peers = c.await;
+            (peers.len() <= 10).then_some(peers)
+        }
+    })
+    .await;
+    assert!(
+        after.contains(&warm.to_string()) && after.contains(&busy.to_string()),
+        "the warm and the busy peer stay connected (hub went from {most} to {} peers: {after:?})",
+        after.len()
+    );
+}
