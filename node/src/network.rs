@@ -282,8 +282,9 @@ pub struct NetworkHandle {
     task: Arc<std::sync::Mutex<Option<tokio::task::AbortHandle>>>,
 }
 
-/// Streams of ours in use, per peer: their connections are never trimmed.
-type Busy = Arc<std::sync::Mutex<HashMap<PeerId, usize>>>;
+/// Streams of ours in use per peer, and when the last one ended: a peer
+/// with one in use is never trimmed, the others least recently used first.
+type Busy = Arc<std::sync::Mutex<HashMap<PeerId, (usize, Instant)>>>;
 
 /// Held while a stream to `peer` is in use (an inference request on either
 /// side): the connection under it is not trimmed. Dropping it lets go.
@@ -295,12 +296,10 @@ pub struct BusyGuard {
 impl Drop for BusyGuard {
     fn drop(&mut self) {
         if let Ok(mut b) = self.busy.lock()
-            && let Some(n) = b.get_mut(&self.peer)
+            && let Some((n, last)) = b.get_mut(&self.peer)
         {
             *n = n.saturating_sub(1);
-            if *n == 0 {
-                b.remove(&self.peer);
-            }
+            *last = Instant::now();
         }
     }
 }
@@ -354,7 +353,7 @@ impl NetworkHandle {
     /// trimming (`NetConfig::peers_high`) leaves it alone.
     pub fn busy(&self, peer: PeerId) -> BusyGuard {
         if let Ok(mut b) = self.busy.lock() {
-            *b.entry(peer).or_default() += 1;
+            b.entry(peer).or_insert((0, Instant::now())).0 += 1;
         }
         BusyGuard {
             busy: self.busy.clone(),
@@ -671,6 +670,7 @@ pub async fn spawn(cfg: NetConfig) -> anyhow::Result<(NetworkHandle, mpsc::Recei
         rebootstrap: (Instant::now(), Duration::from_secs(3)),
         dht_replication: cfg.dht_replication.get(),
         provided: HashSet::new(),
+        provide_retry: HashMap::new(),
         bootstrap: cfg.bootstrap.clone(),
         conns: HashMap::new(),
         since: HashMap::new(),
@@ -794,6 +794,10 @@ struct EventLoop {
     /// Kademlia's k (`NetConfig::dht_replication`).
     dht_replication: usize,
     provided: HashSet<Vec<u8>>,
+    /// Keys whose last announcement timed out before reaching the closest
+    /// peers (libp2p-kad then stores the record nowhere): announce again
+    /// at the given time, backing off from 2 s to the minute of `reprovide`.
+    provide_retry: HashMap<Vec<u8>, (Instant, Duration)>,
     bootstrap: Vec<Multiaddr>,
     /// Every open connection, per peer: whether a relay carries it.
     conns: HashMap<PeerId, HashMap<ConnectionId, bool>>,
@@ -838,6 +842,7 @@ impl EventLoop {
                         }
                     } else {
                         self.bootstrap_if_short();
+                        self.retry_providing();
                     }
                 }
                 cmd = self.rx.recv() => match cmd {
@@ -881,6 +886,28 @@ impl EventLoop {
         }
         let wait = self.rebootstrap.1;
         self.rebootstrap = (now + wait, (wait * 2).min(Duration::from_secs(60)));
+    }
+
+    /// Announces again the keys whose announcement timed out, when due.
+    fn retry_providing(&mut self) {
+        let now = Instant::now();
+        let due: Vec<Vec<u8>> = self
+            .provide_retry
+            .iter()
+            .filter(|(k, (at, _))| *at <= now && self.provided.contains(*k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in due {
+            // Not again until this attempt has answered.
+            if let Some((at, _)) = self.provide_retry.get_mut(&k) {
+                *at = now + Duration::from_secs(60);
+            }
+            if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut()
+                && let Err(e) = kad.start_providing(RecordKey::new(&k))
+            {
+                tracing::debug!(error = %e, "start_providing failed");
+            }
+        }
     }
 
     fn reprovide(&mut self) {
@@ -1006,7 +1033,8 @@ impl EventLoop {
     }
 
     /// Above `peers_high` connected peers, closes the connections to the
-    /// longest-connected peers that nothing needs, down to `peers_low`
+    /// peers that nothing needs and that were least recently used (a job
+    /// on either side) or, never used, connected longest, down to `peers_low`
     /// (the connection manager of go-libp2p does the same with its low
     /// and high water marks). Gossipsub keeps a stream open to every peer
     /// that speaks it, so without this every peer a DHT lookup touched
@@ -1027,8 +1055,17 @@ impl EventLoop {
             keep.insert(r.relay);
         }
         keep.extend(self.relays.iter().filter(|r| r.2).map(|r| r.0));
-        if let Ok(b) = self.busy.lock() {
-            keep.extend(b.keys().copied());
+        let mut used: HashMap<PeerId, Instant> = HashMap::new();
+        if let Ok(mut b) = self.busy.lock() {
+            // Forget peers that are gone and have nothing running.
+            b.retain(|p, (n, _)| *n > 0 || self.conns.contains_key(p));
+            for (p, (n, last)) in b.iter() {
+                if *n > 0 {
+                    keep.insert(*p);
+                } else {
+                    used.insert(*p, *last);
+                }
+            }
         }
         let warm = &self.swarm.behaviour().warm;
         let mut candidates: Vec<(Instant, PeerId)> = self
@@ -1039,6 +1076,8 @@ impl EventLoop {
             })
             .filter_map(|(p, _)| self.since.get(p).map(|t| (*t, *p)))
             .filter(|(t, _)| now.duration_since(*t) >= grace)
+            // Least recently active first.
+            .map(|(t, p)| (used.get(&p).map_or(t, |u| t.max(*u)), p))
             .collect();
         candidates.sort_unstable();
         let excess = self.conns.len().saturating_sub(low);
@@ -1357,6 +1396,16 @@ impl EventLoop {
                     self.finish_lookup_if_done(lookup);
                 }
                 QueryResult::StartProviding(Err(e)) => {
+                    // Nothing was stored: try again soon, not in a minute.
+                    let key = e.key().to_vec();
+                    let now = Instant::now();
+                    let wait = self
+                        .provide_retry
+                        .get(&key)
+                        .map_or(Duration::from_secs(2), |(_, w)| {
+                            (*w * 2).min(Duration::from_secs(60))
+                        });
+                    self.provide_retry.insert(key, (now + wait, wait));
                     tracing::debug!(
                         target: "troop_node::dht",
                         error = %e,
@@ -1365,7 +1414,8 @@ impl EventLoop {
                         "providing not replicated yet"
                     )
                 }
-                QueryResult::StartProviding(Ok(_)) => {
+                QueryResult::StartProviding(Ok(ok)) => {
+                    self.provide_retry.remove(ok.key.as_ref());
                     tracing::debug!(
                         target: "troop_node::dht",
                         requests = stats.num_requests(),
