@@ -674,6 +674,7 @@ pub async fn spawn(cfg: NetConfig) -> anyhow::Result<(NetworkHandle, mpsc::Recei
         bootstrap: cfg.bootstrap.clone(),
         conns: HashMap::new(),
         since: HashMap::new(),
+        circuits: HashMap::new(),
         busy,
         trim: cfg.relay_server.is_none().then_some((
             cfg.peers_low.min(cfg.peers_high),
@@ -695,6 +696,24 @@ pub async fn spawn(cfg: NetConfig) -> anyhow::Result<(NetworkHandle, mpsc::Recei
         *t = Some(task.abort_handle());
     }
     Ok((handle, event_rx))
+}
+
+/// The relay a relayed connection goes through: the peer named just before
+/// `/p2p-circuit` in its circuit address.
+fn circuit_relay(endpoint: &libp2p::core::ConnectedPoint) -> Option<PeerId> {
+    let addr = match endpoint {
+        libp2p::core::ConnectedPoint::Dialer { address, .. } => address,
+        libp2p::core::ConnectedPoint::Listener { local_addr, .. } => local_addr,
+    };
+    let mut relay = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::P2p(id) => relay = Some(id),
+            Protocol::P2pCircuit => return relay,
+            _ => {}
+        }
+    }
+    None
 }
 
 /// An address with its `/p2p/<PeerId>` taken off the end.
@@ -795,7 +814,7 @@ struct EventLoop {
     dht_replication: usize,
     provided: HashSet<Vec<u8>>,
     /// Keys whose last announcement timed out before reaching the closest
-    /// peers (libp2p-kad then stores the record nowhere): announce again
+    /// peers (libp2p-kad then stores the record on no other node): announce again
     /// at the given time, backing off from 2 s to the minute of `reprovide`.
     provide_retry: HashMap<Vec<u8>, (Instant, Duration)>,
     bootstrap: Vec<Multiaddr>,
@@ -803,6 +822,9 @@ struct EventLoop {
     conns: HashMap<PeerId, HashMap<ConnectionId, bool>>,
     /// When each connected peer's first open connection was established.
     since: HashMap<PeerId, Instant>,
+    /// The relay under each relayed connection (ours to a peer behind a
+    /// relay, or a peer's to us through our reservation).
+    circuits: HashMap<ConnectionId, PeerId>,
     busy: Busy,
     /// Connection trimming: (low, high, grace); `None` on a relay.
     trim: Option<(usize, usize, Duration)>,
@@ -911,7 +933,13 @@ impl EventLoop {
     }
 
     fn reprovide(&mut self) {
-        let keys: Vec<Vec<u8>> = self.provided.iter().cloned().collect();
+        // Keys waiting for a retry are announced by `retry_providing`.
+        let keys: Vec<Vec<u8>> = self
+            .provided
+            .iter()
+            .filter(|k| !self.provide_retry.contains_key(*k))
+            .cloned()
+            .collect();
         if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
             for k in keys {
                 if let Err(e) = kad.start_providing(RecordKey::new(&k)) {
@@ -1055,10 +1083,11 @@ impl EventLoop {
             keep.insert(r.relay);
         }
         keep.extend(self.relays.iter().filter(|r| r.2).map(|r| r.0));
+        // A relay carrying one of our circuits: closing it ends the circuit
+        // (a job on it, a hole punch under way).
+        keep.extend(self.circuits.values().copied());
         let mut used: HashMap<PeerId, Instant> = HashMap::new();
-        if let Ok(mut b) = self.busy.lock() {
-            // Forget peers that are gone and have nothing running.
-            b.retain(|p, (n, _)| *n > 0 || self.conns.contains_key(p));
+        if let Ok(b) = self.busy.lock() {
             for (p, (n, last)) in b.iter() {
                 if *n > 0 {
                     keep.insert(*p);
@@ -1486,7 +1515,12 @@ impl EventLoop {
                         .autonat
                         .add_server(*peer_id, Some(remote.clone()));
                 }
-                self.since.entry(*peer_id).or_insert_with(Instant::now);
+                // The newest connection's time: the grace covers it (a
+                // direct connection that just replaced a relayed one).
+                self.since.insert(*peer_id, Instant::now());
+                if relayed && let Some(r) = circuit_relay(endpoint) {
+                    self.circuits.insert(*connection_id, r);
+                }
                 let c = self.conns.entry(*peer_id).or_default();
                 c.insert(*connection_id, relayed);
                 let upgraded = !relayed && c.values().any(|r| *r);
@@ -1503,11 +1537,18 @@ impl EventLoop {
                 num_established,
                 ..
             } => {
+                self.circuits.remove(connection_id);
                 if let Some(c) = self.conns.get_mut(peer_id) {
                     c.remove(connection_id);
                     if c.is_empty() {
                         self.conns.remove(peer_id);
                         self.since.remove(peer_id);
+                        // Forget a gone peer's last use unless a job runs.
+                        if let Ok(mut b) = self.busy.lock()
+                            && b.get(peer_id).is_some_and(|(n, _)| *n == 0)
+                        {
+                            b.remove(peer_id);
+                        }
                     }
                 }
                 metrics::gauge!("troop_peers_connected").set(self.conns.len() as f64);

@@ -133,3 +133,113 @@ async fn a_full_relay_refuses_the_next_reservation_and_keeps_serving() {
     assert_eq!(&back, b"hello");
     assert_eq!(relay.status().await.relay_clients, 1);
 }
+
+/// A node over its peer limit closes idle connections, but not the one to
+/// a relay that carries its circuit to a peer: that would end the circuit
+/// and whatever stream runs on it. The caller trims everything it may
+/// (limit 0, no grace): a plain peer's connection goes, the relay's stays,
+/// and a stream opened through the circuit before the trim still echoes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimming_keeps_the_relay_under_a_circuit_in_use() {
+    let mut rc = node();
+    rc.relay_server = Some(RelayLimits::default());
+    rc.relay_always = true;
+    let (relay, _relay_events) = network::spawn(rc).await.expect("relay");
+    let relay_addr = relay.listen_addrs()[0].clone();
+    let mut hc = node();
+    hc.relays = vec![relay_addr.clone()];
+    let (holder, _holder_events) = network::spawn(hc).await.expect("holder");
+    let circuit = poll(
+        "the holder's circuit address",
+        Duration::from_secs(30),
+        async || circuit_addr(&holder),
+    )
+    .await;
+    let mut incoming = holder
+        .stream_control()
+        .accept(ECHO)
+        .expect("accept the echo protocol");
+    tokio::spawn(async move {
+        while let Some((_, mut s)) = incoming.next().await {
+            let mut buf = [0u8; 5];
+            if s.read_exact(&mut buf).await.is_ok() {
+                let _ = s.write_all(&buf).await;
+                let _ = s.close().await;
+            }
+        }
+    });
+    let mut cc = node();
+    // An address that is not a LAN one: the caller does not take a
+    // reservation of its own (that relay would be kept for it).
+    cc.listen.push(
+        format!("/memory/{}", 90_000_000 + u64::from(rand::random::<u16>()))
+            .parse()
+            .expect("memory addr"),
+    );
+    cc.peers_high = 0;
+    cc.peers_low = 0;
+    cc.peers_grace = Duration::ZERO;
+    let (caller, _caller_events) = network::spawn(cc).await.expect("caller");
+    caller.dial(relay_addr.clone()).await;
+    caller.add_address(holder.peer_id, circuit.clone()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut s = loop {
+        match caller
+            .stream_control()
+            .open_stream(holder.peer_id, ECHO)
+            .await
+        {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "a stream through the relay: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(caller.path(&holder.peer_id), network::Path::Relayed);
+    assert!(
+        caller.status().await.relay_reservations.is_empty(),
+        "the caller holds no reservation"
+    );
+    // A plain peer connects to the caller; the trim closes it (so a trim
+    // has run).
+    let (plain, _plain_events) = network::spawn(node()).await.expect("plain");
+    plain.dial(caller.listen_addrs()[0].clone()).await;
+    let seen = |peer: libp2p::PeerId| {
+        let caller = caller.clone();
+        async move {
+            caller
+                .status()
+                .await
+                .connected_peers
+                .contains(&peer.to_string())
+        }
+    };
+    poll(
+        "the plain peer connected",
+        Duration::from_secs(10),
+        async || seen(plain.peer_id).await.then_some(()),
+    )
+    .await;
+    poll(
+        "the plain peer trimmed",
+        Duration::from_secs(20),
+        async || (!seen(plain.peer_id).await).then_some(()),
+    )
+    .await;
+    assert!(
+        seen(relay.peer_id).await,
+        "the relay under the circuit stays connected"
+    );
+    s.write_all(b"hello")
+        .await
+        .expect("write through the circuit");
+    let mut back = [0u8; 5];
+    s.read_exact(&mut back)
+        .await
+        .expect("read through the circuit");
+    assert_eq!(&back, b"hello");
+}

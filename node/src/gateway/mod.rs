@@ -852,6 +852,9 @@ impl GatewayState {
         // ticket is bought, so a worker that cannot be reached costs no
         // reservation.
         for _ in 0..2 {
+            // From before the stream opens: the connection it goes out on
+            // is not trimmed while the ticket is bought.
+            let busy = self.net.busy(worker);
             let stream = self.open_to(worker).await?;
             let (auth, index, reused) = match self.session_for(&request.model, worker).await {
                 Ok(a) => a,
@@ -879,7 +882,7 @@ impl GatewayState {
                 Err(e) => return Err(Attempt::Next(format!("no ticket: {e}"))),
             };
             match self
-                .send_request(worker, stream, request, &auth, index)
+                .send_request(worker, stream, busy, request, &auth, index)
                 .await
             {
                 Err(Attempt::Next(reason)) if reused && reason.contains("(unauthorized)") => {
@@ -919,6 +922,7 @@ impl GatewayState {
         self: &Arc<Self>,
         worker: PeerId,
         mut stream: libp2p::Stream,
+        busy: crate::network::BusyGuard,
         request: &InferenceRequest,
         auth: &AuthorizeResponse,
         index: u32,
@@ -954,7 +958,7 @@ impl GatewayState {
             chunks: 0,
             completion_tokens: None,
             answered: false,
-            _busy: self.net.busy(worker),
+            _busy: busy,
         };
         // A whole (non-streamed) answer comes in one go when it is ready.
         let first_wait = if request.body.is_some() && !wants_stream(request) {
