@@ -37,6 +37,23 @@ fn circuit_addr(n: &NetworkHandle) -> Option<Multiaddr> {
     n.listen_addrs().into_iter().find(is_relayed)
 }
 
+/// `node` answers each echo stream with the 5 bytes it was sent.
+fn serve_echo(node: &NetworkHandle) {
+    let mut incoming = node
+        .stream_control()
+        .accept(ECHO)
+        .expect("accept the echo protocol");
+    tokio::spawn(async move {
+        while let Some((_, mut s)) = incoming.next().await {
+            let mut buf = [0u8; 5];
+            if s.read_exact(&mut buf).await.is_ok() {
+                let _ = s.write_all(&buf).await;
+                let _ = s.close().await;
+            }
+        }
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_relay_refuses_the_next_reservation_and_keeps_serving() {
     let _ = tracing_subscriber::fmt()
@@ -86,19 +103,7 @@ async fn a_full_relay_refuses_the_next_reservation_and_keeps_serving() {
 
     // The holder answers an echo stream; a third node that knows only the
     // circuit address reaches it through the relay.
-    let mut incoming = holder
-        .stream_control()
-        .accept(ECHO)
-        .expect("accept the echo protocol");
-    tokio::spawn(async move {
-        while let Some((_, mut s)) = incoming.next().await {
-            let mut buf = [0u8; 5];
-            if s.read_exact(&mut buf).await.is_ok() {
-                let _ = s.write_all(&buf).await;
-                let _ = s.close().await;
-            }
-        }
-    });
+    serve_echo(&holder);
     let (caller, _caller_events) = network::spawn(node()).await.expect("caller");
     caller.dial(relay_addr.clone()).await;
     caller.add_address(holder.peer_id, circuit.clone()).await;
@@ -155,19 +160,7 @@ async fn trimming_keeps_the_relay_under_a_circuit_in_use() {
         async || circuit_addr(&holder),
     )
     .await;
-    let mut incoming = holder
-        .stream_control()
-        .accept(ECHO)
-        .expect("accept the echo protocol");
-    tokio::spawn(async move {
-        while let Some((_, mut s)) = incoming.next().await {
-            let mut buf = [0u8; 5];
-            if s.read_exact(&mut buf).await.is_ok() {
-                let _ = s.write_all(&buf).await;
-                let _ = s.close().await;
-            }
-        }
-    });
+    serve_echo(&holder);
     let mut cc = node();
     // An address that is not a LAN one: the caller does not take a
     // reservation of its own (that relay would be kept for it).
