@@ -171,12 +171,15 @@ async fn trimming_keeps_the_relay_under_a_circuit_in_use() {
     );
     cc.peers_high = 0;
     cc.peers_low = 0;
-    cc.peers_grace = Duration::ZERO;
+    // Long enough for the circuit to open over a fresh relay connection.
+    cc.peers_grace = Duration::from_secs(5);
     let (caller, _caller_events) = network::spawn(cc).await.expect("caller");
-    caller.dial(relay_addr.clone()).await;
-    caller.add_address(holder.peer_id, circuit.clone()).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut s = loop {
+        // Until a circuit runs through it, the relay's connection is one
+        // the caller may trim (after the grace): dial it again each try.
+        caller.dial(relay_addr.clone()).await;
+        caller.add_address(holder.peer_id, circuit.clone()).await;
         match caller
             .stream_control()
             .open_stream(holder.peer_id, ECHO)
@@ -219,7 +222,7 @@ async fn trimming_keeps_the_relay_under_a_circuit_in_use() {
     .await;
     poll(
         "the plain peer trimmed",
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         async || (!seen(plain.peer_id).await).then_some(()),
     )
     .await;
