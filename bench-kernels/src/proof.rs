@@ -30,8 +30,11 @@ pub struct MerkleTree {
     levels: Vec<Vec<Hash>>,
 }
 
-/// One step of a path: the sibling and whether it sits on the left.
+/// One step of a path: the sibling and whether it sits on the left. A
+/// step with any other field is refused when it is read (the coordinator
+/// then answers 400 before the round's one try is spent).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Step {
     /// Sibling hash, hex; absent when the node was carried up alone.
     pub sibling: Option<String>,

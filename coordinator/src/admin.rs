@@ -309,20 +309,43 @@ fn audit_on(conn: &mut dyn Db, data_dir: &Path, shared: bool) -> anyhow::Result<
             findings.push(format!("audit log records transfer {id} twice"));
         }
     }
-    // The log is written in order, so a crash loses a suffix of it: a
+    // The log is written in order, so a crash loses a suffix of it. A
     // missing transfer is recoverable when it comes after every audited
-    // transfer and no line that would have followed it (one naming its job)
-    // is in the log. Anything else missing was removed.
+    // transfer and no line that was written after it is in the log. Its
+    // line would have followed every `ledger.*` line in the log (those are
+    // written in the order of their ids), so only the lines after the last
+    // of them can be such a line: one there that names its job was written
+    // after it, unless it is the `authorize.granted` of the job's ticket
+    // (written after the reservation, always before a settlement, refund
+    // or expiry of the job). Anything else missing was removed.
     let last_audited = audited.keys().copied().max().unwrap_or(0);
-    let jobs_in_log: HashSet<&str> = lines
+    fn event_of(l: &Value) -> &str {
+        l.get("event").and_then(Value::as_str).unwrap_or("")
+    }
+    let after_last_transfer_line = lines
         .iter()
-        .filter(|l| {
-            !l.get("event")
-                .and_then(Value::as_str)
-                .is_some_and(|e| e.starts_with("ledger."))
+        .rposition(|l| {
+            let e = event_of(l);
+            e.starts_with("ledger.") && e != "ledger.failure" && l.get("transfer_id").is_some()
         })
-        .filter_map(|l| l.get("job_id").and_then(Value::as_str))
-        .collect();
+        .map_or(0, |i| i + 1);
+    // Job -> the events of the lines after the last transfer line naming it.
+    let mut tail_lines: HashMap<&str, Vec<&str>> = HashMap::new();
+    for l in &lines[after_last_transfer_line..] {
+        if let (e, Some(job)) = (event_of(l), l.get("job_id").and_then(Value::as_str))
+            && !e.starts_with("ledger.")
+        {
+            tail_lines.entry(job).or_default().push(e);
+        }
+    }
+    let followed = |kind: &str, job: Option<&str>| {
+        let resolution = matches!(kind, "settle" | "refund" | "expire");
+        job.and_then(|j| tail_lines.get(j)).is_some_and(|events| {
+            events
+                .iter()
+                .any(|e| !(resolution && *e == "authorize.granted"))
+        })
+    };
     let mut recoverable = Vec::new();
     let rows = conn.query(
         "SELECT id, kind, amount, job_id FROM transfers ORDER BY id",
@@ -336,11 +359,7 @@ fn audit_on(conn: &mut dyn Db, data_dir: &Path, shared: bool) -> anyhow::Result<
         let job = r.opt_str(3)?;
         in_ledger.insert(id);
         match audited.get(&id) {
-            None if id > last_audited
-                && job.as_deref().is_none_or(|j| !jobs_in_log.contains(j)) =>
-            {
-                recoverable.push(id)
-            }
+            None if id > last_audited && !followed(&kind, job.as_deref()) => recoverable.push(id),
             None => findings.push(format!(
                 "transfer {id} ({kind}) is missing from the audit log"
             )),

@@ -48,8 +48,13 @@ pub struct Config {
     pub body_limit_bytes: usize,
     /// Limit on the time one request may take.
     pub request_timeout: Duration,
-    /// Take the client address from `X-Forwarded-For` (only behind a proxy you run).
+    /// Take the client address from `X-Forwarded-For` (only behind a proxy
+    /// you run): the peer is a trusted proxy, whatever its address.
     pub trusted_proxy: bool,
+    /// Addresses of the operator's proxies (`--trusted-proxy-net`): a peer
+    /// in them is a trusted proxy, and entries in them are skipped when
+    /// `X-Forwarded-For` is read from the right.
+    pub trusted_proxy_nets: Vec<crate::client_addr::IpNet>,
     /// How many workers `/bootstrap` returns at most.
     pub bootstrap_peers: usize,
     /// Most seconds charged for a request the user did not acknowledge.
@@ -117,6 +122,7 @@ impl Config {
             body_limit_bytes: 1024 * 1024,
             request_timeout: Duration::from_secs(30),
             trusted_proxy: false,
+            trusted_proxy_nets: Vec::new(),
             bootstrap_peers: 8,
             relays: Vec::new(),
             unacked_cap_secs: 10,

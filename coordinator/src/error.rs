@@ -71,13 +71,67 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Parses a JSON body, turning every failure into a 400 that says what is wrong.
+/// Parses a JSON request body, turning every failure into a 400 that says
+/// what is wrong. Every request body is a JSON object: serde would read a
+/// struct from an array of its fields in order (and an empty struct from
+/// `[]`), so anything but an object is refused before it is parsed.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.is_empty() {
         return Err(ApiError::bad_request(
             "request body is empty; JSON expected",
         ));
     }
+    // JSON's whitespace is these four; whatever follows it must open an
+    // object (serde_json then checks the rest, trailing bytes included).
+    let first = body
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+    if first != Some(&b'{') {
+        return Err(ApiError::bad_request(
+            "invalid JSON body: the body must be a JSON object",
+        ));
+    }
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Pair {
+        #[allow(dead_code)]
+        a: u32,
+        #[allow(dead_code)]
+        b: u32,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Empty {}
+
+    #[test]
+    fn bodies_must_be_objects() {
+        assert!(parse_json::<Pair>(br#" {"a": 1, "b": 2}"#).is_ok());
+        assert!(parse_json::<Empty>(b"\r\n\t {}").is_ok());
+        // Today's serde reads `[1, 2]` as a Pair and `[]` as an Empty.
+        for body in [
+            &b"[1, 2]"[..],
+            b"[]",
+            b" []",
+            b"null",
+            b"1",
+            b"\"x\"",
+            b"   ",
+        ] {
+            for e in [
+                parse_json::<Pair>(body).err(),
+                parse_json::<Empty>(body).err(),
+            ] {
+                let e = e.expect("refused");
+                assert_eq!(e.status, StatusCode::BAD_REQUEST);
+                assert_eq!(e.code, ErrorCode::BadRequest);
+            }
+        }
+    }
 }

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod audit;
 pub mod bench;
+pub mod client_addr;
 pub mod config;
 pub mod db;
 pub mod error;
@@ -325,6 +326,45 @@ impl AppState {
                 None => tracing::info!("database available again"),
             }
             *d = down;
+        }
+    }
+
+    /// The worker `peer_id` as the database has it now, put into this
+    /// replica's table (unless the table has a newer heartbeat). With
+    /// PostgreSQL a worker may have registered or beaten on another replica
+    /// since this one's last refresh (about a second ago): a miss (or a
+    /// stale entry) in the table is read again here before a request is
+    /// refused. With SQLite the table is the database, so `None` at once
+    /// when it lacks the worker.
+    pub async fn reload_worker(
+        self: &Arc<Self>,
+        peer_id: &str,
+    ) -> Result<Option<WorkerRow>, ledger::LedgerError> {
+        if !self.shared() {
+            return Ok(self
+                .workers
+                .read()
+                .ok()
+                .and_then(|m| m.get(peer_id).cloned()));
+        }
+        let id = peer_id.to_string();
+        let Some(row) = self
+            .read_with(move |db| ledger::load_worker(db, &id))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let mut map = self
+            .workers
+            .write()
+            .map_err(|_| ledger::LedgerError::Storage("worker table poisoned".into()))?;
+        match map.get(&row.peer_id) {
+            // A heartbeat this replica took since the read began.
+            Some(have) if have.last_seen > row.last_seen => Ok(Some(have.clone())),
+            _ => {
+                map.insert(row.peer_id.clone(), row.clone());
+                Ok(Some(row))
+            }
         }
     }
 

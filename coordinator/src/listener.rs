@@ -155,7 +155,8 @@ impl axum::serve::Listener for Guarded {
                     continue;
                 }
             };
-            let Some(slot) = self.admit(addr.ip()) else {
+            // An IPv6 client counts by its /64, as the rate limits do.
+            let Some(slot) = self.admit(crate::client_addr::limit_key(addr.ip())) else {
                 tracing::debug!(%addr, "connection refused: over the connection limits");
                 drop(tcp);
                 continue;

@@ -106,9 +106,19 @@ struct ServeArgs {
     /// Seconds without a heartbeat after which a worker is not alive.
     #[arg(long, env = "TROOP_WORKER_TTL_SECS", default_value_t = 90)]
     worker_ttl_secs: u64,
-    /// Trust X-Forwarded-For for the client address (only behind your own proxy).
+    /// Trust X-Forwarded-For for the client address (only behind your own
+    /// proxy): the rightmost entry that is not a trusted proxy is the client.
     #[arg(long, env = "TROOP_TRUSTED_PROXY")]
     trusted_proxy: bool,
+    /// A block of your own proxies' addresses (`10.0.0.0/8`, `2001:db8::1`):
+    /// a peer in it is trusted, and its entries in X-Forwarded-For are
+    /// skipped (repeatable).
+    #[arg(
+        long = "trusted-proxy-net",
+        env = "TROOP_TRUSTED_PROXY_NETS",
+        value_delimiter = ','
+    )]
+    trusted_proxy_net: Vec<troop_coordinator::client_addr::IpNet>,
     /// Most seconds charged for a request the user's gateway did not acknowledge.
     #[arg(long, env = "TROOP_UNACKNOWLEDGED_CAP_SECS", default_value_t = 10)]
     unacknowledged_cap_secs: u64,
@@ -253,6 +263,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.account_reads_per_hour = a.account_reads_per_hour;
             cfg.worker_ttl = Duration::from_secs(a.worker_ttl_secs);
             cfg.trusted_proxy = a.trusted_proxy;
+            cfg.trusted_proxy_nets = a.trusted_proxy_net.clone();
             for r in &a.relay {
                 if troop_coordinator::config::relay_peer_id(r).is_none() {
                     anyhow::bail!(

@@ -438,6 +438,103 @@ async fn rate_limits_answer_429_with_retry_after() {
     .await;
 }
 
+/// Behind a trusted proxy the client is the rightmost `X-Forwarded-For`
+/// entry that is not a proxy (a client writes the ones on the left
+/// itself), and an IPv6 client counts by its /64: neither a forged entry
+/// nor a new address in the same /64 gets a fresh quota.
+#[tokio::test]
+async fn per_ip_limits_see_through_forged_forwarded_entries_and_ipv6_rotation() {
+    let c = TestCoordinator::start_with(|cfg| {
+        cfg.trusted_proxy = true;
+        cfg.discovery_per_hour = 3;
+    })
+    .await;
+    let get = |forwarded: String| {
+        let c = &c;
+        async move {
+            c.http
+                .get(format!("{}/workers", c.url))
+                .header("x-forwarded-for", forwarded)
+                .send()
+                .await
+                .expect("GET")
+                .status()
+                .as_u16()
+        }
+    };
+    // The proxy (127.0.0.1, the peer) appends the client's address; the
+    // client forges a new leftmost entry each time, and the proxy's own
+    // address in the chain is skipped.
+    let mut seen = Vec::new();
+    for i in 0..4 {
+        seen.push(get(format!("198.51.100.{i}, 203.0.113.7, 127.0.0.1")).await);
+    }
+    assert_eq!(seen, [200, 200, 200, 429]);
+    // The same client as an IPv4-mapped IPv6 address.
+    assert_eq!(get("::ffff:203.0.113.7".into()).await, 429);
+    // Another client behind the same proxy has its own quota.
+    assert_eq!(get("6.6.6.6, 203.0.113.8".into()).await, 200);
+    // An IPv6 client rotating inside its /64.
+    let mut seen = Vec::new();
+    for i in 1..=4 {
+        seen.push(get(format!("2001:db8:1:2::{i:x}")).await);
+    }
+    assert_eq!(seen, [200, 200, 200, 429]);
+    assert_eq!(get("2001:db8:1:2:ffff:ffff:ffff:ffff".into()).await, 429);
+    // The next /64 is another client.
+    assert_eq!(get("2001:db8:1:3::1".into()).await, 200);
+}
+
+/// Every JSON request body is an object: an array (which serde reads as a
+/// struct's fields in order, `[]` as a struct with no required field) or
+/// any other JSON value is refused with 400 and changes nothing.
+#[tokio::test]
+async fn json_bodies_that_are_not_objects_are_refused() {
+    let c = TestCoordinator::start().await;
+    let worker = generate();
+    let user = generate();
+    c.register(&worker, &[MODEL]).await;
+    let wid = worker.public().to_peer_id().to_base58();
+    // `/authorize` with the fields of an AuthorizeRequest as an array.
+    let array = serde_json::to_vec(&json!([MODEL, wid])).expect("json");
+    let r = c.signed_raw(&user, "/authorize", array, now_secs()).await;
+    assert_eq!(error_code(r).await, (400, "bad_request".into()));
+    for path in [
+        "/workers/heartbeat",
+        "/bench/challenge",
+        "/workers/register",
+    ] {
+        for body in [&b"[]"[..], b" [] ", b"null", b"1", b"\"x\""] {
+            let r = c.signed_raw(&worker, path, body.to_vec(), now_secs()).await;
+            assert_eq!(
+                error_code(r).await,
+                (400, "bad_request".into()),
+                "{path} {}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+    // No ticket was sold: the user has no account.
+    let r = c
+        .get(&format!("/users/{}/balance", user.public().to_peer_id()))
+        .await;
+    assert_eq!(r.status(), 404);
+    assert!(
+        !c.audit_lines()
+            .iter()
+            .any(|l| l["event"] == "authorize.granted"),
+        "a ticket was sold for an array"
+    );
+    // Objects still pass.
+    assert_eq!(
+        c.signed(&worker, "/workers/heartbeat", &json!({}))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(c.authorize(&user, &worker, MODEL).await.status(), 200);
+}
+
 /// A console polls its own history: reads signed by the account count
 /// against that account's quota, not the IP's discovery quota; foreign or
 /// bad reads still count per IP.
@@ -1155,6 +1252,74 @@ async fn ledger_repair_restores_an_audit_log_cut_by_a_crash() {
     assert_eq!(out.status.code(), Some(0), "{said}");
     let out = run(&["ledger", "repair", "--data", &data]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to repair"));
+}
+
+/// A crash can lose a settlement's audit line while the ticket's
+/// `authorize.granted` line for the same job, written before it, stays in
+/// the log: that is a lost tail (exit 3) that `ledger repair` appends, not
+/// a finding.
+#[tokio::test]
+async fn ledger_repair_restores_a_lost_settlement_line_after_its_ticket_line() {
+    let mut c = TestCoordinator::start().await;
+    let worker = generate();
+    let user = generate();
+    let reg = c.register(&worker, &[MODEL]).await;
+    let auth = c.ticket(&user, &worker, MODEL).await;
+    let r = c
+        .submit_receipt(
+            &reg.receipt_key,
+            &receipt_for(&auth.job_id, &user, &worker, MODEL, 1_500),
+            now_secs(),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    c.stop().await;
+    // Cut the log where a crash would: just before the settlement's line.
+    let log = c.dir.path().join("logs/audit.log");
+    let text = std::fs::read_to_string(&log).expect("log");
+    let cut = text.find("\"ledger.settle\"").expect("settle line");
+    let start = text[..cut].rfind('\n').map_or(0, |i| i + 1);
+    let kept = &text[..start];
+    assert!(
+        kept.contains("\"authorize.granted\"") && kept.contains(auth.job_id.as_str()),
+        "the ticket's line stays: {kept}"
+    );
+    std::fs::write(&log, kept).expect("write");
+
+    let data = c.dir.path().to_str().expect("utf8").to_string();
+    let run = |args: &[&str]| {
+        std::process::Command::new(bin())
+            .args(args)
+            .output()
+            .expect("run")
+    };
+    let out = run(&["ledger", "audit", "--data", &data]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    let out = run(&["ledger", "repair", "--data", &data]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(said.contains("appended 1"), "{said}");
+    let out = run(&["ledger", "audit", "--data", &data]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+
+    // A line written after the settlement (its receipt replayed) in the
+    // log while the settlement's line is not: removed, not a lost tail.
+    let text = std::fs::read_to_string(&log).expect("log");
+    let replay = json!({"ts_ms": 1, "event": "security.replay", "request_id": null,
+        "kind": "receipt", "job_id": auth.job_id});
+    let doctored: String = text
+        .lines()
+        .filter(|l| !l.contains("\"ledger.settle\""))
+        .map(|l| format!("{l}\n"))
+        .chain(std::iter::once(format!("{replay}\n")))
+        .collect();
+    std::fs::write(&log, doctored).expect("write");
+    let out = run(&["ledger", "audit", "--data", &data]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("missing from the audit log"), "{said}");
 }
 
 fn addr_of(c: &TestCoordinator) -> String {

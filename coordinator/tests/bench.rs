@@ -163,6 +163,55 @@ async fn a_wrong_row_is_refused_and_the_multiplier_stays() {
         .await;
 }
 
+/// A Merkle step with a field it does not have is refused with 400 before
+/// the round's one try is spent: the right openings pass afterwards.
+#[tokio::test]
+async fn a_path_step_with_an_unknown_field_is_refused_and_keeps_the_try() {
+    let c = small().await;
+    let w = generate();
+    c.register(&w, &["m"]).await;
+    let (id, ch) = challenge(&c, &w).await;
+    let proof = prove(&ch, Backend::Cpu, None, |_, _| {}).expect("prove");
+    let (s, asked) = json_of(
+        c.signed(
+            &w,
+            "/bench/submit",
+            &json!({"challenge_id": id, "root": proof.root_hex()}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, 200, "{asked}");
+    let rows = rows_of(&asked);
+    let good = openings(&proof, &rows);
+    // The same (correct) openings, one step carrying an extra field.
+    let mut bad = serde_json::to_value(&good).expect("json");
+    bad[0]["path"][0]["extra"] = json!(true);
+    let (s, v) = json_of(
+        c.signed(
+            &w,
+            "/bench/submit",
+            &json!({"challenge_id": id, "openings": bad}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(v["error"]["code"], "bad_request", "{v}");
+    assert!(worker_info(&c, &w).await["verified_gflops"].is_null());
+    let (s, verdict) = json_of(
+        c.signed(
+            &w,
+            "/bench/submit",
+            &json!({"challenge_id": id, "openings": good}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, 200, "{verdict}");
+    assert_eq!(verdict["verified"], true);
+}
+
 #[tokio::test]
 async fn foreign_unknown_and_stale_challenges_are_refused() {
     let c = TestCoordinator::start_with(|cfg| {

@@ -74,13 +74,14 @@ async fn forged_reused_and_foreign_acknowledgements_are_refused() {
 }
 
 #[tokio::test]
-async fn a_gateway_that_withholds_signatures_costs_at_most_the_cap_per_request() {
+async fn a_gateway_that_withholds_signatures_costs_at_most_the_cap_per_session() {
     let c = TestCoordinator::start_with(|cfg| cfg.clock_tolerance_ms = 400_000).await;
     let worker = generate();
     let user = generate();
     let reg = c.register(&worker, &[MODEL]).await;
     let auth = c.ticket(&user, &worker, MODEL).await;
-    // Three requests of 60 s each, none acknowledged: 3 x 10 s.
+    // Three requests of 60 s each, none acknowledged: one 10 s cap for the
+    // session, not three (a worker listing more lines takes no more).
     let mut r = receipt_for(&auth.job_id, &user, &worker, MODEL, 60_000);
     let line = r.requests[0].clone();
     r.requests.clear();
@@ -96,11 +97,15 @@ async fn a_gateway_that_withholds_signatures_costs_at_most_the_cap_per_request()
         .json()
         .await
         .expect("json");
-    assert_eq!(s.cost, 30.0);
+    assert_eq!(s.cost, 10.0);
     let workers: Value = c.get("/workers").await.json().await.expect("json");
     assert_eq!(
         workers["workers"][0]["reputation"]["acknowledged_share"],
         0.0
+    );
+    assert_eq!(
+        workers["workers"][0]["reputation"]["unacknowledged_share"],
+        1.0
     );
 }
 

@@ -443,6 +443,54 @@ async fn kill_9_of_a_replica_under_load_loses_no_acknowledged_settlement() {
     );
 }
 
+/// A worker registered on one replica sells a ticket on another at once,
+/// before that replica's refresh (every second) has heard of it: the
+/// replica reads the database before refusing. Its receipt settles there
+/// too, and it may ask there for a proof-of-hardware challenge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_for_a_worker_registered_on_another_replica_just_now_is_sold() {
+    let Some((_server, url, key)) = shared_database("fresh_worker") else {
+        return;
+    };
+    let r1 = replica(&url, &key, 10, 100).await;
+    let r2 = replica(&url, &key, 10, 100).await;
+    let worker = generate();
+    let user = generate();
+    let wid = worker.public().to_peer_id().to_base58();
+    // Replica 2 has not heard of the worker yet (its refresh may have run
+    // since the registration: forget what it learnt, as it would not have).
+    let forget = |c: &TestCoordinator| {
+        if let Some(running) = &c.running
+            && let Ok(mut map) = running.state.workers.write()
+        {
+            map.remove(&wid);
+        }
+    };
+    let reg = r1.register(&worker, &[MODEL]).await;
+    forget(&r2);
+    let r = r2.authorize(&user, &worker, MODEL).await;
+    let status = r.status();
+    let text = r.text().await.expect("body");
+    assert_eq!(status, 200, "{text}");
+    let auth: troop_protocol::api::AuthorizeResponse = serde_json::from_str(&text).expect("ticket");
+    forget(&r2);
+    let r = r2
+        .submit_receipt(
+            &reg.receipt_key,
+            &receipt_for(&auth.job_id, &user, &worker, MODEL, 1500),
+            now_secs(),
+        )
+        .await;
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    forget(&r2);
+    let r = r2.signed(&worker, "/bench/challenge", &json!({})).await;
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    // A worker nobody registered is still refused.
+    let stranger = generate();
+    let r = r2.authorize(&user, &stranger, MODEL).await;
+    assert_eq!(r.status(), 503);
+}
+
 /// A proof-of-hardware round may span replicas: the challenge from one,
 /// the root to the other, the openings back to the first; its one try is
 /// spent on all of them.

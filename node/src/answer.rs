@@ -152,30 +152,42 @@ async fn fail(stream: &mut libp2p::Stream, e: &UpstreamError, chunks: u64) -> Jo
     }
 }
 
-/// Sends `data` in `raw` frames of at most [`FRAME_TARGET`] bytes (cut at
-/// character boundaries); `events` goes with the last piece.
+/// Sends `data` in `raw` frames of at most [`FRAME_TARGET`] bytes.
 async fn send_raw(stream: &mut libp2p::Stream, data: &str, events: u32) -> bool {
+    for (piece, n) in raw_pieces(data, events) {
+        let f = Frame::Raw {
+            data: piece.to_string(),
+            events: n,
+        };
+        if write_frame(stream, &f).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Cuts `data` (server-sent events, each ended by a blank line) into
+/// pieces of at most [`FRAME_TARGET`] bytes, each with the events it ends.
+/// Frames end between events; only an event longer than a frame is cut
+/// (at a character boundary), `events` counting it on its last piece.
+fn raw_pieces(data: &str, events: u32) -> Vec<(&str, u32)> {
+    let mut out = Vec::new();
     let mut rest = data;
+    let mut counted = 0u32;
     while rest.len() > FRAME_TARGET {
         let mut cut = FRAME_TARGET;
         while !rest.is_char_boundary(cut) {
             cut -= 1;
         }
+        let cut = rest[..cut].rfind("\n\n").map_or(cut, |i| i + 2);
         let (head, tail) = rest.split_at(cut);
-        let f = Frame::Raw {
-            data: head.to_string(),
-            events: 0,
-        };
-        if write_frame(stream, &f).await.is_err() {
-            return false;
-        }
+        let ended = (head.matches("\n\n").count() as u32).min(events - counted);
+        counted += ended;
+        out.push((head, ended));
         rest = tail;
     }
-    let f = Frame::Raw {
-        data: rest.to_string(),
-        events,
-    };
-    write_frame(stream, &f).await.is_ok()
+    out.push((rest, events - counted));
+    out
 }
 
 /// Serves one pass-through request on `stream`.
@@ -427,4 +439,36 @@ async fn whole(
         chunks: 0,
         first: Some(first),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_end_between_events() {
+        let event = format!("data: {}\n\n", "x".repeat(1000));
+        let n = 600;
+        let data = event.repeat(n);
+        let pieces = raw_pieces(&data, n as u32);
+        assert!(pieces.len() >= 3);
+        for (p, e) in &pieces {
+            assert!(p.len() <= FRAME_TARGET);
+            assert!(p.ends_with("\n\n"), "a frame ends mid-event");
+            assert_eq!(*e as usize, p.len() / event.len());
+        }
+        assert_eq!(pieces.iter().map(|p| p.1).sum::<u32>(), n as u32);
+        assert_eq!(pieces.iter().map(|p| p.0).collect::<String>(), data);
+    }
+
+    #[test]
+    fn an_event_longer_than_a_frame_is_cut_and_counted_on_its_last_piece() {
+        let long = format!("data: {}\n\n", "y".repeat(FRAME_TARGET + 10));
+        let data = format!("data: a\n\n{long}data: b\n\n");
+        let pieces = raw_pieces(&data, 3);
+        assert_eq!(pieces[0], ("data: a\n\n", 1));
+        assert_eq!(pieces.iter().map(|p| p.1).sum::<u32>(), 3);
+        assert_eq!(pieces.iter().map(|p| p.0).collect::<String>(), data);
+        assert!(pieces.iter().all(|p| p.0.len() <= FRAME_TARGET));
+    }
 }

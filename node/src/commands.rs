@@ -92,8 +92,11 @@ pub fn print_models(rows: &[WorkerRow]) {
             "{:<28} {:<54} {:>6} {:>8} {:>9} {:>8}",
             r.model,
             r.peer_id,
-            r.queue_depth,
-            format!("{}/{}", r.active_jobs, r.max_jobs),
+            r.queue_depth.map_or("-".into(), |q| q.to_string()),
+            match (r.active_jobs, r.max_jobs) {
+                (Some(a), Some(m)) => format!("{a}/{m}"),
+                _ => "-".into(),
+            },
             f(r.ttft_ms),
             f(r.rtt_ms)
         );

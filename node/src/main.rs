@@ -193,6 +193,16 @@ enum Cmd {
         /// (keep it on loopback: it shows earnings; port 0 picks a free one).
         #[arg(long, env = "TROOP_HTTP", default_value = "127.0.0.1:9464")]
         http: SocketAddr,
+        /// Host name the status page answers to besides localhost and the
+        /// --http address (repeatable), e.g. gpu-box.lan; requests naming
+        /// another host are refused (403), so no web page can read it by
+        /// pointing its own name at this machine (DNS rebinding).
+        #[arg(
+            long = "allowed-host",
+            env = "TROOP_ALLOWED_HOSTS",
+            value_delimiter = ','
+        )]
+        allowed_hosts: Vec<String>,
         #[command(flatten)]
         mesh: MeshArgs,
     },
@@ -215,6 +225,16 @@ enum Cmd {
             value_delimiter = ','
         )]
         cors_origins: Vec<String>,
+        /// Host name the API answers to besides localhost and the --http
+        /// address (repeatable), e.g. gpu-box.lan; requests naming another
+        /// host are refused (403), so no web page can spend your credits by
+        /// pointing its own name at this machine (DNS rebinding).
+        #[arg(
+            long = "allowed-host",
+            env = "TROOP_ALLOWED_HOSTS",
+            value_delimiter = ','
+        )]
+        allowed_hosts: Vec<String>,
         /// Do not continue an answer on another worker when its worker is
         /// lost mid-stream (the app then gets a `worker_lost` error event).
         #[arg(long)]
@@ -393,6 +413,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             benchmark,
             bench_backend,
             http,
+            allowed_hosts,
             mesh,
         } => {
             let key = read_identity(&identity)?;
@@ -417,6 +438,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             cfg.net = mesh.net(key)?;
             cfg.http = Some(http);
+            cfg.allowed_hosts = allowed_hosts;
             if benchmark {
                 cfg.benchmark = Some(bench_backend);
             }
@@ -472,6 +494,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             coordinator,
             http,
             cors_origins,
+            allowed_hosts,
             no_resume,
             coordinator_lookup_ms,
             no_coordinator_lookup,
@@ -483,6 +506,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut cfg = gateway::GatewayConfig::new(key.clone(), &coordinator, http);
             cfg.net = mesh.net(key)?;
             cfg.cors_origins = cors_origins;
+            cfg.allowed_hosts = allowed_hosts;
             cfg.resume = !no_resume;
             cfg.coordinator_lookup_after = (!no_coordinator_lookup)
                 .then(|| std::time::Duration::from_millis(coordinator_lookup_ms));

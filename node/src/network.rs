@@ -687,6 +687,7 @@ pub async fn spawn(cfg: NetConfig) -> anyhow::Result<(NetworkHandle, mpsc::Recei
         relay_listener: None,
         relay_backoff: HashMap::new(),
         punched: HashSet::new(),
+        quic_probed: HashSet::new(),
         relay_serving: cfg.relay_server.is_some() && cfg.relay_always,
         relay_refused: 0,
         relay_clients: HashSet::new(),
@@ -731,6 +732,20 @@ fn is_unspecified(addr: &Multiaddr) -> bool {
         Protocol::Ip4(ip) => ip.is_unspecified(),
         Protocol::Ip6(ip) => ip.is_unspecified(),
         _ => false,
+    })
+}
+
+/// A QUIC address (`.../udp/N/quic-v1`).
+fn is_quic(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::QuicV1))
+}
+
+/// The IP of an address, if it names one.
+fn ip_of(addr: &Multiaddr) -> Option<std::net::IpAddr> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(ip.into()),
+        Protocol::Ip6(ip) => Some(ip.into()),
+        _ => None,
     })
 }
 
@@ -843,9 +858,63 @@ struct EventLoop {
     relay_serving: bool,
     relay_refused: u64,
     relay_clients: HashSet<PeerId>,
+    /// Relays we reached over TCP and dialled once more over QUIC, to learn
+    /// the address our NAT gives our UDP socket (for hole punching).
+    quic_probed: HashSet<PeerId>,
 }
 
+/// Most relays learnt from peers and the coordinator that a node keeps
+/// (each one a candidate for a reservation).
+const MAX_LEARNT_RELAYS: usize = 64;
+
 impl EventLoop {
+    /// Adds a relay learnt from a peer or the coordinator to the relays
+    /// this node knows, at most [`MAX_LEARNT_RELAYS`] of them: when full,
+    /// the oldest learnt one is forgotten (`--relay` ones never are).
+    fn remember_relay(&mut self, peer: PeerId, addr: Multiaddr) {
+        let learnt = self.relays.iter().filter(|r| !r.2).count();
+        if learnt >= MAX_LEARNT_RELAYS
+            && let Some(oldest) = self.relays.iter().position(|r| !r.2)
+        {
+            self.relays.remove(oldest);
+        }
+        self.relays.push((peer, addr, false));
+    }
+
+    /// Dials a relay we reached over TCP once more over QUIC (at its QUIC
+    /// address on the same IP), when we listen on QUIC ourselves: identify
+    /// on that connection tells us the address our NAT maps our UDP socket
+    /// to, which DCUtR then offers beside the TCP one. Routers that answer
+    /// unsolicited TCP with RST defeat TCP simultaneous open but not a UDP
+    /// punch; whichever path comes up first is kept.
+    fn probe_quic(&mut self, relay: PeerId, listen_addrs: &[Multiaddr]) {
+        if self.quic_probed.contains(&relay) || !self.swarm.listeners().any(is_quic) {
+            return;
+        }
+        let Some(ip) = self.dialed.get(&relay).and_then(ip_of) else {
+            return;
+        };
+        let Some(addr) = listen_addrs
+            .iter()
+            .find(|a| is_quic(a) && !is_relayed(a) && ip_of(a) == Some(ip))
+            .cloned()
+        else {
+            return;
+        };
+        if self.quic_probed.len() >= MAX_LEARNT_RELAYS * 2 {
+            self.quic_probed.clear();
+        }
+        self.quic_probed.insert(relay);
+        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(relay)
+            .addresses(vec![strip_p2p(&addr)])
+            .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+            .build();
+        tracing::debug!(%relay, address = %addr, "dialling the relay over QUIC too, to learn our UDP mapping");
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%relay, error = %e, "QUIC dial to the relay failed");
+        }
+    }
+
     async fn run(mut self) {
         let mut reprovide = tokio::time::interval(Duration::from_secs(60));
         let mut redial = tokio::time::interval(Duration::from_secs(3));
@@ -1017,7 +1086,7 @@ impl EventLoop {
                 }
                 if !self.relays.iter().any(|(p, _, _)| *p == peer) {
                     tracing::info!(relay = %addr, "relay known");
-                    self.relays.push((peer, strip_p2p(&addr), false));
+                    self.remember_relay(peer, strip_p2p(&addr));
                 }
                 if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
                     kad.add_address(&peer, addr.clone());
@@ -1664,8 +1733,11 @@ impl EventLoop {
                     });
                     if let Some(addr) = addr {
                         tracing::info!(relay = %with_p2p(addr.clone(), peer_id), "peer offers circuit relay");
-                        self.relays.push((peer_id, strip_p2p(&addr), false));
+                        self.remember_relay(peer_id, strip_p2p(&addr));
                     }
+                }
+                if offers_relay && direct && !is_quic(&info.observed_addr) {
+                    self.probe_quic(peer_id, &info.listen_addrs);
                 }
                 if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut()
                     && info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL)

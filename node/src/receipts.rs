@@ -23,6 +23,9 @@ pub struct ReceiptQueue {
     delivered: Arc<AtomicU64>,
     /// Receipts refused for good (kept under `rejected/`) since start.
     rejected: Arc<AtomicU64>,
+    /// Receipts on disk waiting, as last counted (the status page reads
+    /// this instead of the folder).
+    waiting: Arc<AtomicU64>,
 }
 
 impl ReceiptQueue {
@@ -33,10 +36,13 @@ impl ReceiptQueue {
             notify: Arc::new(Notify::new()),
             delivered: Arc::default(),
             rejected: Arc::default(),
+            waiting: Arc::default(),
         })
     }
 
     /// Writes the receipt durably (write to a temp file, fsync, rename).
+    /// It blocks on the disk: call it from a blocking thread
+    /// ([`enqueue_async`](Self::enqueue_async) does).
     pub fn enqueue(&self, r: &Receipt) -> std::io::Result<()> {
         let safe: String = r
             .job_id
@@ -50,8 +56,23 @@ impl ReceiptQueue {
         std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, self.dir.join(format!("{safe}.json")))?;
         metrics::counter!("troop_receipts_queued_total").increment(1);
+        self.waiting.fetch_add(1, Ordering::Relaxed);
         self.notify.notify_one();
         Ok(())
+    }
+
+    /// [`enqueue`](Self::enqueue) on the runtime's blocking threads (the
+    /// fsync may take tens of milliseconds on a busy disk).
+    pub async fn enqueue_async(&self, r: Receipt) -> std::io::Result<()> {
+        let q = self.clone();
+        tokio::task::spawn_blocking(move || q.enqueue(&r))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    /// Receipts waiting on disk, as last counted (no disk access).
+    pub fn waiting(&self) -> u64 {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     /// Receipts delivered since start.
@@ -78,6 +99,18 @@ impl ReceiptQueue {
         v
     }
 
+    /// [`pending`](Self::pending) read on a blocking thread; updates the
+    /// count of receipts waiting.
+    async fn pending_async(&self) -> Vec<PathBuf> {
+        let q = self.clone();
+        let v = tokio::task::spawn_blocking(move || q.pending())
+            .await
+            .unwrap_or_default();
+        self.waiting.store(v.len() as u64, Ordering::Relaxed);
+        metrics::gauge!("troop_receipts_waiting").set(v.len() as f64);
+        v
+    }
+
     /// Delivers queued receipts forever: at once when one is added, and
     /// again with backoff (1 s doubling to 60 s) while the coordinator is
     /// unreachable.
@@ -85,17 +118,16 @@ impl ReceiptQueue {
         let mut delay = Duration::from_secs(1);
         loop {
             let mut failed = false;
-            let pending = self.pending();
-            metrics::gauge!("troop_receipts_waiting").set(pending.len() as f64);
+            let pending = self.pending_async().await;
             for path in pending {
-                let Ok(body) = std::fs::read(&path) else {
+                let Ok(body) = tokio::fs::read(&path).await else {
                     continue;
                 };
                 let k = key.read().map(|k| k.clone()).unwrap_or_default();
                 match client.submit_receipt(&k, body).await {
                     Ok(s) => {
                         tracing::info!(job = %s.job_id, outcome = %s.outcome, cost = s.cost, replayed = s.replayed, "receipt settled");
-                        let _ = std::fs::remove_file(&path);
+                        let _ = tokio::fs::remove_file(&path).await;
                         self.delivered.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!("troop_receipts_delivered_total").increment(1);
                     }
@@ -106,7 +138,8 @@ impl ReceiptQueue {
                         self.rejected.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!("troop_receipts_rejected_total").increment(1);
                         if let Some(name) = path.file_name() {
-                            let _ = std::fs::rename(&path, self.dir.join("rejected").join(name));
+                            let _ = tokio::fs::rename(&path, self.dir.join("rejected").join(name))
+                                .await;
                         }
                     }
                     Err(e) => {
@@ -116,7 +149,7 @@ impl ReceiptQueue {
                     }
                 }
             }
-            metrics::gauge!("troop_receipts_waiting").set(self.pending().len() as f64);
+            self.pending_async().await;
             if failed {
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}

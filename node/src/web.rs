@@ -293,3 +293,209 @@ pub fn warn_if_public(addr: SocketAddr, role: &str) {
         );
     }
 }
+
+/// Whether a browser page at `origin` may call the API: pages served from
+/// this machine (localhost, 127.0.0.1, [::1], any port) always, others
+/// when listed (`*`: any).
+pub fn origin_allowed(origin: &str, allowed: &[String]) -> bool {
+    if allowed
+        .iter()
+        .any(|a| a == "*" || a.trim_end_matches('/') == origin)
+    {
+        return true;
+    }
+    let Some(rest) = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    let (host, port) = split_host_port(rest);
+    port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        && matches!(host, "localhost" | "127.0.0.1" | "[::1]")
+}
+
+/// `host[:port]` or `[v6][:port]` into the host (brackets kept) and the
+/// text after its colon, if any.
+fn split_host_port(authority: &str) -> (&str, Option<&str>) {
+    let host_len = if authority.starts_with('[') {
+        authority.find(']').map_or(authority.len(), |i| i + 1)
+    } else {
+        authority.find(':').unwrap_or(authority.len())
+    };
+    let (host, rest) = authority.split_at(host_len);
+    (host, rest.strip_prefix(':'))
+}
+
+/// Who may call a node's HTTP server (the gateway's API and console, the
+/// worker's status page): the `Host` names it answers to and the browser
+/// origins it serves.
+///
+/// - `Host` must be a loopback name or address (`localhost`, `*.localhost`,
+///   127.0.0.0/8, `[::1]`), the address the server was told to bind
+///   (`--http`; any address literal when that is 0.0.0.0 or `[::]`), or a
+///   name given with `--allowed-host`. A page of another site that gets its
+///   name resolved to 127.0.0.1 (DNS rebinding) sends its own name and is
+///   refused.
+/// - `Origin`, when a browser sends one, must be a page of this machine
+///   (`origin_allowed`), one given with `--cors-origin`, or this server's
+///   own origin (the console served under an allowed `Host`). Browsers send
+///   `Origin` on every cross-site POST, `no-cors` ones included, which
+///   never see a preflight.
+#[derive(Clone, Debug)]
+pub struct Access {
+    bound: std::net::IpAddr,
+    hosts: std::sync::Arc<[String]>,
+    origins: std::sync::Arc<[String]>,
+}
+
+impl Access {
+    pub fn new(bound: std::net::IpAddr, hosts: &[String], origins: &[String]) -> Self {
+        Self {
+            bound,
+            hosts: hosts
+                .iter()
+                .map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase())
+                .collect(),
+            origins: origins.into(),
+        }
+    }
+
+    /// Whether a request naming `host` (the `Host` header) is for us.
+    pub fn host_allowed(&self, host: &str) -> bool {
+        let (name, port) = split_host_port(host);
+        if port.is_some_and(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit())) {
+            return false;
+        }
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if name == "localhost" || name.ends_with(".localhost") {
+            return true;
+        }
+        if self.hosts.iter().any(|h| h == &name) {
+            return true;
+        }
+        let literal = name.trim_start_matches('[').trim_end_matches(']');
+        match literal.parse::<std::net::IpAddr>() {
+            Ok(ip) => ip.is_loopback() || ip == self.bound || self.bound.is_unspecified(),
+            Err(_) => false,
+        }
+    }
+
+    /// Whether a request with `Origin: origin` and `Host: host` may be served.
+    pub fn origin_allowed(&self, origin: &str, host: Option<&str>) -> bool {
+        if origin_allowed(origin, &self.origins) {
+            return true;
+        }
+        // The server's own pages (a console reached at its LAN address).
+        host.is_some_and(|h| {
+            self.host_allowed(h)
+                && (origin.strip_prefix("http://") == Some(h)
+                    || origin.strip_prefix("https://") == Some(h))
+        })
+    }
+}
+
+/// Refuses requests for another `Host` or from a foreign `Origin` (see
+/// [`Access`]) with 403 and an OpenAI-shaped error (`forbidden_host`,
+/// `forbidden_origin`), counted in `troop_http_refused_total`.
+pub async fn guard(
+    axum::extract::State(access): axum::extract::State<Access>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let headers = req.headers();
+    let host = headers
+        .get(header::HOST)
+        .map(|h| h.to_str().unwrap_or("\u{fffd}"))
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    if let Some(h) = host
+        && !access.host_allowed(h)
+    {
+        return refuse(
+            "forbidden_host",
+            "host",
+            &format!(
+                "this server does not answer to the host name {h:?} (a web page with its own name pointed at this machine?); to reach it under that name start it with --allowed-host"
+            ),
+        );
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let o = origin.to_str().unwrap_or("\u{fffd}");
+        if !access.origin_allowed(o, host) {
+            return refuse(
+                "forbidden_origin",
+                "origin",
+                &format!(
+                    "web pages from {o:?} may not call this server; allow that site with --cors-origin"
+                ),
+            );
+        }
+    }
+    next.run(req).await
+}
+
+fn refuse(code: &str, reason: &'static str, message: &str) -> Response {
+    metrics::counter!("troop_http_refused_total", "reason" => reason).increment(1);
+    tracing::warn!(reason, "{message}");
+    let body = json!({ "error": { "message": message, "type": "invalid_request_error", "param": null, "code": code } });
+    (StatusCode::FORBIDDEN, axum::Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod access_tests {
+    use super::*;
+
+    fn access(bound: &str, hosts: &[&str]) -> Access {
+        let hosts: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
+        Access::new(bound.parse().expect("ip"), &hosts, &[])
+    }
+
+    #[test]
+    fn hosts_are_loopback_our_address_or_listed() {
+        let a = access("127.0.0.1", &["gpu-box.lan"]);
+        for ok in [
+            "127.0.0.1:8080",
+            "127.0.0.1",
+            "localhost:8080",
+            "LOCALHOST.",
+            "app.localhost:3000",
+            "[::1]:8080",
+            "127.0.0.2:8080",
+            "gpu-box.lan:8080",
+        ] {
+            assert!(a.host_allowed(ok), "{ok}");
+        }
+        for bad in [
+            "evil.test:8080",
+            "evil.test",
+            "localhost.evil.test",
+            "192.168.1.5:8080",
+            "127.0.0.1:80x",
+            "127.0.0.1:",
+            "",
+        ] {
+            assert!(!a.host_allowed(bad), "{bad}");
+        }
+        assert!(access("192.168.1.5", &[]).host_allowed("192.168.1.5:8080"));
+        let any = access("0.0.0.0", &[]);
+        assert!(any.host_allowed("10.0.0.7:8080"));
+        assert!(!any.host_allowed("rebind.example:8080"));
+    }
+
+    #[test]
+    fn origins_are_local_listed_or_our_own() {
+        let a = Access::new(
+            "192.168.1.5".parse().expect("ip"),
+            &[],
+            &["https://app.example".to_string()],
+        );
+        assert!(a.origin_allowed("http://localhost:3000", None));
+        assert!(a.origin_allowed("http://[::1]:3000", None));
+        assert!(a.origin_allowed("https://app.example", None));
+        assert!(a.origin_allowed("http://192.168.1.5:8080", Some("192.168.1.5:8080")));
+        assert!(!a.origin_allowed("http://evil.example", Some("127.0.0.1:8080")));
+        assert!(!a.origin_allowed("null", Some("127.0.0.1:8080")));
+        assert!(!a.origin_allowed("http://localhost.evil.example", None));
+        assert!(!a.origin_allowed("http://evil.test:8080", Some("evil.test:8080")));
+    }
+}

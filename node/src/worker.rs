@@ -60,6 +60,13 @@ pub struct WorkerConfig {
     /// Address of the status page, `/troop/status` and `/metrics`
     /// (`None`: no HTTP server).
     pub http: Option<std::net::SocketAddr>,
+    /// Host names the status page answers to besides loopback ones and
+    /// the address it binds (`--allowed-host`).
+    pub allowed_hosts: Vec<String>,
+    /// Most requests served under one session before it is closed and its
+    /// receipt filed (the gateway then opens another); keeps every receipt
+    /// inside the coordinator's body and line limits.
+    pub max_session_requests: usize,
 }
 
 impl WorkerConfig {
@@ -81,6 +88,8 @@ impl WorkerConfig {
             session_idle: Duration::from_secs(30),
             timeouts: crate::answer::StreamTimeouts::default(),
             http: None,
+            allowed_hosts: Vec::new(),
+            max_session_requests: troop_protocol::usage::MAX_SESSION_REQUESTS,
         }
     }
 }
@@ -237,6 +246,10 @@ struct Session {
 /// A user whose gateway left this many requests in a row unacknowledged
 /// gets no new session from this worker.
 const MAX_UNACKED_IN_A_ROW: u32 = 20;
+
+/// Most users whose unacknowledged run the worker remembers; when full,
+/// only the runs that block a user are kept.
+const MAX_UNACKED_USERS: usize = 10_000;
 
 /// A running worker; dropping it leaves the tasks running, `kill` stops
 /// everything at once (as a crash would).
@@ -888,6 +901,12 @@ async fn open_session(
             if sess.used_ms >= sess.limit_ms {
                 return Err("the session's reservation is used up".into());
             }
+            if sess.indices.len() >= s.cfg.max_session_requests {
+                return Err(format!(
+                    "the session is full ({} requests); open another",
+                    s.cfg.max_session_requests
+                ));
+            }
             if !sess.indices.insert(index) {
                 return Err(format!("request {index} of this session was already sent"));
             }
@@ -967,6 +986,7 @@ async fn session_loop(s: Arc<Shared>) {
         tick.tick().await;
         let now = unix_secs();
         let mut due = Vec::new();
+        let full = s.cfg.max_session_requests;
         if let Ok(mut ss) = s.sessions.lock() {
             let jtis: Vec<String> = ss
                 .by_jti
@@ -976,7 +996,9 @@ async fn session_loop(s: Arc<Shared>) {
                     let all_acked = x.lines.iter().all(|l| x.acks.contains_key(&l.index));
                     x.active == 0
                         && (quiet >= idle
-                            || ((now >= x.claims.exp || x.used_ms >= x.limit_ms)
+                            || ((now >= x.claims.exp
+                                || x.used_ms >= x.limit_ms
+                                || x.indices.len() >= full)
                                 && (all_acked || quiet >= grace)))
                 })
                 .map(|(j, _)| j.clone())
@@ -984,30 +1006,35 @@ async fn session_loop(s: Arc<Shared>) {
             for j in jtis {
                 if let Some(mut sess) = ss.by_jti.remove(&j) {
                     ss.by_ticket.remove(&sess.ticket);
-                    let mut unacked = 0;
                     for l in sess.lines.iter_mut() {
                         l.ack = sess.acks.remove(&l.index);
-                        if l.ack.is_none() {
-                            unacked += 1;
+                    }
+                    sess.lines.sort_by_key(|l| l.index);
+                    let before = ss.unacked.get(&sess.claims.sub).copied().unwrap_or(0);
+                    let run = troop_protocol::usage::unacked_streak(before, &sess.lines);
+                    if run == 0 {
+                        ss.unacked.remove(&sess.claims.sub);
+                    } else {
+                        if ss.unacked.len() >= MAX_UNACKED_USERS {
+                            ss.unacked.retain(|_, r| *r >= MAX_UNACKED_IN_A_ROW);
+                        }
+                        if ss.unacked.len() < MAX_UNACKED_USERS
+                            || ss.unacked.contains_key(&sess.claims.sub)
+                        {
+                            ss.unacked.insert(sess.claims.sub.clone(), run);
                         }
                     }
-                    let streak = ss.unacked.entry(sess.claims.sub.clone()).or_insert(0);
-                    *streak = if unacked == sess.lines.len() {
-                        streak.saturating_add(unacked as u32)
-                    } else {
-                        0
-                    };
                     due.push(sess);
                 }
             }
         }
         for sess in due {
-            file_session(&s, sess);
+            file_session(&s, sess).await;
         }
     }
 }
 
-fn file_session(s: &Shared, mut sess: Session) {
+async fn file_session(s: &Shared, mut sess: Session) {
     if sess.lines.is_empty() {
         return;
     }
@@ -1037,8 +1064,9 @@ fn file_session(s: &Shared, mut sess: Session) {
         acknowledged = receipt.requests.iter().filter(|l| l.ack.is_some()).count(),
         "session closed; receipt filed"
     );
-    if let Err(e) = s.receipts.enqueue(&receipt) {
-        tracing::error!(error = %e, job = %receipt.job_id, "could not write the receipt");
+    let job = receipt.job_id.clone();
+    if let Err(e) = s.receipts.enqueue_async(receipt).await {
+        tracing::error!(error = %e, %job, "could not write the receipt");
     }
 }
 

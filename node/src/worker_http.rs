@@ -39,6 +39,10 @@ pub(super) async fn serve(
             get(|| async { axum::Json(json!({"status": "ok"})) }),
         )
         .merge(crate::web::common_routes())
+        .layer(axum::middleware::from_fn_with_state(
+            crate::web::Access::new(addr.ip(), &s.cfg.allowed_hosts, &[]),
+            crate::web::guard,
+        ))
         .layer(axum::middleware::from_fn(troop_protocol::telemetry::track))
         .with_state(s);
     let task = tokio::spawn(async move {
@@ -53,7 +57,7 @@ pub(super) async fn serve(
 /// `GET /troop/status`: upstream, jobs, receipts, NAT and proof of hardware.
 async fn status(State(s): State<Arc<Shared>>) -> Response {
     let net = s.net.status().await;
-    let waiting = s.receipts.pending().len();
+    let waiting = s.receipts.waiting();
     let st = &s.stats;
     let models = s.models.read().map(|m| m.clone()).unwrap_or_default();
     let health = s.upstream_health.lock().map(|h| h.clone()).ok();

@@ -73,6 +73,7 @@ async fn a_user_who_leaves_mid_answer_pays_for_what_arrived() {
         rep["acknowledged_share"], 1.0,
         "the gateway acknowledged on close"
     );
+    assert_eq!(rep["disputed_share"], 0.0, "a user who left is no dispute");
     let earned = net.balance(&worker).await.expect("balance")["available"]
         .as_f64()
         .expect("number");
@@ -81,4 +82,40 @@ async fn a_user_who_leaves_mid_answer_pays_for_what_arrived() {
         "paid {earned} credit-seconds for a few chunks of a 4 s answer"
     );
     assert!(fake.state.dropped.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+}
+
+/// A busy session is paid: the worker closes a session at its bound of
+/// requests (1,000 by default; 3 here) and files its receipt at once, the
+/// gateway opens another, and every request is billed, acknowledged,
+/// without waiting for the session to go idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_session_is_closed_and_billed_and_the_next_request_opens_another() {
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(2), Duration::ZERO).await;
+    let mut net = TestNet::start(|_| {}).await;
+    let w = net
+        .add_worker(&fake.url, |c| {
+            c.max_session_requests = 3;
+            c.session_idle = Duration::from_secs(120);
+        })
+        .await;
+    net.add_gateway().await;
+    net.wait_for_workers(1).await;
+    let worker = net.workers[w].peer_id.to_base58();
+    for i in 0..7 {
+        let r = net.chat(false).await;
+        assert_eq!(r.status(), 200, "request {i}: {:?}", r.text().await);
+    }
+    // Two full sessions settle (six requests); the seventh's is still open.
+    let rep = eventually("the two full sessions to settle", 30, || {
+        let net = &net;
+        let worker = worker.clone();
+        async move {
+            let rep = net.reputation(&worker).await?;
+            (rep["requests"].as_u64()? >= 6).then_some(rep)
+        }
+    })
+    .await;
+    assert_eq!(rep["requests"], 6, "{rep}");
+    assert_eq!(rep["acknowledged_share"], 1.0, "{rep}");
+    assert_eq!(rep["unacknowledged_share"], 0.0, "{rep}");
 }

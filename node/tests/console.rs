@@ -99,6 +99,9 @@ impl Browser {
                     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                     "--disable-quic", "--no-first-run", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync", "--window-size=1400,1000",
+                    // Names of other sites that resolve to this machine, as
+                    // a DNS rebinding attacker's would.
+                    "--host-resolver-rules=MAP evil.test 127.0.0.1, MAP rebind.test 127.0.0.1",
                     format!("--user-data-dir={}", profile.path().display()),
                 ],
             }),
@@ -393,6 +396,141 @@ async fn the_console_streams_an_answer_and_the_worker_page_counts_it() {
     let worker_bytes = page_weight(&net.http, &worker_page).await;
     eprintln!("page weight: console {console_bytes} B, worker page {worker_bytes} B");
     assert!(console_bytes < 200 * 1024 && worker_bytes < 200 * 1024);
+    let _ = b.client.close().await;
+}
+
+/// A page of another site (served at `evil.test`, which the browser
+/// resolves to this machine) that posts to the gateway the way browsers
+/// send without a preflight (`no-cors`, `text/plain`) is refused: nothing
+/// reaches a worker and the user pays nothing. The same site reached under
+/// its own name at the gateway's port (DNS rebinding) can neither read the
+/// account nor spend; the worker's page refuses it too. The console and a
+/// localhost app on another port keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_of_other_sites_cannot_spend_credits_or_read_the_account() {
+    let Some((chromium, driver)) = browser_tools() else {
+        return;
+    };
+    let up = FakeUpstream::start(Dialect::OpenAi, tokens(4), Duration::ZERO).await;
+    let mut net = TestNet::start(|_| {}).await;
+    net.add_worker(&up.url, |c| {
+        c.http = Some("127.0.0.1:0".parse().expect("addr"));
+    })
+    .await;
+    net.add_gateway().await;
+    net.wait_for_workers(1).await;
+    let gw = net.gateway_url();
+    let gw_port = gw.rsplit(':').next().expect("a port").to_string();
+    let worker_port = net.workers[0].http_addr.expect("worker page").port();
+    // The attacker's (and a localhost app's) page: any page at all.
+    let page = axum::Router::new().route(
+        "/",
+        axum::routing::get(|| async { axum::response::Html("<html><body>a page</body></html>") }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("page listener");
+    let page_port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, page).await;
+    });
+    let refused = |reason: &'static str| {
+        let http = net.http.clone();
+        let gw = gw.clone();
+        async move {
+            sample_sum(
+                &metrics(&http, &gw).await,
+                "troop_http_refused_total",
+                &[("reason", reason)],
+            )
+        }
+    };
+    let origin_before = refused("origin").await;
+    let host_before = refused("host").await;
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "spend"}]});
+    let post = |url: &str, mode: &str| {
+        format!(
+            "return fetch({}, {{method: 'POST', mode: {}, headers: {{'Content-Type': 'text/plain'}}, body: {}}}).then(r => r.status, e => 'error: ' + e);",
+            json!(url),
+            json!(mode),
+            json!(body.to_string())
+        )
+    };
+
+    let b = Browser::start(&chromium, &driver).await;
+    // 1. A foreign page, a simple no-cors POST (no preflight).
+    b.client
+        .goto(&format!("http://evil.test:{page_port}/"))
+        .await
+        .expect("open the foreign page");
+    let sent = b
+        .js(&post(&format!("{gw}/v1/chat/completions"), "no-cors"))
+        .await;
+    eprintln!("no-cors POST from evil.test: {sent}");
+    let (rf, ob) = (&refused, origin_before);
+    eventually(
+        "the gateway to refuse the foreign origin",
+        30,
+        move || async move { (rf("origin").await > ob).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        up.state.requests.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing was served"
+    );
+
+    // 2. DNS rebinding: the attacker's name, at the gateway's own port.
+    let rebound = format!("http://rebind.test:{gw_port}");
+    b.client
+        .goto(&format!("{rebound}/troop/account"))
+        .await
+        .expect("open the rebound account");
+    let text = b.js("return document.body.textContent;").await;
+    let text = text.as_str().unwrap_or_default();
+    assert!(text.contains("forbidden_host"), "{text}");
+    assert!(!text.contains("available"), "the account leaked: {text}");
+    let status = b
+        .js(&post(&format!("{rebound}/v1/chat/completions"), "cors"))
+        .await;
+    assert_eq!(
+        status,
+        json!(403),
+        "a same-origin POST under the rebound name"
+    );
+    assert!(refused("host").await >= host_before + 2.0);
+    b.client
+        .goto(&format!("http://rebind.test:{worker_port}/troop/status"))
+        .await
+        .expect("open the rebound worker page");
+    let text = b.js("return document.body.textContent;").await;
+    assert!(
+        text.as_str().unwrap_or_default().contains("forbidden_host"),
+        "{text}"
+    );
+    assert_eq!(
+        up.state.requests.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing was served"
+    );
+
+    // 3. What must keep working: the console's own requests, and an app on
+    // localhost at another port calling the gateway (CORS).
+    b.client.goto(&gw).await.expect("open the console");
+    let status = b.js(&post("/v1/chat/completions", "cors")).await;
+    assert_eq!(status, json!(200), "the console's own POST");
+    b.client
+        .goto(&format!("http://localhost:{page_port}/"))
+        .await
+        .expect("open the localhost app");
+    let status = b
+        .js(&post(&format!("{gw}/v1/chat/completions"), "cors"))
+        .await;
+    assert_eq!(status, json!(200), "a localhost app's POST");
+    assert_eq!(
+        up.state.requests.load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
     let _ = b.client.close().await;
 }
 

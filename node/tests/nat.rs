@@ -275,11 +275,14 @@ fn worker_entry(status: &Value, peer: &str) -> Option<Value> {
         .cloned()
 }
 
-#[test]
-fn workers_behind_nat_are_reached_through_a_relay_and_punched_direct() {
+/// Builds the lab (`scripts/netlab up` with `extra` arguments) in a
+/// temporary folder, or says "skipped" (a failure under
+/// `TROOP_REQUIRE_ROOT_TESTS=1`) and gives `None` when it cannot.
+fn lab_up(extra: &[&str]) -> Option<(Lab, tempfile::TempDir)> {
     let is_root = nix::unistd::Uid::effective().is_root();
     if !is_root {
-        return skip_or_fail("needs root for network namespaces");
+        skip_or_fail("needs root for network namespaces");
+        return None;
     }
     let have = |t: &str| {
         Command::new("sh")
@@ -289,7 +292,8 @@ fn workers_behind_nat_are_reached_through_a_relay_and_punched_direct() {
             .is_ok_and(|s| s.success())
     };
     if !have("ip") || !have("iptables") {
-        return skip_or_fail("needs ip (iproute2) and iptables");
+        skip_or_fail("needs ip (iproute2) and iptables");
+        return None;
     }
     if !bin("troop-coordinator").exists() {
         panic!(
@@ -298,21 +302,98 @@ fn workers_behind_nat_are_reached_through_a_relay_and_punched_direct() {
         );
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let prefix = format!("t{}", std::process::id() % 100_000);
+    // Two lab tests may run at once: each its own prefix.
+    let prefix = format!(
+        "t{}{}",
+        std::process::id() % 100_000,
+        if extra.is_empty() { "" } else { "r" }
+    );
     let up = Command::new(repo_root().join("scripts/netlab"))
         .args(["up", "--prefix", &prefix])
+        .args(extra)
         .output()
         .expect("scripts/netlab up");
-    let mut lab = Lab {
-        prefix: prefix.clone(),
+    let lab = Lab {
+        prefix,
         procs: Vec::new(),
         logs: tmp.path().to_path_buf(),
     };
     if !up.status.success() {
         let err = String::from_utf8_lossy(&up.stderr).to_string();
         drop(lab);
-        return skip_or_fail(&format!("scripts/netlab up failed: {err}"));
+        skip_or_fail(&format!("scripts/netlab up failed: {err}"));
+        return None;
     }
+    Some((lab, tmp))
+}
+
+/// The coordinator and a `troop relay` in the public network; returns the
+/// relay's bootstrap address and the coordinator's URL.
+fn start_public(lab: &mut Lab, dir: &Path) -> (String, String) {
+    let (relay_key, relay_id) = keygen(dir, "relay");
+    let relay_addr = format!("/ip4/{PUB_IP}/tcp/4001/p2p/{relay_id}");
+    let coordinator = format!("http://{PUB_IP}:7070");
+    let s = |v: &str| v.to_string();
+    lab.spawn(
+        "coordinator",
+        "pub",
+        &bin("troop-coordinator"),
+        &[
+            s("serve"),
+            s("--listen"),
+            format!("{PUB_IP}:7070"),
+            s("--data"),
+            dir.join("coord").display().to_string(),
+            s("--relay"),
+            relay_addr.clone(),
+        ],
+    );
+    lab.spawn(
+        "relay",
+        "pub",
+        &bin("troop"),
+        &[
+            s("relay"),
+            s("--identity"),
+            relay_key.display().to_string(),
+            s("--listen"),
+            format!("/ip4/{PUB_IP}/tcp/4001"),
+            s("--listen"),
+            format!("/ip4/{PUB_IP}/udp/4001/quic-v1"),
+        ],
+    );
+    let pubns = lab.ns("pub");
+    poll("the coordinator", Duration::from_secs(30), || {
+        get_json(&pubns, format!("{coordinator}/health"))
+    });
+    (relay_addr, coordinator)
+}
+
+/// `--identity`, `--coordinator`, TCP and QUIC listeners and the relay as
+/// bootstrap: what every node in a home is started with.
+fn mesh_args(key: &Path, coordinator: &str, relay_addr: &str) -> Vec<String> {
+    [
+        "--identity",
+        &key.display().to_string(),
+        "--coordinator",
+        coordinator,
+        "--listen",
+        "/ip4/0.0.0.0/tcp/0",
+        "--listen",
+        "/ip4/0.0.0.0/udp/0/quic-v1",
+        "--bootstrap",
+        relay_addr,
+    ]
+    .iter()
+    .map(|v| v.to_string())
+    .collect()
+}
+
+#[test]
+fn workers_behind_nat_are_reached_through_a_relay_and_punched_direct() {
+    let Some((mut lab, tmp)) = lab_up(&[]) else {
+        return;
+    };
 
     // Fake model servers on each worker's own loopback, in its home, all
     // giving the same answer: 6,000 chunks, 144 KiB of text, more than
@@ -344,62 +425,14 @@ fn workers_behind_nat_are_reached_through_a_relay_and_punched_direct() {
     }
     let port = |i: usize| fakes[i].url.clone();
 
-    let (relay_key, relay_id) = keygen(tmp.path(), "relay");
     let (a_key, a_id) = keygen(tmp.path(), "worker-a");
     let (c_key, c_id) = keygen(tmp.path(), "worker-c");
     let (d_key, d_id) = keygen(tmp.path(), "worker-d");
     let (b_key, b_id) = keygen(tmp.path(), "gateway-b");
-    let relay_addr = format!("/ip4/{PUB_IP}/tcp/4001/p2p/{relay_id}");
-    let coordinator = format!("http://{PUB_IP}:7070");
     let s = |v: &str| v.to_string();
-
-    lab.spawn(
-        "coordinator",
-        "pub",
-        &bin("troop-coordinator"),
-        &[
-            s("serve"),
-            s("--listen"),
-            format!("{PUB_IP}:7070"),
-            s("--data"),
-            tmp.path().join("coord").display().to_string(),
-            s("--relay"),
-            relay_addr.clone(),
-        ],
-    );
-    lab.spawn(
-        "relay",
-        "pub",
-        &bin("troop"),
-        &[
-            s("relay"),
-            s("--identity"),
-            relay_key.display().to_string(),
-            s("--listen"),
-            format!("/ip4/{PUB_IP}/tcp/4001"),
-            s("--listen"),
-            format!("/ip4/{PUB_IP}/udp/4001/quic-v1"),
-        ],
-    );
+    let (relay_addr, coordinator) = start_public(&mut lab, tmp.path());
     let pubns = lab.ns("pub");
-    poll("the coordinator", Duration::from_secs(30), || {
-        get_json(&pubns, format!("{coordinator}/health"))
-    });
-
-    let mesh = |key: &Path| {
-        vec![
-            s("--identity"),
-            key.display().to_string(),
-            s("--coordinator"),
-            coordinator.clone(),
-            s("--listen"),
-            s("/ip4/0.0.0.0/tcp/0"),
-            s("--listen"),
-            s("/ip4/0.0.0.0/udp/0/quic-v1"),
-            s("--bootstrap"),
-            relay_addr.clone(),
-        ]
-    };
+    let mesh = |key: &Path| mesh_args(key, &coordinator, &relay_addr);
     let worker_started = Instant::now();
     for (label, ns, key, up) in [
         ("worker-a", "hA", &a_key, port(0)),
@@ -646,5 +679,78 @@ fn workers_behind_nat_are_reached_through_a_relay_and_punched_direct() {
         " upgraded to direct: endpoint-independent NAT (A) yes, symmetric NAT (C) no, same home (D) direct without a relay",
     );
     eprintln!("{line}");
+    drop(lab);
+}
+
+/// Routers that answer unsolicited packets (a TCP RST, an ICMP port
+/// unreachable) instead of dropping them, as many home routers do: TCP
+/// simultaneous open fails there every time, so the endpoint-independent
+/// pair (worker A, gateway B) must punch over QUIC: both learn their UDP
+/// mapping by identifying with the relay over QUIC too, DCUtR offers it,
+/// and the gateway ends up with a direct path that serves answers.
+#[test]
+fn behind_routers_that_answer_rst_the_pair_punches_over_quic() {
+    let Some((mut lab, tmp)) = lab_up(&["--rst"]) else {
+        return;
+    };
+    let answer: Vec<String> = (0..200).map(|i| format!("tok{i:03} ")).collect();
+    let expected = answer.concat();
+    let upstreams = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _guard = upstreams.enter();
+    let listener = in_netns(&lab.ns("hA"), || {
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind in a home")
+    });
+    let fake = common::FakeUpstream::start_on(
+        listener,
+        "alpha",
+        common::Dialect::OpenAi,
+        answer,
+        Duration::ZERO,
+    );
+    let (a_key, a_id) = keygen(tmp.path(), "worker-a");
+    let (b_key, _) = keygen(tmp.path(), "gateway-b");
+    let (relay_addr, coordinator) = start_public(&mut lab, tmp.path());
+    let s = |v: &str| v.to_string();
+    let mut args = vec![s("worker")];
+    args.extend(mesh_args(&a_key, &coordinator, &relay_addr));
+    args.extend([
+        s("--upstream"),
+        fake.url.clone(),
+        s("--advert-interval"),
+        s("1"),
+        s("--state-dir"),
+        tmp.path().join("worker-a").display().to_string(),
+    ]);
+    lab.spawn("worker-a", "hA", &bin("troop"), &args);
+    let mut args = vec![s("gateway")];
+    args.extend(mesh_args(&b_key, &coordinator, &relay_addr));
+    args.extend([s("--http"), s("127.0.0.1:8080")]);
+    lab.spawn("gateway-b", "hB", &bin("troop"), &args);
+    let gw = s("http://127.0.0.1:8080");
+    let hb = lab.ns("hB");
+
+    let first = poll("an answer from worker A", Duration::from_secs(90), || {
+        let a = chat(&hb, gw.clone(), "alpha", "hello over NAT");
+        a.error.is_none().then_some(a)
+    });
+    assert_eq!(first.text, expected);
+    let direct = poll(
+        "a direct path to worker A through RST routers",
+        Duration::from_secs(60),
+        || {
+            let st = get_json(&hb, format!("{gw}/troop/status"))?;
+            let w = worker_entry(&st, &a_id)?;
+            (w["connection"] == "direct").then_some(st)
+        },
+    );
+    eprintln!("RST routers: direct path to A: {}", direct["hole_punched"]);
+    let after = chat(&hb, gw.clone(), "alpha", "hello over the punched path");
+    assert!(after.error.is_none(), "{:?}", after.error);
+    assert_eq!(after.text, expected);
+    eprintln!("NAT lab (RST routers): endpoint-independent pair punched direct over QUIC");
     drop(lab);
 }

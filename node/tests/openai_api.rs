@@ -18,11 +18,21 @@ async fn mesh_with(fakes: &[&FakeUpstream]) -> TestNet {
 }
 
 async fn mesh_resuming(fakes: &[&FakeUpstream], resume: bool) -> TestNet {
+    mesh_keeping(fakes, resume, None).await
+}
+
+async fn mesh_keeping(fakes: &[&FakeUpstream], resume: bool, keep: Option<usize>) -> TestNet {
     let mut net = TestNet::start(|_| {}).await;
     for f in fakes {
         net.add_worker(&f.url, |_| {}).await;
     }
-    net.add_gateway_with(|c| c.resume = resume).await;
+    net.add_gateway_with(|c| {
+        c.resume = resume;
+        if let Some(k) = keep {
+            c.resume_keep_bytes = k;
+        }
+    })
+    .await;
     net.wait_for_workers(fakes.len()).await;
     net
 }
@@ -371,9 +381,16 @@ async fn embeddings_and_the_responses_api_pass_through() {
 async fn lose_a_worker_mid_answer(
     resume: bool,
 ) -> (String, FakeUpstream, FakeUpstream, usize, TestNet) {
+    lose_a_worker_keeping(resume, None).await
+}
+
+async fn lose_a_worker_keeping(
+    resume: bool,
+    keep: Option<usize>,
+) -> (String, FakeUpstream, FakeUpstream, usize, TestNet) {
     let a = FakeUpstream::start(Dialect::OpenAi, tokens(40), Duration::ZERO).await;
     let b = FakeUpstream::start(Dialect::OpenAi, tokens(40), Duration::ZERO).await;
-    let mut net = mesh_resuming(&[&a, &b], resume).await;
+    let mut net = mesh_keeping(&[&a, &b], resume, keep).await;
     let resp = post(
         &net,
         "/v1/chat/completions",
@@ -464,4 +481,109 @@ async fn an_answer_whose_worker_is_lost_continues_on_another() {
     // The survivor goes on serving.
     let resp = net.chat(false).await;
     assert_eq!(resp.status(), 200);
+}
+
+/// An answer that outgrew what the gateway keeps for resuming is not
+/// resumed (the spec's rule): the app gets `worker_lost`, not a
+/// continuation from only the tail kept after the buffer overflowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_longer_than_the_resume_buffer_is_not_resumed() {
+    // Two events fit; the kill comes after five.
+    let (rest, a, b, serving, _net) = lose_a_worker_keeping(true, Some(400)).await;
+    let events = sse_data(&rest);
+    assert!(!events.iter().any(|e| e == "[DONE]"), "{rest}");
+    let last: Value = serde_json::from_str(events.last().expect("an event")).expect("json");
+    assert_eq!(last["error"]["code"], "worker_lost", "{last}");
+    let other = if serving == 0 { &b } else { &a };
+    assert_eq!(
+        other.state.requests.load(Ordering::SeqCst),
+        0,
+        "nothing was sent to another worker"
+    );
+}
+
+/// Requests naming another host (DNS rebinding) or sent by a page of
+/// another site are refused with 403 before anything is served or read;
+/// apps on this machine (no `Origin`, or a localhost one) are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_hosts_and_origins_are_refused() {
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(4), Duration::ZERO).await;
+    let net = mesh_with(&[&fake]).await;
+    let url = format!("{}/v1/chat/completions", net.gateway_url());
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]});
+    let send = |host: Option<&'static str>, origin: Option<&'static str>| {
+        let mut r = net.http.post(&url).body(body.to_string());
+        if let Some(h) = host {
+            r = r.header("host", h);
+        }
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        r.send()
+    };
+    for (host, origin, code) in [
+        (Some("evil.test:8080"), None, "forbidden_host"),
+        (None, Some("http://evil.example"), "forbidden_origin"),
+        (None, Some("null"), "forbidden_origin"),
+    ] {
+        let r = send(host, origin).await.expect("POST");
+        assert_eq!(r.status(), 403, "{host:?} {origin:?}");
+        let v: Value = r.json().await.expect("json");
+        assert_eq!(v["error"]["code"], code, "{v}");
+    }
+    let r = net
+        .http
+        .get(format!("{}/troop/account", net.gateway_url()))
+        .header("host", "evil.test:8080")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 403);
+    assert_eq!(fake.state.requests.load(Ordering::SeqCst), 0);
+    for (host, origin) in [
+        (None, None),
+        (Some("localhost:8080"), Some("http://localhost:3000")),
+    ] {
+        let r = send(host, origin).await.expect("POST");
+        assert_eq!(r.status(), 200, "{host:?} {origin:?}");
+    }
+    assert_eq!(fake.state.requests.load(Ordering::SeqCst), 2);
+}
+
+/// A body far over the limit gets the same OpenAI-shaped 413 as one just
+/// over it, not the plain text of the transport's limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_bodies_get_an_openai_shaped_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(4), Duration::ZERO).await;
+    let net = mesh_with(&[&fake]).await;
+    let r = net
+        .http
+        .post(format!("{}/v1/chat/completions", net.gateway_url()))
+        .header("content-type", "application/json")
+        .body(vec![b' '; 1024 * 1024 + 10])
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 413);
+    let v: Value = r.json().await.expect("an OpenAI-shaped body");
+    assert_eq!(v["error"]["code"], "request_too_large", "{v}");
+    // 5 MB announced: the answer comes before the body is sent (a client
+    // that writes it all first sees the connection close under it).
+    let addr = net.gateway_url().trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        5 * 1024 * 1024
+    );
+    conn.write_all(head.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let v: Value = serde_json::from_str(body).expect("an OpenAI-shaped body");
+    assert_eq!(v["error"]["code"], "request_too_large", "{v}");
 }

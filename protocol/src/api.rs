@@ -75,13 +75,17 @@ pub struct WorkerInfo {
 }
 
 /// A worker's record: requests settled, the share its users acknowledged,
-/// and the share where its time and the user's differed by more than the
-/// tolerance (1 s plus 20 %).
+/// the share where its time and the user's differed by more than the
+/// tolerance (1 s plus 20 %), and the share it filed without an ack.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReputationInfo {
     pub requests: u64,
     pub acknowledged_share: f64,
     pub disputed_share: f64,
+    /// Requests its receipts listed with no acknowledgement (absent from
+    /// older coordinators).
+    #[serde(default)]
+    pub unacknowledged_share: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -150,6 +150,13 @@ impl<C: Clock> CircuitBreaker<C> {
         self.trial_in_flight = false;
     }
 
+    /// Gives back a call's permit without an outcome (the call ended for a
+    /// reason that says nothing of the callee's health, or never ended):
+    /// a half-open breaker lets its next trial through.
+    pub fn release(&mut self) {
+        self.trial_in_flight = false;
+    }
+
     pub fn record_failure(&mut self) {
         self.trial_in_flight = false;
         match self.state() {
@@ -221,6 +228,20 @@ mod tests {
         b.record_success();
         assert_eq!(b.state(), BreakerState::Closed);
         assert!(b.try_acquire());
+    }
+
+    #[test]
+    fn a_released_trial_lets_the_next_one_through() {
+        let clock = Arc::new(ManualClock::default());
+        let mut b = CircuitBreaker::with_policy(clock.clone(), 1, Duration::from_secs(1));
+        assert!(b.try_acquire());
+        b.record_failure();
+        clock.advance(Duration::from_secs(1));
+        assert!(b.try_acquire(), "the trial");
+        assert!(!b.try_acquire());
+        b.release();
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert!(b.try_acquire(), "released: another trial");
     }
 
     #[test]

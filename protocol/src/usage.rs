@@ -135,6 +135,33 @@ pub fn disputed(worker_ms: u64, observed_ms: u64) -> bool {
     worker_ms.abs_diff(observed_ms) > 1_000 + observed_ms / 5
 }
 
+/// Whether an acknowledged request counts as disputed: the two sides
+/// disagree about what was delivered. A request the worker saw cut short
+/// by the user (`cancelled`: the app hung up, perhaps during a pause or an
+/// upstream stall) is never a dispute: the user's time stops at the last
+/// chunk before it left, the worker's when it noticed, and both are right.
+/// Otherwise the times must agree within [`disputed`]'s tolerance.
+pub fn line_disputed(line: &RequestLine, ack: &Ack) -> bool {
+    line.status != LineStatus::Cancelled
+        && disputed(
+            line.finished_at.saturating_sub(line.started_at),
+            ack.observed_ms,
+        )
+}
+
+/// Requests in a row, counted to the end of `lines` (sorted by index),
+/// that came without an acknowledgement, starting from `streak` (the run
+/// before these lines): an acknowledged request ends the run.
+pub fn unacked_streak(streak: u32, lines: &[RequestLine]) -> u32 {
+    lines.iter().fold(streak, |run, l| {
+        if l.ack.is_some() {
+            0
+        } else {
+            run.saturating_add(1)
+        }
+    })
+}
+
 /// What a session receipt is worth, and the figures reputation keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Charge {
@@ -164,11 +191,19 @@ pub enum ChargeError {
 /// Most request lines one session receipt may carry.
 pub const MAX_LINES: usize = 10_000;
 
+/// Most requests a worker serves under one session: it closes the session
+/// (and files its receipt) at this many, and the gateway opens another.
+/// A full session's receipt stays far inside the coordinator's 1 MiB body
+/// limit (about 450 bytes a line with its ack) and [`MAX_LINES`].
+pub const MAX_SESSION_REQUESTS: usize = 1_000;
+
 /// The charging rule. Each request is charged the overlap of the worker's
 /// interval with the window `[window_start_ms, window_end_ms]` (the ticket's
 /// issue to the receipt's arrival), but no more than the user's
-/// acknowledged milliseconds, or than `unacked_cap_ms` when no ack came.
-/// The sum never exceeds the window's length. Every ack must be the user's
+/// acknowledged milliseconds. The requests without an ack are charged
+/// their overlaps too, but all of them together no more than
+/// `unacked_cap_ms`: one cap per session, however many such lines a
+/// receipt lists. The sum never exceeds the window's length. Every ack must be the user's
 /// signature over this session, this worker and this request's index.
 pub fn charge_session(
     lines: &[RequestLine],
@@ -185,6 +220,7 @@ pub fn charge_session(
     let mut seen = std::collections::HashSet::new();
     let mut c = Charge::default();
     let mut total: u64 = 0;
+    let mut unacked_ms: u64 = 0;
     for l in lines {
         if !seen.insert(l.index) {
             return Err(ChargeError::DuplicateIndex(l.index));
@@ -206,18 +242,20 @@ pub fn charge_session(
                     return Err(ChargeError::BadSignature(l.index));
                 }
                 c.acknowledged += 1;
-                if disputed(l.finished_at.saturating_sub(l.started_at), a.observed_ms) {
+                if line_disputed(l, a) {
                     c.disputed += 1;
                 }
                 worker_ms.min(a.observed_ms)
             }
             None => {
                 c.unacknowledged += 1;
-                worker_ms.min(unacked_cap_ms)
+                unacked_ms = unacked_ms.saturating_add(worker_ms);
+                0
             }
         };
         total = total.saturating_add(charged);
     }
+    total = total.saturating_add(unacked_ms.min(unacked_cap_ms));
     c.ms = total.min(window_end_ms.saturating_sub(window_start_ms));
     Ok(c)
 }
@@ -338,8 +376,28 @@ mod tests {
             10_000,
         )
         .expect("charge");
-        assert_eq!(c.ms, 20_000);
+        assert_eq!(
+            c.ms, 10_000,
+            "one cap for the session's unacknowledged lines"
+        );
         assert_eq!(c.unacknowledged, 2);
+        // Ten overlapping unacknowledged lines filed after a 25 s wait take
+        // no more than one: the cap, not ten caps (was 29 s, the window).
+        let ten: Vec<RequestLine> = (0..10).map(|i| line(i, 0, 25_000, None)).collect();
+        let c = charge_session(&ten, &uid, "j", "w", 0, 29_000, 10_000).expect("charge");
+        assert_eq!(c.ms, 10_000);
+        // Short unacknowledged lines are charged what they took.
+        let c = charge_session(
+            &[line(0, 0, 2_000, None), line(1, 3_000, 6_000, None)],
+            &uid,
+            "j",
+            "w",
+            0,
+            29_000,
+            10_000,
+        )
+        .expect("charge");
+        assert_eq!(c.ms, 5_000);
         // Times before the ticket or after the receipt count for nothing.
         let c = charge_session(&[line(0, 0, 50, None)], &uid, "j", "w", 100, 200, 10_000)
             .expect("charge");
@@ -371,6 +429,60 @@ mod tests {
     }
 
     #[test]
+    fn a_user_who_left_is_not_a_dispute_but_a_disagreement_is() {
+        let user = generate();
+        let uid = user.public().to_peer_id().to_base58();
+        // The user left 1 s in, during a pause; the worker noticed at 6 s.
+        let ack = Ack::sign(&user, "j", "w", 0, 3, 3, 1_000);
+        let mut left = line(0, 0, 6_000, Some(ack.clone()));
+        left.status = LineStatus::Cancelled;
+        let c = charge_session(&[left], &uid, "j", "w", 0, 60_000, 10_000).expect("charge");
+        assert_eq!((c.acknowledged, c.disputed, c.ms), (1, 0, 1_000));
+        // The same times on a request both sides say completed disagree.
+        let done = line(0, 0, 6_000, Some(ack));
+        let c = charge_session(&[done], &uid, "j", "w", 0, 60_000, 10_000).expect("charge");
+        assert_eq!(c.disputed, 1);
+    }
+
+    #[test]
+    fn the_unacknowledged_run_counts_requests_not_sessions() {
+        let user = generate();
+        let acked = |i| line(i, 0, 1, Some(Ack::sign(&user, "j", "w", i, 1, 1, 1)));
+        // One acknowledged request, then 25 without: a run of 25, whatever
+        // the session's first line was.
+        let mut lines = vec![acked(0)];
+        lines.extend((1..26).map(|i| line(i, 0, 1, None)));
+        assert_eq!(unacked_streak(0, &lines), 25);
+        assert_eq!(unacked_streak(7, &lines[1..]), 32);
+        // An acknowledgement at the end ends the run.
+        lines.push(acked(26));
+        assert_eq!(unacked_streak(30, &lines), 0);
+    }
+
+    #[test]
+    fn a_full_session_receipt_fits_the_coordinator_body_limit() {
+        let user = generate();
+        let worker = generate().public().to_peer_id().to_base58();
+        let job = "0123456789abcdef0123456789abcdef0123";
+        let big = u64::MAX / 2;
+        let lines: Vec<RequestLine> = (0..MAX_SESSION_REQUESTS as u32)
+            .map(|i| RequestLine {
+                index: i,
+                started_at: big,
+                finished_at: big,
+                prompt_tokens: big,
+                completion_tokens: big,
+                chunks: big,
+                status: LineStatus::Cancelled,
+                ack: Some(Ack::sign(&user, job, &worker, i, big, big, big)),
+            })
+            .collect();
+        let bytes = serde_json::to_vec(&lines).expect("json").len();
+        assert!(bytes < 1024 * 1024 - 4096, "{bytes} bytes");
+        const { assert!(MAX_SESSION_REQUESTS <= MAX_LINES) };
+    }
+
+    #[test]
     fn pow_is_found_and_checked() {
         let n = solve_pow("12D3KooWx", 8);
         assert!(pow_bits("12D3KooWx", &n) >= 8);
@@ -390,11 +502,12 @@ mod tests {
             }).collect();
             let c = charge_session(&lines, &uid, "j", "w", ws, ws + wl, cap).expect("charge");
             prop_assert!(c.ms <= wl);
-            let bound: u64 = lines.iter().map(|l| match &l.ack {
-                Some(a) => a.observed_ms.min(l.finished_at - l.started_at),
-                None => cap.min(l.finished_at - l.started_at),
-            }).sum();
-            prop_assert!(c.ms <= bound);
+            let acked: u64 = lines.iter().filter_map(|l| l.ack.as_ref().map(|a| {
+                a.observed_ms.min(l.finished_at - l.started_at)
+            })).sum();
+            let unacked: u64 = lines.iter().filter(|l| l.ack.is_none())
+                .map(|l| l.finished_at - l.started_at).sum();
+            prop_assert!(c.ms <= acked + unacked.min(cap));
             prop_assert_eq!(c.requests, lines.len() as u64);
             prop_assert_eq!(c.acknowledged + c.unacknowledged, c.requests);
         }

@@ -179,28 +179,30 @@ async fn not_found(uri: Uri, headers: HeaderMap) -> ApiError {
         .with_request_id(&request_id(&headers))
 }
 
+/// The client's address as per-address limits key it (see
+/// [`crate::client_addr`]): the peer, or with a trusted proxy the
+/// rightmost `X-Forwarded-For` entry that is not a proxy; an IPv6
+/// client's /64.
 pub(crate) fn client_ip(state: &AppState, req: &Request) -> IpAddr {
-    client_ip_of(state, req.headers(), req.extensions())
+    crate::client_addr::limit_key(client_ip_of(state, req.headers(), req.extensions()))
 }
 
 fn client_ip_of(state: &AppState, headers: &HeaderMap, ext: &axum::http::Extensions) -> IpAddr {
-    if state.cfg.trusted_proxy
-        && let Some(ip) = headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
-            .and_then(|v| v.trim().parse().ok())
-    {
-        return ip;
-    }
-    if let Some(ConnectInfo(crate::listener::ClientAddr(a))) =
+    let peer = if let Some(ConnectInfo(crate::listener::ClientAddr(a))) =
         ext.get::<ConnectInfo<crate::listener::ClientAddr>>()
     {
-        return a.ip();
-    }
-    ext.get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        a.ip()
+    } else {
+        ext.get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    };
+    crate::client_addr::client_addr(
+        headers,
+        peer,
+        state.cfg.trusted_proxy,
+        &state.cfg.trusted_proxy_nets,
+    )
 }
 
 fn rate_limited(state: &AppState, scope: &str, key: &str, wait: u64, rid: &str) -> ApiError {

@@ -50,6 +50,15 @@ pub(crate) async fn submit_receipt(
         .map_err(|_| ApiError::internal("worker table poisoned"))?
         .get(&receipt.worker)
         .map(|w| w.receipt_key.clone());
+    // A worker that registered on another replica in the last second.
+    let key = match key {
+        None if state.shared() => state
+            .reload_worker(&receipt.worker)
+            .await
+            .map_err(|e| ledger_error(&state, e, &rid))?
+            .map(|w| w.receipt_key),
+        k => k,
+    };
     let Some(key) = key else {
         return Err(refuse(
             "unknown_worker",

@@ -8,6 +8,38 @@ pub(crate) fn new_job_id() -> String {
     hex::encode(b)
 }
 
+/// Whether `w` can sell a ticket for `model` now: its multiplier, or the
+/// refusal's audit reason, detail and message.
+fn judge_worker(
+    w: Option<&WorkerRow>,
+    worker: &str,
+    model: &str,
+    now: u64,
+    ttl: u64,
+) -> Result<i64, (&'static str, String, String)> {
+    match w {
+        None => Err((
+            "unknown_worker",
+            worker.to_string(),
+            format!("worker {worker} is not registered"),
+        )),
+        Some(w) if now.saturating_sub(w.last_seen) > ttl => Err((
+            "worker_not_alive",
+            worker.to_string(),
+            format!(
+                "worker {worker} was last seen {} s ago",
+                now.saturating_sub(w.last_seen)
+            ),
+        )),
+        Some(w) if !w.models.iter().any(|m| m == model) => Err((
+            "model_not_served",
+            model.to_string(),
+            format!("worker {worker} does not serve {model}"),
+        )),
+        Some(w) => Ok(w.multiplier_milli),
+    }
+}
+
 pub(crate) async fn authorize(
     State(state): St,
     SignedBytes {
@@ -70,35 +102,37 @@ pub(crate) async fn authorize(
         return Err(ApiError::bad_request("a user cannot buy from itself").with_request_id(&rid));
     }
     let now = unix_secs();
-    let multiplier_milli = {
+    let ttl = state.cfg.worker_ttl.as_secs();
+    let judged = {
         let map = state
             .workers
             .read()
             .map_err(|_| ApiError::internal("worker table poisoned"))?;
-        let unavailable = |why: String| {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, why)
-                .with_request_id(&rid)
-        };
-        match map.get(&worker) {
-            None => {
-                refuse("unknown_worker", worker.clone());
-                return Err(unavailable(format!("worker {worker} is not registered")));
-            }
-            Some(w) if now.saturating_sub(w.last_seen) > state.cfg.worker_ttl.as_secs() => {
-                refuse("worker_not_alive", worker.clone());
-                return Err(unavailable(format!(
-                    "worker {worker} was last seen {} s ago",
-                    now.saturating_sub(w.last_seen)
-                )));
-            }
-            Some(w) if !w.models.iter().any(|m| m == &req.model) => {
-                refuse("model_not_served", req.model.clone());
-                return Err(unavailable(format!(
-                    "worker {worker} does not serve {}",
-                    req.model
-                )));
-            }
-            Some(w) => w.multiplier_milli,
+        judge_worker(map.get(&worker), &worker, &req.model, now, ttl)
+    };
+    // With PostgreSQL this replica's table lags the others by up to a
+    // second: a worker that registered (or beat, or changed its models) on
+    // another replica just now is read from the database before refusing.
+    let judged = match judged {
+        Err(_) if state.shared() => {
+            let row = state
+                .reload_worker(&worker)
+                .await
+                .map_err(|e| ledger_error(&state, e, &rid))?;
+            judge_worker(row.as_ref(), &worker, &req.model, now, ttl)
+        }
+        j => j,
+    };
+    let multiplier_milli = match judged {
+        Ok(m) => m,
+        Err((reason, detail, why)) => {
+            refuse(reason, detail);
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                why,
+            )
+            .with_request_id(&rid));
         }
     };
     let amount = state.cfg.reservation_secs.saturating_mul(multiplier_milli);

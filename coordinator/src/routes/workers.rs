@@ -28,6 +28,7 @@ pub(crate) fn reputation_info(r: &crate::ledger::Reputation) -> Option<Reputatio
         requests: r.requests as u64,
         acknowledged_share: r.acknowledged as f64 / r.requests as f64,
         disputed_share: r.disputed as f64 / r.requests as f64,
+        unacknowledged_share: r.unacknowledged as f64 / r.requests as f64,
     })
 }
 

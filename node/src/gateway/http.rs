@@ -67,39 +67,23 @@ pub fn router(state: Arc<GatewayState>) -> Router {
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             4 * 1024 * 1024,
         ))
+        .layer(axum::middleware::map_response(too_large_in_openai_shape))
         .layer(axum::middleware::from_fn(troop_protocol::telemetry::track))
+        .layer(axum::middleware::from_fn_with_state(
+            crate::web::Access::new(
+                state.cfg.http.ip(),
+                &state.cfg.allowed_hosts,
+                &state.cfg.cors_origins,
+            ),
+            crate::web::guard,
+        ))
         .layer(cors(&state.cfg.cors_origins))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
 }
 
-/// Whether a browser page at `origin` may call the API: pages served from
-/// this machine (localhost, 127.0.0.1, [::1], any port) always, others
-/// when listed (`*`: any).
-pub fn origin_allowed(origin: &str, allowed: &[String]) -> bool {
-    if allowed
-        .iter()
-        .any(|a| a == "*" || a.trim_end_matches('/') == origin)
-    {
-        return true;
-    }
-    let Some(rest) = origin
-        .strip_prefix("http://")
-        .or_else(|| origin.strip_prefix("https://"))
-    else {
-        return false;
-    };
-    let host = if rest.starts_with('[') {
-        rest.split_inclusive(']').next().unwrap_or_default()
-    } else {
-        rest.split(':').next().unwrap_or_default()
-    };
-    let port_ok = rest[host.len()..]
-        .strip_prefix(':')
-        .is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
-    port_ok && rest.len() >= host.len() && matches!(host, "localhost" | "127.0.0.1" | "[::1]")
-}
+pub use crate::web::origin_allowed;
 
 fn cors(allowed: &[String]) -> CorsLayer {
     let allowed = allowed.to_vec();
@@ -132,11 +116,17 @@ async fn troop_status(State(state): State<Arc<GatewayState>>) -> Response {
         .read()
         .map(|r| r.clone())
         .unwrap_or_default();
+    // One row per worker, looked up once each (not a scan per worker).
+    let mut by_peer: std::collections::HashMap<&str, &super::table::WorkerRow> =
+        std::collections::HashMap::with_capacity(rows.len());
+    for r in &rows {
+        by_peer.entry(r.peer_id.as_str()).or_insert(r);
+    }
     let workers: Vec<Value> = workers
         .into_iter()
         .map(|(peer, models, rtt)| {
             let id = peer.to_base58();
-            let row = rows.iter().find(|r| r.peer_id == id);
+            let row = by_peer.get(id.as_str()).copied();
             json!({
                 "peer_id": id,
                 "models": models,
@@ -145,8 +135,8 @@ async fn troop_status(State(state): State<Arc<GatewayState>>) -> Response {
                 "hardware_multiplier": row.and_then(|r| r.hardware_multiplier),
                 "ttft_ms": row.and_then(|r| r.ttft_ms),
                 "tokens_per_s": row.and_then(|r| r.tokens_per_s),
-                "active_jobs": row.map(|r| r.active_jobs),
-                "max_jobs": row.map(|r| r.max_jobs),
+                "active_jobs": row.and_then(|r| r.active_jobs),
+                "max_jobs": row.and_then(|r| r.max_jobs),
                 "reputation": reputation.get(&peer),
             })
         })
@@ -193,6 +183,31 @@ pub fn oai_error(
     if let Some(s) = retry_after {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(s.max(1)));
+    }
+    resp
+}
+
+fn too_large() -> Response {
+    oai_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "invalid_request_error",
+        "request_too_large",
+        &format!("the request body is over {MAX_BODY_BYTES} bytes"),
+        None,
+    )
+}
+
+/// A body over the transport's limit (refused while it is read, before any
+/// handler) gets the same OpenAI-shaped `request_too_large` as one just over
+/// [`MAX_BODY_BYTES`], not the plain text of the limit layer.
+async fn too_large_in_openai_shape(resp: Response) -> Response {
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE && !json {
+        return too_large();
     }
     resp
 }
@@ -446,13 +461,7 @@ async fn serve(
     body: Bytes,
 ) -> Response {
     if body.len() > MAX_BODY_BYTES {
-        return oai_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            "request_too_large",
-            &format!("the request body is over {MAX_BODY_BYTES} bytes"),
-            None,
-        );
+        return too_large();
     }
     let v = match parse_json(&body) {
         Ok(v) => v,
@@ -533,13 +542,10 @@ fn frame_problem(f: &Frame) -> Option<String> {
     }
 }
 
-/// At most this much of a streamed answer is kept to continue it on
-/// another worker; longer answers are not resumed.
-const RESUME_KEEP_BYTES: usize = 4 * 1024 * 1024;
-
 fn stream_answer(state: Arc<GatewayState>, job: JobStream, req: InferenceRequest) -> Response {
     let idle = state.cfg.idle_timeout;
-    let resumable = state.cfg.resume
+    let keep_limit = state.cfg.resume_keep_bytes;
+    let mut resumable = state.cfg.resume
         && matches!(
             req.endpoint,
             Some(Endpoint::ChatCompletions | Endpoint::Completions)
@@ -563,10 +569,14 @@ fn stream_answer(state: Arc<GatewayState>, job: JobStream, req: InferenceRequest
                     match &mut resumed {
                         Some(r) => yield Ok::<Bytes, Infallible>(r.rewrite(&data)),
                         None => {
-                            if resumable && kept.len() + data.len() <= RESUME_KEEP_BYTES {
+                            if resumable && kept.len() + data.len() <= keep_limit {
                                 kept.push_str(&data);
-                            } else {
-                                kept.clear();
+                            } else if resumable {
+                                // Too long to keep whole: never resumed
+                                // (a continuation from a tail would drop
+                                // the text before it).
+                                resumable = false;
+                                kept = String::new();
                             }
                             yield Ok(Bytes::from(data));
                         }

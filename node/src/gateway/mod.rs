@@ -39,8 +39,16 @@ pub struct GatewayConfig {
     pub idle_timeout: Duration,
     /// Browser origins allowed besides loopback ones (`*`: any).
     pub cors_origins: Vec<String>,
+    /// Host names the HTTP API answers to besides loopback ones and the
+    /// address it binds (`--allowed-host`).
+    pub allowed_hosts: Vec<String>,
+    /// How long a worker's open circuit breaker waits before one trial.
+    pub breaker_cooldown: Duration,
     /// Continue an answer on another worker when its worker is lost.
     pub resume: bool,
+    /// At most this much of a streamed answer is kept to continue it on
+    /// another worker; longer answers are not resumed (4 MiB).
+    pub resume_keep_bytes: usize,
     /// The workers used last whose connections stay open while idle
     /// (a reconnection costs a handshake, and a hole punch behind NAT);
     /// connections to other peers close after `net.idle_timeout`.
@@ -62,7 +70,10 @@ impl GatewayConfig {
             first_token_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(60),
             cors_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
+            breaker_cooldown: troop_protocol::policy::BREAKER_COOLDOWN,
             resume: true,
+            resume_keep_bytes: 4 * 1024 * 1024,
             warm_workers: WARM_WORKERS,
             coordinator_lookup_after: Some(Duration::from_millis(500)),
         }
@@ -94,6 +105,8 @@ pub struct GatewayState {
     warm: Mutex<VecDeque<PeerId>>,
     /// When the coordinator was last asked for each model's workers.
     asked_coordinator: Mutex<HashMap<String, Instant>>,
+    /// Places for acknowledgements being delivered (`MAX_ACKS_IN_FLIGHT`).
+    acks_in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl GatewayState {
@@ -144,8 +157,17 @@ pub struct AnswerRecord {
 
 /// A worker with at least this many settled requests, of which more than
 /// `DISPUTE_THRESHOLD` differed from their user's acknowledgement beyond
-/// the tolerance, is skipped.
+/// the tolerance, or were filed without an acknowledgement, is skipped.
 const DISPUTE_MIN_REQUESTS: u64 = 10;
+
+/// Addresses of one advert the gateway dials a worker at (an advert may
+/// carry up to 64 KiB of them).
+pub const MAX_ADVERT_ADDRS: usize = 8;
+
+/// Acknowledgements on their way to workers at once; past it, one more is
+/// dropped (and counted in `troop_acks_lost_total`) rather than queued
+/// without bound.
+const MAX_ACKS_IN_FLIGHT: usize = 1024;
 const DISPUTE_THRESHOLD: f64 = 0.2;
 
 struct GwSession {
@@ -210,6 +232,7 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
         account: crate::web::AccountView::new(client.clone()),
         warm: Mutex::new(VecDeque::new()),
         asked_coordinator: Mutex::new(HashMap::new()),
+        acks_in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_ACKS_IN_FLIGHT)),
     });
     crate::web::warn_if_public(http_addr, "gateway");
     let mut tasks = Vec::new();
@@ -237,8 +260,10 @@ async fn table_loop(state: Arc<GatewayState>, mut events: mpsc::Receiver<NetEven
                 Some(a) => {
                     // Adverts carry the worker's addresses: the way to reach
                     // it when it is not a direct neighbour and the DHT is off.
-                    let fresh = known_addrs.get(&source) != Some(&a.addresses);
-                    let addrs = a.addresses.clone();
+                    // The first few only: an advert may list many.
+                    let addrs: Vec<String> =
+                        a.addresses.iter().take(MAX_ADVERT_ADDRS).cloned().collect();
+                    let fresh = known_addrs.get(&source) != Some(&addrs);
                     if let Ok(mut t) = state.table.write() {
                         t.on_advert(source, a);
                     }
@@ -249,7 +274,19 @@ async fn table_loop(state: Arc<GatewayState>, mut events: mpsc::Receiver<NetEven
                         {
                             state.net.add_address(source, addr).await;
                         }
-                        known_addrs.insert(source, addrs);
+                        if known_addrs.len() >= table::MAX_ENTRIES
+                            && !known_addrs.contains_key(&source)
+                            && let Ok(t) = state.table.read()
+                        {
+                            // Only workers still in the table are worth
+                            // remembering.
+                            known_addrs.retain(|p, _| t.contains(p));
+                        }
+                        if known_addrs.len() < table::MAX_ENTRIES
+                            || known_addrs.contains_key(&source)
+                        {
+                            known_addrs.insert(source, addrs);
+                        }
                     }
                 }
                 None => metrics::counter!("troop_bad_adverts_total").increment(1),
@@ -297,13 +334,15 @@ async fn reputation_loop(state: Arc<GatewayState>) {
             .iter()
             .filter(|w| {
                 w.reputation.as_ref().is_some_and(|r| {
-                    r.requests >= DISPUTE_MIN_REQUESTS && r.disputed_share > DISPUTE_THRESHOLD
+                    r.requests >= DISPUTE_MIN_REQUESTS
+                        && (r.disputed_share > DISPUTE_THRESHOLD
+                            || r.unacknowledged_share > DISPUTE_THRESHOLD)
                 })
             })
             .filter_map(|w| w.peer_id.parse().ok())
             .collect();
         for p in &bad {
-            tracing::info!(worker = %p, "skipping a worker whose bills are often disputed");
+            tracing::info!(worker = %p, "skipping a worker whose bills are often disputed or unacknowledged");
         }
         if let Ok(mut d) = state.disputed.write() {
             *d = bad;
@@ -391,6 +430,59 @@ impl JobStream {
     }
 }
 
+/// Delivers one acknowledgement to `worker`, retried: the connection it
+/// goes out on may be the relayed one being closed in favour of a direct
+/// path. Holds its place among the acks in flight until done.
+async fn deliver_ack(
+    net: NetworkHandle,
+    worker: PeerId,
+    ack: troop_protocol::usage::Ack,
+    _place: tokio::sync::OwnedSemaphorePermit,
+) {
+    // Retried: the connection it goes out on may be the relayed one
+    // that is being closed in favour of a direct path.
+    use backon::BackoffBuilder;
+    let mut delays = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_times(4)
+        .build();
+    loop {
+        let sent = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut s = net
+                .stream_control()
+                .open_stream(worker, StreamProtocol::new(INFER_PROTOCOL))
+                .await
+                .map_err(|e| e.to_string())?;
+            write_frame(&mut s, &Frame::Ack { ack: ack.clone() })
+                .await
+                .map_err(|e| e.to_string())?;
+            futures::AsyncWriteExt::close(&mut s)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<(), String>(())
+        })
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()));
+        match sent {
+            Ok(()) => {
+                metrics::counter!("troop_acks_sent_total").increment(1);
+                return;
+            }
+            Err(e) => match delays.next() {
+                Some(d) => {
+                    tracing::debug!(%worker, error = %e, "acknowledgement not delivered; retrying");
+                    tokio::time::sleep(d).await;
+                }
+                None => {
+                    metrics::counter!("troop_acks_lost_total").increment(1);
+                    tracing::info!(%worker, error = %e, "acknowledgement not delivered");
+                    return;
+                }
+            },
+        }
+    }
+}
+
 impl Drop for JobStream {
     fn drop(&mut self) {
         // Acknowledge what arrived, signed by the user: the worker bills
@@ -414,50 +506,15 @@ impl Drop for JobStream {
         }
         let net = self.state.net.clone();
         let worker = self.worker;
-        tokio::spawn(async move {
-            // Retried: the connection it goes out on may be the relayed one
-            // that is being closed in favour of a direct path.
-            use backon::BackoffBuilder;
-            let mut delays = backon::ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(100))
-                .with_max_times(4)
-                .build();
-            loop {
-                let sent = tokio::time::timeout(Duration::from_secs(5), async {
-                    let mut s = net
-                        .stream_control()
-                        .open_stream(worker, StreamProtocol::new(INFER_PROTOCOL))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    write_frame(&mut s, &Frame::Ack { ack: ack.clone() })
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    futures::AsyncWriteExt::close(&mut s)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    Ok::<(), String>(())
-                })
-                .await
-                .unwrap_or_else(|_| Err("timed out".into()));
-                match sent {
-                    Ok(()) => {
-                        metrics::counter!("troop_acks_sent_total").increment(1);
-                        return;
-                    }
-                    Err(e) => match delays.next() {
-                        Some(d) => {
-                            tracing::debug!(%worker, error = %e, "acknowledgement not delivered; retrying");
-                            tokio::time::sleep(d).await;
-                        }
-                        None => {
-                            metrics::counter!("troop_acks_lost_total").increment(1);
-                            tracing::info!(%worker, error = %e, "acknowledgement not delivered");
-                            return;
-                        }
-                    },
-                }
+        match self.state.acks_in_flight.clone().try_acquire_owned() {
+            Ok(place) => {
+                tokio::spawn(deliver_ack(net, worker, ack, place));
             }
-        });
+            Err(_) => {
+                metrics::counter!("troop_acks_lost_total").increment(1);
+                tracing::warn!(%worker, "too many acknowledgements in flight; one dropped");
+            }
+        }
         let idle = match self.state.table.write() {
             Ok(mut t) => {
                 t.add_inflight(&self.worker, -1);
@@ -538,26 +595,31 @@ impl GatewayState {
         }
     }
 
-    fn breaker_allows(&self, peer: &PeerId) -> bool {
-        let Ok(mut b) = self.breakers.lock() else {
-            return true;
-        };
-        b.entry(*peer)
-            .or_insert_with(|| CircuitBreaker::new(SystemClock::default()))
-            .try_acquire()
-    }
-
-    fn breaker_record(&self, peer: &PeerId, ok: bool) {
-        if let Ok(mut b) = self.breakers.lock() {
-            let br = b
-                .entry(*peer)
-                .or_insert_with(|| CircuitBreaker::new(SystemClock::default()));
-            if ok {
-                br.record_success();
-            } else {
-                br.record_failure();
-            }
-        }
+    /// A permit to try `peer`, or `None` while its breaker is open (or its
+    /// one half-open trial is out). The permit records an outcome when
+    /// told, and is given back without one when dropped (a final answer
+    /// that is not the worker's fault, an app that hung up mid-dispatch).
+    fn breaker_permit(&self, peer: &PeerId) -> Option<BreakerPermit<'_>> {
+        let cooldown = self.cfg.breaker_cooldown;
+        let allowed = self
+            .breakers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(*peer)
+            .or_insert_with(|| {
+                CircuitBreaker::with_policy(
+                    SystemClock::default(),
+                    troop_protocol::policy::BREAKER_THRESHOLD,
+                    cooldown,
+                )
+            })
+            .try_acquire();
+        // The lock is released here: a permit's drop takes it again.
+        allowed.then(|| BreakerPermit {
+            breakers: &self.breakers,
+            peer: *peer,
+            settled: false,
+        })
     }
 
     /// Workers for `model`, from the table or else from the DHT: direct
@@ -719,18 +781,21 @@ impl GatewayState {
             }
             ever_found |= !candidates.is_empty();
             for worker in candidates {
-                if !self.breaker_allows(&worker) {
+                let Some(permit) = self.breaker_permit(&worker) else {
                     continue;
-                }
+                };
                 match self.try_worker(worker, &request).await {
                     Ok(job) => {
-                        self.breaker_record(&worker, true);
+                        permit.record(true);
                         return Ok(job);
                     }
+                    // Not the worker's doing (402, 429, the coordinator
+                    // away, the app's own 4xx): the permit goes back as it
+                    // drops.
                     Err(Attempt::Final(e)) => return Err(e),
                     Err(Attempt::Next(reason)) => {
                         tracing::info!(%worker, %reason, "worker skipped");
-                        self.breaker_record(&worker, false);
+                        permit.record(false);
                         last_error = reason;
                     }
                 }
@@ -1026,4 +1091,39 @@ fn unix_now() -> u64 {
 enum Attempt {
     Next(String),
     Final(DispatchError),
+}
+
+/// One call's permit from a worker's circuit breaker: [`record`](Self::record)
+/// counts its outcome; dropped without one (a final refusal that says
+/// nothing of the worker, a dispatch the app abandoned), it is given back so
+/// a half-open breaker's trial is never held for good.
+struct BreakerPermit<'a> {
+    breakers: &'a Mutex<HashMap<PeerId, CircuitBreaker<SystemClock>>>,
+    peer: PeerId,
+    settled: bool,
+}
+
+impl BreakerPermit<'_> {
+    fn record(mut self, ok: bool) {
+        self.settled = true;
+        let mut b = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(br) = b.get_mut(&self.peer) {
+            if ok {
+                br.record_success();
+            } else {
+                br.record_failure();
+            }
+        }
+    }
+}
+
+impl Drop for BreakerPermit<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            let mut b = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(br) = b.get_mut(&self.peer) {
+                br.release();
+            }
+        }
+    }
 }

@@ -37,9 +37,10 @@ pub struct WorkerRow {
     pub model: String,
     pub peer_id: String,
     pub source: Source,
-    pub queue_depth: u32,
-    pub active_jobs: u32,
-    pub max_jobs: u32,
+    /// From the worker's advert; `None` when known only from a lookup.
+    pub queue_depth: Option<u32>,
+    pub active_jobs: Option<u32>,
+    pub max_jobs: Option<u32>,
     pub ttft_ms: Option<f64>,
     pub tokens_per_s: Option<f64>,
     pub rtt_ms: Option<f64>,
@@ -61,6 +62,9 @@ pub struct WorkerTable {
 /// Most workers the table holds; beyond it, expired rows are dropped and
 /// then new adverts are ignored (counted in `troop_limit_hits_total`).
 pub const MAX_ENTRIES: usize = 20_000;
+
+/// Round trips kept for peers that are not (yet) in the table.
+pub const MAX_RTTS: usize = 4_096;
 
 /// Default guesses before anything was measured.
 const DEFAULT_TTFT_MS: f64 = 150.0;
@@ -153,15 +157,30 @@ impl WorkerTable {
         }
     }
 
+    /// A ping round trip to `peer`. Kept for workers in the table, and for
+    /// at most [`MAX_RTTS`] other peers (a worker's advert may come after
+    /// its first ping); when full, only the table's workers' stay.
     pub fn on_rtt(&mut self, peer: PeerId, rtt: Duration) {
-        self.rtts.insert(peer, rtt);
         if let Some(e) = self.entries.get_mut(&peer) {
             e.rtt = Some(rtt);
         }
+        if self.rtts.len() >= MAX_RTTS && !self.rtts.contains_key(&peer) {
+            let entries = &self.entries;
+            self.rtts.retain(|p, _| entries.contains_key(p));
+        }
+        if self.rtts.len() < MAX_RTTS + self.entries.len() || self.entries.contains_key(&peer) {
+            self.rtts.insert(peer, rtt);
+        }
+    }
+
+    /// Whether `peer` is in the table (live or not yet dropped).
+    pub fn contains(&self, peer: &PeerId) -> bool {
+        self.entries.contains_key(peer)
     }
 
     pub fn forget(&mut self, peer: &PeerId) {
         self.entries.remove(peer);
+        self.rtts.remove(peer);
     }
 
     /// A dial to `peer` failed: drop it from the table (and so from
@@ -284,9 +303,9 @@ impl WorkerTable {
                     model: m.clone(),
                     peer_id: e.peer.to_base58(),
                     source: e.source,
-                    queue_depth: a.map(|a| a.queue_depth).unwrap_or(0),
-                    active_jobs: a.map(|a| a.active_jobs).unwrap_or(0),
-                    max_jobs: a.map(|a| a.max_jobs).unwrap_or(0),
+                    queue_depth: a.map(|a| a.queue_depth),
+                    active_jobs: a.map(|a| a.active_jobs),
+                    max_jobs: a.map(|a| a.max_jobs),
                     ttft_ms: a.and_then(|a| a.ttft_ms),
                     tokens_per_s: a.and_then(|a| a.tokens_per_s),
                     rtt_ms: e.rtt.map(|d| d.as_secs_f64() * 1000.0),
