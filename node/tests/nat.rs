@@ -278,7 +278,9 @@ fn worker_entry(status: &Value, peer: &str) -> Option<Value> {
 /// Builds the lab (`scripts/netlab up` with `extra` arguments) in a
 /// temporary folder, or says "skipped" (a failure under
 /// `TROOP_REQUIRE_ROOT_TESTS=1`) and gives `None` when it cannot.
-fn lab_up(extra: &[&str]) -> Option<(Lab, tempfile::TempDir)> {
+/// (The folder comes first: bound before the lab, it outlives it, so a
+/// failing test's logs can still be printed as the lab drops.)
+fn lab_up(extra: &[&str]) -> Option<(tempfile::TempDir, Lab)> {
     let is_root = nix::unistd::Uid::effective().is_root();
     if !is_root {
         skip_or_fail("needs root for network namespaces");
@@ -324,7 +326,7 @@ fn lab_up(extra: &[&str]) -> Option<(Lab, tempfile::TempDir)> {
         skip_or_fail(&format!("scripts/netlab up failed: {err}"));
         return None;
     }
-    Some((lab, tmp))
+    Some((tmp, lab))
 }
 
 /// The coordinator and a `troop relay` in the public network; returns the
@@ -391,7 +393,7 @@ fn mesh_args(key: &Path, coordinator: &str, relay_addr: &str) -> Vec<String> {
 
 #[test]
 fn workers_behind_nat_are_reached_through_a_relay_and_punched_direct() {
-    let Some((mut lab, tmp)) = lab_up(&[]) else {
+    let Some((tmp, mut lab)) = lab_up(&[]) else {
         return;
     };
 
@@ -690,7 +692,7 @@ fn workers_behind_nat_are_reached_through_a_relay_and_punched_direct() {
 /// and the gateway ends up with a direct path that serves answers.
 #[test]
 fn behind_routers_that_answer_rst_the_pair_punches_over_quic() {
-    let Some((mut lab, tmp)) = lab_up(&["--rst"]) else {
+    let Some((tmp, mut lab)) = lab_up(&["--rst"]) else {
         return;
     };
     let answer: Vec<String> = (0..200).map(|i| format!("tok{i:03} ")).collect();
