@@ -342,14 +342,6 @@ async fn streams_waiting_for_a_ticket_are_bounded_per_peer() {
     assert_eq!(chat_text(&events), tokens(4).concat());
 }
 
-fn chat_body(prompt: &str) -> Value {
-    serde_json::json!({
-        "model": MODEL,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": 8,
-    })
-}
-
 /// A worker whose breaker opened gets one trial after the cool-down; a
 /// trial that ends in a final answer that is not the worker's fault (the
 /// app's own 400 from the model) gives the trial back, so the next request
@@ -363,18 +355,22 @@ async fn a_half_open_breaker_trial_ended_by_a_final_answer_is_given_back() {
         .await;
     net.wait_for_workers(1).await;
     let url = format!("{}/v1/chat/completions", net.gateway_url());
+    let ask = |prompt: &str| {
+        net.http
+            .post(&url)
+            .json(&serde_json::json!({
+                "model": MODEL,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 8,
+            }))
+            .send()
+    };
     // Five failures open the breaker (each request tries the worker in up
     // to four rounds).
     fake.set_mode(Mode::FailBeforeFirst);
     let mut failed = 0;
     while fake.state.requests.load(Ordering::SeqCst) < 5 {
-        let r = net
-            .http
-            .post(&url)
-            .json(&chat_body("hello"))
-            .send()
-            .await
-            .expect("POST");
+        let r = ask("hello").await.expect("POST");
         assert_ne!(r.status(), 200);
         failed += 1;
         assert!(failed < 5, "the worker was never tried");
@@ -382,21 +378,9 @@ async fn a_half_open_breaker_trial_ended_by_a_final_answer_is_given_back() {
     fake.set_mode(Mode::Normal);
     // The half-open trial: the model refuses the prompt (a 400 that passes
     // through to the app, final).
-    let r = net
-        .http
-        .post(&url)
-        .json(&chat_body("[overflow]"))
-        .send()
-        .await
-        .expect("POST");
+    let r = ask("[overflow]").await.expect("POST");
     assert_eq!(r.status(), 400, "{:?}", r.text().await);
     // The next request gets the worker again.
-    let r = net
-        .http
-        .post(&url)
-        .json(&chat_body("hello"))
-        .send()
-        .await
-        .expect("POST");
+    let r = ask("hello").await.expect("POST");
     assert_eq!(r.status(), 200, "{:?}", r.text().await);
 }

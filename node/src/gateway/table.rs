@@ -386,6 +386,42 @@ mod tests {
     }
 
     #[test]
+    fn round_trips_of_peers_outside_the_table_are_bounded() {
+        let mut t = WorkerTable::default();
+        let w = PeerId::random();
+        t.on_advert(w, advert(&w, 50.0, 0));
+        for _ in 0..MAX_RTTS + 500 {
+            t.on_rtt(PeerId::random(), Duration::from_millis(3));
+        }
+        assert!(t.rtts.len() <= MAX_RTTS + 1, "{}", t.rtts.len());
+        // A worker's round trip is always kept.
+        t.on_rtt(w, Duration::from_millis(7));
+        assert_eq!(t.rtts.get(&w), Some(&Duration::from_millis(7)));
+        t.forget(&w);
+        assert!(!t.rtts.contains_key(&w));
+    }
+
+    #[test]
+    fn job_counts_of_a_worker_without_an_advert_are_unknown_not_zero() {
+        let mut t = WorkerTable::default();
+        let p = PeerId::random();
+        t.on_provider(p, "m");
+        let row = t.rows().pop().expect("a row");
+        assert_eq!(
+            (row.active_jobs, row.max_jobs, row.queue_depth),
+            (None, None, None)
+        );
+        let a = PeerId::random();
+        t.on_advert(a, advert(&a, 50.0, 2));
+        let row = t
+            .rows()
+            .into_iter()
+            .find(|r| r.peer_id == a.to_base58())
+            .expect("a row");
+        assert_eq!((row.active_jobs, row.max_jobs), (Some(2), Some(4)));
+    }
+
+    #[test]
     fn adverts_for_someone_else_are_ignored() {
         let mut t = WorkerTable::default();
         let a = PeerId::random();
