@@ -13,29 +13,15 @@ use std::str::FromStr;
 
 use axum::http::HeaderMap;
 
-/// An address block, `ADDR/LEN` (a bare address is a block of one).
+/// An address block, `ADDR/LEN` (a bare address is a block of one): an
+/// [`ipnet::IpNet`] that also parses a bare address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpNet {
-    addr: IpAddr,
-    len: u8,
-}
+pub struct IpNet(ipnet::IpNet);
 
 impl IpNet {
     /// Whether `ip` lies in this block (IPv4-mapped IPv6 counts as IPv4).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, canonical(ip)) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.len))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
+        self.0.contains(&canonical(ip))
     }
 }
 
@@ -43,30 +29,23 @@ impl FromStr for IpNet {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let (a, len) = match s.trim().split_once('/') {
-            Some((a, l)) => (a, Some(l)),
-            None => (s.trim(), None),
+        let t = s.trim();
+        let net = if t.contains('/') {
+            t.parse::<ipnet::IpNet>()
+                .map_err(|e| format!("{s:.60}: not an address block: {e}"))?
+        } else {
+            let addr = t
+                .parse::<IpAddr>()
+                .map_err(|e| format!("{s:.60}: not an address: {e}"))?;
+            ipnet::IpNet::from(canonical(addr))
         };
-        let addr = canonical(
-            a.parse::<IpAddr>()
-                .map_err(|e| format!("{s:.60}: not an address: {e}"))?,
-        );
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len = match len {
-            None => max,
-            Some(l) => l
-                .parse::<u8>()
-                .ok()
-                .filter(|l| *l <= max)
-                .ok_or_else(|| format!("{s:.60}: prefix length must be 0 to {max}"))?,
-        };
-        Ok(Self { addr, len })
+        Ok(Self(net.trunc()))
     }
 }
 
 impl std::fmt::Display for IpNet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
+        self.0.fmt(f)
     }
 }
 
