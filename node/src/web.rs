@@ -375,8 +375,15 @@ impl Access {
             return true;
         }
         let literal = name.trim_start_matches('[').trim_end_matches(']');
+        // An address literal cannot be a rebinding (no name to resolve):
+        // loopback, `0.0.0.0` (Linux connects it to this machine) and ours.
         match literal.parse::<std::net::IpAddr>() {
-            Ok(ip) => ip.is_loopback() || ip == self.bound || self.bound.is_unspecified(),
+            Ok(ip) => {
+                ip.is_loopback()
+                    || ip.is_unspecified()
+                    || ip == self.bound
+                    || self.bound.is_unspecified()
+            }
             Err(_) => false,
         }
     }
@@ -403,6 +410,12 @@ pub async fn guard(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    // Liveness and metrics carry nothing to steal or spend: probes and
+    // Prometheus reach them under any name.
+    if req.method() == axum::http::Method::GET && matches!(req.uri().path(), "/health" | "/metrics")
+    {
+        return next.run(req).await;
+    }
     let headers = req.headers();
     let host = headers
         .get(header::HOST)
@@ -461,6 +474,7 @@ mod access_tests {
             "app.localhost:3000",
             "[::1]:8080",
             "127.0.0.2:8080",
+            "0.0.0.0:8080",
             "gpu-box.lan:8080",
         ] {
             assert!(a.host_allowed(ok), "{ok}");

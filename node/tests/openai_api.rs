@@ -540,6 +540,15 @@ async fn foreign_hosts_and_origins_are_refused() {
         .expect("GET");
     assert_eq!(r.status(), 403);
     assert_eq!(fake.state.requests.load(Ordering::SeqCst), 0);
+    // Liveness answers any name (probes behind a DNS name).
+    let r = net
+        .http
+        .get(format!("{}/health", net.gateway_url()))
+        .header("host", "probe.internal:8080")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 200);
     for (host, origin) in [
         (None, None),
         (Some("localhost:8080"), Some("http://localhost:3000")),

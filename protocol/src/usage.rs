@@ -138,15 +138,14 @@ pub fn disputed(worker_ms: u64, observed_ms: u64) -> bool {
 /// Whether an acknowledged request counts as disputed: the two sides
 /// disagree about what was delivered. A request the worker saw cut short
 /// by the user (`cancelled`: the app hung up, perhaps during a pause or an
-/// upstream stall) is never a dispute: the user's time stops at the last
-/// chunk before it left, the worker's when it noticed, and both are right.
-/// Otherwise the times must agree within [`disputed`]'s tolerance.
+/// upstream stall) is no dispute when the worker's time is the longer: the
+/// user's time stops at the last chunk before it left, the worker's when it
+/// noticed, and both are right. Otherwise the times must agree within
+/// [`disputed`]'s tolerance.
 pub fn line_disputed(line: &RequestLine, ack: &Ack) -> bool {
-    line.status != LineStatus::Cancelled
-        && disputed(
-            line.finished_at.saturating_sub(line.started_at),
-            ack.observed_ms,
-        )
+    let worker_ms = line.finished_at.saturating_sub(line.started_at);
+    let user_left = line.status == LineStatus::Cancelled && worker_ms >= ack.observed_ms;
+    !user_left && disputed(worker_ms, ack.observed_ms)
 }
 
 /// Requests in a row, counted to the end of `lines` (sorted by index),
@@ -441,6 +440,14 @@ mod tests {
         // The same times on a request both sides say completed disagree.
         let done = line(0, 0, 6_000, Some(ack));
         let c = charge_session(&[done], &uid, "j", "w", 0, 60_000, 10_000).expect("charge");
+        assert_eq!(c.disputed, 1);
+        // "Cancelled" excuses only the worker's time being the longer: a
+        // user who waited 6 s for a worker that says it stopped at 1 s
+        // disagrees.
+        let waited = Ack::sign(&user, "j", "w", 0, 3, 3, 6_000);
+        let mut short = line(0, 0, 1_000, Some(waited));
+        short.status = LineStatus::Cancelled;
+        let c = charge_session(&[short], &uid, "j", "w", 0, 60_000, 10_000).expect("charge");
         assert_eq!(c.disputed, 1);
     }
 

@@ -107,6 +107,8 @@ pub struct GatewayState {
     asked_coordinator: Mutex<HashMap<String, Instant>>,
     /// Places for acknowledgements being delivered (`MAX_ACKS_IN_FLIGHT`).
     acks_in_flight: Arc<tokio::sync::Semaphore>,
+    /// Acknowledgements being delivered per worker (`MAX_ACKS_PER_WORKER`).
+    acks_per_worker: Arc<Mutex<HashMap<PeerId, usize>>>,
 }
 
 impl GatewayState {
@@ -168,6 +170,10 @@ pub const MAX_ADVERT_ADDRS: usize = 8;
 /// dropped (and counted in `troop_acks_lost_total`) rather than queued
 /// without bound.
 const MAX_ACKS_IN_FLIGHT: usize = 1024;
+
+/// Acknowledgements in flight to one worker: a dead worker's retries
+/// (up to about 30 s each) cannot take every place from healthy ones.
+const MAX_ACKS_PER_WORKER: usize = 64;
 const DISPUTE_THRESHOLD: f64 = 0.2;
 
 struct GwSession {
@@ -233,6 +239,7 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
         warm: Mutex::new(VecDeque::new()),
         asked_coordinator: Mutex::new(HashMap::new()),
         acks_in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_ACKS_IN_FLIGHT)),
+        acks_per_worker: Arc::new(Mutex::new(HashMap::new())),
     });
     crate::web::warn_if_public(http_addr, "gateway");
     let mut tasks = Vec::new();
@@ -430,6 +437,47 @@ impl JobStream {
     }
 }
 
+/// A place among the acknowledgements in flight: one of
+/// `MAX_ACKS_IN_FLIGHT` in all and of `MAX_ACKS_PER_WORKER` for its worker,
+/// given back when dropped.
+struct AckPlace {
+    _all: tokio::sync::OwnedSemaphorePermit,
+    per_worker: Arc<Mutex<HashMap<PeerId, usize>>>,
+    worker: PeerId,
+}
+
+impl AckPlace {
+    fn take(state: &GatewayState, worker: PeerId) -> Option<Self> {
+        let all = state.acks_in_flight.clone().try_acquire_owned().ok()?;
+        let mut m = state
+            .acks_per_worker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(worker).or_insert(0);
+        if *n >= MAX_ACKS_PER_WORKER {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            _all: all,
+            per_worker: state.acks_per_worker.clone(),
+            worker,
+        })
+    }
+}
+
+impl Drop for AckPlace {
+    fn drop(&mut self) {
+        let mut m = self.per_worker.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.worker) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.worker);
+            }
+        }
+    }
+}
+
 /// Delivers one acknowledgement to `worker`, retried: the connection it
 /// goes out on may be the relayed one being closed in favour of a direct
 /// path. Holds its place among the acks in flight until done.
@@ -437,7 +485,7 @@ async fn deliver_ack(
     net: NetworkHandle,
     worker: PeerId,
     ack: troop_protocol::usage::Ack,
-    _place: tokio::sync::OwnedSemaphorePermit,
+    _place: AckPlace,
 ) {
     // Retried: the connection it goes out on may be the relayed one
     // that is being closed in favour of a direct path.
@@ -506,11 +554,11 @@ impl Drop for JobStream {
         }
         let net = self.state.net.clone();
         let worker = self.worker;
-        match self.state.acks_in_flight.clone().try_acquire_owned() {
-            Ok(place) => {
+        match AckPlace::take(&self.state, worker) {
+            Some(place) => {
                 tokio::spawn(deliver_ack(net, worker, ack, place));
             }
-            Err(_) => {
+            None => {
                 metrics::counter!("troop_acks_lost_total").increment(1);
                 tracing::warn!(%worker, "too many acknowledgements in flight; one dropped");
             }
@@ -601,10 +649,18 @@ impl GatewayState {
     /// that is not the worker's fault, an app that hung up mid-dispatch).
     fn breaker_permit(&self, peer: &PeerId) -> Option<BreakerPermit<'_>> {
         let cooldown = self.cfg.breaker_cooldown;
-        let allowed = self
-            .breakers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let mut breakers = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+        if breakers.len() >= table::MAX_ENTRIES
+            && !breakers.contains_key(peer)
+            && let Ok(t) = self.table.read()
+        {
+            // One breaker per worker ever tried: keep those still in the
+            // table, and those open or in a trial.
+            breakers.retain(|p, b| {
+                t.contains(p) || b.state() != troop_protocol::policy::BreakerState::Closed
+            });
+        }
+        let allowed = breakers
             .entry(*peer)
             .or_insert_with(|| {
                 CircuitBreaker::with_policy(
@@ -614,7 +670,8 @@ impl GatewayState {
                 )
             })
             .try_acquire();
-        // The lock is released here: a permit's drop takes it again.
+        // The lock is released first: a permit's drop takes it again.
+        drop(breakers);
         allowed.then(|| BreakerPermit {
             breakers: &self.breakers,
             peer: *peer,
