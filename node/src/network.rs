@@ -881,8 +881,9 @@ impl EventLoop {
         self.relays.push((peer, addr, false));
     }
 
-    /// Dials a relay we reached over TCP once more over QUIC (at its QUIC
-    /// address on the same IP), when we listen on QUIC ourselves: identify
+    /// Dials a relay we reached over TCP once more over QUIC (the host we
+    /// dialled, IP or DNS name, at its QUIC port), when we listen on QUIC
+    /// ourselves: identify
     /// on that connection tells us the address our NAT maps our UDP socket
     /// to, which DCUtR then offers beside the TCP one. Routers that answer
     /// unsolicited TCP with RST defeat TCP simultaneous open but not a UDP
@@ -891,22 +892,51 @@ impl EventLoop {
         if self.quic_probed.contains(&relay) || !self.swarm.listeners().any(is_quic) {
             return;
         }
-        let Some(ip) = self.dialed.get(&relay).and_then(ip_of) else {
+        // The relay's host as we dialled it (an IP, or the DNS name of a
+        // `--relay /dns4/...`), and the port of its QUIC listener (on that
+        // IP when it lists several).
+        let Some(host) = self.dialed.get(&relay).and_then(|a| {
+            a.iter().find(|p| {
+                matches!(
+                    p,
+                    Protocol::Ip4(_)
+                        | Protocol::Ip6(_)
+                        | Protocol::Dns(_)
+                        | Protocol::Dns4(_)
+                        | Protocol::Dns6(_)
+                )
+            })
+        }) else {
             return;
         };
-        let Some(addr) = listen_addrs
+        let ip = self.dialed.get(&relay).and_then(ip_of);
+        let quic: Vec<&Multiaddr> = listen_addrs
             .iter()
-            .find(|a| is_quic(a) && !is_relayed(a) && ip_of(a) == Some(ip))
-            .cloned()
+            .filter(|a| is_quic(a) && !is_relayed(a) && !is_unspecified(a))
+            .collect();
+        let Some(port) = quic
+            .iter()
+            .find(|a| ip.is_some() && ip_of(a) == ip)
+            .or_else(|| quic.iter().find(|a| ip.is_none() && !is_lan(a)))
+            .and_then(|a| {
+                a.iter().find_map(|p| match p {
+                    Protocol::Udp(port) => Some(port),
+                    _ => None,
+                })
+            })
         else {
             return;
         };
+        let addr = Multiaddr::empty()
+            .with(host)
+            .with(Protocol::Udp(port))
+            .with(Protocol::QuicV1);
         if self.quic_probed.len() >= MAX_LEARNT_RELAYS * 2 {
             self.quic_probed.clear();
         }
         self.quic_probed.insert(relay);
         let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(relay)
-            .addresses(vec![strip_p2p(&addr)])
+            .addresses(vec![addr.clone()])
             .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
             .build();
         tracing::debug!(%relay, address = %addr, "dialling the relay over QUIC too, to learn our UDP mapping");
@@ -1626,6 +1656,9 @@ impl EventLoop {
                     self.swarm.behaviour_mut().autonat.remove_server(peer_id);
                     self.dialed.remove(peer_id);
                     self.punched.remove(peer_id);
+                    // Met again, a relay is probed over QUIC again (our
+                    // NAT's UDP mapping may have changed meanwhile).
+                    self.quic_probed.remove(peer_id);
                     let p = *peer_id;
                     self.relay_lost(p, "the connection to the relay closed");
                 }
