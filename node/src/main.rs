@@ -342,6 +342,23 @@ enum Cmd {
     },
 }
 
+/// Checks a URL flag at start: an `http://` or `https://` URL with a host,
+/// or an error that says what was expected and how to write it.
+fn http_url(flag: &str, value: &str) -> anyhow::Result<String> {
+    let v = value.trim();
+    let fix = if v.contains("://") {
+        String::new()
+    } else {
+        format!(" (write http://{v})")
+    };
+    match reqwest::Url::parse(v) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(v.to_string()),
+        _ => anyhow::bail!(
+            "{flag} {value:?} is not an http:// or https:// URL{fix}, e.g. {flag} http://127.0.0.1:7070"
+        ),
+    }
+}
+
 fn secs(v: f64, name: &str) -> anyhow::Result<Duration> {
     if v.is_finite() && v > 0.0 && v < 86_400.0 {
         Ok(Duration::from_secs_f64(v))
@@ -378,10 +395,19 @@ fn main() -> ExitCode {
 
 fn read_identity(path: &std::path::Path) -> anyhow::Result<libp2p::identity::Keypair> {
     troop_protocol::identity::read_keypair(path).with_context(|| {
-        format!(
-            "reading the identity (make one with `troop keygen --out {}`)",
-            path.display()
-        )
+        if path.exists() {
+            let pem = std::fs::read(path).is_ok_and(|b| b.starts_with(b"-----BEGIN"));
+            format!(
+                "{} is {} not a key file written by `troop keygen` (its own format; keep that file and make a troop identity at another path: `troop keygen --out ~/.troop/node.key`)",
+                path.display(),
+                if pem { "a PEM file," } else { "" }
+            )
+        } else {
+            format!(
+                "reading the identity (make one with `troop keygen --out {}`)",
+                path.display()
+            )
+        }
     })
 }
 
@@ -416,6 +442,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             allowed_hosts,
             mesh,
         } => {
+            let coordinator = http_url("--coordinator", &coordinator)?;
+            let upstream = http_url("--upstream", &upstream)?;
+            let root = troop_node::upstream::server_root(&upstream);
+            if root != upstream.trim_end_matches('/') {
+                tracing::info!(upstream = %root, given = %upstream, "using the model server's root (the worker adds /v1 itself)");
+            }
             let key = read_identity(&identity)?;
             let peer = key.public().to_peer_id();
             let state_dir = state_dir.unwrap_or_else(|| {
@@ -501,6 +533,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             warm_workers,
             mesh,
         } => {
+            let coordinator = http_url("--coordinator", &coordinator)?;
             let key = read_identity(&identity)?;
             tracing::info!(peer_id = %key.public().to_peer_id(), "starting gateway");
             let mut cfg = gateway::GatewayConfig::new(key.clone(), &coordinator, http);
@@ -605,6 +638,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             relay,
             wait,
         } => {
+            let coordinator = coordinator
+                .map(|c| http_url("--coordinator", &c))
+                .transpose()?;
             let checks =
                 commands::doctor(bootstrap, relay, coordinator, secs(wait, "--wait")?).await?;
             let mut all_ok = true;

@@ -596,3 +596,20 @@ async fn oversized_bodies_get_an_openai_shaped_413() {
     let v: Value = serde_json::from_str(body).expect("an OpenAI-shaped body");
     assert_eq!(v["error"]["code"], "request_too_large", "{v}");
 }
+
+/// A worker given the "OpenAI base URL" of its model server
+/// (`http://127.0.0.1:8081/v1`, what guides ask for) finds its models and
+/// serves (was: "answers neither /api/tags nor /v1/models", having asked
+/// for `/v1/v1/models`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_given_the_openai_base_url_serves() {
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(3), Duration::ZERO).await;
+    let mut net = TestNet::start(|_| {}).await;
+    net.add_worker(&format!("{}/v1/", fake.url), |_| {}).await;
+    net.add_gateway().await;
+    net.wait_for_workers(1).await;
+    let r = net.chat(false).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["choices"][0]["message"]["content"], tokens(3).concat());
+}

@@ -57,6 +57,17 @@ pub struct Upstream {
     embeds: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, bool>>>,
 }
 
+/// The model server's root from the URL a user gave: without a trailing
+/// `/`, and without the `/v1` of an "OpenAI base URL"
+/// (`http://127.0.0.1:8081/v1`), which the worker adds itself.
+pub fn server_root(url: &str) -> String {
+    let u = url.trim().trim_end_matches('/');
+    u.strip_suffix("/v1")
+        .unwrap_or(u)
+        .trim_end_matches('/')
+        .to_string()
+}
+
 impl Upstream {
     pub fn new(base: &str, dialect: Dialect) -> Self {
         let http = reqwest::Client::builder()
@@ -65,7 +76,7 @@ impl Upstream {
             .build()
             .unwrap_or_default();
         Self {
-            base: base.trim_end_matches('/').to_string(),
+            base: server_root(base),
             dialect,
             http,
             embeds: Default::default(),
