@@ -291,14 +291,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.conn_limits.idle = std::time::Duration::from_secs(a.idle_timeout_secs.max(1));
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
+                // The port first: a second coordinator on a port in use
+                // leaves no data folder or key behind.
+                let listener =
+                    tokio::net::TcpListener::bind(a.listen)
+                        .await
+                        .with_context(|| {
+                            format!(
+                                "binding {} (--listen; another coordinator running there?)",
+                                a.listen
+                            )
+                        })?;
                 // Off the async threads: opening may talk to PostgreSQL
                 // through a blocking client.
                 let coordinator = tokio::task::spawn_blocking(move || Coordinator::open(cfg))
                     .await
                     .context("opening the coordinator")??;
-                let listener = tokio::net::TcpListener::bind(a.listen)
-                    .await
-                    .with_context(|| format!("binding {}", a.listen))?;
                 coordinator.serve(listener, shutdown_signal()).await
             })?;
             Ok(ExitCode::SUCCESS)

@@ -925,6 +925,26 @@ fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_troop-coordinator")
 }
 
+/// `serve` on a port in use fails with "address in use" before it makes
+/// a data folder or a key.
+#[test]
+fn serve_on_a_port_in_use_leaves_nothing_behind() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let out = std::process::Command::new(bin())
+        .args(["serve", "--listen", &addr, "--data"])
+        .arg(&data)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("binding {addr}")), "{err}");
+    assert!(err.contains("already in use"), "{err}");
+    assert!(!data.exists(), "a data folder was made: {err}");
+}
+
 #[tokio::test]
 async fn ledger_cli_audits_balances_and_history() {
     let mut c = TestCoordinator::start().await;

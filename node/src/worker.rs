@@ -333,6 +333,10 @@ where
 pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
     // The metrics recorder first: the network counts from its first event.
     crate::web::metrics_handle();
+    let http_listener = match cfg.http {
+        Some(addr) => Some(http::bind(addr).await?),
+        None => None,
+    };
     let upstream = match cfg.dialect {
         Some(d) => Upstream::new(&cfg.upstream, d),
         None => Upstream::detect(&cfg.upstream).await?,
@@ -407,8 +411,8 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
         account: crate::web::AccountView::new(client.clone()),
         cfg,
     });
-    let http = match shared.cfg.http {
-        Some(addr) => Some(http::serve(shared.clone(), addr).await?),
+    let http = match http_listener {
+        Some(listener) => Some(http::serve(shared.clone(), listener).await?),
         None => None,
     };
     let mut control = net.stream_control();

@@ -17,14 +17,21 @@ use tokio::task::JoinHandle;
 
 use super::{Shared, unix_ms};
 
-/// Binds `addr` and serves the worker's pages there.
+/// Binds the worker's status address, first thing at start: a worker that
+/// cannot serve it exits before it registers anywhere.
+pub(super) async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "binding the worker's status address {addr} (--http; another worker on this machine? give each its own, e.g. --http 127.0.0.1:9465)"
+        )
+    })
+}
+
+/// Serves the worker's pages on `listener` (from [`bind`]).
 pub(super) async fn serve(
     s: Arc<Shared>,
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the worker's status address {addr} (--http)"))?;
     let bound = listener.local_addr()?;
     crate::web::warn_if_public(bound, "worker");
     let app = Router::new()
@@ -40,7 +47,7 @@ pub(super) async fn serve(
         )
         .merge(crate::web::common_routes())
         .layer(axum::middleware::from_fn_with_state(
-            crate::web::Access::new(addr.ip(), &s.cfg.allowed_hosts, &[]),
+            crate::web::Access::new(bound.ip(), &s.cfg.allowed_hosts, &[]),
             crate::web::guard,
         ))
         .layer(axum::middleware::from_fn(troop_protocol::telemetry::track))

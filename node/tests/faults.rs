@@ -384,3 +384,42 @@ async fn a_half_open_breaker_trial_ended_by_a_final_answer_is_given_back() {
     let r = ask("hello").await.expect("POST");
     assert_eq!(r.status(), 200, "{:?}", r.text().await);
 }
+
+/// A worker whose status address is taken (two workers on one machine
+/// without `--http`) exits before it registers: the coordinator never
+/// lists it as alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_status_port_is_taken_exits_before_registering() {
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(2), Duration::ZERO).await;
+    let net = TestNet::start(|_| {}).await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let key = troop_protocol::identity::generate();
+    let peer = key.public().to_peer_id().to_base58();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = troop_node::worker::WorkerConfig::new(
+        key,
+        &net.coordinator_url(),
+        &fake.url,
+        dir.path().to_path_buf(),
+    );
+    cfg.net.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
+    cfg.http = Some(taken.local_addr().expect("addr"));
+    let err = match troop_node::worker::start(cfg).await {
+        Ok(_) => panic!("the worker started on a taken status address"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("--http"), "{err}");
+    let workers: Value = net
+        .http
+        .get(format!("{}/workers", net.coordinator_url()))
+        .send()
+        .await
+        .expect("GET /workers")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        !workers.to_string().contains(&peer),
+        "the worker registered before failing: {workers}"
+    );
+}
