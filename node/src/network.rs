@@ -586,6 +586,7 @@ pub async fn spawn(cfg: NetConfig) -> anyhow::Result<(NetworkHandle, mpsc::Recei
         cfg.listen.clone()
     };
     for addr in &listen {
+        tcp_port_free(addr)?;
         swarm
             .listen_on(addr.clone())
             .with_context(|| format!("listening on {addr}"))?;
@@ -733,6 +734,38 @@ fn is_unspecified(addr: &Multiaddr) -> bool {
         Protocol::Ip6(ip) => ip.is_unspecified(),
         _ => false,
     })
+}
+
+/// Fails with "address already in use" when another process listens on a
+/// TCP address we are told to listen on. libp2p's TCP listeners set
+/// `SO_REUSEPORT` (for port reuse when dialling), so a second node on the
+/// same port would otherwise start and share it with the first; a plain
+/// socket bound for a moment tells. Port 0 and non-TCP addresses pass.
+fn tcp_port_free(addr: &Multiaddr) -> anyhow::Result<()> {
+    let mut ip = None;
+    let mut port = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::from(a)),
+            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::from(a)),
+            Protocol::Tcp(n) => port = Some(n),
+            _ => {}
+        }
+    }
+    let (Some(ip), Some(port)) = (ip, port) else {
+        return Ok(());
+    };
+    if port == 0 {
+        return Ok(());
+    }
+    match std::net::TcpListener::bind((ip, port)) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => anyhow::bail!(
+            "listening on {addr}: address already in use (another troop node on this port? give this one --listen with another port)"
+        ),
+        // Anything else (no such address here, ...) is libp2p's to report.
+        Err(_) => Ok(()),
+    }
 }
 
 /// A QUIC address (`.../udp/N/quic-v1`).

@@ -239,3 +239,29 @@ async fn trimming_keeps_the_relay_under_a_circuit_in_use() {
         .expect("read through the circuit");
     assert_eq!(&back, b"hello");
 }
+
+/// A second relay on a port the first one listens on refuses to start
+/// ("address already in use", as every other role says) instead of sharing
+/// the port through libp2p's SO_REUSEPORT and splitting its peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_relay_on_a_taken_port_refuses_to_start() {
+    let mut first = node();
+    first.relay_server = Some(RelayLimits::default());
+    first.relay_always = true;
+    let (a, _events) = network::spawn(first).await.expect("the first relay");
+    let taken = a
+        .listen_addrs()
+        .into_iter()
+        .find(|addr| !is_relayed(addr))
+        .expect("a TCP address");
+    let mut second = node();
+    second.relay_server = Some(RelayLimits::default());
+    second.relay_always = true;
+    second.listen = vec![taken.clone()];
+    let err = match network::spawn(second).await {
+        Ok(_) => panic!("a second relay shares {taken}"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("address already in use"), "{err}");
+    a.shutdown();
+}
