@@ -218,18 +218,10 @@ pub async fn challenge(
 ) -> Result<Response, ApiError> {
     let worker = peer.to_base58();
     let known = state
-        .workers
-        .read()
-        .map(|w| w.contains_key(&worker))
-        .unwrap_or(false);
-    // A worker that registered on another replica in the last second.
-    let known = known
-        || (state.shared()
-            && state
-                .reload_worker(&worker)
-                .await
-                .map_err(|e| ledger_error(&state, e, &rid))?
-                .is_some());
+        .worker_with(&worker, |_| ())
+        .await
+        .map_err(|e| ledger_error(&state, e, &rid))?
+        .is_some();
     if !known {
         return Err(ApiError::not_found(
             ErrorCode::UnknownWorker,

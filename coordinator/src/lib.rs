@@ -368,6 +368,25 @@ impl AppState {
         }
     }
 
+    /// `f` of the worker `peer_id`: from this replica's table, else (with
+    /// PostgreSQL, for a worker that registered on another replica since
+    /// the last refresh) from the database ([`reload_worker`](Self::reload_worker)).
+    pub async fn worker_with<T>(
+        self: &Arc<Self>,
+        peer_id: &str,
+        f: impl Fn(&WorkerRow) -> T,
+    ) -> Result<Option<T>, ledger::LedgerError> {
+        if let Some(v) = self
+            .workers
+            .read()
+            .ok()
+            .and_then(|m| m.get(peer_id).map(&f))
+        {
+            return Ok(Some(v));
+        }
+        Ok(self.reload_worker(peer_id).await?.as_ref().map(f))
+    }
+
     /// A signed request's nonce, refused when any replica (or this one)
     /// saw it before.
     pub async fn remember_nonce(

@@ -742,22 +742,13 @@ fn is_unspecified(addr: &Multiaddr) -> bool {
 /// same port would otherwise start and share it with the first; a plain
 /// socket bound for a moment tells. Port 0 and non-TCP addresses pass.
 fn tcp_port_free(addr: &Multiaddr) -> anyhow::Result<()> {
-    let mut ip = None;
-    let mut port = None;
-    for p in addr.iter() {
-        match p {
-            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::from(a)),
-            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::from(a)),
-            Protocol::Tcp(n) => port = Some(n),
-            _ => {}
-        }
-    }
-    let (Some(ip), Some(port)) = (ip, port) else {
+    let port = addr.iter().find_map(|p| match p {
+        Protocol::Tcp(n) => Some(n),
+        _ => None,
+    });
+    let (Some(ip), Some(port)) = (ip_of(addr), port.filter(|n| *n != 0)) else {
         return Ok(());
     };
-    if port == 0 {
-        return Ok(());
-    }
     match std::net::TcpListener::bind((ip, port)) {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => anyhow::bail!(
@@ -916,8 +907,7 @@ impl EventLoop {
 
     /// Dials a relay we reached over TCP once more over QUIC (the host we
     /// dialled, IP or DNS name, at its QUIC port), when we listen on QUIC
-    /// ourselves: identify
-    /// on that connection tells us the address our NAT maps our UDP socket
+    /// ourselves: identify on that connection tells us the address our NAT maps our UDP socket
     /// to, which DCUtR then offers beside the TCP one. Routers that answer
     /// unsolicited TCP with RST defeat TCP simultaneous open but not a UDP
     /// punch; whichever path comes up first is kept.
@@ -928,7 +918,8 @@ impl EventLoop {
         // The relay's host as we dialled it (an IP, or the DNS name of a
         // `--relay /dns4/...`), and the port of its QUIC listener (on that
         // IP when it lists several).
-        let Some(host) = self.dialed.get(&relay).and_then(|a| {
+        let dialed = self.dialed.get(&relay);
+        let Some(host) = dialed.and_then(|a| {
             a.iter().find(|p| {
                 matches!(
                     p,
@@ -942,7 +933,7 @@ impl EventLoop {
         }) else {
             return;
         };
-        let ip = self.dialed.get(&relay).and_then(ip_of);
+        let ip = dialed.and_then(ip_of);
         let quic: Vec<&Multiaddr> = listen_addrs
             .iter()
             .filter(|a| is_quic(a) && !is_relayed(a) && !is_unspecified(a))

@@ -45,20 +45,9 @@ pub(crate) async fn submit_receipt(
         }
     };
     let key = state
-        .workers
-        .read()
-        .map_err(|_| ApiError::internal("worker table poisoned"))?
-        .get(&receipt.worker)
-        .map(|w| w.receipt_key.clone());
-    // A worker that registered on another replica in the last second.
-    let key = match key {
-        None if state.shared() => state
-            .reload_worker(&receipt.worker)
-            .await
-            .map_err(|e| ledger_error(&state, e, &rid))?
-            .map(|w| w.receipt_key),
-        k => k,
-    };
+        .worker_with(&receipt.worker, |w| w.receipt_key.clone())
+        .await
+        .map_err(|e| ledger_error(&state, e, &rid))?;
     let Some(key) = key else {
         return Err(refuse(
             "unknown_worker",

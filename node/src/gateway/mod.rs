@@ -161,6 +161,7 @@ pub struct AnswerRecord {
 /// `DISPUTE_THRESHOLD` differed from their user's acknowledgement beyond
 /// the tolerance, or were filed without an acknowledgement, is skipped.
 const DISPUTE_MIN_REQUESTS: u64 = 10;
+const DISPUTE_THRESHOLD: f64 = 0.2;
 
 /// Addresses of one advert the gateway dials a worker at (an advert may
 /// carry up to 64 KiB of them).
@@ -174,7 +175,6 @@ const MAX_ACKS_IN_FLIGHT: usize = 1024;
 /// Acknowledgements in flight to one worker: a dead worker's retries
 /// (up to about 30 s each) cannot take every place from healthy ones.
 const MAX_ACKS_PER_WORKER: usize = 64;
-const DISPUTE_THRESHOLD: f64 = 0.2;
 
 struct GwSession {
     auth: AuthorizeResponse,
@@ -264,12 +264,13 @@ async fn table_loop(state: Arc<GatewayState>, mut events: mpsc::Receiver<NetEven
     while let Some(ev) = events.recv().await {
         match ev {
             NetEvent::Advert { source, data } => match Advert::decode(&data) {
-                Some(a) => {
+                Some(mut a) => {
                     // Adverts carry the worker's addresses: the way to reach
                     // it when it is not a direct neighbour and the DHT is off.
-                    // The first few only: an advert may list many.
-                    let addrs: Vec<String> =
-                        a.addresses.iter().take(MAX_ADVERT_ADDRS).cloned().collect();
+                    // The first few only, dialled and kept in the table: an
+                    // advert may list many.
+                    a.addresses.truncate(MAX_ADVERT_ADDRS);
+                    let addrs = a.addresses.clone();
                     let fresh = known_addrs.get(&source) != Some(&addrs);
                     if let Ok(mut t) = state.table.write() {
                         t.on_advert(source, a);
@@ -487,8 +488,6 @@ async fn deliver_ack(
     ack: troop_protocol::usage::Ack,
     _place: AckPlace,
 ) {
-    // Retried: the connection it goes out on may be the relayed one
-    // that is being closed in favour of a direct path.
     use backon::BackoffBuilder;
     let mut delays = backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
