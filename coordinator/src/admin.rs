@@ -33,7 +33,8 @@ pub fn history(
     limit: u32,
 ) -> Result<Vec<TransactionEntry>, LedgerError> {
     let rows = conn.query(
-        "SELECT t.id, t.kind, t.debit_account, t.credit_account, t.amount, t.job_id, t.created_at, j.state
+        "SELECT t.id, t.kind, t.debit_account, t.credit_account, t.amount, t.job_id, t.created_at, j.state,
+                j.reserved, j.cost
          FROM transfers t LEFT JOIN jobs j ON j.reserve_transfer = t.id
          WHERE t.id IN (
              SELECT id FROM (SELECT id FROM transfers WHERE debit_account = ?1 AND id < ?2
@@ -56,8 +57,25 @@ pub fn history(
                 "refund" | "expire" => "voided".into(),
                 _ => "posted".into(),
             };
-            let signed = if debit == account { -amount } else { amount };
+            // A voided reservation gives the hold back: a refund or expiry
+            // line adds to the user's available balance.
+            let signed = match kind.as_str() {
+                "refund" | "expire" if debit == account => amount,
+                _ if debit == account => -amount,
+                _ => amount,
+            };
+            // A settled reservation gives back what it did not cost.
+            let released = match (kind.as_str(), status.as_str()) {
+                ("reserve", "posted") if debit == account => {
+                    let reserved = r.opt_i64(8)?.unwrap_or(amount);
+                    Some(credits_from_milli(
+                        reserved - r.opt_i64(9)?.unwrap_or(0).min(reserved),
+                    ))
+                }
+                _ => None,
+            };
             Ok(TransactionEntry {
+                released,
                 id: r.i64(0)?,
                 kind,
                 amount: credits_from_milli(signed),

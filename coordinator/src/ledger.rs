@@ -199,6 +199,9 @@ CREATE TRIGGER ledger_totals_job_delete AFTER DELETE ON jobs BEGIN
 END;
 "#,
         ),
+        // A worker that stops says so (`POST /workers/leave`): it is not
+        // listed as alive again until it registers or heartbeats.
+        M::up("ALTER TABLE workers ADD COLUMN left_at INTEGER;"),
     ])
 }
 
@@ -372,6 +375,17 @@ pub struct WorkerRow {
     pub registered_at: u64,
     /// Unix seconds.
     pub last_seen: u64,
+    /// Unix seconds when the worker said it was leaving (cleared by its
+    /// next registration or heartbeat).
+    pub left_at: Option<u64>,
+}
+
+impl WorkerRow {
+    /// Whether the worker counts as alive at `now` (seen within `ttl`
+    /// seconds and not gone).
+    pub fn alive(&self, now: u64, ttl: u64) -> bool {
+        self.left_at.is_none() && now.saturating_sub(self.last_seen) <= ttl
+    }
 }
 
 /// A command for the writer.
@@ -394,6 +408,8 @@ pub enum Command {
         queue_depth: u32,
         now_secs: u64,
     },
+    /// The worker stops: it is no longer alive (its receipts still settle).
+    Leave { peer_id: String, now_secs: u64 },
     /// Grants starter credits to a new user (once) and reserves `amount`.
     Reserve {
         user: String,
@@ -500,7 +516,7 @@ pub fn apply(
             let addrs_json = addresses.as_ref().map(|a| json!(a).to_string());
             let n = tx.exec(
                 "UPDATE workers SET last_seen = ?2, active_jobs = ?3, queue_depth = ?4,
-                 models = COALESCE(?5, models), addresses = COALESCE(?6, addresses)
+                 models = COALESCE(?5, models), addresses = COALESCE(?6, addresses), left_at = NULL
                  WHERE peer_id = ?1",
                 p![
                     peer_id,
@@ -510,6 +526,20 @@ pub fn apply(
                     models_json,
                     addrs_json
                 ],
+            )?;
+            if n == 0 {
+                return Err(LedgerError::UnknownWorker(peer_id.clone()));
+            }
+            Ok(Outcome::Heartbeat {
+                last_seen: *now_secs,
+            })
+        }
+        Command::Leave { peer_id, now_secs } => {
+            // `last_seen` moves too: replicas keep the newest row they read.
+            let n = tx.exec(
+                "UPDATE workers SET last_seen = ?2, left_at = ?2, active_jobs = 0, queue_depth = 0
+                 WHERE peer_id = ?1",
+                p![peer_id, to_i64(*now_secs)?],
             )?;
             if n == 0 {
                 return Err(LedgerError::UnknownWorker(peer_id.clone()));
@@ -633,7 +663,7 @@ fn register_worker(
         "INSERT INTO workers (peer_id, receipt_key, models, addresses, version, registered_at, last_seen)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
          ON CONFLICT(peer_id) DO UPDATE SET models = excluded.models, addresses = excluded.addresses,
-           version = excluded.version, last_seen = excluded.last_seen",
+           version = excluded.version, last_seen = excluded.last_seen, left_at = NULL",
         p![
             peer_id,
             &new_key[..],
@@ -652,7 +682,7 @@ fn register_worker(
 pub fn load_worker(conn: &mut dyn Db, peer_id: &str) -> Result<Option<WorkerRow>, LedgerError> {
     conn.query_opt(
         "SELECT peer_id, receipt_key, models, addresses, version, multiplier_milli, verified_gflops,
-                active_jobs, queue_depth, registered_at, last_seen FROM workers WHERE peer_id = ?1",
+                active_jobs, queue_depth, registered_at, last_seen, left_at FROM workers WHERE peer_id = ?1",
         p![peer_id],
     )?
     .map(|r| worker_from_row(&r))
@@ -663,7 +693,7 @@ pub fn load_worker(conn: &mut dyn Db, peer_id: &str) -> Result<Option<WorkerRow>
 pub fn load_workers(conn: &mut dyn Db) -> Result<Vec<WorkerRow>, LedgerError> {
     conn.query(
         "SELECT peer_id, receipt_key, models, addresses, version, multiplier_milli, verified_gflops,
-                active_jobs, queue_depth, registered_at, last_seen FROM workers ORDER BY peer_id",
+                active_jobs, queue_depth, registered_at, last_seen, left_at FROM workers ORDER BY peer_id",
         p![],
     )?
     .iter()
@@ -678,7 +708,7 @@ pub fn load_workers_seen_since(
 ) -> Result<Vec<WorkerRow>, LedgerError> {
     conn.query(
         "SELECT peer_id, receipt_key, models, addresses, version, multiplier_milli, verified_gflops,
-                active_jobs, queue_depth, registered_at, last_seen FROM workers WHERE last_seen >= ?1",
+                active_jobs, queue_depth, registered_at, last_seen, left_at FROM workers WHERE last_seen >= ?1",
         p![to_i64(since_secs)?],
     )?
     .iter()
@@ -702,6 +732,7 @@ fn worker_from_row(r: &Row) -> Result<WorkerRow, LedgerError> {
         queue_depth: small(8)?,
         registered_at: r.i64(9)?.max(0) as u64,
         last_seen: r.i64(10)?.max(0) as u64,
+        left_at: r.opt_i64(11)?.map(|t| t.max(0) as u64),
     })
 }
 

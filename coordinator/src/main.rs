@@ -415,11 +415,16 @@ fn ledger_cmd(cmd: LedgerCmd) -> anyhow::Result<ExitCode> {
                 if json {
                     println!("{}", serde_json::to_string(&r)?);
                 } else {
+                    let back = r
+                        .released
+                        .map(|x| format!("{x:+.3} back"))
+                        .unwrap_or_default();
                     println!(
-                        "{:>6}  {:<8} {:>12.3}  {:<8} {}",
+                        "{:>6}  {:<8} {:>12.3} {:>14}  {:<8} {}",
                         r.id,
                         r.kind,
                         r.amount,
+                        back,
                         r.status,
                         r.job_id.unwrap_or_default()
                     );

@@ -194,6 +194,8 @@ CREATE TABLE bench_challenges (
 );
 CREATE INDEX bench_challenges_by_deadline ON bench_challenges(deadline_ms);
 "#,
+    // The fourth SQLite migration: workers that said they were leaving.
+    "ALTER TABLE workers ADD COLUMN left_at BIGINT;",
 ];
 
 /// How many schema steps this build knows.

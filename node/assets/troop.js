@@ -125,7 +125,11 @@ function txRows(txs, me) {
       {},
       el("td", {}, fmt.time(tx.created_at)),
       el("td", {}, tx.kind),
-      el("td", { class: "num" }, fmt.credits(tx.amount)),
+      el(
+        "td",
+        { class: "num", title: tx.released != null ? `${fmt.credits(tx.released)} of this reservation came back when it settled` : "" },
+        tx.released != null ? `${fmt.credits(tx.amount)} (+${fmt.credits(tx.released)} back)` : fmt.credits(tx.amount),
+      ),
       el("td", {}, el("span", { class: `pill ${tx.status === "posted" ? "ok" : tx.status === "pending" ? "warn" : ""}` }, tx.status)),
       el("td", { class: "mono", title: tx.debit_account === me ? tx.credit_account : tx.debit_account },
         fmt.short(tx.debit_account === me ? tx.credit_account : tx.debit_account)),
@@ -179,6 +183,15 @@ function consolePage() {
       ),
     );
     fillTable($("#workers tbody"), rows, "no worker seen yet", 8);
+    // A session's cost is one bill: shown on its first answer listed only.
+    const firstOf = new Map();
+    for (const a of s.answers) {
+      if (!firstOf.has(a.job_id) || a.index < firstOf.get(a.job_id)) firstOf.set(a.job_id, a.index);
+    }
+    const costCell = (a) => {
+      if (!costs.has(a.job_id)) return "pending";
+      return firstOf.get(a.job_id) === a.index ? fmt.credits(costs.get(a.job_id)) : `in #${firstOf.get(a.job_id)}`;
+    };
     const answers = s.answers.map((a) =>
       el(
         "tr",
@@ -190,7 +203,7 @@ function consolePage() {
         el("td", { class: "num" }, fmt.num(a.tokens_per_s)),
         el("td", { class: "num" }, a.completion_tokens ?? a.events),
         el("td", { class: "mono", title: a.job_id }, `${fmt.short(a.job_id)} #${a.index}`),
-        el("td", { class: "num" }, costs.has(a.job_id) ? fmt.credits(costs.get(a.job_id)) : "pending"),
+        el("td", { class: "num" }, costCell(a)),
       ),
     );
     fillTable($("#answers tbody"), answers, "no answer yet", 8);

@@ -1,4 +1,5 @@
-//! `troop models` and `troop doctor`: short-lived nodes that look at the mesh.
+//! `troop models` and `troop doctor`: short-lived nodes that look at the
+//! mesh; `troop account`: one's own balance and history.
 
 use std::time::{Duration, Instant};
 
@@ -75,11 +76,56 @@ pub async fn survey_with(
     Ok((table.rows(), status))
 }
 
+/// Peers to join through, from the coordinator's `GET /bootstrap` (its
+/// relays and a few live workers), as the gateway finds them.
+pub async fn bootstrap_from(coordinator: &str) -> anyhow::Result<Vec<Multiaddr>> {
+    let client = crate::coordinator_client::CoordinatorClient::new(
+        coordinator,
+        troop_protocol::identity::generate(),
+    );
+    let b = client
+        .bootstrap()
+        .await
+        .map_err(|e| anyhow::anyhow!("reading {coordinator}/bootstrap: {e}"))?;
+    let mut out = Vec::new();
+    for p in b.peers {
+        let Ok(id) = p.peer_id.parse::<libp2p::PeerId>() else {
+            continue;
+        };
+        for a in p.addresses {
+            let Ok(mut m) = a.parse::<Multiaddr>() else {
+                continue;
+            };
+            if network::peer_of(&m).is_none() {
+                m.push(libp2p::multiaddr::Protocol::P2p(id));
+            }
+            out.push(m);
+        }
+    }
+    Ok(out)
+}
+
+/// The peers to join through: `--bootstrap` when given, else the
+/// coordinator's `/bootstrap`; an error that says what to pass when there
+/// is neither.
+pub async fn peers_to_join(
+    bootstrap: Vec<Multiaddr>,
+    coordinator: Option<&str>,
+) -> anyhow::Result<Vec<Multiaddr>> {
+    if !bootstrap.is_empty() {
+        return Ok(bootstrap);
+    }
+    match coordinator {
+        Some(c) => bootstrap_from(c).await,
+        None => anyhow::bail!(
+            "no way into the mesh: pass --coordinator URL (its /bootstrap lists peers) or --bootstrap MULTIADDR (the address a worker, gateway or relay logs at start, ending in /p2p/<PeerId>)"
+        ),
+    }
+}
+
 pub fn print_models(rows: &[WorkerRow]) {
     if rows.is_empty() {
-        println!(
-            "no models found on the mesh (is a worker running, and did you pass --bootstrap?)"
-        );
+        println!("no models found on the mesh");
         return;
     }
     println!(
@@ -111,14 +157,74 @@ pub struct Check {
     pub advice: &'static str,
 }
 
+/// The default status addresses of a worker and a gateway on this machine.
+pub const LOCAL_NODES: [&str; 2] = ["http://127.0.0.1:9464", "http://127.0.0.1:8080"];
+
+/// A node's `GET /troop/status`, when it answers as a Troop node.
+async fn node_status(url: &str) -> Option<serde_json::Value> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .ok()?;
+    let v: serde_json::Value = http
+        .get(format!("{}/troop/status", url.trim_end_matches('/')))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    v.get("role")?.as_str()?;
+    Some(v)
+}
+
+/// What the doctor checks: the node on this machine (through its status
+/// address: `nodes`, or the default worker and gateway ports), the
+/// coordinator (given, or the one that node uses), and the mesh as others
+/// see it (joined through `bootstrap`, or the coordinator's `/bootstrap`).
 pub async fn doctor(
     bootstrap: Vec<Multiaddr>,
     relays: Vec<Multiaddr>,
     coordinator: Option<String>,
+    nodes: Vec<String>,
     wait: Duration,
 ) -> anyhow::Result<Vec<Check>> {
     let started = Instant::now();
+    let asked_nodes = !nodes.is_empty();
+    let candidates: Vec<String> = if asked_nodes {
+        nodes
+    } else {
+        LOCAL_NODES.iter().map(|s| s.to_string()).collect()
+    };
+    let mut local = Vec::new();
+    for url in &candidates {
+        if let Some(v) = node_status(url).await {
+            local.push((url.clone(), v));
+        }
+    }
+    let coordinator = coordinator.or_else(|| {
+        local
+            .iter()
+            .find_map(|(_, v)| v["coordinator"].as_str().map(String::from))
+    });
+    let mut checks = Vec::new();
     let had_bootstrap = !bootstrap.is_empty();
+    let bootstrap = match (had_bootstrap, &coordinator) {
+        (false, Some(c)) => match bootstrap_from(c).await {
+            Ok(b) => b,
+            Err(e) => {
+                checks.push(Check {
+                    name: "peers from coordinator",
+                    ok: false,
+                    detail: format!("{e:#}"),
+                    advice: "check --coordinator and that the coordinator runs, or pass --bootstrap",
+                });
+                Vec::new()
+            }
+        },
+        _ => bootstrap,
+    };
+    let from_coordinator = !had_bootstrap && !bootstrap.is_empty();
     let (rows, st) = survey_with(bootstrap, relays, true, wait).await?;
     let private = st.nat == "private";
     let workers: std::collections::BTreeSet<String> =
@@ -128,7 +234,90 @@ pub async fn doctor(
     };
     let punched = of_workers(&st.hole_punched);
     let relayed = of_workers(&st.relayed_peers);
-    let mut checks = vec![
+    if local.is_empty() {
+        checks.push(Check {
+            name: "node on this machine",
+            ok: !asked_nodes,
+            detail: format!(
+                "none answers at {} (the checks below are of the mesh only)",
+                candidates.join(" or ")
+            ),
+            advice: "start it, or pass --node with its --http address, e.g. --node http://127.0.0.1:9465",
+        });
+    }
+    for (url, v) in &local {
+        let role = v["role"].as_str().unwrap_or("node");
+        let peer = v["peer_id"].as_str().unwrap_or("?").to_string();
+        let nat = v["nat"]["status"]
+            .as_str()
+            .or_else(|| v["nat"].as_str())
+            .unwrap_or("unknown");
+        let peers = v["nat"]["connected_peers"]
+            .as_u64()
+            .or_else(|| v["connected_peers"].as_u64())
+            .unwrap_or(0);
+        checks.push(Check {
+            name: "node on this machine",
+            ok: true,
+            detail: format!("{role} {peer} at {url}: NAT {nat}, {peers} peers connected"),
+            advice: "",
+        });
+        if role == "worker" {
+            let upstream_ok = v["upstream"]["healthy"].as_bool().unwrap_or(false);
+            checks.push(Check {
+                name: "its model server",
+                ok: upstream_ok,
+                detail: format!(
+                    "{} {}",
+                    v["upstream"]["url"].as_str().unwrap_or("?"),
+                    if upstream_ok {
+                        "lists its models".to_string()
+                    } else {
+                        format!(
+                            "failed: {}",
+                            v["upstream"]["error"].as_str().unwrap_or("no answer")
+                        )
+                    }
+                ),
+                advice: "start the model server the worker's --upstream names (scripts/setup-model and scripts/model_server.py run one without Ollama)",
+            });
+            let seen = rows.iter().any(|r| r.peer_id == peer);
+            checks.push(Check {
+                name: "its advert, seen from outside",
+                ok: seen,
+                detail: if seen {
+                    format!("this doctor's own node received {peer}'s advert")
+                } else {
+                    format!("no advert from {peer} reached this doctor's node")
+                },
+                advice: "others cannot find this worker through the mesh: check the NAT lines above (a relay), and that --bootstrap or the coordinator's /bootstrap leads to its peers",
+            });
+            if let Some(c) = &coordinator {
+                let client = crate::coordinator_client::CoordinatorClient::new(
+                    c,
+                    troop_protocol::identity::generate(),
+                );
+                let alive = client.workers().await.map(|w| {
+                    w.workers
+                        .iter()
+                        .find(|w| w.peer_id == peer)
+                        .map(|w| w.alive)
+                });
+                checks.push(Check {
+                    name: "its registration",
+                    ok: matches!(alive, Ok(Some(true))),
+                    detail: match alive {
+                        Ok(Some(true)) => format!("{c} lists it as alive"),
+                        Ok(Some(false)) => format!("{c} lists it, not alive (no heartbeat lately)"),
+                        Ok(None) => format!("{c} does not list it"),
+                        Err(e) => format!("{c}: {e}"),
+                    },
+                    advice: "the worker's log says why it cannot reach the coordinator; check its --coordinator",
+                });
+            }
+        }
+    }
+    checks.extend([
         Check {
             name: "listen addresses",
             ok: !st.listen_addrs.is_empty(),
@@ -185,8 +374,10 @@ pub async fn doctor(
             ),
             advice: if had_bootstrap {
                 "the bootstrap peers did not answer: check the address (it must end in /p2p/<PeerId>) and that the node runs"
+            } else if from_coordinator {
+                "the peers the coordinator's /bootstrap lists did not answer: are they reachable from here (a relay)?"
             } else {
-                "pass --bootstrap with the address a worker or gateway logs at start, or ask the coordinator's /bootstrap"
+                "pass --coordinator URL (its /bootstrap lists peers) or --bootstrap with the address a worker or gateway logs at start"
             },
         },
         Check {
@@ -199,7 +390,7 @@ pub async fn doctor(
             ),
             advice: "no worker advert arrived: start a worker, or wait a few seconds and try again",
         },
-    ];
+    ]);
     if let Some(url) = coordinator {
         let client = crate::coordinator_client::CoordinatorClient::new(
             &url,
@@ -220,4 +411,67 @@ pub async fn doctor(
         });
     }
     Ok(checks)
+}
+
+/// `troop account`: the balance and the latest history of the key's own
+/// account (the history is signed with that key).
+pub async fn account(
+    coordinator: &str,
+    key: libp2p::identity::Keypair,
+    json: bool,
+) -> anyhow::Result<std::process::ExitCode> {
+    let client = crate::coordinator_client::CoordinatorClient::new(coordinator, key);
+    let me = client.account_id();
+    match client.identify().await {
+        Ok(_) => {}
+        Err(e) => anyhow::bail!(e),
+    }
+    let v = match client.my_transactions().await {
+        Ok(v) => v,
+        Err(e) if e.status() == Some(404) => {
+            println!(
+                "account {me}\n  not known to {coordinator} yet: it opens with its first ticket (a gateway) or registration (a worker)"
+            );
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        Err(e) => anyhow::bail!("reading the history of {me}: {e}"),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    let f = |x: &serde_json::Value| x.as_f64().unwrap_or(0.0);
+    let b = &v["balance"];
+    println!("account {me}");
+    println!(
+        "  available {:.3}  held {:.3}  credited {:.3}  debited {:.3} (credit-seconds)",
+        f(&b["available"]),
+        f(&b["pending"]),
+        f(&b["credited"]),
+        f(&b["debited"])
+    );
+    let txs = v["transactions"].as_array().cloned().unwrap_or_default();
+    if txs.is_empty() {
+        println!("  no transaction yet");
+    } else {
+        println!(
+            "  {:>6}  {:<8} {:>12} {:>14}  {:<8} job",
+            "id", "kind", "amount", "released", "status"
+        );
+    }
+    for t in &txs {
+        println!(
+            "  {:>6}  {:<8} {:>12.3} {:>14}  {:<8} {}",
+            t["id"],
+            t["kind"].as_str().unwrap_or(""),
+            f(&t["amount"]),
+            t["released"]
+                .as_f64()
+                .map(|x| format!("{x:+.3}"))
+                .unwrap_or_default(),
+            t["status"].as_str().unwrap_or(""),
+            t["job_id"].as_str().unwrap_or("-")
+        );
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }

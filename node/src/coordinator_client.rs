@@ -40,6 +40,17 @@ impl ClientError {
     }
 }
 
+/// Why a URL did not identify as a Troop coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum Identify {
+    /// Something else answers there (a web server, another service).
+    #[error("{0}")]
+    NotCoordinator(String),
+    /// Nothing answered (yet), or the coordinator refused for now.
+    #[error("{0}")]
+    Unreachable(String),
+}
+
 /// The coordinator's ticket key.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct PublicKey {
@@ -267,6 +278,44 @@ impl CoordinatorClient {
             .collect())
     }
 
+    /// Checks that the URL is a Troop coordinator (its `GET /public-key`),
+    /// for a check at start. `Err(NotCoordinator)` when something else
+    /// answers there; `Err(Unreachable)` when nothing answers.
+    pub async fn identify(&self) -> Result<PublicKey, Identify> {
+        let resp = self
+            .http
+            .get(format!("{}/public-key", self.base))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| Identify::Unreachable(format!("nothing answers at {}: {e}", self.base)))?;
+        match Self::decode::<PublicKey>(resp).await {
+            Ok(k) => Ok(k),
+            // A Troop error body: a coordinator that refused (busy, say).
+            Err(ClientError::Refused {
+                code: Some(_),
+                status,
+                message,
+                ..
+            }) => Err(Identify::Unreachable(format!(
+                "the coordinator at {} answered {status}: {message}",
+                self.base
+            ))),
+            Err(ClientError::Refused {
+                status, message, ..
+            }) => Err(Identify::NotCoordinator(format!(
+                "{} answers, but it is not a Troop coordinator (GET /public-key: {status} {}); \
+                 --coordinator takes the address `troop-coordinator serve --listen` was given, e.g. http://127.0.0.1:7070",
+                self.base,
+                message.trim()
+            ))),
+            Err(ClientError::Transport(e)) => Err(Identify::Unreachable(format!(
+                "nothing answers at {}: {e}",
+                self.base
+            ))),
+        }
+    }
+
     pub async fn public_key(&self) -> Result<PublicKey, ClientError> {
         let resp = self
             .http
@@ -286,6 +335,13 @@ impl CoordinatorClient {
         req: &HeartbeatRequest,
     ) -> Result<HeartbeatResponse, ClientError> {
         self.signed_post("/workers/heartbeat", req).await
+    }
+
+    /// Tells the coordinator this worker is stopping (`POST /workers/leave`):
+    /// it leaves `/bootstrap` and the alive list at once.
+    pub async fn leave(&self) -> Result<HeartbeatResponse, ClientError> {
+        self.signed_post("/workers/leave", &serde_json::json!({}))
+            .await
     }
 
     pub async fn authorize(

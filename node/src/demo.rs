@@ -28,18 +28,22 @@ pub struct DemoOptions {
     pub data: PathBuf,
 }
 
-/// Children are stopped (SIGTERM, then SIGKILL) when this drops.
-struct Procs(Vec<(String, Child)>);
+/// Children are stopped (SIGTERM, then SIGKILL) when this drops: the last
+/// started first, each waited for, so the gateway and the workers settle
+/// with a coordinator that still runs.
+struct Procs(Vec<(String, Child, PathBuf)>);
 
 impl Drop for Procs {
     fn drop(&mut self) {
-        for (_, c) in self.0.iter_mut().rev() {
+        for (name, c, _) in self.0.iter_mut().rev() {
+            if !matches!(c.try_wait(), Ok(None)) {
+                continue;
+            }
             let _ = Command::new("kill")
                 .args(["-TERM", &c.id().to_string()])
+                .stderr(Stdio::null())
                 .status();
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for (name, c) in self.0.iter_mut().rev() {
+            let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 match c.try_wait() {
                     Ok(Some(_)) => break,
@@ -58,6 +62,19 @@ impl Drop for Procs {
     }
 }
 
+/// The last lines of a log that say what went wrong (errors first).
+fn log_cause(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let pick = lines
+        .iter()
+        .rev()
+        .find(|l| l.contains("ERROR") || l.contains("Error:") || l.contains("error:"))
+        .or(lines.last());
+    pick.map(|l| l.trim().chars().take(400).collect())
+        .unwrap_or_else(|| "(its log is empty)".into())
+}
+
 impl Procs {
     fn spawn(&mut self, name: &str, cmd: &mut Command, log: &Path) -> anyhow::Result<()> {
         let out = std::fs::File::create(log)?;
@@ -68,14 +85,18 @@ impl Procs {
             .stderr(err)
             .spawn()
             .with_context(|| format!("starting {name}"))?;
-        self.0.push((name.to_string(), child));
+        self.0.push((name.to_string(), child, log.to_path_buf()));
         Ok(())
     }
 
     fn check_alive(&mut self) -> anyhow::Result<()> {
-        for (name, c) in self.0.iter_mut() {
+        for (name, c, log) in self.0.iter_mut() {
             if let Ok(Some(st)) = c.try_wait() {
-                bail!("{name} exited early ({st}); see its log in the demo folder");
+                bail!(
+                    "{name} exited early ({st}): {}\n    its log: {}",
+                    log_cause(log),
+                    log.display()
+                );
             }
         }
         Ok(())
@@ -216,6 +237,14 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         bail!(
             "{} is missing: run scripts/demo (it installs the model server into .venv)",
             opts.python.display()
+        );
+    }
+    // The gateway's address is bound last: find out now, before anything
+    // starts, that another program holds it.
+    if let Err(e) = std::net::TcpListener::bind(opts.http) {
+        bail!(
+            "the demo's gateway address {} is not free ({e}); stop what holds it or pass another, e.g. `scripts/demo --http 127.0.0.1:8090`",
+            opts.http
         );
     }
     let _ = std::fs::remove_dir_all(&opts.data);
@@ -467,7 +496,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let mut worker_paid = None;
+    let mut workers_paid: Vec<String> = Vec::new();
     println!("    user {user}");
     for t in history["transactions"]
         .as_array()
@@ -475,19 +504,27 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         .flatten()
         .rev()
     {
+        let back = t["released"]
+            .as_f64()
+            .map(|x| format!("{x:+.3} back"))
+            .unwrap_or_default();
         println!(
-            "      #{:<4} {:<8} {:>11.3} credit-s  {:<8} job {}",
+            "      #{:<4} {:<8} {:>11.3} credit-s {:>14}  {:<8} job {}",
             t["id"],
             t["kind"].as_str().unwrap_or(""),
             t["amount"].as_f64().unwrap_or(0.0),
+            back,
             t["status"].as_str().unwrap_or(""),
             t["job_id"].as_str().unwrap_or("-")
         );
-        if t["kind"] == "settle" {
-            worker_paid = t["credit_account"].as_str().map(String::from);
+        if t["kind"] == "settle"
+            && let Some(w) = t["credit_account"].as_str()
+            && !workers_paid.iter().any(|x| x == w)
+        {
+            workers_paid.push(w.to_string());
         }
     }
-    if let Some(w) = worker_paid {
+    for w in workers_paid {
         let b: Value = http
             .get(format!("{coordinator}/users/{w}/balance"))
             .send()
@@ -514,6 +551,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     );
 
     println!();
+    if opts.once {
+        println!("    logs and keys: {}", data.display());
+        println!(
+            "    --once: the mesh stops now; run `scripts/demo` without --once to keep it up and point an OpenAI client at it"
+        );
+        return Ok(());
+    }
     step(&format!("the gateway speaks the OpenAI API at {gw}/v1"));
     println!("    from openai import OpenAI");
     println!("    client = OpenAI(base_url=\"{gw}/v1\", api_key=\"unused\")");
@@ -526,9 +570,6 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         pages[0], pages[1]
     );
     println!("    logs and keys: {}", data.display());
-    if opts.once {
-        return Ok(());
-    }
     println!("\n    Ctrl-C stops the demo and every process it started.");
     loop {
         tokio::select! {

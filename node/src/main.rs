@@ -183,6 +183,11 @@ enum Cmd {
         /// Seconds a whole job may take, streamed or not.
         #[arg(long, env = "TROOP_INFERENCE_TIMEOUT_SECS", default_value_t = 300.0)]
         inference_timeout_secs: f64,
+        /// On SIGTERM or Ctrl-C: seconds running requests get to finish
+        /// (new ones go to other workers) before they are cut off; a second
+        /// signal stops at once.
+        #[arg(long, env = "TROOP_DRAIN_SECS", default_value_t = 30.0)]
+        drain_secs: f64,
         /// Prove the hardware with a matmul benchmark at start (also RUN_INITIAL_BENCHMARK=true).
         #[arg(long, env = "RUN_INITIAL_BENCHMARK")]
         benchmark: bool,
@@ -208,8 +213,12 @@ enum Cmd {
     },
     /// Serve the OpenAI API on localhost, answered by workers on the mesh.
     Gateway {
+        /// Identity file from `troop keygen`: your account (its PeerId) pays
+        /// for the answers.
         #[arg(long, env = "TROOP_IDENTITY")]
         identity: PathBuf,
+        /// Coordinator URL, e.g. http://127.0.0.1:7070 (it sells the tickets
+        /// and its /bootstrap lists peers to join through).
         #[arg(long, env = "TROOP_COORDINATOR")]
         coordinator: String,
         /// Address for the OpenAI-compatible HTTP API, the console at `/` and
@@ -317,9 +326,16 @@ enum Cmd {
         json: bool,
     },
     /// List the models on the mesh with their workers, queue depth and TTFT.
+    /// Exits 1 when no model is found.
     Models {
+        /// A node to join through, ending in /p2p/<PeerId> (repeatable);
+        /// without it the coordinator's /bootstrap is asked.
         #[arg(long = "bootstrap", env = "TROOP_BOOTSTRAP", value_delimiter = ',')]
         bootstrap: Vec<Multiaddr>,
+        /// Coordinator URL, e.g. http://127.0.0.1:7070: its /bootstrap lists
+        /// peers to join through when --bootstrap is not given.
+        #[arg(long, env = "TROOP_COORDINATOR")]
+        coordinator: Option<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -327,18 +343,42 @@ enum Cmd {
         #[arg(long, default_value_t = 4.0)]
         wait: f64,
     },
-    /// Check reachability: listen addresses, NAT, relay, peers, workers, coordinator.
+    /// Check the node on this machine (through its status address) and what
+    /// the mesh sees: listen addresses, NAT, relay, peers, workers,
+    /// coordinator. Exits 1 when a check fails.
     Doctor {
+        /// A node to join through, ending in /p2p/<PeerId> (repeatable);
+        /// without it the coordinator's /bootstrap is asked.
         #[arg(long = "bootstrap", env = "TROOP_BOOTSTRAP", value_delimiter = ',')]
         bootstrap: Vec<Multiaddr>,
+        /// Coordinator URL, e.g. http://127.0.0.1:7070 (default: the one the
+        /// node on this machine uses).
         #[arg(long, env = "TROOP_COORDINATOR")]
         coordinator: Option<String>,
+        /// Status address of the node to check, e.g. http://127.0.0.1:9464
+        /// (repeatable; default: a worker on 127.0.0.1:9464 and a gateway on
+        /// 127.0.0.1:8080, whichever answers).
+        #[arg(long = "node")]
+        nodes: Vec<String>,
         /// A relay to reserve a slot on, ending in /p2p/<PeerId> (repeatable).
         #[arg(long = "relay", env = "TROOP_RELAY", value_delimiter = ',')]
         relay: Vec<Multiaddr>,
         /// Seconds to watch the mesh (behind NAT, give AutoNAT and hole punching ~10 s).
         #[arg(long, default_value_t = 5.0)]
         wait: f64,
+    },
+    /// Your own balance and signed history, read with your key (a
+    /// reservation's line shows what came back when it settled).
+    Account {
+        /// Identity file from `troop keygen` (the account is its PeerId).
+        #[arg(long, env = "TROOP_IDENTITY")]
+        identity: PathBuf,
+        /// Coordinator URL, e.g. http://127.0.0.1:7070.
+        #[arg(long, env = "TROOP_COORDINATOR")]
+        coordinator: String,
+        /// Print the coordinator's JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -411,7 +451,19 @@ fn read_identity(path: &std::path::Path) -> anyhow::Result<libp2p::identity::Key
     })
 }
 
-async fn ctrl_c() {
+/// Ctrl-C (SIGINT) or, on Unix, SIGTERM (systemd, docker stop, kill).
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
     let _ = tokio::signal::ctrl_c().await;
 }
 
@@ -436,6 +488,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             first_token_timeout_secs,
             chunk_timeout_secs,
             inference_timeout_secs,
+            drain_secs,
             benchmark,
             bench_backend,
             http,
@@ -475,10 +528,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cfg.benchmark = Some(bench_backend);
             }
             tracing::info!(peer_id = %peer, "starting worker");
+            let drain = secs(drain_secs, "--drain-secs")?;
             let w = worker::start(cfg).await?;
+            tracing::info!(
+                "worker ready (stop with Ctrl-C or SIGTERM: it leaves the mesh and finishes its requests)"
+            );
+            stop_signal().await;
+            tracing::info!(
+                drain_secs = drain.as_secs_f64(),
+                "stopping: leaving the mesh, finishing running requests (signal again to stop at once)"
+            );
             tokio::select! {
-                _ = w.wait() => {},
-                _ = ctrl_c() => tracing::info!("stopping"),
+                _ = w.stop(drain) => {},
+                _ = stop_signal() => tracing::warn!("second signal: stopping at once"),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -516,7 +578,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "starting relay"
             );
             let (net, _events) = troop_node::network::spawn(n).await?;
-            ctrl_c().await;
+            stop_signal().await;
             tracing::info!("stopping");
             net.shutdown();
             Ok(ExitCode::SUCCESS)
@@ -547,7 +609,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let g = gateway::start(cfg).await?;
             tokio::select! {
                 _ = g.wait() => {},
-                _ = ctrl_c() => tracing::info!("stopping"),
+                _ = stop_signal() => tracing::info!("stopping"),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -621,28 +683,56 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Models {
             bootstrap,
+            coordinator,
             json,
             wait,
         } => {
-            let (rows, _) = commands::survey(bootstrap, secs(wait, "--wait")?).await?;
+            let coordinator = coordinator
+                .map(|c| http_url("--coordinator", &c))
+                .transpose()?;
+            let wait = secs(wait, "--wait")?;
+            let peers = commands::peers_to_join(bootstrap, coordinator.as_deref()).await?;
+            let (rows, _) = commands::survey(peers, wait).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 commands::print_models(&rows);
             }
+            if rows.is_empty() {
+                eprintln!(
+                    "no worker advert arrived in {:.0} s: is a worker running and reachable? (`troop doctor` checks; a longer --wait helps behind NAT)",
+                    wait.as_secs_f64()
+                );
+                return Ok(ExitCode::from(1));
+            }
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Account {
+            identity,
+            coordinator,
+            json,
+        } => {
+            let coordinator = http_url("--coordinator", &coordinator)?;
+            let key = read_identity(&identity)?;
+            commands::account(&coordinator, key, json).await
         }
         Cmd::Doctor {
             bootstrap,
             coordinator,
+            nodes,
             relay,
             wait,
         } => {
             let coordinator = coordinator
                 .map(|c| http_url("--coordinator", &c))
                 .transpose()?;
+            let nodes = nodes
+                .iter()
+                .map(|n| http_url("--node", n))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let checks =
-                commands::doctor(bootstrap, relay, coordinator, secs(wait, "--wait")?).await?;
+                commands::doctor(bootstrap, relay, coordinator, nodes, secs(wait, "--wait")?)
+                    .await?;
             let mut all_ok = true;
             for c in &checks {
                 println!(

@@ -143,6 +143,9 @@ struct Shared {
     net: NetworkHandle,
     /// Cancelled by `kill`: every job task stops at once.
     killed: tokio_util::sync::CancellationToken,
+    /// Cancelled by `stop`: new requests are refused while the running
+    /// ones finish.
+    stopping: tokio_util::sync::CancellationToken,
     sessions: Mutex<Sessions>,
     /// The coordinator's key is fetched by one task at a time, at most once
     /// per [`KEY_REFRESH_EVERY`], never under the verifier's lock.
@@ -260,17 +263,117 @@ pub struct RunningWorker {
     /// Where the status page and `/metrics` are served, when asked.
     pub http_addr: Option<std::net::SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
+    /// The adverts and heartbeats: stopped before the worker leaves.
+    announce: Vec<JoinHandle<()>>,
     shared: Arc<Shared>,
+}
+
+/// What a graceful stop did.
+#[derive(Debug, Clone, Default)]
+pub struct StopReport {
+    /// Whether the coordinator took the leave call.
+    pub left: bool,
+    /// Requests still running when the drain time ran out (cut off).
+    pub cut_off: usize,
+    /// Receipts filed for sessions closed by the stop.
+    pub sessions_filed: usize,
+    /// Receipts not delivered yet: kept on disk for the next start.
+    pub receipts_kept: usize,
 }
 
 impl RunningWorker {
     /// Stops every task of this worker; its connections drop.
     pub fn kill(&mut self) {
         self.shared.killed.cancel();
-        for t in self.tasks.drain(..) {
+        for t in self.tasks.drain(..).chain(self.announce.drain(..)) {
             t.abort();
         }
         self.net.shutdown();
+    }
+
+    /// Stops the way an operator expects (SIGTERM, Ctrl-C): no more adverts
+    /// or heartbeats; the coordinator is told the worker is leaving, so it
+    /// drops out of `/bootstrap` at once; new requests are refused (the
+    /// gateway tries another worker) while running ones get up to `drain`
+    /// to finish; every open session is closed and its receipt filed and
+    /// delivered (what cannot be delivered in time stays on disk for the
+    /// next start); then everything stops.
+    pub async fn stop(mut self, drain: Duration) -> StopReport {
+        let s = self.shared.clone();
+        let mut report = StopReport::default();
+        s.stopping.cancel();
+        for t in self.announce.drain(..) {
+            t.abort();
+            let _ = t.await;
+        }
+        match tokio::time::timeout(Duration::from_secs(5), s.client.leave()).await {
+            Ok(Ok(_)) => {
+                report.left = true;
+                tracing::info!("told the coordinator this worker is leaving");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the coordinator did not take the leave call; it lists this worker until its TTL")
+            }
+            Err(_) => tracing::warn!(
+                "the coordinator did not answer the leave call in 5 s; it lists this worker until its TTL"
+            ),
+        }
+        let deadline = Instant::now() + drain;
+        let running = || s.cfg.max_jobs.saturating_sub(s.jobs.available_permits());
+        if running() > 0 {
+            tracing::info!(
+                running = running(),
+                drain_secs = drain.as_secs(),
+                "letting running requests finish"
+            );
+        }
+        while running() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        report.cut_off = running();
+        if report.cut_off > 0 {
+            tracing::warn!(
+                cut_off = report.cut_off,
+                "drain time over; cutting off the requests still running"
+            );
+            s.killed.cancel();
+        }
+        // Requests cut off end their lines as they unwind.
+        let settle = Instant::now() + Duration::from_secs(2);
+        while running() > 0 && Instant::now() < settle {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let open: Vec<Session> = match s.sessions.lock() {
+            Ok(mut ss) => {
+                ss.by_ticket.clear();
+                ss.by_jti.drain().map(|(_, x)| x).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for mut sess in open {
+            for l in sess.lines.iter_mut() {
+                l.ack = sess.acks.remove(&l.index);
+            }
+            if !sess.lines.is_empty() {
+                report.sessions_filed += 1;
+            }
+            file_session(&s, sess).await;
+        }
+        // The receipt task delivers what was filed; wait for it a while.
+        let until = Instant::now() + Duration::from_secs(5);
+        while !s.receipts.pending().is_empty() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        report.receipts_kept = s.receipts.pending().len();
+        self.kill();
+        tracing::info!(
+            left = report.left,
+            cut_off = report.cut_off,
+            sessions_filed = report.sessions_filed,
+            receipts_kept = report.receipts_kept,
+            "worker stopped"
+        );
+        report
     }
 
     pub fn models(&self) -> Vec<String> {
@@ -337,6 +440,15 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
         Some(addr) => Some(http::bind(addr).await?),
         None => None,
     };
+    // A --coordinator that is not a Troop coordinator fails now (one that
+    // does not answer yet is waited for below).
+    if let Err(crate::coordinator_client::Identify::NotCoordinator(why)) =
+        CoordinatorClient::new(&cfg.coordinator, cfg.identity.clone())
+            .identify()
+            .await
+    {
+        anyhow::bail!(why);
+    }
     let upstream = match cfg.dialect {
         Some(d) => Upstream::new(&cfg.upstream, d),
         None => Upstream::detect(&cfg.upstream).await?,
@@ -391,6 +503,7 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
         stats: stats.clone(),
         net: net.clone(),
         killed: tokio_util::sync::CancellationToken::new(),
+        stopping: tokio_util::sync::CancellationToken::new(),
         sessions: Mutex::new(Sessions::default()),
         key_refresh: tokio::sync::Mutex::new(None),
         unchecked: Mutex::new(std::collections::HashMap::new()),
@@ -420,10 +533,12 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
         .accept(StreamProtocol::new(INFER_PROTOCOL))
         .map_err(|_| anyhow::anyhow!("{INFER_PROTOCOL} already registered"))?;
 
-    let mut tasks = vec![
-        tokio::spawn(accept_loop(shared.clone(), incoming)),
+    let announce = vec![
         tokio::spawn(advertise_loop(shared.clone())),
         tokio::spawn(heartbeat_loop(shared.clone())),
+    ];
+    let mut tasks = vec![
+        tokio::spawn(accept_loop(shared.clone(), incoming)),
         tokio::spawn(refresh_models_loop(shared.clone())),
         tokio::spawn(receipts.run(client, shared.receipt_key.clone())),
         tokio::spawn(benchmark_task(shared.clone())),
@@ -439,6 +554,7 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
         stats,
         http_addr,
         tasks,
+        announce,
         shared,
     })
 }
@@ -707,6 +823,15 @@ async fn serve_stream(
         }
         Err(_) => return Ok(()),
     };
+    if s.stopping.is_cancelled() {
+        drop(place);
+        return refuse(
+            &mut stream,
+            ErrorCode::Unavailable,
+            "the worker is stopping".into(),
+        )
+        .await;
+    }
     let claims = match open_session(&s, &ticket, index).await {
         Ok(c) => c,
         Err(e) => {

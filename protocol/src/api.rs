@@ -163,6 +163,11 @@ pub struct TransactionEntry {
     pub amount: f64,
     /// `pending`, `posted` or `voided`.
     pub status: String,
+    /// On a settled reservation (`reserve`, `posted`): the credit-seconds
+    /// given back when it settled (reserved - cost), so that `amount +
+    /// released` is what it cost (its `settle` line). Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub released: Option<f64>,
     pub debit_account: String,
     pub credit_account: String,
     #[serde(default)]

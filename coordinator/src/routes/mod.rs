@@ -11,7 +11,7 @@ pub use accounts::balance_json;
 use accounts::{balance, transactions};
 use receipts::submit_receipt;
 use tickets::authorize;
-use workers::{bootstrap, heartbeat, list_workers, register};
+use workers::{bootstrap, heartbeat, leave, list_workers, register};
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -72,6 +72,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/users/{id}/transactions", get(transactions))
         .route("/workers/register", post(register))
         .route("/workers/heartbeat", post(heartbeat))
+        .route("/workers/leave", post(leave))
         .route("/authorize", post(authorize))
         .route("/transactions/submit", post(submit_receipt))
         .merge(discovery)

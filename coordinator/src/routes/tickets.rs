@@ -23,6 +23,11 @@ fn judge_worker(
             worker.to_string(),
             format!("worker {worker} is not registered"),
         )),
+        Some(w) if w.left_at.is_some() => Err((
+            "worker_not_alive",
+            worker.to_string(),
+            format!("worker {worker} has left the mesh"),
+        )),
         Some(w) if now.saturating_sub(w.last_seen) > ttl => Err((
             "worker_not_alive",
             worker.to_string(),

@@ -14,7 +14,7 @@ pub(crate) fn worker_info(cfg: &crate::Config, w: &WorkerRow, now: u64) -> Worke
         hardware_multiplier: multiplier(w.multiplier_milli),
         verified_gflops: w.verified_gflops,
         last_seen: w.last_seen,
-        alive: now.saturating_sub(w.last_seen) <= cfg.worker_ttl.as_secs(),
+        alive: w.alive(now, cfg.worker_ttl.as_secs()),
         load: Load {
             active_jobs: w.active_jobs,
             queue_depth: w.queue_depth,
@@ -184,6 +184,7 @@ pub(crate) async fn heartbeat(
         && let Some(w) = map.get_mut(&peer_id)
     {
         w.last_seen = now;
+        w.left_at = None;
         w.active_jobs = req.load.active_jobs;
         w.queue_depth = req.load.queue_depth;
         if let Some(m) = req.models {
@@ -193,6 +194,46 @@ pub(crate) async fn heartbeat(
             w.addresses = a;
         }
     }
+    Ok(axum::Json(HeartbeatResponse {
+        ok: true,
+        last_seen: now,
+    })
+    .into_response())
+}
+
+/// `POST /workers/leave` (signed, body `{}`): the worker is stopping. It
+/// leaves `/bootstrap` and is listed as not alive at once; no new ticket
+/// names it; receipts it still owes settle as before.
+pub(crate) async fn leave(
+    State(state): St,
+    Signed { peer, rid, ip, .. }: Signed<serde_json::Value>,
+) -> Result<Response, ApiError> {
+    let now = unix_secs();
+    let peer_id = peer.to_base58();
+    note_worker_ip(&state, &peer_id, ip);
+    state
+        .writer
+        .submit(
+            Command::Leave {
+                peer_id: peer_id.clone(),
+                now_secs: now,
+            },
+            Some(rid.clone()),
+        )
+        .await
+        .map_err(|e| ledger_error(&state, e, &rid))?;
+    if let Ok(mut map) = state.workers.write()
+        && let Some(w) = map.get_mut(&peer_id)
+    {
+        w.last_seen = now;
+        w.left_at = Some(now);
+        w.active_jobs = 0;
+        w.queue_depth = 0;
+    }
+    state
+        .audit
+        .record("worker.left", Some(&rid), json!({ "peer_id": peer_id }));
+    tracing::info!(worker = %peer_id, "worker left the mesh");
     Ok(axum::Json(HeartbeatResponse {
         ok: true,
         last_seen: now,
@@ -251,7 +292,7 @@ pub(crate) async fn bootstrap(
         .map_err(|_| ApiError::internal("worker table poisoned"))?;
     live = map
         .values()
-        .filter(|w| now.saturating_sub(w.last_seen) <= ttl && !w.addresses.is_empty())
+        .filter(|w| w.alive(now, ttl) && !w.addresses.is_empty())
         .filter(|w| model.as_ref().is_none_or(|m| w.models.contains(m)))
         .collect();
     // Workers with a verified proof first, then the longest registered;

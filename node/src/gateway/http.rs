@@ -248,13 +248,20 @@ fn dispatch_error(e: DispatchError) -> Response {
             &message,
             retry_after,
         ),
-        DispatchError::NoWorker(msg) => oai_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "no_worker_available",
-            &format!("no worker could serve the request: {msg}"),
-            None,
-        ),
+        DispatchError::NoWorker(msg) => {
+            // The app gets one sentence; the transport's details go to the log.
+            tracing::warn!(detail = %msg, "no worker could serve the request");
+            oai_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "no_worker_available",
+                &format!(
+                    "no worker could serve the request: {}; try again in a few seconds",
+                    plain_reason(&msg)
+                ),
+                None,
+            )
+        }
         DispatchError::Coordinator(msg) => oai_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
@@ -263,6 +270,24 @@ fn dispatch_error(e: DispatchError) -> Response {
             None,
         ),
         DispatchError::Rejected { status, body } => rejected(status, body),
+    }
+}
+
+/// Why no worker served, in words an app's user can act on.
+fn plain_reason(detail: &str) -> &'static str {
+    let d = detail.to_ascii_lowercase();
+    if d.contains("no other worker serves") {
+        "every worker that serves this model failed it"
+    } else if d.contains("(busy)") {
+        "every worker that serves this model is at its job limit"
+    } else if d.contains("(unavailable)") {
+        "the workers that serve this model are stopping or unavailable"
+    } else if d.contains("timed out") || d.contains("timeout") || d.contains("did not answer") {
+        "the worker did not answer in time"
+    } else if d.contains("(unauthorized)") || d.contains("ticket") {
+        "the worker refused the ticket"
+    } else {
+        "the workers that serve this model could not be reached (they may have stopped)"
     }
 }
 

@@ -217,13 +217,26 @@ impl RunningGateway {
 pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
     // The metrics recorder first: the network counts from its first event.
     crate::web::metrics_handle();
-    let (net, events) = network::spawn(cfg.net.clone()).await?;
-    let client = CoordinatorClient::new(&cfg.coordinator, cfg.identity.clone());
-    network::learn_relays(client.clone(), net.clone());
-    let listener = tokio::net::TcpListener::bind(cfg.http)
-        .await
-        .with_context(|| format!("binding the gateway's HTTP address {}", cfg.http))?;
+    // Its own port first: nothing starts when another program holds it.
+    let listener = tokio::net::TcpListener::bind(cfg.http).await.with_context(|| {
+        format!(
+            "binding the gateway's HTTP address {} (another program holds it? pass --http 127.0.0.1:8081 or another free port)",
+            cfg.http
+        )
+    })?;
     let http_addr = listener.local_addr()?;
+    let client = CoordinatorClient::new(&cfg.coordinator, cfg.identity.clone());
+    // A URL that is not a Troop coordinator fails now, not at the first
+    // request; one that does not answer yet may come up later.
+    match client.identify().await {
+        Ok(k) => tracing::info!(coordinator = %cfg.coordinator, kid = %k.kid, "coordinator found"),
+        Err(crate::coordinator_client::Identify::NotCoordinator(why)) => anyhow::bail!(why),
+        Err(crate::coordinator_client::Identify::Unreachable(why)) => tracing::warn!(
+            "{why}; the gateway starts anyway and answers 503 until the coordinator is up"
+        ),
+    }
+    let (net, events) = network::spawn(cfg.net.clone()).await?;
+    network::learn_relays(client.clone(), net.clone());
     let state = Arc::new(GatewayState {
         cfg,
         net,
