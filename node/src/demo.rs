@@ -221,6 +221,14 @@ async fn ask(http: &reqwest::Client, url: &str, body: &Value) -> anyhow::Result<
 const WORKER_PACE: [&str; 4] = ["--advert-interval", "1", "--session-idle-secs", "2"];
 
 pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
+    // The gateway's address is bound last: find out now, before anything
+    // starts, that another program holds it.
+    if let Err(e) = std::net::TcpListener::bind(opts.http) {
+        bail!(
+            "the demo's gateway address {} is not free ({e}); stop what holds it or pass another, e.g. `scripts/demo --http 127.0.0.1:8090`",
+            opts.http
+        );
+    }
     let exe = std::env::current_exe()?;
     let bin_dir = exe
         .parent()
@@ -237,14 +245,6 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         bail!(
             "{} is missing: run scripts/demo (it installs the model server into .venv)",
             opts.python.display()
-        );
-    }
-    // The gateway's address is bound last: find out now, before anything
-    // starts, that another program holds it.
-    if let Err(e) = std::net::TcpListener::bind(opts.http) {
-        bail!(
-            "the demo's gateway address {} is not free ({e}); stop what holds it or pass another, e.g. `scripts/demo --http 127.0.0.1:8090`",
-            opts.http
         );
     }
     let _ = std::fs::remove_dir_all(&opts.data);

@@ -393,3 +393,27 @@ fn every_flag_of_every_command_has_a_description() {
         "flags without a description: {missing:?}"
     );
 }
+
+/// `troop demo` (what `scripts/demo` runs) with its gateway port taken says
+/// so at once, naming the port and what to pass, before it starts anything
+/// (was: "kill: No such process" and "see its log in the demo folder").
+#[test]
+fn the_demo_with_its_port_taken_says_so_before_starting_anything() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("demo");
+    let o = troop(&[
+        "demo",
+        "--once",
+        "--http",
+        &addr,
+        "--data",
+        &data.display().to_string(),
+    ]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains(&addr) && err.contains("not free"), "{err}");
+    assert!(err.contains("--http"), "{err}");
+    assert!(!data.exists(), "the demo started before checking its port");
+}
