@@ -69,7 +69,7 @@ async fn status(State(s): State<Arc<Shared>>) -> Response {
     let models = s.models.read().map(|m| m.clone()).unwrap_or_default();
     let health = s.upstream_health.lock().map(|h| h.clone()).ok();
     let proof = s.proof.lock().map(|p| p.clone()).unwrap_or_default();
-    let sessions = s.sessions.lock().map(|ss| ss.by_jti.len()).unwrap_or(0);
+    let sessions = s.sessions.lock().map(|b| b.open_count()).unwrap_or(0);
     axum::Json(json!({
         "role": "worker",
         "version": env!("CARGO_PKG_VERSION"),

@@ -1,0 +1,207 @@
+//! The worker and its coordinator: heartbeats behind a breaker, the proof
+//! of hardware at start, and the ticket keys (fetched again for an unknown
+//! `kid`, at most every few seconds).
+
+use super::*;
+
+/// Least time between two fetches of the coordinator's key for an unknown
+/// `kid` (any peer can send one).
+pub(super) const KEY_REFRESH_EVERY: Duration = Duration::from_secs(10);
+/// Proves the hardware once at start (off the event loop: the matmul runs
+/// on a blocking thread while the node keeps serving).
+pub(super) async fn benchmark_task(s: Arc<Shared>) {
+    let Some(backend) = s.cfg.benchmark else {
+        return;
+    };
+    match crate::hardware::prove_to_coordinator(&s.client, backend).await {
+        Ok((m, gflops)) => {
+            tracing::info!(
+                gflops,
+                multiplier = m,
+                "hardware verified by the coordinator"
+            );
+            if let Ok(mut slot) = s.multiplier.write() {
+                *slot = m;
+            }
+            if let Ok(mut p) = s.proof.lock() {
+                *p = ProofStatus {
+                    state: "verified",
+                    gflops: Some(gflops),
+                    multiplier: Some(m),
+                    error: None,
+                    at_ms: Some(unix_ms()),
+                };
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "proof of hardware failed; the multiplier stays as it was");
+            if let Ok(mut p) = s.proof.lock() {
+                *p = ProofStatus {
+                    state: "failed",
+                    error: Some(format!("{e:#}")),
+                    at_ms: Some(unix_ms()),
+                    ..Default::default()
+                };
+            }
+        }
+    }
+}
+
+pub(super) async fn heartbeat_loop(s: Arc<Shared>) {
+    let mut breaker = CircuitBreaker::with_policy(
+        SystemClock::default(),
+        troop_protocol::policy::BREAKER_THRESHOLD,
+        s.cfg.breaker_cooldown,
+    );
+    let mut tick = tokio::time::interval(s.cfg.heartbeat_interval);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if !breaker.try_acquire() {
+            s.stats.heartbeats_skipped.fetch_add(1, Ordering::Relaxed);
+            set_breaker(&s, breaker.state());
+            continue;
+        }
+        let active = s.stats.active_jobs.load(Ordering::Relaxed);
+        let req = HeartbeatRequest {
+            models: Some(
+                s.models
+                    .read()
+                    .map(|m| m.iter().map(|m| m.name.clone()).collect())
+                    .unwrap_or_default(),
+            ),
+            addresses: Some(s.net.listen_addrs().iter().map(|a| a.to_string()).collect()),
+            load: Load {
+                active_jobs: active,
+                queue_depth: 0,
+            },
+        };
+        match s.client.heartbeat(&req).await {
+            Ok(_) => {
+                if breaker.state() != BreakerState::Closed {
+                    tracing::info!("coordinator is back; heartbeats resume");
+                }
+                breaker.record_success();
+                s.stats.heartbeats_ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) if e.status() == Some(404) => {
+                // The coordinator forgot us (a new data folder): register again.
+                breaker.record_success();
+                let addresses = req.addresses.clone().unwrap_or_default();
+                match s
+                    .client
+                    .register(&RegisterRequest {
+                        models: req.models.clone().unwrap_or_default(),
+                        addresses,
+                        version: Some(env!("CARGO_PKG_VERSION").into()),
+                    })
+                    .await
+                {
+                    Ok(reg) => {
+                        if let (Ok(k), Ok(mut slot)) =
+                            (hex::decode(&reg.receipt_key), s.receipt_key.write())
+                        {
+                            *slot = k;
+                        }
+                        tracing::info!("registered again with the coordinator");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "re-registration failed"),
+                }
+            }
+            Err(e) => {
+                breaker.record_failure();
+                s.stats.heartbeats_failed.fetch_add(1, Ordering::Relaxed);
+                if breaker.state() == BreakerState::Open {
+                    tracing::warn!(error = %e, retry_in = ?breaker.retry_in(), "coordinator unreachable; heartbeats paused");
+                } else {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                }
+            }
+        }
+        set_breaker(&s, breaker.state());
+    }
+}
+
+pub(super) fn set_breaker(s: &Shared, st: BreakerState) {
+    if let Ok(mut b) = s.stats.breaker.lock() {
+        *b = format!("{st:?}").to_lowercase();
+    }
+}
+
+/// Adds the coordinator's other accepted ticket keys (its JWKS) to
+/// `verifier`, keeping those it has.
+pub(super) async fn add_previous_keys(client: &CoordinatorClient, verifier: &mut TicketVerifier) {
+    match client.ticket_keys().await {
+        Ok(keys) => add_jwks(verifier, keys),
+        Err(e) => tracing::debug!(error = %e, "no JWKS from the coordinator"),
+    }
+}
+
+/// What a key refresh brought: the JWKS naming the kid sought, or else
+/// the coordinator's current key (`/public-key`).
+pub(super) enum FetchedKeys {
+    Jwks(Vec<(String, String, String)>),
+    Current(crate::coordinator_client::PublicKey),
+}
+
+/// Adds JWKS entries (kid, n, e) the verifier does not know yet.
+pub(super) fn add_jwks(verifier: &mut TicketVerifier, keys: Vec<(String, String, String)>) {
+    for (kid, n, e) in keys {
+        if !verifier.knows_kid(&kid)
+            && let Err(err) = verifier.add_key_components(&kid, &n, &e)
+        {
+            tracing::warn!(kid, error = %err, "unusable coordinator key");
+        }
+    }
+}
+
+pub(super) async fn verify_ticket(
+    s: &Shared,
+    token: &str,
+) -> Result<troop_protocol::ticket::TicketClaims, TicketError> {
+    let now = unix_secs();
+    let first = s.verifier.lock().await.verify(token, now);
+    let Err(TicketError::UnknownKid(kid)) = first else {
+        return first;
+    };
+    // The coordinator may have rotated its key. One task fetches it, at
+    // most once per KEY_REFRESH_EVERY, without the verifier's lock; tickets
+    // with an unknown kid meanwhile are refused at once.
+    let Ok(mut last) = s.key_refresh.try_lock() else {
+        return Err(TicketError::UnknownKid(kid));
+    };
+    if last.is_some_and(|t| t.elapsed() < KEY_REFRESH_EVERY) {
+        return Err(TicketError::UnknownKid(kid));
+    }
+    *last = Some(Instant::now());
+    metrics::counter!("troop_key_refreshes_total").increment(1);
+    // The JWKS holds every key the coordinator accepts (its replicas may
+    // sign with the previous one during a rotation); `/public-key` only the
+    // current one, from coordinators older than the JWKS.
+    let fetched = tokio::time::timeout(troop_protocol::policy::AUTH_TIMEOUT, async {
+        let keys = s.client.ticket_keys().await.unwrap_or_default();
+        if keys.iter().any(|(k, _, _)| *k == kid) {
+            return Ok(FetchedKeys::Jwks(keys));
+        }
+        s.client.public_key().await.map(FetchedKeys::Current)
+    })
+    .await;
+    match fetched {
+        Ok(Ok(found)) => {
+            let mut v = s.verifier.lock().await;
+            match found {
+                FetchedKeys::Current(pk) => v.add_key_pem(&pk.kid, pk.public_key.as_bytes())?,
+                FetchedKeys::Jwks(keys) => add_jwks(&mut v, keys),
+            }
+            v.verify(token, unix_secs())
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not refresh the coordinator's key");
+            Err(TicketError::UnknownKid(kid))
+        }
+        Err(_) => {
+            tracing::warn!("refreshing the coordinator's key timed out");
+            Err(TicketError::UnknownKid(kid))
+        }
+    }
+}

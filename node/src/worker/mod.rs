@@ -1,0 +1,494 @@
+//! The worker role: serves `/troop/infer/1` streams from its upstream model
+//! server, advertises its models, registers and heartbeats with the
+//! coordinator, and files a receipt after every job. The rooms: `session`
+//! (the pure session book), `serve` (streams and jobs), `coordinator`
+//! (heartbeats, keys, the proof), `advertise` (gossip and the DHT), `http`
+//! (the status page).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::StreamExt;
+use libp2p::identity::Keypair;
+use libp2p::{PeerId, StreamProtocol};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use troop_protocol::ErrorCode;
+use troop_protocol::advert::{Advert, ModelAdvert, model_key};
+use troop_protocol::api::{HeartbeatRequest, Load, RegisterRequest};
+use troop_protocol::frames::{Frame, INFER_PROTOCOL, InferenceRequest};
+use troop_protocol::policy::{BreakerState, CircuitBreaker, SystemClock};
+use troop_protocol::ticket::{TicketError, TicketVerifier};
+use troop_protocol::usage::{Ack, LineStatus};
+
+use crate::answer::{JobEnd, partial};
+use crate::coordinator_client::CoordinatorClient;
+use crate::frames_io::{read_frame, write_frame};
+use crate::network::{self, NetConfig, NetworkHandle};
+use crate::receipts::ReceiptQueue;
+use crate::upstream::{Delta, Dialect, Upstream};
+
+mod advertise;
+mod coordinator;
+mod http;
+mod serve;
+pub mod session;
+
+use advertise::*;
+use coordinator::*;
+use serve::*;
+
+use session::{CloseRules, SessionBook};
+
+/// How to run a worker.
+#[derive(Clone)]
+pub struct WorkerConfig {
+    pub identity: Keypair,
+    pub coordinator: String,
+    pub upstream: String,
+    /// Force a dialect instead of probing.
+    pub dialect: Option<Dialect>,
+    pub net: NetConfig,
+    /// Most jobs at once; beyond it a request gets `busy`.
+    pub max_jobs: usize,
+    pub advert_interval: Duration,
+    pub heartbeat_interval: Duration,
+    pub model_refresh_interval: Duration,
+    /// Circuit breaker cool-down for heartbeats (60 s by default).
+    pub breaker_cooldown: Duration,
+    /// Where receipts wait while the coordinator is away.
+    pub state_dir: PathBuf,
+    /// Prove the hardware to the coordinator at start, on this backend.
+    pub benchmark: Option<troop_bench_kernels::Backend>,
+    /// A session with no request for this long is closed and its receipt
+    /// filed (also at the ticket's expiry, or when its time is used up).
+    pub session_idle: Duration,
+    /// First-token, between-chunk and total limits on the upstream.
+    pub timeouts: crate::answer::StreamTimeouts,
+    /// Address of the status page, `/troop/status` and `/metrics`
+    /// (`None`: no HTTP server).
+    pub http: Option<std::net::SocketAddr>,
+    /// Host names the status page answers to besides loopback ones and
+    /// the address it binds (`--allowed-host`).
+    pub allowed_hosts: Vec<String>,
+    /// Most requests served under one session before it is closed and its
+    /// receipt filed (the gateway then opens another); keeps every receipt
+    /// inside the coordinator's body and line limits.
+    pub max_session_requests: usize,
+}
+
+impl WorkerConfig {
+    pub fn new(identity: Keypair, coordinator: &str, upstream: &str, state_dir: PathBuf) -> Self {
+        let net = NetConfig::new(identity.clone());
+        Self {
+            identity,
+            coordinator: coordinator.to_string(),
+            upstream: upstream.to_string(),
+            dialect: None,
+            net,
+            max_jobs: 64,
+            advert_interval: Duration::from_secs(3),
+            heartbeat_interval: Duration::from_secs(20),
+            model_refresh_interval: Duration::from_secs(15),
+            breaker_cooldown: troop_protocol::policy::BREAKER_COOLDOWN,
+            state_dir,
+            benchmark: None,
+            session_idle: Duration::from_secs(30),
+            timeouts: crate::answer::StreamTimeouts::default(),
+            http: None,
+            allowed_hosts: Vec::new(),
+            max_session_requests: troop_protocol::usage::MAX_SESSION_REQUESTS,
+        }
+    }
+}
+
+/// Live numbers of a worker (adverts, heartbeats, tests).
+#[derive(Default)]
+pub struct WorkerStats {
+    pub active_jobs: AtomicU32,
+    pub jobs_done: AtomicU64,
+    pub jobs_failed: AtomicU64,
+    pub jobs_cancelled: AtomicU64,
+    pub tokens_served: AtomicU64,
+    pub heartbeats_ok: AtomicU64,
+    pub heartbeats_failed: AtomicU64,
+    pub heartbeats_skipped: AtomicU64,
+    ttft_ms: Mutex<Option<f64>>,
+    tokens_per_s: Mutex<Option<f64>>,
+    pub breaker: Mutex<String>,
+}
+
+fn ewma(slot: &Mutex<Option<f64>>, sample: f64) {
+    if let Ok(mut v) = slot.lock() {
+        *v = Some(match *v {
+            Some(old) => 0.8 * old + 0.2 * sample,
+            None => sample,
+        });
+    }
+}
+
+impl WorkerStats {
+    pub fn ttft_ms(&self) -> Option<f64> {
+        self.ttft_ms.lock().ok().and_then(|v| *v)
+    }
+    pub fn tokens_per_s(&self) -> Option<f64> {
+        self.tokens_per_s.lock().ok().and_then(|v| *v)
+    }
+}
+
+struct Shared {
+    cfg: WorkerConfig,
+    peer_id: PeerId,
+    client: CoordinatorClient,
+    upstream: Upstream,
+    verifier: tokio::sync::Mutex<TicketVerifier>,
+    models: RwLock<Vec<ModelAdvert>>,
+    multiplier: RwLock<f64>,
+    receipt_key: Arc<RwLock<Vec<u8>>>,
+    receipts: ReceiptQueue,
+    jobs: Arc<Semaphore>,
+    stats: Arc<WorkerStats>,
+    net: NetworkHandle,
+    /// Cancelled by `kill`: every job task stops at once.
+    killed: tokio_util::sync::CancellationToken,
+    /// Cancelled by `stop`: new requests are refused while the running
+    /// ones finish.
+    stopping: tokio_util::sync::CancellationToken,
+    sessions: Mutex<SessionBook>,
+    /// The coordinator's key is fetched by one task at a time, at most once
+    /// per [`KEY_REFRESH_EVERY`], never under the verifier's lock.
+    key_refresh: tokio::sync::Mutex<Option<Instant>>,
+    /// Streams whose ticket is not checked yet, by peer (bounded).
+    unchecked: Mutex<std::collections::HashMap<PeerId, u32>>,
+    /// The upstream's last model listing: when, and what went wrong.
+    upstream_health: Mutex<UpstreamHealth>,
+    /// The proof of hardware: not asked, running, verified or failed.
+    proof: Mutex<ProofStatus>,
+    started_ms: u64,
+    /// The account as the status page shows it (read from the coordinator).
+    account: crate::web::AccountView,
+}
+
+/// The upstream as last seen by the model listing (every 15 s).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UpstreamHealth {
+    pub ok: bool,
+    pub checked_at_ms: u64,
+    pub error: Option<String>,
+}
+
+/// Where the proof of hardware stands.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ProofStatus {
+    /// `off` (not asked: `--benchmark`), `running`, `verified` or `failed`.
+    pub state: &'static str,
+    pub gflops: Option<f64>,
+    pub multiplier: Option<f64>,
+    pub error: Option<String>,
+    pub at_ms: Option<u64>,
+}
+
+/// A running worker; dropping it leaves the tasks running, `kill` stops
+/// everything at once (as a crash would).
+pub struct RunningWorker {
+    pub peer_id: PeerId,
+    pub net: NetworkHandle,
+    pub stats: Arc<WorkerStats>,
+    /// Where the status page and `/metrics` are served, when asked.
+    pub http_addr: Option<std::net::SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+    /// The adverts and heartbeats: stopped before the worker leaves.
+    announce: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+}
+
+/// What a graceful stop did.
+#[derive(Debug, Clone, Default)]
+pub struct StopReport {
+    /// Whether the coordinator took the leave call.
+    pub left: bool,
+    /// Requests still running when the drain time ran out (cut off).
+    pub cut_off: usize,
+    /// Receipts filed for sessions closed by the stop.
+    pub sessions_filed: usize,
+    /// Receipts not delivered yet: kept on disk for the next start.
+    pub receipts_kept: usize,
+}
+
+impl RunningWorker {
+    /// Stops every task of this worker; its connections drop.
+    pub fn kill(&mut self) {
+        self.shared.killed.cancel();
+        for t in self.tasks.drain(..).chain(self.announce.drain(..)) {
+            t.abort();
+        }
+        self.net.shutdown();
+    }
+
+    /// Stops the way an operator expects (SIGTERM, Ctrl-C): no more adverts
+    /// or heartbeats; the coordinator is told the worker is leaving, so it
+    /// drops out of `/bootstrap` at once; new requests are refused (the
+    /// gateway tries another worker) while running ones get up to `drain`
+    /// to finish; every open session is closed and its receipt filed and
+    /// delivered (what cannot be delivered in time stays on disk for the
+    /// next start); then everything stops.
+    pub async fn stop(mut self, drain: Duration) -> StopReport {
+        let s = self.shared.clone();
+        let mut report = StopReport::default();
+        s.stopping.cancel();
+        for t in self.announce.drain(..) {
+            t.abort();
+            let _ = t.await;
+        }
+        match tokio::time::timeout(Duration::from_secs(5), s.client.leave()).await {
+            Ok(Ok(_)) => {
+                report.left = true;
+                tracing::info!("told the coordinator this worker is leaving");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the coordinator did not take the leave call; it lists this worker until its TTL")
+            }
+            Err(_) => tracing::warn!(
+                "the coordinator did not answer the leave call in 5 s; it lists this worker until its TTL"
+            ),
+        }
+        let deadline = Instant::now() + drain;
+        let running = || s.cfg.max_jobs.saturating_sub(s.jobs.available_permits());
+        if running() > 0 {
+            tracing::info!(
+                running = running(),
+                drain_secs = drain.as_secs(),
+                "letting running requests finish"
+            );
+        }
+        while running() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        report.cut_off = running();
+        if report.cut_off > 0 {
+            tracing::warn!(
+                cut_off = report.cut_off,
+                "drain time over; cutting off the requests still running"
+            );
+            s.killed.cancel();
+        }
+        // Requests cut off end their lines as they unwind.
+        let settle = Instant::now() + Duration::from_secs(2);
+        while running() > 0 && Instant::now() < settle {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let open = match s.sessions.lock() {
+            Ok(mut book) => book.close_all(),
+            Err(_) => {
+                tracing::error!("the session book's lock is poisoned; open sessions are not filed");
+                Vec::new()
+            }
+        };
+        for sess in open {
+            if !sess.lines.is_empty() {
+                report.sessions_filed += 1;
+            }
+            file_session(&s, sess).await;
+        }
+        // The receipt task delivers what was filed; wait for it a while.
+        let until = Instant::now() + Duration::from_secs(5);
+        while !s.receipts.pending().is_empty() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        report.receipts_kept = s.receipts.pending().len();
+        self.kill();
+        tracing::info!(
+            left = report.left,
+            cut_off = report.cut_off,
+            sessions_filed = report.sessions_filed,
+            receipts_kept = report.receipts_kept,
+            "worker stopped"
+        );
+        report
+    }
+
+    pub fn models(&self) -> Vec<String> {
+        self.shared
+            .models
+            .read()
+            .map(|m| m.iter().map(|m| m.name.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn pending_receipts(&self) -> usize {
+        self.shared.receipts.pending().len()
+    }
+
+    /// Waits until every task ends (they don't, unless killed).
+    pub async fn wait(mut self) {
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn with_retries<T, E: std::fmt::Display, F, Fut>(what: &str, mut f: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    use backon::BackoffBuilder;
+    let mut delays = troop_protocol::policy::retry_policy().build();
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) => match delays.next() {
+                Some(d) => {
+                    tracing::warn!(error = %e, retry_in = ?d, "{what} failed");
+                    tokio::time::sleep(d).await;
+                }
+                None => return Err(e),
+            },
+        }
+    }
+}
+
+/// Starts a worker: finds the upstream's models, fetches the coordinator's
+/// ticket key, registers, joins the mesh and starts serving.
+pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
+    // The metrics recorder first: the network counts from its first event.
+    crate::web::metrics_handle();
+    let http_listener = match cfg.http {
+        Some(addr) => Some(http::bind(addr).await?),
+        None => None,
+    };
+    // A --coordinator that is not a Troop coordinator fails now (one that
+    // does not answer yet is waited for below).
+    if let Err(crate::coordinator_client::Identify::NotCoordinator(why)) =
+        CoordinatorClient::new(&cfg.coordinator, cfg.identity.clone())
+            .identify()
+            .await
+    {
+        anyhow::bail!(why);
+    }
+    let upstream = match cfg.dialect {
+        Some(d) => Upstream::new(&cfg.upstream, d),
+        None => Upstream::detect(&cfg.upstream).await?,
+    };
+    let models = with_retries("listing the upstream's models", || upstream.models())
+        .await
+        .with_context(|| format!("listing models at {}", cfg.upstream))?;
+    tracing::info!(upstream = %cfg.upstream, dialect = ?upstream.dialect, models = ?models.iter().map(|m| &m.name).collect::<Vec<_>>(), "upstream found");
+
+    let client = CoordinatorClient::new(&cfg.coordinator, cfg.identity.clone());
+    let pk = with_retries("fetching the coordinator's key", || client.public_key())
+        .await
+        .with_context(|| format!("fetching the ticket key from {}", cfg.coordinator))?;
+    let peer_id = cfg.identity.public().to_peer_id();
+    let mut verifier = TicketVerifier::new(peer_id.to_base58());
+    verifier
+        .add_key_pem(&pk.kid, pk.public_key.as_bytes())
+        .map_err(|e| anyhow::anyhow!("coordinator key: {e}"))?;
+    // Earlier keys still valid during a rotation (other replicas may sign
+    // with one for a while).
+    add_previous_keys(&client, &mut verifier).await;
+
+    let (net, _events) = network::spawn(cfg.net.clone()).await?;
+    network::learn_relays(client.clone(), net.clone());
+    let addresses: Vec<String> = net.listen_addrs().iter().map(|a| a.to_string()).collect();
+    let reg_req = RegisterRequest {
+        models: models.iter().map(|m| m.name.clone()).collect(),
+        addresses,
+        version: Some(env!("CARGO_PKG_VERSION").into()),
+    };
+    let reg = with_retries("registering with the coordinator", || {
+        client.register(&reg_req)
+    })
+    .await
+    .context("registering with the coordinator")?;
+    let key = hex::decode(&reg.receipt_key).context("receipt key is not hex")?;
+    tracing::info!(peer_id = %peer_id, multiplier = reg.hardware_multiplier, "registered with the coordinator");
+
+    let receipts = ReceiptQueue::open(&cfg.state_dir.join("receipts"))
+        .with_context(|| format!("opening {}", cfg.state_dir.display()))?;
+    let stats = Arc::new(WorkerStats::default());
+    let shared = Arc::new(Shared {
+        peer_id,
+        client: client.clone(),
+        upstream,
+        verifier: tokio::sync::Mutex::new(verifier),
+        models: RwLock::new(models),
+        multiplier: RwLock::new(reg.hardware_multiplier),
+        receipt_key: Arc::new(RwLock::new(key)),
+        receipts: receipts.clone(),
+        jobs: Arc::new(Semaphore::new(cfg.max_jobs)),
+        stats: stats.clone(),
+        net: net.clone(),
+        killed: tokio_util::sync::CancellationToken::new(),
+        stopping: tokio_util::sync::CancellationToken::new(),
+        sessions: Mutex::new(SessionBook::default()),
+        key_refresh: tokio::sync::Mutex::new(None),
+        unchecked: Mutex::new(std::collections::HashMap::new()),
+        upstream_health: Mutex::new(UpstreamHealth {
+            ok: true,
+            checked_at_ms: unix_ms(),
+            error: None,
+        }),
+        proof: Mutex::new(ProofStatus {
+            state: if cfg.benchmark.is_some() {
+                "running"
+            } else {
+                "off"
+            },
+            ..Default::default()
+        }),
+        started_ms: unix_ms(),
+        account: crate::web::AccountView::new(client.clone()),
+        cfg,
+    });
+    let http = match http_listener {
+        Some(listener) => Some(http::serve(shared.clone(), listener).await?),
+        None => None,
+    };
+    let mut control = net.stream_control();
+    let incoming = control
+        .accept(StreamProtocol::new(INFER_PROTOCOL))
+        .map_err(|_| anyhow::anyhow!("{INFER_PROTOCOL} already registered"))?;
+
+    let announce = vec![
+        tokio::spawn(advertise_loop(shared.clone())),
+        tokio::spawn(heartbeat_loop(shared.clone())),
+    ];
+    let mut tasks = vec![
+        tokio::spawn(accept_loop(shared.clone(), incoming)),
+        tokio::spawn(refresh_models_loop(shared.clone())),
+        tokio::spawn(receipts.run(client, shared.receipt_key.clone())),
+        tokio::spawn(benchmark_task(shared.clone())),
+        tokio::spawn(session_loop(shared.clone())),
+    ];
+    let http_addr = http.map(|(addr, task)| {
+        tasks.push(task);
+        addr
+    });
+    Ok(RunningWorker {
+        peer_id,
+        net,
+        stats,
+        http_addr,
+        tasks,
+        announce,
+        shared,
+    })
+}

@@ -1,0 +1,514 @@
+//! Serving `/troop/infer/1` streams: the ticket check, a place in the
+//! session book for each request, the job on the upstream, and the
+//! sessions closed and filed as receipts.
+
+use super::*;
+
+/// Streams a peer may hold open before its ticket is checked.
+pub(super) const UNCHECKED_PER_PEER: u32 = 16;
+/// Streams all peers together may hold open before their tickets are checked.
+pub(super) const UNCHECKED_TOTAL: u32 = 1024;
+
+/// A place among the streams whose ticket is not checked yet.
+pub(super) struct Unchecked {
+    s: Arc<Shared>,
+    peer: PeerId,
+}
+
+impl Unchecked {
+    fn take(s: &Arc<Shared>, peer: PeerId) -> Option<Self> {
+        let mut m = s.unchecked.lock().ok()?;
+        let total: u32 = m.values().sum();
+        let mine = m.get(&peer).copied().unwrap_or(0);
+        if total >= UNCHECKED_TOTAL || mine >= UNCHECKED_PER_PEER {
+            metrics::counter!("troop_limit_hits_total", "limit" => "unchecked_streams")
+                .increment(1);
+            return None;
+        }
+        m.insert(peer, mine + 1);
+        Some(Self { s: s.clone(), peer })
+    }
+}
+
+impl Drop for Unchecked {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.s.unchecked.lock()
+            && let Some(n) = m.get_mut(&self.peer)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.peer);
+            }
+        }
+    }
+}
+
+pub(super) async fn accept_loop(s: Arc<Shared>, mut incoming: libp2p_stream::IncomingStreams) {
+    while let Some((peer, stream)) = incoming.next().await {
+        // Before any ticket is checked a stream costs only a bounded place;
+        // over the bound it is dropped (reset) at once.
+        let Some(place) = Unchecked::take(&s, peer) else {
+            tracing::debug!(%peer, "too many streams waiting for a ticket check; reset");
+            drop(stream);
+            continue;
+        };
+        let s = s.clone();
+        tokio::spawn(async move {
+            // The connection under a job is not trimmed while it runs.
+            let _busy = s.net.busy(peer);
+            let killed = s.killed.clone();
+            tokio::select! {
+                r = serve_stream(s, peer, stream, place) => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "stream ended with an error");
+                    }
+                }
+                _ = killed.cancelled() => {}
+            }
+        });
+    }
+}
+
+pub(super) async fn refuse(
+    stream: &mut libp2p::Stream,
+    code: ErrorCode,
+    message: String,
+) -> anyhow::Result<()> {
+    metrics::counter!("troop_jobs_refused_total", "code" => code.as_str()).increment(1);
+    write_frame(stream, &Frame::error(code, message)).await?;
+    let _ = futures::AsyncWriteExt::close(stream).await;
+    Ok(())
+}
+
+pub(super) async fn serve_stream(
+    s: Arc<Shared>,
+    peer: PeerId,
+    mut stream: libp2p::Stream,
+    place: Unchecked,
+) -> anyhow::Result<()> {
+    let first = tokio::time::timeout(Duration::from_secs(30), read_frame(&mut stream)).await;
+    let (ticket, request, index) = match first {
+        Ok(Ok(Some(Frame::Request {
+            ticket,
+            request,
+            index,
+            ..
+        }))) => (ticket, request, index),
+        Ok(Ok(Some(Frame::Ack { ack }))) => {
+            record_ack(&s, peer, ack);
+            let _ = futures::AsyncWriteExt::close(&mut stream).await;
+            return Ok(());
+        }
+        Ok(Ok(Some(_))) => {
+            return refuse(
+                &mut stream,
+                ErrorCode::BadRequest,
+                "expected a request frame".into(),
+            )
+            .await;
+        }
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => {
+            // Garbage, oversized or wrong-version frames reset the stream.
+            tracing::debug!(%peer, error = %e, "bad frame; resetting the stream");
+            if let troop_protocol::frames::FrameError::Version(v) = e {
+                let _ = refuse(
+                    &mut stream,
+                    ErrorCode::BadRequest,
+                    format!("unsupported frame version {v}"),
+                )
+                .await;
+            }
+            return Ok(());
+        }
+        Err(_) => return Ok(()),
+    };
+    if s.stopping.is_cancelled() {
+        drop(place);
+        return refuse(
+            &mut stream,
+            ErrorCode::Unavailable,
+            "the worker is stopping".into(),
+        )
+        .await;
+    }
+    let claims = match open_session(&s, &ticket, index).await {
+        Ok(c) => c,
+        Err(e) => {
+            drop(place);
+            tracing::info!(%peer, error = %e, "ticket refused");
+            return refuse(&mut stream, ErrorCode::Unauthorized, e).await;
+        }
+    };
+    drop(place);
+    // From here on the request holds a place in its session: every return
+    // goes through `end_request`.
+    let guard = RequestGuard {
+        s: s.clone(),
+        jti: claims.jti.clone(),
+        index,
+        started_ms: unix_ms(),
+        done: false,
+    };
+    if claims.model != request.model {
+        guard.abandon();
+        return refuse(
+            &mut stream,
+            ErrorCode::BadRequest,
+            "the ticket is for another model".into(),
+        )
+        .await;
+    }
+    let served = s
+        .models
+        .read()
+        .map(|m| m.iter().any(|m| m.name == request.model))
+        .unwrap_or(false);
+    if !served {
+        guard.abandon();
+        return refuse(
+            &mut stream,
+            ErrorCode::UnknownModel,
+            format!("this worker does not serve {}", request.model),
+        )
+        .await;
+    }
+    let Ok(permit) = s.jobs.clone().try_acquire_owned() else {
+        guard.abandon();
+        return refuse(
+            &mut stream,
+            ErrorCode::Busy,
+            "the worker is at its job limit".into(),
+        )
+        .await;
+    };
+    s.stats.active_jobs.fetch_add(1, Ordering::Relaxed);
+    metrics::gauge!("troop_jobs_running").increment(1.0);
+    let request_id = request.request_id.clone().unwrap_or_default();
+    let result = if request.body.is_some() {
+        let t0 = Instant::now();
+        let r = crate::answer::relay(
+            &s.upstream,
+            &mut stream,
+            &request,
+            claims.max_tokens,
+            &claims.jti,
+            s.cfg.timeouts,
+        )
+        .await;
+        r.map(|served| {
+            if let Some(f) = served.first {
+                let ttft = f.duration_since(t0).as_secs_f64();
+                metrics::histogram!("troop_worker_ttft_seconds").record(ttft);
+                ewma(&s.stats.ttft_ms, ttft * 1000.0);
+                // A whole answer is one event: its rate is over the job.
+                let secs = if served.chunks > 1 {
+                    f.elapsed().as_secs_f64()
+                } else {
+                    t0.elapsed().as_secs_f64()
+                };
+                if secs > 0.0 && served.usage.completion_tokens > 1 {
+                    ewma(
+                        &s.stats.tokens_per_s,
+                        served.usage.completion_tokens as f64 / secs,
+                    );
+                }
+            }
+            (served.usage, served.chunks)
+        })
+    } else {
+        run_job(&s, &mut stream, &request, &claims.jti).await
+    };
+    s.stats.active_jobs.fetch_sub(1, Ordering::Relaxed);
+    metrics::gauge!("troop_jobs_running").decrement(1.0);
+    drop(permit);
+    let (status, usage, chunks) = match &result {
+        Ok((u, c)) => (LineStatus::Completed, *u, *c),
+        Err(JobEnd::Cancelled(u)) => (LineStatus::Cancelled, *u, u.completion_tokens),
+        Err(JobEnd::Failed { usage, .. }) => (LineStatus::Failed, *usage, usage.completion_tokens),
+    };
+    if let Err(JobEnd::Failed { rejected: true, .. }) = &result {
+        metrics::counter!("troop_jobs_rejected_by_upstream_total").increment(1);
+    }
+    tracing::info!(job = %claims.jti, index, request_id, status = ?status, tokens = usage.completion_tokens, "job finished");
+    s.stats.jobs_done.fetch_add(1, Ordering::Relaxed);
+    s.stats
+        .tokens_served
+        .fetch_add(usage.completion_tokens, Ordering::Relaxed);
+    metrics::counter!("troop_tokens_served_total").increment(usage.completion_tokens);
+    let label = match status {
+        LineStatus::Completed => "completed",
+        LineStatus::Cancelled => {
+            s.stats.jobs_cancelled.fetch_add(1, Ordering::Relaxed);
+            "cancelled"
+        }
+        LineStatus::Failed => {
+            s.stats.jobs_failed.fetch_add(1, Ordering::Relaxed);
+            "failed"
+        }
+    };
+    metrics::counter!("troop_jobs_total", "status" => label).increment(1);
+    guard.finish(status, usage, chunks);
+    Ok(())
+}
+
+/// A request's place in its session; dropped without `finish` (the task
+/// was cancelled) it is recorded as cancelled with nothing served.
+pub(super) struct RequestGuard {
+    s: Arc<Shared>,
+    jti: String,
+    index: u32,
+    started_ms: u64,
+    done: bool,
+}
+
+impl RequestGuard {
+    /// The request was refused before it ran: it costs nothing and its
+    /// index may be used again.
+    fn abandon(mut self) {
+        self.done = true;
+        match self.s.sessions.lock() {
+            Ok(mut book) => book.abandon(&self.jti, self.index, unix_ms()),
+            Err(_) => tracing::error!("the session book's lock is poisoned"),
+        }
+    }
+
+    fn finish(mut self, status: LineStatus, usage: troop_protocol::frames::Usage, chunks: u64) {
+        self.done = true;
+        self.record(status, usage, chunks);
+    }
+
+    fn record(&self, status: LineStatus, usage: troop_protocol::frames::Usage, chunks: u64) {
+        match self.s.sessions.lock() {
+            Ok(mut book) => book.finish(
+                &self.jti,
+                self.index,
+                self.started_ms,
+                unix_ms(),
+                session::LineEnd {
+                    status,
+                    usage,
+                    chunks,
+                },
+            ),
+            Err(_) => {
+                tracing::error!(job = %self.jti, "the session book's lock is poisoned; a line is lost")
+            }
+        }
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.record(LineStatus::Cancelled, Default::default(), 0);
+        }
+    }
+}
+
+/// Finds the session of `ticket` (or opens one, verifying the ticket) and
+/// takes a place in it for request `index`.
+pub(super) async fn open_session(
+    s: &Arc<Shared>,
+    ticket: &str,
+    index: u32,
+) -> Result<troop_protocol::ticket::TicketClaims, String> {
+    let full = s.cfg.max_session_requests;
+    {
+        let mut book = s.sessions.lock().map_err(|_| "session book poisoned")?;
+        if let Some(claims) = book.join(ticket, index, unix_ms(), full)? {
+            return Ok(claims);
+        }
+    }
+    let claims = verify_ticket(s, ticket).await.map_err(|e| e.to_string())?;
+    let multiplier_milli = s
+        .multiplier
+        .read()
+        .map(|m| (*m * 1000.0).round() as i64)
+        .unwrap_or(1000)
+        .max(1);
+    let limit_ms =
+        u64::try_from(claims.reserved_milli.max(0).saturating_mul(1000) / multiplier_milli)
+            .unwrap_or(0);
+    let mut book = s.sessions.lock().map_err(|_| "session book poisoned")?;
+    book.open(ticket, claims, limit_ms, index, unix_ms(), full)
+}
+
+/// Keeps a user's acknowledgement for the session's receipt.
+pub(super) fn record_ack(s: &Shared, peer: PeerId, ack: Ack) {
+    let (job, index) = (ack.job_id.clone(), ack.index);
+    let outcome = match s.sessions.lock() {
+        Ok(mut book) => book.ack(ack, &s.peer_id.to_base58()),
+        Err(_) => {
+            tracing::error!("the session book's lock is poisoned; an acknowledgement is lost");
+            return;
+        }
+    };
+    match outcome {
+        session::AckOutcome::Kept => {}
+        session::AckOutcome::NoSession => {
+            tracing::debug!(%peer, %job, "acknowledgement for no open session");
+        }
+        session::AckOutcome::Refused => {
+            metrics::counter!("troop_bad_acks_total").increment(1);
+            tracing::info!(%peer, %job, index, "acknowledgement refused");
+        }
+    }
+}
+
+/// Closes sessions that are idle, expired or used up, and files their
+/// receipts (after a short grace for the last acknowledgements).
+pub(super) async fn session_loop(s: Arc<Shared>) {
+    let idle = s.cfg.session_idle;
+    let rules = CloseRules {
+        idle_ms: idle.as_millis() as u64,
+        grace_ms: idle.min(Duration::from_secs(2)).as_millis() as u64,
+        max_requests: s.cfg.max_session_requests,
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(250).min(idle));
+    loop {
+        tick.tick().await;
+        let due = match s.sessions.lock() {
+            Ok(mut book) => book.close_due(unix_ms(), rules),
+            Err(_) => {
+                tracing::error!("the session book's lock is poisoned; sessions stay open");
+                Vec::new()
+            }
+        };
+        for sess in due {
+            file_session(&s, sess).await;
+        }
+    }
+}
+
+pub(super) async fn file_session(s: &Shared, sess: session::Session) {
+    let Some(receipt) = session::receipt(sess, &s.peer_id.to_base58()) else {
+        return;
+    };
+    tracing::info!(
+        job = %receipt.job_id,
+        requests = receipt.requests.len(),
+        acknowledged = receipt.requests.iter().filter(|l| l.ack.is_some()).count(),
+        "session closed; receipt filed"
+    );
+    let job = receipt.job_id.clone();
+    if let Err(e) = s.receipts.enqueue_async(receipt).await {
+        tracing::error!(error = %e, %job, "could not write the receipt");
+    }
+}
+
+pub(super) async fn run_job(
+    s: &Shared,
+    stream: &mut libp2p::Stream,
+    request: &InferenceRequest,
+    job_id: &str,
+) -> Result<(troop_protocol::frames::Usage, u64), JobEnd> {
+    let t0 = Instant::now();
+    let mut upstream = match s.upstream.generate(request).await {
+        Ok(st) => st,
+        Err(e) => {
+            tracing::warn!(error = %e, "upstream failed");
+            let _ = write_frame(
+                stream,
+                &Frame::error(ErrorCode::UpstreamFailed, e.to_string()),
+            )
+            .await;
+            return Err(JobEnd::Failed {
+                usage: Default::default(),
+                rejected: false,
+            });
+        }
+    };
+    let mut chunks = 0u64;
+    let mut first: Option<Instant> = None;
+    let mut pace = crate::answer::Pace::new(s.cfg.timeouts, false);
+    loop {
+        let next = match pace.wait(upstream.next()).await {
+            Ok(n) => n,
+            Err(why) => return Err(crate::answer::timed_out(stream, chunks, &why).await),
+        };
+        pace.started();
+        match next {
+            Some(Ok(Delta::Text(text))) => {
+                if first.is_none() {
+                    first = Some(Instant::now());
+                    let ttft = t0.elapsed().as_secs_f64();
+                    metrics::histogram!("troop_worker_ttft_seconds").record(ttft);
+                    ewma(&s.stats.ttft_ms, ttft * 1000.0);
+                }
+                chunks += 1;
+                // Backpressure: this waits while the gateway is not reading.
+                if write_frame(stream, &Frame::Chunk { text }).await.is_err() {
+                    // The gateway hung up: dropping `upstream` stops the generation.
+                    tracing::info!(
+                        job = job_id,
+                        "client went away; upstream generation stopped"
+                    );
+                    return Err(JobEnd::Cancelled(partial(chunks)));
+                }
+            }
+            Some(Ok(Delta::Done {
+                usage,
+                finish_reason,
+            })) => {
+                let usage = if usage.completion_tokens == 0 {
+                    partial(chunks).max_with(usage)
+                } else {
+                    usage
+                };
+                if let Some(f) = first {
+                    let secs = f.elapsed().as_secs_f64();
+                    if secs > 0.0 && usage.completion_tokens > 1 {
+                        ewma(&s.stats.tokens_per_s, usage.completion_tokens as f64 / secs);
+                    }
+                }
+                let done = Frame::Done {
+                    job_id: job_id.to_string(),
+                    usage,
+                    finish_reason,
+                };
+                if write_frame(stream, &done).await.is_err() {
+                    return Err(JobEnd::Cancelled(usage));
+                }
+                let _ = futures::AsyncWriteExt::close(stream).await;
+                return Ok((usage, chunks));
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "upstream failed mid-generation");
+                let _ = write_frame(
+                    stream,
+                    &Frame::error(ErrorCode::UpstreamFailed, e.to_string()),
+                )
+                .await;
+                return Err(JobEnd::Failed {
+                    usage: partial(chunks),
+                    rejected: false,
+                });
+            }
+            None => {
+                let _ = write_frame(
+                    stream,
+                    &Frame::error(ErrorCode::UpstreamFailed, "upstream ended early"),
+                )
+                .await;
+                return Err(JobEnd::Failed {
+                    usage: partial(chunks),
+                    rejected: false,
+                });
+            }
+        }
+    }
+}
+
+pub(super) trait MaxWith {
+    fn max_with(self, other: Self) -> Self;
+}
+
+impl MaxWith for troop_protocol::frames::Usage {
+    fn max_with(self, other: Self) -> Self {
+        Self {
+            prompt_tokens: self.prompt_tokens.max(other.prompt_tokens),
+            completion_tokens: self.completion_tokens.max(other.completion_tokens),
+        }
+    }
+}
