@@ -43,12 +43,7 @@ pub struct AuditThread {
     join: Option<std::thread::JoinHandle<()>>,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use troop_protocol::policy::unix_ms as now_ms;
 
 impl AuditLog {
     /// Opens `path` for appending (creating its folder) and starts the writer.

@@ -38,21 +38,8 @@ use ledger::{WorkerRow, Writer, WriterThread};
 use rate_limit::{IpLimiter, UserLimiter};
 use tickets::TicketKeys;
 
-/// Unix seconds now.
-pub fn unix_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// Unix milliseconds now.
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+/// Unix seconds and milliseconds now: the one wall clock of every part.
+pub use troop_protocol::policy::{unix_ms, unix_secs};
 
 /// Everything the handlers share.
 pub struct AppState {

@@ -68,12 +68,7 @@ pub struct CoordinatorClient {
     pow: std::sync::Arc<tokio::sync::OnceCell<Option<String>>>,
 }
 
-fn unix_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use troop_protocol::policy::unix_secs;
 
 impl CoordinatorClient {
     pub fn new(base: &str, key: Keypair) -> Self {

@@ -260,12 +260,7 @@ fn refusal(e: &ClientError) -> (Duration, String) {
     )
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use troop_protocol::policy::unix_ms;
 
 fn coordinator_unreachable(problem: &str) -> Response {
     (

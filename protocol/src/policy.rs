@@ -21,10 +21,28 @@ pub fn retry_policy() -> ExponentialBuilder {
         .with_max_times(3)
 }
 
+/// Unix milliseconds now (the wall clock every Troop part reads; 0 before
+/// 1970).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Unix seconds now.
+pub fn unix_secs() -> u64 {
+    unix_ms() / 1000
+}
+
 /// A source of monotonic time, injected so tests never sleep.
 pub trait Clock: Send + Sync {
     /// Time since an arbitrary fixed origin.
     fn now(&self) -> Duration;
+    /// Unix milliseconds (the wall clock); a test clock may pin it.
+    fn unix_ms(&self) -> u64 {
+        unix_ms()
+    }
 }
 
 /// The real monotonic clock.

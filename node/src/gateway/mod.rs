@@ -1143,19 +1143,7 @@ pub fn wants_stream(request: &InferenceRequest) -> bool {
         && request.endpoint != Some(troop_protocol::frames::Endpoint::Embeddings)
 }
 
-fn unix_now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use troop_protocol::policy::{unix_ms as unix_now_ms, unix_secs as unix_now};
 
 enum Attempt {
     Next(String),
