@@ -501,13 +501,9 @@ async fn deliver_ack(
     ack: troop_protocol::usage::Ack,
     _place: AckPlace,
 ) {
-    use backon::BackoffBuilder;
-    let mut delays = backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_times(4)
-        .build();
-    loop {
-        let sent = tokio::time::timeout(Duration::from_secs(5), async {
+    use backon::Retryable;
+    let send = || async {
+        tokio::time::timeout(Duration::from_secs(5), async {
             let mut s = net
                 .stream_control()
                 .open_stream(worker, StreamProtocol::new(INFER_PROTOCOL))
@@ -522,23 +518,24 @@ async fn deliver_ack(
             Ok::<(), String>(())
         })
         .await
-        .unwrap_or_else(|_| Err("timed out".into()));
-        match sent {
-            Ok(()) => {
-                metrics::counter!("troop_acks_sent_total").increment(1);
-                return;
-            }
-            Err(e) => match delays.next() {
-                Some(d) => {
-                    tracing::debug!(%worker, error = %e, "acknowledgement not delivered; retrying");
-                    tokio::time::sleep(d).await;
-                }
-                None => {
-                    metrics::counter!("troop_acks_lost_total").increment(1);
-                    tracing::info!(%worker, error = %e, "acknowledgement not delivered");
-                    return;
-                }
-            },
+        .unwrap_or_else(|_| Err("timed out".into()))
+    };
+    let sent = send
+        .retry(
+            backon::ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_times(4),
+        )
+        .sleep(tokio::time::sleep)
+        .notify(|e: &String, _| {
+            tracing::debug!(%worker, error = %e, "acknowledgement not delivered; retrying")
+        })
+        .await;
+    match sent {
+        Ok(()) => metrics::counter!("troop_acks_sent_total").increment(1),
+        Err(e) => {
+            metrics::counter!("troop_acks_lost_total").increment(1);
+            tracing::info!(%worker, error = %e, "acknowledgement not delivered");
         }
     }
 }

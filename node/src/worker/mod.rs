@@ -332,25 +332,16 @@ impl RunningWorker {
 
 use troop_protocol::policy::{unix_ms, unix_secs};
 
-async fn with_retries<T, E: std::fmt::Display, F, Fut>(what: &str, mut f: F) -> Result<T, E>
+async fn with_retries<T, E: std::fmt::Display, F, Fut>(what: &str, f: F) -> Result<T, E>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
 {
-    use backon::BackoffBuilder;
-    let mut delays = troop_protocol::policy::retry_policy().build();
-    loop {
-        match f().await {
-            Ok(v) => return Ok(v),
-            Err(e) => match delays.next() {
-                Some(d) => {
-                    tracing::warn!(error = %e, retry_in = ?d, "{what} failed");
-                    tokio::time::sleep(d).await;
-                }
-                None => return Err(e),
-            },
-        }
-    }
+    use backon::Retryable;
+    f.retry(troop_protocol::policy::retry_policy())
+        .sleep(tokio::time::sleep)
+        .notify(|e: &E, d: Duration| tracing::warn!(error = %e, retry_in = ?d, "{what} failed"))
+        .await
 }
 
 /// Starts a worker: finds the upstream's models, fetches the coordinator's
