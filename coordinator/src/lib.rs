@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use troop_protocol::sync::MutexExt as _;
 
 use anyhow::Context;
 
@@ -305,7 +306,7 @@ impl AppState {
             Err(_) => return,
             Ok(_) => None,
         };
-        if let Ok(mut d) = self.db_down.lock()
+        if let Some(mut d) = self.db_down.locked()
             && *d != down
         {
             match &down {

@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
+use troop_protocol::sync::MutexExt as _;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -58,7 +59,7 @@ impl Guarded {
             metrics::counter!("troop_limit_hits_total", "limit" => "connections").increment(1);
             return None;
         };
-        let mut map = self.per_ip.lock().ok()?;
+        let mut map = self.per_ip.locked()?;
         let n = map.entry(ip).or_insert(0);
         if *n >= self.limits.max_per_ip {
             metrics::counter!("troop_limit_hits_total", "limit" => "connections_per_ip")
@@ -83,7 +84,7 @@ struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Ok(mut map) = self.per_ip.lock()
+        if let Some(mut map) = self.per_ip.locked()
             && let Some(n) = map.get_mut(&self.ip)
         {
             *n = n.saturating_sub(1);

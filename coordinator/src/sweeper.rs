@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use troop_protocol::sync::{MutexExt as _, RwLockExt as _};
 
 use crate::ledger::{Command, Outcome};
 use crate::{AppState, unix_ms, unix_secs};
@@ -19,7 +20,7 @@ pub async fn refresh_workers(state: Arc<AppState>) {
             .await;
         let wait = match r {
             Ok(rows) => {
-                if let Ok(mut map) = state.workers.write() {
+                if let Some(mut map) = state.workers.writing() {
                     for w in rows {
                         match map.get(&w.peer_id) {
                             Some(have) if have.last_seen > w.last_seen => {}
@@ -90,7 +91,7 @@ pub async fn run(state: Arc<AppState>) {
                 .read_with(move |db| crate::pg::prune(db, before, unix_ms()))
                 .await;
         }
-        if let Ok(mut n) = state.nonces.lock() {
+        if let Some(mut n) = state.nonces.locked() {
             n.retain(|_, ts| now.saturating_sub(*ts) <= skew);
         }
         state.discovery_limiter.prune();

@@ -7,6 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
+use troop_protocol::sync::{MutexExt as _, RwLockExt as _};
 
 use anyhow::Context;
 use futures::StreamExt;
@@ -295,7 +296,7 @@ pub struct BusyGuard {
 
 impl Drop for BusyGuard {
     fn drop(&mut self) {
-        if let Ok(mut b) = self.busy.lock()
+        if let Some(mut b) = self.busy.locked()
             && let Some((n, last)) = b.get_mut(&self.peer)
         {
             *n = n.saturating_sub(1);
@@ -307,7 +308,7 @@ impl Drop for BusyGuard {
 impl NetworkHandle {
     /// Stops the event loop: the swarm and all its connections are dropped.
     pub fn shutdown(&self) {
-        if let Ok(mut t) = self.task.lock()
+        if let Some(mut t) = self.task.locked()
             && let Some(t) = t.take()
         {
             t.abort();
@@ -323,7 +324,7 @@ impl NetworkHandle {
     pub fn listen_addrs(&self) -> Vec<Multiaddr> {
         let own = self.peer_id;
         self.listen_addrs
-            .read()
+            .reading()
             .map(|v| v.iter().map(|a| with_p2p(a.clone(), own)).collect())
             .unwrap_or_default()
     }
@@ -352,7 +353,7 @@ impl NetworkHandle {
     /// Marks `peer` busy until the guard is dropped: the connection
     /// trimming (`NetConfig::peers_high`) leaves it alone.
     pub fn busy(&self, peer: PeerId) -> BusyGuard {
-        if let Ok(mut b) = self.busy.lock() {
+        if let Some(mut b) = self.busy.locked() {
             b.entry(peer).or_insert((0, Instant::now())).0 += 1;
         }
         BusyGuard {
@@ -607,7 +608,7 @@ pub async fn spawn(cfg: NetConfig) -> anyhow::Result<(NetworkHandle, mpsc::Recei
             bound.push(address);
         }
     }
-    if let Ok(mut l) = listen_addrs.write() {
+    if let Some(mut l) = listen_addrs.writing() {
         *l = bound.clone();
     }
     // A dedicated relay is public by its operator's word: declare the
@@ -694,7 +695,7 @@ pub async fn spawn(cfg: NetConfig) -> anyhow::Result<(NetworkHandle, mpsc::Recei
         relay_clients: HashSet::new(),
     };
     let task = tokio::spawn(ev_loop.run());
-    if let Ok(mut t) = handle.task.lock() {
+    if let Some(mut t) = handle.task.locked() {
         *t = Some(task.abort_handle());
     }
     Ok((handle, event_rx))
@@ -1210,7 +1211,7 @@ impl EventLoop {
         // (a job on it, a hole punch under way).
         keep.extend(self.circuits.values().copied());
         let mut used: HashMap<PeerId, Instant> = HashMap::new();
-        if let Ok(b) = self.busy.lock() {
+        if let Some(b) = self.busy.locked() {
             for (p, (n, last)) in b.iter() {
                 if *n > 0 {
                     keep.insert(*p);
@@ -1357,7 +1358,7 @@ impl EventLoop {
             Some(c) if !c.is_empty() => Path::Relayed,
             _ => Path::None,
         };
-        if let Ok(mut p) = self.paths.write() {
+        if let Some(mut p) = self.paths.writing() {
             if path == Path::None {
                 p.remove(&peer);
             } else {
@@ -1667,7 +1668,7 @@ impl EventLoop {
                         self.conns.remove(peer_id);
                         self.since.remove(peer_id);
                         // Forget a gone peer's last use unless a job runs.
-                        if let Ok(mut b) = self.busy.lock()
+                        if let Some(mut b) = self.busy.locked()
                             && b.get(peer_id).is_some_and(|(n, _)| *n == 0)
                         {
                             b.remove(peer_id);
@@ -1711,14 +1712,14 @@ impl EventLoop {
             SwarmEvent::NewListenAddr { address, .. } => {
                 let peer = *self.swarm.local_peer_id();
                 tracing::info!(address = %with_p2p(address.clone(), peer), "listening");
-                if let Ok(mut l) = self.listen_addrs.write()
+                if let Some(mut l) = self.listen_addrs.writing()
                     && !l.contains(&address)
                 {
                     l.push(address);
                 }
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
-                if let Ok(mut l) = self.listen_addrs.write() {
+                if let Some(mut l) = self.listen_addrs.writing() {
                     l.retain(|a| a != &address);
                 }
             }
@@ -1727,14 +1728,14 @@ impl EventLoop {
             SwarmEvent::ExternalAddrConfirmed { address } if is_relayed(&address) => {
                 let peer = *self.swarm.local_peer_id();
                 tracing::info!(address = %with_p2p(address.clone(), peer), "reachable through a relay");
-                if let Ok(mut l) = self.listen_addrs.write()
+                if let Some(mut l) = self.listen_addrs.writing()
                     && !l.contains(&address)
                 {
                     l.push(address);
                 }
             }
             SwarmEvent::ExternalAddrExpired { address } if is_relayed(&address) => {
-                if let Ok(mut l) = self.listen_addrs.write() {
+                if let Some(mut l) = self.listen_addrs.writing() {
                     l.retain(|a| a != &address);
                 }
             }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use troop_protocol::sync::RwLockExt as _;
 
 use tokio::sync::Notify;
 use troop_protocol::receipt::Receipt;
@@ -123,7 +124,7 @@ impl ReceiptQueue {
                 let Ok(body) = tokio::fs::read(&path).await else {
                     continue;
                 };
-                let k = key.read().map(|k| k.clone()).unwrap_or_default();
+                let k = key.reading().map(|k| k.clone()).unwrap_or_default();
                 match client.submit_receipt(&k, body).await {
                     Ok(s) => {
                         tracing::info!(job = %s.job_id, outcome = %s.outcome, cost = s.cost, replayed = s.replayed, "receipt settled");

@@ -14,6 +14,7 @@ pub mod identity;
 pub mod policy;
 pub mod receipt;
 pub mod signed;
+pub mod sync;
 #[cfg(feature = "telemetry")]
 pub mod telemetry;
 pub mod ticket;

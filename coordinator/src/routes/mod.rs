@@ -11,6 +11,7 @@ pub use accounts::balance_json;
 use accounts::{balance, transactions};
 use receipts::submit_receipt;
 use tickets::authorize;
+use troop_protocol::sync::MutexExt as _;
 use workers::{bootstrap, heartbeat, leave, list_workers, register};
 
 use std::collections::HashMap;
@@ -408,7 +409,7 @@ pub(crate) fn ledger_error(state: &AppState, e: LedgerError, rid: &str) -> ApiEr
 // ---------------------------------------------------------------------------
 
 async fn health(State(state): St) -> Response {
-    let down = state.db_down.lock().ok().and_then(|d| d.clone());
+    let down = state.db_down.locked().and_then(|d| d.clone());
     if let Some(reason) = down {
         return (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -1,6 +1,7 @@
 //! Workers: registration, heartbeats, the public list and `/bootstrap`.
 
 use super::*;
+use troop_protocol::sync::{MutexExt as _, RwLockExt as _};
 
 pub(crate) fn multiplier(milli: i64) -> f64 {
     milli as f64 / 1000.0
@@ -76,7 +77,7 @@ pub(crate) fn check_addresses(
 }
 
 pub(crate) fn note_worker_ip(state: &AppState, peer: &str, ip: IpAddr) {
-    if let Ok(mut m) = state.worker_ips.lock() {
+    if let Some(mut m) = state.worker_ips.locked() {
         m.insert(peer.to_string(), ip);
     }
 }
@@ -94,7 +95,7 @@ pub(crate) async fn register(
     check_addresses(&peer, &req.addresses).map_err(|e| e.with_request_id(&rid))?;
     let known = state
         .workers
-        .read()
+        .reading()
         .map(|w| w.contains_key(&peer.to_base58()))
         .unwrap_or(false);
     if !known {
@@ -141,7 +142,7 @@ pub(crate) async fn register(
         heartbeat_interval_secs: state.cfg.heartbeat_interval.as_secs(),
     };
     note_worker_ip(&state, &row.peer_id, ip);
-    if let Ok(mut w) = state.workers.write() {
+    if let Some(mut w) = state.workers.writing() {
         w.insert(row.peer_id.clone(), row);
     }
     Ok(axum::Json(resp).into_response())
@@ -180,7 +181,7 @@ pub(crate) async fn heartbeat(
         )
         .await
         .map_err(|e| ledger_error(&state, e, &rid))?;
-    if let Ok(mut map) = state.workers.write()
+    if let Some(mut map) = state.workers.writing()
         && let Some(w) = map.get_mut(&peer_id)
     {
         w.last_seen = now;
@@ -222,7 +223,7 @@ pub(crate) async fn leave(
         )
         .await
         .map_err(|e| ledger_error(&state, e, &rid))?;
-    if let Ok(mut map) = state.workers.write()
+    if let Some(mut map) = state.workers.writing()
         && let Some(w) = map.get_mut(&peer_id)
     {
         w.last_seen = now;
@@ -301,7 +302,7 @@ pub(crate) async fn bootstrap(
     live.sort_by_key(|w| (w.verified_gflops.is_none(), w.registered_at));
     let ips = state
         .worker_ips
-        .lock()
+        .locked()
         .map(|m| m.clone())
         .unwrap_or_default();
     let mut per_ip: HashMap<IpAddr, usize> = HashMap::new();

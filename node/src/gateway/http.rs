@@ -16,6 +16,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
+use troop_protocol::sync::{MutexExt as _, RwLockExt as _};
 
 use axum::Router;
 use axum::body::Body;
@@ -107,13 +108,13 @@ async fn troop_status(State(state): State<Arc<GatewayState>>) -> Response {
     let st = state.net.status().await;
     let (workers, rows) = state
         .table
-        .read()
+        .reading()
         .map(|t| (t.workers(), t.rows()))
         .unwrap_or_default();
     metrics::gauge!("troop_workers_known").set(workers.len() as f64);
     let reputation = state
         .reputation
-        .read()
+        .reading()
         .map(|r| r.clone())
         .unwrap_or_default();
     // One row per worker, looked up once each (not a scan per worker).
@@ -143,7 +144,7 @@ async fn troop_status(State(state): State<Arc<GatewayState>>) -> Response {
         .collect();
     let answers: Vec<super::AnswerRecord> = state
         .answers
-        .lock()
+        .locked()
         .map(|a| a.iter().rev().cloned().collect())
         .unwrap_or_default();
     axum::Json(json!({
@@ -316,7 +317,11 @@ fn rejected(status: u16, body: String) -> Response {
 }
 
 async fn models(State(state): State<Arc<GatewayState>>) -> Response {
-    let list = state.table.read().map(|t| t.models()).unwrap_or_default();
+    let list = state
+        .table
+        .reading()
+        .map(|t| t.models())
+        .unwrap_or_default();
     let data: Vec<Value> = list
         .into_iter()
         .map(|(id, workers)| json!({ "id": id, "object": "model", "created": 0, "owned_by": "troop", "workers": workers }))

@@ -9,6 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+use troop_protocol::sync::{MutexExt as _, RwLockExt as _};
 
 use anyhow::Context;
 use libp2p::identity::Keypair;
@@ -115,7 +116,7 @@ impl GatewayState {
     /// Keeps `worker`'s connection open while idle, and lets go of the
     /// least recently used one beyond `cfg.warm_workers`.
     fn keep_warm(&self, worker: PeerId) {
-        let Ok(mut warm) = self.warm.lock() else {
+        let Some(mut warm) = self.warm.locked() else {
             return;
         };
         if warm.front() == Some(&worker) {
@@ -285,7 +286,7 @@ async fn table_loop(state: Arc<GatewayState>, mut events: mpsc::Receiver<NetEven
                     a.addresses.truncate(MAX_ADVERT_ADDRS);
                     let addrs = a.addresses.clone();
                     let fresh = known_addrs.get(&source) != Some(&addrs);
-                    if let Ok(mut t) = state.table.write() {
+                    if let Some(mut t) = state.table.writing() {
                         t.on_advert(source, a);
                     }
                     if fresh && a_peer_matches(&source, &addrs) {
@@ -297,7 +298,7 @@ async fn table_loop(state: Arc<GatewayState>, mut events: mpsc::Receiver<NetEven
                         }
                         if known_addrs.len() >= table::MAX_ENTRIES
                             && !known_addrs.contains_key(&source)
-                            && let Ok(t) = state.table.read()
+                            && let Some(t) = state.table.reading()
                         {
                             // Only workers still in the table are worth
                             // remembering.
@@ -313,7 +314,7 @@ async fn table_loop(state: Arc<GatewayState>, mut events: mpsc::Receiver<NetEven
                 None => metrics::counter!("troop_bad_adverts_total").increment(1),
             },
             NetEvent::Rtt { peer, rtt } => {
-                if let Ok(mut t) = state.table.write() {
+                if let Some(mut t) = state.table.writing() {
                     t.on_rtt(peer, rtt);
                 }
             }
@@ -323,7 +324,7 @@ async fn table_loop(state: Arc<GatewayState>, mut events: mpsc::Receiver<NetEven
                 // our last job on that worker ends).
                 let idle = state
                     .table
-                    .read()
+                    .reading()
                     .map(|t| t.inflight(&peer) == 0)
                     .unwrap_or(false);
                 if idle {
@@ -343,7 +344,7 @@ async fn reputation_loop(state: Arc<GatewayState>) {
         let Ok(list) = state.client.workers().await else {
             continue;
         };
-        if let Ok(mut r) = state.reputation.write() {
+        if let Some(mut r) = state.reputation.writing() {
             *r = list
                 .workers
                 .iter()
@@ -365,7 +366,7 @@ async fn reputation_loop(state: Arc<GatewayState>) {
         for p in &bad {
             tracing::info!(worker = %p, "skipping a worker whose bills are often disputed or unacknowledged");
         }
-        if let Ok(mut d) = state.disputed.write() {
+        if let Some(mut d) = state.disputed.writing() {
             *d = bad;
         }
     }
@@ -619,7 +620,7 @@ impl JobStream {
             tokens_per_s,
             outcome,
         };
-        if let Ok(mut a) = self.state.answers.lock() {
+        if let Some(mut a) = self.state.answers.locked() {
             if a.len() >= ANSWERS_KEPT {
                 a.pop_front();
             }
@@ -647,7 +648,7 @@ impl GatewayState {
     /// `/v1/models`) until it advertises again.
     fn unreachable(&self, peer: PeerId) {
         tracing::info!(worker = %peer, "worker unreachable; dropped from the table until it advertises again");
-        if let Ok(mut t) = self.table.write() {
+        if let Some(mut t) = self.table.writing() {
             t.mark_unreachable(&peer);
         }
     }
@@ -661,7 +662,7 @@ impl GatewayState {
         let mut breakers = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
         if breakers.len() >= table::MAX_ENTRIES
             && !breakers.contains_key(peer)
-            && let Ok(t) = self.table.read()
+            && let Some(t) = self.table.reading()
         {
             // One breaker per worker ever tried: keep those still in the
             // table, and those open or in a trial.
@@ -693,7 +694,7 @@ impl GatewayState {
     /// to; by expected latency and load within each.
     pub async fn candidates(&self, model: &str, embeddings: bool) -> Vec<PeerId> {
         let mut found = self.candidates_by_score(model, embeddings).await;
-        if let Ok(d) = self.disputed.read() {
+        if let Some(d) = self.disputed.reading() {
             found.retain(|p| !d.contains(p));
         }
         found.sort_by_key(|p| self.net.path(p).rank());
@@ -703,7 +704,7 @@ impl GatewayState {
     async fn candidates_by_score(&self, model: &str, embeddings: bool) -> Vec<PeerId> {
         let found = self
             .table
-            .read()
+            .reading()
             .map(|t| t.candidates_for(model, embeddings))
             .unwrap_or_default();
         if !found.is_empty() {
@@ -744,7 +745,7 @@ impl GatewayState {
                 }
             }
         };
-        if let Ok(mut t) = self.table.write() {
+        if let Some(mut t) = self.table.writing() {
             for p in &providers {
                 t.on_found(*p, model, source);
             }
@@ -759,7 +760,7 @@ impl GatewayState {
     /// most one such read per model every 10 s (the coordinator counts them
     /// against this IP's discovery quota).
     async fn workers_from_coordinator(&self, model: &str) -> Vec<PeerId> {
-        if let Ok(mut asked) = self.asked_coordinator.lock() {
+        if let Some(mut asked) = self.asked_coordinator.locked() {
             let now = Instant::now();
             if asked
                 .get(model)
@@ -887,7 +888,7 @@ impl GatewayState {
     ) -> Result<(AuthorizeResponse, u32, bool), ClientError> {
         let key = (model.to_string(), worker);
         let now = unix_now();
-        if let Ok(mut ss) = self.sessions.lock() {
+        if let Some(mut ss) = self.sessions.locked() {
             if let Some(s) = ss.get_mut(&key)
                 && s.auth.expires_at > now + 30
                 && s.last_used.elapsed() < SESSION_REUSE_IDLE
@@ -916,7 +917,7 @@ impl GatewayState {
                 t
             }
         };
-        if let Ok(mut ss) = self.sessions.lock() {
+        if let Some(mut ss) = self.sessions.locked() {
             ss.insert(
                 key,
                 GwSession {
@@ -930,7 +931,7 @@ impl GatewayState {
     }
 
     fn drop_session(&self, model: &str, worker: PeerId, job_id: &str) {
-        if let Ok(mut ss) = self.sessions.lock() {
+        if let Some(mut ss) = self.sessions.locked() {
             let key = (model.to_string(), worker);
             if ss.get(&key).is_some_and(|s| s.auth.job_id == job_id) {
                 ss.remove(&key);
@@ -945,7 +946,7 @@ impl GatewayState {
         let now = unix_now();
         let near_end = self
             .sessions
-            .lock()
+            .locked()
             .map(|ss| {
                 ss.get(&key)
                     .is_some_and(|s| s.auth.expires_at < now + SESSION_RENEW_BEFORE)
@@ -953,7 +954,7 @@ impl GatewayState {
             .unwrap_or(false);
         let have_spare = self
             .spare
-            .lock()
+            .locked()
             .map(|s| s.contains_key(&key))
             .unwrap_or(true);
         if !near_end || have_spare {
@@ -965,7 +966,7 @@ impl GatewayState {
                 .client
                 .authorize(&key.0, &key.1.to_base58(), None)
                 .await
-                && let Ok(mut s) = state.spare.lock()
+                && let Some(mut s) = state.spare.locked()
             {
                 metrics::counter!("troop_tickets_bought_total", "when" => "ahead").increment(1);
                 s.entry(key).or_insert(t);
@@ -1068,7 +1069,7 @@ impl GatewayState {
         if let Err(e) = write_frame(&mut stream, &frame).await {
             return Err(Attempt::Next(format!("could not send the request: {e}")));
         }
-        if let Ok(mut t) = self.table.write() {
+        if let Some(mut t) = self.table.writing() {
             t.add_inflight(&worker, 1);
         }
         self.keep_warm(worker);

@@ -12,6 +12,7 @@ pub mod passthrough;
 
 use std::pin::Pin;
 use std::time::Duration;
+use troop_protocol::sync::MutexExt as _;
 
 use futures::Stream;
 use troop_protocol::advert::ModelAdvert;
@@ -115,7 +116,7 @@ impl Upstream {
                 Some(b) => b,
                 None => {
                     let b = self.probe_embeddings(&m.name).await;
-                    if let Ok(mut e) = self.embeds.lock() {
+                    if let Some(mut e) = self.embeds.locked() {
                         e.insert(m.name.clone(), b);
                     }
                     b

@@ -8,13 +8,13 @@ pub(super) fn advert(s: &Shared) -> Advert {
     Advert {
         peer_id: s.peer_id.to_base58(),
         addresses: s.net.listen_addrs().iter().map(|a| a.to_string()).collect(),
-        models: s.models.read().map(|m| m.clone()).unwrap_or_default(),
+        models: s.models.reading().map(|m| m.clone()).unwrap_or_default(),
         queue_depth: active.saturating_sub(s.cfg.max_jobs as u32),
         active_jobs: active,
         max_jobs: s.cfg.max_jobs as u32,
         ttft_ms: s.stats.ttft_ms(),
         tokens_per_s: s.stats.tokens_per_s(),
-        hardware_multiplier: s.multiplier.read().map(|m| *m).unwrap_or(1.0),
+        hardware_multiplier: s.multiplier.reading().map(|m| *m).unwrap_or(1.0),
         ttl_ms: (s.cfg.advert_interval.as_millis() as u64).saturating_mul(3),
         sent_at_ms: unix_ms(),
     }
@@ -27,7 +27,7 @@ pub(super) async fn advertise_loop(s: Arc<Shared>) {
         tick.tick().await;
         let names: Vec<String> = s
             .models
-            .read()
+            .reading()
             .map(|m| m.iter().map(|m| m.name.clone()).collect())
             .unwrap_or_default();
         for n in names.iter().filter(|n| !provided.contains(n)) {
@@ -44,7 +44,7 @@ pub(super) async fn refresh_models_loop(s: Arc<Shared>) {
     loop {
         tick.tick().await;
         let listed = s.upstream.models().await;
-        if let Ok(mut h) = s.upstream_health.lock() {
+        if let Some(mut h) = s.upstream_health.locked() {
             *h = UpstreamHealth {
                 ok: listed.is_ok(),
                 checked_at_ms: unix_ms(),
@@ -53,10 +53,10 @@ pub(super) async fn refresh_models_loop(s: Arc<Shared>) {
         }
         match listed {
             Ok(models) => {
-                let changed = s.models.read().map(|m| *m != models).unwrap_or(true);
+                let changed = s.models.reading().map(|m| *m != models).unwrap_or(true);
                 if changed {
                     tracing::info!(models = ?models.iter().map(|m| &m.name).collect::<Vec<_>>(), "upstream models changed");
-                    if let Ok(mut m) = s.models.write() {
+                    if let Some(mut m) = s.models.writing() {
                         *m = models;
                     }
                 }

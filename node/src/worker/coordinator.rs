@@ -20,10 +20,10 @@ pub(super) async fn benchmark_task(s: Arc<Shared>) {
                 multiplier = m,
                 "hardware verified by the coordinator"
             );
-            if let Ok(mut slot) = s.multiplier.write() {
+            if let Some(mut slot) = s.multiplier.writing() {
                 *slot = m;
             }
-            if let Ok(mut p) = s.proof.lock() {
+            if let Some(mut p) = s.proof.locked() {
                 *p = ProofStatus {
                     state: "verified",
                     gflops: Some(gflops),
@@ -35,7 +35,7 @@ pub(super) async fn benchmark_task(s: Arc<Shared>) {
         }
         Err(e) => {
             tracing::warn!(error = %e, "proof of hardware failed; the multiplier stays as it was");
-            if let Ok(mut p) = s.proof.lock() {
+            if let Some(mut p) = s.proof.locked() {
                 *p = ProofStatus {
                     state: "failed",
                     error: Some(format!("{e:#}")),
@@ -66,7 +66,7 @@ pub(super) async fn heartbeat_loop(s: Arc<Shared>) {
         let req = HeartbeatRequest {
             models: Some(
                 s.models
-                    .read()
+                    .reading()
                     .map(|m| m.iter().map(|m| m.name.clone()).collect())
                     .unwrap_or_default(),
             ),
@@ -123,7 +123,7 @@ pub(super) async fn heartbeat_loop(s: Arc<Shared>) {
 }
 
 pub(super) fn set_breaker(s: &Shared, st: BreakerState) {
-    if let Ok(mut b) = s.stats.breaker.lock() {
+    if let Some(mut b) = s.stats.breaker.locked() {
         *b = format!("{st:?}").to_lowercase();
     }
 }

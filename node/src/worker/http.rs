@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use troop_protocol::sync::{MutexExt as _, RwLockExt as _};
 
 use anyhow::Context;
 use axum::Router;
@@ -66,10 +67,10 @@ async fn status(State(s): State<Arc<Shared>>) -> Response {
     let net = s.net.status().await;
     let waiting = s.receipts.waiting();
     let st = &s.stats;
-    let models = s.models.read().map(|m| m.clone()).unwrap_or_default();
-    let health = s.upstream_health.lock().map(|h| h.clone()).ok();
-    let proof = s.proof.lock().map(|p| p.clone()).unwrap_or_default();
-    let sessions = s.sessions.lock().map(|b| b.open_count()).unwrap_or(0);
+    let models = s.models.reading().map(|m| m.clone()).unwrap_or_default();
+    let health = s.upstream_health.locked().map(|h| h.clone());
+    let proof = s.proof.locked().map(|p| p.clone()).unwrap_or_default();
+    let sessions = s.sessions.locked().map(|b| b.open_count()).unwrap_or(0);
     axum::Json(json!({
         "role": "worker",
         "version": env!("CARGO_PKG_VERSION"),
@@ -110,7 +111,7 @@ async fn status(State(s): State<Arc<Shared>>) -> Response {
             "connected_peers": net.connected_peers.len(),
         },
         "hardware": {
-            "multiplier": s.multiplier.read().map(|m| *m).unwrap_or(1.0),
+            "multiplier": s.multiplier.reading().map(|m| *m).unwrap_or(1.0),
             "proof": proof,
         },
     }))

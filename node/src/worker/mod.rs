@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+use troop_protocol::sync::{MutexExt as _, RwLockExt as _};
 
 use anyhow::Context;
 use futures::StreamExt;
@@ -122,7 +123,7 @@ pub struct WorkerStats {
 }
 
 fn ewma(slot: &Mutex<Option<f64>>, sample: f64) {
-    if let Ok(mut v) = slot.lock() {
+    if let Some(mut v) = slot.locked() {
         *v = Some(match *v {
             Some(old) => 0.8 * old + 0.2 * sample,
             None => sample,
@@ -132,10 +133,10 @@ fn ewma(slot: &Mutex<Option<f64>>, sample: f64) {
 
 impl WorkerStats {
     pub fn ttft_ms(&self) -> Option<f64> {
-        self.ttft_ms.lock().ok().and_then(|v| *v)
+        self.ttft_ms.locked().and_then(|v| *v)
     }
     pub fn tokens_per_s(&self) -> Option<f64> {
-        self.tokens_per_s.lock().ok().and_then(|v| *v)
+        self.tokens_per_s.locked().and_then(|v| *v)
     }
 }
 
@@ -313,7 +314,7 @@ impl RunningWorker {
     pub fn models(&self) -> Vec<String> {
         self.shared
             .models
-            .read()
+            .reading()
             .map(|m| m.iter().map(|m| m.name.clone()).collect())
             .unwrap_or_default()
     }

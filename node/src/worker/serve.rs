@@ -17,7 +17,7 @@ pub(super) struct Unchecked {
 
 impl Unchecked {
     fn take(s: &Arc<Shared>, peer: PeerId) -> Option<Self> {
-        let mut m = s.unchecked.lock().ok()?;
+        let mut m = s.unchecked.locked()?;
         let total: u32 = m.values().sum();
         let mine = m.get(&peer).copied().unwrap_or(0);
         if total >= UNCHECKED_TOTAL || mine >= UNCHECKED_PER_PEER {
@@ -32,7 +32,7 @@ impl Unchecked {
 
 impl Drop for Unchecked {
     fn drop(&mut self) {
-        if let Ok(mut m) = self.s.unchecked.lock()
+        if let Some(mut m) = self.s.unchecked.locked()
             && let Some(n) = m.get_mut(&self.peer)
         {
             *n = n.saturating_sub(1);
@@ -161,7 +161,7 @@ pub(super) async fn serve_stream(
     }
     let served = s
         .models
-        .read()
+        .reading()
         .map(|m| m.iter().any(|m| m.name == request.model))
         .unwrap_or(false);
     if !served {
@@ -323,7 +323,7 @@ pub(super) async fn open_session(
     let claims = verify_ticket(s, ticket).await.map_err(|e| e.to_string())?;
     let multiplier_milli = s
         .multiplier
-        .read()
+        .reading()
         .map(|m| (*m * 1000.0).round() as i64)
         .unwrap_or(1000)
         .max(1);
