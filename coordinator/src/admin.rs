@@ -10,7 +10,6 @@ use troop_protocol::api::{BalanceResponse, TransactionEntry};
 use troop_protocol::credits_from_milli;
 
 use crate::ledger::{self, LedgerError, MINT};
-use crate::routes::balance_json;
 
 /// Balance of an account, `None` if there is no such account.
 pub fn balance_of(
@@ -455,4 +454,15 @@ pub fn repair(data_dir: &Path) -> anyhow::Result<usize> {
         &crate::audit::path_in(data_dir),
         &mut crate::db::Lite(&conn),
     )
+}
+
+/// Parses a `BalanceResponse` row helper used by both HTTP and the CLI.
+pub fn balance_json(account: &str, cp: i64, dp: i64, dpend: i64) -> BalanceResponse {
+    BalanceResponse {
+        account: account.to_string(),
+        available: credits_from_milli(cp - dp - dpend),
+        pending: credits_from_milli(dpend),
+        credited: credits_from_milli(cp),
+        debited: credits_from_milli(dp),
+    }
 }

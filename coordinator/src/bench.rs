@@ -31,7 +31,7 @@ use troop_protocol::api::{BenchChallenge, BenchRows, BenchVerdict};
 use crate::error::ApiError;
 use crate::ledger::{Command, Outcome};
 use crate::pipeline::Signed;
-use crate::routes::{ledger_error, security_event};
+use crate::pipeline::{ledger_error, security_event};
 use crate::{AppState, unix_ms, unix_secs};
 
 /// A round in progress (in this process with SQLite; in PostgreSQL, where

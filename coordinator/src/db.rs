@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 
-use crate::ledger::LedgerError;
+use crate::ledger::error::LedgerError;
 
 /// A parameter or a column value.
 #[derive(Debug, Clone, PartialEq)]

@@ -122,7 +122,7 @@ impl Coordinator {
                     readers.push(Mutex::new(ledger::open_reader(&cfg.ledger_path())?));
                 }
                 (
-                    ledger::Store::Sqlite(conn),
+                    Box::new(ledger::Sqlite(conn)) as Box<dyn ledger::Backend>,
                     Readers::Sqlite(readers),
                     workers,
                     None,
@@ -134,7 +134,7 @@ impl Coordinator {
                     tracing::info!(schema = pg::known_version(), "PostgreSQL ledger ready");
                 }
                 (
-                    ledger::Store::Postgres(Box::new(pg::PgWriter::new(url, client))),
+                    Box::new(pg::PgWriter::new(url, client)) as Box<dyn ledger::Backend>,
                     Readers::Postgres(pg::PgReaders::new(url, 4)),
                     workers,
                     down,
@@ -164,15 +164,8 @@ impl Coordinator {
             }
             sink_log.record_ledger(events);
         });
-        // PostgreSQL keeps every version of a row updated in one
-        // transaction, and the totals row (and a busy worker's account)
-        // changes with every command: a batch's cost grows with its square,
-        // so batches stay small there.
-        let max_batch = match &store {
-            ledger::Store::Sqlite(_) => cfg.max_batch,
-            ledger::Store::Postgres(_) => cfg.max_batch.min(pg::MAX_BATCH),
-        };
-        let (writer, writer_thread) = Writer::start(store, max_batch, sink);
+        // Each backend caps its own batches (PostgreSQL's stay small).
+        let (writer, writer_thread) = Writer::start(store, cfg.max_batch, sink);
         let verify_slots = cfg.bench_verify_concurrency.max(1);
         let max_in_flight = cfg.max_in_flight.max(1);
         let state = AppState {

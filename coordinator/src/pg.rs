@@ -15,7 +15,9 @@ use std::time::Duration;
 use postgres::{Client, NoTls};
 
 use crate::db::{Db, Pg, StatementCache};
-use crate::ledger::{self, BatchOutcome, BatchResult, Envelope, LedgerError};
+use crate::ledger::error::LedgerError;
+use crate::ledger::writer::{Backend, BatchOutcome, BatchResult, Envelope};
+use crate::ledger::{self};
 
 /// Most commands in one PostgreSQL transaction (see `Coordinator::open`;
 /// `--bench replicas` settled 180/s through the writer with 2048, 477/s
@@ -344,11 +346,13 @@ impl PgWriter {
             cache: StatementCache::default(),
         }
     }
+}
 
+impl Backend for PgWriter {
     /// Applies a batch in one transaction. A broken connection is dropped
     /// and made again on the next batch; this one is refused whole (nothing
     /// was committed, nobody was told otherwise).
-    pub(crate) fn run(&mut self, batch: &[Envelope]) -> Result<BatchResult, LedgerError> {
+    fn run(&mut self, batch: &[Envelope]) -> Result<BatchResult, LedgerError> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
             self.cache = StatementCache::default();
             self.client = Some(connect_ready(&self.url)?);
@@ -364,6 +368,13 @@ impl PgWriter {
             ));
         }
         r
+    }
+
+    /// PostgreSQL keeps every version of a row updated in one transaction,
+    /// and the totals row (and a busy worker's account) changes with every
+    /// command: a batch's cost grows with its square, so batches stay small.
+    fn max_batch(&self, configured: usize) -> usize {
+        configured.min(MAX_BATCH)
     }
 }
 

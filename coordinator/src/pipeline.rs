@@ -3,20 +3,21 @@
 //! typed struct (unknown fields refused), the request id and the client's
 //! address at hand. A handler takes `Signed<T>` and starts from there.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request};
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, FromRequest, Request};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use libp2p_identity::PeerId;
 use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
 use troop_protocol::ErrorCode;
+use troop_protocol::signed::{self, HEADER_NONCE, HEADER_PEER, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 
-use crate::AppState;
 use crate::error::{ApiError, parse_json};
 use crate::ledger::LedgerError;
-use crate::routes::{client_ip, request_id, verify_signed};
+use crate::{AppState, unix_secs};
 
 /// A verified signed request with its body parsed as `T`.
 pub struct Signed<T> {
@@ -119,4 +120,174 @@ impl From<LedgerError> for ApiError {
         };
         ApiError::new(status, code, e.to_string())
     }
+}
+
+// ---------------------------------------------------------------------------
+// The leaves every handler uses: request id, client address, signature and
+// nonce check, security events, ledger errors as HTTP ones.
+
+pub(crate) fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The client's address as per-address limits key it (see
+/// [`crate::client_addr`]): the peer, or with a trusted proxy the
+/// rightmost `X-Forwarded-For` entry that is not a proxy; an IPv6
+/// client's /64.
+pub(crate) fn client_ip(state: &AppState, req: &Request) -> IpAddr {
+    crate::client_addr::limit_key(client_ip_of(state, req.headers(), req.extensions()))
+}
+
+fn client_ip_of(state: &AppState, headers: &HeaderMap, ext: &axum::http::Extensions) -> IpAddr {
+    let peer = if let Some(ConnectInfo(crate::listener::ClientAddr(a))) =
+        ext.get::<ConnectInfo<crate::listener::ClientAddr>>()
+    {
+        a.ip()
+    } else {
+        ext.get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    };
+    crate::client_addr::client_addr(
+        headers,
+        peer,
+        state.cfg.trusted_proxy,
+        &state.cfg.trusted_proxy_nets,
+    )
+}
+
+pub(crate) fn security_event(state: &AppState, event: &str, rid: &str, fields: Value) {
+    metrics::counter!("troop_security_events_total", "event" => event.to_string()).increment(1);
+    state
+        .audit
+        .record(&format!("security.{event}"), Some(rid), fields);
+}
+
+/// Nonces remembered at most (each for `max_skew_secs`): beyond it signed
+/// requests are answered 503 until old ones age out.
+const MAX_NONCES: usize = 500_000;
+
+/// Verifies a signed request and its nonce; audits every refusal.
+pub(crate) async fn verify_signed(
+    state: &Arc<AppState>,
+    headers: &HeaderMap,
+    method: &Method,
+    uri: &Uri,
+    body: &[u8],
+    rid: &str,
+) -> Result<libp2p_identity::PeerId, ApiError> {
+    let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    for name in [
+        HEADER_PEER,
+        HEADER_TIMESTAMP,
+        HEADER_NONCE,
+        HEADER_SIGNATURE,
+    ] {
+        if headers.get_all(name).iter().nth(1).is_some() {
+            security_event(
+                state,
+                "bad_signature",
+                rid,
+                json!({ "path": uri.path(), "reason": format!("{name} sent twice") }),
+            );
+            return Err(ApiError::unauthorized(
+                ErrorCode::BadSignature,
+                format!("the {name} header must be sent once"),
+            )
+            .with_request_id(rid));
+        }
+    }
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or(uri.path());
+    let now = unix_secs();
+    let refuse = |e: signed::SignError| {
+        let event = match e.code() {
+            ErrorCode::StaleTimestamp => "stale_timestamp",
+            ErrorCode::Replay => "replay",
+            _ => "bad_signature",
+        };
+        security_event(
+            state,
+            event,
+            rid,
+            json!({ "path": uri.path(), "peer": h(HEADER_PEER), "reason": e.to_string() }),
+        );
+        ApiError::unauthorized(e.code(), e.to_string()).with_request_id(rid)
+    };
+    let v = signed::verify_request(
+        [
+            h(HEADER_PEER),
+            h(HEADER_TIMESTAMP),
+            h(HEADER_NONCE),
+            h(HEADER_SIGNATURE),
+        ],
+        method.as_str(),
+        path,
+        body,
+        now,
+        state.cfg.max_skew_secs,
+    )
+    .map_err(refuse)?;
+    if state.shared() {
+        // PostgreSQL: every replica's nonces in one table, kept across
+        // restarts, so a request replayed to another replica is refused.
+        return match state
+            .remember_nonce(v.peer.to_base58(), v.nonce.clone(), v.timestamp)
+            .await
+        {
+            Ok(true) => Ok(v.peer),
+            Ok(false) => Err(refuse(signed::SignError::Replay)),
+            Err(e) => Err(ledger_error(state, e, rid)),
+        };
+    }
+    if v.timestamp < state.started_at {
+        return Err(refuse(signed::SignError::StaleTimestamp {
+            timestamp: v.timestamp,
+            skew: state.started_at - v.timestamp,
+            max: 0,
+        }));
+    }
+    let mut nonces = state
+        .nonces
+        .lock()
+        .map_err(|_| ApiError::internal("nonce store poisoned"))?;
+    let key = (v.peer.to_base58(), v.nonce.clone());
+    if nonces.contains_key(&key) {
+        drop(nonces);
+        return Err(refuse(signed::SignError::Replay));
+    }
+    if nonces.len() >= MAX_NONCES {
+        drop(nonces);
+        metrics::counter!("troop_limit_hits_total", "limit" => "nonces").increment(1);
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Busy,
+            "too many signed requests in the last minutes; retry later",
+        )
+        .with_request_id(rid);
+        e.retry_after = Some(state.cfg.max_skew_secs.min(60));
+        return Err(e);
+    }
+    nonces.insert(key, v.timestamp);
+    Ok(v.peer)
+}
+
+/// A ledger refusal as an HTTP one; failures of the store itself are
+/// logged and audited as `ledger.failure`.
+pub(crate) fn ledger_error(state: &AppState, e: LedgerError, rid: &str) -> ApiError {
+    if matches!(e, LedgerError::Invariant(_) | LedgerError::Storage(_)) {
+        tracing::error!(error = %e, request_id = rid, "ledger failure");
+        state.audit.record(
+            "ledger.failure",
+            Some(rid),
+            json!({ "error": e.to_string() }),
+        );
+    }
+    ApiError::from(e).with_request_id(rid)
 }

@@ -144,14 +144,3 @@ async fn own_history(
     })
     .into_response())
 }
-
-/// Parses a `BalanceResponse` row helper used by both HTTP and the CLI.
-pub fn balance_json(account: &str, cp: i64, dp: i64, dpend: i64) -> BalanceResponse {
-    BalanceResponse {
-        account: account.to_string(),
-        available: credits_from_milli(cp - dp - dpend),
-        pending: credits_from_milli(dpend),
-        credited: credits_from_milli(cp),
-        debited: credits_from_milli(dp),
-    }
-}

@@ -23,11 +23,16 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
+pub mod error;
+pub mod writer;
+
+pub use error::LedgerError;
+pub use writer::{AuditSink, Backend, Sqlite, Writer, WriterThread};
+
 use crate::db::{Db, Lite, Row};
 use crate::p;
 use rusqlite_migration::{M, Migrations};
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot};
 use troop_protocol::MilliCredits;
 use troop_protocol::receipt::{JobStatus, Receipt};
 use troop_protocol::usage::{LineStatus, RequestLine, charge_session};
@@ -266,49 +271,6 @@ pub fn reputation_of(
     .map(|r| reputation_from(&r, 0))
     .transpose()
     .map(Option::unwrap_or_default)
-}
-
-/// Why the ledger refused a command.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LedgerError {
-    #[error("insufficient credits: {available} available, {required} required (milli-credits)")]
-    InsufficientFunds {
-        available: MilliCredits,
-        required: MilliCredits,
-    },
-    #[error("unknown job {0}")]
-    UnknownJob(String),
-    #[error("unknown worker {0}")]
-    UnknownWorker(String),
-    #[error("receipt does not match the job: {0}")]
-    Mismatch(String),
-    #[error("job {0} was already settled with a different receipt")]
-    Conflict(String),
-    #[error("the reservation of job {0} expired and was refunded")]
-    ReservationExpired(String),
-    #[error("job id {0} already exists")]
-    DuplicateJob(String),
-    #[error("amount out of range: {0}")]
-    Range(String),
-    #[error("ledger invariant violated: {0}")]
-    Invariant(String),
-    #[error("storage: {0}")]
-    Storage(String),
-    #[error("the ledger is shutting down")]
-    Closed,
-    /// The database cannot be reached now (PostgreSQL down or restarting).
-    #[error("the database is unavailable: {0}")]
-    Unavailable(String),
-    #[error("no starter credits: {0}")]
-    GrantRefused(String),
-    #[error("acknowledgement refused: {0}")]
-    BadAck(String),
-}
-
-impl From<rusqlite::Error> for LedgerError {
-    fn from(e: rusqlite::Error) -> Self {
-        LedgerError::Storage(e.to_string())
-    }
 }
 
 /// Opens (creating if needed) the ledger database and runs the migrations.
@@ -1362,209 +1324,5 @@ pub fn check_invariants_full(conn: &mut dyn Db) -> Result<Totals, LedgerError> {
         Ok(t)
     } else {
         Err(LedgerError::Invariant(problems.join("; ")))
-    }
-}
-
-// ---------------------------------------------------------------------------
-// The writer thread: one connection, group commit.
-
-type Reply = oneshot::Sender<Result<Outcome, LedgerError>>;
-
-pub(crate) struct Envelope {
-    pub(crate) cmd: Command,
-    pub(crate) request_id: Option<String>,
-    reply: Reply,
-}
-
-enum Message {
-    Command(Box<Envelope>),
-    Stop,
-}
-
-/// Handle to the writer thread. Cloneable; every write goes through it.
-#[derive(Clone)]
-pub struct Writer {
-    tx: mpsc::Sender<Message>,
-}
-
-/// Owns the writer thread; `shutdown` finishes what is queued and joins it.
-pub struct WriterThread {
-    tx: mpsc::Sender<Message>,
-    join: Option<std::thread::JoinHandle<()>>,
-}
-
-/// Receives the audit events of each committed batch.
-pub type AuditSink = Box<dyn Fn(Vec<(Option<String>, Value)>) + Send>;
-
-/// The database the writer commits to.
-pub enum Store {
-    Sqlite(Connection),
-    Postgres(Box<crate::pg::PgWriter>),
-}
-
-impl Store {
-    /// Applies a batch in one transaction: each command in its own
-    /// savepoint, the invariants checked before the one commit.
-    fn run(&mut self, batch: &[Envelope]) -> Result<BatchResult, LedgerError> {
-        match self {
-            Store::Sqlite(conn) => {
-                let mut tx =
-                    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-                let mut out = BatchOutcome::new(batch.len());
-                for env in batch {
-                    let mut events = Vec::new();
-                    let sp = tx.savepoint()?;
-                    let r = apply(&mut Lite(&sp), &env.cmd, &mut events);
-                    if r.is_ok() {
-                        sp.commit()?;
-                    } else {
-                        drop(sp); // rolls back this command only
-                    }
-                    out.push(env, r, events);
-                }
-                check_invariants(&mut Lite(&tx))?;
-                tx.set_drop_behavior(rusqlite::DropBehavior::Commit);
-                tx.commit()?;
-                Ok(out.done())
-            }
-            Store::Postgres(pg) => pg.run(batch),
-        }
-    }
-}
-
-/// Results and audit events of a batch, gathered command by command.
-pub(crate) struct BatchOutcome {
-    results: Vec<Result<Outcome, LedgerError>>,
-    events: Vec<(Option<String>, Value)>,
-}
-
-impl BatchOutcome {
-    pub(crate) fn new(size: usize) -> Self {
-        Self {
-            results: Vec::with_capacity(size),
-            events: Vec::new(),
-        }
-    }
-
-    pub(crate) fn push(
-        &mut self,
-        env: &Envelope,
-        r: Result<Outcome, LedgerError>,
-        events: Vec<Value>,
-    ) {
-        if r.is_ok() {
-            self.events
-                .extend(events.into_iter().map(|e| (env.request_id.clone(), e)));
-        }
-        self.results.push(r);
-    }
-
-    pub(crate) fn done(self) -> BatchResult {
-        (self.results, self.events)
-    }
-}
-
-impl Writer {
-    /// Starts the writer on `store`.
-    pub fn start(store: Store, max_batch: usize, audit: AuditSink) -> (Writer, WriterThread) {
-        let (tx, rx) = mpsc::channel(65_536);
-        let join = std::thread::Builder::new()
-            .name("ledger-writer".into())
-            .spawn(move || writer_loop(store, rx, max_batch.max(1), audit))
-            .ok();
-        (Writer { tx: tx.clone() }, WriterThread { tx, join })
-    }
-
-    /// Submits a command and waits until it is durably committed (or refused).
-    pub async fn submit(
-        &self,
-        cmd: Command,
-        request_id: Option<String>,
-    ) -> Result<Outcome, LedgerError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Message::Command(Box::new(Envelope {
-                cmd,
-                request_id,
-                reply,
-            })))
-            .await
-            .map_err(|_| LedgerError::Closed)?;
-        rx.await.map_err(|_| LedgerError::Closed)?
-    }
-}
-
-impl WriterThread {
-    /// Lets the writer finish every queued command, then joins it.
-    pub async fn shutdown(mut self) {
-        let _ = self.tx.send(Message::Stop).await;
-        if let Some(join) = self.join.take() {
-            let _ = tokio::task::spawn_blocking(move || join.join()).await;
-        }
-    }
-}
-
-fn writer_loop(
-    mut store: Store,
-    mut rx: mpsc::Receiver<Message>,
-    max_batch: usize,
-    audit: AuditSink,
-) {
-    let mut stop = false;
-    while !stop {
-        let Some(first) = rx.blocking_recv() else {
-            break;
-        };
-        let mut batch = Vec::new();
-        match first {
-            Message::Command(e) => batch.push(*e),
-            Message::Stop => stop = true,
-        }
-        while batch.len() < max_batch && !stop {
-            match rx.try_recv() {
-                Ok(Message::Command(e)) => batch.push(*e),
-                Ok(Message::Stop) => stop = true,
-                Err(_) => break,
-            }
-        }
-        if batch.is_empty() {
-            continue;
-        }
-        run_batch(&mut store, batch, &audit);
-        metrics::counter!("troop_ledger_commits_total").increment(1);
-    }
-    rx.close();
-    // Commands that raced with the stop are refused, never dropped silently.
-    while let Ok(Message::Command(e)) = rx.try_recv() {
-        let e = *e;
-        let _ = e.reply.send(Err(LedgerError::Closed));
-    }
-    tracing::info!("ledger writer stopped");
-}
-
-pub(crate) type BatchResult = (
-    Vec<Result<Outcome, LedgerError>>,
-    Vec<(Option<String>, Value)>,
-);
-
-fn run_batch(store: &mut Store, batch: Vec<Envelope>, audit: &AuditSink) {
-    let size = batch.len();
-    metrics::histogram!("troop_ledger_batch_size").record(size as f64);
-    let result = store.run(&batch);
-    match result {
-        Ok((results, events)) => {
-            if !events.is_empty() {
-                audit(events);
-            }
-            for (env, r) in batch.into_iter().zip(results) {
-                let _ = env.reply.send(r);
-            }
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "ledger batch rolled back");
-            for env in batch {
-                let _ = env.reply.send(Err(e.clone()));
-            }
-        }
     }
 }
