@@ -258,7 +258,7 @@ fn dispatch_error(e: DispatchError) -> Response {
                 "no_worker_available",
                 &format!(
                     "no worker could serve the request: {}; try again in a few seconds",
-                    plain_reason(&msg)
+                    msg.plain()
                 ),
                 None,
             )
@@ -271,24 +271,6 @@ fn dispatch_error(e: DispatchError) -> Response {
             None,
         ),
         DispatchError::Rejected { status, body } => rejected(status, body),
-    }
-}
-
-/// Why no worker served, in words an app's user can act on.
-fn plain_reason(detail: &str) -> &'static str {
-    let d = detail.to_ascii_lowercase();
-    if d.contains("no other worker serves") {
-        "every worker that serves this model failed it"
-    } else if d.contains("(busy)") {
-        "every worker that serves this model is at its job limit"
-    } else if d.contains("(unavailable)") {
-        "the workers that serve this model are stopping or unavailable"
-    } else if d.contains("timed out") || d.contains("timeout") || d.contains("did not answer") {
-        "the worker did not answer in time"
-    } else if d.contains("(unauthorized)") || d.contains("ticket") {
-        "the worker refused the ticket"
-    } else {
-        "the workers that serve this model could not be reached (they may have stopped)"
     }
 }
 

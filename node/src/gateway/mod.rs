@@ -393,7 +393,7 @@ pub enum DispatchError {
         retry_after: Option<u64>,
     },
     /// Every worker tried failed before the first token.
-    NoWorker(String),
+    NoWorker(Skip),
     /// The coordinator can't be reached.
     Coordinator(String),
     /// The worker's model server refused the request as the app's fault
@@ -829,7 +829,7 @@ impl GatewayState {
     ) -> Result<JobStream, DispatchError> {
         use backon::BackoffBuilder;
         let mut delays = troop_protocol::policy::retry_policy().build();
-        let mut last_error = String::from("no worker answered");
+        let mut last_error = Skip::NoneTried;
         let mut ever_found = false;
         loop {
             let embeddings = request.endpoint == Some(Endpoint::Embeddings);
@@ -837,9 +837,7 @@ impl GatewayState {
             let before = candidates.len();
             candidates.retain(|p| !avoid.contains(p));
             if before > 0 && candidates.is_empty() {
-                return Err(DispatchError::NoWorker(
-                    "no other worker serves this model".into(),
-                ));
+                return Err(DispatchError::NoWorker(Skip::NoOther));
             }
             if ever_found && candidates.is_empty() {
                 // Every worker we knew was dropped as unreachable: waiting
@@ -1011,13 +1009,13 @@ impl GatewayState {
                 Err(ClientError::Transport(e)) => {
                     return Err(Attempt::Final(DispatchError::Coordinator(e)));
                 }
-                Err(e) => return Err(Attempt::Next(format!("no ticket: {e}"))),
+                Err(e) => return Err(Attempt::Next(Skip::NoTicket(e.to_string()))),
             };
             match self
                 .send_request(worker, stream, busy, request, &auth, index)
                 .await
             {
-                Err(Attempt::Next(reason)) if reused && reason.contains("(unauthorized)") => {
+                Err(Attempt::Next(reason)) if reused && reason.is_unauthorized() => {
                     tracing::debug!(%worker, %reason, "session closed by the worker; opening a new one");
                     self.drop_session(&request.model, worker, &auth.job_id);
                     continue;
@@ -1025,7 +1023,7 @@ impl GatewayState {
                 other => return other,
             }
         }
-        Err(Attempt::Next("the worker refused two sessions".into()))
+        Err(Attempt::Next(Skip::TwoSessions))
     }
 
     /// Opens an inference stream to `worker` (dialling it if need be). A
@@ -1041,11 +1039,15 @@ impl GatewayState {
             Ok(Ok(s)) => Ok(s),
             Ok(Err(e)) => {
                 self.unreachable(worker);
-                Err(Attempt::Next(format!("could not open a stream: {e}")))
+                Err(Attempt::Next(Skip::Unreachable(format!(
+                    "could not open a stream: {e}"
+                ))))
             }
             Err(_) => {
                 self.unreachable(worker);
-                Err(Attempt::Next("opening a stream timed out".into()))
+                Err(Attempt::Next(Skip::Unreachable(
+                    "opening a stream timed out".into(),
+                )))
             }
         }
     }
@@ -1067,7 +1069,9 @@ impl GatewayState {
         };
         let sent = Instant::now();
         if let Err(e) = write_frame(&mut stream, &frame).await {
-            return Err(Attempt::Next(format!("could not send the request: {e}")));
+            return Err(Attempt::Next(Skip::Unreachable(format!(
+                "could not send the request: {e}"
+            ))));
         }
         if let Some(mut t) = self.table.writing() {
             t.add_inflight(&worker, 1);
@@ -1107,20 +1111,20 @@ impl GatewayState {
                     body: body.unwrap_or_default(),
                 }))
             }
-            Ok(Some(Frame::Error { code, message, .. })) => {
-                let code = ErrorCode::from_number(code)
-                    .map(|c| c.as_str())
-                    .unwrap_or("unknown");
-                Err(Attempt::Next(format!("worker refused ({code}): {message}")))
-            }
+            Ok(Some(Frame::Error { code, message, .. })) => Err(Attempt::Next(Skip::Refused {
+                code: ErrorCode::from_number(code),
+                message,
+            })),
             Ok(Some(first)) => {
                 job.first = first;
                 job.answered = true;
                 self.renew_ahead(&request.model, worker);
                 Ok(job)
             }
-            Ok(None) => Err(Attempt::Next("the worker closed the stream".into())),
-            Err(e) => Err(Attempt::Next(e)),
+            Ok(None) => Err(Attempt::Next(Skip::NoAnswer(
+                "the worker closed the stream".into(),
+            ))),
+            Err(e) => Err(Attempt::Next(Skip::NoAnswer(e))),
         }
     }
 }
@@ -1144,8 +1148,89 @@ pub fn wants_stream(request: &InferenceRequest) -> bool {
 use troop_protocol::policy::{unix_ms as unix_now_ms, unix_secs as unix_now};
 
 enum Attempt {
-    Next(String),
+    Next(Skip),
     Final(DispatchError),
+}
+
+/// Why a worker was skipped (and another tried): the log gets the detail,
+/// the app one sentence a person can act on ([`Skip::plain`]).
+#[derive(Debug, Clone)]
+pub enum Skip {
+    /// No stream could be opened or written (the worker is gone or cut off).
+    Unreachable(String),
+    /// Nothing came back in time, or the stream broke before an answer.
+    NoAnswer(String),
+    /// The worker refused with a frame error.
+    Refused {
+        code: Option<ErrorCode>,
+        message: String,
+    },
+    /// The coordinator would not sell a ticket for this worker.
+    NoTicket(String),
+    /// The worker refused a new session right after closing the old one.
+    TwoSessions,
+    /// Every worker that serves the model was tried already.
+    NoOther,
+    /// No worker was tried (none known yet).
+    NoneTried,
+}
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Skip::Unreachable(e) => write!(f, "unreachable: {e}"),
+            Skip::NoAnswer(e) => write!(f, "no answer: {e}"),
+            Skip::Refused { code, message } => write!(
+                f,
+                "worker refused ({}): {message}",
+                code.map(|c| c.as_str()).unwrap_or("unknown")
+            ),
+            Skip::NoTicket(e) => write!(f, "no ticket: {e}"),
+            Skip::TwoSessions => f.write_str("the worker refused two sessions"),
+            Skip::NoOther => f.write_str("no other worker serves this model"),
+            Skip::NoneTried => f.write_str("no worker answered"),
+        }
+    }
+}
+
+impl Skip {
+    /// What the app is told.
+    pub fn plain(&self) -> &'static str {
+        match self {
+            Skip::NoOther => "every worker that serves this model failed it",
+            Skip::Refused {
+                code: Some(ErrorCode::Busy),
+                ..
+            } => "every worker that serves this model is at its job limit",
+            Skip::Refused {
+                code: Some(ErrorCode::Unavailable),
+                ..
+            } => "the workers that serve this model are stopping or unavailable",
+            Skip::Refused {
+                code: Some(ErrorCode::Unauthorized),
+                ..
+            }
+            | Skip::TwoSessions => "the worker refused the ticket",
+            Skip::Refused { .. } => "the worker refused the request",
+            Skip::NoTicket(_) => {
+                "the coordinator would not sell a ticket for the workers that serve this model"
+            }
+            Skip::NoAnswer(_) => "the worker did not answer in time",
+            Skip::Unreachable(_) | Skip::NoneTried => {
+                "the workers that serve this model could not be reached (they may have stopped)"
+            }
+        }
+    }
+
+    fn is_unauthorized(&self) -> bool {
+        matches!(
+            self,
+            Skip::Refused {
+                code: Some(ErrorCode::Unauthorized),
+                ..
+            }
+        )
+    }
 }
 
 /// One call's permit from a worker's circuit breaker: [`record`](Self::record)
