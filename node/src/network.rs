@@ -42,6 +42,7 @@ pub struct Behaviour {
     warm: warm::Behaviour,
 }
 
+mod trim;
 mod warm;
 
 /// How to start the swarm.
@@ -633,7 +634,11 @@ pub async fn spawn(cfg: NetConfig) -> anyhow::Result<(NetworkHandle, mpsc::Recei
     let mut relays = Vec::new();
     for addr in &cfg.relays {
         match peer_of(addr) {
-            Some(p) if p != peer_id => relays.push((p, strip_p2p(addr), true)),
+            Some(p) if p != peer_id => relays.push(KnownRelay {
+                peer: p,
+                addr: strip_p2p(addr),
+                explicit: true,
+            }),
             Some(_) => tracing::warn!(%addr, "ignoring --relay: that is this node itself"),
             None => anyhow::bail!("--relay {addr} must end with /p2p/<PeerId>"),
         }
@@ -871,8 +876,8 @@ struct EventLoop {
     paths: Arc<RwLock<HashMap<PeerId, Path>>>,
     /// The address of our direct outgoing connection to each peer.
     dialed: HashMap<PeerId, Multiaddr>,
-    /// Relays we know: (peer, address without /p2p, given with --relay).
-    relays: Vec<(PeerId, Multiaddr, bool)>,
+    /// Relays we know.
+    relays: Vec<KnownRelay>,
     /// The circuit listener asking a relay for (or holding) a reservation.
     relay_listener: Option<RelayListener>,
     /// Relays not to ask again before the given time.
@@ -888,6 +893,16 @@ struct EventLoop {
     quic_probed: HashSet<PeerId>,
 }
 
+/// A relay this node knows of.
+#[derive(Debug, Clone)]
+struct KnownRelay {
+    peer: PeerId,
+    /// Its address without `/p2p`.
+    addr: Multiaddr,
+    /// Given with `--relay` (never forgotten, asked first).
+    explicit: bool,
+}
+
 /// Most relays learnt from peers and the coordinator that a node keeps
 /// (each one a candidate for a reservation).
 const MAX_LEARNT_RELAYS: usize = 64;
@@ -897,13 +912,17 @@ impl EventLoop {
     /// this node knows, at most [`MAX_LEARNT_RELAYS`] of them: when full,
     /// the oldest learnt one is forgotten (`--relay` ones never are).
     fn remember_relay(&mut self, peer: PeerId, addr: Multiaddr) {
-        let learnt = self.relays.iter().filter(|r| !r.2).count();
+        let learnt = self.relays.iter().filter(|r| !r.explicit).count();
         if learnt >= MAX_LEARNT_RELAYS
-            && let Some(oldest) = self.relays.iter().position(|r| !r.2)
+            && let Some(oldest) = self.relays.iter().position(|r| !r.explicit)
         {
             self.relays.remove(oldest);
         }
-        self.relays.push((peer, addr, false));
+        self.relays.push(KnownRelay {
+            peer,
+            addr,
+            explicit: false,
+        });
     }
 
     /// Dials a relay we reached over TCP once more over QUIC (the host we
@@ -1139,7 +1158,7 @@ impl EventLoop {
                 if peer == *self.swarm.local_peer_id() || is_relayed(&addr) {
                     return;
                 }
-                if !self.relays.iter().any(|(p, _, _)| *p == peer) {
+                if !self.relays.iter().any(|r| r.peer == peer) {
                     tracing::info!(relay = %addr, "relay known");
                     self.remember_relay(peer, strip_p2p(&addr));
                 }
@@ -1206,7 +1225,7 @@ impl EventLoop {
         if let Some(r) = &self.relay_listener {
             keep.insert(r.relay);
         }
-        keep.extend(self.relays.iter().filter(|r| r.2).map(|r| r.0));
+        keep.extend(self.relays.iter().filter(|r| r.explicit).map(|r| r.peer));
         // A relay carrying one of our circuits: closing it ends the circuit
         // (a job on it, a hole punch under way).
         keep.extend(self.circuits.values().copied());
@@ -1221,21 +1240,22 @@ impl EventLoop {
             }
         }
         let warm = &self.swarm.behaviour().warm;
-        let mut candidates: Vec<(Instant, PeerId)> = self
+        let peers: Vec<trim::Candidate> = self
             .conns
             .iter()
-            .filter(|(p, c)| {
-                !keep.contains(*p) && !warm.contains(p) && !c.values().any(|relayed| *relayed)
+            .filter_map(|(p, c)| {
+                Some(trim::Candidate {
+                    peer: *p,
+                    since: *self.since.get(p)?,
+                    last_used: used.get(p).copied(),
+                    relayed: c.values().any(|relayed| *relayed),
+                    kept: keep.contains(p) || warm.contains(p),
+                })
             })
-            .filter_map(|(p, _)| self.since.get(p).map(|t| (*t, *p)))
-            .filter(|(t, _)| now.duration_since(*t) >= grace)
-            // Least recently active first.
-            .map(|(t, p)| (used.get(&p).map_or(t, |u| t.max(*u)), p))
             .collect();
-        candidates.sort_unstable();
-        let excess = self.conns.len().saturating_sub(low);
+        let limits = trim::Limits { low, high, grace };
         let mut closed = 0;
-        for (_, peer) in candidates.into_iter().take(excess) {
+        for peer in trim::to_close(&peers, self.conns.len(), limits, now) {
             if self.swarm.disconnect_peer_id(peer).is_ok() {
                 closed += 1;
             }
@@ -1266,7 +1286,7 @@ impl EventLoop {
     }
 
     fn explicit_relay(&self) -> bool {
-        self.relays.iter().any(|(_, _, explicit)| *explicit)
+        self.relays.iter().any(|r| r.explicit)
     }
 
     /// Every address we listen on or were confirmed at is a LAN one.
@@ -1297,11 +1317,11 @@ impl EventLoop {
         let local = *self.swarm.local_peer_id();
         self.relay_backoff.retain(|_, until| *until > now);
         // Explicit relays first, then those learnt from peers.
-        let mut order: Vec<&(PeerId, Multiaddr, bool)> = self.relays.iter().collect();
-        order.sort_by_key(|(_, _, explicit)| !*explicit);
-        let usable: Vec<(PeerId, Multiaddr, bool)> = order
+        let mut order: Vec<&KnownRelay> = self.relays.iter().collect();
+        order.sort_by_key(|r| !r.explicit);
+        let usable: Vec<KnownRelay> = order
             .into_iter()
-            .filter(|(p, _, _)| *p != local && !self.relay_backoff.contains_key(p))
+            .filter(|r| r.peer != local && !self.relay_backoff.contains_key(&r.peer))
             .cloned()
             .collect();
         // Ask over a direct connection we already hold (a reservation asked
@@ -1311,11 +1331,12 @@ impl EventLoop {
                 .get(p)
                 .is_some_and(|c| c.values().any(|relayed| !relayed))
         };
-        let Some((peer, addr, _)) = usable.iter().find(|(p, _, _)| direct(p)).cloned() else {
-            if let Some((peer, addr, _)) = usable.first()
-                && !self.swarm.is_connected(peer)
+        let Some(KnownRelay { peer, addr, .. }) = usable.iter().find(|r| direct(&r.peer)).cloned()
+        else {
+            if let Some(r) = usable.first()
+                && !self.swarm.is_connected(&r.peer)
             {
-                let _ = self.swarm.dial(addr.clone().with(Protocol::P2p(*peer)));
+                let _ = self.swarm.dial(r.addr.clone().with(Protocol::P2p(r.peer)));
             }
             return;
         };
@@ -1781,7 +1802,7 @@ impl EventLoop {
                 if offers_relay
                     && direct
                     && peer_id != *self.swarm.local_peer_id()
-                    && !self.relays.iter().any(|(p, _, _)| *p == peer_id)
+                    && !self.relays.iter().any(|r| r.peer == peer_id)
                 {
                     let addr = self.dialed.get(&peer_id).cloned().or_else(|| {
                         info.listen_addrs
