@@ -3,6 +3,7 @@
 //! coordinator and streams the answer from the chosen worker.
 
 pub mod http;
+pub mod sessions;
 pub mod table;
 
 use std::collections::{HashMap, VecDeque};
@@ -87,12 +88,10 @@ pub struct GatewayState {
     pub table: RwLock<WorkerTable>,
     pub client: CoordinatorClient,
     breakers: Mutex<HashMap<PeerId, CircuitBreaker<SystemClock>>>,
-    /// The open session per (model, worker): one ticket serves every
-    /// request until its reservation is used up or it expires.
-    sessions: Mutex<HashMap<(String, PeerId), GwSession>>,
-    /// The next session, bought ahead when the open one nears its expiry
-    /// (its reservation is refunded on expiry if it is never used).
-    spare: Mutex<HashMap<(String, PeerId), AuthorizeResponse>>,
+    /// The open session per (model, worker), one ticket serving every
+    /// request until its reservation is used up or it expires, and the
+    /// next one bought ahead (pure; `sessions.rs`).
+    sessions: Mutex<sessions::SessionBook>,
     /// Workers whose settled requests the coordinator reports as disputed
     /// too often (refreshed from `GET /workers` every minute).
     disputed: RwLock<std::collections::HashSet<PeerId>>,
@@ -177,18 +176,6 @@ const MAX_ACKS_IN_FLIGHT: usize = 1024;
 /// (up to about 30 s each) cannot take every place from healthy ones.
 const MAX_ACKS_PER_WORKER: usize = 64;
 
-struct GwSession {
-    auth: AuthorizeResponse,
-    next_index: u32,
-    last_used: Instant,
-}
-
-/// A session unused for this long may have been closed by its worker
-/// (workers close idle sessions after 30 s by default): buy a new one.
-const SESSION_REUSE_IDLE: Duration = Duration::from_secs(20);
-/// Buy the next session when the open one has less than this left.
-const SESSION_RENEW_BEFORE: u64 = 90;
-
 /// A running gateway.
 pub struct RunningGateway {
     pub http_addr: SocketAddr,
@@ -244,8 +231,7 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
         table: RwLock::new(WorkerTable::default()),
         client: client.clone(),
         breakers: Mutex::new(HashMap::new()),
-        sessions: Mutex::new(HashMap::new()),
-        spare: Mutex::new(HashMap::new()),
+        sessions: Mutex::new(sessions::SessionBook::default()),
         disputed: RwLock::new(Default::default()),
         reputation: RwLock::new(HashMap::new()),
         answers: Mutex::new(VecDeque::new()),
@@ -885,55 +871,27 @@ impl GatewayState {
         worker: PeerId,
     ) -> Result<(AuthorizeResponse, u32, bool), ClientError> {
         let key = (model.to_string(), worker);
-        let now = unix_now();
-        if let Some(mut ss) = self.sessions.locked() {
-            if let Some(s) = ss.get_mut(&key)
-                && s.auth.expires_at > now + 30
-                && s.last_used.elapsed() < SESSION_REUSE_IDLE
-            {
-                let index = s.next_index;
-                s.next_index += 1;
-                s.last_used = Instant::now();
-                return Ok((s.auth.clone(), index, true));
-            }
-            ss.remove(&key);
+        let next = self
+            .sessions
+            .locked()
+            .map(|mut b| b.next(&key, unix_now_ms()));
+        if let Some((sessions::Next::Open { auth, index }, reused)) = next {
+            return Ok((auth, index, reused));
         }
-        let spare = self
-            .spare
-            .lock()
-            .ok()
-            .and_then(|mut s| s.remove(&key))
-            .filter(|t| t.expires_at > now + 60);
-        let auth = match spare {
-            Some(t) => t,
-            None => {
-                let t = self
-                    .client
-                    .authorize(model, &worker.to_base58(), None)
-                    .await?;
-                metrics::counter!("troop_tickets_bought_total", "when" => "now").increment(1);
-                t
-            }
-        };
-        if let Some(mut ss) = self.sessions.locked() {
-            ss.insert(
-                key,
-                GwSession {
-                    auth: auth.clone(),
-                    next_index: 1,
-                    last_used: Instant::now(),
-                },
-            );
+        let auth = self
+            .client
+            .authorize(model, &worker.to_base58(), None)
+            .await?;
+        metrics::counter!("troop_tickets_bought_total", "when" => "now").increment(1);
+        if let Some(mut b) = self.sessions.locked() {
+            b.opened(key, auth.clone(), unix_now_ms());
         }
         Ok((auth, 0, false))
     }
 
     fn drop_session(&self, model: &str, worker: PeerId, job_id: &str) {
-        if let Some(mut ss) = self.sessions.locked() {
-            let key = (model.to_string(), worker);
-            if ss.get(&key).is_some_and(|s| s.auth.job_id == job_id) {
-                ss.remove(&key);
-            }
+        if let Some(mut b) = self.sessions.locked() {
+            b.closed(&(model.to_string(), worker), job_id);
         }
     }
 
@@ -941,21 +899,11 @@ impl GatewayState {
     /// open one nears its expiry.
     fn renew_ahead(self: &Arc<Self>, model: &str, worker: PeerId) {
         let key = (model.to_string(), worker);
-        let now = unix_now();
-        let near_end = self
+        let renew = self
             .sessions
             .locked()
-            .map(|ss| {
-                ss.get(&key)
-                    .is_some_and(|s| s.auth.expires_at < now + SESSION_RENEW_BEFORE)
-            })
-            .unwrap_or(false);
-        let have_spare = self
-            .spare
-            .locked()
-            .map(|s| s.contains_key(&key))
-            .unwrap_or(true);
-        if !near_end || have_spare {
+            .is_some_and(|b| b.wants_renewal(&key, unix_now_ms()));
+        if !renew {
             return;
         }
         let state = self.clone();
@@ -964,10 +912,10 @@ impl GatewayState {
                 .client
                 .authorize(&key.0, &key.1.to_base58(), None)
                 .await
-                && let Some(mut s) = state.spare.locked()
+                && let Some(mut b) = state.sessions.locked()
             {
                 metrics::counter!("troop_tickets_bought_total", "when" => "ahead").increment(1);
-                s.entry(key).or_insert(t);
+                b.add_spare(key, t);
             }
         });
     }
@@ -1145,7 +1093,7 @@ pub fn wants_stream(request: &InferenceRequest) -> bool {
         && request.endpoint != Some(troop_protocol::frames::Endpoint::Embeddings)
 }
 
-use troop_protocol::policy::{unix_ms as unix_now_ms, unix_secs as unix_now};
+use troop_protocol::policy::unix_ms as unix_now_ms;
 
 enum Attempt {
     Next(Skip),
