@@ -356,11 +356,8 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
     };
     // A --coordinator that is not a Troop coordinator fails now (one that
     // does not answer yet is waited for below).
-    if let Err(crate::coordinator_client::Identify::NotCoordinator(why)) =
-        CoordinatorClient::new(&cfg.coordinator, cfg.identity.clone())
-            .identify()
-            .await
-    {
+    let client = CoordinatorClient::new(&cfg.coordinator, cfg.identity.clone());
+    if let Err(crate::coordinator_client::Identify::NotCoordinator(why)) = client.identify().await {
         anyhow::bail!(why);
     }
     let upstream = match cfg.dialect {
@@ -372,7 +369,6 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
         .with_context(|| format!("listing models at {}", cfg.upstream))?;
     tracing::info!(upstream = %cfg.upstream, dialect = ?upstream.dialect, models = ?models.iter().map(|m| &m.name).collect::<Vec<_>>(), "upstream found");
 
-    let client = CoordinatorClient::new(&cfg.coordinator, cfg.identity.clone());
     let pk = with_retries("fetching the coordinator's key", || client.public_key())
         .await
         .with_context(|| format!("fetching the ticket key from {}", cfg.coordinator))?;
