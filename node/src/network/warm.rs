@@ -53,8 +53,9 @@ impl Behaviour {
         }
     }
 
-    pub fn contains(&self, peer: &PeerId) -> bool {
-        self.warm.contains(peer)
+    /// The peers kept warm.
+    pub fn peers(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.warm.iter().copied()
     }
 
     pub fn len(&self) -> usize {
