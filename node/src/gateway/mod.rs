@@ -4,9 +4,13 @@
 
 mod acks;
 mod dispatch;
+mod errors;
+mod fan_out;
 pub mod http;
+mod reading;
 pub mod sessions;
 pub mod table;
+mod validate;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
