@@ -308,8 +308,7 @@ impl NetworkHandle {
     /// How we are connected to `peer` right now.
     pub fn path(&self, peer: &PeerId) -> Path {
         self.paths
-            .read()
-            .ok()
+            .reading()
             .and_then(|p| p.get(peer).copied())
             .unwrap_or(Path::None)
     }

@@ -113,10 +113,15 @@ impl ReceiptQueue {
     }
 
     /// Delivers queued receipts forever: at once when one is added, and
-    /// again with backoff (1 s doubling to 60 s) while the coordinator is
-    /// unreachable.
+    /// again with backoff (1 s doubling to 60 s, backon's exponential
+    /// policy) while the coordinator is unreachable.
     pub async fn run(self, client: CoordinatorClient, key: Arc<RwLock<Vec<u8>>>) {
-        let mut delay = Duration::from_secs(1);
+        use backon::BackoffBuilder as _;
+        let policy = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_secs(1))
+            .with_max_delay(Duration::from_secs(60))
+            .without_max_times();
+        let mut delays = policy.build();
         loop {
             let mut failed = false;
             let pending = self.pending_async().await;
@@ -152,13 +157,13 @@ impl ReceiptQueue {
             }
             self.pending_async().await;
             if failed {
+                let delay = delays.next().unwrap_or(Duration::from_secs(60));
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = self.notify.notified() => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(60));
             } else {
-                delay = Duration::from_secs(1);
+                delays = policy.build();
                 self.notify.notified().await;
             }
         }

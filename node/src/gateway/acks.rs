@@ -1,6 +1,7 @@
 //! Acknowledgements on their way to workers: each signed by the user when
-//! an answer ends, delivered (retried) on a stream of its own, within a
-//! bounded number in flight overall and per worker.
+//! an answer ends, queued to one sender task behind a bounded channel and
+//! delivered (retried) on a stream of its own, within a bounded number in
+//! flight overall and per worker.
 
 use super::*;
 
@@ -13,56 +14,96 @@ pub(super) const MAX_ACKS_PER_WORKER: usize = 64;
 /// without bound.
 pub(super) const MAX_ACKS_IN_FLIGHT: usize = 1024;
 
-/// A place among the acknowledgements in flight: one of
-/// `MAX_ACKS_IN_FLIGHT` in all and of `MAX_ACKS_PER_WORKER` for its worker,
-/// given back when dropped.
-pub(super) struct AckPlace {
-    _all: tokio::sync::OwnedSemaphorePermit,
-    per_worker: Arc<Mutex<HashMap<PeerId, usize>>>,
-    worker: PeerId,
+/// How many acknowledgements run per worker: a pure count the sender task
+/// owns (no lock), so its limits are unit-tested.
+#[derive(Default)]
+pub(super) struct PerWorker {
+    running: HashMap<PeerId, usize>,
 }
 
-impl AckPlace {
-    pub(super) fn take(state: &GatewayState, worker: PeerId) -> Option<Self> {
-        let all = state.acks_in_flight.clone().try_acquire_owned().ok()?;
-        let mut m = state
-            .acks_per_worker
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(worker).or_insert(0);
+impl PerWorker {
+    /// Takes a place for one more delivery to `worker`; false when it
+    /// already has [`MAX_ACKS_PER_WORKER`].
+    pub(super) fn admit(&mut self, worker: PeerId) -> bool {
+        let n = self.running.entry(worker).or_insert(0);
         if *n >= MAX_ACKS_PER_WORKER {
-            return None;
+            return false;
         }
         *n += 1;
-        Some(Self {
-            _all: all,
-            per_worker: state.acks_per_worker.clone(),
-            worker,
-        })
+        true
+    }
+
+    /// A delivery to `worker` ended (sent or given up).
+    pub(super) fn done(&mut self, worker: PeerId) {
+        if let Some(n) = self.running.get_mut(&worker) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.running.remove(&worker);
+            }
+        }
     }
 }
 
-impl Drop for AckPlace {
-    fn drop(&mut self) {
-        let mut m = self.per_worker.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.worker) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                m.remove(&self.worker);
-            }
+/// The handle answers go through: acknowledgements are queued on a
+/// bounded channel to one sender task, which delivers up to
+/// [`MAX_ACKS_IN_FLIGHT`] at once (at most [`MAX_ACKS_PER_WORKER`] per
+/// worker). A full queue or a worker at its limit drops the acknowledgement
+/// (counted in `troop_acks_lost_total`) instead of queueing without bound.
+pub(super) struct AckSender {
+    tx: mpsc::Sender<(PeerId, troop_protocol::usage::Ack)>,
+}
+
+impl AckSender {
+    /// Starts the sender task; it ends once every `AckSender` is dropped
+    /// and what was queued is delivered or given up.
+    pub(super) fn start(net: NetworkHandle) -> (Self, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(MAX_ACKS_IN_FLIGHT);
+        (Self { tx }, tokio::spawn(send_acks(net, rx)))
+    }
+
+    /// Queues one acknowledgement for `worker` (never waits).
+    pub(super) fn send(&self, worker: PeerId, ack: troop_protocol::usage::Ack) {
+        if self.tx.try_send((worker, ack)).is_err() {
+            metrics::counter!("troop_acks_lost_total").increment(1);
+            tracing::warn!(%worker, "too many acknowledgements in flight; one dropped");
+        }
+    }
+}
+
+/// The sender task: owns the deliveries running and their count per worker.
+async fn send_acks(
+    net: NetworkHandle,
+    mut rx: mpsc::Receiver<(PeerId, troop_protocol::usage::Ack)>,
+) {
+    use futures::StreamExt as _;
+    let mut running = futures::stream::FuturesUnordered::new();
+    let mut per_worker = PerWorker::default();
+    let mut open = true;
+    while open || !running.is_empty() {
+        tokio::select! {
+            Some(worker) = running.next(), if !running.is_empty() => per_worker.done(worker),
+            msg = rx.recv(), if open && running.len() < MAX_ACKS_IN_FLIGHT => match msg {
+                Some((worker, ack)) if per_worker.admit(worker) => {
+                    let net = net.clone();
+                    running.push(async move {
+                        deliver_ack(net, worker, ack).await;
+                        worker
+                    });
+                }
+                Some((worker, _)) => {
+                    metrics::counter!("troop_acks_lost_total").increment(1);
+                    tracing::warn!(%worker, "too many acknowledgements in flight to this worker; one dropped");
+                }
+                None => open = false,
+            },
         }
     }
 }
 
 /// Delivers one acknowledgement to `worker`, retried: the connection it
 /// goes out on may be the relayed one being closed in favour of a direct
-/// path. Holds its place among the acks in flight until done.
-pub(super) async fn deliver_ack(
-    net: NetworkHandle,
-    worker: PeerId,
-    ack: troop_protocol::usage::Ack,
-    _place: AckPlace,
-) {
+/// path.
+async fn deliver_ack(net: NetworkHandle, worker: PeerId, ack: troop_protocol::usage::Ack) {
     use backon::Retryable;
     let send = || async {
         tokio::time::timeout(Duration::from_secs(5), async {
@@ -99,5 +140,28 @@ pub(super) async fn deliver_ack(
             metrics::counter!("troop_acks_lost_total").increment(1);
             tracing::info!(%worker, error = %e, "acknowledgement not delivered");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_worker_cannot_take_every_place() {
+        let mut p = PerWorker::default();
+        let (dead, healthy) = (PeerId::random(), PeerId::random());
+        for _ in 0..MAX_ACKS_PER_WORKER {
+            assert!(p.admit(dead));
+        }
+        assert!(!p.admit(dead), "the dead worker is at its limit");
+        assert!(p.admit(healthy), "others still get places");
+        p.done(dead);
+        assert!(p.admit(dead), "a place freed is taken again");
+        for _ in 0..MAX_ACKS_PER_WORKER {
+            p.done(dead);
+        }
+        p.done(healthy);
+        assert!(p.running.is_empty(), "nothing is kept for idle workers");
     }
 }

@@ -113,10 +113,8 @@ pub struct GatewayState {
     warm: Mutex<VecDeque<PeerId>>,
     /// When the coordinator was last asked for each model's workers.
     asked_coordinator: Mutex<HashMap<String, Instant>>,
-    /// Places for acknowledgements being delivered (`MAX_ACKS_IN_FLIGHT`).
-    acks_in_flight: Arc<tokio::sync::Semaphore>,
-    /// Acknowledgements being delivered per worker (`MAX_ACKS_PER_WORKER`).
-    acks_per_worker: Arc<Mutex<HashMap<PeerId, usize>>>,
+    /// Acknowledgements on their way to workers.
+    acks: AckSender,
 }
 
 impl GatewayState {
@@ -224,6 +222,7 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
     }
     let (net, events) = network::spawn(cfg.net.clone()).await?;
     network::learn_relays(client.clone(), net.clone());
+    let (acks, ack_task) = AckSender::start(net.clone());
     let state = Arc::new(GatewayState {
         cfg,
         net,
@@ -237,11 +236,10 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
         account: crate::web::AccountView::new(client.clone()),
         warm: Mutex::new(VecDeque::new()),
         asked_coordinator: Mutex::new(HashMap::new()),
-        acks_in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_ACKS_IN_FLIGHT)),
-        acks_per_worker: Arc::new(Mutex::new(HashMap::new())),
+        acks,
     });
     crate::web::warn_if_public(http_addr, "gateway");
-    let mut tasks = Vec::new();
+    let mut tasks = vec![ack_task];
     tasks.push(tokio::spawn(table_loop(state.clone(), events)));
     tasks.push(tokio::spawn(reputation_loop(state.clone())));
     let router = http::router(state.clone());
@@ -437,23 +435,13 @@ impl Drop for JobStream {
         if self.answered {
             self.record();
         }
-        let net = self.state.net.clone();
-        let worker = self.worker;
-        match AckPlace::take(&self.state, worker) {
-            Some(place) => {
-                tokio::spawn(deliver_ack(net, worker, ack, place));
-            }
-            None => {
-                metrics::counter!("troop_acks_lost_total").increment(1);
-                tracing::warn!(%worker, "too many acknowledgements in flight; one dropped");
-            }
-        }
-        let idle = match self.state.table.write() {
-            Ok(mut t) => {
+        self.state.acks.send(self.worker, ack);
+        let idle = match self.state.table.writing() {
+            Some(mut t) => {
                 t.add_inflight(&self.worker, -1);
                 t.inflight(&self.worker) == 0
             }
-            Err(_) => false,
+            None => false,
         };
         if idle && self.state.net.path(&self.worker) == network::Path::Direct {
             self.state.net.close_relayed(self.worker);

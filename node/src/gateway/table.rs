@@ -81,10 +81,8 @@ impl WorkerTable {
         if let Some(&when) = self.unreachable.get(&source) {
             // Only an advert sent after the failed dial brings it back.
             let sent = Duration::from_millis(advert.sent_at_ms);
-            let failed_at = std::time::SystemTime::now()
-                .checked_sub(when.elapsed())
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .unwrap_or_default();
+            let failed_at = Duration::from_millis(troop_protocol::policy::unix_ms())
+                .saturating_sub(when.elapsed());
             if sent <= failed_at {
                 return;
             }
