@@ -173,7 +173,11 @@ function consolePage() {
         "tr",
         { "data-peer": w.peer_id },
         el("td", { class: "mono", title: w.peer_id }, fmt.short(w.peer_id)),
-        el("td", {}, w.models.join(", ")),
+        el("td", {}, ...w.models.flatMap((m, i) => {
+          const d = (w.digests || {})[m];
+          const item = d ? el("span", { title: d }, `${m} `, el("span", { class: "mono" }, d.slice(7, 15))) : el("span", {}, m);
+          return i ? [", ", item] : [item];
+        })),
         el("td", {}, el("span", { class: `pill ${w.connection === "direct" ? "ok" : w.connection === "relayed" ? "warn" : ""}` }, w.connection)),
         el("td", { class: "num rtt" }, fmt.ms(w.rtt_ms)),
         el("td", { class: "num" }, w.hardware_multiplier == null ? "—" : `${fmt.num(w.hardware_multiplier, 2)}×`),

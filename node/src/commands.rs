@@ -129,15 +129,19 @@ pub fn print_models(rows: &[WorkerRow]) {
         return;
     }
     println!(
-        "{:<28} {:<54} {:>6} {:>8} {:>9} {:>8}",
-        "MODEL", "WORKER", "QUEUE", "ACTIVE", "TTFT ms", "RTT ms"
+        "{:<28} {:<54} {:<15} {:>6} {:>8} {:>9} {:>8}",
+        "MODEL", "WORKER", "WEIGHTS", "QUEUE", "ACTIVE", "TTFT ms", "RTT ms"
     );
     for r in rows {
         let f = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
+        // The digest's first 8 hex digits: enough to pin it
+        // (`model@sha256:<those>`); `--json` prints it whole.
+        let weights = r.digest.as_deref().and_then(|d| d.get(..15)).unwrap_or("-");
         println!(
-            "{:<28} {:<54} {:>6} {:>8} {:>9} {:>8}",
+            "{:<28} {:<54} {:<15} {:>6} {:>8} {:>9} {:>8}",
             r.model,
             r.peer_id,
+            weights,
             r.queue_depth.map_or("-".into(), |q| q.to_string()),
             match (r.active_jobs, r.max_jobs) {
                 (Some(a), Some(m)) => format!("{a}/{m}"),

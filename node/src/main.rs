@@ -156,6 +156,12 @@ enum Cmd {
         /// Upstream dialect; probed when not given.
         #[arg(long, env = "TROOP_UPSTREAM_DIALECT", value_enum)]
         dialect: Option<Dialect>,
+        /// The GGUF file the model server loaded, when it runs on another
+        /// machine (a local copy): its SHA-256 is advertised as the model's
+        /// digest. By default the worker hashes the file llama.cpp's /props
+        /// names; Ollama names its own blob.
+        #[arg(long, env = "TROOP_MODEL_FILE", value_name = "PATH")]
+        model_file: Option<PathBuf>,
         /// Most jobs at once; more get `busy`.
         #[arg(long, env = "TROOP_MAX_JOBS", default_value_t = 64)]
         max_jobs: usize,
@@ -480,6 +486,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             coordinator,
             upstream,
             dialect,
+            model_file,
             max_jobs,
             state_dir,
             advert_interval,
@@ -512,6 +519,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut cfg =
                 worker::WorkerConfig::new(key.clone(), &coordinator, &upstream, state_dir);
             cfg.dialect = dialect;
+            cfg.model_file = model_file;
             cfg.max_jobs = max_jobs.max(1);
             cfg.advert_interval = secs(advert_interval, "--advert-interval")?;
             cfg.heartbeat_interval = secs(heartbeat_interval, "--heartbeat-interval")?;

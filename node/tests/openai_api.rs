@@ -613,3 +613,109 @@ async fn a_worker_given_the_openai_base_url_serves() {
     let v: Value = r.json().await.expect("json");
     assert_eq!(v["choices"][0]["message"]["content"], tokens(3).concat());
 }
+
+/// `sha256:<hex>` of `bytes`, computed here (not by the worker's code).
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_serving_other_weights_under_one_name_are_told_apart_and_a_pin_picks_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (fa, fb) = (dir.path().join("a.gguf"), dir.path().join("b.gguf"));
+    std::fs::write(&fa, b"GGUF weights of model A").expect("write a");
+    std::fs::write(&fb, b"GGUF weights of model B").expect("write b");
+    let (da, db) = (
+        sha256(b"GGUF weights of model A"),
+        sha256(b"GGUF weights of model B"),
+    );
+    // Two workers with A's weights (one names its file in /props, one is
+    // given it with --model-file), one with B's.
+    let a1 = FakeUpstream::start(Dialect::OpenAi, tokens(3), Duration::ZERO).await;
+    a1.set_model_path(&fa);
+    let a2 = FakeUpstream::start(Dialect::OpenAi, tokens(3), Duration::ZERO).await;
+    let b = FakeUpstream::start(Dialect::OpenAi, tokens(3), Duration::ZERO).await;
+    b.set_model_path(&fb);
+    let mut net = TestNet::start(|_| {}).await;
+    net.add_worker(&a1.url, |_| {}).await;
+    let model_file = fa.clone();
+    net.add_worker(&a2.url, move |c| c.model_file = Some(model_file))
+        .await;
+    net.add_worker(&b.url, |_| {}).await;
+    let b_peer = net.workers[2].net.peer_id.to_base58();
+    net.add_gateway().await;
+    net.wait_for_workers(3).await;
+    let url = format!("{}/v1/models", net.gateway_url());
+    let http = net.http.clone();
+    let want = json!([{"digest": da, "workers": 2}, {"digest": db, "workers": 1}]);
+    common::eventually("both digests in /v1/models", 30, || {
+        let (http, url, want) = (http.clone(), url.clone(), want.clone());
+        async move {
+            let v: Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+            let m = v["data"].as_array()?.iter().find(|m| m["id"] == MODEL)?;
+            (m["digests"] == want).then_some(())
+        }
+    })
+    .await;
+    // Unpinned requests stay on the weights most workers serve.
+    for _ in 0..6 {
+        let r = post(
+            &net,
+            "/v1/chat/completions",
+            &json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+        let worker = r.headers()["x-troop-worker"]
+            .to_str()
+            .expect("header")
+            .to_string();
+        assert_ne!(
+            worker, b_peer,
+            "an unpinned request went to the other weights"
+        );
+    }
+    assert_eq!(b.state.requests.load(Ordering::SeqCst), 0);
+    // A pin (a prefix, any case) picks B's weights; the model server gets
+    // the plain name.
+    let pinned = format!(
+        "{MODEL}@{}",
+        db[..20].to_ascii_uppercase().replace("SHA256", "sha256")
+    );
+    let r = post(
+        &net,
+        "/v1/chat/completions",
+        &json!({"model": pinned, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["x-troop-worker"].to_str().expect("header"),
+        b_peer
+    );
+    let body = b
+        .state
+        .last_body
+        .lock()
+        .expect("lock")
+        .clone()
+        .expect("a body");
+    assert_eq!(body["model"], MODEL);
+    // Weights nobody serves: 404 naming the pin.
+    let r = post(
+        &net,
+        "/v1/chat/completions",
+        &json!({"model": format!("{MODEL}@sha256:00000000"), "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "model_not_found");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("@sha256:00000000")),
+        "{v}"
+    );
+}

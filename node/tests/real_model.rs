@@ -61,6 +61,50 @@ async fn the_openai_client_streams_a_real_completion_through_the_mesh() {
     })
     .await;
 
+    // The advert names the weights: the SHA-256 of the GGUF file that
+    // llama.cpp's /props says it loaded, computed here from the file.
+    let props: serde_json::Value = http
+        .get(format!("{upstream}/props"))
+        .send()
+        .await
+        .expect("GET /props")
+        .json()
+        .await
+        .expect("/props is JSON");
+    let gguf = props["model_path"]
+        .as_str()
+        .expect("/props names the model file");
+    let want = {
+        use sha2::Digest as _;
+        let bytes = std::fs::read(gguf).expect("read the GGUF file");
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)))
+    };
+    let rows = net.workers[w].model_adverts();
+    assert_eq!(
+        rows.first().and_then(|m| m.digest.clone()),
+        Some(want.clone())
+    );
+    assert!(
+        rows.first()
+            .and_then(|m| m.runtime.as_deref())
+            .is_some_and(|r| r.starts_with("llama.cpp ")),
+        "{rows:?}"
+    );
+    eventually("the gateway to show the model's digest", 30, || {
+        let http = http.clone();
+        let url = format!("{gw}/v1/models");
+        let want = want.clone();
+        async move {
+            let v: serde_json::Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+            let m = v["data"]
+                .as_array()?
+                .iter()
+                .find(|m| m["id"] == "smollm2-135m")?;
+            (m["digests"][0]["digest"] == want.as_str()).then_some(())
+        }
+    })
+    .await;
+
     let gw_v1 = format!("{gw}/v1");
     let out = tokio::task::spawn_blocking(move || {
         Command::new(&python)

@@ -91,6 +91,11 @@ pub struct InferenceRequest {
     /// The app's `x-request-id` (or the one the gateway made), for logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// The weights the user pinned (`model@sha256:<prefix>`): a worker
+    /// whose advertised digest for `model` does not start with it refuses
+    /// with `unknown_model`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 impl InferenceRequest {
@@ -112,6 +117,7 @@ impl InferenceRequest {
             endpoint: Some(endpoint),
             body: Some(body),
             request_id: None,
+            digest: None,
         }
     }
 }
@@ -269,6 +275,7 @@ mod tests {
                         endpoint: None,
                         body: None,
                         request_id: None,
+                        digest: None,
                     }
                 },
             )
@@ -371,6 +378,7 @@ mod tests {
                 endpoint: None,
                 body: None,
                 request_id: None,
+                digest: None,
             },
         })
         .expect("encode");

@@ -32,6 +32,7 @@ fn advert() -> Advert {
         models: vec![ModelAdvert {
             name: "m".into(),
             digest: None,
+            runtime: None,
             context_length: Some(4096),
             embeds: false,
         }],

@@ -74,8 +74,13 @@ impl GatewayState {
     /// Workers for `model`, from the table or else from the DHT: direct
     /// paths first, then relayed ones, then workers we are not connected
     /// to; by expected latency and load within each.
-    pub async fn candidates(&self, model: &str, embeddings: bool) -> Vec<PeerId> {
-        let mut found = self.candidates_by_score(model, embeddings).await;
+    pub async fn candidates(
+        &self,
+        model: &str,
+        embeddings: bool,
+        pin: Option<&str>,
+    ) -> Vec<PeerId> {
+        let mut found = self.candidates_by_score(model, embeddings, pin).await;
         if let Some(d) = self.disputed.reading() {
             found.retain(|p| !d.contains(p));
         }
@@ -83,11 +88,16 @@ impl GatewayState {
         found
     }
 
-    pub(super) async fn candidates_by_score(&self, model: &str, embeddings: bool) -> Vec<PeerId> {
+    pub(super) async fn candidates_by_score(
+        &self,
+        model: &str,
+        embeddings: bool,
+        pin: Option<&str>,
+    ) -> Vec<PeerId> {
         let found = self
             .table
             .reading()
-            .map(|t| t.candidates_for(model, embeddings))
+            .map(|t| t.candidates_for(model, embeddings, pin))
             .unwrap_or_default();
         if !found.is_empty() {
             return found;
@@ -131,7 +141,7 @@ impl GatewayState {
             for p in &providers {
                 t.on_found(*p, model, source);
             }
-            t.candidates_for(model, embeddings)
+            t.candidates_for(model, embeddings, pin)
         } else {
             providers
         }
@@ -215,7 +225,9 @@ impl GatewayState {
         let mut ever_found = false;
         loop {
             let embeddings = request.endpoint == Some(Endpoint::Embeddings);
-            let mut candidates = self.candidates(&request.model, embeddings).await;
+            let mut candidates = self
+                .candidates(&request.model, embeddings, request.digest.as_deref())
+                .await;
             let before = candidates.len();
             candidates.retain(|p| !avoid.contains(p));
             if before > 0 && candidates.is_empty() {
@@ -248,7 +260,10 @@ impl GatewayState {
                 }
             }
             if !ever_found {
-                return Err(DispatchError::UnknownModel(request.model.clone()));
+                return Err(DispatchError::UnknownModel(match &request.digest {
+                    Some(pin) => format!("{}@{pin}", request.model),
+                    None => request.model.clone(),
+                }));
             }
             match delays.next() {
                 Some(d) => tokio::time::sleep(d).await,

@@ -37,6 +37,7 @@ pub(super) async fn fan_out(
             let mut b = v.clone();
             if let Some(o) = b.as_object_mut() {
                 o.remove("n");
+                o.insert("model".into(), Value::String(checked.model.clone()));
                 if let Some(p) = p {
                     o.insert("prompt".into(), p.clone());
                 }
@@ -46,6 +47,7 @@ pub(super) async fn fan_out(
             }
             let mut req = InferenceRequest::passthrough(&checked.model, endpoint, b.to_string());
             req.request_id = request_id.clone();
+            req.digest = checked.digest.clone();
             subs.push(req);
         }
     }

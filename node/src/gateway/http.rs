@@ -121,8 +121,17 @@ async fn troop_status(State(state): State<Arc<GatewayState>>) -> Response {
     // One row per worker, looked up once each (not a scan per worker).
     let mut by_peer: std::collections::HashMap<&str, &super::table::WorkerRow> =
         std::collections::HashMap::with_capacity(rows.len());
+    // Each worker's weights, by model.
+    let mut digests: std::collections::HashMap<&str, serde_json::Map<String, Value>> =
+        std::collections::HashMap::new();
     for r in &rows {
         by_peer.entry(r.peer_id.as_str()).or_insert(r);
+        if let Some(d) = &r.digest {
+            digests
+                .entry(r.peer_id.as_str())
+                .or_default()
+                .insert(r.model.clone(), Value::String(d.clone()));
+        }
     }
     let workers: Vec<Value> = workers
         .into_iter()
@@ -132,6 +141,7 @@ async fn troop_status(State(state): State<Arc<GatewayState>>) -> Response {
             json!({
                 "peer_id": id,
                 "models": models,
+                "digests": digests.get(id.as_str()).cloned().unwrap_or_default(),
                 "connection": state.net.path(&peer),
                 "rtt_ms": rtt.map(|d| d.as_secs_f64() * 1000.0),
                 "hardware_multiplier": row.and_then(|r| r.hardware_multiplier),
@@ -178,7 +188,7 @@ async fn models(State(state): State<Arc<GatewayState>>) -> Response {
         .unwrap_or_default();
     let data: Vec<Value> = list
         .into_iter()
-        .map(|(id, workers)| json!({ "id": id, "object": "model", "created": 0, "owned_by": "troop", "workers": workers }))
+        .map(|m| json!({ "id": m.id, "object": "model", "created": 0, "owned_by": "troop", "workers": m.workers, "digests": m.digests }))
         .collect();
     axum::Json(json!({ "object": "list", "data": data })).into_response()
 }
@@ -235,12 +245,21 @@ async fn serve(
     if checked.n > 1 || checked.prompts.is_some() {
         return fan_out(state, endpoint, v, checked, request_id).await;
     }
-    // Valid JSON is valid UTF-8.
-    let Ok(text) = String::from_utf8(body.to_vec()) else {
-        return bad_request("the body is not UTF-8");
+    // Valid JSON is valid UTF-8. A pinned model goes to the worker by its
+    // name alone (the pin travels beside it).
+    let text = if checked.digest.is_some() {
+        let mut v = v;
+        v["model"] = Value::String(checked.model.clone());
+        v.to_string()
+    } else {
+        let Ok(text) = String::from_utf8(body.to_vec()) else {
+            return bad_request("the body is not UTF-8");
+        };
+        text
     };
     let mut req = InferenceRequest::passthrough(&checked.model, endpoint, text);
     req.request_id = request_id;
+    req.digest = checked.digest.clone();
     let job = match state.dispatch(req.clone()).await {
         Ok(j) => j,
         Err(e) => return dispatch_error(e),

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use serde::Serialize;
-use troop_protocol::advert::Advert;
+use troop_protocol::advert::{Advert, digest_matches};
 
 /// Where we know a worker from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -16,6 +16,25 @@ pub enum Source {
     Dht,
     /// The coordinator's `GET /bootstrap?model=`.
     Coordinator,
+}
+
+/// The digest an unpinned request goes to, from the advertised digests
+/// of a model's workers best first (`None` inside: a worker without one;
+/// `None` outside: no advert yet): the one most workers advertise, the
+/// first seen (so the best-scored) among equals.
+fn chosen_digest<'a>(digests: impl Iterator<Item = Option<Option<&'a str>>>) -> Option<String> {
+    let mut counts: Vec<(Option<&str>, usize)> = Vec::new();
+    for d in digests.flatten() {
+        match counts.iter_mut().find(|(k, _)| *k == d) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((d, 1)),
+        }
+    }
+    let most = counts.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    counts
+        .into_iter()
+        .find(|(_, n)| *n == most)
+        .and_then(|(d, _)| d.map(String::from))
 }
 
 #[derive(Debug, Clone)]
@@ -46,7 +65,26 @@ pub struct WorkerRow {
     pub rtt_ms: Option<f64>,
     pub hardware_multiplier: Option<f64>,
     pub context_length: Option<u32>,
+    /// The weights' digest the worker advertises (`sha256:<hex>`).
+    pub digest: Option<String>,
+    /// The runtime and version the worker advertises.
+    pub runtime: Option<String>,
     pub score: f64,
+}
+
+/// One model of `GET /v1/models`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelSummary {
+    pub id: String,
+    pub workers: usize,
+    /// The weights its workers advertise, most workers first.
+    pub digests: Vec<DigestCount>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DigestCount {
+    pub digest: String,
+    pub workers: usize,
 }
 
 #[derive(Default)]
@@ -70,6 +108,20 @@ pub const MAX_RTTS: usize = 4_096;
 const DEFAULT_TTFT_MS: f64 = 150.0;
 const DEFAULT_RTT_MS: f64 = 5.0;
 const DHT_TTL: Duration = Duration::from_secs(60);
+
+impl Entry {
+    /// The digest this worker advertises for `model`: `None` when it sent
+    /// no advert yet (found by a lookup), `Some(None)` when its advert
+    /// names no digest.
+    pub fn digest_of(&self, model: &str) -> Option<Option<&str>> {
+        self.advert.as_ref().map(|a| {
+            a.models
+                .iter()
+                .find(|m| m.name == model)
+                .and_then(|m| m.digest.as_deref())
+        })
+    }
+}
 
 impl WorkerTable {
     pub fn on_advert(&mut self, source: PeerId, advert: Advert) {
@@ -270,12 +322,20 @@ impl WorkerTable {
 
     /// Workers serving `model`, best first.
     pub fn candidates(&self, model: &str) -> Vec<PeerId> {
-        self.candidates_for(model, false)
+        self.candidates_for(model, false, None)
     }
 
     /// Workers of `model`, best first; with `embeddings`, only those whose
     /// advert says the model embeds (or that sent no advert yet).
-    pub fn candidates_for(&self, model: &str, embeddings: bool) -> Vec<PeerId> {
+    ///
+    /// Workers that serve the name with different weights (digests) are
+    /// different models: with `pin` (`sha256:<prefix>`), only workers
+    /// advertising a digest it names; without, only those of one digest,
+    /// the one most workers advertise (ties: the one whose best worker
+    /// scores best), so that retries and resumed answers stay on the same
+    /// weights. Workers known only from a lookup (no advert yet, so no
+    /// digest) go with any unpinned request.
+    pub fn candidates_for(&self, model: &str, embeddings: bool, pin: Option<&str>) -> Vec<PeerId> {
         let mut v: Vec<(&Entry, f64)> = self
             .live()
             .filter(|e| e.models.iter().any(|m| m == model))
@@ -285,9 +345,17 @@ impl WorkerTable {
                         .as_ref()
                         .is_none_or(|a| a.models.iter().any(|m| m.name == model && m.embeds))
             })
+            .filter(|e| match pin {
+                Some(pin) => digest_matches(e.digest_of(model).flatten(), pin),
+                None => true,
+            })
             .map(|e| (e, Self::score(e)))
             .collect();
         v.sort_by(|a, b| a.1.total_cmp(&b.1));
+        if pin.is_none() {
+            let chosen = chosen_digest(v.iter().map(|(e, _)| e.digest_of(model)));
+            v.retain(|(e, _)| e.digest_of(model).is_none_or(|d| d == chosen.as_deref()));
+        }
         v.into_iter().map(|(e, _)| e.peer).collect()
     }
 
@@ -311,6 +379,10 @@ impl WorkerTable {
                     context_length: a
                         .and_then(|a| a.models.iter().find(|x| &x.name == m))
                         .and_then(|x| x.context_length),
+                    digest: e.digest_of(m).flatten().map(String::from),
+                    runtime: a
+                        .and_then(|a| a.models.iter().find(|x| &x.name == m))
+                        .and_then(|x| x.runtime.clone()),
                     score: Self::score(e),
                 });
             }
@@ -319,15 +391,36 @@ impl WorkerTable {
         rows
     }
 
-    pub fn models(&self) -> Vec<(String, usize)> {
-        let mut counts: HashMap<String, usize> = HashMap::new();
+    /// Every model on the mesh: its workers, and how many of them
+    /// advertise each digest (workers without an advert yet are counted
+    /// under none), most first.
+    pub fn models(&self) -> Vec<ModelSummary> {
+        let mut by_name: HashMap<String, ModelSummary> = HashMap::new();
         for e in self.live() {
             for m in &e.models {
-                *counts.entry(m.clone()).or_default() += 1;
+                let s = by_name.entry(m.clone()).or_insert_with(|| ModelSummary {
+                    id: m.clone(),
+                    workers: 0,
+                    digests: Vec::new(),
+                });
+                s.workers += 1;
+                if let Some(d) = e.digest_of(m).flatten() {
+                    match s.digests.iter_mut().find(|x| x.digest == d) {
+                        Some(x) => x.workers += 1,
+                        None => s.digests.push(DigestCount {
+                            digest: d.to_string(),
+                            workers: 1,
+                        }),
+                    }
+                }
             }
         }
-        let mut v: Vec<_> = counts.into_iter().collect();
-        v.sort();
+        let mut v: Vec<_> = by_name.into_values().collect();
+        for s in &mut v {
+            s.digests
+                .sort_by(|a, b| b.workers.cmp(&a.workers).then(a.digest.cmp(&b.digest)));
+        }
+        v.sort_by(|a, b| a.id.cmp(&b.id));
         v
     }
 }
@@ -344,6 +437,7 @@ mod tests {
             models: vec![ModelAdvert {
                 name: "m".into(),
                 digest: None,
+                runtime: None,
                 context_length: None,
                 embeds: false,
             }],
@@ -356,6 +450,65 @@ mod tests {
             ttl_ms: 10_000,
             sent_at_ms: 0,
         }
+    }
+
+    fn with_digest(peer: &PeerId, ttft: f64, digest: Option<&str>) -> Advert {
+        let mut a = advert(peer, ttft, 0);
+        a.models[0].digest = digest.map(String::from);
+        a
+    }
+
+    #[test]
+    fn workers_of_other_weights_are_another_model_and_a_pin_picks_its_own() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        let mut t = WorkerTable::default();
+        let (a1, a2, b1, lookup) = (
+            PeerId::random(),
+            PeerId::random(),
+            PeerId::random(),
+            PeerId::random(),
+        );
+        // The fastest worker serves other weights than most.
+        t.on_advert(b1, with_digest(&b1, 10.0, Some(&b)));
+        t.on_advert(a1, with_digest(&a1, 50.0, Some(&a)));
+        t.on_advert(a2, with_digest(&a2, 60.0, Some(&a)));
+        t.on_provider(lookup, "m");
+        assert_eq!(t.candidates("m"), vec![a1, a2, lookup]);
+        assert_eq!(
+            t.candidates_for("m", false, Some("sha256:BBBBbbbb")),
+            vec![b1]
+        );
+        assert_eq!(t.candidates_for("m", false, Some(&a)), vec![a1, a2]);
+        assert!(
+            t.candidates_for("m", false, Some("sha256:cccccccc"))
+                .is_empty()
+        );
+        let m = t.models();
+        assert_eq!(m[0].workers, 4);
+        assert_eq!(
+            m[0].digests,
+            vec![
+                DigestCount {
+                    digest: a.clone(),
+                    workers: 2
+                },
+                DigestCount {
+                    digest: b.clone(),
+                    workers: 1
+                },
+            ]
+        );
+        // Equal counts: the weights of the best-scored worker.
+        t.on_advert(a2, with_digest(&a2, 60.0, Some(&b)));
+        assert_eq!(t.candidates("m"), vec![b1, a2, lookup]);
+        let rows = t.rows();
+        assert_eq!(
+            rows.iter()
+                .find(|r| r.peer_id == b1.to_base58())
+                .and_then(|r| r.digest.clone()),
+            Some(b)
+        );
     }
 
     #[test]

@@ -47,7 +47,10 @@ pub(super) async fn too_large_in_openai_shape(resp: Response) -> Response {
 
 /// What the gateway reads of a request body before passing it on.
 pub(super) struct Checked {
+    /// The model's name (without a pin).
     pub model: String,
+    /// The digest the request pinned (`model@sha256:<prefix>`).
+    pub digest: Option<String>,
     pub stream: bool,
     pub n: usize,
     /// Completions' `prompt` when it is a list of several prompts.
@@ -59,7 +62,7 @@ pub(super) fn validate(v: &Value, endpoint: Endpoint) -> Result<Checked, Respons
         .as_object()
         .ok_or_else(|| bad_request("the body must be a JSON object"))?;
     let model = match obj.get("model") {
-        Some(Value::String(m)) if !m.is_empty() && m.len() <= 256 => m.clone(),
+        Some(Value::String(m)) if !m.is_empty() && m.len() <= 256 => m.as_str(),
         Some(_) => return Err(bad_request("`model` must be a non-empty string")),
         None => return Err(bad_request("missing required field `model`")),
     };
@@ -159,8 +162,10 @@ pub(super) fn validate(v: &Value, endpoint: Endpoint) -> Result<Checked, Respons
             "`n` times the number of prompts must be at most {MAX_FAN_OUT}"
         )));
     }
+    let (model, digest) = troop_protocol::advert::split_pin(model);
     Ok(Checked {
-        model,
+        model: model.to_string(),
+        digest: digest.map(str::to_ascii_lowercase),
         stream,
         n,
         prompts,
@@ -203,6 +208,15 @@ mod tests {
         )
         .expect("valid");
         assert_eq!((c.n, c.stream), (1, false));
+        let c = check(
+            json!({"model": "m@sha256:ABCDEF0123", "messages": [{"role": "user"}]}),
+            Endpoint::ChatCompletions,
+        )
+        .expect("valid");
+        assert_eq!(
+            (c.model.as_str(), c.digest.as_deref()),
+            ("m", Some("sha256:abcdef0123"))
+        );
         let many: Vec<Value> = (0..9).map(|i| json!(format!("p{i}"))).collect();
         assert_eq!(
             check(

@@ -6,6 +6,7 @@
 //! Cancellation: a generation is a stream; dropping it drops the HTTP
 //! response, which closes the connection, which makes the server stop.
 
+pub mod identity;
 pub mod ollama;
 pub mod openai;
 pub mod passthrough;
@@ -48,6 +49,9 @@ pub enum Dialect {
     Openai,
 }
 
+/// Ollama blob digests by (model, listing digest).
+type OllamaBlobs = std::collections::HashMap<(String, Option<String>), Option<String>>;
+
 /// A model server.
 #[derive(Clone)]
 pub struct Upstream {
@@ -56,6 +60,13 @@ pub struct Upstream {
     http: reqwest::Client,
     /// Whether each model embeds, asked once per model name.
     embeds: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, bool>>>,
+    /// The local copy of the weights (`--model-file`), when the server's
+    /// own path is not readable here.
+    model_file: Option<std::path::PathBuf>,
+    /// Digests of the model files hashed so far.
+    digests: identity::DigestCache,
+    /// Ollama blob digests by (model, listing digest).
+    ollama_blobs: std::sync::Arc<std::sync::Mutex<OllamaBlobs>>,
 }
 
 /// The model server's root from the URL a user gave: without a trailing
@@ -81,7 +92,17 @@ impl Upstream {
             dialect,
             http,
             embeds: Default::default(),
+            model_file: None,
+            digests: Default::default(),
+            ollama_blobs: Default::default(),
         }
+    }
+
+    /// Names the local copy of the model's weights (`--model-file`): its
+    /// digest is advertised instead of that of the file the server names.
+    pub fn with_model_file(mut self, path: Option<std::path::PathBuf>) -> Self {
+        self.model_file = path;
+        self
     }
 
     /// Finds out which dialect `base` speaks (Ollama's `/api/tags` first,
@@ -100,12 +121,14 @@ impl Upstream {
         }
     }
 
-    /// The upstream's models, each marked with whether it embeds.
+    /// The upstream's models, each marked with whether it embeds and the
+    /// digest of its weights.
     pub async fn models(&self) -> Result<Vec<ModelAdvert>, UpstreamError> {
         let mut list = match self.dialect {
             Dialect::Ollama => ollama::models(&self.http, &self.base).await,
             Dialect::Openai => openai::models(&self.http, &self.base).await,
         }?;
+        self.identify(&mut list).await;
         for m in &mut list {
             let known = self
                 .embeds
@@ -124,6 +147,84 @@ impl Upstream {
             };
         }
         Ok(list)
+    }
+
+    /// Fills in each model's digest and runtime (see [`identity`]).
+    async fn identify(&self, list: &mut [ModelAdvert]) {
+        match self.dialect {
+            Dialect::Openai => {
+                // llama.cpp's `/props`: the file it loaded and its build.
+                let props = get_json(&self.http, &format!("{}/props", self.base))
+                    .await
+                    .ok();
+                let prop = |k: &str| {
+                    props
+                        .as_ref()
+                        .and_then(|p| p.get(k))
+                        .and_then(serde_json::Value::as_str)
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                };
+                let runtime = prop("build_info").map(|b| format!("llama.cpp {b}"));
+                let path = self
+                    .model_file
+                    .clone()
+                    .or_else(|| prop("model_path").map(std::path::PathBuf::from));
+                // One file names one model: a server listing several (a
+                // router) says nothing of which file is which.
+                let digest = match (&path, list.len()) {
+                    (Some(p), 1) => self.digests.digest(p).await,
+                    _ => None,
+                };
+                for m in list.iter_mut() {
+                    m.digest = digest.clone();
+                    m.runtime = runtime.clone();
+                }
+            }
+            Dialect::Ollama => {
+                let version = get_json(&self.http, &format!("{}/api/version", self.base))
+                    .await
+                    .ok()
+                    .and_then(|v| v.get("version")?.as_str().map(String::from));
+                for m in list.iter_mut() {
+                    let key = (m.name.clone(), m.digest.clone());
+                    let known = self
+                        .ollama_blobs
+                        .locked()
+                        .and_then(|b| b.get(&key).cloned());
+                    let blob = match known {
+                        Some(b) => b,
+                        None => {
+                            let b = self.ollama_blob(&m.name).await;
+                            if let Some(mut c) = self.ollama_blobs.locked() {
+                                c.insert(key, b.clone());
+                            }
+                            b
+                        }
+                    };
+                    // The listing's digest is the manifest's, not the
+                    // weights': only the blob's is advertised.
+                    m.digest = blob;
+                    m.runtime = version.as_ref().map(|v| format!("ollama {v}"));
+                }
+            }
+        }
+    }
+
+    /// The digest of the GGUF blob an Ollama model is built on.
+    async fn ollama_blob(&self, model: &str) -> Option<String> {
+        let v: serde_json::Value = self
+            .http
+            .post(format!("{}/api/show", self.base))
+            .json(&serde_json::json!({ "model": model }))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        identity::ollama_blob_digest(v.get("modelfile")?.as_str()?)
     }
 
     /// Ollama says so in `/api/show`'s capabilities; an OpenAI server is

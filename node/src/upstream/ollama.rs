@@ -27,6 +27,7 @@ pub async fn models(http: &reqwest::Client, base: &str) -> Result<Vec<ModelAdver
             Some(ModelAdvert {
                 name,
                 digest: m.get("digest").and_then(Value::as_str).map(String::from),
+                runtime: None,
                 context_length: None,
                 embeds: false,
             })

@@ -27,6 +27,7 @@ pub async fn models(http: &reqwest::Client, base: &str) -> Result<Vec<ModelAdver
             Some(ModelAdvert {
                 name,
                 digest: None,
+                runtime: None,
                 context_length,
                 embeds: false,
             })

@@ -52,6 +52,10 @@ pub struct WorkerConfig {
     pub upstream: String,
     /// Force a dialect instead of probing.
     pub dialect: Option<Dialect>,
+    /// A local copy of the served model's GGUF file, hashed for the
+    /// advert's digest (`--model-file`); otherwise the file llama.cpp's
+    /// `/props` names (Ollama names its blob).
+    pub model_file: Option<std::path::PathBuf>,
     pub net: NetConfig,
     /// Most jobs at once; beyond it a request gets `busy`.
     pub max_jobs: usize,
@@ -89,6 +93,7 @@ impl WorkerConfig {
             coordinator: coordinator.to_string(),
             upstream: upstream.to_string(),
             dialect: None,
+            model_file: None,
             net,
             max_jobs: 64,
             advert_interval: Duration::from_secs(3),
@@ -311,6 +316,15 @@ impl RunningWorker {
         report
     }
 
+    /// The models as advertised (names, digests, runtimes).
+    pub fn model_adverts(&self) -> Vec<ModelAdvert> {
+        self.shared
+            .models
+            .reading()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+
     pub fn models(&self) -> Vec<String> {
         self.shared
             .models
@@ -360,10 +374,19 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
     if let Err(crate::coordinator_client::Identify::NotCoordinator(why)) = client.identify().await {
         anyhow::bail!(why);
     }
+    if let Some(f) = &cfg.model_file
+        && !f.is_file()
+    {
+        anyhow::bail!(
+            "--model-file {}: no such file here (it names a local copy of the GGUF file the model server loaded)",
+            f.display()
+        );
+    }
     let upstream = match cfg.dialect {
         Some(d) => Upstream::new(&cfg.upstream, d),
         None => Upstream::detect(&cfg.upstream).await?,
-    };
+    }
+    .with_model_file(cfg.model_file.clone());
     let models = with_retries("listing the upstream's models", || upstream.models())
         .await
         .with_context(|| format!("listing models at {}", cfg.upstream))?;

@@ -162,14 +162,31 @@ pub(super) async fn serve_stream(
     let served = s
         .models
         .reading()
-        .map(|m| m.iter().any(|m| m.name == request.model))
-        .unwrap_or(false);
-    if !served {
+        .and_then(|m| m.iter().find(|m| m.name == request.model).cloned());
+    let Some(served) = served else {
         guard.abandon();
         return refuse(
             &mut stream,
             ErrorCode::UnknownModel,
             format!("this worker does not serve {}", request.model),
+        )
+        .await;
+    };
+    if let Some(pin) = &request.digest
+        && !troop_protocol::advert::digest_matches(served.digest.as_deref(), pin)
+    {
+        guard.abandon();
+        return refuse(
+            &mut stream,
+            ErrorCode::UnknownModel,
+            format!(
+                "this worker serves {} as {}, not {pin}",
+                request.model,
+                served
+                    .digest
+                    .as_deref()
+                    .unwrap_or("weights of unknown digest")
+            ),
         )
         .await;
     }

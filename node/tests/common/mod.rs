@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use libp2p::Multiaddr;
@@ -71,6 +72,9 @@ pub struct FakeState {
     pub dropped: AtomicUsize,
     /// The body of the last generation request, as the upstream got it.
     pub last_body: std::sync::Mutex<Option<Value>>,
+    /// The file llama.cpp's `/props` names (`model_path`); no `/props`
+    /// (404, as vLLM) while None.
+    pub model_path: std::sync::Mutex<Option<String>>,
 }
 
 pub struct FakeUpstream {
@@ -121,6 +125,7 @@ impl FakeUpstream {
             completed: AtomicUsize::new(0),
             dropped: AtomicUsize::new(0),
             last_body: std::sync::Mutex::new(None),
+            model_path: std::sync::Mutex::new(None),
         });
         let app = match dialect {
             Dialect::OpenAi => axum::Router::new()
@@ -135,7 +140,20 @@ impl FakeUpstream {
                 .route("/v1/chat/completions", post(openai_generate))
                 .route("/v1/completions", post(openai_generate))
                 .route("/v1/embeddings", post(openai_embed))
-                .route("/v1/responses", post(openai_responses)),
+                .route("/v1/responses", post(openai_responses))
+                .route(
+                    "/props",
+                    get(|State(s): State<Arc<FakeState>>| async move {
+                        let path = s.model_path.lock().ok().and_then(|p| p.clone());
+                        match path {
+                            Some(p) => {
+                                axum::Json(json!({"model_path": p, "build_info": "b1-fake"}))
+                                    .into_response()
+                            }
+                            None => StatusCode::NOT_FOUND.into_response(),
+                        }
+                    }),
+                ),
             // Ollama serves its OpenAI compatibility API beside its own.
             Dialect::Ollama => axum::Router::new()
                 .route("/v1/chat/completions", post(openai_generate))
@@ -162,6 +180,13 @@ impl FakeUpstream {
         Self {
             url: format!("http://{addr}"),
             state,
+        }
+    }
+
+    /// Serves `/props` naming `path` as the loaded model file.
+    pub fn set_model_path(&self, path: &std::path::Path) {
+        if let Ok(mut p) = self.state.model_path.lock() {
+            *p = Some(path.display().to_string());
         }
     }
 
@@ -682,6 +707,7 @@ pub fn request() -> troop_protocol::frames::InferenceRequest {
         endpoint: None,
         body: None,
         request_id: None,
+        digest: None,
     }
 }
 
