@@ -20,6 +20,16 @@ async fn stream_and_check_payment(dialect: Dialect) {
     let fake = FakeUpstream::start(dialect, tokens(12), Duration::from_millis(5)).await;
     let mut net = TestNet::start(|_| {}).await;
     let w = net.add_worker(&fake.url, |_| {}).await;
+    if dialect == Dialect::Ollama {
+        // Ollama's weights are the blob its modelfile names (not the
+        // manifest digest of /api/tags), and its version is the runtime's.
+        let m = net.workers[w].model_adverts();
+        assert_eq!(
+            m[0].digest.as_deref(),
+            Some(format!("sha256:{}", common::OLLAMA_BLOB).as_str())
+        );
+        assert_eq!(m[0].runtime.as_deref(), Some("ollama 0.12.3"));
+    }
     net.add_gateway().await;
     net.wait_for_workers(1).await;
 

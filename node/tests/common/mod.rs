@@ -60,6 +60,9 @@ pub enum Mode {
     StallAfterFirst,
 }
 
+/// The blob (its SHA-256) the fake Ollama says its model is built on.
+pub const OLLAMA_BLOB: &str = "5a2f0e4fcb2b6b8f3a8e0c9d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d9e8f";
+
 pub struct FakeState {
     pub dialect: Dialect,
     pub model: String,
@@ -164,6 +167,20 @@ impl FakeUpstream {
                     get(|State(s): State<Arc<FakeState>>| async move {
                         axum::Json(json!({"models": [{"name": s.model, "digest": "sha256:0123"}]}))
                     }),
+                )
+                // The model is built on the blob OLLAMA_BLOB names.
+                .route(
+                    "/api/show",
+                    post(|| async {
+                        axum::Json(json!({
+                            "modelfile": format!("# Modelfile\nFROM /root/.ollama/models/blobs/sha256-{OLLAMA_BLOB}\nPARAMETER stop <end>\n"),
+                            "capabilities": ["completion"],
+                        }))
+                    }),
+                )
+                .route(
+                    "/api/version",
+                    get(|| async { axum::Json(json!({"version": "0.12.3"})) }),
                 )
                 .route("/api/chat", post(ollama_generate))
                 .route("/api/generate", post(ollama_generate)),
