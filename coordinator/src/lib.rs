@@ -8,16 +8,14 @@
 
 pub mod admin;
 pub mod audit;
-pub mod bench;
 pub mod client_addr;
 pub mod config;
 pub mod db;
-pub mod error;
+pub mod http;
 pub mod ledger;
 pub mod listener;
 pub mod metrics;
 pub mod pg;
-pub mod pipeline;
 pub mod rate_limit;
 pub mod routes;
 pub mod sweeper;
@@ -71,7 +69,7 @@ pub struct AppState {
     /// answers 503 with it.
     pub db_down: Mutex<Option<String>>,
     /// Proof-of-hardware rounds in progress, by challenge id.
-    pub challenges: Mutex<HashMap<String, bench::Pending>>,
+    pub challenges: Mutex<HashMap<String, routes::hardware::Pending>>,
     /// At most `bench_verify_concurrency` proofs are checked at once.
     pub verify_slots: tokio::sync::Semaphore,
     /// Proofs waiting for a slot (bounded by `bench_verify_queue`).

@@ -1,8 +1,9 @@
 //! HTTP routes of the coordinator: the router and its middleware here,
 //! one module per resource (workers, tickets, receipts, accounts; the
-//! proof of hardware in `crate::bench`), and the sweeper in `crate::sweeper`.
+//! proof of hardware in `hardware.rs`), and the sweeper in `crate::sweeper`.
 
 mod accounts;
+pub mod hardware;
 mod receipts;
 mod tickets;
 mod workers;
@@ -43,12 +44,12 @@ use troop_protocol::signed::HEADER_TIMESTAMP;
 use troop_protocol::ticket::{TICKET_ISSUER, TicketClaims};
 use troop_protocol::{ErrorCode, credits_from_milli};
 
-use crate::error::{ApiError, parse_json};
-use crate::ledger::{Command, GrantPolicy, LedgerError, Outcome, WorkerRow};
-use crate::pipeline::{Signed, SignedBytes};
-pub(crate) use crate::pipeline::{
+use crate::http::error::{ApiError, parse_json};
+use crate::http::extract::{Signed, SignedBytes};
+pub(crate) use crate::http::extract::{
     client_ip, ledger_error, request_id, security_event, verify_signed,
 };
+use crate::ledger::{Command, GrantPolicy, LedgerError, Outcome, WorkerRow};
 use crate::{AppState, unix_ms, unix_secs};
 
 type St = State<Arc<AppState>>;
@@ -80,9 +81,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/authorize", post(authorize))
         .route("/transactions/submit", post(submit_receipt))
         .merge(discovery)
-        .route("/bench/challenge", post(crate::bench::challenge))
+        .route("/bench/challenge", post(crate::routes::hardware::challenge))
         // Openings are Merkle paths only: about 140 KB at n = 4096.
-        .route("/bench/submit", post(crate::bench::submit))
+        .route("/bench/submit", post(crate::routes::hardware::submit))
         // Router::layer wraps from the inside out: the last one is outermost.
         .layer(RequestBodyLimitLayer::new(state.cfg.body_limit_bytes))
         .fallback(not_found)

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use troop_protocol::ErrorCode;
 use troop_protocol::signed::{self, HEADER_NONCE, HEADER_PEER, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 
-use crate::error::{ApiError, parse_json};
+use crate::http::error::{ApiError, parse_json};
 use crate::ledger::LedgerError;
 use crate::{AppState, unix_secs};
 

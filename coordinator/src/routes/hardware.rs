@@ -28,10 +28,10 @@ use troop_bench_kernels::verify::{self, Opening, SAMPLES};
 use troop_protocol::ErrorCode;
 use troop_protocol::api::{BenchChallenge, BenchRows, BenchVerdict};
 
-use crate::error::ApiError;
+use crate::http::error::ApiError;
+use crate::http::extract::Signed;
+use crate::http::extract::{ledger_error, security_event};
 use crate::ledger::{Command, Outcome};
-use crate::pipeline::Signed;
-use crate::pipeline::{ledger_error, security_event};
 use crate::{AppState, unix_ms, unix_secs};
 
 /// A round in progress (in this process with SQLite; in PostgreSQL, where
