@@ -1,0 +1,173 @@
+//! Workers joining: registration, heartbeats and `/bootstrap`.
+
+use super::*;
+
+#[tokio::test]
+async fn register_heartbeat_workers_and_bootstrap() {
+    let c = TestCoordinator::start().await;
+    let worker = generate();
+    let reg = c.register(&worker, &[MODEL, "llama3"]).await;
+    assert_eq!(reg.peer_id, worker.public().to_peer_id().to_base58());
+    assert_eq!(hex::decode(&reg.receipt_key).expect("hex").len(), 32);
+    assert_eq!(reg.hardware_multiplier, 1.0);
+    // Re-registering keeps the receipt key.
+    assert_eq!(
+        c.register(&worker, &[MODEL]).await.receipt_key,
+        reg.receipt_key
+    );
+
+    let hb = c
+        .signed(
+            &worker,
+            "/workers/heartbeat",
+            &json!({ "load": { "active_jobs": 2, "queue_depth": 5 } }),
+        )
+        .await;
+    assert_eq!(hb.status(), 200);
+    let stranger = generate();
+    let hb = c.signed(&stranger, "/workers/heartbeat", &json!({})).await;
+    assert_eq!(error_code(hb).await, (404, "unknown_worker".into()));
+
+    let list: Value = c.get("/workers").await.json().await.expect("json");
+    let w = &list["workers"][0];
+    assert_eq!(w["peer_id"], reg.peer_id.as_str());
+    assert_eq!(w["models"], json!([MODEL]));
+    assert_eq!(w["hardware_multiplier"], 1.0);
+    assert!(w["verified_gflops"].is_null());
+    assert!(w["last_seen"].as_u64().expect("last_seen") >= now_secs() - 5);
+    assert_eq!(w["load"]["queue_depth"], 5);
+    assert_eq!(w["alive"], true);
+
+    let boot: Value = c.get("/bootstrap").await.json().await.expect("json");
+    assert_eq!(boot["peers"][0]["peer_id"], reg.peer_id.as_str());
+    assert_eq!(boot["peers"][0]["addresses"][0], "/ip4/127.0.0.1/tcp/4001");
+    assert_eq!(boot["peers"][0]["relay"], false);
+}
+
+#[tokio::test]
+async fn bootstrap_lists_the_operators_relays_first() {
+    let relay = generate().public().to_peer_id().to_base58();
+    let tcp = format!("/ip4/203.0.113.7/tcp/4001/p2p/{relay}");
+    let quic = format!("/ip4/203.0.113.7/udp/4001/quic-v1/p2p/{relay}");
+    let (t, q) = (tcp.clone(), quic.clone());
+    let c = TestCoordinator::start_with(move |cfg| cfg.relays = vec![t, q]).await;
+    let worker = generate();
+    let reg = c.register(&worker, &[MODEL]).await;
+    let boot: Value = c.get("/bootstrap").await.json().await.expect("json");
+    let peers = boot["peers"].as_array().expect("peers");
+    assert_eq!(peers.len(), 2, "{boot}");
+    assert_eq!(peers[0]["peer_id"], relay.as_str());
+    assert_eq!(peers[0]["relay"], true);
+    assert_eq!(peers[0]["addresses"], json!([tcp, quic]));
+    assert_eq!(peers[1]["peer_id"], reg.peer_id.as_str());
+    assert_eq!(peers[1]["relay"], false);
+    // `?model=` lists only the workers serving it, and no relays.
+    let other = generate();
+    let other_reg = c.register(&other, &["qwen2.5:0.5b"]).await;
+    let only: Value = c
+        .get("/bootstrap?model=qwen2.5%3A0.5b")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        only["peers"],
+        json!([{"peer_id": other_reg.peer_id, "addresses": ["/ip4/127.0.0.1/tcp/4001"], "relay": false}]),
+        "{only}"
+    );
+    let none: Value = c
+        .get("/bootstrap?model=nobody-serves-this")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(none["peers"], json!([]));
+    let r = c
+        .get(&format!("/bootstrap?model={}", "x".repeat(300)))
+        .await;
+    assert_eq!(r.status(), 400);
+    // A relay address must name its peer.
+    assert!(troop_coordinator::config::relay_peer_id("/ip4/203.0.113.7/tcp/4001").is_none());
+    assert!(
+        troop_coordinator::config::relay_peer_id(&format!("{tcp}/p2p-circuit/p2p/{relay}"))
+            .is_none()
+    );
+}
+
+/// New worker ids are limited per client IP and hour (re-registering a
+/// known id is not), and every address must be a multiaddr that names no
+/// peer but the signer at its end.
+#[tokio::test]
+async fn registrations_are_limited_per_ip_and_addresses_must_be_the_signers() {
+    let c = TestCoordinator::start_with(|cfg| cfg.registrations_per_ip_per_hour = 3).await;
+    let first = generate();
+    c.register(&first, &[MODEL]).await;
+    c.register(&generate(), &[MODEL]).await;
+    c.register(&generate(), &[MODEL]).await;
+    let r = c
+        .signed(
+            &generate(),
+            "/workers/register",
+            &json!({ "models": [MODEL], "addresses": [] }),
+        )
+        .await;
+    assert!(r.headers().get("retry-after").is_some());
+    assert_eq!(error_code(r).await, (429, "rate_limited".into()));
+    // A known id re-registers.
+    c.register(&first, &[MODEL]).await;
+
+    let me = first.public().to_peer_id();
+    let other = generate().public().to_peer_id();
+    let try_addr = |a: String| {
+        let c = &c;
+        let first = &first;
+        async move {
+            c.signed(
+                first,
+                "/workers/register",
+                &json!({ "models": [MODEL], "addresses": [a] }),
+            )
+            .await
+        }
+    };
+    for bad in [
+        format!("/ip4/10.0.0.1/tcp/4001/p2p/{other}"),
+        "not a multiaddr".to_string(),
+        "/ip4/999.0.0.1/tcp/1".to_string(),
+    ] {
+        assert_eq!(
+            error_code(try_addr(bad.clone()).await).await,
+            (400, "bad_request".into()),
+            "{bad}"
+        );
+    }
+    for good in [
+        format!("/ip4/10.0.0.1/tcp/4001/p2p/{me}"),
+        format!("/ip4/10.0.0.2/tcp/4001/p2p/{other}/p2p-circuit"),
+        format!("/ip4/10.0.0.2/tcp/4001/p2p/{other}/p2p-circuit/p2p/{me}"),
+        "/ip6/::1/udp/4001/quic-v1".to_string(),
+    ] {
+        assert_eq!(try_addr(good.clone()).await.status(), 200, "{good}");
+    }
+    // The heartbeat checks its addresses the same way.
+    let hb = c
+        .signed(
+            &first,
+            "/workers/heartbeat",
+            &json!({ "addresses": [format!("/ip4/10.0.0.1/tcp/1/p2p/{other}")] }),
+        )
+        .await;
+    assert_eq!(error_code(hb).await, (400, "bad_request".into()));
+}
+
+/// One IP cannot fill `/bootstrap` with ids it made up.
+#[tokio::test]
+async fn bootstrap_lists_at_most_a_few_workers_per_ip() {
+    let c = TestCoordinator::start_with(|cfg| cfg.bootstrap_per_ip = 2).await;
+    for _ in 0..5 {
+        c.register(&generate(), &[MODEL]).await;
+    }
+    let boot: Value = c.get("/bootstrap").await.json().await.expect("json");
+    let listed = boot["peers"].as_array().expect("peers").len();
+    assert_eq!(listed, 2, "{boot}");
+}
