@@ -754,3 +754,38 @@ async fn a_node_closes_idle_connections_above_its_peer_limit_but_keeps_warm_and_
         after.len()
     );
 }
+
+/// A burst of 50 streamed answers through one gateway to one worker with
+/// no session open: the gateway buys one ticket and every request goes
+/// under it, the worker checks them a few at a time without resetting any
+/// (before, all past the 16th were reset and retried after a pause), and
+/// every answer is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_fifty_streams_with_no_session_open_shares_one_ticket_and_none_is_reset() {
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(20), Duration::ZERO).await;
+    let mut net = TestNet::start(|_| {}).await;
+    let w = net
+        .add_worker(&fake.url, |c| c.session_idle = Duration::from_secs(120))
+        .await;
+    net.add_gateway().await;
+    net.wait_for_workers(1).await;
+    let answers = futures::future::join_all((0..50).map(|_| async {
+        let r = net.chat(true).await;
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap_or_default())
+    }))
+    .await;
+    for (status, body) in &answers {
+        assert_eq!(*status, 200, "{body}");
+        assert_eq!(chat_text(&sse_data(body)), tokens(20).concat());
+    }
+    assert_eq!(fake.state.requests.load(Ordering::SeqCst), 50);
+    let worker = net.workers.remove(w);
+    assert_eq!(
+        worker.stats.streams_reset.load(Ordering::SeqCst),
+        0,
+        "streams of the burst were reset"
+    );
+    let report = worker.stop(Duration::from_secs(5)).await;
+    assert_eq!(report.sessions_filed, 1, "one session for the whole burst");
+}

@@ -282,22 +282,50 @@ impl GatewayState {
         worker: PeerId,
     ) -> Result<(AuthorizeResponse, u32, bool), ClientError> {
         let key = (model.to_string(), worker);
-        let next = self
-            .sessions
-            .locked()
-            .map(|mut b| b.next(&key, unix_now_ms()));
-        if let Some((sessions::Next::Open { auth, index }, reused)) = next {
+        let open = || {
+            self.sessions
+                .locked()
+                .map(|mut b| b.next(&key, unix_now_ms()))
+        };
+        if let Some((sessions::Next::Open { auth, index }, reused)) = open() {
             return Ok((auth, index, reused));
         }
-        let auth = self
-            .client
-            .authorize(model, &worker.to_base58(), None)
-            .await?;
-        metrics::counter!("troop_tickets_bought_total", "when" => "now").increment(1);
-        if let Some(mut b) = self.sessions.locked() {
-            b.opened(key, auth.clone(), unix_now_ms());
+        // One ticket per (model, worker) is bought at a time: a burst of
+        // requests with no session open waits for the first one's ticket
+        // and shares its session (one reservation, one ticket check at the
+        // worker) instead of buying one each.
+        let gate = self
+            .buying
+            .locked()
+            .map(|mut m| m.entry(key.clone()).or_default().clone());
+        let turn = match gate.clone() {
+            Some(g) => Some(g.lock_owned().await),
+            None => None,
+        };
+        let bought = async {
+            if let Some((sessions::Next::Open { auth, index }, reused)) = open() {
+                return Ok((auth, index, reused));
+            }
+            let auth = self
+                .client
+                .authorize(model, &worker.to_base58(), None)
+                .await?;
+            metrics::counter!("troop_tickets_bought_total", "when" => "now").increment(1);
+            if let Some(mut b) = self.sessions.locked() {
+                b.opened(key.clone(), auth.clone(), unix_now_ms());
+            }
+            Ok((auth, 0, false))
         }
-        Ok((auth, 0, false))
+        .await;
+        drop(turn);
+        // The last one through forgets the gate.
+        if let Some(g) = gate
+            && let Some(mut m) = self.buying.locked()
+            && Arc::strong_count(&g) <= 2
+        {
+            m.remove(&key);
+        }
+        bought
     }
 
     pub(super) fn drop_session(&self, model: &str, worker: PeerId, job_id: &str) {

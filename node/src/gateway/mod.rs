@@ -115,6 +115,8 @@ pub struct GatewayState {
     asked_coordinator: Mutex<HashMap<String, Instant>>,
     /// Acknowledgements on their way to workers.
     acks: AckSender,
+    /// One ticket purchase at a time per (model, worker): a burst shares it.
+    buying: Mutex<HashMap<sessions::Key, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl GatewayState {
@@ -237,6 +239,7 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
         warm: Mutex::new(VecDeque::new()),
         asked_coordinator: Mutex::new(HashMap::new()),
         acks,
+        buying: Mutex::new(HashMap::new()),
     });
     crate::web::warn_if_public(http_addr, "gateway");
     let mut tasks = vec![ack_task];

@@ -115,6 +115,9 @@ impl WorkerConfig {
 #[derive(Default)]
 pub struct WorkerStats {
     pub active_jobs: AtomicU32,
+    /// Streams reset before their ticket was read: over the bound on
+    /// streams waiting for a check, or waiting too long.
+    pub streams_reset: AtomicU64,
     pub jobs_done: AtomicU64,
     pub jobs_failed: AtomicU64,
     pub jobs_cancelled: AtomicU64,
@@ -168,7 +171,7 @@ struct Shared {
     /// per [`KEY_REFRESH_EVERY`], never under the verifier's lock.
     key_refresh: tokio::sync::Mutex<Option<Instant>>,
     /// Streams whose ticket is not checked yet, by peer (bounded).
-    unchecked: Mutex<std::collections::HashMap<PeerId, u32>>,
+    unchecked: Mutex<std::collections::HashMap<PeerId, serve::PeerGate>>,
     /// The upstream's last model listing: when, and what went wrong.
     upstream_health: Mutex<UpstreamHealth>,
     /// The proof of hardware: not asked, running, verified or failed.

@@ -4,39 +4,69 @@
 
 use super::*;
 
-/// Streams a peer may hold open before its ticket is checked.
+/// Streams of one peer whose tickets are read and checked at once; the
+/// peer's further streams wait their turn (they are not reset: a paying
+/// gateway's burst is served, not retried after a pause).
 pub(super) const UNCHECKED_PER_PEER: u32 = 16;
-/// Streams all peers together may hold open before their tickets are checked.
+/// Streams one peer may have waiting for a ticket check (checking or
+/// waiting their turn); beyond it its new streams are reset at once.
+pub(super) const WAITING_PER_PEER: u32 = 512;
+/// Streams all peers together may have waiting for a ticket check.
 pub(super) const UNCHECKED_TOTAL: u32 = 1024;
+/// Longest a stream waits its turn for a ticket check.
+const CHECK_WAIT: Duration = Duration::from_secs(10);
+
+/// A peer's streams waiting for a ticket check, and the turns they take.
+pub(super) struct PeerGate {
+    waiting: u32,
+    turns: Arc<tokio::sync::Semaphore>,
+}
 
 /// A place among the streams whose ticket is not checked yet.
 pub(super) struct Unchecked {
     s: Arc<Shared>,
     peer: PeerId,
+    turns: Arc<tokio::sync::Semaphore>,
 }
 
 impl Unchecked {
     fn take(s: &Arc<Shared>, peer: PeerId) -> Option<Self> {
         let mut m = s.unchecked.locked()?;
-        let total: u32 = m.values().sum();
-        let mine = m.get(&peer).copied().unwrap_or(0);
-        if total >= UNCHECKED_TOTAL || mine >= UNCHECKED_PER_PEER {
+        let total: u32 = m.values().map(|g| g.waiting).sum();
+        let mine = m.get(&peer).map_or(0, |g| g.waiting);
+        if total >= UNCHECKED_TOTAL || mine >= WAITING_PER_PEER {
             metrics::counter!("troop_limit_hits_total", "limit" => "unchecked_streams")
                 .increment(1);
             return None;
         }
-        m.insert(peer, mine + 1);
-        Some(Self { s: s.clone(), peer })
+        let g = m.entry(peer).or_insert_with(|| PeerGate {
+            waiting: 0,
+            turns: Arc::new(tokio::sync::Semaphore::new(UNCHECKED_PER_PEER as usize)),
+        });
+        g.waiting += 1;
+        Some(Self {
+            s: s.clone(),
+            peer,
+            turns: g.turns.clone(),
+        })
+    }
+
+    /// Waits for this stream's turn among its peer's ticket checks.
+    async fn turn(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        tokio::time::timeout(CHECK_WAIT, self.turns.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()
     }
 }
 
 impl Drop for Unchecked {
     fn drop(&mut self) {
         if let Some(mut m) = self.s.unchecked.locked()
-            && let Some(n) = m.get_mut(&self.peer)
+            && let Some(g) = m.get_mut(&self.peer)
         {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
+            g.waiting = g.waiting.saturating_sub(1);
+            if g.waiting == 0 {
                 m.remove(&self.peer);
             }
         }
@@ -49,6 +79,7 @@ pub(super) async fn accept_loop(s: Arc<Shared>, mut incoming: libp2p_stream::Inc
         // over the bound it is dropped (reset) at once.
         let Some(place) = Unchecked::take(&s, peer) else {
             tracing::debug!(%peer, "too many streams waiting for a ticket check; reset");
+            s.stats.streams_reset.fetch_add(1, Ordering::Relaxed);
             drop(stream);
             continue;
         };
@@ -58,7 +89,16 @@ pub(super) async fn accept_loop(s: Arc<Shared>, mut incoming: libp2p_stream::Inc
             let _busy = s.net.busy(peer);
             let killed = s.killed.clone();
             tokio::select! {
-                r = serve_stream(s, peer, stream, place) => {
+                r = async {
+                    // A peer's checks run a few at a time; its other
+                    // streams wait here, in order.
+                    let Some(turn) = place.turn().await else {
+                        tracing::debug!(%peer, "a stream waited too long for its ticket check; reset");
+                        s.stats.streams_reset.fetch_add(1, Ordering::Relaxed);
+                        return Ok(());
+                    };
+                    serve_stream(s, peer, stream, (place, turn)).await
+                } => {
                     if let Err(e) = r {
                         tracing::debug!(%peer, error = %e, "stream ended with an error");
                     }
@@ -84,7 +124,7 @@ pub(super) async fn serve_stream(
     s: Arc<Shared>,
     peer: PeerId,
     mut stream: libp2p::Stream,
-    place: Unchecked,
+    place: (Unchecked, tokio::sync::OwnedSemaphorePermit),
 ) -> anyhow::Result<()> {
     let first = tokio::time::timeout(Duration::from_secs(30), read_frame(&mut stream)).await;
     let (ticket, request, index) = match first {
