@@ -305,8 +305,9 @@ async fn a_rotated_coordinator_key_reaches_a_running_worker_through_the_jwks() {
 }
 
 /// A peer that opens streams and sends nothing holds at most 16 of them
-/// open before its ticket is checked; more are reset at once, and a good
-/// request from another node is still served.
+/// open before its ticket is checked; more wait their turn and are reset
+/// when none comes within 2 s, and a good request from another node is
+/// still served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_waiting_for_a_ticket_are_bounded_per_peer() {
     use futures::AsyncReadExt;
@@ -334,7 +335,7 @@ async fn streams_waiting_for_a_ticket_are_bounded_per_peer() {
             held.push(st);
         }
     }
-    // The 17th is reset by the worker: reading it ends at once.
+    // The 17th waits for a turn that never comes and is reset.
     let mut extra = open_infer_stream(&net, worker).await.expect("stream");
     let read = tokio::time::timeout(Duration::from_secs(10), extra.read(&mut buf))
         .await

@@ -13,8 +13,11 @@ pub(super) const UNCHECKED_PER_PEER: u32 = 16;
 pub(super) const WAITING_PER_PEER: u32 = 512;
 /// Streams all peers together may have waiting for a ticket check.
 pub(super) const UNCHECKED_TOTAL: u32 = 1024;
-/// Longest a stream waits its turn for a ticket check.
-const CHECK_WAIT: Duration = Duration::from_secs(10);
+/// Longest a stream waits its turn for a ticket check: a paying
+/// gateway's burst gets its turns within milliseconds (each check frees
+/// one), while a peer holding its checks with streams that send nothing
+/// sees its further streams reset soon.
+const CHECK_WAIT: Duration = Duration::from_secs(2);
 
 /// A peer's streams waiting for a ticket check, and the turns they take.
 pub(super) struct PeerGate {
