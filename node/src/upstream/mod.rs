@@ -224,6 +224,13 @@ impl Upstream {
             .json()
             .await
             .ok()?;
+        // The same answer says whether the model embeds: remembered, so
+        // the probe in `models` asks `/api/show` no second time.
+        if let Some(embeds) = ollama_embeds(&v)
+            && let Some(mut e) = self.embeds.locked()
+        {
+            e.entry(model.to_string()).or_insert(embeds);
+        }
         identity::ollama_blob_digest(v.get("modelfile")?.as_str()?)
     }
 
@@ -244,12 +251,7 @@ impl Upstream {
                         .json()
                         .await
                         .ok()?;
-                    Some(
-                        v.get("capabilities")?
-                            .as_array()?
-                            .iter()
-                            .any(|c| c == "embedding"),
-                    )
+                    ollama_embeds(&v)
                 }
                 Dialect::Openai => {
                     let r = self
@@ -286,6 +288,16 @@ impl Upstream {
             Dialect::Openai => openai::generate(&self.http, &self.base, req).await,
         }
     }
+}
+
+/// Whether `/api/show`'s capabilities list `embedding`.
+fn ollama_embeds(show: &serde_json::Value) -> Option<bool> {
+    Some(
+        show.get("capabilities")?
+            .as_array()?
+            .iter()
+            .any(|c| c == "embedding"),
+    )
 }
 
 pub(crate) fn unreachable(e: reqwest::Error) -> UpstreamError {
