@@ -239,11 +239,16 @@ impl GatewayState {
                 return Err(DispatchError::NoWorker(last_error));
             }
             ever_found |= !candidates.is_empty();
-            for worker in candidates {
+            let mut left: Vec<(PeerId, u8)> = candidates
+                .into_iter()
+                .map(|p| (p, self.net.path(&p).rank()))
+                .collect();
+            while let Some(mut claim) = self.claim_next(&mut left) {
+                let worker = claim.worker;
                 let Some(permit) = self.breaker_permit(&worker) else {
                     continue;
                 };
-                match self.try_worker(worker, &request).await {
+                match self.try_worker(&mut claim, &request).await {
                     Ok(job) => {
                         permit.record(true);
                         return Ok(job);
@@ -254,6 +259,9 @@ impl GatewayState {
                     Err(Attempt::Final(e)) => return Err(e),
                     Err(Attempt::Next(reason)) => {
                         tracing::info!(%worker, %reason, "worker skipped");
+                        self.skipped
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        metrics::counter!("troop_gateway_workers_skipped_total").increment(1);
                         permit.record(false);
                         last_error = reason;
                     }
@@ -270,6 +278,22 @@ impl GatewayState {
                 None => return Err(DispatchError::NoWorker(last_error)),
             }
         }
+    }
+
+    /// Takes a place on the best worker left in `left` (by path, then
+    /// score with the places already taken) and removes it from `left`.
+    fn claim_next(self: &Arc<Self>, left: &mut Vec<(PeerId, u8)>) -> Option<Claim> {
+        let i = match self.table.writing() {
+            Some(mut t) => t.claim_best(left)?,
+            None if left.is_empty() => return None,
+            None => 0,
+        };
+        let (worker, _) = left.remove(i);
+        Some(Claim {
+            state: self.clone(),
+            worker,
+            held: true,
+        })
     }
 
     /// The session to send a request to `worker` under: the open one, else
@@ -361,14 +385,16 @@ impl GatewayState {
 
     pub(super) async fn try_worker(
         self: &Arc<Self>,
-        worker: PeerId,
+        claim: &mut Claim,
         request: &InferenceRequest,
     ) -> Result<JobStream, Attempt> {
+        let worker = claim.worker;
         // A session the worker already closed (idle) is refused: then one
         // more try with a new session. The stream is opened before the
         // ticket is bought, so a worker that cannot be reached costs no
         // reservation.
         for _ in 0..2 {
+            claim.hold();
             // From before the stream opens: the connection it goes out on
             // is not trimmed while the ticket is bought.
             let busy = self.net.busy(worker);
@@ -399,7 +425,7 @@ impl GatewayState {
                 Err(e) => return Err(Attempt::Next(Skip::NoTicket(e.to_string()))),
             };
             match self
-                .send_request(worker, stream, busy, request, &auth, index)
+                .send_request(claim, stream, busy, request, &auth, index)
                 .await
             {
                 Err(Attempt::Next(reason)) if reused && reason.is_unauthorized() => {
@@ -441,7 +467,7 @@ impl GatewayState {
 
     pub(super) async fn send_request(
         self: &Arc<Self>,
-        worker: PeerId,
+        claim: &mut Claim,
         mut stream: libp2p::Stream,
         busy: crate::network::BusyGuard,
         request: &InferenceRequest,
@@ -460,9 +486,9 @@ impl GatewayState {
                 "could not send the request: {e}"
             ))));
         }
-        if let Some(mut t) = self.table.writing() {
-            t.add_inflight(&worker, 1);
-        }
+        let worker = claim.worker;
+        // The job holds the claimed place from here (its drop gives it back).
+        claim.hand_over();
         self.keep_warm(worker);
         let mut job = JobStream {
             worker,
@@ -512,6 +538,44 @@ impl GatewayState {
                 "the worker closed the stream".into(),
             ))),
             Err(e) => Err(Attempt::Next(Skip::NoAnswer(e))),
+        }
+    }
+}
+
+/// A place taken on a worker for one request, from the moment the worker
+/// is chosen (so that a burst spreads by free slots, see
+/// [`WorkerTable::claim_best`](super::table::WorkerTable::claim_best)) until
+/// the request is sent, when its [`JobStream`] holds it; given back when the
+/// attempt fails.
+pub(super) struct Claim {
+    state: Arc<GatewayState>,
+    pub(super) worker: PeerId,
+    held: bool,
+}
+
+impl Claim {
+    /// Takes the place again for a second try on the same worker.
+    fn hold(&mut self) {
+        if !self.held {
+            if let Some(mut t) = self.state.table.writing() {
+                t.add_inflight(&self.worker, 1);
+            }
+            self.held = true;
+        }
+    }
+
+    /// The job counts the place from now.
+    fn hand_over(&mut self) {
+        self.held = false;
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if self.held
+            && let Some(mut t) = self.state.table.writing()
+        {
+            t.add_inflight(&self.worker, -1);
         }
     }
 }

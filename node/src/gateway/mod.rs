@@ -117,6 +117,10 @@ pub struct GatewayState {
     acks: AckSender,
     /// One ticket purchase at a time per (model, worker): a burst shares it.
     buying: Mutex<HashMap<sessions::Key, Arc<tokio::sync::Mutex<()>>>>,
+    /// Attempts on a worker that failed before its first frame and were
+    /// tried on another worker or again (refused, busy, unreachable, a
+    /// stream lost): zero in a healthy burst.
+    pub skipped: std::sync::atomic::AtomicU64,
 }
 
 impl GatewayState {
@@ -240,6 +244,7 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
         asked_coordinator: Mutex::new(HashMap::new()),
         acks,
         buying: Mutex::new(HashMap::new()),
+        skipped: Default::default(),
     });
     crate::web::warn_if_public(http_addr, "gateway");
     let mut tasks = vec![ack_task];

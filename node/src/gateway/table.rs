@@ -269,6 +269,29 @@ impl WorkerTable {
         }
     }
 
+    /// Takes a place on the best of `among` (each with its path rank, lower
+    /// first; the list's order breaks ties) for one request, and returns
+    /// its index in `among`. The place counts in the worker's score from
+    /// now, so the requests of a burst that choose after this one see it
+    /// and spread over the workers by their free slots instead of all
+    /// choosing the worker that was best before any of them started.
+    pub fn claim_best(&mut self, among: &[(PeerId, u8)]) -> Option<usize> {
+        let mut best: Option<(usize, u8, f64)> = None;
+        for (i, (peer, rank)) in among.iter().enumerate() {
+            let score = self.entries.get(peer).map_or(f64::MAX, Self::score);
+            let better = match best {
+                None => true,
+                Some((_, r, sc)) => (*rank, score) < (r, sc),
+            };
+            if better {
+                best = Some((i, *rank, score));
+            }
+        }
+        let (i, _, _) = best?;
+        self.add_inflight(&among[i].0, 1);
+        Some(i)
+    }
+
     /// Jobs this gateway has running on `peer`.
     pub fn inflight(&self, peer: &PeerId) -> u32 {
         self.entries
@@ -534,6 +557,32 @@ mod tests {
         t.add_inflight(&busy, -5);
         assert_eq!(t.candidates("m")[0], busy);
         assert!(t.candidates("other").is_empty());
+    }
+
+    #[test]
+    fn a_burst_claims_places_and_spreads_over_the_workers_by_free_slots() {
+        let mut t = WorkerTable::default();
+        let workers: Vec<PeerId> = (0..4).map(|_| PeerId::random()).collect();
+        for w in &workers {
+            t.on_advert(*w, advert(w, 50.0, 0));
+        }
+        let among: Vec<(PeerId, u8)> = workers.iter().map(|w| (*w, 0)).collect();
+        // Sixteen requests choose before any of them is sent: four each,
+        // none past a worker's cap of four.
+        let mut got = std::collections::HashMap::new();
+        for _ in 0..16 {
+            let i = t.claim_best(&among).expect("a worker");
+            *got.entry(among[i].0).or_insert(0) += 1;
+        }
+        for w in &workers {
+            assert_eq!(got.get(w), Some(&4), "{got:?}");
+            assert_eq!(t.inflight(w), 4);
+        }
+        // A direct path still goes before a relayed one with more room.
+        let mixed = vec![(workers[0], 1), (workers[1], 0)];
+        t.add_inflight(&workers[1], 2);
+        assert_eq!(t.claim_best(&mixed), Some(1));
+        assert_eq!(t.claim_best(&[]), None);
     }
 
     #[test]

@@ -115,6 +115,8 @@ impl WorkerConfig {
 #[derive(Default)]
 pub struct WorkerStats {
     pub active_jobs: AtomicU32,
+    /// Requests answered with a refusal frame (busy, bad ticket, stopping…).
+    pub requests_refused: AtomicU64,
     /// Streams reset before their ticket was read: over the bound on
     /// streams waiting for a check, or waiting too long.
     pub streams_reset: AtomicU64,

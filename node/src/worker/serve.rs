@@ -113,11 +113,13 @@ pub(super) async fn accept_loop(s: Arc<Shared>, mut incoming: libp2p_stream::Inc
 }
 
 pub(super) async fn refuse(
+    s: &Shared,
     stream: &mut libp2p::Stream,
     code: ErrorCode,
     message: String,
 ) -> anyhow::Result<()> {
     metrics::counter!("troop_jobs_refused_total", "code" => code.as_str()).increment(1);
+    s.stats.requests_refused.fetch_add(1, Ordering::Relaxed);
     write_frame(stream, &Frame::error(code, message)).await?;
     let _ = futures::AsyncWriteExt::close(stream).await;
     Ok(())
@@ -144,6 +146,7 @@ pub(super) async fn serve_stream(
         }
         Ok(Ok(Some(_))) => {
             return refuse(
+                &s,
                 &mut stream,
                 ErrorCode::BadRequest,
                 "expected a request frame".into(),
@@ -156,6 +159,7 @@ pub(super) async fn serve_stream(
             tracing::debug!(%peer, error = %e, "bad frame; resetting the stream");
             if let troop_protocol::frames::FrameError::Version(v) = e {
                 let _ = refuse(
+                    &s,
                     &mut stream,
                     ErrorCode::BadRequest,
                     format!("unsupported frame version {v}"),
@@ -169,6 +173,7 @@ pub(super) async fn serve_stream(
     if s.stopping.is_cancelled() {
         drop(place);
         return refuse(
+            &s,
             &mut stream,
             ErrorCode::Unavailable,
             "the worker is stopping".into(),
@@ -180,7 +185,7 @@ pub(super) async fn serve_stream(
         Err(e) => {
             drop(place);
             tracing::info!(%peer, error = %e, "ticket refused");
-            return refuse(&mut stream, ErrorCode::Unauthorized, e).await;
+            return refuse(&s, &mut stream, ErrorCode::Unauthorized, e).await;
         }
     };
     drop(place);
@@ -196,6 +201,7 @@ pub(super) async fn serve_stream(
     if claims.model != request.model {
         guard.abandon();
         return refuse(
+            &s,
             &mut stream,
             ErrorCode::BadRequest,
             "the ticket is for another model".into(),
@@ -209,6 +215,7 @@ pub(super) async fn serve_stream(
     let Some(served) = served else {
         guard.abandon();
         return refuse(
+            &s,
             &mut stream,
             ErrorCode::UnknownModel,
             format!("this worker does not serve {}", request.model),
@@ -220,6 +227,7 @@ pub(super) async fn serve_stream(
     {
         guard.abandon();
         return refuse(
+            &s,
             &mut stream,
             ErrorCode::UnknownModel,
             format!(
@@ -236,6 +244,7 @@ pub(super) async fn serve_stream(
     let Ok(permit) = s.jobs.clone().try_acquire_owned() else {
         guard.abandon();
         return refuse(
+            &s,
             &mut stream,
             ErrorCode::Busy,
             "the worker is at its job limit".into(),

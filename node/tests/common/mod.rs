@@ -484,6 +484,13 @@ fn loopback() -> Multiaddr {
 
 impl TestNet {
     pub async fn start(tweak: impl Fn(&mut Config) + Send + Sync + 'static) -> Self {
+        // `RUST_LOG=...` shows the mesh's logs in a failing test's output.
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
         let dir = tempfile::tempdir().expect("tempdir");
         let tweak: Arc<dyn Fn(&mut Config) + Send + Sync> = Arc::new(tweak);
         let cfg = Self::coord_config(dir.path(), &tweak);
