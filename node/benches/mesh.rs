@@ -5,9 +5,13 @@
 //!   installed), and chunks per second over 50 concurrent streams;
 //! * chunks per second relayed on one stream from a fast fake upstream;
 //! * peak memory of one worker process holding 1,000 concurrent streams;
-//! * time for a newly started gateway to find a model's worker among 50 nodes.
+//! * time for a newly started gateway to find a model's worker among 50 nodes;
+//! * bursts of 50 and 500 concurrent streams (2,000 events each) with no
+//!   session open: aggregate events/s, median and slowest stream, beside
+//!   nginx and the upstream itself.
 //!
-//! `cargo bench -p troop-node --bench mesh` (env: TTFT_RUNS, CHUNKS, CONCURRENT, STREAMS, NODES).
+//! `cargo bench -p troop-node --bench mesh` (env: MESH_BENCH=ttft,chunks,burst,memory,discovery,scale
+//! picks parts; TTFT_RUNS, CHUNKS, CONCURRENT, BURST_EVENTS, STREAMS, NODES).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -303,6 +307,78 @@ async fn bench_chunks(n: usize, conc: usize) -> [f64; 6] {
         t.elapsed().as_secs_f64()
     );
     [d1, n1, m1, dc, nc, mc]
+}
+
+/// One burst: aggregate events/s, the median and the slowest stream (s).
+#[derive(Clone, Copy)]
+struct Burst {
+    events_per_s: f64,
+    median_s: f64,
+    slowest_s: f64,
+}
+
+impl Burst {
+    const NONE: Burst = Burst {
+        events_per_s: f64::NAN,
+        median_s: f64::NAN,
+        slowest_s: f64::NAN,
+    };
+
+    fn json(&self) -> serde_json::Value {
+        json!({"events_per_s": self.events_per_s, "median_s": self.median_s, "slowest_s": self.slowest_s})
+    }
+}
+
+/// `conc` streams of `events` events each, all opened at once against
+/// `base`, each timed on its own.
+async fn burst_at(http: &reqwest::Client, base: &str, conc: usize, events: usize) -> Burst {
+    let start = Instant::now();
+    let all = futures::future::join_all((0..conc).map(|_| {
+        let http = http.clone();
+        let url = format!("{base}/v1/chat/completions");
+        tokio::spawn(async move { count_events(http, url, events).await })
+    }))
+    .await;
+    let wall = start.elapsed().as_secs_f64();
+    let mut times: Vec<f64> = Vec::new();
+    let mut total = 0usize;
+    for (ev, secs) in all.into_iter().flatten() {
+        total += ev;
+        times.push(secs);
+    }
+    if times.is_empty() {
+        return Burst::NONE;
+    }
+    Burst {
+        events_per_s: total as f64 / wall,
+        median_s: pct(&mut times, 0.5),
+        slowest_s: pct(&mut times, 1.0),
+    }
+}
+
+/// Issue 30's burst: `conc` concurrent streamed answers of `events` events
+/// each, straight from the upstream, through nginx and through a mesh
+/// gateway that has no session open yet (a fresh mesh for each burst, as
+/// after the gateway sat idle past its session's end).
+async fn bench_burst(conc: usize, events: usize) -> [Burst; 3] {
+    let up = blast_upstream().await;
+    let proxy = nginx(&up).await;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(conc)
+        .build()
+        .expect("client");
+    let direct = burst_at(&http, &up, conc, events).await;
+    let through_nginx = match &proxy {
+        Some(p) => burst_at(&http, &p.url, conc, events).await,
+        None => Burst::NONE,
+    };
+    let mut net = TestNet::start(rich).await;
+    // A worker that runs the whole burst at once (the default cap is 64).
+    net.add_worker(&up, |c| c.max_jobs = conc.max(64)).await;
+    net.add_gateway().await;
+    net.wait_for_workers(1).await;
+    let mesh = burst_at(&http, &net.gateway_url(), conc, events).await;
+    [direct, through_nginx, mesh]
 }
 
 fn rss_kib(pid: u32) -> (u64, u64) {
@@ -796,8 +872,8 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        // MESH_BENCH picks parts (ttft,chunks,memory,discovery); all by default.
-        let parts = std::env::var("MESH_BENCH").unwrap_or_else(|_| "ttft,chunks,memory,discovery,scale".into());
+        // MESH_BENCH picks parts (ttft,chunks,burst,memory,discovery,scale); all by default.
+        let parts = std::env::var("MESH_BENCH").unwrap_or_else(|_| "ttft,chunks,burst,memory,discovery,scale".into());
         let on = |p: &str| parts.split(',').any(|x| x.trim() == p);
         let nan = f64::NAN;
         let runs = env_usize("TTFT_RUNS", 200);
@@ -815,6 +891,14 @@ fn main() {
         } else {
             [nan; 6]
         };
+        let burst_events = env_usize("BURST_EVENTS", 2000);
+        let mut bursts = Vec::new();
+        if on("burst") {
+            for conc in [50, 500] {
+                eprintln!("[mesh bench] a burst of {conc} streams of {burst_events} events, no session open");
+                bursts.push((conc, bench_burst(conc, burst_events).await));
+            }
+        }
         let streams = env_usize("STREAMS", 1000);
         let (idle, busy, hwm, live) = if on("memory") {
             eprintln!("[mesh bench] worker memory with {streams} streams");
@@ -848,6 +932,12 @@ fn main() {
         println!("| added to TTFT, p50 / p99: nginx | {:.2} / {:.2} ms | - |", x50 - d50, x99 - d99);
         println!("| chunks/s on one stream: straight / nginx / mesh ({chunks} chunks) | {d1:.0} / {n1:.0} / {m1:.0} | mesh >= 250000 |");
         println!("| chunks/s over {conc} concurrent streams: straight / nginx / mesh | {dc:.0} / {nc:.0} / {mc:.0} | - |");
+        for (conc, [d, n, m]) in &bursts {
+            println!("| burst of {conc} x {burst_events} events, events/s: straight / nginx / mesh | {:.0} / {:.0} / {:.0} | mesh >= 1000000 at 50 |", d.events_per_s, n.events_per_s, m.events_per_s);
+            println!("| burst of {conc}, median / slowest stream: straight | {:.3} / {:.3} s | - |", d.median_s, d.slowest_s);
+            println!("| burst of {conc}, median / slowest stream: nginx | {:.3} / {:.3} s | - |", n.median_s, n.slowest_s);
+            println!("| burst of {conc}, median / slowest stream: mesh (no session open) | {:.3} / {:.3} s | slowest <= 3x nginx's |", m.median_s, m.slowest_s);
+        }
         println!("| worker RSS idle / with {live} of {streams} streams live / peak | {:.1} / {:.1} / {:.1} MiB | < 256 MiB at 1000 |", idle as f64 / 1024.0, busy as f64 / 1024.0, hwm as f64 / 1024.0);
         println!("| new node finds the worker among {nodes} nodes: DHT lookup, p50 of {discovery_runs} | {dht_ms:.0} ms | < 500 ms |");
         println!("| new node finds the worker among {nodes} nodes: first gossip advert, p50 of {discovery_runs} | {gossip_ms:.0} ms | < 500 ms |");
@@ -861,6 +951,8 @@ fn main() {
                 "ttft_nginx_p50_ms": x50, "ttft_nginx_p99_ms": x99,
                 "chunks_per_s_direct": d1, "chunks_per_s_nginx": n1, "chunks_per_s_mesh": m1,
                 "chunks_per_s_direct_concurrent": dc, "chunks_per_s_nginx_concurrent": nc, "chunks_per_s_mesh_concurrent": mc, "concurrent_streams": conc,
+                "bursts": bursts.iter().map(|(conc, [d, n, m])| json!({"streams": conc, "events": burst_events,
+                    "direct": d.json(), "nginx": n.json(), "mesh": m.json()})).collect::<Vec<_>>(),
                 "worker_rss_idle_kib": idle, "worker_rss_busy_kib": busy, "worker_rss_peak_kib": hwm, "streams_live": live, "streams": streams,
                 "discovery_dht_ms": dht_ms, "discovery_gossip_ms": gossip_ms, "nodes": nodes,
                 "scale": scale.as_ref().map(|sc| json!({"nodes": sc.nodes, "join_s": sc.join_s,

@@ -252,6 +252,11 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
     tasks.push(tokio::spawn(reputation_loop(state.clone())));
     let router = http::router(state.clone());
     tasks.push(tokio::spawn(async move {
+        // Each streamed event goes out when it is written (no Nagle wait
+        // behind the previous one's acknowledgement).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         if let Err(e) = axum::serve(listener, router).await {
             tracing::error!(error = %e, "gateway HTTP server stopped");
         }
