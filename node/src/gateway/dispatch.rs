@@ -393,12 +393,24 @@ impl GatewayState {
         // more try with a new session. The stream is opened before the
         // ticket is bought, so a worker that cannot be reached costs no
         // reservation.
-        for _ in 0..2 {
+        // Up to two sessions, and one more try when the spare stream
+        // turned out closed.
+        let mut spare_ok = true;
+        for _ in 0..3 {
             claim.hold();
             // From before the stream opens: the connection it goes out on
             // is not trimmed while the ticket is bought.
             let busy = self.net.busy(worker);
-            let stream = self.open_to(worker).await?;
+            let spare = if spare_ok {
+                self.take_spare(&worker)
+            } else {
+                None
+            };
+            let from_spare = spare.is_some();
+            let stream = match spare {
+                Some(s) => s,
+                None => self.open_to(worker).await?,
+            };
             let (auth, index, reused) = match self.session_for(&request.model, worker).await {
                 Ok(a) => a,
                 Err(ClientError::Refused {
@@ -431,6 +443,14 @@ impl GatewayState {
                 Err(Attempt::Next(reason)) if reused && reason.is_unauthorized() => {
                     tracing::debug!(%worker, %reason, "session closed by the worker; opening a new one");
                     self.drop_session(&request.model, worker, &auth.job_id);
+                    continue;
+                }
+                // The spare was closed under us (the connection went, the
+                // worker gave up waiting): the request never reached the
+                // worker, so it goes again on a new stream.
+                Err(Attempt::Next(reason)) if from_spare && reason.is_lost_stream() => {
+                    tracing::debug!(%worker, %reason, "spare stream closed; opening a new one");
+                    spare_ok = false;
                     continue;
                 }
                 other => return other,
@@ -490,6 +510,7 @@ impl GatewayState {
         // The job holds the claimed place from here (its drop gives it back).
         claim.hand_over();
         self.keep_warm(worker);
+        self.open_spare(worker);
         let mut job = JobStream {
             worker,
             first: Frame::Chunk {
@@ -534,9 +555,7 @@ impl GatewayState {
                 self.renew_ahead(&request.model, worker);
                 Ok(job)
             }
-            Ok(None) => Err(Attempt::Next(Skip::NoAnswer(
-                "the worker closed the stream".into(),
-            ))),
+            Ok(None) => Err(Attempt::Next(Skip::Closed)),
             Err(e) => Err(Attempt::Next(Skip::NoAnswer(e))),
         }
     }
@@ -593,6 +612,8 @@ pub enum Skip {
     Unreachable(String),
     /// Nothing came back in time, or the stream broke before an answer.
     NoAnswer(String),
+    /// The worker closed the stream without a frame.
+    Closed,
     /// The worker refused with a frame error.
     Refused {
         code: Option<ErrorCode>,
@@ -613,6 +634,7 @@ impl std::fmt::Display for Skip {
         match self {
             Skip::Unreachable(e) => write!(f, "unreachable: {e}"),
             Skip::NoAnswer(e) => write!(f, "no answer: {e}"),
+            Skip::Closed => f.write_str("no answer: the worker closed the stream"),
             Skip::Refused { code, message } => write!(
                 f,
                 "worker refused ({}): {message}",
@@ -648,11 +670,17 @@ impl Skip {
             Skip::NoTicket(_) => {
                 "the coordinator would not sell a ticket for the workers that serve this model"
             }
-            Skip::NoAnswer(_) => "the worker did not answer in time",
+            Skip::NoAnswer(_) | Skip::Closed => "the worker did not answer in time",
             Skip::Unreachable(_) | Skip::NoneTried => {
                 "the workers that serve this model could not be reached (they may have stopped)"
             }
         }
+    }
+
+    /// The stream was gone before the worker could have read the request:
+    /// it could not be written, or closed without a frame.
+    pub(super) fn is_lost_stream(&self) -> bool {
+        matches!(self, Skip::Unreachable(_) | Skip::Closed)
     }
 
     pub(super) fn is_unauthorized(&self) -> bool {

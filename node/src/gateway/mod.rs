@@ -9,6 +9,7 @@ mod fan_out;
 pub mod http;
 mod reading;
 pub mod sessions;
+mod spare;
 pub mod table;
 mod validate;
 
@@ -121,6 +122,8 @@ pub struct GatewayState {
     /// tried on another worker or again (refused, busy, unreachable, a
     /// stream lost): zero in a healthy burst.
     pub skipped: std::sync::atomic::AtomicU64,
+    /// A stream opened ahead to each warm worker (`spare.rs`).
+    spares: Mutex<HashMap<PeerId, spare::Spare>>,
 }
 
 impl GatewayState {
@@ -245,6 +248,7 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
         acks,
         buying: Mutex::new(HashMap::new()),
         skipped: Default::default(),
+        spares: Mutex::new(HashMap::new()),
     });
     crate::web::warn_if_public(http_addr, "gateway");
     let mut tasks = vec![ack_task];
