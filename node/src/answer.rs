@@ -18,6 +18,14 @@ use crate::upstream::{Upstream, UpstreamError};
 /// Bytes of answer gathered into one frame at most.
 pub const FRAME_TARGET: usize = 256 * 1024;
 
+/// Who signs a streamed chat answer's evidence: the worker's key, and the
+/// request's number in its session.
+#[derive(Clone, Copy)]
+pub struct Signer<'a> {
+    pub key: &'a libp2p::identity::Keypair,
+    pub index: u32,
+}
+
 /// How a job ended when it did not complete.
 #[derive(Debug)]
 pub enum JobEnd {
@@ -198,8 +206,9 @@ pub async fn relay(
     cap: Option<u32>,
     job_id: &str,
     timeouts: StreamTimeouts,
+    signer: Option<Signer<'_>>,
 ) -> Result<Served, JobEnd> {
-    let prepared = match passthrough::prepare(request, cap) {
+    let prepared = match passthrough::prepare_with(request, cap, signer.is_some()) {
         Ok(p) => p,
         Err(e) => {
             let err = UpstreamError::Rejected {
@@ -231,6 +240,9 @@ pub async fn relay(
         prepared.endpoint,
         Endpoint::ChatCompletions | Endpoint::Completions
     );
+    let mut collector = prepared
+        .evidence
+        .then(|| crate::evidence::Collector::new(prepared.strip_logprobs));
     let mut split = SseSplitter::default();
     let mut out = String::new();
     let mut out_events = 0u32;
@@ -310,7 +322,13 @@ pub async fn relay(
             if seen.usage_only && !prepared.forward_usage {
                 continue;
             }
-            out.push_str(&ev.raw);
+            match collector
+                .as_mut()
+                .and_then(|c| c.on_event(&ev.raw, &ev.data))
+            {
+                Some(rewritten) => out.push_str(&rewritten),
+                None => out.push_str(&ev.raw),
+            }
             out.push_str("\n\n");
             out_events += 1;
         }
@@ -349,7 +367,11 @@ pub async fn relay(
     if usage.completion_tokens == 0 {
         usage.completion_tokens = chunks;
     }
-    done(stream, job_id, usage, finish).await?;
+    let evidence = match (collector, signer) {
+        (Some(c), Some(sg)) => c.finish(sg.key, job_id, sg.index),
+        _ => None,
+    };
+    done(stream, job_id, usage, finish, evidence).await?;
     Ok(Served {
         usage,
         chunks,
@@ -362,11 +384,13 @@ async fn done(
     job_id: &str,
     usage: Usage,
     finish_reason: String,
+    evidence: Option<troop_protocol::evidence::Evidence>,
 ) -> Result<(), JobEnd> {
     let f = Frame::Done {
         job_id: job_id.to_string(),
         usage,
         finish_reason,
+        evidence,
     };
     if write_frame(stream, &f).await.is_err() {
         return Err(JobEnd::Cancelled(usage));
@@ -432,6 +456,7 @@ async fn whole(
         job_id,
         usage,
         seen.finish.unwrap_or_else(|| "stop".into()),
+        None,
     )
     .await?;
     Ok(Served {

@@ -4,6 +4,7 @@ pub mod answer;
 pub mod commands;
 pub mod coordinator_client;
 pub mod demo;
+pub mod evidence;
 pub mod frames_io;
 pub mod gateway;
 pub mod hardware;

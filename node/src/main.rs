@@ -165,6 +165,12 @@ enum Cmd {
         /// Most jobs at once; more get `busy`.
         #[arg(long, env = "TROOP_MAX_JOBS", default_value_t = 64)]
         max_jobs: usize,
+        /// Do not ask the model server for each token's logprobs (the
+        /// signed evidence of what was served that gateways check and
+        /// audits compare). For servers that refuse `logprobs`; answers
+        /// then carry no evidence.
+        #[arg(long, env = "TROOP_NO_EVIDENCE")]
+        no_evidence: bool,
         /// Folder for queued receipts (default: next to the identity file).
         #[arg(long, env = "TROOP_STATE_DIR")]
         state_dir: Option<PathBuf>,
@@ -488,6 +494,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dialect,
             model_file,
             max_jobs,
+            no_evidence,
             state_dir,
             advert_interval,
             heartbeat_interval,
@@ -521,6 +528,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.dialect = dialect;
             cfg.model_file = model_file;
             cfg.max_jobs = max_jobs.max(1);
+            cfg.evidence = !no_evidence;
             cfg.advert_interval = secs(advert_interval, "--advert-interval")?;
             cfg.heartbeat_interval = secs(heartbeat_interval, "--heartbeat-interval")?;
             cfg.session_idle = secs(session_idle_secs, "--session-idle-secs")?;

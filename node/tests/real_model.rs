@@ -133,6 +133,72 @@ async fn the_openai_client_streams_a_real_completion_through_the_mesh() {
         "no colour in the answer: {stdout}"
     );
 
+    // Every streamed chat answer carries the worker's signed evidence
+    // (each token's id, logprob and top 5), verified and checked by the
+    // gateway; the app that did not ask for logprobs gets none.
+    let state = net.gateway.as_ref().expect("gateway").state.clone();
+    let verified = |s: &troop_node::gateway::GatewayState| {
+        s.evidence_stats
+            .verified
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let before = verified(&state);
+    let chat_url = format!("{gw_v1}/chat/completions");
+    let chat = |extra: serde_json::Value| {
+        let http = http.clone();
+        let url = chat_url.clone();
+        async move {
+            let mut body = serde_json::json!({"model": "smollm2-135m", "stream": true, "max_tokens": 12,
+                "temperature": 0, "messages": [{"role": "user", "content": "Name a colour."}]});
+            for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+                body[k] = v;
+            }
+            let r = http.post(&url).json(&body).send().await.expect("send");
+            assert_eq!(r.status().as_u16(), 200);
+            r.text().await.expect("body")
+        }
+    };
+    let plain = chat(serde_json::json!({})).await;
+    assert!(
+        plain.contains("[DONE]") && !plain.contains("logprobs"),
+        "{plain}"
+    );
+    eventually("the answer's evidence", 10, || {
+        let state = state.clone();
+        async move { (verified(&state) > before).then_some(()) }
+    })
+    .await;
+    {
+        let kept = state.evidence.lock().expect("evidence");
+        let last = kept.back().expect("kept evidence");
+        assert!(!last.evidence.tokens.is_empty());
+        assert!(last.evidence.tokens.iter().all(|t| !t.top.is_empty()));
+        assert!(
+            last.violations.is_empty(),
+            "honest greedy evidence was found inconsistent: {:?}",
+            last.violations
+        );
+        assert_eq!(
+            last.evidence
+                .verify(&net.workers[w].peer_id, &last.job_id, last.index),
+            Ok(())
+        );
+    }
+    assert_eq!(
+        state
+            .evidence_stats
+            .refused
+            .load(std::sync::atomic::Ordering::SeqCst)
+            + state
+                .evidence_stats
+                .inconsistent
+                .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    // The app asked for logprobs: it gets them as the model server sent them.
+    let asked = chat(serde_json::json!({"logprobs": true, "top_logprobs": 2})).await;
+    assert!(asked.contains("\"top_logprobs\""), "{asked}");
+
     // Side by side with real clients; tools on a model that calls them.
     let tools = FakeUpstream::start(Dialect::OpenAi, tokens(3), std::time::Duration::ZERO).await;
     net.add_worker(&tools.url, |_| {}).await;

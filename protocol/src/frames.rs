@@ -156,6 +156,10 @@ pub enum Frame {
         job_id: String,
         usage: Usage,
         finish_reason: String,
+        /// What was served, token by token, signed by the worker (when its
+        /// upstream reports logprobs): see [`crate::evidence`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        evidence: Option<crate::evidence::Evidence>,
     },
     Error {
         code: u16,
@@ -298,6 +302,7 @@ mod tests {
                         completion_tokens: c,
                     },
                     finish_reason: f,
+                    evidence: None,
                 }
             }),
             (any::<u16>(), ".{0,50}").prop_map(|(code, message)| Frame::Error {

@@ -9,6 +9,7 @@
 pub mod advert;
 pub mod api;
 pub mod error;
+pub mod evidence;
 pub mod frames;
 pub mod identity;
 pub mod policy;

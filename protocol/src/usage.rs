@@ -32,6 +32,15 @@ pub fn ack_message(
     )
 }
 
+/// [`ack_message`], and the commitment to the worker's evidence on a line of
+/// its own when the ack carries one.
+fn signed_message(ack_fields: String, evidence: Option<&str>) -> String {
+    match evidence {
+        Some(c) => format!("{ack_fields}\n{c}"),
+        None => ack_fields,
+    }
+}
+
 /// A user's acknowledgement of one request of a session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,7 +58,13 @@ pub struct Ack {
     /// Milliseconds from sending the request to the last chunk (or to the
     /// moment the user left).
     pub observed_ms: u64,
-    /// ed25519 signature of [`ack_message`] by the user, base64 (standard, padded).
+    /// The commitment of the worker's evidence for this request
+    /// (`sha256:<hex>`, see [`crate::evidence`]), when it sent one: the user
+    /// signs it too, so neither side can change later what was served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<String>,
+    /// ed25519 signature by the user of [`ack_message`], followed by
+    /// `\n<evidence>` when `evidence` is set; base64 (standard, padded).
     pub signature: String,
 }
 
@@ -63,13 +78,40 @@ impl Ack {
         completion_tokens: u64,
         observed_ms: u64,
     ) -> Ack {
-        let msg = ack_message(
+        Self::sign_with_evidence(
+            user,
             job_id,
             worker,
             index,
             chunks,
             completion_tokens,
             observed_ms,
+            None,
+        )
+    }
+
+    /// [`sign`](Self::sign), co-signing the worker's evidence commitment.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sign_with_evidence(
+        user: &Keypair,
+        job_id: &str,
+        worker: &str,
+        index: u32,
+        chunks: u64,
+        completion_tokens: u64,
+        observed_ms: u64,
+        evidence: Option<&str>,
+    ) -> Ack {
+        let msg = signed_message(
+            ack_message(
+                job_id,
+                worker,
+                index,
+                chunks,
+                completion_tokens,
+                observed_ms,
+            ),
+            evidence,
         );
         // Signing with an ed25519 key cannot fail.
         let sig = user.sign(msg.as_bytes()).unwrap_or_default();
@@ -80,6 +122,7 @@ impl Ack {
             chunks,
             completion_tokens,
             observed_ms,
+            evidence: evidence.map(String::from),
             signature: base64::engine::general_purpose::STANDARD.encode(sig),
         }
     }
@@ -92,13 +135,16 @@ impl Ack {
         let Ok(sig) = base64::engine::general_purpose::STANDARD.decode(&self.signature) else {
             return false;
         };
-        let msg = ack_message(
-            &self.job_id,
-            &self.worker,
-            self.index,
-            self.chunks,
-            self.completion_tokens,
-            self.observed_ms,
+        let msg = signed_message(
+            ack_message(
+                &self.job_id,
+                &self.worker,
+                self.index,
+                self.chunks,
+                self.completion_tokens,
+                self.observed_ms,
+            ),
+            self.evidence.as_deref(),
         );
         key.verify(msg.as_bytes(), &sig)
     }
@@ -347,6 +393,19 @@ mod tests {
             assert!(r.is_err(), "{job} {w} {idx}");
         }
         // Forged by someone else.
+        let with = Ack::sign_with_evidence(&user, "job", "w", 3, 10, 10, 1_500, Some("sha256:ab"));
+        assert!(with.verify(&user.public().to_peer_id()));
+        let mut swapped = with.clone();
+        swapped.evidence = Some("sha256:cd".into());
+        assert!(
+            !swapped.verify(&user.public().to_peer_id()),
+            "another commitment"
+        );
+        swapped.evidence = None;
+        assert!(
+            !swapped.verify(&user.public().to_peer_id()),
+            "the commitment dropped"
+        );
         let forged = Ack::sign(&generate(), "job", "w", 3, 10, 10, 1_500);
         assert_eq!(
             charge_session(

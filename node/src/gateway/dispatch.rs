@@ -527,11 +527,16 @@ impl GatewayState {
             last_frame: None,
             chunks: 0,
             completion_tokens: None,
+            temperature: None,
+            evidence: None,
             answered: false,
             _busy: busy,
         };
+        // Read while the worker works on the request.
+        let shape = body_shape(request);
+        job.temperature = shape.temperature;
         // A whole (non-streamed) answer comes in one go when it is ready.
-        let first_wait = if request.body.is_some() && !wants_stream(request) {
+        let first_wait = if request.body.is_some() && !shape.streamed(request.endpoint) {
             troop_protocol::policy::INFERENCE_TIMEOUT
         } else {
             self.cfg.first_token_timeout

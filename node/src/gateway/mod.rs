@@ -5,6 +5,7 @@
 mod acks;
 mod dispatch;
 mod errors;
+pub mod evidence;
 mod fan_out;
 pub mod http;
 mod reading;
@@ -124,6 +125,9 @@ pub struct GatewayState {
     pub skipped: std::sync::atomic::AtomicU64,
     /// A stream opened ahead to each warm worker (`spare.rs`).
     spares: Mutex<HashMap<PeerId, spare::Spare>>,
+    /// The evidence of the latest answers, newest last (`evidence.rs`).
+    pub evidence: Mutex<VecDeque<evidence::KeptEvidence>>,
+    pub evidence_stats: evidence::EvidenceStats,
 }
 
 impl GatewayState {
@@ -249,6 +253,8 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
         buying: Mutex::new(HashMap::new()),
         skipped: Default::default(),
         spares: Mutex::new(HashMap::new()),
+        evidence: Mutex::new(VecDeque::new()),
+        evidence_stats: Default::default(),
     });
     crate::web::warn_if_public(http_addr, "gateway");
     let mut tasks = vec![ack_task];
@@ -397,6 +403,10 @@ pub struct JobStream {
     last_frame: Option<Instant>,
     chunks: u64,
     completion_tokens: Option<u64>,
+    /// The request's sampling temperature (for the evidence's checks).
+    temperature: Option<f64>,
+    /// The commitment of the worker's verified evidence, co-signed by the ack.
+    evidence: Option<String>,
     /// The worker took the request (its first frame was no refusal): only
     /// such attempts count as answers.
     answered: bool,
@@ -405,7 +415,7 @@ pub struct JobStream {
 }
 
 impl JobStream {
-    fn saw(&mut self, f: &Frame) {
+    fn saw(&mut self, f: &mut Frame) {
         // Per answer, not per frame: the relay's hot path records nothing.
         if self.first_frame.is_none() {
             let now = Instant::now();
@@ -422,7 +432,21 @@ impl JobStream {
                 self.chunks = self.chunks.saturating_add(u64::from(*events));
                 self.last_frame = Some(Instant::now());
             }
-            Frame::Done { usage, .. } => {
+            Frame::Done {
+                usage, evidence, ..
+            } => {
+                if let Some(e) = evidence.take() {
+                    self.evidence = self.state.on_evidence(
+                        evidence::AnswerOf {
+                            worker: self.worker,
+                            job_id: &self.job_id,
+                            index: self.index,
+                            model: &self.model,
+                            temperature: self.temperature,
+                        },
+                        e,
+                    );
+                }
                 self.completion_tokens = Some(usage.completion_tokens);
                 self.last_frame = Some(Instant::now());
             }
@@ -440,7 +464,7 @@ impl Drop for JobStream {
             .last_frame
             .map(|t| t.duration_since(self.sent).as_millis() as u64)
             .unwrap_or(0);
-        let ack = troop_protocol::usage::Ack::sign(
+        let ack = troop_protocol::usage::Ack::sign_with_evidence(
             &self.state.cfg.identity,
             &self.job_id,
             &self.worker.to_base58(),
@@ -448,6 +472,7 @@ impl Drop for JobStream {
             self.chunks,
             self.completion_tokens.unwrap_or(self.chunks),
             observed_ms,
+            self.evidence.as_deref(),
         );
         if self.answered {
             self.record();
@@ -511,8 +536,8 @@ impl JobStream {
     /// The next frame, or an error when the worker is gone or silent.
     pub async fn next(&mut self, idle: Duration) -> Result<Option<Frame>, String> {
         match tokio::time::timeout(idle, read_frame(&mut self.stream)).await {
-            Ok(Ok(f)) => {
-                if let Some(f) = &f {
+            Ok(Ok(mut f)) => {
+                if let Some(f) = &mut f {
                     self.saw(f);
                 }
                 Ok(f)
@@ -523,20 +548,34 @@ impl JobStream {
     }
 }
 
-/// Whether a pass-through body asks for a stream (`"stream": true`).
-pub fn wants_stream(request: &InferenceRequest) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Flag {
-        #[serde(default)]
-        stream: Option<bool>,
+/// What the gateway reads of a pass-through body: whether it asks for a
+/// stream, and its sampling temperature.
+#[derive(serde::Deserialize, Default)]
+pub struct BodyShape {
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+}
+
+impl BodyShape {
+    /// The answer comes as a stream (embeddings never do).
+    pub fn streamed(&self, endpoint: Option<Endpoint>) -> bool {
+        self.stream.unwrap_or(false) && endpoint != Some(Endpoint::Embeddings)
     }
+}
+
+pub fn body_shape(request: &InferenceRequest) -> BodyShape {
     request
         .body
         .as_deref()
-        .and_then(|b| serde_json::from_str::<Flag>(b).ok())
-        .and_then(|f| f.stream)
-        .unwrap_or(false)
-        && request.endpoint != Some(troop_protocol::frames::Endpoint::Embeddings)
+        .and_then(|b| serde_json::from_str::<BodyShape>(b).ok())
+        .unwrap_or_default()
+}
+
+/// Whether a pass-through body asks for a stream (`"stream": true`).
+pub fn wants_stream(request: &InferenceRequest) -> bool {
+    body_shape(request).streamed(request.endpoint)
 }
 
 use troop_protocol::policy::unix_ms as unix_now_ms;

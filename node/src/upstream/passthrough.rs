@@ -29,11 +29,26 @@ pub struct Prepared {
     /// The app asked for the usage chunk (`stream_options.include_usage`);
     /// the worker always asks the upstream for it.
     pub forward_usage: bool,
+    /// The upstream is asked for each token's logprobs, kept as evidence.
+    pub evidence: bool,
+    /// The app did not ask for logprobs: they are taken out of its events.
+    pub strip_logprobs: bool,
 }
 
 /// Checks the app's body against the ticket and makes it ready for the
 /// upstream. `cap` is the ticket's token limit.
 pub fn prepare(req: &InferenceRequest, cap: Option<u32>) -> Result<Prepared, String> {
+    prepare_with(req, cap, false)
+}
+
+/// [`prepare`], and with `evidence` a streamed chat answer asks the upstream
+/// for each token's logprob and top alternatives (`logprobs: true`,
+/// `top_logprobs: 5`) unless the app asked for them itself.
+pub fn prepare_with(
+    req: &InferenceRequest,
+    cap: Option<u32>,
+    evidence: bool,
+) -> Result<Prepared, String> {
     let endpoint = req
         .endpoint
         .ok_or("a pass-through request names no endpoint")?;
@@ -86,6 +101,17 @@ pub fn prepare(req: &InferenceRequest, cap: Option<u32>) -> Result<Prepared, Str
             changed = true;
         }
     }
+    let evidence = evidence && stream && endpoint == Endpoint::ChatCompletions;
+    let mut strip_logprobs = false;
+    if evidence && obj.get("logprobs") != Some(&Value::Bool(true)) {
+        obj.insert("logprobs".into(), Value::Bool(true));
+        obj.insert(
+            "top_logprobs".into(),
+            json!(troop_protocol::evidence::TOP_K),
+        );
+        strip_logprobs = true;
+        changed = true;
+    }
     let body = if changed {
         serde_json::to_vec(&obj).map_err(|e| e.to_string())?
     } else {
@@ -96,6 +122,8 @@ pub fn prepare(req: &InferenceRequest, cap: Option<u32>) -> Result<Prepared, Str
         body,
         stream,
         forward_usage,
+        evidence,
+        strip_logprobs,
     })
 }
 

@@ -59,6 +59,10 @@ pub struct WorkerConfig {
     pub net: NetConfig,
     /// Most jobs at once; beyond it a request gets `busy`.
     pub max_jobs: usize,
+    /// Ask the upstream for each token's logprobs and sign them as evidence
+    /// of what was served (streamed chat answers; `--no-evidence` turns it
+    /// off for upstreams that refuse `logprobs`).
+    pub evidence: bool,
     pub advert_interval: Duration,
     pub heartbeat_interval: Duration,
     pub model_refresh_interval: Duration,
@@ -96,6 +100,7 @@ impl WorkerConfig {
             model_file: None,
             net,
             max_jobs: 64,
+            evidence: true,
             advert_interval: Duration::from_secs(3),
             heartbeat_interval: Duration::from_secs(20),
             model_refresh_interval: Duration::from_secs(15),

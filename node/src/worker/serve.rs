@@ -263,6 +263,10 @@ pub(super) async fn serve_stream(
             claims.max_tokens,
             &claims.jti,
             s.cfg.timeouts,
+            s.cfg.evidence.then_some(crate::answer::Signer {
+                key: &s.cfg.identity,
+                index,
+            }),
         )
         .await;
         r.map(|served| {
@@ -535,6 +539,7 @@ pub(super) async fn run_job(
                     job_id: job_id.to_string(),
                     usage,
                     finish_reason,
+                    evidence: None,
                 };
                 if write_frame(stream, &done).await.is_err() {
                     return Err(JobEnd::Cancelled(usage));
