@@ -260,6 +260,14 @@ enum Cmd {
         /// lost mid-stream (the app then gets a `worker_lost` error event).
         #[arg(long)]
         no_resume: bool,
+        /// Do not have this gateway's answers audited. By default a share
+        /// of answers (every one of a new worker's first 20, then fewer,
+        /// down to 2 %) is re-scored by another worker serving the same
+        /// weights, which sees the prompt; a worker caught serving other
+        /// weights gets no more requests. Without audits, that protection
+        /// is gone.
+        #[arg(long, env = "TROOP_NO_AUDIT")]
+        no_audit: bool,
         /// For a model no worker has advertised yet, ask the coordinator
         /// for its workers (`GET /bootstrap?model=`) when the DHT has not
         /// answered within this many milliseconds (0: at once).
@@ -606,6 +614,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cors_origins,
             allowed_hosts,
             no_resume,
+            no_audit,
             coordinator_lookup_ms,
             no_coordinator_lookup,
             warm_workers,
@@ -619,6 +628,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.cors_origins = cors_origins;
             cfg.allowed_hosts = allowed_hosts;
             cfg.resume = !no_resume;
+            cfg.audit = !no_audit;
             cfg.coordinator_lookup_after = (!no_coordinator_lookup)
                 .then(|| std::time::Duration::from_millis(coordinator_lookup_ms));
             cfg.warm_workers = warm_workers;

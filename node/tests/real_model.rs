@@ -236,3 +236,130 @@ async fn the_openai_client_streams_a_real_completion_through_the_mesh() {
     })
     .await;
 }
+
+/// Issue 25's audit on real model servers: two honest workers serve
+/// SmolLM2-135M; a third advertises the same name and digest (its
+/// `--model-file` is SmolLM2's GGUF) while its server runs Gemma 3 270M.
+/// Within 40 chat requests the cheater is caught (an audit failed and a
+/// second auditor confirmed it) and gets no more requests; the honest
+/// workers pass their audits; every request is answered throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_serving_other_weights_under_the_same_digest_is_caught_by_audits() {
+    let python = std::env::var("TROOP_PYTHON").expect(
+        "TROOP_PYTHON must name the python of the model venv: run scripts/test, or `export TROOP_PYTHON=$(scripts/setup-model | tail -1)`",
+    );
+    let scripts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts");
+    let http = reqwest::Client::new();
+    let start = |args: &[&str]| {
+        let port = free_port();
+        let server = KillOnDrop(
+            Command::new(&python)
+                .arg(scripts.join("model_server.py"))
+                .args(args)
+                .args(["--port", &port.to_string(), "--threads", "1"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start a model server"),
+        );
+        (server, format!("http://127.0.0.1:{port}"))
+    };
+    let (_a, up_a) = start(&["--model", "smollm2"]);
+    let (_b, up_b) = start(&["--model", "smollm2"]);
+    let (_c, up_c) = start(&["--model", "gemma", "--alias", "smollm2-135m"]);
+    for up in [&up_a, &up_b, &up_c] {
+        eventually("a model server to load", 180, || {
+            let http = http.clone();
+            let url = format!("{up}/health");
+            async move { (http.get(&url).send().await.ok()?.status() == 200).then_some(()) }
+        })
+        .await;
+    }
+    let props: serde_json::Value = http
+        .get(format!("{up_a}/props"))
+        .send()
+        .await
+        .expect("props")
+        .json()
+        .await
+        .expect("props json");
+    let gguf = std::path::PathBuf::from(props["model_path"].as_str().expect("model_path"));
+
+    let mut net = TestNet::start(|_| {}).await;
+    let a = net.add_worker(&up_a, |_| {}).await;
+    let b = net.add_worker(&up_b, |_| {}).await;
+    let c = net
+        .add_worker(&up_c, move |cfg| cfg.model_file = Some(gguf.clone()))
+        .await;
+    net.add_gateway().await;
+    let (pa, pb, pc) = (
+        net.workers[a].peer_id,
+        net.workers[b].peer_id,
+        net.workers[c].peer_id,
+    );
+    println!("honest {pa} and {pb}, cheater {pc}");
+    let state = net.gateway.as_ref().expect("gateway").state.clone();
+    // The three advertise one digest: to the router they are one model.
+    eventually("three workers of one digest", 60, || {
+        let state = state.clone();
+        async move {
+            let t = state.table.read().ok()?;
+            (t.candidates_for("smollm2-135m", false, None).len() == 3).then_some(())
+        }
+    })
+    .await;
+
+    let url = format!("{}/v1/chat/completions", net.gateway_url());
+    let chat = |i: usize| {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            let body = serde_json::json!({"model": "smollm2-135m", "stream": true, "max_tokens": 10,
+                "messages": [{"role": "user", "content": format!("Name a colour and the number {i}.")}]});
+            let r = http.post(&url).json(&body).send().await.expect("send");
+            let status = r.status().as_u16();
+            let text = r.text().await.unwrap_or_default();
+            assert_eq!(status, 200, "{text}");
+            assert!(text.contains("[DONE]"), "{text}");
+        }
+    };
+    let mut sent = 0;
+    // Bursts of six spread over the three workers (by free slots).
+    while sent < 40 && state.audit_record(&pc).failed == 0 {
+        futures::future::join_all((sent..sent + 6).map(chat)).await;
+        sent += 6;
+    }
+    eventually("the cheater's failed audit confirmed", 120, || {
+        let state = state.clone();
+        async move { (state.audit_record(&pc).failed >= 1).then_some(()) }
+    })
+    .await;
+    // It is no longer a candidate; requests keep being answered.
+    let left = state.candidates("smollm2-135m", false, None).await;
+    assert!(!left.contains(&pc) && left.len() == 2, "{left:?}");
+    futures::future::join_all((100..106).map(chat)).await;
+    let (ra, rb) = (state.audit_record(&pa), state.audit_record(&pb));
+    println!(
+        "after {sent} requests: honest {ra:?} {rb:?}, cheater {:?}",
+        state.audit_record(&pc)
+    );
+    assert_eq!(
+        (ra.failed, rb.failed),
+        (0, 0),
+        "an honest worker failed: {ra:?} {rb:?}"
+    );
+    // Every answer's evidence was the worker's and consistent (the free
+    // checks pass honest numbers, and the cheater's own).
+    let stats = &state.evidence_stats;
+    assert_eq!(
+        (
+            stats.refused.load(std::sync::atomic::Ordering::SeqCst),
+            stats.inconsistent.load(std::sync::atomic::Ordering::SeqCst)
+        ),
+        (0, 0)
+    );
+    assert!(
+        ra.passed + rb.passed >= 1,
+        "no honest answer was audited: {ra:?} {rb:?}"
+    );
+}

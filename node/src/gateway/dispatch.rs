@@ -84,6 +84,9 @@ impl GatewayState {
         if let Some(d) = self.disputed.reading() {
             found.retain(|p| !d.contains(p));
         }
+        if let Some(d) = self.audit_failed.reading() {
+            found.retain(|p| !d.contains(p));
+        }
         found.sort_by_key(|p| self.net.path(p).rank());
         found
     }
@@ -294,6 +297,18 @@ impl GatewayState {
             worker,
             held: true,
         })
+    }
+
+    /// Takes a place on `worker` (an audit names its auditor).
+    pub(super) fn claim_on(self: &Arc<Self>, worker: PeerId) -> Claim {
+        if let Some(mut t) = self.table.writing() {
+            t.add_inflight(&worker, 1);
+        }
+        Claim {
+            state: self.clone(),
+            worker,
+            held: true,
+        }
     }
 
     /// The session to send a request to `worker` under: the open one, else
@@ -529,12 +544,13 @@ impl GatewayState {
             completion_tokens: None,
             temperature: None,
             evidence: None,
+            evidence_tokens: None,
             answered: false,
             _busy: busy,
         };
         // Read while the worker works on the request.
         let shape = body_shape(request);
-        job.temperature = shape.temperature;
+        job.temperature = shape.plain_temperature();
         // A whole (non-streamed) answer comes in one go when it is ready.
         let first_wait = if request.body.is_some() && !shape.streamed(request.endpoint) {
             troop_protocol::policy::INFERENCE_TIMEOUT

@@ -313,7 +313,15 @@ fn stream_answer(state: Arc<GatewayState>, job: JobStream, req: InferenceRequest
                         }
                     }
                 }
-                Ok(_) => return,
+                Ok(_) => {
+                    // A whole answer from one worker: perhaps audited.
+                    if resumed.is_none()
+                        && let Some(tokens) = job.evidence_tokens.take()
+                    {
+                        state.maybe_audit(&req, job.worker, tokens);
+                    }
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!(worker = %job.worker, error = %e, "worker lost mid-stream");
                     if resumable && resumed.is_none() && !kept.is_empty()

@@ -3,6 +3,7 @@
 //! coordinator and streams the answer from the chosen worker.
 
 mod acks;
+pub mod audit;
 mod dispatch;
 mod errors;
 pub mod evidence;
@@ -70,6 +71,10 @@ pub struct GatewayConfig {
     /// (`GET /bootstrap?model=`, one request whatever the mesh's size).
     /// `None`: the DHT only.
     pub coordinator_lookup_after: Option<Duration>,
+    /// Have a share of this gateway's answers re-scored by other workers of
+    /// the same weights (`--no-audit` turns it off: audits show the prompt
+    /// to a second worker).
+    pub audit: bool,
 }
 
 impl GatewayConfig {
@@ -88,6 +93,7 @@ impl GatewayConfig {
             resume_keep_bytes: 4 * 1024 * 1024,
             warm_workers: WARM_WORKERS,
             coordinator_lookup_after: Some(Duration::from_millis(500)),
+            audit: true,
         }
     }
 }
@@ -128,6 +134,12 @@ pub struct GatewayState {
     /// The evidence of the latest answers, newest last (`evidence.rs`).
     pub evidence: Mutex<VecDeque<evidence::KeptEvidence>>,
     pub evidence_stats: evidence::EvidenceStats,
+    /// Each worker's audits as this gateway saw them (`audit.rs`).
+    audits: Mutex<HashMap<PeerId, audit::AuditRecord>>,
+    /// Workers with a confirmed failed audit: sent no more requests.
+    audit_failed: RwLock<std::collections::HashSet<PeerId>>,
+    /// Audits that ran to a verdict.
+    pub audits_run: std::sync::atomic::AtomicU64,
 }
 
 impl GatewayState {
@@ -255,6 +267,9 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
         spares: Mutex::new(HashMap::new()),
         evidence: Mutex::new(VecDeque::new()),
         evidence_stats: Default::default(),
+        audits: Mutex::new(HashMap::new()),
+        audit_failed: RwLock::new(Default::default()),
+        audits_run: Default::default(),
     });
     crate::web::warn_if_public(http_addr, "gateway");
     let mut tasks = vec![ack_task];
@@ -407,6 +422,8 @@ pub struct JobStream {
     temperature: Option<f64>,
     /// The commitment of the worker's verified evidence, co-signed by the ack.
     evidence: Option<String>,
+    /// The verified evidence's tokens (for an audit).
+    evidence_tokens: Option<Vec<troop_protocol::evidence::TokenEvidence>>,
     /// The worker took the request (its first frame was no refusal): only
     /// such attempts count as answers.
     answered: bool,
@@ -436,6 +453,7 @@ impl JobStream {
                 usage, evidence, ..
             } => {
                 if let Some(e) = evidence.take() {
+                    let tokens = e.tokens.clone();
                     self.evidence = self.state.on_evidence(
                         evidence::AnswerOf {
                             worker: self.worker,
@@ -446,6 +464,9 @@ impl JobStream {
                         },
                         e,
                     );
+                    if self.evidence.is_some() {
+                        self.evidence_tokens = Some(tokens);
+                    }
                 }
                 self.completion_tokens = Some(usage.completion_tokens);
                 self.last_frame = Some(Instant::now());
@@ -556,9 +577,41 @@ pub struct BodyShape {
     pub stream: Option<bool>,
     #[serde(default)]
     pub temperature: Option<f64>,
+    // What makes a server choose other than the likeliest token even at
+    // temperature 0 (its logprobs are the model's, before these apply).
+    #[serde(default)]
+    grammar: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    json_schema: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    response_format: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    tools: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    logit_bias: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    presence_penalty: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    frequency_penalty: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    repeat_penalty: Option<serde::de::IgnoredAny>,
 }
 
 impl BodyShape {
+    /// The temperature the evidence's checks may assume: `None` when
+    /// something besides the model's own numbers steers the choice.
+    pub fn plain_temperature(&self) -> Option<f64> {
+        let steered = self.grammar.is_some()
+            || self.json_schema.is_some()
+            || self.response_format.is_some()
+            || self.tools.is_some()
+            || self.logit_bias.is_some()
+            || self.presence_penalty.is_some()
+            || self.frequency_penalty.is_some()
+            || self.repeat_penalty.is_some();
+        self.temperature.filter(|_| !steered)
+    }
+
     /// The answer comes as a stream (embeddings never do).
     pub fn streamed(&self, endpoint: Option<Endpoint>) -> bool {
         self.stream.unwrap_or(false) && endpoint != Some(Endpoint::Embeddings)

@@ -292,6 +292,15 @@ impl WorkerTable {
         Some(i)
     }
 
+    /// The digest `peer` advertises for `model`, when it names one.
+    pub fn peer_digest(&self, peer: &PeerId, model: &str) -> Option<String> {
+        self.entries
+            .get(peer)?
+            .digest_of(model)
+            .flatten()
+            .map(String::from)
+    }
+
     /// Jobs this gateway has running on `peer`.
     pub fn inflight(&self, peer: &PeerId) -> u32 {
         self.entries
