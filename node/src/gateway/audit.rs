@@ -24,10 +24,13 @@ pub const AUDIT_ALL_FIRST: u64 = 20;
 /// The share audited never falls below this.
 pub const AUDIT_FLOOR: f64 = 0.02;
 /// An audit fails when the two logprobs of the same forced token differ by
-/// more than this on average (nats per token). The same weights on the same
-/// runtime give identical numbers (SmolLM2 on llama.cpp at 1 and 2 threads,
-/// other `--parallel`); other weights differ by tenths of a nat or more.
-pub const AUDIT_MEAN_NATS: f64 = 0.1;
+/// more than this on average (nats per token). Measured with
+/// `scripts/audit_calibration.py` (llama.cpp on the CPU, other threads and
+/// `--parallel`, 250 answers a pairing): SmolLM2-135M (Q4_1) re-scores
+/// identically; Gemma 3 270M (Q4_K_M) differs by up to 0.185 (p99 0.078),
+/// since its kernels depend on how requests were batched; other weights
+/// differ by several nats, or name tokens the auditor cannot force.
+pub const AUDIT_MEAN_NATS: f64 = 0.3;
 
 /// One worker's audits as this gateway saw them.
 #[derive(Debug, Clone, Default, serde::Serialize, PartialEq)]
