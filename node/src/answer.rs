@@ -208,7 +208,7 @@ pub async fn relay(
     timeouts: StreamTimeouts,
     signer: Option<Signer<'_>>,
 ) -> Result<Served, JobEnd> {
-    let prepared = match passthrough::prepare_with(request, cap, signer.is_some()) {
+    let prepared = match passthrough::prepare(request, cap, signer.is_some()) {
         Ok(p) => p,
         Err(e) => {
             let err = UpstreamError::Rejected {

@@ -776,6 +776,16 @@ async fn burst(net: &TestNet, n: usize, want: &str) -> Vec<Duration> {
     times
 }
 
+/// Attempts the gateway retried on another worker or again.
+fn skipped(net: &TestNet) -> u64 {
+    net.gateway
+        .as_ref()
+        .expect("gateway")
+        .state
+        .skipped
+        .load(Ordering::SeqCst)
+}
+
 /// The slowest of a burst within five times the median (a median under
 /// 100 ms counts as 100 ms: on a loaded machine scheduling alone spreads
 /// short answers that much). A request retried after the gateway's pause
@@ -806,13 +816,7 @@ async fn a_burst_of_fifty_streams_with_no_session_open_is_served_without_resets(
     net.wait_for_workers(1).await;
     let times = burst(&net, 50, &tokens(20).concat()).await;
     assert_eq!(fake.state.requests.load(Ordering::SeqCst), 50);
-    let skipped = net
-        .gateway
-        .as_ref()
-        .expect("gateway")
-        .state
-        .skipped
-        .load(Ordering::SeqCst);
+    let skipped = skipped(&net);
     let worker = net.workers.remove(w);
     let stats = &worker.stats;
     // A stream lost before the worker took it is invisible to the worker:
@@ -850,13 +854,7 @@ async fn two_hundred_streams_over_four_workers_spread_by_free_slots() {
     net.wait_for_workers(4).await;
     let times = burst(&net, 200, &tokens(20).concat()).await;
     assert_eq!(fake.state.requests.load(Ordering::SeqCst), 200);
-    let skipped = net
-        .gateway
-        .as_ref()
-        .expect("gateway")
-        .state
-        .skipped
-        .load(Ordering::SeqCst);
+    let skipped = skipped(&net);
     let per_worker: Vec<(u64, u64, u64)> = net
         .workers
         .iter()

@@ -16,31 +16,47 @@ use std::process::{Command, Stdio};
 
 use common::{Dialect, FakeUpstream, KillOnDrop, MODEL, TestNet, eventually, free_port, tokens};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_openai_client_streams_a_real_completion_through_the_mesh() {
-    let python = std::env::var("TROOP_PYTHON").expect(
+/// The python of the model venv (`TROOP_PYTHON`).
+fn venv_python() -> String {
+    std::env::var("TROOP_PYTHON").expect(
         "TROOP_PYTHON must name the python of the model venv: run scripts/test, or `export TROOP_PYTHON=$(scripts/setup-model | tail -1)`",
-    );
-    let scripts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts");
+    )
+}
+
+fn scripts_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts")
+}
+
+/// Starts `scripts/model_server.py` with `args` (one thread, a free port)
+/// and waits until it has loaded its model; returns it and its URL.
+async fn model_server(http: &reqwest::Client, args: &[&str]) -> (KillOnDrop, String) {
     let port = free_port();
-    let _server = KillOnDrop(
-        Command::new(&python)
-            .arg(scripts.join("model_server.py"))
-            .args(["--model", "smollm2", "--port", &port.to_string()])
-            .args(["--threads", "1"])
+    let server = KillOnDrop(
+        Command::new(venv_python())
+            .arg(scripts_dir().join("model_server.py"))
+            .args(args)
+            .args(["--port", &port.to_string(), "--threads", "1"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("start the model server"),
+            .expect("start a model server"),
     );
     let upstream = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
-    eventually("the model server to load", 180, || {
+    eventually("a model server to load", 180, || {
         let http = http.clone();
         let url = format!("{upstream}/health");
         async move { (http.get(&url).send().await.ok()?.status() == 200).then_some(()) }
     })
     .await;
+    (server, upstream)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_client_streams_a_real_completion_through_the_mesh() {
+    let python = venv_python();
+    let scripts = scripts_dir();
+    let http = reqwest::Client::new();
+    let (_server, upstream) = model_server(&http, &["--model", "smollm2"]).await;
 
     let mut net = TestNet::start(|_| {}).await;
     let w = net.add_worker(&upstream, |_| {}).await;
@@ -203,8 +219,7 @@ async fn the_openai_client_streams_a_real_completion_through_the_mesh() {
     let tools = FakeUpstream::start(Dialect::OpenAi, tokens(3), std::time::Duration::ZERO).await;
     net.add_worker(&tools.url, |_| {}).await;
     net.wait_for_workers(1).await;
-    let python2 = std::env::var("TROOP_PYTHON").expect("TROOP_PYTHON");
-    let scripts2 = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts");
+    let (python2, scripts2) = (venv_python(), scripts_dir());
     let direct = format!("{upstream}/v1");
     let out = tokio::task::spawn_blocking(move || {
         Command::new(&python2)
@@ -245,36 +260,12 @@ async fn the_openai_client_streams_a_real_completion_through_the_mesh() {
 /// workers pass their audits; every request is answered throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_serving_other_weights_under_the_same_digest_is_caught_by_audits() {
-    let python = std::env::var("TROOP_PYTHON").expect(
-        "TROOP_PYTHON must name the python of the model venv: run scripts/test, or `export TROOP_PYTHON=$(scripts/setup-model | tail -1)`",
-    );
-    let scripts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts");
     let http = reqwest::Client::new();
-    let start = |args: &[&str]| {
-        let port = free_port();
-        let server = KillOnDrop(
-            Command::new(&python)
-                .arg(scripts.join("model_server.py"))
-                .args(args)
-                .args(["--port", &port.to_string(), "--threads", "1"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start a model server"),
-        );
-        (server, format!("http://127.0.0.1:{port}"))
-    };
-    let (_a, up_a) = start(&["--model", "smollm2"]);
-    let (_b, up_b) = start(&["--model", "smollm2"]);
-    let (_c, up_c) = start(&["--model", "gemma", "--alias", "smollm2-135m"]);
-    for up in [&up_a, &up_b, &up_c] {
-        eventually("a model server to load", 180, || {
-            let http = http.clone();
-            let url = format!("{up}/health");
-            async move { (http.get(&url).send().await.ok()?.status() == 200).then_some(()) }
-        })
-        .await;
-    }
+    // Loading one after another: three loads at once on two cores are no
+    // faster.
+    let (_a, up_a) = model_server(&http, &["--model", "smollm2"]).await;
+    let (_b, up_b) = model_server(&http, &["--model", "smollm2"]).await;
+    let (_c, up_c) = model_server(&http, &["--model", "gemma", "--alias", "smollm2-135m"]).await;
     let props: serde_json::Value = http
         .get(format!("{up_a}/props"))
         .send()

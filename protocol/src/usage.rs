@@ -32,15 +32,6 @@ pub fn ack_message(
     )
 }
 
-/// [`ack_message`], and the commitment to the worker's evidence on a line of
-/// its own when the ack carries one.
-fn signed_message(ack_fields: String, evidence: Option<&str>) -> String {
-    match evidence {
-        Some(c) => format!("{ack_fields}\n{c}"),
-        None => ack_fields,
-    }
-}
-
 /// A user's acknowledgement of one request of a session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -102,20 +93,7 @@ impl Ack {
         observed_ms: u64,
         evidence: Option<&str>,
     ) -> Ack {
-        let msg = signed_message(
-            ack_message(
-                job_id,
-                worker,
-                index,
-                chunks,
-                completion_tokens,
-                observed_ms,
-            ),
-            evidence,
-        );
-        // Signing with an ed25519 key cannot fail.
-        let sig = user.sign(msg.as_bytes()).unwrap_or_default();
-        Ack {
+        let mut ack = Ack {
             job_id: job_id.to_string(),
             worker: worker.to_string(),
             index,
@@ -123,7 +101,29 @@ impl Ack {
             completion_tokens,
             observed_ms,
             evidence: evidence.map(String::from),
-            signature: base64::engine::general_purpose::STANDARD.encode(sig),
+            signature: String::new(),
+        };
+        // Signing with an ed25519 key cannot fail.
+        let sig = user.sign(ack.signed_text().as_bytes()).unwrap_or_default();
+        ack.signature = base64::engine::general_purpose::STANDARD.encode(sig);
+        ack
+    }
+
+    /// What the user signs: [`ack_message`] of the fields, and the
+    /// commitment to the worker's evidence on a line of its own when the
+    /// ack carries one.
+    fn signed_text(&self) -> String {
+        let fields = ack_message(
+            &self.job_id,
+            &self.worker,
+            self.index,
+            self.chunks,
+            self.completion_tokens,
+            self.observed_ms,
+        );
+        match &self.evidence {
+            Some(c) => format!("{fields}\n{c}"),
+            None => fields,
         }
     }
 
@@ -135,18 +135,7 @@ impl Ack {
         let Ok(sig) = base64::engine::general_purpose::STANDARD.decode(&self.signature) else {
             return false;
         };
-        let msg = signed_message(
-            ack_message(
-                &self.job_id,
-                &self.worker,
-                self.index,
-                self.chunks,
-                self.completion_tokens,
-                self.observed_ms,
-            ),
-            self.evidence.as_deref(),
-        );
-        key.verify(msg.as_bytes(), &sig)
+        key.verify(self.signed_text().as_bytes(), &sig)
     }
 }
 

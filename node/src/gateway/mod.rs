@@ -138,8 +138,6 @@ pub struct GatewayState {
     audits: Mutex<HashMap<PeerId, audit::AuditRecord>>,
     /// Workers with a confirmed failed audit: sent no more requests.
     audit_failed: RwLock<std::collections::HashSet<PeerId>>,
-    /// Audits that ran to a verdict.
-    pub audits_run: std::sync::atomic::AtomicU64,
 }
 
 impl GatewayState {
@@ -269,7 +267,6 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
         evidence_stats: Default::default(),
         audits: Mutex::new(HashMap::new()),
         audit_failed: RwLock::new(Default::default()),
-        audits_run: Default::default(),
     });
     crate::web::warn_if_public(http_addr, "gateway");
     let mut tasks = vec![ack_task];
@@ -453,7 +450,8 @@ impl JobStream {
                 usage, evidence, ..
             } => {
                 if let Some(e) = evidence.take() {
-                    let tokens = e.tokens.clone();
+                    // Kept for an audit only when audits are on.
+                    let tokens = self.state.cfg.audit.then(|| e.tokens.clone());
                     self.evidence = self.state.on_evidence(
                         evidence::AnswerOf {
                             worker: self.worker,
@@ -465,7 +463,7 @@ impl JobStream {
                         e,
                     );
                     if self.evidence.is_some() {
-                        self.evidence_tokens = Some(tokens);
+                        self.evidence_tokens = tokens;
                     }
                 }
                 self.completion_tokens = Some(usage.completion_tokens);
@@ -572,28 +570,19 @@ impl JobStream {
 /// What the gateway reads of a pass-through body: whether it asks for a
 /// stream, and its sampling temperature.
 #[derive(serde::Deserialize, Default)]
+#[serde(default)]
 pub struct BodyShape {
-    #[serde(default)]
     pub stream: Option<bool>,
-    #[serde(default)]
     pub temperature: Option<f64>,
     // What makes a server choose other than the likeliest token even at
     // temperature 0 (its logprobs are the model's, before these apply).
-    #[serde(default)]
     grammar: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
     json_schema: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
     response_format: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
     tools: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
     logit_bias: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
     presence_penalty: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
     frequency_penalty: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
     repeat_penalty: Option<serde::de::IgnoredAny>,
 }
 
@@ -624,11 +613,6 @@ pub fn body_shape(request: &InferenceRequest) -> BodyShape {
         .as_deref()
         .and_then(|b| serde_json::from_str::<BodyShape>(b).ok())
         .unwrap_or_default()
-}
-
-/// Whether a pass-through body asks for a stream (`"stream": true`).
-pub fn wants_stream(request: &InferenceRequest) -> bool {
-    body_shape(request).streamed(request.endpoint)
 }
 
 use troop_protocol::policy::unix_ms as unix_now_ms;

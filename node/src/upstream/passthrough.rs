@@ -36,15 +36,11 @@ pub struct Prepared {
 }
 
 /// Checks the app's body against the ticket and makes it ready for the
-/// upstream. `cap` is the ticket's token limit.
-pub fn prepare(req: &InferenceRequest, cap: Option<u32>) -> Result<Prepared, String> {
-    prepare_with(req, cap, false)
-}
-
-/// [`prepare`], and with `evidence` a streamed chat answer asks the upstream
-/// for each token's logprob and top alternatives (`logprobs: true`,
-/// `top_logprobs: 5`) unless the app asked for them itself.
-pub fn prepare_with(
+/// upstream. `cap` is the ticket's token limit. With `evidence` a streamed
+/// chat answer asks the upstream for each token's logprob and top
+/// alternatives (`logprobs: true`, `top_logprobs: 5`) unless the app asked
+/// for them itself.
+pub fn prepare(
     req: &InferenceRequest,
     cap: Option<u32>,
     evidence: bool,
@@ -375,7 +371,7 @@ mod tests {
             Endpoint::ChatCompletions,
             json!({"model": "m", "messages": [], "stream": true, "tools": [{"type": "function"}], "top_p": 0.9, "max_tokens": 5000}),
         );
-        let p = prepare(&r, Some(100)).expect("prepare");
+        let p = prepare(&r, Some(100), false).expect("prepare");
         let b: Value = serde_json::from_slice(&p.body).expect("json");
         assert_eq!(b["max_tokens"], json!(100));
         assert_eq!(b["stream_options"]["include_usage"], json!(true));
@@ -387,12 +383,12 @@ mod tests {
             Endpoint::ChatCompletions,
             json!({"model": "other", "messages": []}),
         );
-        assert!(prepare(&r, None).is_err());
+        assert!(prepare(&r, None, false).is_err());
 
         // Nothing to change: the app's bytes go as they are.
         let text = r#"{"model":"m","messages":[],"logit_bias":{"1":-100}}"#;
         let r = InferenceRequest::passthrough("m", Endpoint::ChatCompletions, text.into());
-        let p = prepare(&r, None).expect("prepare");
+        let p = prepare(&r, None, false).expect("prepare");
         assert_eq!(p.body, text.as_bytes());
         assert!(!p.stream);
     }
