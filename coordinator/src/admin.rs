@@ -33,7 +33,7 @@ pub fn history(
 ) -> Result<Vec<TransactionEntry>, LedgerError> {
     let rows = conn.query(
         "SELECT t.id, t.kind, t.debit_account, t.credit_account, t.amount, t.job_id, t.created_at, j.state,
-                j.reserved, j.cost
+                j.reserved, j.cost, t.pending_id
          FROM transfers t LEFT JOIN jobs j ON j.reserve_transfer = t.id
          WHERE t.id IN (
              SELECT id FROM (SELECT id FROM transfers WHERE debit_account = ?1 AND id < ?2
@@ -51,15 +51,18 @@ pub fn history(
             let debit = r.str(2)?;
             let amount = r.i64(4)?;
             let job_state = r.opt_str(7)?;
+            // A refund with no reservation pays back a settled session
+            // (a confirmed audit failure): posted money, worker to user.
+            let voids = r.opt_i64(10)?.is_some();
             let status = match kind.as_str() {
                 "reserve" => job_state.unwrap_or_else(|| "pending".into()),
-                "refund" | "expire" => "voided".into(),
+                "refund" | "expire" if voids => "voided".into(),
                 _ => "posted".into(),
             };
             // A voided reservation gives the hold back: a refund or expiry
             // line adds to the user's available balance.
             let signed = match kind.as_str() {
-                "refund" | "expire" if debit == account => amount,
+                "refund" | "expire" if debit == account && voids => amount,
                 _ if debit == account => -amount,
                 _ => amount,
             };
@@ -183,6 +186,21 @@ fn audit_on(conn: &mut dyn Db, data_dir: &Path, shared: bool) -> anyhow::Result<
                     computed.entry(debit.clone()).or_default().dp += amount;
                     computed.entry(credit.clone()).or_default().cp += amount;
                     reserves.insert(id, (debit, credit, amount, job));
+                }
+                // A settled session paid back after a confirmed audit
+                // failure: a refund with no reservation, worker to user,
+                // posted at once.
+                "refund" if pending.is_none() => {
+                    let reverses = reserves.values().any(|(rd, rc, _, j)| {
+                        rc == &debit && rd == &credit && j.is_some() && *j == job
+                    });
+                    if !reverses {
+                        findings.push(format!(
+                            "transfer {id}: a refund without a reservation that pays back no session"
+                        ));
+                    }
+                    computed.entry(debit).or_default().dpost += amount;
+                    computed.entry(credit).or_default().cpost += amount;
                 }
                 "settle" | "refund" | "expire" => {
                     let Some(p) = pending else {

@@ -42,6 +42,9 @@ pub struct Config {
     pub max_skew_secs: u64,
     /// A worker not heard from for this long is not alive.
     pub worker_ttl: Duration,
+    /// Confirmed audit failures after which a worker is suspended (no more
+    /// tickets); 0 never suspends.
+    pub suspend_after_failures: u32,
     /// Heartbeat interval the coordinator asks workers for.
     pub heartbeat_interval: Duration,
     /// Limit on request bodies.
@@ -118,6 +121,7 @@ impl Config {
             account_reads_per_hour: 1200,
             max_skew_secs: 300,
             worker_ttl: Duration::from_secs(90),
+            suspend_after_failures: 2,
             heartbeat_interval: Duration::from_secs(20),
             body_limit_bytes: 1024 * 1024,
             request_timeout: Duration::from_secs(30),

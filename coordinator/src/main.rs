@@ -106,6 +106,11 @@ struct ServeArgs {
     /// Seconds without a heartbeat after which a worker is not alive.
     #[arg(long, env = "TROOP_WORKER_TTL_SECS", default_value_t = 90)]
     worker_ttl_secs: u64,
+    /// Confirmed audit failures (each proved by two auditors' signed
+    /// findings, `POST /audits`) after which a worker is suspended: no
+    /// more tickets are sold for it. 0 never suspends.
+    #[arg(long, env = "TROOP_SUSPEND_AFTER_FAILURES", default_value_t = 2)]
+    suspend_after_failures: u32,
     /// Trust X-Forwarded-For for the client address (only behind your own
     /// proxy): the rightmost entry that is not a trusted proxy is the client.
     #[arg(long, env = "TROOP_TRUSTED_PROXY")]
@@ -262,6 +267,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.authorize_per_hour = a.authorize_per_hour;
             cfg.account_reads_per_hour = a.account_reads_per_hour;
             cfg.worker_ttl = Duration::from_secs(a.worker_ttl_secs);
+            cfg.suspend_after_failures = a.suspend_after_failures;
             cfg.trusted_proxy = a.trusted_proxy;
             cfg.trusted_proxy_nets = a.trusted_proxy_net.clone();
             for r in &a.relay {

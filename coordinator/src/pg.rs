@@ -198,6 +198,22 @@ CREATE INDEX bench_challenges_by_deadline ON bench_challenges(deadline_ms);
 "#,
     // The fourth SQLite migration: workers that said they were leaving.
     "ALTER TABLE workers ADD COLUMN left_at BIGINT;",
+    // The fifth: audits and suspensions (issue 25).
+    r#"
+CREATE TABLE audits (
+    job_id TEXT NOT NULL,
+    idx BIGINT NOT NULL,
+    worker TEXT NOT NULL,
+    reporter TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    refunded BIGINT NOT NULL DEFAULT 0,
+    report_sha256 TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (job_id, idx)
+);
+CREATE INDEX audits_by_worker ON audits(worker);
+ALTER TABLE workers ADD COLUMN suspended_at BIGINT;
+"#,
 ];
 
 /// How many schema steps this build knows.

@@ -137,7 +137,20 @@ pub(crate) async fn timed_out(stream: &mut libp2p::Stream, chunks: u64, why: &st
     }
 }
 
-async fn fail(stream: &mut libp2p::Stream, e: &UpstreamError, chunks: u64) -> JobEnd {
+/// Who signs a refusal: the signer and the session.
+type Sign<'a> = Option<(Signer<'a>, &'a str)>;
+
+async fn fail(
+    stream: &mut libp2p::Stream,
+    e: &UpstreamError,
+    chunks: u64,
+    sign: Sign<'_>,
+) -> JobEnd {
+    // What the model server said, signed: an auditor that cannot force a
+    // worker's tokens proves it with this (`audit::Refusal`).
+    let refusal = |said: &str| {
+        sign.map(|(sg, job)| troop_protocol::audit::Refusal::sign(sg.key, job, sg.index, said))
+    };
     let (frame, rejected) = match e {
         UpstreamError::Rejected { status, body } => (
             Frame::Error {
@@ -145,9 +158,18 @@ async fn fail(stream: &mut libp2p::Stream, e: &UpstreamError, chunks: u64) -> Jo
                 message: format!("the model server refused the request ({status})"),
                 status: Some(*status),
                 body: Some(body.clone()),
+                refusal: refusal(&format!("{status}: {body}")),
             },
             true,
         ),
+        UpstreamError::Status { .. } => {
+            let said = e.to_string();
+            let mut f = Frame::error(ErrorCode::UpstreamFailed, said.clone());
+            if let Frame::Error { refusal: r, .. } = &mut f {
+                *r = refusal(&said);
+            }
+            (f, false)
+        }
         other => (
             Frame::error(ErrorCode::UpstreamFailed, other.to_string()),
             false,
@@ -208,6 +230,7 @@ pub async fn relay(
     timeouts: StreamTimeouts,
     signer: Option<Signer<'_>>,
 ) -> Result<Served, JobEnd> {
+    let sign: Sign<'_> = signer.map(|sg| (sg, job_id));
     let prepared = match passthrough::prepare(request, cap, signer.is_some()) {
         Ok(p) => p,
         Err(e) => {
@@ -215,7 +238,7 @@ pub async fn relay(
                 status: 400,
                 body: serde_json::json!({"error": {"message": e, "type": "invalid_request_error", "param": null, "code": "invalid_request"}}).to_string(),
             };
-            return Err(fail(stream, &err, 0).await);
+            return Err(fail(stream, &err, 0, sign).await);
         }
     };
     let mut pace = Pace::new(timeouts, !prepared.stream);
@@ -226,7 +249,7 @@ pub async fn relay(
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             tracing::info!(job = job_id, error = %e, "upstream refused or failed");
-            return Err(fail(stream, &e, 0).await);
+            return Err(fail(stream, &e, 0, sign).await);
         }
         Err(why) => {
             return Err(timed_out(stream, 0, &why).await);
@@ -265,7 +288,7 @@ pub async fn relay(
                 Some(Ok(bytes)) => split.push(&bytes),
                 Some(Err(e)) => {
                     let e = UpstreamError::Protocol(e.to_string());
-                    return Err(fail(stream, &e, chunks).await);
+                    return Err(fail(stream, &e, chunks, sign).await);
                 }
                 None => {
                     ended = true;
@@ -284,7 +307,7 @@ pub async fn relay(
             let ev = match split.next_event() {
                 Ok(Some(ev)) => ev,
                 Ok(None) => break,
-                Err(e) => return Err(fail(stream, &UpstreamError::Protocol(e), chunks).await),
+                Err(e) => return Err(fail(stream, &UpstreamError::Protocol(e), chunks, sign).await),
             };
             if ev.data.is_empty() {
                 continue; // a comment or keep-alive
@@ -300,7 +323,7 @@ pub async fn relay(
                 Ok(s) => s,
                 Err(e) => {
                     let e = UpstreamError::Protocol(format!("bad event: {e}"));
-                    return Err(fail(stream, &e, chunks).await);
+                    return Err(fail(stream, &e, chunks, sign).await);
                 }
             };
             if let Some(msg) = seen.error {
@@ -308,7 +331,7 @@ pub async fn relay(
                     status: 500,
                     message: msg,
                 };
-                return Err(fail(stream, &e, chunks).await);
+                return Err(fail(stream, &e, chunks, sign).await);
             }
             if seen.usage.is_some() {
                 usage = seen.usage;
@@ -360,7 +383,7 @@ pub async fn relay(
         None if !chat_like => "completed".into(),
         None => {
             let e = UpstreamError::Protocol("the stream ended without a finish reason".into());
-            return Err(fail(stream, &e, chunks).await);
+            return Err(fail(stream, &e, chunks, sign).await);
         }
     };
     let mut usage = usage.unwrap_or_default();
@@ -415,12 +438,12 @@ async fn whole(
                     let e = UpstreamError::Protocol(format!(
                         "the answer is over {MAX_WHOLE_BYTES} bytes"
                     ));
-                    return Err(fail(stream, &e, 0).await);
+                    return Err(fail(stream, &e, 0, None).await);
                 }
                 buf.extend_from_slice(&b);
             }
             Ok(Some(Err(e))) => {
-                return Err(fail(stream, &UpstreamError::Protocol(e.to_string()), 0).await);
+                return Err(fail(stream, &UpstreamError::Protocol(e.to_string()), 0, None).await);
             }
             Ok(None) => break,
             Err(why) => {
@@ -432,19 +455,19 @@ async fn whole(
         Ok(t) => t,
         Err(_) => {
             let e = UpstreamError::Protocol("the answer is not UTF-8".into());
-            return Err(fail(stream, &e, 0).await);
+            return Err(fail(stream, &e, 0, None).await);
         }
     };
     let seen = match passthrough::peek(&text) {
         Ok(s) => s,
-        Err(e) => return Err(fail(stream, &UpstreamError::Protocol(e), 0).await),
+        Err(e) => return Err(fail(stream, &UpstreamError::Protocol(e), 0, None).await),
     };
     if let Some(msg) = seen.error {
         let e = UpstreamError::Status {
             status: 500,
             message: msg,
         };
-        return Err(fail(stream, &e, 0).await);
+        return Err(fail(stream, &e, 0, None).await);
     }
     let usage = seen.usage.unwrap_or_default();
     let first = Instant::now();

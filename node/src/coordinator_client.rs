@@ -357,6 +357,14 @@ impl CoordinatorClient {
         .await
     }
 
+    /// Reports an audited answer (`POST /audits`, signed by this user).
+    pub async fn report_audit(
+        &self,
+        report: &troop_protocol::audit::AuditReport,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.signed_post("/audits", report).await
+    }
+
     /// Posts a receipt body (already serialized) with its HMAC.
     pub async fn submit_receipt(
         &self,

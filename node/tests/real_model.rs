@@ -276,7 +276,9 @@ async fn a_worker_serving_other_weights_under_the_same_digest_is_caught_by_audit
         .expect("props json");
     let gguf = std::path::PathBuf::from(props["model_path"].as_str().expect("model_path"));
 
-    let mut net = TestNet::start(|_| {}).await;
+    // One confirmed failure suspends (this gateway stops sending the
+    // cheater requests after its first, so a second may never come).
+    let mut net = TestNet::start(|c| c.suspend_after_failures = 1).await;
     let a = net.add_worker(&up_a, |_| {}).await;
     let b = net.add_worker(&up_b, |_| {}).await;
     let c = net
@@ -352,5 +354,67 @@ async fn a_worker_serving_other_weights_under_the_same_digest_is_caught_by_audit
     assert!(
         ra.passed + rb.passed >= 1,
         "no honest answer was audited: {ra:?} {rb:?}"
+    );
+
+    // The coordinator checked the gateway's reports itself: the cheater is
+    // suspended with its failure on record, its audited session refunded
+    // to the user, and no ticket is sold for it any more; the honest
+    // workers' passes are on their records.
+    let listed = eventually("the cheater suspended at the coordinator", 60, || {
+        let state = state.clone();
+        let pc = pc.to_base58();
+        async move {
+            let w = state.client.workers().await.ok()?;
+            w.workers
+                .iter()
+                .any(|i| i.peer_id == pc && i.suspended)
+                .then_some(w)
+        }
+    })
+    .await;
+    for i in &listed.workers {
+        println!(
+            "{}: audits {:?}, suspended {}",
+            i.peer_id, i.audits, i.suspended
+        );
+        if i.peer_id == pc.to_base58() {
+            assert!(i.audits.failed >= 1, "{i:?}");
+        } else {
+            assert!(!i.suspended && i.audits.failed == 0, "{i:?}");
+        }
+    }
+    assert!(
+        listed
+            .workers
+            .iter()
+            .filter(|i| i.peer_id != pc.to_base58())
+            .map(|i| i.audits.passed)
+            .sum::<u64>()
+            >= 1
+    );
+    let history = state.client.my_transactions().await.expect("history");
+    let refunds: Vec<&serde_json::Value> = history["transactions"]
+        .as_array()
+        .map(|t| {
+            t.iter()
+                .filter(|e| {
+                    e["kind"] == "refund"
+                        && (e["credit_account"] == pc.to_base58()
+                            || e["debit_account"] == pc.to_base58())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        !refunds.is_empty() && refunds.iter().all(|e| e["amount"].as_f64() > Some(0.0)),
+        "no refund of the cheater's session: {history}"
+    );
+    let refused = state
+        .client
+        .authorize("smollm2-135m", &pc.to_base58(), None)
+        .await;
+    assert!(
+        matches!(&refused, Err(troop_node::coordinator_client::ClientError::Refused { message, .. }) if message.contains("suspended")),
+        "{refused:?}"
     );
 }

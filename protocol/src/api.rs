@@ -72,6 +72,20 @@ pub struct WorkerInfo {
     /// Figures from settled sessions (absent until one settles).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reputation: Option<ReputationInfo>,
+    /// Audits of its answers that gateways reported and the coordinator
+    /// verified (issue 25; zero from older coordinators).
+    #[serde(default)]
+    pub audits: AuditCounts,
+    /// Suspended after confirmed audit failures: no tickets are sold for it.
+    #[serde(default)]
+    pub suspended: bool,
+}
+
+/// A worker's verified audits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditCounts {
+    pub passed: u64,
+    pub failed: u64,
 }
 
 /// A worker's record: requests settled, the share its users acknowledged,

@@ -170,6 +170,11 @@ pub enum Frame {
         status: Option<u16>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         body: Option<String>,
+        /// When the model server refused the request: the worker's signed
+        /// statement of what it said (an auditor that cannot force the
+        /// tokens proves it with this; see `audit::Refusal`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        refusal: Option<crate::audit::Refusal>,
     },
     /// The user's signed acknowledgement of one request, gateway to worker,
     /// the only frame of its stream.
@@ -183,6 +188,7 @@ impl Frame {
             message: message.into(),
             status: None,
             body: None,
+            refusal: None,
         }
     }
 }
@@ -309,7 +315,8 @@ mod tests {
                 code,
                 message,
                 status: None,
-                body: None
+                body: None,
+                refusal: None,
             }),
             (".{0,200}", any::<u32>()).prop_map(|(data, events)| Frame::Raw { data, events }),
             (".{0,200}", ".{0,200}").prop_map(|(ticket, body)| Frame::Request {

@@ -8,6 +8,7 @@
 
 pub mod advert;
 pub mod api;
+pub mod audit;
 pub mod error;
 pub mod evidence;
 pub mod frames;

@@ -45,8 +45,8 @@ pub use cmd::settle::job_cost;
 pub use error::LedgerError;
 pub use invariants::{Totals, check_invariants, check_invariants_full, stored_totals, totals};
 pub use query::{
-    Reputation, WorkerRow, available, load_worker, load_workers, load_workers_seen_since,
-    reputation_of, worker_reputations,
+    Reputation, WorkerRow, all_audit_counts, audit_counts, available, job_parties, load_worker,
+    load_workers, load_workers_seen_since, reputation_of, worker_reputations,
 };
 pub use sqlite::{open, open_in_memory, open_reader};
 pub use writer::{AuditSink, Backend, Sqlite, Writer, WriterThread};
@@ -114,6 +114,21 @@ pub enum Command {
         verified_gflops: f64,
         multiplier_milli: i64,
     },
+    /// A verified audit of request `index` of session `job_id` (issue 25):
+    /// counted once; a failure refunds the session to its user (voids a
+    /// pending reservation, or posts back what was paid as far as the
+    /// worker's balance allows) and suspends the worker at
+    /// `suspend_after` failures.
+    RecordAudit {
+        reporter: String,
+        worker: String,
+        job_id: String,
+        index: u32,
+        failed: bool,
+        report_sha256: String,
+        suspend_after: u32,
+        now_ms: u64,
+    },
     /// Voids every pending reservation whose ticket expired before `cutoff_secs`.
     ExpireDue {
         cutoff_secs: u64,
@@ -139,6 +154,21 @@ pub enum Outcome {
         jobs: Vec<String>,
     },
     Cancelled,
+    Audited(AuditRecorded),
+}
+
+/// What recording an audit did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecorded {
+    /// The same answer was reported before (nothing changed).
+    pub duplicate: bool,
+    /// Milli-credits given back to the user by this audit.
+    pub refunded: MilliCredits,
+    /// The worker is suspended (now or before).
+    pub suspended: bool,
+    /// The worker's verified audits, after this one.
+    pub passed: i64,
+    pub failed: i64,
 }
 
 /// The result of applying a receipt.
@@ -243,6 +273,7 @@ pub fn apply(
             now_ms,
             limit,
         } => cmd::expire::apply(tx, *cutoff_secs, *now_ms, *limit, events),
+        Command::RecordAudit { .. } => cmd::audit::apply(tx, cmd, events).map(Outcome::Audited),
     }
 }
 

@@ -71,6 +71,9 @@ pub struct WorkerRow {
     /// Unix seconds when the worker said it was leaving (cleared by its
     /// next registration or heartbeat).
     pub left_at: Option<u64>,
+    /// Unix seconds when confirmed audit failures suspended the worker: no
+    /// tickets are sold for it from then on.
+    pub suspended_at: Option<u64>,
 }
 
 impl WorkerRow {
@@ -85,7 +88,7 @@ impl WorkerRow {
 pub fn load_worker(conn: &mut dyn Db, peer_id: &str) -> Result<Option<WorkerRow>, LedgerError> {
     conn.query_opt(
         "SELECT peer_id, receipt_key, models, addresses, version, multiplier_milli, verified_gflops,
-                active_jobs, queue_depth, registered_at, last_seen, left_at FROM workers WHERE peer_id = ?1",
+                active_jobs, queue_depth, registered_at, last_seen, left_at, suspended_at FROM workers WHERE peer_id = ?1",
         p![peer_id],
     )?
     .map(|r| worker_from_row(&r))
@@ -96,7 +99,7 @@ pub fn load_worker(conn: &mut dyn Db, peer_id: &str) -> Result<Option<WorkerRow>
 pub fn load_workers(conn: &mut dyn Db) -> Result<Vec<WorkerRow>, LedgerError> {
     conn.query(
         "SELECT peer_id, receipt_key, models, addresses, version, multiplier_milli, verified_gflops,
-                active_jobs, queue_depth, registered_at, last_seen, left_at FROM workers ORDER BY peer_id",
+                active_jobs, queue_depth, registered_at, last_seen, left_at, suspended_at FROM workers ORDER BY peer_id",
         p![],
     )?
     .iter()
@@ -111,7 +114,7 @@ pub fn load_workers_seen_since(
 ) -> Result<Vec<WorkerRow>, LedgerError> {
     conn.query(
         "SELECT peer_id, receipt_key, models, addresses, version, multiplier_milli, verified_gflops,
-                active_jobs, queue_depth, registered_at, last_seen, left_at FROM workers WHERE last_seen >= ?1",
+                active_jobs, queue_depth, registered_at, last_seen, left_at, suspended_at FROM workers WHERE last_seen >= ?1",
         p![to_i64(since_secs)?],
     )?
     .iter()
@@ -136,6 +139,7 @@ fn worker_from_row(r: &Row) -> Result<WorkerRow, LedgerError> {
         registered_at: r.i64(9)?.max(0) as u64,
         last_seen: r.i64(10)?.max(0) as u64,
         left_at: r.opt_i64(11)?.map(|t| t.max(0) as u64),
+        suspended_at: r.opt_i64(12)?.map(|t| t.max(0) as u64),
     })
 }
 
@@ -176,6 +180,45 @@ pub(crate) fn load_job(tx: &mut dyn Db, job_id: &str) -> Result<Option<JobRow>, 
             created_at: r.i64(10)?,
         })
     })
+    .transpose()
+}
+
+/// A worker's audits as reported and verified: (passed, failed).
+pub fn audit_counts(conn: &mut dyn Db, worker: &str) -> Result<(i64, i64), LedgerError> {
+    let r = conn.query_one(
+        "SELECT CAST(COALESCE(SUM(CASE WHEN outcome = 'passed' THEN 1 ELSE 0 END), 0) AS BIGINT),
+                CAST(COALESCE(SUM(CASE WHEN outcome = 'failed' THEN 1 ELSE 0 END), 0) AS BIGINT)
+         FROM audits WHERE worker = ?1",
+        p![worker],
+    )?;
+    Ok((r.i64(0)?, r.i64(1)?))
+}
+
+/// Every worker's audits: peer id -> (passed, failed).
+pub fn all_audit_counts(
+    conn: &mut dyn Db,
+) -> Result<std::collections::HashMap<String, (i64, i64)>, LedgerError> {
+    conn.query(
+        "SELECT worker, CAST(SUM(CASE WHEN outcome = 'passed' THEN 1 ELSE 0 END) AS BIGINT),
+                CAST(SUM(CASE WHEN outcome = 'failed' THEN 1 ELSE 0 END) AS BIGINT)
+         FROM audits GROUP BY worker",
+        p![],
+    )?
+    .iter()
+    .map(|r| Ok((r.str(0)?, (r.i64(1)?, r.i64(2)?))))
+    .collect()
+}
+
+/// A session's user, worker and model.
+pub fn job_parties(
+    conn: &mut dyn Db,
+    job_id: &str,
+) -> Result<Option<(String, String, String)>, LedgerError> {
+    conn.query_opt(
+        "SELECT user_id, worker_id, model FROM jobs WHERE job_id = ?1",
+        p![job_id],
+    )?
+    .map(|r| Ok((r.str(0)?, r.str(1)?, r.str(2)?)))
     .transpose()
 }
 

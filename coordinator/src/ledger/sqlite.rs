@@ -178,8 +178,29 @@ END;
         // A worker that stops says so (`POST /workers/leave`): it is not
         // listed as alive again until it registers or heartbeats.
         M::up("ALTER TABLE workers ADD COLUMN left_at INTEGER;"),
+        // Issue 25: audited answers as gateways reported them (verified),
+        // and workers suspended for confirmed failures.
+        M::up(AUDITS_SCHEMA),
     ])
 }
+
+/// Audited answers (one row per answer: a session and a request's number)
+/// and suspended workers. PostgreSQL's is the same with `BIGINT`.
+const AUDITS_SCHEMA: &str = r#"
+CREATE TABLE audits (
+    job_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    worker TEXT NOT NULL,
+    reporter TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    refunded INTEGER NOT NULL DEFAULT 0,
+    report_sha256 TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (job_id, idx)
+) STRICT;
+CREATE INDEX audits_by_worker ON audits(worker);
+ALTER TABLE workers ADD COLUMN suspended_at INTEGER;
+"#;
 
 /// Opens (creating if needed) the ledger database and runs the migrations.
 pub fn open(path: &Path) -> Result<Connection, LedgerError> {

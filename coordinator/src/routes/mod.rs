@@ -3,6 +3,7 @@
 //! proof of hardware in `hardware.rs`), and the sweeper in `crate::sweeper`.
 
 mod accounts;
+mod audits;
 pub mod hardware;
 mod receipts;
 mod tickets;
@@ -80,6 +81,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/workers/leave", post(leave))
         .route("/authorize", post(authorize))
         .route("/transactions/submit", post(submit_receipt))
+        .route("/audits", post(audits::report_audit))
         .merge(discovery)
         .route("/bench/challenge", post(crate::routes::hardware::challenge))
         // Openings are Merkle paths only: about 140 KB at n = 4096.

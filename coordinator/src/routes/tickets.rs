@@ -36,6 +36,11 @@ fn judge_worker(
                 now.saturating_sub(w.last_seen)
             ),
         )),
+        Some(w) if w.suspended_at.is_some() => Err((
+            "worker_suspended",
+            worker.to_string(),
+            format!("worker {worker} is suspended: audits of its answers failed (GET /workers)"),
+        )),
         Some(w) if !w.models.iter().any(|m| m == model) => Err((
             "model_not_served",
             model.to_string(),

@@ -21,6 +21,8 @@ pub(crate) fn worker_info(cfg: &crate::Config, w: &WorkerRow, now: u64) -> Worke
             queue_depth: w.queue_depth,
         },
         reputation: None,
+        audits: Default::default(),
+        suspended: w.suspended_at.is_some(),
     }
 }
 
@@ -252,6 +254,10 @@ pub(crate) async fn list_workers(
         .read_with(crate::ledger::worker_reputations)
         .await
         .map_err(|e| ledger_error(&state, e, &rid))?;
+    let audits = state
+        .read_with(crate::ledger::all_audit_counts)
+        .await
+        .map_err(|e| ledger_error(&state, e, &rid))?;
     let mut workers: Vec<WorkerInfo> = state
         .workers
         .read()
@@ -260,6 +266,12 @@ pub(crate) async fn list_workers(
         .map(|w| {
             let mut i = worker_info(&state.cfg, w, now);
             i.reputation = reps.get(&w.peer_id).and_then(reputation_info);
+            if let Some((passed, failed)) = audits.get(&w.peer_id) {
+                i.audits = troop_protocol::api::AuditCounts {
+                    passed: (*passed).max(0) as u64,
+                    failed: (*failed).max(0) as u64,
+                };
+            }
             i
         })
         .collect();
@@ -293,7 +305,7 @@ pub(crate) async fn bootstrap(
         .map_err(|_| ApiError::internal("worker table poisoned"))?;
     live = map
         .values()
-        .filter(|w| w.alive(now, ttl) && !w.addresses.is_empty())
+        .filter(|w| w.alive(now, ttl) && !w.addresses.is_empty() && w.suspended_at.is_none())
         .filter(|w| model.as_ref().is_none_or(|m| w.models.contains(m)))
         .collect();
     // Workers with a verified proof first, then the longest registered;

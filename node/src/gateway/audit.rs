@@ -13,7 +13,9 @@
 
 use rand::seq::SliceRandom as _;
 use serde_json::Value;
-use troop_protocol::evidence::{TOP_K, TokenEvidence};
+pub use troop_protocol::audit::{AUDIT_MEAN_NATS, Verdict, compare};
+use troop_protocol::audit::{AuditReport, Finding, Refusal, refused_the_tokens};
+use troop_protocol::evidence::{Evidence, TOP_K, TokenEvidence};
 
 use super::*;
 
@@ -21,14 +23,6 @@ use super::*;
 pub const AUDIT_ALL_FIRST: u64 = 20;
 /// The share audited never falls below this.
 pub const AUDIT_FLOOR: f64 = 0.02;
-/// An audit fails when the two logprobs of the same forced token differ by
-/// more than this on average (nats per token). Measured with
-/// `scripts/audit_calibration.py` (llama.cpp on the CPU, other threads and
-/// `--parallel`, 250 answers a pairing): SmolLM2-135M (Q4_1) re-scores
-/// identically; Gemma 3 270M (Q4_K_M) differs by up to 0.185 (p99 0.078),
-/// since its kernels depend on how requests were batched; other weights
-/// differ by several nats, or name tokens the auditor cannot force.
-pub const AUDIT_MEAN_NATS: f64 = 0.3;
 
 /// One worker's audits as this gateway saw them.
 #[derive(Debug, Clone, Default, serde::Serialize, PartialEq)]
@@ -41,42 +35,13 @@ pub struct AuditRecord {
     pub outvoted: u64,
 }
 
-/// What an audit found.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Verdict {
-    Pass,
-    Fail(String),
-}
-
-/// The auditor's evidence for the forced tokens against the answer's.
-pub fn compare(answer: &[TokenEvidence], audit: &[TokenEvidence]) -> Verdict {
-    if audit.len() != answer.len() {
-        return Verdict::Fail(format!(
-            "the auditor re-scored {} tokens of {}",
-            audit.len(),
-            answer.len()
-        ));
-    }
-    if let Some(i) = answer.iter().zip(audit).position(|(a, b)| a.id != b.id) {
-        return Verdict::Fail(format!("token {i} is not the one forced"));
-    }
-    if answer.is_empty() {
-        return Verdict::Pass;
-    }
-    let total: f64 = answer
-        .iter()
-        .zip(audit)
-        .map(|(a, b)| f64::from((a.logprob - b.logprob).abs()))
-        .sum();
-    let mean = total / answer.len() as f64;
-    if mean > AUDIT_MEAN_NATS {
-        Verdict::Fail(format!(
-            "the logprobs differ by {mean:.3} nats per token on average ({total:.2} over {} tokens)",
-            answer.len()
-        ))
-    } else {
-        Verdict::Pass
-    }
+/// An answer that may be audited: who served it, where, and its signed
+/// evidence.
+pub struct Audited {
+    pub worker: PeerId,
+    pub job_id: String,
+    pub index: u32,
+    pub evidence: Evidence,
 }
 
 /// The audit's request body: the answer's own request, with its tokens
@@ -103,13 +68,6 @@ pub fn audit_body(original: &str, tokens: &[TokenEvidence]) -> Option<String> {
     obj.insert("logprobs".into(), Value::Bool(true));
     obj.insert("top_logprobs".into(), serde_json::json!(TOP_K));
     Some(v.to_string())
-}
-
-/// Whether an auditor's error says its model cannot produce the forced
-/// tokens (llama.cpp's grammar error: a token outside the vocabulary, or one
-/// the grammar could not accept), as opposed to trouble of its own.
-fn refused_the_tokens(message: &str) -> bool {
-    message.contains("grammar")
 }
 
 /// Whether to audit a worker's next answer: always for its first
@@ -141,36 +99,32 @@ impl GatewayState {
         }
     }
 
-    /// Audits this answer of `worker` in the background, when the draw says
-    /// so (and audits are on).
-    pub(super) fn maybe_audit(
-        self: &Arc<Self>,
-        request: &InferenceRequest,
-        worker: PeerId,
-        tokens: Vec<TokenEvidence>,
-    ) {
-        if !self.cfg.audit || tokens.is_empty() {
+    /// Audits this answer in the background, when the draw says so (and
+    /// audits are on).
+    pub(super) fn maybe_audit(self: &Arc<Self>, request: &InferenceRequest, answer: Audited) {
+        if !self.cfg.audit || answer.evidence.tokens.is_empty() {
             return;
         }
-        if rand::random::<f64>() >= audit_chance(&self.audit_record(&worker)) {
+        if rand::random::<f64>() >= audit_chance(&self.audit_record(&answer.worker)) {
             return;
         }
-        let Some(body) = request.body.as_deref().and_then(|b| audit_body(b, &tokens)) else {
+        let Some(body) = request
+            .body
+            .as_deref()
+            .and_then(|b| audit_body(b, &answer.evidence.tokens))
+        else {
             return;
         };
         let state = self.clone();
         let mut audit = request.clone();
         audit.body = Some(body);
         audit.request_id = Some(format!("audit-{}", hex::encode(rand::random::<[u8; 6]>())));
-        tokio::spawn(async move { state.audit(audit, worker, tokens).await });
+        tokio::spawn(async move { state.audit(audit, answer).await });
     }
 
-    async fn audit(
-        self: Arc<Self>,
-        audit: InferenceRequest,
-        worker: PeerId,
-        tokens: Vec<TokenEvidence>,
-    ) {
+    async fn audit(self: Arc<Self>, audit: InferenceRequest, answer: Audited) {
+        let worker = answer.worker;
+        let tokens = &answer.evidence.tokens;
         let digest = self
             .table
             .reading()
@@ -196,7 +150,7 @@ impl GatewayState {
         // The first auditor that can run it.
         let mut first = None;
         for a in auditors.by_ref() {
-            match self.audit_by(a, &audit, &tokens).await {
+            match self.audit_by(a, &audit, tokens).await {
                 Ok(v) => {
                     first = Some((a, v));
                     break;
@@ -204,16 +158,18 @@ impl GatewayState {
                 Err(e) => tracing::debug!(auditor = %a, error = %e, "auditor unavailable"),
             }
         }
-        let Some((auditor, verdict)) = first else {
+        let Some((auditor, (verdict, found))) = first else {
             metrics::counter!("troop_audits_total", "outcome" => "no_auditor").increment(1);
             tracing::debug!(%worker, "no auditor for this answer");
             return;
         };
+        let mut findings = vec![found];
         let why = match verdict {
             Verdict::Pass => {
                 metrics::counter!("troop_audits_total", "outcome" => "passed").increment(1);
                 tracing::debug!(%worker, %auditor, "audit passed");
                 self.note(worker, |r| r.passed += 1);
+                self.report(&audit.model, answer, findings).await;
                 return;
             }
             Verdict::Fail(why) => why,
@@ -221,13 +177,13 @@ impl GatewayState {
         // A failure counts when a second auditor confirms it.
         let mut second = None;
         for a in auditors {
-            if let Ok(v) = self.audit_by(a, &audit, &tokens).await {
+            if let Ok(v) = self.audit_by(a, &audit, tokens).await {
                 second = Some((a, v));
                 break;
             }
         }
         match second {
-            Some((confirmer, Verdict::Fail(why2))) => {
+            Some((confirmer, (Verdict::Fail(why2), found))) => {
                 metrics::counter!("troop_audits_total", "outcome" => "failed").increment(1);
                 tracing::warn!(
                     %worker, %auditor, %confirmer, first = %why, second = %why2,
@@ -237,12 +193,16 @@ impl GatewayState {
                 if let Some(mut x) = self.audit_failed.writing() {
                     x.insert(worker);
                 }
+                findings.push(found);
+                self.report(&audit.model, answer, findings).await;
             }
-            Some((confirmer, Verdict::Pass)) => {
+            Some((confirmer, (Verdict::Pass, found))) => {
                 metrics::counter!("troop_audits_total", "outcome" => "outvoted").increment(1);
                 tracing::warn!(%worker, %auditor, %confirmer, first = %why, "an auditor's failure was contradicted by a second auditor");
                 self.note(worker, |r| r.passed += 1);
                 self.note(auditor, |r| r.outvoted += 1);
+                findings.push(found);
+                self.report(&audit.model, answer, findings).await;
             }
             None => {
                 metrics::counter!("troop_audits_total", "outcome" => "unconfirmed").increment(1);
@@ -251,33 +211,71 @@ impl GatewayState {
         }
     }
 
-    /// Runs one audit on `auditor`: `Ok` with its verdict, `Err` when the
-    /// auditor could not be asked (unreachable, busy, no ticket).
+    /// Tells the coordinator what the auditors found (`POST /audits`): it
+    /// checks the signatures and the numbers itself, counts the audit in
+    /// the worker's record and, for a confirmed failure, refunds the
+    /// session and may suspend the worker.
+    async fn report(&self, model: &str, answer: Audited, findings: Vec<Finding>) {
+        let report = AuditReport {
+            model: model.to_string(),
+            worker: answer.worker.to_base58(),
+            job_id: answer.job_id,
+            index: answer.index,
+            evidence: answer.evidence,
+            findings,
+        };
+        match self.client.report_audit(&report).await {
+            Ok(v) => tracing::info!(
+                worker = %report.worker,
+                outcome = %v.get("outcome").and_then(serde_json::Value::as_str).unwrap_or("?"),
+                refunded = %v.get("refunded_milli").and_then(serde_json::Value::as_i64).unwrap_or(0),
+                suspended = %v.get("suspended").and_then(serde_json::Value::as_bool).unwrap_or(false),
+                "audit reported to the coordinator"
+            ),
+            Err(e) => {
+                metrics::counter!("troop_audit_reports_failed_total").increment(1);
+                tracing::warn!(worker = %report.worker, error = %e, "the coordinator did not take the audit report");
+            }
+        }
+    }
+
+    /// Runs one audit on `auditor`: `Ok` with its verdict and its signed
+    /// finding, `Err` when the auditor could not be asked (unreachable,
+    /// busy, no ticket) or failed for a reason of its own.
     async fn audit_by(
         self: &Arc<Self>,
         auditor: PeerId,
         audit: &InferenceRequest,
         tokens: &[TokenEvidence],
-    ) -> Result<Verdict, String> {
+    ) -> Result<(Verdict, Finding), String> {
+        // The auditor's model server refused: a verdict only when the
+        // refusal is signed and says it cannot force the tokens (not this
+        // model's: out of its vocabulary, or a sequence it cannot produce).
+        let refused = |refusal: Option<Box<Refusal>>, message: &str| match refusal {
+            Some(r) if refused_the_tokens(&r.message) => {
+                let finding = Finding {
+                    auditor: auditor.to_base58(),
+                    job_id: r.job_id.clone(),
+                    index: r.index,
+                    evidence: None,
+                    refusal: Some(*r),
+                };
+                let v = finding.verdict(tokens)?;
+                Ok((v, finding))
+            }
+            _ => Err(format!("the auditor refused: {message}")),
+        };
         let mut claim = self.claim_on(auditor);
         let mut job = match self.try_worker(&mut claim, audit).await {
             Ok(job) => job,
-            // The auditor's model server refused the tokens: not this
-            // model's (out of its vocabulary, or a sequence it cannot
-            // produce).
-            Err(dispatch::Attempt::Final(DispatchError::Rejected { status, .. })) => {
-                return Ok(Verdict::Fail(format!(
-                    "the auditor's model server refused the tokens ({status})"
-                )));
-            }
+            Err(dispatch::Attempt::Final(DispatchError::Rejected {
+                status, refusal, ..
+            })) => return refused(refusal, &format!("status {status}")),
             Err(dispatch::Attempt::Next(Skip::Refused {
                 code: Some(ErrorCode::UpstreamFailed),
                 message,
-            })) if refused_the_tokens(&message) => {
-                return Ok(Verdict::Fail(format!(
-                    "the auditor's model server could not force the tokens: {message}"
-                )));
-            }
+                refusal,
+            })) => return refused(refusal, &message),
             Err(dispatch::Attempt::Next(reason)) => return Err(reason.to_string()),
             Err(dispatch::Attempt::Final(e)) => return Err(format!("{e:?}")),
         };
@@ -295,24 +293,27 @@ impl GatewayState {
             match f {
                 Some(Frame::Raw { .. } | Frame::Chunk { .. }) => {}
                 Some(Frame::Done { .. }) => break,
-                Some(Frame::Error { message, .. }) if refused_the_tokens(&message) => {
-                    return Ok(Verdict::Fail(format!(
-                        "the auditor's model server could not force the tokens: {message}"
-                    )));
-                }
-                // The auditor's own trouble (its server away, a timeout):
-                // no verdict.
-                Some(Frame::Error { message, .. }) => {
-                    return Err(format!("the auditor failed: {message}"));
-                }
+                // The auditor's own trouble (its server away, a timeout) is
+                // no verdict; a signed grammar refusal is.
+                Some(Frame::Error {
+                    message, refusal, ..
+                }) => return refused(refusal.map(Box::new), &message),
                 Some(_) | None => return Err("the audit's answer ended early".into()),
             }
         }
         let theirs = job
-            .evidence_tokens
+            .evidence_signed
             .take()
             .ok_or("the auditor sent no evidence")?;
-        Ok(compare(tokens, &theirs))
+        let finding = Finding {
+            auditor: auditor.to_base58(),
+            job_id: job.job_id.clone(),
+            index: job.index,
+            evidence: Some(theirs),
+            refusal: None,
+        };
+        let v = finding.verdict(tokens)?;
+        Ok((v, finding))
     }
 }
 
@@ -328,20 +329,6 @@ mod tests {
                 top: vec![],
             })
             .collect()
-    }
-
-    #[test]
-    fn the_same_numbers_pass_and_other_weights_fail() {
-        let a = toks(&[(1, -0.5), (2, -1.25), (3, -0.01)]);
-        assert_eq!(compare(&a, &a), Verdict::Pass);
-        // Rounding-sized differences pass.
-        let near = toks(&[(1, -0.51), (2, -1.24), (3, -0.02)]);
-        assert_eq!(compare(&a, &near), Verdict::Pass);
-        let other = toks(&[(1, -2.5), (2, -0.25), (3, -0.5)]);
-        assert!(matches!(compare(&a, &other), Verdict::Fail(w) if w.contains("nats")));
-        let wrong_token = toks(&[(1, -0.5), (9, -1.25), (3, -0.01)]);
-        assert!(matches!(compare(&a, &wrong_token), Verdict::Fail(w) if w.contains("token 1")));
-        assert!(matches!(compare(&a, &a[..2]), Verdict::Fail(_)));
     }
 
     #[test]

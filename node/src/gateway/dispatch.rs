@@ -22,7 +22,12 @@ pub enum DispatchError {
     Coordinator(String),
     /// The worker's model server refused the request as the app's fault
     /// (4xx): its status and body go to the app unchanged.
-    Rejected { status: u16, body: String },
+    Rejected {
+        status: u16,
+        body: String,
+        /// The worker's signed statement of the refusal (audits use it).
+        refusal: Option<Box<troop_protocol::audit::Refusal>>,
+    },
 }
 
 impl GatewayState {
@@ -544,7 +549,7 @@ impl GatewayState {
             completion_tokens: None,
             temperature: None,
             evidence: None,
-            evidence_tokens: None,
+            evidence_signed: None,
             answered: false,
             _busy: busy,
         };
@@ -559,16 +564,27 @@ impl GatewayState {
         };
         match job.next(first_wait).await {
             Ok(Some(Frame::Error {
-                code, status, body, ..
+                code,
+                status,
+                body,
+                refusal,
+                ..
             })) if code == ErrorCode::UpstreamRejected.number() => {
                 Err(Attempt::Final(DispatchError::Rejected {
                     status: status.filter(|s| (400..500).contains(s)).unwrap_or(400),
                     body: body.unwrap_or_default(),
+                    refusal: refusal.map(Box::new),
                 }))
             }
-            Ok(Some(Frame::Error { code, message, .. })) => Err(Attempt::Next(Skip::Refused {
+            Ok(Some(Frame::Error {
+                code,
+                message,
+                refusal,
+                ..
+            })) => Err(Attempt::Next(Skip::Refused {
                 code: ErrorCode::from_number(code),
                 message,
+                refusal: refusal.map(Box::new),
             })),
             Ok(Some(first)) => {
                 job.first = first;
@@ -639,6 +655,8 @@ pub enum Skip {
     Refused {
         code: Option<ErrorCode>,
         message: String,
+        /// The worker's signed statement, when its model server refused.
+        refusal: Option<Box<troop_protocol::audit::Refusal>>,
     },
     /// The coordinator would not sell a ticket for this worker.
     NoTicket(String),
@@ -656,7 +674,7 @@ impl std::fmt::Display for Skip {
             Skip::Unreachable(e) => write!(f, "unreachable: {e}"),
             Skip::NoAnswer(e) => write!(f, "no answer: {e}"),
             Skip::Closed => f.write_str("no answer: the worker closed the stream"),
-            Skip::Refused { code, message } => write!(
+            Skip::Refused { code, message, .. } => write!(
                 f,
                 "worker refused ({}): {message}",
                 code.map(|c| c.as_str()).unwrap_or("unknown")

@@ -84,7 +84,7 @@ pub(super) fn dispatch_error(e: DispatchError) -> Response {
             &format!("the coordinator could not be reached: {msg}"),
             None,
         ),
-        DispatchError::Rejected { status, body } => rejected(status, body),
+        DispatchError::Rejected { status, body, .. } => rejected(status, body),
     }
 }
 

@@ -30,6 +30,7 @@ use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use troop_protocol::frames::{Endpoint, Frame, InferenceRequest};
 
+use super::audit;
 use super::errors::{bad_request, dispatch_error, lost_event, oai_error};
 use super::fan_out::fan_out;
 use super::reading::{frame_problem, sse_response, take_first, whole_answer, with_worker};
@@ -316,9 +317,14 @@ fn stream_answer(state: Arc<GatewayState>, job: JobStream, req: InferenceRequest
                 Ok(_) => {
                     // A whole answer from one worker: perhaps audited.
                     if resumed.is_none()
-                        && let Some(tokens) = job.evidence_tokens.take()
+                        && let Some(evidence) = job.evidence_signed.take()
                     {
-                        state.maybe_audit(&req, job.worker, tokens);
+                        state.maybe_audit(&req, audit::Audited {
+                            worker: job.worker,
+                            job_id: job.job_id.clone(),
+                            index: job.index,
+                            evidence,
+                        });
                     }
                     return;
                 }

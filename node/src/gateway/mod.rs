@@ -419,8 +419,8 @@ pub struct JobStream {
     temperature: Option<f64>,
     /// The commitment of the worker's verified evidence, co-signed by the ack.
     evidence: Option<String>,
-    /// The verified evidence's tokens (for an audit).
-    evidence_tokens: Option<Vec<troop_protocol::evidence::TokenEvidence>>,
+    /// The verified evidence, signed (for an audit and its report).
+    evidence_signed: Option<troop_protocol::evidence::Evidence>,
     /// The worker took the request (its first frame was no refusal): only
     /// such attempts count as answers.
     answered: bool,
@@ -451,7 +451,7 @@ impl JobStream {
             } => {
                 if let Some(e) = evidence.take() {
                     // Kept for an audit only when audits are on.
-                    let tokens = self.state.cfg.audit.then(|| e.tokens.clone());
+                    let signed = self.state.cfg.audit.then(|| e.clone());
                     self.evidence = self.state.on_evidence(
                         evidence::AnswerOf {
                             worker: self.worker,
@@ -463,7 +463,7 @@ impl JobStream {
                         e,
                     );
                     if self.evidence.is_some() {
-                        self.evidence_tokens = tokens;
+                        self.evidence_signed = signed;
                     }
                 }
                 self.completion_tokens = Some(usage.completion_tokens);

@@ -2,6 +2,7 @@
 //! each `apply` runs inside the writer's open transaction (a savepoint of
 //! its own) and either changes the ledger as a whole or not at all.
 
+pub(crate) mod audit;
 pub(crate) mod cancel;
 pub(crate) mod expire;
 pub(crate) mod hardware;
@@ -75,6 +76,111 @@ mod tests {
                 now_ms,
             },
         )
+    }
+
+    fn audit(
+        conn: &rusqlite::Connection,
+        job: &str,
+        index: u32,
+        failed: bool,
+    ) -> Result<crate::ledger::AuditRecorded, LedgerError> {
+        match run(
+            conn,
+            Command::RecordAudit {
+                reporter: "u1".into(),
+                worker: "w".into(),
+                job_id: job.into(),
+                index,
+                failed,
+                report_sha256: "sha".into(),
+                suspend_after: 2,
+                now_ms: 20 * HOUR_MS,
+            },
+        )? {
+            Outcome::Audited(a) => Ok(a),
+            other => panic!("not an audit: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn confirmed_audit_failures_refund_the_session_once_and_suspend_the_worker() {
+        let conn = open_in_memory().expect("ledger");
+        register(&conn, "w", 0);
+        let t0 = 10 * HOUR_MS;
+        reserve(&conn, "u1", "j1", "1.2.3.4", 100, t0).expect("reserved");
+        reserve(&conn, "u1", "j2", "1.2.3.4", 100, t0).expect("reserved");
+        let user = |conn: &rusqlite::Connection| {
+            available(&mut Lite(conn), "u1")
+                .expect("read")
+                .expect("the user")
+        };
+        let worker = |conn: &rusqlite::Connection| {
+            available(&mut Lite(conn), "w").expect("read").unwrap_or(0)
+        };
+        assert_eq!(user(&conn), 8_000);
+        // A pass counts and moves no money; the same answer twice counts once.
+        let a = audit(&conn, "j1", 0, false).expect("passed");
+        assert_eq!(
+            (a.passed, a.failed, a.refunded, a.suspended),
+            (1, 0, 0, false)
+        );
+        assert!(audit(&conn, "j1", 0, true).expect("again").duplicate);
+        // j2 settles: the worker is paid 600 of the 1,000 reserved.
+        let receipt = troop_protocol::receipt::Receipt {
+            job_id: "j2".into(),
+            worker: "w".into(),
+            user: "u1".into(),
+            model: "m".into(),
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            started_at: t0,
+            finished_at: t0 + 600,
+            status: troop_protocol::receipt::JobStatus::Completed,
+            requests: Vec::new(),
+        };
+        run(
+            &conn,
+            Command::Settle {
+                receipt,
+                receipt_sha256: "r".into(),
+                now_ms: t0 + 1_000,
+                unacked_cap_ms: 60_000,
+                tolerance_ms: 1_000,
+            },
+        )
+        .expect("settled");
+        assert_eq!((user(&conn), worker(&conn)), (8_400, 600));
+        // A failure of the pending session voids its reservation whole.
+        let f = audit(&conn, "j1", 1, true).expect("failed");
+        assert_eq!((f.refunded, f.failed, f.suspended), (1_000, 1, false));
+        assert_eq!(user(&conn), 9_400);
+        // A failure of the settled one pays back what the worker got, and
+        // the second confirmed failure suspends it.
+        let f = audit(&conn, "j2", 0, true).expect("failed");
+        assert_eq!((f.refunded, f.failed, f.suspended), (600, 2, true));
+        assert_eq!((user(&conn), worker(&conn)), (10_000, 0));
+        let row = load_worker(&mut Lite(&conn), "w")
+            .expect("read")
+            .expect("w");
+        assert!(row.suspended_at.is_some());
+        // Another failed answer of an already refunded session refunds nothing.
+        let f = audit(&conn, "j2", 1, true).expect("failed");
+        assert_eq!((f.refunded, f.failed), (0, 3));
+        // Only the session's own user may report it.
+        let theirs = run(
+            &conn,
+            Command::RecordAudit {
+                reporter: "someone else".into(),
+                worker: "w".into(),
+                job_id: "j1".into(),
+                index: 9,
+                failed: true,
+                report_sha256: "sha".into(),
+                suspend_after: 2,
+                now_ms: 20 * HOUR_MS,
+            },
+        );
+        assert!(matches!(theirs, Err(LedgerError::Mismatch(_))));
     }
 
     #[test]
