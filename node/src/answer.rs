@@ -40,6 +40,8 @@ pub struct Served {
     pub usage: Usage,
     pub chunks: u64,
     pub first: Option<Instant>,
+    /// The commitment of the evidence the answer ended with.
+    pub commitment: Option<String>,
 }
 
 /// What a job that ended early served: its chunks, as tokens.
@@ -394,11 +396,13 @@ pub async fn relay(
         (Some(c), Some(sg)) => c.finish(sg.key, job_id, sg.index),
         _ => None,
     };
+    let commitment = evidence.as_ref().map(|e| e.commitment.clone());
     done(stream, job_id, usage, finish, evidence).await?;
     Ok(Served {
         usage,
         chunks,
         first,
+        commitment,
     })
 }
 
@@ -486,6 +490,7 @@ async fn whole(
         usage,
         chunks: 0,
         first: Some(first),
+        commitment: None,
     })
 }
 

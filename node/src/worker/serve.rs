@@ -287,22 +287,26 @@ pub(super) async fn serve_stream(
                     );
                 }
             }
-            (served.usage, served.chunks)
+            (served.usage, served.chunks, served.commitment)
         })
     } else {
-        run_job(&s, &mut stream, &request, &claims.jti).await
+        run_job(&s, &mut stream, &request, &claims.jti)
+            .await
+            .map(|(u, c)| (u, c, None))
     };
     s.stats.active_jobs.fetch_sub(1, Ordering::Relaxed);
     metrics::gauge!("troop_jobs_running").decrement(1.0);
     drop(permit);
-    let (status, usage, chunks) = match &result {
-        Ok((u, c)) => (LineStatus::Completed, *u, *c),
-        Err(JobEnd::Cancelled(u)) => (LineStatus::Cancelled, *u, u.completion_tokens),
-        Err(JobEnd::Failed { usage, .. }) => (LineStatus::Failed, *usage, usage.completion_tokens),
+    let (status, usage, chunks, commitment) = match result {
+        Ok((u, c, e)) => (LineStatus::Completed, u, c, e),
+        Err(JobEnd::Cancelled(u)) => (LineStatus::Cancelled, u, u.completion_tokens, None),
+        Err(JobEnd::Failed { usage, rejected }) => {
+            if rejected {
+                metrics::counter!("troop_jobs_rejected_by_upstream_total").increment(1);
+            }
+            (LineStatus::Failed, usage, usage.completion_tokens, None)
+        }
     };
-    if let Err(JobEnd::Failed { rejected: true, .. }) = &result {
-        metrics::counter!("troop_jobs_rejected_by_upstream_total").increment(1);
-    }
     tracing::info!(job = %claims.jti, index, request_id, status = ?status, tokens = usage.completion_tokens, "job finished");
     s.stats.jobs_done.fetch_add(1, Ordering::Relaxed);
     s.stats
@@ -321,7 +325,7 @@ pub(super) async fn serve_stream(
         }
     };
     metrics::counter!("troop_jobs_total", "status" => label).increment(1);
-    guard.finish(status, usage, chunks);
+    guard.finish(status, usage, chunks, commitment);
     Ok(())
 }
 
@@ -346,12 +350,24 @@ impl RequestGuard {
         }
     }
 
-    fn finish(mut self, status: LineStatus, usage: troop_protocol::frames::Usage, chunks: u64) {
+    fn finish(
+        mut self,
+        status: LineStatus,
+        usage: troop_protocol::frames::Usage,
+        chunks: u64,
+        commitment: Option<String>,
+    ) {
         self.done = true;
-        self.record(status, usage, chunks);
+        self.record(status, usage, chunks, commitment);
     }
 
-    fn record(&self, status: LineStatus, usage: troop_protocol::frames::Usage, chunks: u64) {
+    fn record(
+        &self,
+        status: LineStatus,
+        usage: troop_protocol::frames::Usage,
+        chunks: u64,
+        commitment: Option<String>,
+    ) {
         match self.s.sessions.lock() {
             Ok(mut book) => book.finish(
                 &self.jti,
@@ -362,6 +378,7 @@ impl RequestGuard {
                     status,
                     usage,
                     chunks,
+                    commitment,
                 },
             ),
             Err(_) => {
@@ -374,7 +391,7 @@ impl RequestGuard {
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         if !self.done {
-            self.record(LineStatus::Cancelled, Default::default(), 0);
+            self.record(LineStatus::Cancelled, Default::default(), 0, None);
         }
     }
 }

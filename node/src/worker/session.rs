@@ -36,6 +36,9 @@ pub struct Session {
     pub indices: HashSet<u32>,
     pub lines: Vec<RequestLine>,
     pub acks: HashMap<u32, Ack>,
+    /// The commitment of the evidence each request's answer carried: an
+    /// ack that co-signs another is dropped when the session closes.
+    pub commitments: HashMap<u32, String>,
     /// Unix ms of the last request start, end or abandon.
     pub last_activity_ms: u64,
 }
@@ -63,11 +66,13 @@ pub struct SessionBook {
 }
 
 /// How a request ended: its line's status, tokens and chunks.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LineEnd {
     pub status: LineStatus,
     pub usage: troop_protocol::frames::Usage,
     pub chunks: u64,
+    /// The commitment of the evidence the answer carried.
+    pub commitment: Option<String>,
 }
 
 /// What an acknowledgement did.
@@ -160,6 +165,7 @@ impl SessionBook {
                 indices: HashSet::from([index]),
                 lines: Vec::new(),
                 acks: HashMap::new(),
+                commitments: HashMap::new(),
                 last_activity_ms: now_ms,
             },
         );
@@ -186,6 +192,9 @@ impl SessionBook {
             sess.active = sess.active.saturating_sub(1);
             sess.used_ms = sess.used_ms.saturating_add(finished - started_ms);
             sess.last_activity_ms = now_ms;
+            if let Some(c) = end.commitment {
+                sess.commitments.insert(index, c);
+            }
             sess.lines.push(RequestLine {
                 index,
                 started_at: started_ms,
@@ -256,6 +265,17 @@ impl SessionBook {
         self.by_ticket.remove(&sess.ticket);
         for l in sess.lines.iter_mut() {
             l.ack = sess.acks.remove(&l.index);
+            // The user's ack co-signs the evidence the worker sent, or none
+            // (a gateway that did not check it); never other evidence.
+            let sent = sess.commitments.get(&l.index);
+            if let Some(a) = &l.ack
+                && a.evidence.is_some()
+                && a.evidence.as_ref() != sent
+            {
+                metrics::counter!("troop_bad_acks_total", "reason" => "evidence").increment(1);
+                tracing::warn!(job = %jti, index = l.index, "an acknowledgement co-signs evidence this worker did not send; dropped");
+                l.ack = None;
+            }
         }
         sess.lines.sort_by_key(|l| l.index);
         let user = sess.claims.sub.clone();
@@ -359,11 +379,40 @@ mod tests {
             status: LineStatus::Completed,
             usage: usage(),
             chunks,
+            commitment: None,
         }
     }
 
     fn ack(user: &Keypair, jti: &str, index: u32) -> Ack {
         Ack::sign(user, jti, WORKER, index, 5, 5, 100)
+    }
+
+    #[test]
+    fn an_ack_that_co_signs_other_evidence_than_the_answer_carried_is_dropped() {
+        let user = troop_protocol::identity::generate();
+        let mut b = SessionBook::default();
+        b.open("t", claims(&user, "j", 3_600), 300_000, 0, 1_000, 3)
+            .expect("open");
+        let sent = |i: u32| LineEnd {
+            commitment: Some(format!("sha256:{i}")),
+            ..done(5)
+        };
+        for i in 0..3 {
+            if i > 0 {
+                assert!(b.join("t", i, 1_000, 3).expect("join").is_some());
+            }
+            b.finish("j", i, 1_000, 1_100, sent(i));
+        }
+        let with = |i: u32, evidence: Option<&str>| {
+            Ack::sign_with_evidence(&user, "j", WORKER, i, 5, 5, 100, evidence)
+        };
+        // The commitment sent, none (a gateway that did not check it), another.
+        assert_eq!(b.ack(with(0, Some("sha256:0")), WORKER), AckOutcome::Kept);
+        assert_eq!(b.ack(with(1, None), WORKER), AckOutcome::Kept);
+        assert_eq!(b.ack(with(2, Some("sha256:9")), WORKER), AckOutcome::Kept);
+        let closed = b.close_due(1_100 + 30_000, RULES);
+        let acked: Vec<bool> = closed[0].lines.iter().map(|l| l.ack.is_some()).collect();
+        assert_eq!(acked, vec![true, true, false]);
     }
 
     #[test]
