@@ -275,6 +275,22 @@ async fn a_worker_serving_other_weights_under_the_same_digest_is_caught_by_audit
         .await
         .expect("props json");
     let gguf = std::path::PathBuf::from(props["model_path"].as_str().expect("model_path"));
+    // The second cheater answers canned text with made-up evidence (token
+    // ids and logprobs in llama.cpp's shape) under the same name and file.
+    let canned = FakeUpstream::start_on(
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind"),
+        "smollm2-135m",
+        Dialect::OpenAi,
+        tokens(10),
+        std::time::Duration::ZERO,
+    );
+    canned
+        .state
+        .token_ids
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Ok(mut p) = canned.state.model_path.lock() {
+        *p = Some(gguf.display().to_string());
+    }
 
     // One confirmed failure suspends (this gateway stops sending the
     // cheater requests after its first, so a second may never come).
@@ -284,20 +300,23 @@ async fn a_worker_serving_other_weights_under_the_same_digest_is_caught_by_audit
     let c = net
         .add_worker(&up_c, move |cfg| cfg.model_file = Some(gguf.clone()))
         .await;
+    let d = net.add_worker(&canned.url, |_| {}).await;
     net.add_gateway().await;
-    let (pa, pb, pc) = (
+    let (pa, pb, pc, pd) = (
         net.workers[a].peer_id,
         net.workers[b].peer_id,
         net.workers[c].peer_id,
+        net.workers[d].peer_id,
     );
-    println!("honest {pa} and {pb}, cheater {pc}");
+    println!("honest {pa} and {pb}, cheaters {pc} (other weights) and {pd} (canned)");
     let state = net.gateway.as_ref().expect("gateway").state.clone();
     // The three advertise one digest: to the router they are one model.
-    eventually("three workers of one digest", 60, || {
+    eventually("four workers of one digest", 60, || {
         let state = state.clone();
         async move {
             let t = state.table.read().ok()?;
-            (t.candidates_for("smollm2-135m", false, None).len() == 3).then_some(())
+            let digest = t.peer_digest(&pa, "smollm2-135m")?;
+            (t.candidates_for("smollm2-135m", false, Some(&digest)).len() == 4).then_some(())
         }
     })
     .await;
@@ -317,24 +336,32 @@ async fn a_worker_serving_other_weights_under_the_same_digest_is_caught_by_audit
         }
     };
     let mut sent = 0;
-    // Bursts of six spread over the three workers (by free slots).
-    while sent < 40 && state.audit_record(&pc).failed == 0 {
-        futures::future::join_all((sent..sent + 6).map(chat)).await;
-        sent += 6;
+    let caught = |p: &libp2p::PeerId| state.audit_record(p).failed >= 1;
+    // Bursts of eight spread over the four workers (by free slots).
+    while sent < 40 && !(caught(&pc) && caught(&pd)) {
+        futures::future::join_all((sent..sent + 8).map(chat)).await;
+        sent += 8;
     }
-    eventually("the cheater's failed audit confirmed", 120, || {
+    eventually("both cheaters' failed audits confirmed", 120, || {
         let state = state.clone();
-        async move { (state.audit_record(&pc).failed >= 1).then_some(()) }
+        async move {
+            (state.audit_record(&pc).failed >= 1 && state.audit_record(&pd).failed >= 1)
+                .then_some(())
+        }
     })
     .await;
-    // It is no longer a candidate; requests keep being answered.
+    // They are no longer candidates; requests keep being answered.
     let left = state.candidates("smollm2-135m", false, None).await;
-    assert!(!left.contains(&pc) && left.len() == 2, "{left:?}");
+    assert!(
+        !left.contains(&pc) && !left.contains(&pd) && left.len() == 2,
+        "{left:?}"
+    );
     futures::future::join_all((100..106).map(chat)).await;
     let (ra, rb) = (state.audit_record(&pa), state.audit_record(&pb));
     println!(
-        "after {sent} requests: honest {ra:?} {rb:?}, cheater {:?}",
-        state.audit_record(&pc)
+        "after {sent} requests: honest {ra:?} {rb:?}, cheaters {:?} {:?}",
+        state.audit_record(&pc),
+        state.audit_record(&pd)
     );
     assert_eq!(
         (ra.failed, rb.failed),
@@ -360,15 +387,18 @@ async fn a_worker_serving_other_weights_under_the_same_digest_is_caught_by_audit
     // suspended with its failure on record, its audited session refunded
     // to the user, and no ticket is sold for it any more; the honest
     // workers' passes are on their records.
-    let listed = eventually("the cheater suspended at the coordinator", 60, || {
+    let cheaters = [pc.to_base58(), pd.to_base58()];
+    let listed = eventually("the cheaters suspended at the coordinator", 60, || {
         let state = state.clone();
-        let pc = pc.to_base58();
+        let cheaters = cheaters.clone();
         async move {
             let w = state.client.workers().await.ok()?;
-            w.workers
+            let suspended = w
+                .workers
                 .iter()
-                .any(|i| i.peer_id == pc && i.suspended)
-                .then_some(w)
+                .filter(|i| cheaters.contains(&i.peer_id) && i.suspended)
+                .count();
+            (suspended == 2).then_some(w)
         }
     })
     .await;
@@ -377,7 +407,7 @@ async fn a_worker_serving_other_weights_under_the_same_digest_is_caught_by_audit
             "{}: audits {:?}, suspended {}",
             i.peer_id, i.audits, i.suspended
         );
-        if i.peer_id == pc.to_base58() {
+        if cheaters.contains(&i.peer_id) {
             assert!(i.audits.failed >= 1, "{i:?}");
         } else {
             assert!(!i.suspended && i.audits.failed == 0, "{i:?}");
@@ -387,7 +417,7 @@ async fn a_worker_serving_other_weights_under_the_same_digest_is_caught_by_audit
         listed
             .workers
             .iter()
-            .filter(|i| i.peer_id != pc.to_base58())
+            .filter(|i| !cheaters.contains(&i.peer_id))
             .map(|i| i.audits.passed)
             .sum::<u64>()
             >= 1

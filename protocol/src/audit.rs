@@ -28,8 +28,12 @@ use crate::identity::public_key_of;
 /// differ by several nats, or name tokens the auditor cannot force.
 pub const AUDIT_MEAN_NATS: f64 = 0.3;
 
-/// Auditors that must agree on a failure before it counts.
+/// Auditors that must agree with each other on a failure before it
+/// counts.
 pub const CONFIRMATIONS: usize = 2;
+
+/// Auditors asked about one answer at most.
+pub const MAX_AUDITORS: usize = 3;
 
 /// What an audit found.
 #[derive(Debug, Clone, PartialEq)]
@@ -231,9 +235,24 @@ impl Outcome {
     }
 }
 
+/// Whether two failing findings say the same of the tokens: both refused
+/// them, or both re-scored them to the same numbers (by the audit rule).
+/// Honest auditors of one model agree with each other; a lying or broken
+/// one (another model, canned numbers) does not, so two of them cannot
+/// confirm a failure of an honest worker between them.
+pub fn agree(a: &Finding, b: &Finding) -> bool {
+    match (&a.evidence, &b.evidence) {
+        (Some(x), Some(y)) => compare(&x.tokens, &y.tokens) == Verdict::Pass,
+        (None, None) => a.refusal.is_some() && b.refusal.is_some(),
+        _ => false,
+    }
+}
+
 impl AuditReport {
     /// Checks every signature and reaches the verdict from the signed
-    /// numbers alone; `Err` says why the report proves nothing.
+    /// numbers alone: `passed` when an auditor passes the answer, `failed`
+    /// when none does and two auditors that fail it agree with each other
+    /// ([`agree`]); `Err` says why the report proves nothing.
     pub fn judge(&self) -> Result<Outcome, String> {
         let worker: PeerId = self
             .worker
@@ -245,8 +264,11 @@ impl AuditReport {
         if self.findings.is_empty() {
             return Err("the report names no auditor".into());
         }
+        if self.findings.len() > MAX_AUDITORS {
+            return Err(format!("at most {MAX_AUDITORS} auditors per answer"));
+        }
         let mut seen = std::collections::HashSet::new();
-        let mut failed = 0;
+        let mut failing = Vec::new();
         for f in &self.findings {
             if f.auditor == self.worker {
                 return Err("a worker cannot audit itself".into());
@@ -256,14 +278,19 @@ impl AuditReport {
             }
             match f.verdict(&self.evidence.tokens)? {
                 Verdict::Pass => return Ok(Outcome::Passed),
-                Verdict::Fail(_) => failed += 1,
+                Verdict::Fail(_) => failing.push(f),
             }
         }
-        if failed >= CONFIRMATIONS {
+        let confirmed = failing
+            .iter()
+            .enumerate()
+            .any(|(i, a)| failing[i + 1..].iter().any(|b| agree(a, b)));
+        if confirmed {
             Ok(Outcome::Failed)
         } else {
             Err(format!(
-                "a failure needs {CONFIRMATIONS} auditors to agree; {failed} did"
+                "a failure needs {CONFIRMATIONS} auditors that agree with each other; {} failed it and none agree",
+                failing.len()
             ))
         }
     }
@@ -333,12 +360,34 @@ mod tests {
             evidence: Evidence::sign(&worker, "job", 3, served.clone()),
             findings,
         };
-        // Two auditors that disagree with the worker, by numbers or refusal.
-        let failed = report(vec![
+        // Two auditors that disagree with the worker and agree with each
+        // other, by numbers or by refusing the tokens.
+        let failed = report(vec![finding(&a1, "j1", None), finding(&a2, "j2", None)]);
+        assert_eq!(failed.judge(), Ok(Outcome::Failed));
+        let by_numbers = report(vec![
+            finding(&a1, "j1", Some(other.clone())),
+            finding(&a2, "j2", Some(other.clone())),
+        ]);
+        assert_eq!(by_numbers.judge(), Ok(Outcome::Failed));
+        // Two that fail it but disagree with each other (another model,
+        // canned numbers) confirm nothing; a third that agrees with one does.
+        let third = crate::identity::generate();
+        let canned = toks(&[(7, -0.01), (8, -0.01)]);
+        let split = report(vec![
+            finding(&a1, "j1", Some(other.clone())),
+            finding(&a2, "j2", Some(canned.clone())),
+        ]);
+        assert!(split.judge().is_err());
+        let mut settled = split.clone();
+        settled
+            .findings
+            .push(finding(&third, "j3", Some(other.clone())));
+        assert_eq!(settled.judge(), Ok(Outcome::Failed));
+        let mixed = report(vec![
             finding(&a1, "j1", Some(other.clone())),
             finding(&a2, "j2", None),
         ]);
-        assert_eq!(failed.judge(), Ok(Outcome::Failed));
+        assert!(mixed.judge().is_err(), "a refusal and numbers do not agree");
         // One is not enough; one that agrees is a pass.
         assert!(
             report(vec![finding(&a1, "j1", Some(other.clone()))])
@@ -362,7 +411,7 @@ mod tests {
         let mut forged = failed.clone();
         forged.evidence.tokens[0].logprob = -9.0;
         assert!(forged.judge().is_err());
-        let mut forged = failed.clone();
+        let mut forged = by_numbers.clone();
         if let Some(e) = forged.findings[0].evidence.as_mut() {
             e.tokens = served.clone();
             e.commitment = crate::evidence::commitment(&e.tokens);

@@ -2,10 +2,12 @@
 //! another worker that advertises the same weights (digest). The auditor
 //! gets the same request with the answer's exact tokens forced (a grammar
 //! of token ids, temperature 0, logprobs on) and returns its own signed
-//! evidence; the two must agree token for token ([`compare`]). A failed
-//! audit counts only when a second auditor confirms it; an auditor the
-//! second one contradicts is counted as outvoted. A worker with a confirmed
-//! failure gets no more requests from this gateway.
+//! evidence; the two must agree token for token ([`compare`]). Auditors
+//! are asked in turn (at most [`MAX_AUDITORS`]) until one passes the answer
+//! or two fail it and agree with each other (`AuditReport::judge`, the
+//! coordinator's rule too); an auditor another contradicts is counted as
+//! outvoted. A worker with a confirmed failure gets no more requests from
+//! this gateway, and every verdict is reported to the coordinator.
 //!
 //! Neither the worker nor the auditor can tell which answers are audited:
 //! the gateway decides after the answer, at random, and picks the auditor
@@ -14,7 +16,9 @@
 use rand::seq::SliceRandom as _;
 use serde_json::Value;
 pub use troop_protocol::audit::{AUDIT_MEAN_NATS, Verdict, compare};
-use troop_protocol::audit::{AuditReport, Finding, Refusal, refused_the_tokens};
+use troop_protocol::audit::{
+    AuditReport, Finding, MAX_AUDITORS, Outcome, Refusal, refused_the_tokens,
+};
 use troop_protocol::evidence::{Evidence, TOP_K, TokenEvidence};
 
 use super::*;
@@ -146,84 +150,97 @@ impl GatewayState {
             .unwrap_or_default();
         auditors.retain(|p| *p != worker && !caught.contains(p));
         auditors.shuffle(&mut rand::rng());
-        let mut auditors = auditors.into_iter();
-        // The first auditor that can run it.
-        let mut first = None;
-        for a in auditors.by_ref() {
-            match self.audit_by(a, &audit, tokens).await {
-                Ok(v) => {
-                    first = Some((a, v));
-                    break;
-                }
-                Err(e) => tracing::debug!(auditor = %a, error = %e, "auditor unavailable"),
-            }
-        }
-        let Some((auditor, (verdict, found))) = first else {
-            metrics::counter!("troop_audits_total", "outcome" => "no_auditor").increment(1);
-            tracing::debug!(%worker, "no auditor for this answer");
-            return;
+        // Auditors in turn until the findings settle it (the rule the
+        // coordinator applies, `AuditReport::judge`): one that passes the
+        // answer, or two that fail it and agree with each other.
+        let mut report = AuditReport {
+            model: audit.model.clone(),
+            worker: worker.to_base58(),
+            job_id: answer.job_id.clone(),
+            index: answer.index,
+            evidence: answer.evidence.clone(),
+            findings: Vec::new(),
         };
-        let mut findings = vec![found];
-        let why = match verdict {
-            Verdict::Pass => {
-                metrics::counter!("troop_audits_total", "outcome" => "passed").increment(1);
-                tracing::debug!(%worker, %auditor, "audit passed");
-                self.note(worker, |r| r.passed += 1);
-                self.report(&audit.model, answer, findings).await;
-                return;
-            }
-            Verdict::Fail(why) => why,
-        };
-        // A failure counts when a second auditor confirms it.
-        let mut second = None;
+        let mut verdicts = Vec::new();
+        let mut judged = Err(String::new());
         for a in auditors {
-            if let Ok(v) = self.audit_by(a, &audit, tokens).await {
-                second = Some((a, v));
+            if report.findings.len() >= MAX_AUDITORS {
+                break;
+            }
+            match self.audit_by(a, &audit, tokens).await {
+                Ok((v, found)) => {
+                    verdicts.push((a, v));
+                    report.findings.push(found);
+                }
+                Err(e) => {
+                    tracing::debug!(auditor = %a, error = %e, "auditor unavailable");
+                    continue;
+                }
+            }
+            judged = report.judge();
+            if judged.is_ok() {
                 break;
             }
         }
-        match second {
-            Some((confirmer, (Verdict::Fail(why2), found))) => {
+        let outcome = match (&judged, verdicts.first()) {
+            (_, None) => {
+                metrics::counter!("troop_audits_total", "outcome" => "no_auditor").increment(1);
+                tracing::debug!(%worker, "no auditor for this answer");
+                return;
+            }
+            (Ok(o), _) => *o,
+            (Err(why), Some(_)) => {
+                metrics::counter!("troop_audits_total", "outcome" => "unconfirmed").increment(1);
+                tracing::info!(%worker, reason = %why, "audit failed; no two auditors agree on it");
+                return;
+            }
+        };
+        match outcome {
+            Outcome::Passed => {
+                // Auditors that failed an answer another passed were wrong.
+                let wrong: Vec<PeerId> = verdicts
+                    .iter()
+                    .filter(|(_, v)| matches!(v, Verdict::Fail(_)))
+                    .map(|(a, _)| *a)
+                    .collect();
+                let label = if wrong.is_empty() {
+                    "passed"
+                } else {
+                    "outvoted"
+                };
+                metrics::counter!("troop_audits_total", "outcome" => label).increment(1);
+                if !wrong.is_empty() {
+                    tracing::warn!(%worker, outvoted = ?wrong, "an auditor's failure was contradicted by another auditor");
+                }
+                self.note(worker, |r| r.passed += 1);
+                for a in wrong {
+                    self.note(a, |r| r.outvoted += 1);
+                }
+            }
+            Outcome::Failed => {
                 metrics::counter!("troop_audits_total", "outcome" => "failed").increment(1);
+                let why: Vec<String> = verdicts
+                    .iter()
+                    .map(|(a, v)| format!("{a}: {v:?}"))
+                    .collect();
                 tracing::warn!(
-                    %worker, %auditor, %confirmer, first = %why, second = %why2,
+                    %worker, findings = ?why,
                     "audit failed and confirmed: this gateway sends the worker no more requests"
                 );
                 self.note(worker, |r| r.failed += 1);
                 if let Some(mut x) = self.audit_failed.writing() {
                     x.insert(worker);
                 }
-                findings.push(found);
-                self.report(&audit.model, answer, findings).await;
-            }
-            Some((confirmer, (Verdict::Pass, found))) => {
-                metrics::counter!("troop_audits_total", "outcome" => "outvoted").increment(1);
-                tracing::warn!(%worker, %auditor, %confirmer, first = %why, "an auditor's failure was contradicted by a second auditor");
-                self.note(worker, |r| r.passed += 1);
-                self.note(auditor, |r| r.outvoted += 1);
-                findings.push(found);
-                self.report(&audit.model, answer, findings).await;
-            }
-            None => {
-                metrics::counter!("troop_audits_total", "outcome" => "unconfirmed").increment(1);
-                tracing::info!(%worker, %auditor, reason = %why, "audit failed; no second auditor to confirm it");
             }
         }
+        self.report(report).await;
     }
 
     /// Tells the coordinator what the auditors found (`POST /audits`): it
     /// checks the signatures and the numbers itself, counts the audit in
     /// the worker's record and, for a confirmed failure, refunds the
     /// session and may suspend the worker.
-    async fn report(&self, model: &str, answer: Audited, findings: Vec<Finding>) {
-        let report = AuditReport {
-            model: model.to_string(),
-            worker: answer.worker.to_base58(),
-            job_id: answer.job_id,
-            index: answer.index,
-            evidence: answer.evidence,
-            findings,
-        };
+    async fn report(&self, report: AuditReport) {
         match self.client.report_audit(&report).await {
             Ok(v) => tracing::info!(
                 worker = %report.worker,

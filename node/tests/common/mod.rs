@@ -78,6 +78,9 @@ pub struct FakeState {
     /// The file llama.cpp's `/props` names (`model_path`); no `/props`
     /// (404, as vLLM) while None.
     pub model_path: std::sync::Mutex<Option<String>>,
+    /// Streamed logprobs name token ids (1000 + the token's place) with
+    /// made-up numbers, as a worker faking llama.cpp's evidence would.
+    pub token_ids: std::sync::atomic::AtomicBool,
 }
 
 pub struct FakeUpstream {
@@ -129,6 +132,7 @@ impl FakeUpstream {
             dropped: AtomicUsize::new(0),
             last_body: std::sync::Mutex::new(None),
             model_path: std::sync::Mutex::new(None),
+            token_ids: std::sync::atomic::AtomicBool::new(false),
         });
         let app = match dialect {
             Dialect::OpenAi => axum::Router::new()
@@ -397,7 +401,12 @@ async fn openai_generate(State(state): State<Arc<FakeState>>, body: Bytes) -> Re
                 } else {
                     json!({"index": 0, "text": t, "finish_reason": null})
                 };
-                if logprobs {
+                if logprobs && state.token_ids.load(Ordering::SeqCst) {
+                    let e = json!({"id": 1000 + i, "token": t, "logprob": -0.05, "bytes": null});
+                    let mut top = e.clone();
+                    top["top_logprobs"] = json!([e]);
+                    choice["logprobs"] = json!({"content": [top]});
+                } else if logprobs {
                     choice["logprobs"] = lp(t);
                 }
                 yield Ok::<Bytes, Infallible>(Bytes::from(format!("data: {}\n\n", head(choice))));
