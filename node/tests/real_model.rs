@@ -214,6 +214,34 @@ async fn the_openai_client_streams_a_real_completion_through_the_mesh() {
     // The app asked for logprobs: it gets them as the model server sent them.
     let asked = chat(serde_json::json!({"logprobs": true, "top_logprobs": 2})).await;
     assert!(asked.contains("\"top_logprobs\""), "{asked}");
+    // The completions endpoint carries evidence too (`logprobs` is a count
+    // there), taken out of what the app gets.
+    let before = verified(&state);
+    let r = http
+        .post(format!("{gw_v1}/completions"))
+        .json(
+            &serde_json::json!({"model": "smollm2-135m", "stream": true, "max_tokens": 8,
+            "temperature": 0, "prompt": "The sky is"}),
+        )
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 200);
+    let text = r.text().await.expect("body");
+    assert!(
+        text.contains("[DONE]") && !text.contains("logprobs"),
+        "{text}"
+    );
+    eventually("the completion's evidence", 10, || {
+        let state = state.clone();
+        async move { (verified(&state) > before).then_some(()) }
+    })
+    .await;
+    {
+        let kept = state.evidence.lock().expect("evidence");
+        let last = kept.back().expect("kept evidence");
+        assert!(!last.evidence.tokens.is_empty() && last.violations.is_empty());
+    }
 
     // Side by side with real clients; tools on a model that calls them.
     let tools = FakeUpstream::start(Dialect::OpenAi, tokens(3), std::time::Duration::ZERO).await;

@@ -51,7 +51,7 @@ pub struct Audited {
 /// The audit's request body: the answer's own request, with its tokens
 /// forced (`grammar` of token ids, llama.cpp's syntax), greedy, streamed,
 /// with logprobs, and nothing that could end it early.
-pub fn audit_body(original: &str, tokens: &[TokenEvidence]) -> Option<String> {
+pub fn audit_body(original: &str, tokens: &[TokenEvidence], endpoint: Endpoint) -> Option<String> {
     let mut v: Value = serde_json::from_str(original).ok()?;
     let obj = v.as_object_mut()?;
     for k in ["stop", "n", "max_completion_tokens", "response_format"] {
@@ -69,8 +69,14 @@ pub fn audit_body(original: &str, tokens: &[TokenEvidence]) -> Option<String> {
     obj.insert("stream".into(), Value::Bool(true));
     obj.insert("temperature".into(), serde_json::json!(0));
     obj.insert("max_tokens".into(), serde_json::json!(tokens.len()));
-    obj.insert("logprobs".into(), Value::Bool(true));
-    obj.insert("top_logprobs".into(), serde_json::json!(TOP_K));
+    if endpoint == Endpoint::Completions {
+        // Here `logprobs` is the number of alternatives.
+        obj.remove("top_logprobs");
+        obj.insert("logprobs".into(), serde_json::json!(TOP_K));
+    } else {
+        obj.insert("logprobs".into(), Value::Bool(true));
+        obj.insert("top_logprobs".into(), serde_json::json!(TOP_K));
+    }
     Some(v.to_string())
 }
 
@@ -112,11 +118,13 @@ impl GatewayState {
         if rand::random::<f64>() >= audit_chance(&self.audit_record(&answer.worker)) {
             return;
         }
-        let Some(body) = request
-            .body
-            .as_deref()
-            .and_then(|b| audit_body(b, &answer.evidence.tokens))
-        else {
+        let Some(body) = request.body.as_deref().and_then(|b| {
+            audit_body(
+                b,
+                &answer.evidence.tokens,
+                request.endpoint.unwrap_or(Endpoint::ChatCompletions),
+            )
+        }) else {
             return;
         };
         let state = self.clone();
@@ -352,7 +360,12 @@ mod tests {
     fn the_audit_forces_the_answer_s_tokens_on_the_same_request() {
         let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":false,"temperature":1.3,"stop":["\n"],"max_tokens":100,"tools":[{"type":"function"}]}"#;
         let b: Value = serde_json::from_str(
-            &audit_body(body, &toks(&[(57, -1.0), (5248, -2.0)])).expect("body"),
+            &audit_body(
+                body,
+                &toks(&[(57, -1.0), (5248, -2.0)]),
+                Endpoint::ChatCompletions,
+            )
+            .expect("body"),
         )
         .expect("json");
         assert_eq!(b["grammar"], "root ::= <[57]> <[5248]>");
@@ -361,6 +374,21 @@ mod tests {
         assert_eq!(b["stream"], true);
         assert_eq!(b["logprobs"], true);
         assert!(b.get("stop").is_none());
+        // On the completions endpoint `logprobs` is a count.
+        let c: Value = serde_json::from_str(
+            &audit_body(
+                r#"{"model":"m","prompt":"hi","stream":false}"#,
+                &toks(&[(57, -1.0)]),
+                Endpoint::Completions,
+            )
+            .expect("body"),
+        )
+        .expect("json");
+        assert_eq!(
+            (c["logprobs"].clone(), c.get("top_logprobs")),
+            (serde_json::json!(TOP_K), None)
+        );
+        assert_eq!(c["grammar"], "root ::= <[57]>");
         // What shapes the prompt stays.
         assert_eq!(b["messages"][0]["content"], "hi");
         assert_eq!(b["tools"][0]["type"], "function");

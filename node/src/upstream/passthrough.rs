@@ -97,14 +97,21 @@ pub fn prepare(
             changed = true;
         }
     }
-    let evidence = evidence && stream && endpoint == Endpoint::ChatCompletions;
+    let evidence =
+        evidence && stream && matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions);
     let mut strip_logprobs = false;
-    if evidence && obj.get("logprobs") != Some(&Value::Bool(true)) {
-        obj.insert("logprobs".into(), Value::Bool(true));
-        obj.insert(
-            "top_logprobs".into(),
-            json!(troop_protocol::evidence::TOP_K),
-        );
+    let top_k = json!(troop_protocol::evidence::TOP_K);
+    if evidence && endpoint == Endpoint::ChatCompletions {
+        if obj.get("logprobs") != Some(&Value::Bool(true)) {
+            obj.insert("logprobs".into(), Value::Bool(true));
+            obj.insert("top_logprobs".into(), top_k);
+            strip_logprobs = true;
+            changed = true;
+        }
+    } else if evidence && obj.get("logprobs").is_none_or(Value::is_null) {
+        // The completions endpoint's `logprobs` is the number of
+        // alternatives (llama.cpp answers in the chat endpoint's shape).
+        obj.insert("logprobs".into(), top_k);
         strip_logprobs = true;
         changed = true;
     }
