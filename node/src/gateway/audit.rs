@@ -91,6 +91,20 @@ pub fn audit_chance(record: &AuditRecord) -> f64 {
     }
 }
 
+/// A gateway's own record of a worker, credited with the passes the
+/// coordinator verified from every gateway, unless an audit failed there.
+pub fn with_published(
+    mut local: AuditRecord,
+    published: Option<troop_protocol::api::AuditCounts>,
+) -> AuditRecord {
+    if let Some(p) = published
+        && p.failed == 0
+    {
+        local.passed = local.passed.max(p.passed);
+    }
+    local
+}
+
 impl GatewayState {
     /// This gateway's audit record of `worker`.
     pub fn audit_record(&self, worker: &PeerId) -> AuditRecord {
@@ -98,6 +112,18 @@ impl GatewayState {
             .locked()
             .and_then(|a| a.get(worker).cloned())
             .unwrap_or_default()
+    }
+
+    /// What the draw goes by: this gateway's record of `worker`, with the
+    /// passes the coordinator verified from every gateway when none of its
+    /// audits failed there.
+    fn audit_basis(&self, worker: &PeerId) -> AuditRecord {
+        with_published(
+            self.audit_record(worker),
+            self.published_audits
+                .reading()
+                .and_then(|m| m.get(worker).copied()),
+        )
     }
 
     fn note(&self, worker: PeerId, f: impl FnOnce(&mut AuditRecord)) {
@@ -115,7 +141,7 @@ impl GatewayState {
         if !self.cfg.audit || answer.evidence.tokens.is_empty() {
             return;
         }
-        if rand::random::<f64>() >= audit_chance(&self.audit_record(&answer.worker)) {
+        if rand::random::<f64>() >= audit_chance(&self.audit_basis(&answer.worker)) {
             return;
         }
         let Some(body) = request.body.as_deref().and_then(|b| {
@@ -404,5 +430,12 @@ mod tests {
         assert_eq!(audit_chance(&r(19)), 1.0);
         assert!((audit_chance(&r(40)) - 0.5).abs() < 1e-9);
         assert_eq!(audit_chance(&r(100_000)), AUDIT_FLOOR);
+        // A clean record at the coordinator counts here; one with a failure
+        // does not.
+        let published = |passed, failed| Some(troop_protocol::api::AuditCounts { passed, failed });
+        assert_eq!(with_published(r(3), published(5_000, 0)).passed, 5_000);
+        assert_eq!(with_published(r(3), published(5_000, 1)).passed, 3);
+        assert_eq!(with_published(r(30), published(5, 0)).passed, 30);
+        assert_eq!(with_published(r(3), None).passed, 3);
     }
 }

@@ -113,6 +113,10 @@ pub struct GatewayState {
     disputed: RwLock<std::collections::HashSet<PeerId>>,
     /// Each worker's record at the coordinator (refreshed every minute).
     pub reputation: RwLock<HashMap<PeerId, troop_protocol::api::ReputationInfo>>,
+    /// Each worker's verified audits at the coordinator, from every
+    /// gateway (refreshed every minute): a worker with a long clean record
+    /// is audited at the floor's rate here too.
+    pub published_audits: RwLock<HashMap<PeerId, troop_protocol::api::AuditCounts>>,
     /// The latest answers, newest last (for the console).
     pub answers: Mutex<VecDeque<AnswerRecord>>,
     /// The account as the console shows it (read from the coordinator).
@@ -255,6 +259,7 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
         sessions: Mutex::new(sessions::SessionBook::default()),
         disputed: RwLock::new(Default::default()),
         reputation: RwLock::new(HashMap::new()),
+        published_audits: RwLock::new(HashMap::new()),
         answers: Mutex::new(VecDeque::new()),
         account: crate::web::AccountView::new(client.clone()),
         warm: Mutex::new(VecDeque::new()),
@@ -369,20 +374,29 @@ async fn reputation_loop(state: Arc<GatewayState>) {
                 .filter_map(|w| Some((w.peer_id.parse().ok()?, w.reputation.clone()?)))
                 .collect();
         }
+        if let Some(mut a) = state.published_audits.writing() {
+            *a = list
+                .workers
+                .iter()
+                .filter_map(|w| Some((w.peer_id.parse().ok()?, w.audits)))
+                .collect();
+        }
         let bad: std::collections::HashSet<PeerId> = list
             .workers
             .iter()
             .filter(|w| {
-                w.reputation.as_ref().is_some_and(|r| {
-                    r.requests >= DISPUTE_MIN_REQUESTS
-                        && (r.disputed_share > DISPUTE_THRESHOLD
-                            || r.unacknowledged_share > DISPUTE_THRESHOLD)
-                })
+                // Suspended for failed audits: no ticket would be sold.
+                w.suspended
+                    || w.reputation.as_ref().is_some_and(|r| {
+                        r.requests >= DISPUTE_MIN_REQUESTS
+                            && (r.disputed_share > DISPUTE_THRESHOLD
+                                || r.unacknowledged_share > DISPUTE_THRESHOLD)
+                    })
             })
             .filter_map(|w| w.peer_id.parse().ok())
             .collect();
         for p in &bad {
-            tracing::info!(worker = %p, "skipping a worker whose bills are often disputed or unacknowledged");
+            tracing::info!(worker = %p, "skipping a worker that is suspended or whose bills are often disputed or unacknowledged");
         }
         if let Some(mut d) = state.disputed.writing() {
             *d = bad;
