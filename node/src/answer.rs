@@ -259,7 +259,10 @@ pub async fn relay(
     };
     let mut body = resp.bytes_stream();
     if !prepared.stream {
-        return whole(stream, &mut body, &pace, job_id).await;
+        let collector = prepared
+            .evidence
+            .then(|| crate::evidence::Collector::new(prepared.strip_logprobs));
+        return whole(stream, &mut body, &pace, job_id, collector.zip(signer)).await;
     }
     let chat_like = matches!(
         prepared.endpoint,
@@ -433,6 +436,7 @@ async fn whole(
     body: &mut (impl futures::Stream<Item = reqwest::Result<axum::body::Bytes>> + Unpin),
     pace: &Pace,
     job_id: &str,
+    evidence: Option<(crate::evidence::Collector, Signer<'_>)>,
 ) -> Result<Served, JobEnd> {
     let mut buf: Vec<u8> = Vec::new();
     loop {
@@ -474,6 +478,16 @@ async fn whole(
         return Err(fail(stream, &e, 0, None).await);
     }
     let usage = seen.usage.unwrap_or_default();
+    // The evidence of a whole answer: its choice's logprobs, taken out of
+    // the body when the app did not ask for them.
+    let (text, evidence) = match evidence {
+        Some((mut c, sg)) => {
+            let text = c.on_whole(&text).unwrap_or(text);
+            (text, c.finish(sg.key, job_id, sg.index))
+        }
+        None => (text, None),
+    };
+    let commitment = evidence.as_ref().map(|e| e.commitment.clone());
     let first = Instant::now();
     if !send_raw(stream, &text, 0).await {
         return Err(JobEnd::Cancelled(usage));
@@ -483,14 +497,14 @@ async fn whole(
         job_id,
         usage,
         seen.finish.unwrap_or_else(|| "stop".into()),
-        None,
+        evidence,
     )
     .await?;
     Ok(Served {
         usage,
         chunks: 0,
         first: Some(first),
-        commitment: None,
+        commitment,
     })
 }
 

@@ -34,6 +34,27 @@ impl Collector {
             return None;
         }
         let mut v: Value = serde_json::from_str(data).ok()?;
+        self.take(&mut v)?;
+        // Only a block that is one `data:` line is rewritten (other fields
+        // would be lost); anything else goes as it came.
+        (self.strip && raw.starts_with("data:") && !raw.contains('\n'))
+            .then(|| format!("data: {v}"))
+    }
+
+    /// The same for a whole (not streamed) answer: its JSON body, rewritten
+    /// when the logprobs are to be taken out.
+    pub fn on_whole(&mut self, body: &str) -> Option<String> {
+        if !body.contains("\"logprobs\"") {
+            return None;
+        }
+        let mut v: Value = serde_json::from_str(body).ok()?;
+        self.take(&mut v)?;
+        self.strip.then(|| v.to_string())
+    }
+
+    /// Keeps the logprobs of choice 0 and, when stripping, removes every
+    /// choice's.
+    fn take(&mut self, v: &mut Value) -> Option<()> {
         let choices = v.get_mut("choices")?.as_array_mut()?;
         for choice in choices.iter_mut() {
             let first = choice.get("index").and_then(Value::as_u64).unwrap_or(0) == 0;
@@ -46,10 +67,7 @@ impl Collector {
                 obj.remove("logprobs");
             }
         }
-        // Only a block that is one `data:` line is rewritten (other fields
-        // would be lost); anything else goes as it came.
-        (self.strip && raw.starts_with("data:") && !raw.contains('\n'))
-            .then(|| format!("data: {v}"))
+        Some(())
     }
 
     fn read(&mut self, content: &Value) {
@@ -128,6 +146,20 @@ mod tests {
         let mut kept = Collector::new(false);
         assert!(kept.on_event(&format!("data: {EVENT}"), EVENT).is_none());
         assert_eq!(kept.tokens.len(), 1);
+        // A whole answer: the same logprobs under `choices[].logprobs`.
+        let body = format!(
+            r#"{{"choices":[{{"index":0,"message":{{"role":"assistant","content":"I"}},"logprobs":{}}}]}}"#,
+            serde_json::from_str::<Value>(EVENT).expect("event")["choices"][0]["logprobs"]
+        );
+        let mut w = Collector::new(true);
+        let out = w.on_whole(&body).expect("rewritten");
+        let v: Value = serde_json::from_str(&out).expect("json");
+        assert!(v["choices"][0].get("logprobs").is_none());
+        assert_eq!(v["choices"][0]["message"]["content"], "I");
+        assert_eq!(w.tokens.len(), 1);
+        let mut asked = Collector::new(false);
+        assert!(asked.on_whole(&body).is_none());
+        assert_eq!(asked.tokens.len(), 1);
         // Tokens without ids make no evidence.
         let mut no_ids = Collector::new(false);
         let without = EVENT.replace("\"id\":57,", "");

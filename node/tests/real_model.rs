@@ -242,6 +242,30 @@ async fn the_openai_client_streams_a_real_completion_through_the_mesh() {
         let last = kept.back().expect("kept evidence");
         assert!(!last.evidence.tokens.is_empty() && last.violations.is_empty());
     }
+    // A whole (not streamed) answer carries it as well.
+    let before = verified(&state);
+    let whole: serde_json::Value = http
+        .post(&chat_url)
+        .json(
+            &serde_json::json!({"model": "smollm2-135m", "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": "Name a colour."}]}),
+        )
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("a whole answer");
+    assert!(
+        whole["choices"][0]["message"]["content"].is_string()
+            && whole["choices"][0].get("logprobs").is_none(),
+        "{whole}"
+    );
+    eventually("the whole answer's evidence", 10, || {
+        let state = state.clone();
+        async move { (verified(&state) > before).then_some(()) }
+    })
+    .await;
 
     // Side by side with real clients; tools on a model that calls them.
     let tools = FakeUpstream::start(Dialect::OpenAi, tokens(3), std::time::Duration::ZERO).await;

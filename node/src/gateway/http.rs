@@ -269,7 +269,7 @@ async fn serve(
     let resp = if checked.stream {
         stream_answer(state, job, req)
     } else {
-        whole_answer(job, state.cfg.idle_timeout).await
+        whole_answer(&state, job, &req).await
     };
     with_worker(resp, &worker)
 }

@@ -80,14 +80,33 @@ pub(super) async fn read_whole(job: &mut JobStream, idle: Duration) -> Result<St
     }
 }
 
-pub(super) async fn whole_answer(mut job: JobStream, idle: Duration) -> Response {
-    match read_whole(&mut job, idle).await {
-        Ok(body) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/json")],
-            body,
-        )
-            .into_response(),
+/// A whole answer for the app; its evidence, when it verified, may be
+/// audited like a streamed answer's.
+pub(super) async fn whole_answer(
+    state: &std::sync::Arc<super::GatewayState>,
+    mut job: JobStream,
+    req: &troop_protocol::frames::InferenceRequest,
+) -> Response {
+    match read_whole(&mut job, state.cfg.idle_timeout).await {
+        Ok(body) => {
+            if let Some(evidence) = job.evidence_signed.take() {
+                state.maybe_audit(
+                    req,
+                    super::audit::Audited {
+                        worker: job.worker,
+                        job_id: job.job_id.clone(),
+                        index: job.index,
+                        evidence,
+                    },
+                );
+            }
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+                .into_response()
+        }
         Err(e) => worker_lost(&e),
     }
 }

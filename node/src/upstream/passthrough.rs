@@ -36,10 +36,11 @@ pub struct Prepared {
 }
 
 /// Checks the app's body against the ticket and makes it ready for the
-/// upstream. `cap` is the ticket's token limit. With `evidence` a streamed
-/// chat answer asks the upstream for each token's logprob and top
-/// alternatives (`logprobs: true`, `top_logprobs: 5`) unless the app asked
-/// for them itself.
+/// upstream. `cap` is the ticket's token limit. With `evidence` a chat or
+/// completions answer, streamed or whole, asks the upstream for each
+/// token's logprob and top alternatives (chat: `logprobs: true`,
+/// `top_logprobs: 5`; completions: `logprobs: 5`) unless the app asked for
+/// them itself.
 pub fn prepare(
     req: &InferenceRequest,
     cap: Option<u32>,
@@ -98,7 +99,7 @@ pub fn prepare(
         }
     }
     let evidence =
-        evidence && stream && matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions);
+        evidence && matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions);
     let mut strip_logprobs = false;
     let top_k = json!(troop_protocol::evidence::TOP_K);
     if evidence && endpoint == Endpoint::ChatCompletions {
