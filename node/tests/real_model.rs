@@ -310,6 +310,54 @@ async fn the_openai_client_streams_a_real_completion_through_the_mesh() {
 /// Within 40 chat requests the cheater is caught (an audit failed and a
 /// second auditor confirmed it) and gets no more requests; the honest
 /// workers pass their audits; every request is answered throughout.
+/// A model server that never answers a request with a `grammar` (an
+/// auditor that stops answering audits) and passes everything else to
+/// `upstream` unchanged.
+async fn stalls_audits(upstream: String) -> String {
+    use axum::body::{Body, Bytes};
+    use axum::http::{Method, Uri};
+    let http = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |method: Method, uri: Uri, body: Bytes| {
+        let (http, upstream) = (http.clone(), upstream.clone());
+        async move {
+            if String::from_utf8_lossy(&body).contains("\"grammar\"") {
+                futures::future::pending::<()>().await;
+            }
+            let r = http
+                .request(method, format!("{upstream}{uri}"))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await;
+            match r {
+                Ok(r) => axum::http::Response::builder()
+                    .status(r.status().as_u16())
+                    .header(
+                        "content-type",
+                        r.headers()
+                            .get("content-type")
+                            .cloned()
+                            .unwrap_or(axum::http::HeaderValue::from_static("application/json")),
+                    )
+                    .body(Body::from_stream(r.bytes_stream()))
+                    .unwrap_or_default(),
+                Err(_) => axum::http::Response::builder()
+                    .status(502)
+                    .body(Body::empty())
+                    .unwrap_or_default(),
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_serving_other_weights_under_the_same_digest_is_caught_by_audits() {
     let http = reqwest::Client::new();
@@ -353,7 +401,15 @@ async fn a_worker_serving_other_weights_under_the_same_digest_is_caught_by_audit
         .add_worker(&up_c, move |cfg| cfg.model_file = Some(gguf.clone()))
         .await;
     let d = net.add_worker(&canned.url, |_| {}).await;
+    // An honest worker (SmolLM2 behind it) that never answers an audit.
+    let staller = stalls_audits(up_a.clone()).await;
+    let e = net
+        .add_worker(&staller, |cfg| {
+            cfg.timeouts.first_token = std::time::Duration::from_secs(2)
+        })
+        .await;
     net.add_gateway().await;
+    let pe = net.workers[e].peer_id;
     let (pa, pb, pc, pd) = (
         net.workers[a].peer_id,
         net.workers[b].peer_id,
@@ -363,12 +419,12 @@ async fn a_worker_serving_other_weights_under_the_same_digest_is_caught_by_audit
     println!("honest {pa} and {pb}, cheaters {pc} (other weights) and {pd} (canned)");
     let state = net.gateway.as_ref().expect("gateway").state.clone();
     // The three advertise one digest: to the router they are one model.
-    eventually("four workers of one digest", 60, || {
+    eventually("five workers of one digest", 60, || {
         let state = state.clone();
         async move {
             let t = state.table.read().ok()?;
             let digest = t.peer_digest(&pa, "smollm2-135m")?;
-            (t.candidates_for("smollm2-135m", false, Some(&digest)).len() == 4).then_some(())
+            (t.candidates_for("smollm2-135m", false, Some(&digest)).len() == 5).then_some(())
         }
     })
     .await;
@@ -405,16 +461,23 @@ async fn a_worker_serving_other_weights_under_the_same_digest_is_caught_by_audit
     // They are no longer candidates; requests keep being answered.
     let left = state.candidates("smollm2-135m", false, None).await;
     assert!(
-        !left.contains(&pc) && !left.contains(&pd) && left.len() == 2,
+        !left.contains(&pc) && !left.contains(&pd) && left.len() == 3,
         "{left:?}"
     );
     futures::future::join_all((100..106).map(chat)).await;
-    let (ra, rb) = (state.audit_record(&pa), state.audit_record(&pb));
+    let (ra, rb, re) = (
+        state.audit_record(&pa),
+        state.audit_record(&pb),
+        state.audit_record(&pe),
+    );
     println!(
-        "after {sent} requests: honest {ra:?} {rb:?}, cheaters {:?} {:?}",
+        "after {sent} requests: honest {ra:?} {rb:?}, staller {re:?}, cheaters {:?} {:?}",
         state.audit_record(&pc),
         state.audit_record(&pd)
     );
+    // The worker that stops answering audits gave no verdicts (counted),
+    // others were asked instead, and its own honest answers never failed.
+    assert!(re.declined >= 1 && re.failed == 0, "{re:?}");
     assert_eq!(
         (ra.failed, rb.failed),
         (0, 0),

@@ -37,6 +37,10 @@ pub struct AuditRecord {
     pub failed: u64,
     /// As an auditor: failures it reported that a second auditor contradicted.
     pub outvoted: u64,
+    /// As an auditor: audits it was asked for and gave no verdict on (it
+    /// refused, timed out or could not be reached); the next auditor was
+    /// asked instead.
+    pub declined: u64,
 }
 
 /// An answer that may be audited: who served it, where, and its signed
@@ -184,6 +188,9 @@ impl GatewayState {
             .unwrap_or_default();
         auditors.retain(|p| *p != worker && !caught.contains(p));
         auditors.shuffle(&mut rand::rng());
+        // Auditors that gave verdicts before are asked first (in random
+        // order); one that keeps declining goes to the back.
+        auditors.sort_by_key(|a| self.audit_record(a).declined.min(3));
         // Auditors in turn until the findings settle it (the rule the
         // coordinator applies, `AuditReport::judge`): one that passes the
         // answer, or two that fail it and agree with each other.
@@ -207,7 +214,8 @@ impl GatewayState {
                     report.findings.push(found);
                 }
                 Err(e) => {
-                    tracing::debug!(auditor = %a, error = %e, "auditor unavailable");
+                    tracing::info!(auditor = %a, error = %e, "an auditor gave no verdict; asking another");
+                    self.note(a, |r| r.declined += 1);
                     continue;
                 }
             }

@@ -151,6 +151,7 @@ async fn troop_status(State(state): State<Arc<GatewayState>>) -> Response {
                 "active_jobs": row.and_then(|r| r.active_jobs),
                 "max_jobs": row.and_then(|r| r.max_jobs),
                 "reputation": reputation.get(&peer),
+                "audits": state.audit_record(&peer),
             })
         })
         .collect();
