@@ -28,6 +28,11 @@ use crate::identity::public_key_of;
 /// differ by several nats, or name tokens the auditor cannot force.
 pub const AUDIT_MEAN_NATS: f64 = 0.3;
 
+/// The worker's likeliest alternative at a place may differ from the
+/// auditor's only when the auditor finds the two within this many nats of
+/// each other (honest numeric differences are tenths of a nat at most).
+pub const TOP_GAP_NATS: f32 = 1.0;
+
 /// Auditors that must agree with each other on a failure before it
 /// counts.
 pub const CONFIRMATIONS: usize = 2;
@@ -56,6 +61,35 @@ pub fn compare(answer: &[TokenEvidence], audit: &[TokenEvidence]) -> Verdict {
     }
     if answer.is_empty() {
         return Verdict::Pass;
+    }
+    // The alternatives the worker reported are the model's: its likeliest
+    // is the auditor's, or close to it. (A worker that generates with a
+    // cheaper model and reports the claimed model's logprobs for those
+    // tokens must put the chosen token first to pass the free greedy
+    // check; the claimed model ranks another first.)
+    let off = answer
+        .iter()
+        .zip(audit)
+        .filter(|(a, b)| {
+            let (Some(mine), Some(theirs)) = (a.top.first(), b.top.first()) else {
+                return false;
+            };
+            if mine.0 == theirs.0 {
+                return false;
+            }
+            let mine_by_them = if b.id == mine.0 {
+                Some(b.logprob)
+            } else {
+                b.top.iter().find(|(id, _)| *id == mine.0).map(|t| t.1)
+            };
+            mine_by_them.is_none_or(|lp| theirs.1 - lp > TOP_GAP_NATS)
+        })
+        .count();
+    if off > 0 {
+        return Verdict::Fail(format!(
+            "at {off} of {} places the worker's likeliest token is not the model's",
+            answer.len()
+        ));
     }
     let total: f64 = answer
         .iter()
@@ -322,6 +356,26 @@ mod tests {
         let wrong_token = toks(&[(1, -0.5), (9, -1.25), (3, -0.01)]);
         assert!(matches!(compare(&a, &wrong_token), Verdict::Fail(w) if w.contains("token 1")));
         assert!(matches!(compare(&a, &a[..2]), Verdict::Fail(_)));
+        // The same chosen numbers, but the worker claims its token was the
+        // likeliest where the model ranks another far above it.
+        let tok = |lp: f32, top: Vec<(u32, f32)>| {
+            vec![TokenEvidence {
+                id: 1,
+                logprob: lp,
+                top,
+            }]
+        };
+        let near_claimed = tok(-0.5, vec![(1, -0.5), (4, -0.6)]);
+        let near_model = tok(-0.5, vec![(4, -0.2), (1, -0.5)]);
+        assert_eq!(
+            compare(&near_claimed, &near_model),
+            Verdict::Pass,
+            "a near tie"
+        );
+        let claimed = tok(-2.0, vec![(1, -2.0), (4, -2.5)]);
+        assert_eq!(compare(&claimed, &claimed), Verdict::Pass);
+        let model = tok(-2.0, vec![(4, -0.1), (1, -2.0)]);
+        assert!(matches!(compare(&claimed, &model), Verdict::Fail(w) if w.contains("likeliest")));
     }
 
     fn finding(key: &Keypair, job: &str, tokens: Option<Vec<TokenEvidence>>) -> Finding {
