@@ -216,14 +216,7 @@ async fn blast_upstream() -> String {
             }),
         )
         .route("/v1/chat/completions", post(generate));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    format!("http://{addr}")
+    common::serve_app(app).await
 }
 
 /// Events per second on one stream of `n` chunks.

@@ -348,14 +348,7 @@ async fn stalls_audits(upstream: String) -> String {
             }
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    format!("http://{addr}")
+    common::serve_app(app).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

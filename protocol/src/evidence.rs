@@ -35,6 +35,17 @@ pub struct TokenEvidence {
     pub top: Vec<(u32, f32)>,
 }
 
+impl TokenEvidence {
+    /// A token with no alternatives recorded.
+    pub fn chosen(id: u32, logprob: f32) -> Self {
+        TokenEvidence {
+            id,
+            logprob,
+            top: Vec::new(),
+        }
+    }
+}
+
 /// A worker's evidence for one answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Evidence {

@@ -382,11 +382,7 @@ mod tests {
 
     fn toks(v: &[(u32, f32)]) -> Vec<TokenEvidence> {
         v.iter()
-            .map(|(id, lp)| TokenEvidence {
-                id: *id,
-                logprob: *lp,
-                top: vec![],
-            })
+            .map(|&(id, lp)| TokenEvidence::chosen(id, lp))
             .collect()
     }
 

@@ -804,3 +804,15 @@ pub async fn send_ticket(
 pub fn is_unauthorized(f: &Option<troop_protocol::frames::Frame>) -> bool {
     matches!(f, Some(troop_protocol::frames::Frame::Error { code, .. }) if *code == troop_protocol::ErrorCode::Unauthorized.number())
 }
+
+/// Serves `app` on a free loopback port; its base URL.
+pub async fn serve_app(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}")
+}
