@@ -605,3 +605,80 @@ async fn the_only_worker_process_killed_gives_the_app_one_plain_sentence() {
         "{message}"
     );
 }
+
+/// A worker started before its model server (systemd boot order) waits for
+/// it instead of exiting: while the server answers 503 ("Loading model",
+/// as llama.cpp does) the worker keeps trying; once it answers, the worker
+/// starts, registers and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_before_its_model_server_waits_for_it_then_serves() {
+    use axum::body::{Body, Bytes};
+    use axum::http::{Method, Uri};
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(3), Duration::ZERO).await;
+    let ready = Arc::new(AtomicBool::new(false));
+    let tries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (r, t, real) = (ready.clone(), tries.clone(), fake.url.clone());
+    let http = reqwest::Client::new();
+    // The model server as it boots: 503 until `ready`, then itself.
+    let booting = common::serve_app(axum::Router::new().fallback(
+        move |method: Method, uri: Uri, body: Bytes| {
+            let (r, t, real, http) = (r.clone(), t.clone(), real.clone(), http.clone());
+            async move {
+                if !r.load(Ordering::SeqCst) {
+                    t.fetch_add(1, Ordering::SeqCst);
+                    return axum::http::Response::builder()
+                        .status(503)
+                        .body(Body::from(
+                            r#"{"error":{"code":503,"message":"Loading model"}}"#,
+                        ))
+                        .unwrap_or_default();
+                }
+                match http
+                    .request(method, format!("{real}{uri}"))
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                {
+                    Ok(resp) => axum::http::Response::builder()
+                        .status(resp.status().as_u16())
+                        .body(Body::from_stream(resp.bytes_stream()))
+                        .unwrap_or_default(),
+                    Err(_) => axum::http::Response::builder()
+                        .status(502)
+                        .body(Body::empty())
+                        .unwrap_or_default(),
+                }
+            }
+        },
+    ))
+    .await;
+    let mut net = TestNet::start(|_| {}).await;
+    let starting = tokio::spawn(troop_node::worker::start(
+        net.worker_config(&booting, |_| {}),
+    ));
+    // Three rounds of probes (each asks Ollama's and OpenAI's listing):
+    // a worker that gave up at the first would have stopped asking.
+    eventually("the worker keeps asking the booting server", 30, || {
+        let t = tries.clone();
+        async move { (t.load(Ordering::SeqCst) >= 6).then_some(()) }
+    })
+    .await;
+    assert!(!starting.is_finished(), "the worker did not wait");
+    ready.store(true, Ordering::SeqCst);
+    let w = tokio::time::timeout(Duration::from_secs(60), starting)
+        .await
+        .expect("the worker starts once its server answers")
+        .expect("join")
+        .expect("worker starts");
+    net.workers.push(w);
+    net.add_gateway().await;
+    net.wait_for_workers(1).await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", net.gateway_url()))
+        .json(&serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 200);
+}

@@ -115,7 +115,9 @@ impl Upstream {
         let probe = Self::new(base, Dialect::Openai);
         match openai::models(&probe.http, &probe.base).await {
             Ok(_) => Ok(probe),
-            Err(e) => Err(UpstreamError::Unreachable(format!(
+            // Not up yet (refused, timed out, still loading): worth waiting for.
+            Err(e) if e.not_up_yet() => Err(e),
+            Err(e) => Err(UpstreamError::Protocol(format!(
                 "{base} answers neither /api/tags (Ollama) nor /v1/models (OpenAI): {e}"
             ))),
         }
@@ -298,6 +300,18 @@ fn ollama_embeds(show: &serde_json::Value) -> Option<bool> {
             .iter()
             .any(|c| c == "embedding"),
     )
+}
+
+impl UpstreamError {
+    /// The model server is not up yet: nothing answers, or it answers 5xx
+    /// (llama.cpp says 503 while it loads its model).
+    pub fn not_up_yet(&self) -> bool {
+        match self {
+            UpstreamError::Unreachable(_) => true,
+            UpstreamError::Status { status, .. } => *status >= 500,
+            _ => false,
+        }
+    }
 }
 
 pub(crate) fn unreachable(e: reqwest::Error) -> UpstreamError {

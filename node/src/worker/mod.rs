@@ -369,6 +369,38 @@ where
         .await
 }
 
+/// The upstream and its models, once it answers. A model server that is not
+/// up yet (nothing answers, or 5xx while it loads) is waited for, for ever,
+/// with a log line each try (1 s, doubling to 30 s between tries): a worker
+/// may start before its model server. One that answers but is no model
+/// server fails at once.
+async fn wait_for_upstream(
+    cfg: &WorkerConfig,
+) -> Result<(Upstream, Vec<troop_protocol::advert::ModelAdvert>), crate::upstream::UpstreamError> {
+    use backon::Retryable;
+    let policy = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(1))
+        .with_max_delay(Duration::from_secs(30))
+        .without_max_times();
+    let attempt = || async {
+        let upstream = match cfg.dialect {
+            Some(d) => Upstream::new(&cfg.upstream, d),
+            None => Upstream::detect(&cfg.upstream).await?,
+        }
+        .with_model_file(cfg.model_file.clone());
+        let models = upstream.models().await?;
+        Ok((upstream, models))
+    };
+    attempt
+        .retry(policy)
+        .sleep(tokio::time::sleep)
+        .when(crate::upstream::UpstreamError::not_up_yet)
+        .notify(|e, d: Duration| {
+            tracing::warn!(upstream = %cfg.upstream, error = %e, retry_in = ?d, "waiting for the upstream (the model server) to answer; nothing is advertised until it does")
+        })
+        .await
+}
+
 /// Starts a worker: finds the upstream's models, fetches the coordinator's
 /// ticket key, registers, joins the mesh and starts serving.
 pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
@@ -392,12 +424,7 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
             f.display()
         );
     }
-    let upstream = match cfg.dialect {
-        Some(d) => Upstream::new(&cfg.upstream, d),
-        None => Upstream::detect(&cfg.upstream).await?,
-    }
-    .with_model_file(cfg.model_file.clone());
-    let models = with_retries("listing the upstream's models", || upstream.models())
+    let (upstream, models) = wait_for_upstream(&cfg)
         .await
         .with_context(|| format!("listing models at {}", cfg.upstream))?;
     tracing::info!(upstream = %cfg.upstream, dialect = ?upstream.dialect, models = ?models.iter().map(|m| &m.name).collect::<Vec<_>>(), "upstream found");

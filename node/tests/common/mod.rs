@@ -581,6 +581,18 @@ impl TestNet {
         upstream: &str,
         tweak: impl FnOnce(&mut WorkerConfig),
     ) -> usize {
+        let cfg = self.worker_config(upstream, tweak);
+        let w = worker::start(cfg).await.expect("worker starts");
+        self.workers.push(w);
+        self.workers.len() - 1
+    }
+
+    /// The configuration `add_worker` starts a worker with.
+    pub fn worker_config(
+        &self,
+        upstream: &str,
+        tweak: impl FnOnce(&mut WorkerConfig),
+    ) -> WorkerConfig {
         let key = troop_protocol::identity::generate();
         let state = self
             .dir
@@ -597,9 +609,7 @@ impl TestNet {
         cfg.breaker_cooldown = Duration::from_secs(1);
         cfg.session_idle = Duration::from_millis(500);
         tweak(&mut cfg);
-        let w = worker::start(cfg).await.expect("worker starts");
-        self.workers.push(w);
-        self.workers.len() - 1
+        cfg
     }
 
     pub async fn add_gateway(&mut self) {
