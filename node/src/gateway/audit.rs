@@ -27,6 +27,9 @@ use super::*;
 pub const AUDIT_ALL_FIRST: u64 = 20;
 /// The share audited never falls below this.
 pub const AUDIT_FLOOR: f64 = 0.02;
+/// Audits a gateway runs at once at most; an answer drawn while they are
+/// all busy is not audited (counted: `troop_audits_total{outcome="skipped_busy"}`).
+pub const AUDITS_AT_ONCE: usize = 4;
 
 /// One worker's audits as this gateway saw them.
 #[derive(Debug, Clone, Default, serde::Serialize, PartialEq)]
@@ -157,11 +160,18 @@ impl GatewayState {
         }) else {
             return;
         };
+        let Ok(slot) = self.audit_slots.clone().try_acquire_owned() else {
+            metrics::counter!("troop_audits_total", "outcome" => "skipped_busy").increment(1);
+            return;
+        };
         let state = self.clone();
         let mut audit = request.clone();
         audit.body = Some(body);
         audit.request_id = Some(format!("audit-{}", hex::encode(rand::random::<[u8; 6]>())));
-        tokio::spawn(async move { state.audit(audit, answer).await });
+        tokio::spawn(async move {
+            state.audit(audit, answer).await;
+            drop(slot);
+        });
     }
 
     async fn audit(self: Arc<Self>, audit: InferenceRequest, answer: Audited) {

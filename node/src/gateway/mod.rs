@@ -142,6 +142,9 @@ pub struct GatewayState {
     audits: Mutex<HashMap<PeerId, audit::AuditRecord>>,
     /// Workers with a confirmed failed audit: sent no more requests.
     audit_failed: RwLock<std::collections::HashSet<PeerId>>,
+    /// Audits running at once at most ([`audit::AUDITS_AT_ONCE`]): audits
+    /// must not crowd out the answers they check.
+    audit_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl GatewayState {
@@ -272,6 +275,7 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
         evidence_stats: Default::default(),
         audits: Mutex::new(HashMap::new()),
         audit_failed: RwLock::new(Default::default()),
+        audit_slots: Arc::new(tokio::sync::Semaphore::new(audit::AUDITS_AT_ONCE)),
     });
     crate::web::warn_if_public(http_addr, "gateway");
     let mut tasks = vec![ack_task];
