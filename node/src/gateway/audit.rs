@@ -27,9 +27,11 @@ use super::*;
 pub const AUDIT_ALL_FIRST: u64 = 20;
 /// The share audited never falls below this.
 pub const AUDIT_FLOOR: f64 = 0.02;
-/// Audits a gateway runs at once at most; an answer drawn while they are
-/// all busy is not audited (counted: `troop_audits_total{outcome="skipped_busy"}`).
+/// Audits a gateway runs at once at most; more drawn wait their turn.
 pub const AUDITS_AT_ONCE: usize = 4;
+/// Audits waiting or running at most; an answer drawn beyond that is not
+/// audited (counted: `troop_audits_total{outcome="skipped_busy"}`).
+pub const AUDITS_QUEUED: usize = 256;
 
 /// One worker's audits as this gateway saw them.
 #[derive(Debug, Clone, Default, serde::Serialize, PartialEq)]
@@ -160,17 +162,27 @@ impl GatewayState {
         }) else {
             return;
         };
-        let Ok(slot) = self.audit_slots.clone().try_acquire_owned() else {
+        let queued = self
+            .audits_queued
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if queued >= AUDITS_QUEUED {
+            self.audits_queued
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             metrics::counter!("troop_audits_total", "outcome" => "skipped_busy").increment(1);
             return;
-        };
+        }
         let state = self.clone();
         let mut audit = request.clone();
         audit.body = Some(body);
         audit.request_id = Some(format!("audit-{}", hex::encode(rand::random::<[u8; 6]>())));
         tokio::spawn(async move {
-            state.audit(audit, answer).await;
-            drop(slot);
+            // At most AUDITS_AT_ONCE run; the rest wait their turn.
+            if let Ok(_slot) = state.audit_slots.clone().acquire_owned().await {
+                state.clone().audit(audit, answer).await;
+            }
+            state
+                .audits_queued
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         });
     }
 

@@ -145,6 +145,8 @@ pub struct GatewayState {
     /// Audits running at once at most ([`audit::AUDITS_AT_ONCE`]): audits
     /// must not crowd out the answers they check.
     audit_slots: Arc<tokio::sync::Semaphore>,
+    /// Audits waiting for a slot or running.
+    audits_queued: std::sync::atomic::AtomicUsize,
 }
 
 impl GatewayState {
@@ -276,6 +278,7 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
         audits: Mutex::new(HashMap::new()),
         audit_failed: RwLock::new(Default::default()),
         audit_slots: Arc::new(tokio::sync::Semaphore::new(audit::AUDITS_AT_ONCE)),
+        audits_queued: std::sync::atomic::AtomicUsize::new(0),
     });
     crate::web::warn_if_public(http_addr, "gateway");
     let mut tasks = vec![ack_task];
