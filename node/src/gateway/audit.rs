@@ -162,15 +162,11 @@ impl GatewayState {
         }) else {
             return;
         };
-        let queued = self
-            .audits_queued
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        if queued >= AUDITS_QUEUED {
-            self.audits_queued
-                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        // A place in the queue (waiting or running), or no audit.
+        let Ok(queued) = self.audits_queued.clone().try_acquire_owned() else {
             metrics::counter!("troop_audits_total", "outcome" => "skipped_busy").increment(1);
             return;
-        }
+        };
         let state = self.clone();
         let mut audit = request.clone();
         audit.body = Some(body);
@@ -178,11 +174,9 @@ impl GatewayState {
         tokio::spawn(async move {
             // At most AUDITS_AT_ONCE run; the rest wait their turn.
             if let Ok(_slot) = state.audit_slots.clone().acquire_owned().await {
-                state.clone().audit(audit, answer).await;
+                state.audit(audit, answer).await;
             }
-            state
-                .audits_queued
-                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            drop(queued);
         });
     }
 

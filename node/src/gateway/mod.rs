@@ -145,8 +145,9 @@ pub struct GatewayState {
     /// Audits running at once at most ([`audit::AUDITS_AT_ONCE`]): audits
     /// must not crowd out the answers they check.
     audit_slots: Arc<tokio::sync::Semaphore>,
-    /// Audits waiting for a slot or running.
-    audits_queued: std::sync::atomic::AtomicUsize,
+    /// Places for audits waiting for a slot or running
+    /// ([`audit::AUDITS_QUEUED`]).
+    audits_queued: Arc<tokio::sync::Semaphore>,
 }
 
 impl GatewayState {
@@ -278,7 +279,7 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
         audits: Mutex::new(HashMap::new()),
         audit_failed: RwLock::new(Default::default()),
         audit_slots: Arc::new(tokio::sync::Semaphore::new(audit::AUDITS_AT_ONCE)),
-        audits_queued: std::sync::atomic::AtomicUsize::new(0),
+        audits_queued: Arc::new(tokio::sync::Semaphore::new(audit::AUDITS_QUEUED)),
     });
     crate::web::warn_if_public(http_addr, "gateway");
     let mut tasks = vec![ack_task];
