@@ -16,6 +16,14 @@ use troop_protocol::receipt::Receipt;
 
 use crate::coordinator_client::{ClientError, CoordinatorClient};
 
+/// A job id reduced to characters safe in a file name.
+pub fn safe_name(jti: &str) -> String {
+    jti.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(64)
+        .collect()
+}
+
 #[derive(Clone)]
 pub struct ReceiptQueue {
     dir: PathBuf,
@@ -41,16 +49,16 @@ impl ReceiptQueue {
         })
     }
 
+    /// Whether the receipt of job `jti` waits in the queue.
+    pub fn has(&self, jti: &str) -> bool {
+        self.dir.join(format!("{}.json", safe_name(jti))).exists()
+    }
+
     /// Writes the receipt durably (write to a temp file, fsync, rename).
     /// It blocks on the disk: call it from a blocking thread
     /// ([`enqueue_async`](Self::enqueue_async) does).
     pub fn enqueue(&self, r: &Receipt) -> std::io::Result<()> {
-        let safe: String = r
-            .job_id
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-            .take(64)
-            .collect();
+        let safe = safe_name(&r.job_id);
         let body = serde_json::to_vec(r).map_err(std::io::Error::other)?;
         let tmp = self.dir.join(format!(".{safe}.tmp"));
         std::fs::write(&tmp, &body)?;

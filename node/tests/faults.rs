@@ -521,14 +521,31 @@ async fn worker_process(
     upstream: &str,
     dir: &std::path::Path,
 ) -> (common::KillOnDrop, String, Vec<libp2p::Multiaddr>) {
+    worker_process_with(net, upstream, dir, "/ip4/127.0.0.1/tcp/0", 600).await
+}
+
+/// [`worker_process`] listening on `listen`, closing sessions idle for
+/// `idle_secs`; a second start in the same `dir` is the same worker
+/// (identity, state folder) restarted, its log appended to.
+async fn worker_process_with(
+    net: &TestNet,
+    upstream: &str,
+    dir: &std::path::Path,
+    listen: &str,
+    idle_secs: u64,
+) -> (common::KillOnDrop, String, Vec<libp2p::Multiaddr>) {
     let key = dir.join("worker.key");
-    let kg = std::process::Command::new(env!("CARGO_BIN_EXE_troop"))
-        .args(["keygen", "--out"])
-        .arg(&key)
-        .output()
-        .expect("keygen");
-    assert!(kg.status.success());
-    let peer = String::from_utf8_lossy(&kg.stdout).trim().to_string();
+    let peer_file = dir.join("worker.peer");
+    if !key.exists() {
+        let kg = std::process::Command::new(env!("CARGO_BIN_EXE_troop"))
+            .args(["keygen", "--out"])
+            .arg(&key)
+            .output()
+            .expect("keygen");
+        assert!(kg.status.success());
+        std::fs::write(&peer_file, String::from_utf8_lossy(&kg.stdout).trim()).expect("peer");
+    }
+    let peer = std::fs::read_to_string(&peer_file).expect("peer id");
     let log = dir.join("worker.log");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_troop"))
         .args(["worker", "--identity"])
@@ -541,14 +558,19 @@ async fn worker_process(
             "--http",
             "127.0.0.1:0",
             "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            // Only the stop may close the session.
+            listen,
             "--session-idle-secs",
-            "600",
+            &idle_secs.to_string(),
         ])
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .expect("log file"),
+        )
         .spawn()
         .expect("troop worker runs");
     let child = common::KillOnDrop(child);
@@ -681,4 +703,96 @@ async fn a_worker_started_before_its_model_server_waits_for_it_then_serves() {
         .await
         .expect("send");
     assert_eq!(r.status().as_u16(), 200);
+}
+
+/// A worker killed with SIGKILL while its session is open (nothing filed
+/// yet) files the receipt it owes once restarted, from its session
+/// journal: the request served before the crash is billed, with the
+/// user's acknowledgement, once; the session's ticket is not served twice,
+/// and the user's next request after the restart is billed too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_session_files_the_owed_receipt_after_its_restart() {
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(4), Duration::from_millis(20)).await;
+    let mut net = TestNet::start(|_| {}).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listen = format!("/ip4/127.0.0.1/tcp/{}", common::free_port());
+    // Sessions stay open (600 s idle): only the crash interrupts this one.
+    let (mut child, peer, addrs) =
+        worker_process_with(&net, &fake.url, dir.path(), &listen, 600).await;
+    net.add_gateway_with(|c| c.net.bootstrap = addrs).await;
+    net.wait_for_workers(1).await;
+    let resp = net.chat(true).await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.text().await.expect("body").contains("[DONE]"));
+    // The user's ack reaches the worker's journal (on disk).
+    let sessions = dir.path().join(format!("worker-{peer}")).join("sessions");
+    eventually("the ack in the worker's journal", 20, || {
+        let sessions = sessions.clone();
+        async move {
+            let files = std::fs::read_dir(&sessions).ok()?;
+            files
+                .filter_map(Result::ok)
+                .filter_map(|f| std::fs::read_to_string(f.path()).ok())
+                .any(|t| t.contains(r#""e":"line""#) && t.contains(r#""e":"ack""#))
+                .then_some(())
+        }
+    })
+    .await;
+    child.0.kill().expect("SIGKILL");
+    let _ = child.0.wait();
+    let credited = |v: Option<Value>| v.and_then(|b| b["credited"].as_f64()).unwrap_or(0.0);
+    assert_eq!(
+        credited(net.balance(&peer).await),
+        0.0,
+        "nothing was filed before the crash"
+    );
+
+    // Restarted (same identity, state and address), closing idle sessions
+    // after 1 s: the session read back from the journal closes and files.
+    let (_child, _, _) = worker_process_with(&net, &fake.url, dir.path(), &listen, 1).await;
+    let (http, url, me) = (
+        net.http.clone(),
+        format!("{}/workers", net.coordinator_url()),
+        peer.clone(),
+    );
+    let requests = move || {
+        let (http, url, me) = (http.clone(), url.clone(), me.clone());
+        async move {
+            let v: Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+            let w = v["workers"]
+                .as_array()?
+                .iter()
+                .find(|w| w["peer_id"] == me.as_str())?
+                .clone();
+            let r = &w["reputation"];
+            Some((r["requests"].as_u64()?, r["acknowledged_share"].as_f64()?))
+        }
+    };
+    let first = eventually("the owed receipt settled after the restart", 30, || {
+        let requests = requests.clone();
+        async move { requests().await.filter(|(n, _)| *n >= 1) }
+    })
+    .await;
+    assert_eq!(
+        first,
+        (1, 1.0),
+        "the request served before the crash, acknowledged"
+    );
+    assert!(
+        credited(net.balance(&peer).await) > 0.0,
+        "the worker was paid"
+    );
+    let log = std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default();
+    assert!(log.contains("read back from the journal"), "{log}");
+
+    // The user goes on: the next request is served and billed on its own.
+    let resp = net.chat(true).await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.text().await.expect("body").contains("[DONE]"));
+    let second = eventually("the next session settled", 30, || {
+        let requests = requests.clone();
+        async move { requests().await.filter(|(n, _)| *n >= 2) }
+    })
+    .await;
+    assert_eq!(second.0, 2, "each request billed once");
 }

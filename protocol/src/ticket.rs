@@ -168,6 +168,12 @@ impl TicketVerifier {
         Ok(claims)
     }
 
+    /// Remembers `jti` (expiring at `exp`, unix s) as used: a worker's
+    /// sessions read back from its journal after a restart.
+    pub fn remember(&mut self, jti: &str, exp: u64) {
+        self.seen.insert(jti.to_string(), exp);
+    }
+
     /// How many `jti`s are remembered (bounded by tickets still valid).
     pub fn remembered(&self) -> usize {
         self.seen.len()

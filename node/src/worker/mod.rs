@@ -35,6 +35,7 @@ use crate::upstream::{Delta, Dialect, Upstream};
 mod advertise;
 mod coordinator;
 mod http;
+pub mod journal;
 mod serve;
 pub mod session;
 
@@ -174,6 +175,8 @@ struct Shared {
     /// ones finish.
     stopping: tokio_util::sync::CancellationToken,
     sessions: Mutex<SessionBook>,
+    /// Every open session's entries on disk (`<state>/sessions`).
+    journal: journal::Journal,
     /// The coordinator's key is fetched by one task at a time, at most once
     /// per [`KEY_REFRESH_EVERY`], never under the verifier's lock.
     key_refresh: tokio::sync::Mutex<Option<Instant>>,
@@ -459,6 +462,31 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
 
     let receipts = ReceiptQueue::open(&cfg.state_dir.join("receipts"))
         .with_context(|| format!("opening {}", cfg.state_dir.display()))?;
+    // Sessions a crash left open are opened again (their receipts are
+    // owed); closed ones keep their tickets refused until they expire.
+    let sessions_dir = cfg.state_dir.join("sessions");
+    let restored = journal::restore(&sessions_dir, |jti| receipts.has(jti));
+    let mut book = SessionBook::default();
+    for (jti, exp) in &restored.closed {
+        verifier.remember(jti, *exp);
+    }
+    let (mut reopened, mut lines) = (0, 0);
+    for sess in restored.open {
+        verifier.remember(&sess.claims.jti, sess.claims.exp);
+        lines += sess.lines.len();
+        reopened += usize::from(book.restore(sess));
+    }
+    if reopened > 0 || restored.skipped_lines > 0 {
+        tracing::info!(
+            sessions = reopened,
+            lines,
+            closed = restored.closed.len(),
+            torn = restored.skipped_lines,
+            "sessions open at the last stop read back from the journal; their receipts will be filed"
+        );
+    }
+    let journal = journal::Journal::open(&sessions_dir, restored.closed)
+        .with_context(|| format!("opening {}", sessions_dir.display()))?;
     let stats = Arc::new(WorkerStats::default());
     let shared = Arc::new(Shared {
         peer_id,
@@ -474,7 +502,8 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
         net: net.clone(),
         killed: tokio_util::sync::CancellationToken::new(),
         stopping: tokio_util::sync::CancellationToken::new(),
-        sessions: Mutex::new(SessionBook::default()),
+        sessions: Mutex::new(book),
+        journal,
         key_refresh: tokio::sync::Mutex::new(None),
         unchecked: Mutex::new(std::collections::HashMap::new()),
         upstream_health: Mutex::new(UpstreamHealth {

@@ -369,18 +369,28 @@ impl RequestGuard {
         commitment: Option<String>,
     ) {
         match self.s.sessions.lock() {
-            Ok(mut book) => book.finish(
-                &self.jti,
-                self.index,
-                self.started_ms,
-                unix_ms(),
-                session::LineEnd {
-                    status,
-                    usage,
-                    chunks,
-                    commitment,
-                },
-            ),
+            Ok(mut book) => {
+                let line = book.finish(
+                    &self.jti,
+                    self.index,
+                    self.started_ms,
+                    unix_ms(),
+                    session::LineEnd {
+                        status,
+                        usage,
+                        chunks,
+                        commitment: commitment.clone(),
+                    },
+                );
+                if let Some(line) = line {
+                    journal(
+                        &self.s,
+                        &mut book,
+                        &self.jti,
+                        journal::Entry::Line { line, commitment },
+                    );
+                }
+            }
             Err(_) => {
                 tracing::error!(job = %self.jti, "the session book's lock is poisoned; a line is lost")
             }
@@ -404,11 +414,18 @@ pub(super) async fn open_session(
     index: u32,
 ) -> Result<troop_protocol::ticket::TicketClaims, String> {
     let full = s.cfg.max_session_requests;
-    {
+    let joined = {
         let mut book = s.sessions.lock().map_err(|_| "session book poisoned")?;
-        if let Some(claims) = book.join(ticket, index, unix_ms(), full)? {
-            return Ok(claims);
-        }
+        book.join(ticket, index, unix_ms(), full)?.map(|c| {
+            let seq = book.journaled(&c.jti);
+            (c, seq)
+        })
+    };
+    if let Some((claims, seq)) = joined {
+        // The crash rule: the session's earlier lines and acks are on
+        // disk before it serves another request.
+        s.journal.durable(seq).await;
+        return Ok(claims);
     }
     let claims = verify_ticket(s, ticket).await.map_err(|e| e.to_string())?;
     let multiplier_milli = s
@@ -421,14 +438,44 @@ pub(super) async fn open_session(
         u64::try_from(claims.reserved_milli.max(0).saturating_mul(1000) / multiplier_milli)
             .unwrap_or(0);
     let mut book = s.sessions.lock().map_err(|_| "session book poisoned")?;
-    book.open(ticket, claims, limit_ms, index, unix_ms(), full)
+    let now = unix_ms();
+    let opened = book.open(ticket, claims.clone(), limit_ms, index, now, full)?;
+    if book.journaled(&opened.jti) == 0 {
+        journal(
+            s,
+            &mut book,
+            &opened.jti,
+            journal::Entry::Open {
+                ticket: ticket.to_string(),
+                claims,
+                limit_ms,
+                at_ms: now,
+            },
+        );
+    }
+    Ok(opened)
+}
+
+/// Hands an entry of an open session to the journal (under the book's
+/// lock, so entries reach the writer in the book's order).
+fn journal(s: &Shared, book: &mut SessionBook, jti: &str, entry: journal::Entry) {
+    let exp = book.exp(jti).unwrap_or(0);
+    let seq = s.journal.append(jti, &entry, exp);
+    book.set_journaled(jti, seq);
 }
 
 /// Keeps a user's acknowledgement for the session's receipt.
 pub(super) fn record_ack(s: &Shared, peer: PeerId, ack: Ack) {
     let (job, index) = (ack.job_id.clone(), ack.index);
     let outcome = match s.sessions.lock() {
-        Ok(mut book) => book.ack(ack, &s.peer_id.to_base58()),
+        Ok(mut book) => {
+            let kept = ack.clone();
+            let outcome = book.ack(ack, &s.peer_id.to_base58());
+            if outcome == session::AckOutcome::Kept {
+                journal(s, &mut book, &job, journal::Entry::Ack { ack: kept });
+            }
+            outcome
+        }
         Err(_) => {
             tracing::error!("the session book's lock is poisoned; an acknowledgement is lost");
             return;
@@ -472,9 +519,22 @@ pub(super) async fn session_loop(s: Arc<Shared>) {
 }
 
 pub(super) async fn file_session(s: &Shared, sess: session::Session) {
-    let Some(receipt) = session::receipt(sess, &s.peer_id.to_base58()) else {
-        return;
+    let (jti, exp) = (sess.claims.jti.clone(), sess.claims.exp);
+    let filed = match session::receipt(sess, &s.peer_id.to_base58()) {
+        Some(receipt) => enqueue_receipt(s, receipt).await,
+        None => true,
     };
+    // Only once the receipt is in the queue (or there is none): a crash
+    // before this opens the session again at the next start.
+    if filed {
+        s.journal
+            .append(&jti, &journal::Entry::Closed { at_ms: unix_ms() }, exp);
+    }
+}
+
+/// Writes a closed session's receipt to the queue; false when the disk
+/// refused it (the session's journal then stays open for the next start).
+async fn enqueue_receipt(s: &Shared, receipt: troop_protocol::receipt::Receipt) -> bool {
     tracing::info!(
         job = %receipt.job_id,
         requests = receipt.requests.len(),
@@ -484,7 +544,9 @@ pub(super) async fn file_session(s: &Shared, sess: session::Session) {
     let job = receipt.job_id.clone();
     if let Err(e) = s.receipts.enqueue_async(receipt).await {
         tracing::error!(error = %e, %job, "could not write the receipt");
+        return false;
     }
+    true
 }
 
 pub(super) async fn run_job(

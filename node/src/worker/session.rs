@@ -41,6 +41,9 @@ pub struct Session {
     pub commitments: HashMap<u32, String>,
     /// Unix ms of the last request start, end or abandon.
     pub last_activity_ms: u64,
+    /// Sequence number of this session's last journal entry: its next
+    /// request waits until that entry is on disk.
+    pub journaled: u64,
 }
 
 /// When sessions close.
@@ -167,6 +170,7 @@ impl SessionBook {
                 acks: HashMap::new(),
                 commitments: HashMap::new(),
                 last_activity_ms: now_ms,
+                journaled: 0,
             },
         );
         self.check();
@@ -186,8 +190,17 @@ impl SessionBook {
 
     /// Request `index`, started at `started_ms`, ended at `now_ms`: its line
     /// is kept for the receipt and its time counts against the reservation.
-    pub fn finish(&mut self, jti: &str, index: u32, started_ms: u64, now_ms: u64, end: LineEnd) {
+    /// Returns the line kept (`None`: no such session).
+    pub fn finish(
+        &mut self,
+        jti: &str,
+        index: u32,
+        started_ms: u64,
+        now_ms: u64,
+        end: LineEnd,
+    ) -> Option<RequestLine> {
         let finished = now_ms.max(started_ms);
+        let mut kept = None;
         if let Some(sess) = self.by_jti.get_mut(jti) {
             sess.active = sess.active.saturating_sub(1);
             sess.used_ms = sess.used_ms.saturating_add(finished - started_ms);
@@ -205,8 +218,41 @@ impl SessionBook {
                 status: end.status,
                 ack: None,
             });
+            kept = sess.lines.last().cloned();
         }
         self.check();
+        kept
+    }
+
+    /// Opens again a session read back from the journal after a restart
+    /// (nothing running). A session of that ticket or jti already open
+    /// wins.
+    pub fn restore(&mut self, sess: Session) -> bool {
+        if self.by_ticket.contains_key(&sess.ticket) || self.by_jti.contains_key(&sess.claims.jti) {
+            return false;
+        }
+        self.by_ticket
+            .insert(sess.ticket.clone(), sess.claims.jti.clone());
+        self.by_jti.insert(sess.claims.jti.clone(), sess);
+        self.check();
+        true
+    }
+
+    /// Sets the sequence number of a session's last journal entry.
+    pub fn set_journaled(&mut self, jti: &str, seq: u64) {
+        if let Some(s) = self.by_jti.get_mut(jti) {
+            s.journaled = s.journaled.max(seq);
+        }
+    }
+
+    /// Sequence number of a session's last journal entry (0: none).
+    pub fn journaled(&self, jti: &str) -> u64 {
+        self.by_jti.get(jti).map_or(0, |s| s.journaled)
+    }
+
+    /// The ticket expiry (unix s) of an open session.
+    pub fn exp(&self, jti: &str) -> Option<u64> {
+        self.by_jti.get(jti).map(|s| s.claims.exp)
     }
 
     /// Keeps a user's acknowledgement for the session's receipt (checked
