@@ -245,6 +245,9 @@ enum Command {
     Status(oneshot::Sender<NetStatus>),
     AddRelay(Multiaddr),
     DialPeer(PeerId, Vec<Multiaddr>),
+    /// Answered once connected to the peer (at once when connected), or
+    /// with why the dial failed; one dial per peer however many ask.
+    Connect(PeerId, oneshot::Sender<Result<(), String>>),
     CloseRelayed(PeerId),
     KeepWarm(PeerId, bool),
 }
@@ -343,8 +346,32 @@ impl NetworkHandle {
         let _ = self.tx.try_send(Command::KeepWarm(peer, keep));
     }
 
+    /// Opens a stream of `protocol` to `peer`. A peer not connected yet is
+    /// dialled once however many streams wait for it (libp2p-stream alone
+    /// dials per stream and fails every waiting stream when any dial to
+    /// the peer fails); the streams go out once the connection is up.
+    pub async fn open_stream(
+        &self,
+        peer: PeerId,
+        protocol: libp2p::StreamProtocol,
+    ) -> Result<libp2p::Stream, String> {
+        if self.path(&peer) == Path::None {
+            let (reply, rx) = oneshot::channel();
+            self.tx
+                .send(Command::Connect(peer, reply))
+                .await
+                .map_err(|_| "the network stopped".to_string())?;
+            rx.await.map_err(|_| "the network stopped".to_string())??;
+        }
+        self.control
+            .clone()
+            .open_stream(peer, protocol)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// Dials `peer` on all of `addrs` at once (one connection at most),
-    /// unless it is connected already (an attempt under way does not stop it).
+    /// unless it is connected already or a dial to it is under way.
     pub async fn dial_peer(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
         let _ = self.tx.send(Command::DialPeer(peer, addrs)).await;
     }
@@ -492,6 +519,7 @@ pub async fn spawn(cfg: NetConfig) -> anyhow::Result<(NetworkHandle, mpsc::Recei
         events: event_tx,
         listen_addrs,
         discovery: Discovery::new(cfg.bootstrap.clone(), cfg.dht_replication.get()),
+        connecting: HashMap::new(),
         reach: Reach::new(relays),
         relay_server: RelayServer::new(cfg.relay_server.is_some() && cfg.relay_always),
         table: Connections::new(

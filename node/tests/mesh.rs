@@ -884,3 +884,48 @@ async fn two_hundred_streams_over_four_workers_spread_by_free_slots() {
     }
     no_long_tail(&times);
 }
+
+/// Twenty streams at once to each of three workers the gateway has never
+/// been connected to (it learned of them by gossip through a third node;
+/// each listens on TCP and QUIC): one dial per worker, the streams wait for
+/// it, and the requests that arrive together with a new session's ticket
+/// share that session (before, one of them could find the ticket "already
+/// used" and be refused). Every answer is whole, none retried or refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_streams_at_once_to_each_worker_never_met_all_succeed() {
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(5), Duration::from_millis(5)).await;
+    let mut net = TestNet::start(|_| {}).await;
+    net.dht = false;
+    net.add_hub().await;
+    let both: Vec<libp2p::Multiaddr> = vec![
+        "/ip4/127.0.0.1/tcp/0".parse().expect("tcp"),
+        "/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("quic"),
+    ];
+    for _ in 0..3 {
+        let listen = both.clone();
+        net.add_worker(&fake.url, move |c| {
+            c.session_idle = Duration::from_secs(120);
+            c.net.listen = listen;
+        })
+        .await;
+    }
+    net.add_gateway_with(move |c| c.net.listen = both).await;
+    net.wait_for_workers(3).await;
+    let g = net.gateway.as_ref().expect("gateway");
+    for w in &net.workers {
+        assert_eq!(
+            g.state.net.path(&w.peer_id),
+            troop_node::network::Path::None,
+            "the gateway must not be connected to a worker before the burst"
+        );
+    }
+    burst(&net, 60, &tokens(5).concat()).await;
+    assert_eq!(fake.state.requests.load(Ordering::SeqCst), 60);
+    let refused: Vec<u64> = net
+        .workers
+        .iter()
+        .map(|w| w.stats.requests_refused.load(Ordering::SeqCst))
+        .collect();
+    assert_eq!(refused, vec![0, 0, 0], "requests refused per worker");
+    assert_eq!(skipped(&net), 0, "no attempt retried");
+}

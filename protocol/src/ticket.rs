@@ -161,11 +161,21 @@ impl TicketVerifier {
     /// Verifies a ticket and consumes its `jti`: the same ticket is refused
     /// the next time.
     pub fn verify(&mut self, token: &str, now: u64) -> Result<TicketClaims, TicketError> {
+        let claims = self.check(token, now)?;
+        self.consume(&claims, now)?;
+        Ok(claims)
+    }
+
+    /// Consumes the `jti` of claims [`check`](Self::check)ed earlier:
+    /// refused when another caller consumed it meanwhile.
+    pub fn consume(&mut self, claims: &TicketClaims, now: u64) -> Result<(), TicketError> {
         let leeway = self.leeway;
         self.seen.retain(|_, exp| now < exp.saturating_add(leeway));
-        let claims = self.check(token, now)?;
+        if self.seen.contains_key(&claims.jti) {
+            return Err(TicketError::Reused(claims.jti.clone()));
+        }
         self.seen.insert(claims.jti.clone(), claims.exp);
-        Ok(claims)
+        Ok(())
     }
 
     /// Remembers `jti` (expiring at `exp`, unix s) as used: a worker's

@@ -108,10 +108,8 @@ async fn deliver_ack(net: NetworkHandle, worker: PeerId, ack: troop_protocol::us
     let send = || async {
         tokio::time::timeout(Duration::from_secs(5), async {
             let mut s = net
-                .stream_control()
                 .open_stream(worker, StreamProtocol::new(INFER_PROTOCOL))
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             write_frame(&mut s, &Frame::Ack { ack: ack.clone() })
                 .await
                 .map_err(|e| e.to_string())?;

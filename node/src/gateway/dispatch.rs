@@ -482,10 +482,10 @@ impl GatewayState {
     /// Opens an inference stream to `worker` (dialling it if need be). A
     /// worker that cannot be reached leaves the table.
     pub(super) async fn open_to(&self, worker: PeerId) -> Result<libp2p::Stream, Attempt> {
-        let mut control = self.net.stream_control();
         let open = tokio::time::timeout(
             DISCOVERY_TIMEOUT,
-            control.open_stream(worker, StreamProtocol::new(INFER_PROTOCOL)),
+            self.net
+                .open_stream(worker, StreamProtocol::new(INFER_PROTOCOL)),
         )
         .await;
         match open {

@@ -58,10 +58,11 @@ impl GatewayState {
         }
         let state = self.clone();
         tokio::spawn(async move {
-            let mut control = state.net.stream_control();
             let opened = tokio::time::timeout(
                 DISCOVERY_TIMEOUT,
-                control.open_stream(worker, StreamProtocol::new(INFER_PROTOCOL)),
+                state
+                    .net
+                    .open_stream(worker, StreamProtocol::new(INFER_PROTOCOL)),
             )
             .await;
             let Some(mut spares) = state.spares.locked() else {

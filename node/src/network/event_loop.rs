@@ -4,14 +4,14 @@
 //! [`Connections`] table; the loop itself only keeps the listen addresses
 //! and hands events on to the program.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, Swarm, gossipsub, identify, mdns, ping, relay};
-use tokio::sync::mpsc;
+use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, mdns, ping, relay};
+use tokio::sync::{mpsc, oneshot};
 use troop_protocol::advert::{ADVERT_TOPIC, KAD_PROTOCOL};
 use troop_protocol::sync::RwLockExt as _;
 
@@ -30,6 +30,8 @@ pub(super) struct EventLoop {
     /// What [`super::NetworkHandle::listen_addrs`] reads.
     pub listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
     pub discovery: Discovery,
+    /// Callers waiting for a connection to a peer (one dial for them all).
+    pub connecting: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>>,
     pub reach: Reach,
     pub relay_server: RelayServer,
     pub table: Connections,
@@ -106,12 +108,13 @@ impl EventLoop {
             Command::DialPeer(peer, addrs) => {
                 let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
                     .addresses(addrs)
-                    .condition(libp2p::swarm::dial_opts::PeerCondition::Disconnected)
+                    .condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing)
                     .build();
                 if let Err(e) = swarm.dial(opts) {
                     tracing::debug!(%peer, error = %e, "not dialing");
                 }
             }
+            Command::Connect(peer, reply) => self.connect(peer, reply),
             Command::KeepWarm(peer, keep) => {
                 let warm = &mut swarm.behaviour_mut().warm;
                 warm.set(peer, keep);
@@ -230,6 +233,38 @@ impl EventLoop {
         }
     }
 
+    /// Answers `reply` once `peer` is connected: at once when it is, else
+    /// after the one dial to it (ours, or one under way already).
+    fn connect(&mut self, peer: PeerId, reply: oneshot::Sender<Result<(), String>>) {
+        if self.swarm.is_connected(&peer) {
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        let waiting = self.connecting.entry(peer).or_default();
+        waiting.retain(|r| !r.is_closed());
+        waiting.push(reply);
+        if waiting.len() > 1 {
+            return;
+        }
+        use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+        let opts = DialOpts::peer_id(peer)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        match self.swarm.dial(opts) {
+            Ok(()) => metrics::counter!("troop_dials_total", "by" => "stream").increment(1),
+            // Another dial to it is under way: its outcome answers.
+            Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {}
+            Err(e) => self.connected(peer, Err(e.to_string())),
+        }
+    }
+
+    /// Answers everyone waiting for a connection to `peer`.
+    fn connected(&mut self, peer: PeerId, outcome: Result<(), String>) {
+        for r in self.connecting.remove(&peer).unwrap_or_default() {
+            let _ = r.send(outcome.clone());
+        }
+    }
+
     fn on_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
         match ev {
             SwarmEvent::ConnectionEstablished {
@@ -259,6 +294,7 @@ impl EventLoop {
                     tracing::info!(peer = %peer_id, "direct connection next to the relayed one");
                     self.emit(NetEvent::Upgraded(peer_id));
                 }
+                self.connected(peer_id, Ok(()));
                 if num_established.get() == 1 {
                     tracing::debug!(peer = %peer_id, "connected");
                     self.emit(NetEvent::Connected(peer_id));
@@ -304,6 +340,9 @@ impl EventLoop {
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 if let Some(p) = peer_id {
                     self.discovery.dial_failed(p);
+                    if !self.swarm.is_connected(&p) {
+                        self.connected(p, Err(error.to_string()));
+                    }
                 }
                 tracing::debug!(peer = ?peer_id, error = %error, detail = ?error, "outgoing connection failed");
             }

@@ -155,12 +155,15 @@ pub(super) fn add_jwks(verifier: &mut TicketVerifier, keys: Vec<(String, String,
     }
 }
 
+/// Checks a ticket (signature, audience, times, not used yet), fetching
+/// a rotated coordinator key when needed; does not consume its jti (the
+/// session's opening does, under the book's lock).
 pub(super) async fn verify_ticket(
     s: &Shared,
     token: &str,
 ) -> Result<troop_protocol::ticket::TicketClaims, TicketError> {
     let now = unix_secs();
-    let first = s.verifier.lock().await.verify(token, now);
+    let first = s.verifier.lock().await.check(token, now);
     let Err(TicketError::UnknownKid(kid)) = first else {
         return first;
     };
@@ -193,7 +196,7 @@ pub(super) async fn verify_ticket(
                 FetchedKeys::Current(pk) => v.add_key_pem(&pk.kid, pk.public_key.as_bytes())?,
                 FetchedKeys::Jwks(keys) => add_jwks(&mut v, keys),
             }
-            v.verify(token, unix_secs())
+            v.check(token, unix_secs())
         }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "could not refresh the coordinator's key");

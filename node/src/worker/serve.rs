@@ -427,6 +427,10 @@ pub(super) async fn open_session(
         s.journal.durable(seq).await;
         return Ok(claims);
     }
+    // Checked without consuming its jti: a burst's requests under one new
+    // ticket all check it; the first to get here opens the session, the
+    // others join it (before, the second request's check found the jti
+    // used and was refused).
     let claims = verify_ticket(s, ticket).await.map_err(|e| e.to_string())?;
     let multiplier_milli = s
         .multiplier
@@ -437,8 +441,16 @@ pub(super) async fn open_session(
     let limit_ms =
         u64::try_from(claims.reserved_milli.max(0).saturating_mul(1000) / multiplier_milli)
             .unwrap_or(0);
+    let mut verifier = s.verifier.lock().await;
     let mut book = s.sessions.lock().map_err(|_| "session book poisoned")?;
     let now = unix_ms();
+    if let Some(c) = book.join(ticket, index, now, full)? {
+        return Ok(c);
+    }
+    verifier
+        .consume(&claims, now / 1000)
+        .map_err(|e| e.to_string())?;
+    drop(verifier);
     let opened = book.open(ticket, claims.clone(), limit_ms, index, now, full)?;
     if book.journaled(&opened.jti) == 0 {
         journal(
