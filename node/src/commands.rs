@@ -52,12 +52,13 @@ pub async fn survey_with(
             Ok(Some(NetEvent::Advert { source, data })) => {
                 if let Some(a) = Advert::decode(&data) {
                     if dial_workers {
-                        let list: Vec<Multiaddr> = a
-                            .addresses
-                            .iter()
-                            .filter_map(|s| s.parse::<Multiaddr>().ok())
-                            .filter(|m| network::peer_of(m) == Some(source))
-                            .collect();
+                        let list: Vec<Multiaddr> = network::dialable(
+                            a.addresses
+                                .iter()
+                                .filter_map(|s| s.parse::<Multiaddr>().ok())
+                                .filter(|m| network::peer_of(m) == Some(source))
+                                .collect(),
+                        );
                         if addrs.insert(source, list.clone()).is_none() {
                             net.dial_peer(source, list).await;
                         }

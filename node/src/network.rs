@@ -34,7 +34,7 @@ mod swarm;
 mod trim;
 mod warm;
 
-pub use addr::{is_relayed, peer_of, with_p2p};
+pub use addr::{dialable, is_relayed, peer_of, with_p2p};
 use addr::{is_unspecified, strip_p2p, tcp_port_free};
 use connections::{Busy, Connections};
 use discovery::Discovery;
@@ -306,6 +306,15 @@ impl NetworkHandle {
             .reading()
             .map(|v| v.iter().map(|a| with_p2p(a.clone(), own)).collect())
             .unwrap_or_default()
+    }
+
+    /// The addresses to give others (adverts, registration, heartbeats):
+    /// our listen addresses that are [`dialable`].
+    pub fn advertised_addrs(&self) -> Vec<String> {
+        dialable(self.listen_addrs())
+            .iter()
+            .map(|a| a.to_string())
+            .collect()
     }
 
     /// How we are connected to `peer` right now.

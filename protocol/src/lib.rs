@@ -6,6 +6,7 @@
 //! authenticated, the stable error codes, and the retry and circuit-breaker
 //! policy that every client follows.
 
+pub mod addr_scope;
 pub mod advert;
 pub mod api;
 pub mod audit;

@@ -142,6 +142,21 @@ pub(crate) fn client_ip(state: &AppState, req: &Request) -> IpAddr {
     crate::client_addr::limit_key(client_ip_of(state, req.headers(), req.extensions()))
 }
 
+/// The caller's exact IP (the peer, or behind a trusted proxy the
+/// client it names), for answers that depend on where the caller is.
+pub struct CallerIp(pub IpAddr);
+
+impl axum::extract::FromRequestParts<Arc<AppState>> for CallerIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self(client_ip_of(state, &parts.headers, &parts.extensions)))
+    }
+}
+
 fn client_ip_of(state: &AppState, headers: &HeaderMap, ext: &axum::http::Extensions) -> IpAddr {
     let peer = if let Some(ConnectInfo(crate::listener::ClientAddr(a))) =
         ext.get::<ConnectInfo<crate::listener::ClientAddr>>()

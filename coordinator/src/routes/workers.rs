@@ -289,6 +289,7 @@ pub(crate) struct BootstrapQuery {
 
 pub(crate) async fn bootstrap(
     State(state): St,
+    crate::http::extract::CallerIp(caller): crate::http::extract::CallerIp,
     query: Result<Query<BootstrapQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
@@ -303,9 +304,19 @@ pub(crate) async fn bootstrap(
         .workers
         .read()
         .map_err(|_| ApiError::internal("worker table poisoned"))?;
+    // Only the addresses the caller's place can reach: none on loopback
+    // or unspecified for a caller on another host, no LAN ones for a
+    // caller on the public internet.
+    let reachable = |w: &WorkerRow| -> Vec<String> {
+        w.addresses
+            .iter()
+            .filter(|a| troop_protocol::addr_scope::reachable_from(caller, a))
+            .cloned()
+            .collect()
+    };
     live = map
         .values()
-        .filter(|w| w.alive(now, ttl) && !w.addresses.is_empty() && w.suspended_at.is_none())
+        .filter(|w| w.alive(now, ttl) && w.suspended_at.is_none() && !reachable(w).is_empty())
         .filter(|w| model.as_ref().is_none_or(|m| w.models.contains(m)))
         .collect();
     // Workers with a verified proof first, then the longest registered;
@@ -328,7 +339,12 @@ pub(crate) async fn bootstrap(
     });
     // The operator's relays first: a node behind NAT needs one to be reached.
     let mut peers: Vec<BootstrapPeer> = Vec::new();
-    for r in state.cfg.relays.iter().filter(|_| model.is_none()) {
+    for r in state
+        .cfg
+        .relays
+        .iter()
+        .filter(|r| model.is_none() && troop_protocol::addr_scope::reachable_from(caller, r))
+    {
         let Some(peer_id) = crate::config::relay_peer_id(r) else {
             continue;
         };
@@ -346,7 +362,7 @@ pub(crate) async fn bootstrap(
             .take(state.cfg.bootstrap_peers)
             .map(|w| BootstrapPeer {
                 peer_id: w.peer_id.clone(),
-                addresses: w.addresses.clone(),
+                addresses: reachable(w),
                 relay: false,
             }),
     );

@@ -171,3 +171,77 @@ async fn bootstrap_lists_at_most_a_few_workers_per_ip() {
     let listed = boot["peers"].as_array().expect("peers").len();
     assert_eq!(listed, 2, "{boot}");
 }
+
+/// `/bootstrap` hands each caller only the addresses its place can reach:
+/// a caller on another host (here named by a trusted proxy) gets no
+/// loopback, unspecified or LAN address, and no worker or relay left with
+/// nothing reachable; one on a private network also gets LAN addresses;
+/// one on the same host gets every dialable one.
+#[tokio::test]
+async fn bootstrap_gives_a_caller_on_another_host_no_loopback_address() {
+    let relay = generate().public().to_peer_id().to_base58();
+    let local_relay = format!("/ip4/127.0.0.1/tcp/4001/p2p/{relay}");
+    let r = local_relay.clone();
+    let c = TestCoordinator::start_with(move |cfg| {
+        cfg.trusted_proxy = true;
+        cfg.relays = vec![r];
+    })
+    .await;
+    let public = generate();
+    let addrs = json!([
+        "/ip4/127.0.0.1/tcp/4001",
+        "/ip4/0.0.0.0/tcp/4001",
+        "/ip6/::1/tcp/4001",
+        "/ip4/192.168.1.5/tcp/4001",
+        "/ip4/203.0.113.7/tcp/4001",
+    ]);
+    let resp = c
+        .signed(
+            &public,
+            "/workers/register",
+            &json!({"models": [MODEL], "addresses": addrs}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    // A worker with loopback addresses only: of no use elsewhere.
+    let local_only = generate();
+    c.register(&local_only, &[MODEL]).await;
+    let from = |forwarded: Option<&'static str>| {
+        let c = &c;
+        async move {
+            let mut req = c.http.get(format!("{}/bootstrap", c.url));
+            if let Some(f) = forwarded {
+                req = req.header("x-forwarded-for", f);
+            }
+            let v: Value = req.send().await.expect("GET").json().await.expect("json");
+            v["peers"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    let elsewhere = from(Some("198.51.100.9")).await;
+    assert_eq!(
+        elsewhere,
+        vec![json!({"peer_id": public.public().to_peer_id().to_base58(),
+                    "addresses": ["/ip4/203.0.113.7/tcp/4001"], "relay": false})],
+        "a caller on another host"
+    );
+    let text = serde_json::to_string(&elsewhere).expect("json");
+    assert!(!text.contains("127.0.0.1") && !text.contains("0.0.0.0") && !text.contains("::1"));
+    let lan = from(Some("10.0.0.3")).await;
+    assert_eq!(lan.len(), 1, "{lan:?}");
+    assert_eq!(
+        lan[0]["addresses"],
+        json!(["/ip4/192.168.1.5/tcp/4001", "/ip4/203.0.113.7/tcp/4001"])
+    );
+    let here = from(None).await;
+    assert_eq!(here.len(), 3, "the relay and both workers: {here:?}");
+    assert_eq!(here[0]["addresses"], json!([local_relay]));
+    let mine = here
+        .iter()
+        .find(|p| p["peer_id"] == public.public().to_peer_id().to_base58())
+        .expect("listed");
+    assert_eq!(
+        mine["addresses"].as_array().map(Vec::len),
+        Some(4),
+        "all but the unspecified one: {mine}"
+    );
+}

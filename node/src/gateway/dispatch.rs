@@ -185,13 +185,14 @@ impl GatewayState {
             let Ok(peer) = p.peer_id.parse::<PeerId>() else {
                 continue;
             };
-            let addrs: Vec<libp2p::Multiaddr> = p
-                .addresses
-                .iter()
-                .filter_map(|a| a.parse().ok())
-                // An address naming another peer is not this worker's.
-                .filter(|a| network::peer_of(a).is_none_or(|p| p == peer))
-                .collect();
+            let addrs: Vec<libp2p::Multiaddr> = network::dialable(
+                p.addresses
+                    .iter()
+                    .filter_map(|a| a.parse().ok())
+                    // An address naming another peer is not this worker's.
+                    .filter(|a| network::peer_of(a).is_none_or(|p| p == peer))
+                    .collect(),
+            );
             if addrs.is_empty() {
                 continue;
             }

@@ -321,10 +321,12 @@ async fn table_loop(state: Arc<GatewayState>, mut events: mpsc::Receiver<NetEven
                         t.on_advert(source, a);
                     }
                     if fresh && a_peer_matches(&source, &addrs) {
-                        for addr in addrs
-                            .iter()
-                            .filter_map(|s| s.parse::<libp2p::Multiaddr>().ok())
-                        {
+                        for addr in crate::network::dialable(
+                            addrs
+                                .iter()
+                                .filter_map(|s| s.parse::<libp2p::Multiaddr>().ok())
+                                .collect(),
+                        ) {
                             state.net.add_address(source, addr).await;
                         }
                         if known_addrs.len() >= table::MAX_ENTRIES

@@ -102,6 +102,26 @@ pub(super) fn ip_of(addr: &Multiaddr) -> Option<std::net::IpAddr> {
     })
 }
 
+/// Of a peer's addresses, those worth dialling: never an unspecified IP
+/// (`0.0.0.0`, `::`) or port 0, and loopback ones only when the peer gives
+/// nothing else (a peer on the same host; one elsewhere that lists its
+/// loopback next to its real addresses would have us dial our own host).
+pub fn dialable(addrs: Vec<Multiaddr>) -> Vec<Multiaddr> {
+    let port_zero = |a: &Multiaddr| {
+        a.iter()
+            .any(|p| matches!(p, Protocol::Tcp(0) | Protocol::Udp(0)))
+    };
+    let loopback = |a: &Multiaddr| ip_of(a).is_some_and(|ip| ip.is_loopback());
+    let usable: Vec<Multiaddr> = addrs
+        .into_iter()
+        .filter(|a| !is_unspecified(a) && !port_zero(a))
+        .collect();
+    if usable.iter().all(loopback) {
+        return usable;
+    }
+    usable.into_iter().filter(|a| !loopback(a)).collect()
+}
+
 /// An address on a LAN, loopback or carrier-grade NAT range: a peer there
 /// says nothing about whether the internet reaches us.
 pub(super) fn is_lan(addr: &Multiaddr) -> bool {
@@ -129,6 +149,26 @@ pub(super) fn is_lan(addr: &Multiaddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_is_dialled_only_when_a_peer_has_nothing_else_and_wildcards_never() {
+        let m = |v: &[&str]| -> Vec<Multiaddr> {
+            v.iter().map(|s| s.parse().expect("multiaddr")).collect()
+        };
+        assert_eq!(
+            dialable(m(&[
+                "/ip4/127.0.0.1/tcp/4001",
+                "/ip4/0.0.0.0/tcp/4001",
+                "/ip4/192.168.1.5/tcp/0",
+                "/ip4/192.168.1.5/tcp/4001",
+                "/ip6/::1/udp/4001/quic-v1",
+            ])),
+            m(&["/ip4/192.168.1.5/tcp/4001"])
+        );
+        let same_host = m(&["/ip4/127.0.0.1/tcp/4001", "/ip6/::1/tcp/4001"]);
+        assert_eq!(dialable(same_host.clone()), same_host);
+        assert!(dialable(m(&["/ip4/0.0.0.0/tcp/1"])).is_empty());
+    }
 
     fn ma(s: &str) -> Multiaddr {
         s.parse().expect("a multiaddr")

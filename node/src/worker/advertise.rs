@@ -7,7 +7,7 @@ pub(super) fn advert(s: &Shared) -> Advert {
     let active = s.stats.active_jobs.load(Ordering::Relaxed);
     Advert {
         peer_id: s.peer_id.to_base58(),
-        addresses: s.net.listen_addrs().iter().map(|a| a.to_string()).collect(),
+        addresses: s.net.advertised_addrs(),
         models: s.models.reading().map(|m| m.clone()).unwrap_or_default(),
         queue_depth: active.saturating_sub(s.cfg.max_jobs as u32),
         active_jobs: active,

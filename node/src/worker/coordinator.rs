@@ -70,7 +70,7 @@ pub(super) async fn heartbeat_loop(s: Arc<Shared>) {
                     .map(|m| m.iter().map(|m| m.name.clone()).collect())
                     .unwrap_or_default(),
             ),
-            addresses: Some(s.net.listen_addrs().iter().map(|a| a.to_string()).collect()),
+            addresses: Some(s.net.advertised_addrs()),
             load: Load {
                 active_jobs: active,
                 queue_depth: 0,

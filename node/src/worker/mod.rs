@@ -446,7 +446,8 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
 
     let (net, _events) = network::spawn(cfg.net.clone()).await?;
     network::learn_relays(client.clone(), net.clone());
-    let addresses: Vec<String> = net.listen_addrs().iter().map(|a| a.to_string()).collect();
+    // No wildcard or port-0 address: nobody can dial one.
+    let addresses: Vec<String> = net.advertised_addrs();
     let reg_req = RegisterRequest {
         models: models.iter().map(|m| m.name.clone()).collect(),
         addresses,
