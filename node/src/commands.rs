@@ -275,13 +275,21 @@ pub async fn doctor(
                 detail: format!(
                     "{} {}",
                     v["upstream"]["url"].as_str().unwrap_or("?"),
-                    if upstream_ok {
-                        "lists its models".to_string()
-                    } else {
-                        format!(
+                    match (upstream_ok, v["upstream"]["state"].as_str()) {
+                        (true, _) => "lists its models".to_string(),
+                        (false, Some("withdrawn")) => format!(
+                            "gone past --upstream-gone-secs, adverts withdrawn until it is back: {}",
+                            v["upstream"]["error"].as_str().unwrap_or("no answer")
+                        ),
+                        (false, Some("waiting")) => format!(
+                            "waiting for upstream (tried {} times): {}",
+                            v["upstream"]["tries"].as_u64().map_or("several".into(), |n| n.to_string()),
+                            v["upstream"]["error"].as_str().unwrap_or("no answer")
+                        ),
+                        (false, _) => format!(
                             "failed: {}",
                             v["upstream"]["error"].as_str().unwrap_or("no answer")
-                        )
+                        ),
                     }
                 ),
                 advice: "start the model server the worker's --upstream names (scripts/setup-model and scripts/model_server.py run one without Ollama)",

@@ -184,6 +184,12 @@ enum Cmd {
         /// receipt filed (also at its ticket's expiry or when its time is used up).
         #[arg(long, env = "TROOP_SESSION_IDLE_SECS", default_value_t = 30.0)]
         session_idle_secs: f64,
+        /// Seconds the model server may fail its model listing (checked
+        /// every --model-refresh-secs) before the worker withdraws its
+        /// adverts (gateways and the coordinator stop sending it work); it
+        /// advertises again by itself once the server answers.
+        #[arg(long, env = "TROOP_UPSTREAM_GONE_SECS", default_value_t = 60.0)]
+        upstream_gone_secs: f64,
         /// Seconds the upstream may take to send the first event of a
         /// streamed answer (raise it for big models that load on first use).
         #[arg(long, env = "TROOP_FIRST_TOKEN_TIMEOUT_SECS", default_value_t = 30.0)]
@@ -507,6 +513,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             advert_interval,
             heartbeat_interval,
             session_idle_secs,
+            upstream_gone_secs,
             first_token_timeout_secs,
             chunk_timeout_secs,
             inference_timeout_secs,
@@ -540,6 +547,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.advert_interval = secs(advert_interval, "--advert-interval")?;
             cfg.heartbeat_interval = secs(heartbeat_interval, "--heartbeat-interval")?;
             cfg.session_idle = secs(session_idle_secs, "--session-idle-secs")?;
+            cfg.upstream_gone_after = secs(upstream_gone_secs, "--upstream-gone-secs")?;
             cfg.timeouts = troop_node::answer::StreamTimeouts {
                 first_token: secs(first_token_timeout_secs, "--first-token-timeout-secs")?,
                 between_chunks: secs(chunk_timeout_secs, "--chunk-timeout-secs")?,

@@ -630,8 +630,11 @@ async fn the_only_worker_process_killed_gives_the_app_one_plain_sentence() {
 
 /// A worker started before its model server (systemd boot order) waits for
 /// it instead of exiting: while the server answers 503 ("Loading model",
-/// as llama.cpp does) the worker keeps trying; once it answers, the worker
-/// starts, registers and serves.
+/// as llama.cpp does) the worker keeps trying and its status address says
+/// "waiting for upstream"; once it answers, the worker starts, registers
+/// and serves. When the server goes away for longer than
+/// --upstream-gone-secs, the worker's adverts are withdrawn (coordinator
+/// and gateway stop listing it); when it is back, it is listed again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_started_before_its_model_server_waits_for_it_then_serves() {
     use axum::body::{Body, Bytes};
@@ -676,9 +679,16 @@ async fn a_worker_started_before_its_model_server_waits_for_it_then_serves() {
     ))
     .await;
     let mut net = TestNet::start(|_| {}).await;
-    let starting = tokio::spawn(troop_node::worker::start(
-        net.worker_config(&booting, |_| {}),
-    ));
+    let status_addr: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .expect("addr");
+    let starting = tokio::spawn(troop_node::worker::start(net.worker_config(
+        &booting,
+        |c| {
+            c.http = Some(status_addr);
+            c.upstream_gone_after = Duration::from_secs(1);
+        },
+    )));
     // Three rounds of probes (each asks Ollama's and OpenAI's listing):
     // a worker that gave up at the first would have stopped asking.
     eventually("the worker keeps asking the booting server", 30, || {
@@ -687,6 +697,20 @@ async fn a_worker_started_before_its_model_server_waits_for_it_then_serves() {
     })
     .await;
     assert!(!starting.is_finished(), "the worker did not wait");
+    // Its status address says so meanwhile (what `troop doctor` reads).
+    let status_url = format!("http://{status_addr}/troop/status");
+    let st: Value = net
+        .http
+        .get(&status_url)
+        .send()
+        .await
+        .expect("the status address answers while waiting")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(st["state"], "waiting for upstream", "{st}");
+    assert_eq!(st["upstream"]["state"], "waiting", "{st}");
+    assert!(st["upstream"]["tries"].as_u64().unwrap_or(0) >= 1, "{st}");
     ready.store(true, Ordering::SeqCst);
     let w = tokio::time::timeout(Duration::from_secs(60), starting)
         .await
@@ -703,6 +727,72 @@ async fn a_worker_started_before_its_model_server_waits_for_it_then_serves() {
         .await
         .expect("send");
     assert_eq!(r.status().as_u16(), 200);
+    let st: Value = net
+        .http
+        .get(&status_url)
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(st["upstream"]["state"], "up", "{st}");
+
+    // The model server goes away: past --upstream-gone-secs (1 s here) the
+    // worker withdraws its adverts, so the coordinator and the gateway
+    // stop listing it for the model; back, it advertises again by itself.
+    let listed = |want: bool| {
+        let (http, coordinator, gateway) =
+            (net.http.clone(), net.coordinator_url(), net.gateway_url());
+        async move {
+            let boot: Value = http
+                .get(format!("{coordinator}/bootstrap?model={MODEL}"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let at_coordinator = !boot["peers"].as_array()?.is_empty();
+            let models: Value = http
+                .get(format!("{gateway}/v1/models"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let at_gateway = models["data"]
+                .as_array()?
+                .iter()
+                .any(|m| m["id"] == MODEL && m["workers"].as_u64().unwrap_or(0) > 0);
+            (at_coordinator == want && at_gateway == want).then_some(())
+        }
+    };
+    ready.store(false, Ordering::SeqCst);
+    eventually(
+        "the worker withdrawn while its model server is gone",
+        30,
+        || listed(false),
+    )
+    .await;
+    let st: Value = net
+        .http
+        .get(&status_url)
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(st["upstream"]["state"], "withdrawn", "{st}");
+    ready.store(true, Ordering::SeqCst);
+    eventually(
+        "the worker listed again once its server is back",
+        30,
+        || listed(true),
+    )
+    .await;
 }
 
 /// A worker killed with SIGKILL while its session is open (nothing filed

@@ -64,12 +64,7 @@ pub(super) async fn heartbeat_loop(s: Arc<Shared>) {
         }
         let active = s.stats.active_jobs.load(Ordering::Relaxed);
         let req = HeartbeatRequest {
-            models: Some(
-                s.models
-                    .reading()
-                    .map(|m| m.iter().map(|m| m.name.clone()).collect())
-                    .unwrap_or_default(),
-            ),
+            models: Some(served_models(&s).into_iter().map(|m| m.name).collect()),
             addresses: Some(s.net.advertised_addrs()),
             load: Load {
                 active_jobs: active,

@@ -81,6 +81,14 @@ async fn status(State(s): State<Arc<Shared>>) -> Response {
             "url": s.upstream.base,
             "dialect": format!("{:?}", s.upstream.dialect).to_lowercase(),
             "healthy": health.as_ref().map(|h| h.ok),
+            // `up`, `waiting` (failing, still advertised) or `withdrawn`
+            // (failing past --upstream-gone-secs: nothing advertised).
+            "state": match &health {
+                Some(h) if h.withdrawn => "withdrawn",
+                Some(h) if !h.ok => "waiting",
+                _ => "up",
+            },
+            "down_since_ms": health.as_ref().and_then(|h| h.down_since_ms),
             "checked_at_ms": health.as_ref().map(|h| h.checked_at_ms),
             "error": health.and_then(|h| h.error),
             "models": models,
@@ -121,4 +129,116 @@ async fn status(State(s): State<Arc<Shared>>) -> Response {
 /// `GET /troop/account`: the worker's earnings, from the coordinator.
 async fn account(State(s): State<Arc<Shared>>) -> Response {
     s.account.respond().await
+}
+
+/// What the status address tells while the worker waits for its model
+/// server at start (before it registers or joins the mesh).
+pub(super) struct Waiting {
+    pub upstream: String,
+    pub peer_id: String,
+    pub since_ms: u64,
+    pub tries: std::sync::atomic::AtomicU64,
+    pub error: std::sync::Mutex<Option<String>>,
+}
+
+impl Waiting {
+    fn status(&self) -> serde_json::Value {
+        use troop_protocol::sync::MutexExt as _;
+        let error = self.error.locked().and_then(|e| e.clone());
+        json!({
+            "role": "worker",
+            "state": "waiting for upstream",
+            "version": env!("CARGO_PKG_VERSION"),
+            "peer_id": self.peer_id,
+            "uptime_s": unix_ms().saturating_sub(self.since_ms) / 1000,
+            "upstream": {
+                "url": self.upstream,
+                "healthy": false,
+                "state": "waiting",
+                "down_since_ms": self.since_ms,
+                "tries": self.tries.load(Ordering::Relaxed),
+                "error": error,
+                "models": [],
+            },
+        })
+    }
+}
+
+/// Serves the status address while the worker waits for its model server:
+/// `/troop/status` and `/` say "waiting for upstream" (and why), `/health`
+/// answers 503, `/metrics` as usual. Stops when `stop` fires; the same
+/// socket then serves the full pages ([`serve`]).
+pub(super) fn serve_waiting(
+    listener: &tokio::net::TcpListener,
+    waiting: Arc<Waiting>,
+    allowed_hosts: &[String],
+) -> anyhow::Result<(tokio::sync::oneshot::Sender<()>, JoinHandle<()>)> {
+    let bound = listener.local_addr()?;
+    let twin = socket2::SockRef::from(listener).try_clone()?;
+    let std_listener: std::net::TcpListener = twin.into();
+    std_listener.set_nonblocking(true)?;
+    let twin = tokio::net::TcpListener::from_std(std_listener)?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let w = waiting.clone();
+    let w2 = waiting.clone();
+    let app = Router::new()
+        .route(
+            "/troop/status",
+            get(move || {
+                let w = w.clone();
+                async move { axum::Json(w.status()) }
+            }),
+        )
+        .route(
+            "/",
+            get(move || {
+                let w = w2.clone();
+                async move {
+                    let v = w.status();
+                    let text = format!(
+                        "Troop worker {}: waiting for upstream (the model server at {}); tried {} times: {}. Nothing is advertised until it answers; this page reloads.",
+                        w.peer_id,
+                        w.upstream,
+                        v["upstream"]["tries"],
+                        v["upstream"]["error"].as_str().unwrap_or("no answer yet")
+                    );
+                    axum::response::Html(format!(
+                        "<!doctype html><meta charset=utf-8><meta http-equiv=refresh content=5><title>Troop worker: waiting</title><p>{}</p>",
+                        html_escape(&text)
+                    ))
+                }
+            }),
+        )
+        .route(
+            "/health",
+            get(|| async {
+                (
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    axum::Json(json!({"status": "waiting for upstream"})),
+                )
+            }),
+        )
+        .merge(crate::web::common_routes())
+        .layer(axum::middleware::from_fn_with_state(
+            crate::web::Access::new(bound.ip(), allowed_hosts, &[]),
+            crate::web::guard,
+        ));
+    let task = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        if let Err(e) = axum::serve(twin, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::warn!(error = %e, "the waiting status page stopped");
+        }
+    });
+    Ok((stop, task))
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }

@@ -76,6 +76,9 @@ pub struct WorkerConfig {
     /// A session with no request for this long is closed and its receipt
     /// filed (also at the ticket's expiry, or when its time is used up).
     pub session_idle: Duration,
+    /// The upstream failing its model listing this long withdraws the
+    /// worker's adverts until it answers again.
+    pub upstream_gone_after: Duration,
     /// First-token, between-chunk and total limits on the upstream.
     pub timeouts: crate::answer::StreamTimeouts,
     /// Address of the status page, `/troop/status` and `/metrics`
@@ -109,6 +112,7 @@ impl WorkerConfig {
             state_dir,
             benchmark: None,
             session_idle: Duration::from_secs(30),
+            upstream_gone_after: Duration::from_secs(60),
             timeouts: crate::answer::StreamTimeouts::default(),
             http: None,
             allowed_hosts: Vec::new(),
@@ -197,6 +201,10 @@ pub struct UpstreamHealth {
     pub ok: bool,
     pub checked_at_ms: u64,
     pub error: Option<String>,
+    /// Since when (unix ms) the listing has failed without a break.
+    pub down_since_ms: Option<u64>,
+    /// Down past `--upstream-gone-secs`: nothing is advertised.
+    pub withdrawn: bool,
 }
 
 /// Where the proof of hardware stands.
@@ -379,6 +387,7 @@ where
 /// server fails at once.
 async fn wait_for_upstream(
     cfg: &WorkerConfig,
+    waiting: Option<&http::Waiting>,
 ) -> Result<(Upstream, Vec<troop_protocol::advert::ModelAdvert>), crate::upstream::UpstreamError> {
     use backon::Retryable;
     let policy = backon::ExponentialBuilder::default()
@@ -399,6 +408,12 @@ async fn wait_for_upstream(
         .sleep(tokio::time::sleep)
         .when(crate::upstream::UpstreamError::not_up_yet)
         .notify(|e, d: Duration| {
+            if let Some(w) = waiting {
+                w.tries.fetch_add(1, Ordering::Relaxed);
+                if let Some(mut slot) = w.error.locked() {
+                    *slot = Some(format!("{e:#}"));
+                }
+            }
             tracing::warn!(upstream = %cfg.upstream, error = %e, retry_in = ?d, "waiting for the upstream (the model server) to answer; nothing is advertised until it does")
         })
         .await
@@ -427,9 +442,26 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
             f.display()
         );
     }
-    let (upstream, models) = wait_for_upstream(&cfg)
-        .await
-        .with_context(|| format!("listing models at {}", cfg.upstream))?;
+    // While it waits for the model server, the status address already
+    // answers (and says so): `troop doctor` and a browser see why.
+    let waiting = Arc::new(http::Waiting {
+        upstream: cfg.upstream.clone(),
+        peer_id: cfg.identity.public().to_peer_id().to_base58(),
+        since_ms: unix_ms(),
+        tries: AtomicU64::new(0),
+        error: Mutex::new(None),
+    });
+    let waiting_page = match &http_listener {
+        Some(l) => Some(http::serve_waiting(l, waiting.clone(), &cfg.allowed_hosts)?),
+        None => None,
+    };
+    let found = wait_for_upstream(&cfg, Some(&waiting)).await;
+    if let Some((stop, task)) = waiting_page {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
+    let (upstream, models) =
+        found.with_context(|| format!("listing models at {}", cfg.upstream))?;
     tracing::info!(upstream = %cfg.upstream, dialect = ?upstream.dialect, models = ?models.iter().map(|m| &m.name).collect::<Vec<_>>(), "upstream found");
 
     let pk = with_retries("fetching the coordinator's key", || client.public_key())
@@ -511,6 +543,8 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
             ok: true,
             checked_at_ms: unix_ms(),
             error: None,
+            down_since_ms: None,
+            withdrawn: false,
         }),
         proof: Mutex::new(ProofStatus {
             state: if cfg.benchmark.is_some() {
