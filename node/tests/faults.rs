@@ -886,3 +886,45 @@ async fn a_worker_killed_mid_session_files_the_owed_receipt_after_its_restart() 
     .await;
     assert_eq!(second.0, 2, "each request billed once");
 }
+
+/// A worker started while its coordinator is down (boot order, or the
+/// coordinator restarting) waits for it instead of exiting after a few
+/// tries: its status address says "waiting for coordinator" with the
+/// tries so far; once the coordinator is back, the worker registers and
+/// serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_while_its_coordinator_is_down_waits_for_it_then_serves() {
+    let fake = FakeUpstream::start(Dialect::OpenAi, tokens(3), Duration::ZERO).await;
+    let mut net = TestNet::start(|_| {}).await;
+    net.stop_coordinator().await;
+    let status_addr: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .expect("addr");
+    let starting = tokio::spawn(troop_node::worker::start(
+        net.worker_config(&fake.url, |c| c.http = Some(status_addr)),
+    ));
+    let status_url = format!("http://{status_addr}/troop/status");
+    let http = net.http.clone();
+    // Past the old limit of 3 tries (1 + 2 + 4 s).
+    let st = eventually("the worker waiting for its coordinator", 40, || {
+        let (http, url) = (http.clone(), status_url.clone());
+        async move {
+            let v: Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+            (v["waiting_for"]["coordinator"]["tries"].as_u64()? >= 4).then_some(v)
+        }
+    })
+    .await;
+    assert_eq!(st["state"], "waiting for coordinator", "{st}");
+    assert_eq!(st["upstream"]["state"], "up", "{st}");
+    assert!(!starting.is_finished(), "the worker gave up");
+    net.restart_coordinator().await;
+    let w = tokio::time::timeout(Duration::from_secs(60), starting)
+        .await
+        .expect("the worker starts once its coordinator answers")
+        .expect("join")
+        .expect("worker starts");
+    net.workers.push(w);
+    net.add_gateway().await;
+    net.wait_for_workers(1).await;
+    assert_eq!(net.chat(false).await.status(), 200);
+}

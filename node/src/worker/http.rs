@@ -135,31 +135,70 @@ async fn account(State(s): State<Arc<Shared>>) -> Response {
 /// server at start (before it registers or joins the mesh).
 pub(super) struct Waiting {
     pub upstream: String,
+    pub coordinator: String,
     pub peer_id: String,
     pub since_ms: u64,
+    /// Tries of what is waited for now.
     pub tries: std::sync::atomic::AtomicU64,
+    /// `None` while waiting for the model server; then its models' names,
+    /// while waiting for the coordinator.
+    pub models: std::sync::Mutex<Option<Vec<String>>>,
     pub error: std::sync::Mutex<Option<String>>,
 }
 
 impl Waiting {
+    /// The model server answered: what is waited for now is the
+    /// coordinator.
+    pub fn upstream_found(&self, models: Vec<String>) {
+        use troop_protocol::sync::MutexExt as _;
+        self.tries.store(0, Ordering::Relaxed);
+        if let Some(mut e) = self.error.locked() {
+            *e = None;
+        }
+        if let Some(mut m) = self.models.locked() {
+            *m = Some(models);
+        }
+    }
+
+    /// A failed try and why.
+    pub fn failed(&self, why: String) {
+        use troop_protocol::sync::MutexExt as _;
+        self.tries.fetch_add(1, Ordering::Relaxed);
+        if let Some(mut e) = self.error.locked() {
+            *e = Some(why);
+        }
+    }
+
     fn status(&self) -> serde_json::Value {
         use troop_protocol::sync::MutexExt as _;
         let error = self.error.locked().and_then(|e| e.clone());
+        let tries = self.tries.load(Ordering::Relaxed);
+        let models = self.models.locked().and_then(|m| m.clone());
+        let (state, upstream, coordinator) = match models {
+            None => (
+                "waiting for upstream",
+                json!({"url": self.upstream, "healthy": false, "state": "waiting",
+                       "down_since_ms": self.since_ms, "tries": tries, "error": error,
+                       "models": []}),
+                json!({"url": self.coordinator, "state": "not asked yet"}),
+            ),
+            Some(names) => (
+                "waiting for coordinator",
+                json!({"url": self.upstream, "healthy": true, "state": "up",
+                       "models": names.iter().map(|n| json!({"name": n})).collect::<Vec<_>>()}),
+                json!({"url": self.coordinator, "state": "waiting", "tries": tries,
+                       "error": error}),
+            ),
+        };
         json!({
             "role": "worker",
-            "state": "waiting for upstream",
+            "state": state,
             "version": env!("CARGO_PKG_VERSION"),
             "peer_id": self.peer_id,
+            "coordinator": self.coordinator,
             "uptime_s": unix_ms().saturating_sub(self.since_ms) / 1000,
-            "upstream": {
-                "url": self.upstream,
-                "healthy": false,
-                "state": "waiting",
-                "down_since_ms": self.since_ms,
-                "tries": self.tries.load(Ordering::Relaxed),
-                "error": error,
-                "models": [],
-            },
+            "upstream": upstream,
+            "waiting_for": {"coordinator": coordinator},
         })
     }
 }
@@ -181,6 +220,7 @@ pub(super) fn serve_waiting(
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let w = waiting.clone();
     let w2 = waiting.clone();
+    let w3 = waiting.clone();
     let app = Router::new()
         .route(
             "/troop/status",
@@ -195,13 +235,24 @@ pub(super) fn serve_waiting(
                 let w = w2.clone();
                 async move {
                     let v = w.status();
-                    let text = format!(
-                        "Troop worker {}: waiting for upstream (the model server at {}); tried {} times: {}. Nothing is advertised until it answers; this page reloads.",
-                        w.peer_id,
-                        w.upstream,
-                        v["upstream"]["tries"],
-                        v["upstream"]["error"].as_str().unwrap_or("no answer yet")
-                    );
+                    let text = if v["state"] == "waiting for upstream" {
+                        format!(
+                            "Troop worker {}: waiting for upstream (the model server at {}); tried {} times: {}. Nothing is advertised until it answers; this page reloads.",
+                            w.peer_id,
+                            w.upstream,
+                            v["upstream"]["tries"],
+                            v["upstream"]["error"].as_str().unwrap_or("no answer yet")
+                        )
+                    } else {
+                        let c = &v["waiting_for"]["coordinator"];
+                        format!(
+                            "Troop worker {}: the model server answers; waiting for the coordinator at {} (tried {} times: {}). The worker registers and serves once it answers; this page reloads.",
+                            w.peer_id,
+                            w.coordinator,
+                            c["tries"],
+                            c["error"].as_str().unwrap_or("no answer yet")
+                        )
+                    };
                     axum::response::Html(format!(
                         "<!doctype html><meta charset=utf-8><meta http-equiv=refresh content=5><title>Troop worker: waiting</title><p>{}</p>",
                         html_escape(&text)
@@ -211,11 +262,14 @@ pub(super) fn serve_waiting(
         )
         .route(
             "/health",
-            get(|| async {
-                (
-                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                    axum::Json(json!({"status": "waiting for upstream"})),
-                )
+            get(move || {
+                let w = w3.clone();
+                async move {
+                    (
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        axum::Json(json!({"status": w.status()["state"]})),
+                    )
+                }
             }),
         )
         .merge(crate::web::common_routes())

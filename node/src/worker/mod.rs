@@ -368,15 +368,35 @@ impl RunningWorker {
 
 use troop_protocol::policy::{unix_ms, unix_secs};
 
-async fn with_retries<T, E: std::fmt::Display, F, Fut>(what: &str, f: F) -> Result<T, E>
+/// Asks the coordinator until it answers: while it is unreachable, or
+/// answers 5xx or 429 (down, restarting, overloaded), for ever, with a log
+/// line each try (1 s, doubling to 30 s between tries) and the waiting
+/// page told; any other refusal fails at once.
+async fn until_coordinator_answers<T, F, Fut>(
+    what: &str,
+    waiting: &http::Waiting,
+    f: F,
+) -> Result<T, crate::coordinator_client::ClientError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, E>>,
+    Fut: std::future::Future<Output = Result<T, crate::coordinator_client::ClientError>>,
 {
+    use crate::coordinator_client::ClientError;
     use backon::Retryable;
-    f.retry(troop_protocol::policy::retry_policy())
+    let policy = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(1))
+        .with_max_delay(Duration::from_secs(30))
+        .without_max_times();
+    f.retry(policy)
         .sleep(tokio::time::sleep)
-        .notify(|e: &E, d: Duration| tracing::warn!(error = %e, retry_in = ?d, "{what} failed"))
+        .when(|e| match e {
+            ClientError::Transport(_) => true,
+            ClientError::Refused { status, .. } => *status >= 500 || *status == 429,
+        })
+        .notify(|e: &ClientError, d: Duration| {
+            waiting.failed(e.to_string());
+            tracing::warn!(error = %e, retry_in = ?d, "{what}: waiting for the coordinator")
+        })
         .await
 }
 
@@ -409,10 +429,7 @@ async fn wait_for_upstream(
         .when(crate::upstream::UpstreamError::not_up_yet)
         .notify(|e, d: Duration| {
             if let Some(w) = waiting {
-                w.tries.fetch_add(1, Ordering::Relaxed);
-                if let Some(mut slot) = w.error.locked() {
-                    *slot = Some(format!("{e:#}"));
-                }
+                w.failed(format!("{e:#}"));
             }
             tracing::warn!(upstream = %cfg.upstream, error = %e, retry_in = ?d, "waiting for the upstream (the model server) to answer; nothing is advertised until it does")
         })
@@ -446,27 +463,55 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
     // answers (and says so): `troop doctor` and a browser see why.
     let waiting = Arc::new(http::Waiting {
         upstream: cfg.upstream.clone(),
+        coordinator: cfg.coordinator.clone(),
         peer_id: cfg.identity.public().to_peer_id().to_base58(),
         since_ms: unix_ms(),
         tries: AtomicU64::new(0),
+        models: Mutex::new(None),
         error: Mutex::new(None),
     });
     let waiting_page = match &http_listener {
         Some(l) => Some(http::serve_waiting(l, waiting.clone(), &cfg.allowed_hosts)?),
         None => None,
     };
-    let found = wait_for_upstream(&cfg, Some(&waiting)).await;
-    if let Some((stop, task)) = waiting_page {
-        let _ = stop.send(());
-        let _ = task.await;
-    }
-    let (upstream, models) =
-        found.with_context(|| format!("listing models at {}", cfg.upstream))?;
+    let stop_waiting_page = || async {
+        if let Some((stop, task)) = waiting_page {
+            let _ = stop.send(());
+            let _ = task.await;
+        }
+    };
+    let ready = prepare(&cfg, &client, &waiting).await;
+    stop_waiting_page().await;
+    start_serving(cfg, client, http_listener, ready?).await
+}
+
+/// What a worker has once its model server and its coordinator answered.
+struct Prepared {
+    upstream: Upstream,
+    models: Vec<ModelAdvert>,
+    verifier: TicketVerifier,
+    net: NetworkHandle,
+    reg: troop_protocol::api::RegisterResponse,
+}
+
+/// Waits for the model server, then for the coordinator (its key, the
+/// registration), joining the mesh between the two.
+async fn prepare(
+    cfg: &WorkerConfig,
+    client: &CoordinatorClient,
+    waiting: &http::Waiting,
+) -> anyhow::Result<Prepared> {
+    let (upstream, models) = wait_for_upstream(cfg, Some(waiting))
+        .await
+        .with_context(|| format!("listing models at {}", cfg.upstream))?;
+    waiting.upstream_found(models.iter().map(|m| m.name.clone()).collect());
     tracing::info!(upstream = %cfg.upstream, dialect = ?upstream.dialect, models = ?models.iter().map(|m| &m.name).collect::<Vec<_>>(), "upstream found");
 
-    let pk = with_retries("fetching the coordinator's key", || client.public_key())
-        .await
-        .with_context(|| format!("fetching the ticket key from {}", cfg.coordinator))?;
+    let pk = until_coordinator_answers("fetching the coordinator's key", waiting, || {
+        client.public_key()
+    })
+    .await
+    .with_context(|| format!("fetching the ticket key from {}", cfg.coordinator))?;
     let peer_id = cfg.identity.public().to_peer_id();
     let mut verifier = TicketVerifier::new(peer_id.to_base58());
     verifier
@@ -474,7 +519,7 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
         .map_err(|e| anyhow::anyhow!("coordinator key: {e}"))?;
     // Earlier keys still valid during a rotation (other replicas may sign
     // with one for a while).
-    add_previous_keys(&client, &mut verifier).await;
+    add_previous_keys(client, &mut verifier).await;
 
     let (net, _events) = network::spawn(cfg.net.clone()).await?;
     network::learn_relays(client.clone(), net.clone());
@@ -485,11 +530,42 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
         addresses,
         version: Some(env!("CARGO_PKG_VERSION").into()),
     };
-    let reg = with_retries("registering with the coordinator", || {
+    let reg = match until_coordinator_answers("registering with the coordinator", waiting, || {
         client.register(&reg_req)
     })
     .await
-    .context("registering with the coordinator")?;
+    {
+        Ok(r) => r,
+        Err(e) => {
+            net.shutdown();
+            return Err(anyhow::Error::new(e).context("registering with the coordinator"));
+        }
+    };
+    Ok(Prepared {
+        upstream,
+        models,
+        verifier,
+        net,
+        reg,
+    })
+}
+
+/// Starts serving once [`prepare`]d: the receipts and session journal,
+/// the status page, and the loops.
+async fn start_serving(
+    cfg: WorkerConfig,
+    client: CoordinatorClient,
+    http_listener: Option<tokio::net::TcpListener>,
+    ready: Prepared,
+) -> anyhow::Result<RunningWorker> {
+    let Prepared {
+        upstream,
+        models,
+        mut verifier,
+        net,
+        reg,
+    } = ready;
+    let peer_id = cfg.identity.public().to_peer_id();
     let key = hex::decode(&reg.receipt_key).context("receipt key is not hex")?;
     tracing::info!(peer_id = %peer_id, multiplier = reg.hardware_multiplier, "registered with the coordinator");
 
