@@ -185,7 +185,7 @@ enum Cmd {
         #[arg(long, env = "TROOP_SESSION_IDLE_SECS", default_value_t = 30.0)]
         session_idle_secs: f64,
         /// Seconds the model server may fail its model listing (checked
-        /// every --model-refresh-secs) before the worker withdraws its
+        /// every 15 s) before the worker withdraws its
         /// adverts (gateways and the coordinator stop sending it work); it
         /// advertises again by itself once the server answers.
         #[arg(long, env = "TROOP_UPSTREAM_GONE_SECS", default_value_t = 60.0)]
