@@ -155,11 +155,14 @@ impl ChaosReport {
         (self.billed_acknowledged as i64 - made as i64).max(0)
     }
 
-    fn times(&self, ttft: bool) -> Vec<f64> {
+    /// TTFT or total times (ms, sorted) of the whole answers of `kind`
+    /// (`None`: every kind).
+    fn times(&self, ttft: bool, kind: Option<&str>) -> Vec<f64> {
         let mut v: Vec<f64> = self
             .samples
             .iter()
             .filter(|s| matches!(s.outcome, Outcome::Complete | Outcome::Resumed))
+            .filter(|s| kind.is_none_or(|k| s.kind == k))
             .filter_map(|s| {
                 if ttft {
                     s.ttft.map(|t| t.as_secs_f64() * 1000.0)
@@ -173,8 +176,8 @@ impl ChaosReport {
     }
 
     pub fn print(&self) {
-        let ttft = self.times(true);
-        let total = self.times(false);
+        let ttft = self.times(true, None);
+        let total = self.times(false, None);
         println!(
             "chaos: {} requests, {} faults",
             self.samples.len(),
@@ -215,7 +218,7 @@ impl ChaosReport {
             );
         }
         println!(
-            "  TTFT ms p50 {:.0} p99 {:.0} cv {:.2}; total ms p50 {:.0} p99 {:.0} cv {:.2}",
+            "  all kinds: TTFT ms p50 {:.0} p99 {:.0} cv {:.2}; total ms p50 {:.0} p99 {:.0} cv {:.2}",
             pct(&ttft, 0.5),
             pct(&ttft, 0.99),
             cv(&ttft),
@@ -223,6 +226,18 @@ impl ChaosReport {
             pct(&total, 0.99),
             cv(&total),
         );
+        for kind in ["stream", "whole", "tools"] {
+            let (ttft, total) = (self.times(true, Some(kind)), self.times(false, Some(kind)));
+            println!(
+                "  {kind}: TTFT ms p50 {:.0} p99 {:.0} cv {:.2}; total ms p50 {:.0} p99 {:.0} cv {:.2}",
+                pct(&ttft, 0.5),
+                pct(&ttft, 0.99),
+                cv(&ttft),
+                pct(&total, 0.5),
+                pct(&total, 0.99),
+                cv(&total),
+            );
+        }
         println!(
             "  money: model servers started {} finished {}; billed {} requests ({} acknowledged) for {} asked; billed twice {}; finished by a model server, never billed {}",
             self.upstream_started,
