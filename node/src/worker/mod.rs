@@ -474,10 +474,17 @@ pub async fn start(cfg: WorkerConfig) -> anyhow::Result<RunningWorker> {
         Some(l) => Some(http::serve_waiting(l, waiting.clone(), &cfg.allowed_hosts)?),
         None => None,
     };
+    // A browser holding a connection open does not hold up the start:
+    // the waiting page gets 5 s to close its connections.
     let stop_waiting_page = || async {
-        if let Some((stop, task)) = waiting_page {
+        if let Some((stop, mut task)) = waiting_page {
             let _ = stop.send(());
-            let _ = task.await;
+            if tokio::time::timeout(Duration::from_secs(5), &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
         }
     };
     let ready = prepare(&cfg, &client, &waiting).await;

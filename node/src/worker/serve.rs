@@ -431,7 +431,20 @@ pub(super) async fn open_session(
     // ticket all check it; the first to get here opens the session, the
     // others join it (before, the second request's check found the jti
     // used and was refused).
-    let claims = verify_ticket(s, ticket).await.map_err(|e| e.to_string())?;
+    let claims = match verify_ticket(s, ticket).await {
+        Ok(c) => c,
+        // Another request of the burst opened the session since this one
+        // looked (its jti is consumed with the session open, under the
+        // book's lock): join it.
+        Err(TicketError::Reused(jti)) => {
+            let mut book = s.sessions.lock().map_err(|_| "session book poisoned")?;
+            return match book.join(ticket, index, unix_ms(), full)? {
+                Some(c) => Ok(c),
+                None => Err(TicketError::Reused(jti).to_string()),
+            };
+        }
+        Err(e) => return Err(e.to_string()),
+    };
     let multiplier_milli = s
         .multiplier
         .reading()
