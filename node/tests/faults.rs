@@ -637,47 +637,11 @@ async fn the_only_worker_process_killed_gives_the_app_one_plain_sentence() {
 /// and gateway stop listing it); when it is back, it is listed again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_started_before_its_model_server_waits_for_it_then_serves() {
-    use axum::body::{Body, Bytes};
-    use axum::http::{Method, Uri};
     let fake = FakeUpstream::start(Dialect::OpenAi, tokens(3), Duration::ZERO).await;
-    let ready = Arc::new(AtomicBool::new(false));
+    // The model server as it boots: 503 while `down`, then itself.
+    let down = Arc::new(AtomicBool::new(true));
     let tries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (r, t, real) = (ready.clone(), tries.clone(), fake.url.clone());
-    let http = reqwest::Client::new();
-    // The model server as it boots: 503 until `ready`, then itself.
-    let booting = common::serve_app(axum::Router::new().fallback(
-        move |method: Method, uri: Uri, body: Bytes| {
-            let (r, t, real, http) = (r.clone(), t.clone(), real.clone(), http.clone());
-            async move {
-                if !r.load(Ordering::SeqCst) {
-                    t.fetch_add(1, Ordering::SeqCst);
-                    return axum::http::Response::builder()
-                        .status(503)
-                        .body(Body::from(
-                            r#"{"error":{"code":503,"message":"Loading model"}}"#,
-                        ))
-                        .unwrap_or_default();
-                }
-                match http
-                    .request(method, format!("{real}{uri}"))
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await
-                {
-                    Ok(resp) => axum::http::Response::builder()
-                        .status(resp.status().as_u16())
-                        .body(Body::from_stream(resp.bytes_stream()))
-                        .unwrap_or_default(),
-                    Err(_) => axum::http::Response::builder()
-                        .status(502)
-                        .body(Body::empty())
-                        .unwrap_or_default(),
-                }
-            }
-        },
-    ))
-    .await;
+    let booting = common::restartable_upstream(fake.url.clone(), down.clone(), tries.clone()).await;
     let mut net = TestNet::start(|_| {}).await;
     let status_addr: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_port())
         .parse()
@@ -699,19 +663,13 @@ async fn a_worker_started_before_its_model_server_waits_for_it_then_serves() {
     assert!(!starting.is_finished(), "the worker did not wait");
     // Its status address says so meanwhile (what `troop doctor` reads).
     let status_url = format!("http://{status_addr}/troop/status");
-    let st: Value = net
-        .http
-        .get(&status_url)
-        .send()
+    let st = common::get_json(&net.http, &status_url)
         .await
-        .expect("the status address answers while waiting")
-        .json()
-        .await
-        .expect("json");
+        .expect("the status address answers while waiting");
     assert_eq!(st["state"], "waiting for upstream", "{st}");
     assert_eq!(st["upstream"]["state"], "waiting", "{st}");
     assert!(st["upstream"]["tries"].as_u64().unwrap_or(0) >= 1, "{st}");
-    ready.store(true, Ordering::SeqCst);
+    down.store(false, Ordering::SeqCst);
     let w = tokio::time::timeout(Duration::from_secs(60), starting)
         .await
         .expect("the worker starts once its server answers")
@@ -727,15 +685,9 @@ async fn a_worker_started_before_its_model_server_waits_for_it_then_serves() {
         .await
         .expect("send");
     assert_eq!(r.status().as_u16(), 200);
-    let st: Value = net
-        .http
-        .get(&status_url)
-        .send()
+    let st = common::get_json(&net.http, &status_url)
         .await
-        .expect("status")
-        .json()
-        .await
-        .expect("json");
+        .expect("the status page");
     assert_eq!(st["upstream"]["state"], "up", "{st}");
 
     // The model server goes away: past --upstream-gone-secs (1 s here) the
@@ -745,23 +697,10 @@ async fn a_worker_started_before_its_model_server_waits_for_it_then_serves() {
         let (http, coordinator, gateway) =
             (net.http.clone(), net.coordinator_url(), net.gateway_url());
         async move {
-            let boot: Value = http
-                .get(format!("{coordinator}/bootstrap?model={MODEL}"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let boot =
+                common::get_json(&http, &format!("{coordinator}/bootstrap?model={MODEL}")).await?;
             let at_coordinator = !boot["peers"].as_array()?.is_empty();
-            let models: Value = http
-                .get(format!("{gateway}/v1/models"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let models = common::get_json(&http, &format!("{gateway}/v1/models")).await?;
             let at_gateway = models["data"]
                 .as_array()?
                 .iter()
@@ -769,24 +708,18 @@ async fn a_worker_started_before_its_model_server_waits_for_it_then_serves() {
             (at_coordinator == want && at_gateway == want).then_some(())
         }
     };
-    ready.store(false, Ordering::SeqCst);
+    down.store(true, Ordering::SeqCst);
     eventually(
         "the worker withdrawn while its model server is gone",
         30,
         || listed(false),
     )
     .await;
-    let st: Value = net
-        .http
-        .get(&status_url)
-        .send()
+    let st = common::get_json(&net.http, &status_url)
         .await
-        .expect("status")
-        .json()
-        .await
-        .expect("json");
+        .expect("the status page");
     assert_eq!(st["upstream"]["state"], "withdrawn", "{st}");
-    ready.store(true, Ordering::SeqCst);
+    down.store(false, Ordering::SeqCst);
     eventually(
         "the worker listed again once its server is back",
         30,

@@ -407,46 +407,6 @@ fn nix_root() -> bool {
         .unwrap_or(false)
 }
 
-/// A model server in front of the paced fake that can "restart": while
-/// down it answers 503 ("Loading model", as llama.cpp while it loads).
-async fn restartable(real: String, down: Arc<AtomicBool>) -> String {
-    use axum::body::{Body, Bytes};
-    use axum::http::{Method, Uri};
-    let http = reqwest::Client::new();
-    common::serve_app(
-        axum::Router::new().fallback(move |method: Method, uri: Uri, body: Bytes| {
-            let (down, real, http) = (down.clone(), real.clone(), http.clone());
-            async move {
-                if down.load(Ordering::SeqCst) {
-                    return axum::http::Response::builder()
-                        .status(503)
-                        .body(Body::from(
-                            r#"{"error":{"code":503,"message":"Loading model"}}"#,
-                        ))
-                        .unwrap_or_default();
-                }
-                match http
-                    .request(method, format!("{real}{uri}"))
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await
-                {
-                    Ok(resp) => axum::http::Response::builder()
-                        .status(resp.status().as_u16())
-                        .body(Body::from_stream(resp.bytes_stream()))
-                        .unwrap_or_default(),
-                    Err(_) => axum::http::Response::builder()
-                        .status(502)
-                        .body(Body::empty())
-                        .unwrap_or_default(),
-                }
-            }
-        }),
-    )
-    .await
-}
-
 /// One client request, judged.
 async fn ask(
     http: &reqwest::Client,
@@ -620,7 +580,8 @@ pub async fn run(opts: ChaosOptions) -> ChaosReport {
 
     // Workers: worker 0 behind a model server that restarts.
     let down = Arc::new(AtomicBool::new(false));
-    let restarting = restartable(fake.url.clone(), down.clone()).await;
+    let restarting =
+        common::restartable_upstream(fake.url.clone(), down.clone(), Arc::default()).await;
     let mut workers = Vec::new();
     let mut worker_ports = Vec::new();
     let mut worker_peers = Vec::new();

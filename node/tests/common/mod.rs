@@ -710,6 +710,58 @@ impl TestNet {
     }
 }
 
+/// A model server in front of `real` that can be down: while `down` is
+/// set it answers 503 "Loading model" (llama.cpp booting or restarting)
+/// and counts the refusals in `refused`; otherwise it passes every request
+/// on. Returns its URL.
+pub async fn restartable_upstream(
+    real: String,
+    down: Arc<std::sync::atomic::AtomicBool>,
+    refused: Arc<AtomicUsize>,
+) -> String {
+    use axum::http::{Method, Uri};
+    let http = reqwest::Client::new();
+    serve_app(
+        axum::Router::new().fallback(move |method: Method, uri: Uri, body: Bytes| {
+            let (down, refused, real, http) =
+                (down.clone(), refused.clone(), real.clone(), http.clone());
+            async move {
+                if down.load(Ordering::SeqCst) {
+                    refused.fetch_add(1, Ordering::SeqCst);
+                    return axum::http::Response::builder()
+                        .status(503)
+                        .body(Body::from(
+                            r#"{"error":{"code":503,"message":"Loading model"}}"#,
+                        ))
+                        .unwrap_or_default();
+                }
+                match http
+                    .request(method, format!("{real}{uri}"))
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                {
+                    Ok(resp) => axum::http::Response::builder()
+                        .status(resp.status().as_u16())
+                        .body(Body::from_stream(resp.bytes_stream()))
+                        .unwrap_or_default(),
+                    Err(_) => axum::http::Response::builder()
+                        .status(502)
+                        .body(Body::empty())
+                        .unwrap_or_default(),
+                }
+            }
+        }),
+    )
+    .await
+}
+
+/// GET `url` as JSON; `None` when it does not answer or is not JSON.
+pub async fn get_json(http: &reqwest::Client, url: &str) -> Option<Value> {
+    http.get(url).send().await.ok()?.json().await.ok()
+}
+
 /// The `data:` payloads of an SSE body.
 pub fn sse_data(body: &str) -> Vec<String> {
     body.lines()
