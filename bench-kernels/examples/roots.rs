@@ -5,7 +5,8 @@
 
 use std::time::Instant;
 
-use troop_bench_kernels::{Backend, Challenge, prove};
+use troop_bench_kernels::matmul::prove_with;
+use troop_bench_kernels::{Backend, Challenge};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -18,12 +19,13 @@ fn main() {
     let mut roots = Vec::new();
     for backend in [Backend::Cpu, Backend::Wgpu, Backend::Cuda] {
         let t = Instant::now();
-        match prove(&ch, backend, None, |_, _| {}) {
+        match prove_with(&ch, backend, backend.fold(), None, |_, _| {}) {
             Ok(p) => {
                 let secs = p.matmul_seconds;
                 println!(
-                    "{{\"backend\":\"{}\",\"n\":{n},\"rounds\":{rounds},\"root\":\"{}\",\"matmul_seconds\":{secs:.4},\"gflops\":{:.1},\"total_seconds\":{:.3}}}",
+                    "{{\"backend\":\"{}\",\"target\":\"{}\",\"n\":{n},\"rounds\":{rounds},\"root\":\"{}\",\"matmul_seconds\":{secs:.4},\"gflops\":{:.1},\"total_seconds\":{:.3}}}",
                     backend.name(),
+                    p.target,
                     p.root_hex(),
                     ch.flops() / secs.max(1e-9) / 1e9,
                     t.elapsed().as_secs_f64()

@@ -8,10 +8,12 @@
 //! Merkle tree ([`proof`]). The coordinator then asks for random rows and
 //! recomputes each from the seed alone in `O(r n^2)` ([`verify`]).
 
+pub mod adapters;
 pub mod challenge;
 pub mod matmul;
 pub mod proof;
 pub mod verify;
 
+pub use adapters::{Adapter, AdapterKind, adapters, adapters_listed};
 pub use challenge::Challenge;
-pub use matmul::{Backend, Proof, prove};
+pub use matmul::{Backend, Proof, Target, prove};

@@ -4,15 +4,21 @@ use std::time::Instant;
 
 use burn::tensor::{Device, Tensor, TensorData};
 
+use crate::adapters::Adapter;
 use crate::challenge::{self, Challenge, ChallengeError, bound_for};
 use crate::proof::MerkleTree;
 
-/// Where the matmul runs.
+/// Where the matmul runs, as asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
+    /// The fastest real adapter found: a discrete GPU, then an integrated
+    /// one (wgpu), else the CPU. A software adapter (llvmpipe, SwiftShader)
+    /// is never chosen over the CPU.
+    Auto,
     /// burn's Flex CPU backend (AVX-512 kernels when the CPU has them).
     Cpu,
-    /// burn's wgpu backend (Vulkan, Metal, DX12); needs the `wgpu` feature.
+    /// burn's wgpu backend (Vulkan, Metal, DX12) on the best adapter found,
+    /// software ones included; needs the `wgpu` feature.
     Wgpu,
     /// burn's CUDA backend; needs the `cuda` feature.
     Cuda,
@@ -22,10 +28,13 @@ impl std::str::FromStr for Backend {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
+            "auto" => Ok(Backend::Auto),
             "cpu" | "flex" => Ok(Backend::Cpu),
             "wgpu" | "vulkan" | "gpu" => Ok(Backend::Wgpu),
             "cuda" => Ok(Backend::Cuda),
-            other => Err(format!("unknown backend {other:?} (cpu, wgpu or cuda)")),
+            other => Err(format!(
+                "unknown backend {other:?} (auto, cpu, wgpu or cuda)"
+            )),
         }
     }
 }
@@ -33,18 +42,91 @@ impl std::str::FromStr for Backend {
 impl Backend {
     pub fn name(self) -> &'static str {
         match self {
+            Backend::Auto => "auto",
             Backend::Cpu => "cpu",
             Backend::Wgpu => "wgpu",
             Backend::Cuda => "cuda",
         }
     }
 
-    /// The burn device, or why this build can't run it.
-    pub fn device(self) -> Result<Device, ProveError> {
+    /// What this choice runs on here: `auto` resolved, the adapter named.
+    pub fn target(self) -> Result<Target, ProveError> {
+        use crate::adapters::{adapters, best_any, best_gpu};
         match self {
+            Backend::Auto => Ok(match best_gpu(adapters()) {
+                Some(a) if cfg!(feature = "wgpu") => Target {
+                    backend: Backend::Wgpu,
+                    adapter: Some(a.clone()),
+                },
+                _ => Target::cpu(),
+            }),
+            Backend::Cpu => Ok(Target::cpu()),
+            Backend::Wgpu if !cfg!(feature = "wgpu") => Err(ProveError::NotBuilt("wgpu")),
+            Backend::Wgpu => match best_any(adapters()) {
+                Some(a) => Ok(Target {
+                    backend: Backend::Wgpu,
+                    adapter: Some(a.clone()),
+                }),
+                None => Err(ProveError::Backend(
+                    "no Vulkan, Metal or DX12 adapter found (a GPU driver is missing; \
+                     on Linux without a GPU, Mesa's lavapipe: apt-get install mesa-vulkan-drivers)"
+                        .into(),
+                )),
+            },
+            Backend::Cuda => Ok(Target {
+                backend: Backend::Cuda,
+                adapter: None,
+            }),
+        }
+    }
+}
+
+/// A backend resolved to what runs the work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// `Cpu`, `Wgpu` or `Cuda`, never `Auto`.
+    pub backend: Backend,
+    /// The wgpu adapter.
+    pub adapter: Option<Adapter>,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.adapter {
+            Some(a) => write!(f, "{} on {a}", self.backend.name()),
+            None => f.write_str(self.backend.name()),
+        }
+    }
+}
+
+impl Target {
+    pub fn cpu() -> Target {
+        Target {
+            backend: Backend::Cpu,
+            adapter: None,
+        }
+    }
+
+    /// The burn device, or why this build can't run it.
+    pub fn device(&self) -> Result<Device, ProveError> {
+        match self.backend {
             Backend::Cpu => Ok(Device::flex()),
             #[cfg(feature = "wgpu")]
-            Backend::Wgpu => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
+            Backend::Wgpu => {
+                use crate::adapters::AdapterKind;
+                use burn::tensor::DeviceKind;
+                let kind = match &self.adapter {
+                    Some(a) => match a.kind {
+                        AdapterKind::Discrete => DeviceKind::DiscreteGpu(a.index),
+                        AdapterKind::Integrated => DeviceKind::IntegratedGpu(a.index),
+                        AdapterKind::Virtual => DeviceKind::VirtualGpu(a.index),
+                        AdapterKind::Cpu => DeviceKind::Cpu,
+                        AdapterKind::Other => DeviceKind::DefaultDevice,
+                    },
+                    None => DeviceKind::DefaultDevice,
+                };
+                Ok(Device::wgpu(kind))
+            }
             #[cfg(feature = "cuda")]
             Backend::Cuda => Ok(Device::cuda(0)),
             #[allow(unreachable_patterns)]
@@ -75,6 +157,11 @@ pub struct Proof {
     pub seconds: f64,
     /// Wall time of the matmul rounds alone.
     pub matmul_seconds: f64,
+    /// What computed it.
+    pub target: Target,
+    /// Set when the backend asked for failed and the CPU proved instead:
+    /// what failed.
+    pub fallback: Option<String>,
 }
 
 impl Proof {
@@ -128,21 +215,87 @@ impl Backend {
     /// The fold this backend proves with.
     pub fn fold(self) -> Fold {
         match self {
-            Backend::Cpu => Fold::Host,
+            Backend::Cpu | Backend::Auto => Fold::Host,
             Backend::Wgpu | Backend::Cuda => Fold::Device,
         }
     }
 }
 
 /// Runs the challenge on `backend`. `progress(done_rounds, total)` is called
-/// after each round; `deadline` stops the work between rounds.
+/// after each round; `deadline` stops the work between rounds. A GPU that
+/// fails (an error or a panic in its driver) is replaced by the CPU, and
+/// [`Proof::fallback`] says what failed; the deadline still holds.
 pub fn prove(
     ch: &Challenge,
     backend: Backend,
     deadline: Option<Instant>,
     progress: impl FnMut(u32, u32),
 ) -> Result<Proof, ProveError> {
-    prove_with(ch, backend, backend.fold(), deadline, progress)
+    ch.validate()?;
+    let target = match backend.target() {
+        Ok(t) => t,
+        Err(e @ ProveError::Backend(_)) => {
+            let mut p = prove_on(ch, &Target::cpu(), Fold::Host, deadline, progress)?;
+            p.fallback = Some(format!("{}: {e}", backend.name()));
+            return Ok(p);
+        }
+        Err(e) => return Err(e),
+    };
+    prove_falling_back(ch, &target, deadline, progress)
+}
+
+/// Proves on `target`; when a GPU fails, on the CPU (see [`prove`]).
+pub fn prove_falling_back(
+    ch: &Challenge,
+    target: &Target,
+    deadline: Option<Instant>,
+    mut progress: impl FnMut(u32, u32),
+) -> Result<Proof, ProveError> {
+    let fold = target.backend.fold();
+    match prove_on(ch, target, fold, deadline, &mut progress) {
+        Err(ProveError::Backend(e)) if target.backend != Backend::Cpu => {
+            let mut p = prove_on(ch, &Target::cpu(), Fold::Host, deadline, progress)?;
+            p.fallback = Some(format!("{target}: {e}"));
+            Ok(p)
+        }
+        other => other,
+    }
+}
+
+/// [`prove_on`] for a backend by name, without falling back: an error is
+/// the backend's.
+pub fn prove_with(
+    ch: &Challenge,
+    backend: Backend,
+    fold: Fold,
+    deadline: Option<Instant>,
+    progress: impl FnMut(u32, u32),
+) -> Result<Proof, ProveError> {
+    prove_on(ch, &backend.target()?, fold, deadline, progress)
+}
+
+/// Runs the challenge on `target` with `fold`, nothing else: a panic in the
+/// backend (its driver, its kernels) comes back as [`ProveError::Backend`].
+pub fn prove_on(
+    ch: &Challenge,
+    target: &Target,
+    fold: Fold,
+    deadline: Option<Instant>,
+    progress: impl FnMut(u32, u32),
+) -> Result<Proof, ProveError> {
+    let run =
+        std::panic::AssertUnwindSafe(|| prove_unguarded(ch, target, fold, deadline, progress));
+    match std::panic::catch_unwind(run) {
+        Ok(r) => r,
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a panic".into());
+            Err(ProveError::Backend(format!("{target} panicked: {msg}")))
+        }
+    }
 }
 
 /// Maps every entry back into `[-bound, bound]` with the verifier's own
@@ -162,17 +315,15 @@ fn fold_on_host(c: Tensor<2>, n: usize, bound: i32) -> Result<Tensor<2>, ProveEr
     Ok(Tensor::<2>::from_data(TensorData::new(v, [n, n]), &device))
 }
 
-/// [`prove`] with the fold chosen (the tests compare both on one backend:
-/// the same values, so the same root).
-pub fn prove_with(
+fn prove_unguarded(
     ch: &Challenge,
-    backend: Backend,
+    target: &Target,
     fold: Fold,
     deadline: Option<Instant>,
     mut progress: impl FnMut(u32, u32),
 ) -> Result<Proof, ProveError> {
     let seed = ch.validate()?;
-    let device = backend.device()?;
+    let device = target.device()?;
     let n = ch.n;
     let start = Instant::now();
     let a = challenge::matrix_a(&seed, n);
@@ -219,12 +370,14 @@ pub fn prove_with(
         tree,
         seconds: start.elapsed().as_secs_f64(),
         matmul_seconds,
+        target: target.clone(),
+        fallback: None,
     })
 }
 
 /// Plain matmul on a backend, for benchmarks: returns seconds for one n x n product.
 pub fn time_matmul(n: usize, backend: Backend, reps: u32) -> Result<f64, ProveError> {
-    let device = backend.device()?;
+    let device = backend.target()?.device()?;
     let seed = [1u8; 32];
     let a = Tensor::<2>::from_data(
         TensorData::new(challenge::matrix_a(&seed, n), [n, n]),

@@ -82,6 +82,12 @@ pub struct Config {
     pub bench_size: usize,
     pub bench_rounds: u32,
     pub bench_deadline: Duration,
+    /// Mean time between re-proofs asked of a worker with a standing proof
+    /// (random, in heartbeat answers); zero asks none.
+    pub reproof_mean: Duration,
+    /// How much slower than its standing figure a re-proof may be and the
+    /// standing figure stay (0.25: a quarter).
+    pub reproof_tolerance: f64,
     /// GFLOP/s that earn a multiplier of 1.0 (see `bench::multiplier_for`).
     pub reference_gflops: f64,
     /// Proofs verified at once (each holds about 73 MB at n = 4096 while it
@@ -140,6 +146,8 @@ impl Config {
             bench_rounds: 4,
             bench_deadline: Duration::from_secs(300),
             reference_gflops: 100.0,
+            reproof_mean: Duration::from_secs(6 * 3600),
+            reproof_tolerance: 0.25,
             bench_verify_concurrency: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),

@@ -106,6 +106,11 @@ struct ServeArgs {
     /// Seconds without a heartbeat after which a worker is not alive.
     #[arg(long, env = "TROOP_WORKER_TTL_SECS", default_value_t = 90)]
     worker_ttl_secs: u64,
+    /// Mean seconds between re-proofs of hardware asked of each worker with
+    /// a proof, at random times it cannot predict (answered while it
+    /// serves; one missed or failed takes its multiplier away). 0: never.
+    #[arg(long, env = "TROOP_REPROOF_MEAN_SECS", default_value_t = 21600.0)]
+    reproof_mean_secs: f64,
     /// Confirmed audit failures (each proved by two auditors' signed
     /// findings, `POST /audits`) after which a worker is suspended: no
     /// more tickets are sold for it. 0 never suspends.
@@ -267,6 +272,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.authorize_per_hour = a.authorize_per_hour;
             cfg.account_reads_per_hour = a.account_reads_per_hour;
             cfg.worker_ttl = Duration::from_secs(a.worker_ttl_secs);
+            if !a.reproof_mean_secs.is_finite() || a.reproof_mean_secs < 0.0 {
+                anyhow::bail!("--reproof-mean-secs must be a number of seconds, 0 or more");
+            }
+            cfg.reproof_mean = Duration::from_secs_f64(a.reproof_mean_secs);
             cfg.suspend_after_failures = a.suspend_after_failures;
             cfg.trusted_proxy = a.trusted_proxy;
             cfg.trusted_proxy_nets = a.trusted_proxy_net.clone();

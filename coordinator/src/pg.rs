@@ -214,6 +214,8 @@ CREATE TABLE audits (
 CREATE INDEX audits_by_worker ON audits(worker);
 ALTER TABLE workers ADD COLUMN suspended_at BIGINT;
 "#,
+    // The sixth: what proved the hardware (issue 28).
+    "ALTER TABLE workers ADD COLUMN proof_backend TEXT; ALTER TABLE workers ADD COLUMN proof_adapter TEXT;",
 ];
 
 /// How many schema steps this build knows.

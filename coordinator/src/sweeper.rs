@@ -84,6 +84,7 @@ pub async fn run(state: Arc<AppState>) {
                 }
             }
         }
+        crate::routes::hardware::sweep_missed(&state).await;
         let skew = state.cfg.max_skew_secs;
         if state.shared() {
             let before = now.saturating_sub(skew);

@@ -469,3 +469,183 @@ async fn bootstrap_prefers_workers_with_a_verified_proof() {
         "{boot}"
     );
 }
+
+/// One whole round: challenge (or the one given), root (with what computed
+/// it), openings. `before_root` runs between proving and committing (a
+/// slow worker). Returns the verdict's status and body.
+async fn round(
+    c: &TestCoordinator,
+    w: &Keypair,
+    given: Option<(String, Challenge)>,
+    before_root: Duration,
+    tamper: bool,
+) -> (u16, Value) {
+    let (id, ch) = match given {
+        Some(g) => g,
+        None => challenge(c, w).await,
+    };
+    let proof = prove(&ch, Backend::Cpu, None, |_, _| {}).expect("prove");
+    if !before_root.is_zero() {
+        // A slow worker: it commits its root late.
+        tokio::time::sleep(before_root).await;
+    }
+    let (s, asked) = json_of(
+        c.signed(
+            w,
+            "/bench/submit",
+            &json!({"challenge_id": id, "root": proof.root_hex(),
+                    "backend": "wgpu", "adapter": "Test GPU 9000\u{7}"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, 200, "{asked}");
+    let mut rows = rows_of(&asked);
+    if tamper {
+        // Opens other rows than those asked: the paths lead elsewhere.
+        for r in &mut rows {
+            *r = (*r + 1) % ch.n;
+        }
+    }
+    let mut opened = openings(&proof, &rows);
+    if tamper {
+        for (o, asked) in opened.iter_mut().zip(rows_of(&asked)) {
+            o.row = asked;
+        }
+    }
+    json_of(
+        c.signed(
+            w,
+            "/bench/submit",
+            &json!({"challenge_id": id, "openings": opened}),
+        )
+        .await,
+    )
+    .await
+}
+
+/// The re-proof a heartbeat's answer carries, if any.
+async fn heartbeat(c: &TestCoordinator, w: &Keypair) -> Option<(String, Challenge)> {
+    let (s, v) = json_of(c.signed(w, "/workers/heartbeat", &json!({})).await).await;
+    assert_eq!(s, 200, "{v}");
+    let r = v.get("reproof")?;
+    let c: troop_protocol::api::BenchChallenge =
+        serde_json::from_value(r.clone()).expect("a re-proof challenge");
+    Some((
+        c.challenge_id,
+        Challenge {
+            seed: c.seed,
+            n: c.n,
+            rounds: c.rounds,
+        },
+    ))
+}
+
+#[tokio::test]
+async fn a_proof_names_its_backend_and_adapter_in_the_worker_list() {
+    let c = small().await;
+    let w = generate();
+    c.register(&w, &["m"]).await;
+    let info = worker_info(&c, &w).await;
+    assert!(info["hardware_backend"].is_null(), "{info}");
+    let (s, v) = round(&c, &w, None, Duration::ZERO, false).await;
+    assert_eq!(s, 200, "{v}");
+    let info = worker_info(&c, &w).await;
+    assert_eq!(info["hardware_backend"], "wgpu");
+    // Control characters are dropped from what the worker says.
+    assert_eq!(info["hardware_adapter"], "Test GPU 9000");
+}
+
+/// Re-proofs at random times: asked in a heartbeat's answer only of a
+/// worker with a standing proof and none in progress; a failed one takes
+/// the multiplier away, a slower one lowers it, each audited.
+#[tokio::test]
+async fn reproofs_are_asked_in_heartbeats_and_a_failed_one_loses_the_multiplier() {
+    let c = TestCoordinator::start_with(|c| {
+        c.bench_size = 64;
+        c.bench_rounds = 2;
+        // A prompt proof earns the cap (8.0); one committed 1.5 s late
+        // earns about 0.7.
+        c.reference_gflops = 1e-3;
+        // Every heartbeat draws a re-proof (when one may be asked).
+        c.reproof_mean = Duration::from_millis(1);
+    })
+    .await;
+    let w = generate();
+    c.register(&w, &["m"]).await;
+    // No standing proof: nothing to re-prove.
+    assert!(heartbeat(&c, &w).await.is_none());
+    let (s, v) = round(&c, &w, None, Duration::ZERO, false).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(worker_info(&c, &w).await["hardware_multiplier"], 8.0);
+
+    // Asked, and not again while it is in progress.
+    let asked = heartbeat(&c, &w).await.expect("a re-proof is asked");
+    assert!(heartbeat(&c, &w).await.is_none());
+    c.wait_audit("the re-proof asked", |l| {
+        l["event"] == "bench.reproof_asked"
+    })
+    .await;
+    // A wrong answer: refused, and the proof is taken away.
+    let (s, v) = round(&c, &w, Some(asked), Duration::ZERO, true).await;
+    assert_eq!(s, 422, "{v}");
+    let info = worker_info(&c, &w).await;
+    assert!(info["verified_gflops"].is_null(), "{info}");
+    assert_eq!(info["hardware_multiplier"], 1.0);
+    assert!(info["hardware_backend"].is_null(), "{info}");
+    let lost = c
+        .wait_audit("the lost proof", |l| l["event"] == "bench.reproof_failed")
+        .await;
+    assert_eq!(lost["hardware_multiplier_before"], 8.0, "{lost}");
+    // Without a standing proof, no re-proof is asked.
+    assert!(heartbeat(&c, &w).await.is_none());
+
+    // Proved again; a re-proof that is much slower lowers the figure.
+    let (s, _) = round(&c, &w, None, Duration::ZERO, false).await;
+    assert_eq!(s, 200);
+    let asked = heartbeat(&c, &w).await.expect("a re-proof is asked");
+    let (s, v) = round(&c, &w, Some(asked), Duration::from_millis(1500), false).await;
+    assert_eq!(s, 200, "{v}");
+    let m = v["hardware_multiplier"].as_f64().expect("multiplier");
+    assert!(m < 6.0, "lowered: {v}");
+    assert_eq!(worker_info(&c, &w).await["hardware_multiplier"], m);
+    let e = c
+        .wait_audit("the lowered figure", |l| l["event"] == "bench.reproof")
+        .await;
+    assert_eq!(e["result"], "lowered", "{e}");
+}
+
+/// A re-proof nobody answers: past its deadline the sweeper takes the proof
+/// away.
+#[tokio::test]
+async fn a_missed_reproof_loses_the_multiplier() {
+    let c = TestCoordinator::start_with(|c| {
+        c.bench_size = 64;
+        c.bench_rounds = 2;
+        c.reference_gflops = 1e-6;
+        c.reproof_mean = Duration::from_millis(1);
+        c.bench_deadline = Duration::from_secs(1);
+        c.sweep_interval = Duration::from_millis(100);
+    })
+    .await;
+    let w = generate();
+    c.register(&w, &["m"]).await;
+    let (s, v) = round(&c, &w, None, Duration::ZERO, false).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(worker_info(&c, &w).await["hardware_multiplier"], 8.0);
+    assert!(heartbeat(&c, &w).await.is_some());
+    common::eventually("the missed re-proof to cost the multiplier", 15, || async {
+        let info = worker_info(&c, &w).await;
+        (info["hardware_multiplier"] == 1.0 && info["verified_gflops"].is_null()).then_some(())
+    })
+    .await;
+    let e = c
+        .wait_audit("the missed re-proof", |l| {
+            l["event"] == "bench.reproof_failed"
+        })
+        .await;
+    assert!(
+        e["reason"].as_str().unwrap_or("").contains("deadline"),
+        "{e}"
+    );
+}

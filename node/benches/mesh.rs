@@ -10,8 +10,12 @@
 //!   session open: aggregate events/s, median and slowest stream, beside
 //!   nginx and the upstream itself.
 //!
-//! `cargo bench -p troop-node --bench mesh` (env: MESH_BENCH=ttft,chunks,burst,memory,discovery,scale
-//! picks parts; TTFT_RUNS, CHUNKS, CONCURRENT, BURST_EVENTS, STREAMS, NODES).
+//! * answers streamed while a proof of hardware (a re-proof) runs beside
+//!   the worker, against the same answers idle.
+//!
+//! `cargo bench -p troop-node --bench mesh` (env: MESH_BENCH=ttft,chunks,burst,memory,discovery,scale,reproof
+//! picks parts; TTFT_RUNS, CHUNKS, CONCURRENT, BURST_EVENTS, STREAMS, NODES,
+//! REPROOF_N, REPROOF_ROUNDS, REPROOF_BACKEND).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -852,6 +856,143 @@ async fn bench_discovery(nodes: usize) -> (f64, f64) {
     (pct(&mut dht, 0.5), pct(&mut gossip, 0.5))
 }
 
+/// What a proof of hardware running beside the worker costs its answers.
+struct ReproofCost {
+    backend: String,
+    proof_s: f64,
+    /// (answers, TTFT p50 ms, answer p50 s, tokens/s over all) idle and
+    /// while the proof ran.
+    idle: (usize, f64, f64, f64),
+    during: (usize, f64, f64, f64),
+}
+
+/// One streamed answer through the gateway: (TTFT s, whole answer s).
+async fn answer_times(http: &reqwest::Client, url: &str) -> (f64, f64) {
+    let start = Instant::now();
+    let resp = http
+        .post(url)
+        .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": true}))
+        .send()
+        .await
+        .expect("send");
+    let mut body = resp.bytes_stream();
+    let mut first = None;
+    while let Some(Ok(_)) = body.next().await {
+        first.get_or_insert_with(|| start.elapsed().as_secs_f64());
+    }
+    (first.unwrap_or(f64::NAN), start.elapsed().as_secs_f64())
+}
+
+/// `conc` clients streaming answers until `stop` is set.
+async fn answers_until(
+    http: &reqwest::Client,
+    url: &str,
+    conc: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (Vec<(f64, f64)>, f64) {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conc {
+        let (http, url, stop) = (http.clone(), url.to_string(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                out.push(answer_times(&http, &url).await);
+            }
+            out
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap_or_default());
+    }
+    (all, start.elapsed().as_secs_f64())
+}
+
+/// A worker streams answers (200 tokens, 5 ms apart, 4 clients at once)
+/// idle for 10 s, then while a proof of hardware at the coordinator's size
+/// runs in its process exactly as a re-proof does (the worker's own key,
+/// the same challenge, prove and submit), until it is verified.
+async fn bench_reproof(
+    n: usize,
+    rounds: u32,
+    backend: troop_bench_kernels::Backend,
+) -> ReproofCost {
+    let n_tokens = 200;
+    let fake =
+        FakeUpstream::start(Dialect::OpenAi, tokens(n_tokens), Duration::from_millis(5)).await;
+    let mut net = TestNet::start(move |c| {
+        rich(c);
+        c.bench_size = n;
+        c.bench_rounds = rounds;
+        c.reproof_mean = Duration::ZERO;
+    })
+    .await;
+    let cfg = net.worker_config(&fake.url, |_| {});
+    let key = cfg.identity.clone();
+    net.workers
+        .push(troop_node::worker::start(cfg).await.expect("worker"));
+    net.add_gateway().await;
+    net.wait_for_workers(1).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/chat/completions", net.gateway_url());
+    for _ in 0..3 {
+        answer_times(&http, &url).await;
+    }
+    let summarize = |mut v: Vec<(f64, f64)>, secs: f64| {
+        let count = v.len();
+        let mut ttft: Vec<f64> = v.iter().map(|x| x.0 * 1000.0).collect();
+        let mut whole: Vec<f64> = v.drain(..).map(|x| x.1).collect();
+        if count == 0 {
+            return (0, f64::NAN, f64::NAN, 0.0);
+        }
+        (
+            count,
+            pct(&mut ttft, 0.5),
+            pct(&mut whole, 0.5),
+            (count * n_tokens) as f64 / secs,
+        )
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let timer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    let (idle, idle_s) = answers_until(&http, &url, 4, stop).await;
+    let _ = timer.await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = CoordinatorClient::new(&net.coordinator_url(), key);
+    let prover = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let r = troop_node::hardware::prove_to_coordinator(&client, backend).await;
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            (t.elapsed().as_secs_f64(), r)
+        })
+    };
+    let (during, during_s) = answers_until(&http, &url, 4, stop).await;
+    let (proof_s, verified) = prover.await.expect("the prover");
+    let backend = match verified {
+        Ok(v) => format!(
+            "{}{} ({:.1} GFLOP/s verified)",
+            v.backend,
+            v.adapter.map(|a| format!(" on {a}")).unwrap_or_default(),
+            v.gflops
+        ),
+        Err(e) => format!("failed: {e:#}"),
+    };
+    ReproofCost {
+        backend,
+        proof_s,
+        idle: summarize(idle, idle_s),
+        during: summarize(during, during_s),
+    }
+}
+
 fn main() {
     // RUST_LOG=troop_node=debug shows what the nodes do (off by default).
     if std::env::var_os("RUST_LOG").is_some() {
@@ -865,8 +1006,8 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        // MESH_BENCH picks parts (ttft,chunks,burst,memory,discovery,scale); all by default.
-        let parts = std::env::var("MESH_BENCH").unwrap_or_else(|_| "ttft,chunks,burst,memory,discovery,scale".into());
+        // MESH_BENCH picks parts (ttft,chunks,burst,memory,discovery,scale,reproof); all by default.
+        let parts = std::env::var("MESH_BENCH").unwrap_or_else(|_| "ttft,chunks,burst,memory,discovery,scale,reproof".into());
         let on = |p: &str| parts.split(',').any(|x| x.trim() == p);
         let nan = f64::NAN;
         let runs = env_usize("TTFT_RUNS", 200);
@@ -907,6 +1048,18 @@ fn main() {
         } else {
             (nan, nan)
         };
+        let reproof = if on("reproof") {
+            let n = env_usize("REPROOF_N", 4096);
+            let rounds = env_usize("REPROOF_ROUNDS", 4) as u32;
+            let backend: troop_bench_kernels::Backend = std::env::var("REPROOF_BACKEND")
+                .ok()
+                .and_then(|b| b.parse().ok())
+                .unwrap_or(troop_bench_kernels::Backend::Auto);
+            eprintln!("[mesh bench] answers while a proof of hardware runs (n = {n}, {rounds} rounds, {})", backend.name());
+            Some(bench_reproof(n, rounds, backend).await)
+        } else {
+            None
+        };
         let scale_nodes = env_usize("SCALE_NODES", 1000);
         let scale = if on("scale") {
             eprintln!("[mesh bench] {scale_nodes} simulated nodes on the memory transport");
@@ -934,6 +1087,12 @@ fn main() {
         println!("| worker RSS idle / with {live} of {streams} streams live / peak | {:.1} / {:.1} / {:.1} MiB | < 256 MiB at 1000 |", idle as f64 / 1024.0, busy as f64 / 1024.0, hwm as f64 / 1024.0);
         println!("| new node finds the worker among {nodes} nodes: DHT lookup, p50 of {discovery_runs} | {dht_ms:.0} ms | < 500 ms |");
         println!("| new node finds the worker among {nodes} nodes: first gossip advert, p50 of {discovery_runs} | {gossip_ms:.0} ms | < 500 ms |");
+        if let Some(r) = &reproof {
+            println!("| a re-proof beside 4 streaming clients: proof on {} | {:.1} s | - |", r.backend, r.proof_s);
+            println!("| answers idle: count, TTFT p50, answer p50, tokens/s | {} / {:.1} ms / {:.3} s / {:.0} | - |", r.idle.0, r.idle.1, r.idle.2, r.idle.3);
+            println!("| answers during the re-proof: count, TTFT p50, answer p50, tokens/s | {} / {:.1} ms / {:.3} s / {:.0} | - |", r.during.0, r.during.1, r.during.2, r.during.3);
+            println!("| serving lost to the re-proof (1 - tokens/s during / idle) | {:.1} % | - |", (1.0 - r.during.3 / r.idle.3) * 100.0);
+        }
         if let Some(sc) = &scale {
             println!("| {} simulated nodes (memory transport): joined and settled | {:.1} s | - |", sc.nodes, sc.join_s);
             println!("| {} nodes: a new worker's advert held by 50 % / 99 % of nodes ({} reached) | {:.0} / {:.0} ms | 99 % < 5 s |", sc.nodes, sc.reached, sc.reach50_ms, sc.reach99_ms);
@@ -947,6 +1106,9 @@ fn main() {
                 "bursts": bursts.iter().map(|(conc, [d, n, m])| json!({"streams": conc, "events": burst_events,
                     "direct": d.json(), "nginx": n.json(), "mesh": m.json()})).collect::<Vec<_>>(),
                 "worker_rss_idle_kib": idle, "worker_rss_busy_kib": busy, "worker_rss_peak_kib": hwm, "streams_live": live, "streams": streams,
+                "reproof": reproof.as_ref().map(|r| json!({"backend": r.backend, "proof_s": r.proof_s,
+                    "idle": {"answers": r.idle.0, "ttft_p50_ms": r.idle.1, "answer_p50_s": r.idle.2, "tokens_per_s": r.idle.3},
+                    "during": {"answers": r.during.0, "ttft_p50_ms": r.during.1, "answer_p50_s": r.during.2, "tokens_per_s": r.during.3}})),
                 "discovery_dht_ms": dht_ms, "discovery_gossip_ms": gossip_ms, "nodes": nodes,
                 "scale": scale.as_ref().map(|sc| json!({"nodes": sc.nodes, "join_s": sc.join_s,
                     "advert_reach_p50_ms": sc.reach50_ms, "advert_reach_p99_ms": sc.reach99_ms, "reached": sc.reached,

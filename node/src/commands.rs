@@ -294,6 +294,9 @@ pub async fn doctor(
                 ),
                 advice: "start the model server the worker's --upstream names (scripts/setup-model and scripts/model_server.py run one without Ollama)",
             });
+            if let Some(check) = hardware_check(&v["hardware"]) {
+                checks.push(check);
+            }
             let seen = rows.iter().any(|r| r.peer_id == peer);
             checks.push(Check {
                 name: "its advert, seen from outside",
@@ -487,4 +490,66 @@ pub async fn account(
         );
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The worker's proof of hardware as its status page shows it: the
+/// adapters found, what proved and at what speed. None when it proves
+/// nothing (`--benchmark` off and no re-proof asked).
+fn hardware_check(h: &serde_json::Value) -> Option<Check> {
+    let proof = &h["proof"];
+    let state = proof["state"].as_str().unwrap_or("off");
+    if state == "off" {
+        return None;
+    }
+    let adapters: Vec<String> = h["adapters"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|a| {
+                    format!(
+                        "{} ({}, {})",
+                        a["name"].as_str().unwrap_or("?"),
+                        a["kind"].as_str().unwrap_or("?"),
+                        a["api"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let found = if adapters.is_empty() {
+        "no graphics adapter found".to_string()
+    } else {
+        format!("adapters found: {}", adapters.join("; "))
+    };
+    let used = match (proof["backend"].as_str(), proof["adapter"].as_str()) {
+        (Some(b), Some(a)) => format!("{b} on {a}"),
+        (Some(b), None) => b.to_string(),
+        _ => h["backend_asked"].as_str().unwrap_or("auto").to_string(),
+    };
+    let detail = match state {
+        "verified" => format!(
+            "{found}; proved on {used}: {:.1} GFLOP/s verified, multiplier {}{}{}",
+            proof["gflops"].as_f64().unwrap_or(0.0),
+            proof["multiplier"].as_f64().unwrap_or(1.0),
+            match proof["reproofs"].as_u64() {
+                Some(n) if n > 0 => format!(", {n} re-proofs answered"),
+                _ => String::new(),
+            },
+            proof["fallback"]
+                .as_str()
+                .map(|f| format!(" (the GPU failed, the CPU proved: {f})"))
+                .unwrap_or_default()
+        ),
+        "running" => format!("{found}; proving on {used}"),
+        _ => format!(
+            "{found}; the proof failed: {}",
+            proof["error"].as_str().unwrap_or("no reason given")
+        ),
+    };
+    Some(Check {
+        name: "its proof of hardware",
+        ok: state != "failed",
+        detail,
+        advice: "the worker's log says why; `troop bench --backend auto` proves locally, and a GPU needs its Vulkan (or Metal, DX12) driver",
+    })
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::json;
 use troop_bench_kernels::verify::{self, SAMPLES};
-use troop_bench_kernels::{Backend, Challenge, prove};
+use troop_bench_kernels::{Adapter, Backend, Challenge, prove};
 use troop_protocol::api::{BenchChallenge, BenchRows, BenchVerdict};
 
 use crate::coordinator_client::CoordinatorClient;
@@ -18,7 +18,16 @@ pub const BENCH_LIMIT: Duration = Duration::from_secs(300);
 /// What `troop bench --json` prints (one line).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// The backend that proved: cpu, wgpu or cuda (`auto` resolved).
     pub backend: &'static str,
+    /// The wgpu adapter it proved on (null on the CPU).
+    pub adapter: Option<Adapter>,
+    /// The backend asked for (`--backend`).
+    pub asked: &'static str,
+    /// Every graphics adapter found on this machine.
+    pub adapters: Vec<Adapter>,
+    /// Set when the backend asked for failed and the CPU proved instead.
+    pub fallback: Option<String>,
     pub n: usize,
     pub rounds: u32,
     /// Expansion, all rounds and hashing.
@@ -86,7 +95,11 @@ pub fn run_local(
     verify::verify(&ch, &proof.root_hex(), &rows, &openings)?;
     let verify_seconds = t.elapsed().as_secs_f64();
     Ok(Report {
-        backend: backend.name(),
+        backend: proof.target.backend.name(),
+        adapter: proof.target.adapter.clone(),
+        asked: backend.name(),
+        adapters: troop_bench_kernels::adapters().to_vec(),
+        fallback: proof.fallback.clone(),
         n,
         rounds,
         seconds: proof.seconds,
@@ -100,14 +113,36 @@ pub fn run_local(
     })
 }
 
-/// The worker's round with the coordinator. Returns the verified multiplier.
+/// What a round with the coordinator ended with.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub multiplier: f64,
+    pub gflops: f64,
+    /// What proved (cpu, wgpu or cuda) and on which adapter.
+    pub backend: &'static str,
+    pub adapter: Option<String>,
+    /// Set when the GPU failed and the CPU proved instead.
+    pub fallback: Option<String>,
+}
+
+/// The worker's round with the coordinator, asked by the worker (at start).
 pub async fn prove_to_coordinator(
     client: &CoordinatorClient,
     backend: Backend,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<Verified> {
     let c: BenchChallenge =
         serde_json::from_value(client.signed_json("/bench/challenge", &json!({})).await?)
             .map_err(|e| anyhow::anyhow!("the coordinator's challenge is malformed: {e}"))?;
+    answer_challenge(client, c, backend).await
+}
+
+/// Proves a challenge the coordinator issued (at start, or a re-proof it
+/// asked for in a heartbeat's answer) and goes through its checks.
+pub async fn answer_challenge(
+    client: &CoordinatorClient,
+    c: BenchChallenge,
+    backend: Backend,
+) -> anyhow::Result<Verified> {
     let id = c.challenge_id;
     let ch = Challenge {
         seed: c.seed,
@@ -126,10 +161,15 @@ pub async fn prove_to_coordinator(
         prove(&ch2, backend, Some(Instant::now() + BENCH_LIMIT), |_, _| {})
     })
     .await??;
+    if let Some(why) = &proof.fallback {
+        tracing::warn!(failed = %why, "the GPU failed; the CPU proved instead");
+    }
+    let adapter = proof.target.adapter.as_ref().map(|a| a.name.clone());
     let asked = client
         .signed_json(
             "/bench/submit",
-            &json!({ "challenge_id": id, "root": proof.root_hex(), "seconds": proof.seconds }),
+            &json!({ "challenge_id": id, "root": proof.root_hex(), "seconds": proof.seconds,
+                     "backend": proof.target.backend.name(), "adapter": adapter }),
         )
         .await?;
     let asked: BenchRows = serde_json::from_value(asked)
@@ -144,5 +184,11 @@ pub async fn prove_to_coordinator(
         .await?;
     let verdict: BenchVerdict = serde_json::from_value(verdict)
         .map_err(|e| anyhow::anyhow!("the coordinator's verdict is malformed: {e}"))?;
-    Ok((verdict.hardware_multiplier, verdict.verified_gflops))
+    Ok(Verified {
+        multiplier: verdict.hardware_multiplier,
+        gflops: verdict.verified_gflops,
+        backend: proof.target.backend.name(),
+        adapter,
+        fallback: proof.fallback,
+    })
 }

@@ -209,8 +209,12 @@ enum Cmd {
         /// Prove the hardware with a matmul benchmark at start (also RUN_INITIAL_BENCHMARK=true).
         #[arg(long, env = "RUN_INITIAL_BENCHMARK")]
         benchmark: bool,
-        /// Backend for that proof: cpu, wgpu or cuda (GPU ones need a build with that feature).
-        #[arg(long, env = "TROOP_BENCH_BACKEND", default_value = "cpu")]
+        /// Backend for that proof (and for re-proofs the coordinator asks
+        /// for): auto picks a discrete GPU, then an integrated one, else the
+        /// CPU, never a software adapter (llvmpipe); cpu; wgpu (the best
+        /// adapter found, software ones included); cuda (a build with
+        /// --features cuda). A GPU that fails falls back to the CPU.
+        #[arg(long, env = "TROOP_BENCH_BACKEND", default_value = "auto")]
         bench_backend: troop_bench_kernels::Backend,
         /// Address of the worker's status page, /troop/status and /metrics
         /// (keep it on loopback: it shows earnings; port 0 picks a free one).
@@ -344,8 +348,10 @@ enum Cmd {
         /// Challenge seed, 64 hex digits (random when not given).
         #[arg(long)]
         seed: Option<String>,
-        /// cpu (burn Flex), wgpu or cuda (GPU ones need a build with that feature).
-        #[arg(long, env = "TROOP_BENCH_BACKEND", default_value = "cpu")]
+        /// auto (a discrete GPU, then an integrated one, else the CPU; never
+        /// a software adapter), cpu (burn Flex), wgpu (the best adapter
+        /// found, llvmpipe included) or cuda (a build with --features cuda).
+        #[arg(long, env = "TROOP_BENCH_BACKEND", default_value = "auto")]
         backend: troop_bench_kernels::Backend,
         /// Print one JSON line instead of text.
         #[arg(long)]
@@ -692,7 +698,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
-                println!("backend   {}", report.backend);
+                if report.adapters.is_empty() {
+                    println!("adapters  none found (no Vulkan, Metal or DX12 driver)");
+                }
+                for (i, a) in report.adapters.iter().enumerate() {
+                    let head = if i == 0 { "adapters" } else { "" };
+                    println!("{head:<9} {a}");
+                }
+                if let Some(why) = &report.fallback {
+                    println!("fallback  {why}");
+                }
+                match &report.adapter {
+                    Some(a) => println!(
+                        "backend   {} on {} ({} asked)",
+                        report.backend, a.name, report.asked
+                    ),
+                    None => println!("backend   {} ({} asked)", report.backend, report.asked),
+                }
                 println!(
                     "size      {} x {}, {} round(s)",
                     report.n, report.n, report.rounds

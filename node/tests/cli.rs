@@ -417,3 +417,56 @@ fn the_demo_with_its_port_taken_says_so_before_starting_anything() {
     assert!(err.contains("--http"), "{err}");
     assert!(!data.exists(), "the demo started before checking its port");
 }
+
+/// `troop bench --json` names the adapters found and what proved: `auto`
+/// takes the CPU over a software adapter (lavapipe here), `wgpu` proves on
+/// that adapter, and both roots are the same. Without a Vulkan driver it
+/// says "skipped" (a failure under `TROOP_REQUIRE_VULKAN_TESTS=1`).
+#[test]
+fn troop_bench_names_the_adapters_and_auto_keeps_the_cpu_over_a_software_one() {
+    let seed = "11".repeat(32);
+    let run = |backend: &str| -> Value {
+        let o = troop(&[
+            "bench",
+            "--size",
+            "256",
+            "--rounds",
+            "2",
+            "--seed",
+            &seed,
+            "--backend",
+            backend,
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice(&o.stdout).expect("one JSON line")
+    };
+    let auto = run("auto");
+    let adapters = auto["adapters"]
+        .as_array()
+        .expect("adapters listed")
+        .clone();
+    if adapters.is_empty() {
+        let why = "no Vulkan adapter (apt-get install mesa-vulkan-drivers)";
+        assert!(
+            std::env::var("TROOP_REQUIRE_VULKAN_TESTS").as_deref() != Ok("1"),
+            "TROOP_REQUIRE_VULKAN_TESTS=1 but {why}"
+        );
+        eprintln!("skipped: the wgpu half of troop bench: {why}");
+        assert_eq!(auto["backend"], "cpu");
+        return;
+    }
+    let real_gpu = adapters
+        .iter()
+        .any(|a| a["kind"] == "discrete" || a["kind"] == "integrated");
+    if !real_gpu {
+        assert_eq!(auto["backend"], "cpu", "{auto}");
+        assert!(auto["adapter"].is_null(), "{auto}");
+    }
+    assert_eq!(auto["asked"], "auto");
+    let wgpu = run("wgpu");
+    assert_eq!(wgpu["backend"], "wgpu", "{wgpu}");
+    assert!(wgpu["fallback"].is_null(), "{wgpu}");
+    assert!(wgpu["adapter"]["name"].is_string(), "{wgpu}");
+    assert_eq!(wgpu["root"], auto["root"]);
+}

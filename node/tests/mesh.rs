@@ -565,6 +565,121 @@ async fn a_worker_started_with_benchmark_proves_its_hardware_and_advertises_the_
     .await;
 }
 
+/// Whether a graphics adapter is here (lavapipe in CI); otherwise says why
+/// the test is skipped, or fails under `TROOP_REQUIRE_VULKAN_TESTS=1`.
+fn have_vulkan(test: &str) -> bool {
+    if !troop_bench_kernels::adapters().is_empty() {
+        return true;
+    }
+    let why = "no Vulkan adapter (apt-get install mesa-vulkan-drivers)";
+    assert!(
+        std::env::var("TROOP_REQUIRE_VULKAN_TESTS").as_deref() != Ok("1"),
+        "TROOP_REQUIRE_VULKAN_TESTS=1 but {why}"
+    );
+    eprintln!("skipped: {test}: {why}");
+    false
+}
+
+/// `--bench-backend wgpu` against a real coordinator: the proof (on
+/// lavapipe here, a GPU elsewhere) is accepted with the backend and adapter
+/// named; then the coordinator asks for re-proofs at random (here at every
+/// heartbeat) and the worker answers them while it streams answers, none
+/// of which loses a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_proves_on_wgpu_and_answers_reproofs_while_it_streams() {
+    if !have_vulkan("a_worker_proves_on_wgpu_and_answers_reproofs_while_it_streams") {
+        return;
+    }
+    let n_tokens = 150;
+    let fake =
+        FakeUpstream::start(Dialect::OpenAi, tokens(n_tokens), Duration::from_millis(20)).await;
+    let mut net = TestNet::start(|c| {
+        c.bench_size = 256;
+        c.bench_rounds = 2;
+        c.reference_gflops = 1e-6;
+        c.reproof_mean = Duration::from_millis(1);
+    })
+    .await;
+    let w = net
+        .add_worker(&fake.url, |c| {
+            c.benchmark = Some(troop_bench_kernels::Backend::Wgpu);
+            c.http = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+            c.heartbeat_interval = Duration::from_millis(300);
+        })
+        .await;
+    net.add_gateway().await;
+    let peer = net.workers[w].peer_id.to_base58();
+    let url = format!("{}/workers", net.coordinator_url());
+    let http = net.http.clone();
+    let me = eventually("the wgpu proof verified", 120, || {
+        let http = http.clone();
+        let url = url.clone();
+        let peer = peer.clone();
+        async move {
+            let v = common::get_json(&http, &url).await?;
+            let me = v["workers"]
+                .as_array()?
+                .iter()
+                .find(|x| x["peer_id"] == peer.as_str())?
+                .clone();
+            (me["hardware_multiplier"] == 8.0).then_some(me)
+        }
+    })
+    .await;
+    assert_eq!(me["hardware_backend"], "wgpu", "{me}");
+    assert!(me["hardware_adapter"].is_string(), "{me}");
+    net.wait_for_workers(1).await;
+
+    let status_url = format!(
+        "http://{}/troop/status",
+        net.workers[w].http_addr.expect("status address")
+    );
+    let status = || async {
+        common::get_json(&http, &status_url)
+            .await
+            .expect("the status page")
+    };
+    let v = status().await;
+    assert!(
+        v["hardware"]["adapters"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty()),
+        "{v}"
+    );
+    let mut during = 0;
+    for _ in 0..6 {
+        let before = status().await["hardware"]["proof"]["reproofs"]
+            .as_u64()
+            .unwrap_or(0);
+        let body = http
+            .post(format!("{}/v1/chat/completions", net.gateway_url()))
+            .json(&serde_json::json!({
+                "model": common::MODEL,
+                "messages": [{"role": "user", "content": "hello"}],
+                "stream": true,
+            }))
+            .send()
+            .await
+            .expect("POST")
+            .text()
+            .await
+            .expect("the streamed answer");
+        assert_eq!(chat_text(&sse_data(&body)), tokens(n_tokens).concat());
+        let v = status().await;
+        let after = v["hardware"]["proof"]["reproofs"].as_u64().unwrap_or(0);
+        if after > before {
+            during += 1;
+            assert_eq!(v["hardware"]["proof"]["backend"], "wgpu", "{v}");
+            assert!(v["hardware"]["proof"]["fallback"].is_null(), "{v}");
+            break;
+        }
+    }
+    assert!(
+        during > 0,
+        "no re-proof was answered while an answer streamed"
+    );
+}
+
 /// The proof at the coordinator's defaults (n = 4096, 4 rounds): the
 /// openings must fit the default 1 MiB body limit (they are Merkle paths
 /// only) and the worker must come out with a verified throughput.

@@ -54,6 +54,11 @@ pub struct HeartbeatRequest {
 pub struct HeartbeatResponse {
     pub ok: bool,
     pub last_seen: u64,
+    /// A fresh proof of hardware the coordinator asks for, at times the
+    /// worker cannot predict (issue 28): prove it and submit it through
+    /// `POST /bench/submit` before its deadline, as at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reproof: Option<BenchChallenge>,
 }
 
 /// A worker as `GET /workers` shows it.
@@ -65,6 +70,13 @@ pub struct WorkerInfo {
     pub hardware_multiplier: f64,
     /// Null until a proof of hardware passes.
     pub verified_gflops: Option<f64>,
+    /// What computed the standing proof: cpu, wgpu or cuda (null before a
+    /// proof, or from older workers and coordinators).
+    #[serde(default)]
+    pub hardware_backend: Option<String>,
+    /// The graphics adapter it ran on, as its driver names it.
+    #[serde(default)]
+    pub hardware_adapter: Option<String>,
     /// Unix seconds of the last registration or heartbeat.
     pub last_seen: u64,
     pub alive: bool,

@@ -108,11 +108,15 @@ pub enum Command {
         /// Clock tolerance on both ends of the charging window.
         tolerance_ms: u64,
     },
-    /// Records a verified proof of hardware.
+    /// Records a verified proof of hardware (with what computed it), or
+    /// with `verified_gflops: None` takes the standing one away (a re-proof
+    /// missed or failed).
     SetHardware {
         peer_id: String,
-        verified_gflops: f64,
+        verified_gflops: Option<f64>,
         multiplier_milli: i64,
+        backend: Option<String>,
+        adapter: Option<String>,
     },
     /// A verified audit of request `index` of session `job_id` (issue 25):
     /// counted once; a failure refunds the session to its user (voids a
@@ -252,7 +256,16 @@ pub fn apply(
             peer_id,
             verified_gflops,
             multiplier_milli,
-        } => cmd::hardware::apply(tx, peer_id, *verified_gflops, *multiplier_milli),
+            backend,
+            adapter,
+        } => cmd::hardware::apply(
+            tx,
+            peer_id,
+            *verified_gflops,
+            *multiplier_milli,
+            backend.as_deref(),
+            adapter.as_deref(),
+        ),
         Command::Cancel { job_id, now_ms } => cmd::cancel::apply(tx, job_id, *now_ms, events),
         Command::Settle {
             receipt,

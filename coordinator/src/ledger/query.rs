@@ -74,6 +74,9 @@ pub struct WorkerRow {
     /// Unix seconds when confirmed audit failures suspended the worker: no
     /// tickets are sold for it from then on.
     pub suspended_at: Option<u64>,
+    /// What computed the standing proof (cpu, wgpu, cuda) and the adapter.
+    pub proof_backend: Option<String>,
+    pub proof_adapter: Option<String>,
 }
 
 impl WorkerRow {
@@ -88,7 +91,7 @@ impl WorkerRow {
 pub fn load_worker(conn: &mut dyn Db, peer_id: &str) -> Result<Option<WorkerRow>, LedgerError> {
     conn.query_opt(
         "SELECT peer_id, receipt_key, models, addresses, version, multiplier_milli, verified_gflops,
-                active_jobs, queue_depth, registered_at, last_seen, left_at, suspended_at FROM workers WHERE peer_id = ?1",
+                active_jobs, queue_depth, registered_at, last_seen, left_at, suspended_at, proof_backend, proof_adapter FROM workers WHERE peer_id = ?1",
         p![peer_id],
     )?
     .map(|r| worker_from_row(&r))
@@ -99,7 +102,7 @@ pub fn load_worker(conn: &mut dyn Db, peer_id: &str) -> Result<Option<WorkerRow>
 pub fn load_workers(conn: &mut dyn Db) -> Result<Vec<WorkerRow>, LedgerError> {
     conn.query(
         "SELECT peer_id, receipt_key, models, addresses, version, multiplier_milli, verified_gflops,
-                active_jobs, queue_depth, registered_at, last_seen, left_at, suspended_at FROM workers ORDER BY peer_id",
+                active_jobs, queue_depth, registered_at, last_seen, left_at, suspended_at, proof_backend, proof_adapter FROM workers ORDER BY peer_id",
         p![],
     )?
     .iter()
@@ -114,7 +117,7 @@ pub fn load_workers_seen_since(
 ) -> Result<Vec<WorkerRow>, LedgerError> {
     conn.query(
         "SELECT peer_id, receipt_key, models, addresses, version, multiplier_milli, verified_gflops,
-                active_jobs, queue_depth, registered_at, last_seen, left_at, suspended_at FROM workers WHERE last_seen >= ?1",
+                active_jobs, queue_depth, registered_at, last_seen, left_at, suspended_at, proof_backend, proof_adapter FROM workers WHERE last_seen >= ?1",
         p![to_i64(since_secs)?],
     )?
     .iter()
@@ -140,6 +143,8 @@ fn worker_from_row(r: &Row) -> Result<WorkerRow, LedgerError> {
         last_seen: r.i64(10)?.max(0) as u64,
         left_at: r.opt_i64(11)?.map(|t| t.max(0) as u64),
         suspended_at: r.opt_i64(12)?.map(|t| t.max(0) as u64),
+        proof_backend: r.opt_str(13)?,
+        proof_adapter: r.opt_str(14)?,
     })
 }
 

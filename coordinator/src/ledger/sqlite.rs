@@ -181,6 +181,10 @@ END;
         // Issue 25: audited answers as gateways reported them (verified),
         // and workers suspended for confirmed failures.
         M::up(AUDITS_SCHEMA),
+        // Issue 28: what proved the hardware (backend and adapter).
+        M::up(
+            "ALTER TABLE workers ADD COLUMN proof_backend TEXT; ALTER TABLE workers ADD COLUMN proof_adapter TEXT;",
+        ),
     ])
 }
 

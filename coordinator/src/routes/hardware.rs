@@ -13,6 +13,14 @@
 //! Multiplier: `clamp(verified_gflops / reference_gflops, 0.5, 8.0)`,
 //! rounded to a thousandth, with `reference_gflops = 100` by default (a
 //! recent desktop CPU). A worker that never proves keeps 1.0.
+//!
+//! Re-proofs (issue 28): a worker with a standing proof is asked for a
+//! fresh one at random (a Poisson process, on average every
+//! `--reproof-mean-secs`, 6 h), in a heartbeat's answer. Its figure is then
+//! set to the new one when that is lower than the standing one by more than
+//! `reproof_tolerance` (25 %) or higher; a re-proof missed (deadline) or
+//! failed takes the proof away: no verified figure, the multiplier at most
+//! 1.0. Each outcome is an audit event.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,6 +53,12 @@ pub struct Pending {
     pub deadline_ms: u64,
     /// Set when the root arrived: (root, seconds on our clock, rows asked).
     pub committed: Option<(String, f64, Vec<usize>)>,
+    /// Asked by the coordinator (a re-proof), not by the worker.
+    #[serde(default)]
+    pub reproof: bool,
+    /// What the worker says computed it: backend and adapter.
+    #[serde(default)]
+    pub proved_on: Option<(String, Option<String>)>,
 }
 
 /// Where rounds in progress are kept.
@@ -74,7 +88,9 @@ mod rounds {
         }
         let now = unix_ms();
         let mut c = state.challenges.lock().map_err(|_| poisoned())?;
-        c.retain(|_, p| p.deadline_ms > now);
+        // Re-proofs past their deadline stay until the sweeper takes the
+        // proof away (`sweep_missed`).
+        c.retain(|_, p| p.deadline_ms > now || p.reproof);
         c.insert(id, p);
         Ok(())
     }
@@ -125,6 +141,67 @@ mod rounds {
             *have = p;
         }
         Ok(())
+    }
+
+    /// Whether `worker` has a re-proof in progress.
+    pub async fn reproof_pending(state: &Arc<AppState>, worker: &str) -> Result<bool, LedgerError> {
+        let now = unix_ms();
+        if state.shared() {
+            let worker = worker.to_string();
+            let now = i64::try_from(now).unwrap_or(i64::MAX);
+            let rows = state
+                .read_with(move |db| {
+                    db.query(
+                        "SELECT pending FROM bench_challenges WHERE worker = ?1 AND deadline_ms >= ?2",
+                        p![&worker, now],
+                    )
+                })
+                .await?;
+            return Ok(rows.iter().any(|r| {
+                r.str(0)
+                    .ok()
+                    .and_then(|j| serde_json::from_str::<Pending>(&j).ok())
+                    .is_some_and(|p| p.reproof)
+            }));
+        }
+        Ok(state
+            .challenges
+            .lock()
+            .map_err(|_| poisoned())?
+            .values()
+            .any(|p| p.worker == worker && p.reproof && p.deadline_ms >= now))
+    }
+
+    /// Re-proofs past their deadline: (id, round).
+    pub async fn missed(state: &Arc<AppState>) -> Result<Vec<(String, Pending)>, LedgerError> {
+        let now = unix_ms();
+        if state.shared() {
+            let now = i64::try_from(now).unwrap_or(i64::MAX);
+            let rows = state
+                .read_with(move |db| {
+                    db.query(
+                        "SELECT id, pending FROM bench_challenges WHERE deadline_ms < ?1",
+                        p![now],
+                    )
+                })
+                .await?;
+            return Ok(rows
+                .iter()
+                .filter_map(|r| {
+                    let p: Pending = serde_json::from_str(&r.str(1).ok()?).ok()?;
+                    Some((r.str(0).ok()?, p))
+                })
+                .filter(|(_, p)| p.reproof)
+                .collect());
+        }
+        Ok(state
+            .challenges
+            .lock()
+            .map_err(|_| poisoned())?
+            .iter()
+            .filter(|(_, p)| p.reproof && p.deadline_ms < now)
+            .map(|(id, p)| (id.clone(), p.clone()))
+            .collect())
     }
 
     /// Removes the round; false when it was gone already (someone else
@@ -229,6 +306,21 @@ pub async fn challenge(
         )
         .with_request_id(&rid));
     }
+    Ok(axum::Json(
+        issue(&state, &worker, false, Some(&rid))
+            .await
+            .map_err(|e| ledger_error(&state, e, &rid))?,
+    )
+    .into_response())
+}
+
+/// A fresh challenge for `worker` (asked by it, or a re-proof).
+pub(crate) async fn issue(
+    state: &Arc<AppState>,
+    worker: &str,
+    reproof: bool,
+    rid: Option<&str>,
+) -> Result<BenchChallenge, crate::ledger::LedgerError> {
     let mut seed = [0u8; 32];
     rand::rng().fill_bytes(&mut seed);
     let mut id = [0u8; 16];
@@ -238,24 +330,33 @@ pub async fn challenge(
     let now = unix_ms();
     let deadline_unix = unix_secs() + state.cfg.bench_deadline.as_secs();
     rounds::put(
-        &state,
+        state,
         id.clone(),
         Pending {
-            worker: worker.clone(),
+            worker: worker.to_string(),
             challenge: ch.clone(),
             issued_ms: now,
             deadline_ms: now + state.cfg.bench_deadline.as_millis() as u64,
             committed: None,
+            reproof,
+            proved_on: None,
         },
     )
-    .await
-    .map_err(|e| ledger_error(&state, e, &rid))?;
+    .await?;
     state.audit.record(
-        "bench.challenge",
-        Some(&rid),
+        if reproof {
+            "bench.reproof_asked"
+        } else {
+            "bench.challenge"
+        },
+        rid,
         json!({ "worker": worker, "challenge_id": id, "n": ch.n, "rounds": ch.rounds }),
     );
-    Ok(axum::Json(BenchChallenge {
+    if reproof {
+        metrics::counter!("troop_bench_reproofs_total", "outcome" => "asked").increment(1);
+        tracing::info!(%worker, challenge = %id, "asked for a fresh proof of hardware");
+    }
+    Ok(BenchChallenge {
         challenge_id: id,
         seed: ch.seed,
         n: ch.n,
@@ -263,7 +364,109 @@ pub async fn challenge(
         deadline: deadline_unix,
         samples: SAMPLES,
     })
-    .into_response())
+}
+
+/// Whether this heartbeat's answer asks `worker` for a re-proof: only a
+/// worker with a standing proof and none in progress, with the chance
+/// `1 - exp(-dt / mean)` for the `dt` seconds since its last heartbeat, so
+/// that re-proofs come on average every `reproof_mean` at times the worker
+/// cannot predict.
+pub(crate) async fn maybe_reproof(
+    state: &Arc<AppState>,
+    worker: &str,
+    proved: bool,
+    since_last_secs: u64,
+    rid: &str,
+) -> Option<BenchChallenge> {
+    let mean = state.cfg.reproof_mean.as_secs_f64();
+    if !proved || mean <= 0.0 {
+        return None;
+    }
+    let dt = (since_last_secs.max(1) as f64)
+        .min(3.0 * state.cfg.heartbeat_interval.as_secs_f64().max(1.0));
+    let chance = 1.0 - (-dt / mean).exp();
+    if rand::random::<f64>() >= chance {
+        return None;
+    }
+    match rounds::reproof_pending(state, worker).await {
+        Ok(false) => {}
+        Ok(true) => return None,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not check for a re-proof in progress");
+            return None;
+        }
+    }
+    match issue(state, worker, true, Some(rid)).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not issue a re-proof");
+            None
+        }
+    }
+}
+
+/// Takes a worker's standing proof away (a re-proof missed or failed): no
+/// verified figure, the multiplier at most 1.0 (a worker that never proved
+/// has 1.0; one that proved slower keeps its lower figure).
+async fn lose_proof(state: &Arc<AppState>, worker: &str, why: &str, rid: Option<&str>) {
+    let standing = state
+        .worker_with(worker, |w| w.multiplier_milli)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(1000);
+    let milli = standing.min(1000);
+    match state
+        .writer
+        .submit(
+            Command::SetHardware {
+                peer_id: worker.to_string(),
+                verified_gflops: None,
+                multiplier_milli: milli,
+                backend: None,
+                adapter: None,
+            },
+            rid.map(String::from),
+        )
+        .await
+    {
+        Ok(Outcome::Worker(row)) => {
+            if let Ok(mut w) = state.workers.write() {
+                w.insert(row.peer_id.clone(), row);
+            }
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(%worker, error = %e, "could not take the proof away");
+            return;
+        }
+    }
+    metrics::counter!("troop_bench_reproofs_total", "outcome" => "lost").increment(1);
+    state.audit.record(
+        "bench.reproof_failed",
+        rid,
+        json!({ "worker": worker, "reason": why,
+                "hardware_multiplier_before": standing as f64 / 1000.0,
+                "hardware_multiplier": milli as f64 / 1000.0 }),
+    );
+    tracing::warn!(%worker, reason = why, multiplier = milli as f64 / 1000.0, "re-proof failed: the proof of hardware is taken away");
+}
+
+/// Re-proofs past their deadline take the worker's proof away (run by the
+/// sweeper; each round is taken once, whichever replica sweeps).
+pub async fn sweep_missed(state: &Arc<AppState>) {
+    let missed = match rounds::missed(state).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list missed re-proofs");
+            return;
+        }
+    };
+    for (id, p) in missed {
+        if matches!(rounds::take(state, &id).await, Ok(true)) {
+            lose_proof(state, &p.worker, "the re-proof's deadline passed", None).await;
+        }
+    }
 }
 
 /// `POST /bench/challenge` takes an empty object.
@@ -282,6 +485,23 @@ pub struct Submit {
     seconds: Option<f64>,
     #[serde(default)]
     openings: Option<Vec<Opening>>,
+    /// What computed the root, as the worker says (shown, not trusted):
+    /// cpu, wgpu or cuda, and the adapter's name.
+    #[serde(default)]
+    backend: Option<String>,
+    #[serde(default)]
+    adapter: Option<String>,
+}
+
+/// A short printable label from a worker (at most 128 characters).
+fn label(s: Option<String>) -> Option<String> {
+    s.map(|s| {
+        s.chars()
+            .filter(|c| !c.is_control())
+            .take(128)
+            .collect::<String>()
+    })
+    .filter(|s| !s.is_empty())
 }
 
 pub async fn submit(
@@ -299,7 +519,7 @@ pub async fn submit(
     let pending = rounds::get(&state, &req.challenge_id)
         .await
         .map_err(|e| ledger_error(&state, e, &rid))?;
-    let (challenge, committed, issued) = {
+    let (challenge, committed, issued, reproof, proved_on) = {
         let Some(p) = pending.as_ref() else {
             return Err(refuse(
                 &state,
@@ -326,7 +546,15 @@ pub async fn submit(
             ));
         }
         if arrived > p.deadline_ms {
-            let _ = rounds::take(&state, &req.challenge_id).await;
+            if matches!(rounds::take(&state, &req.challenge_id).await, Ok(true)) && p.reproof {
+                lose_proof(
+                    &state,
+                    &worker,
+                    "the re-proof came after its deadline",
+                    Some(&rid),
+                )
+                .await;
+            }
             return Err(refuse(
                 &state,
                 &rid,
@@ -337,7 +565,13 @@ pub async fn submit(
                 "the challenge's deadline has passed".into(),
             ));
         }
-        (p.challenge.clone(), p.committed.clone(), p.issued_ms)
+        (
+            p.challenge.clone(),
+            p.committed.clone(),
+            p.issued_ms,
+            p.reproof,
+            p.proved_on.clone(),
+        )
     };
     match (req.root, req.openings, committed) {
         (Some(root), None, None) => {
@@ -352,6 +586,7 @@ pub async fn submit(
             let rows = verify::pick_rows(&r, challenge.n, SAMPLES);
             if let Some(mut p) = pending {
                 p.committed = Some((root.clone(), seconds, rows.clone()));
+                p.proved_on = label(req.backend.clone()).map(|b| (b, label(req.adapter.clone())));
                 rounds::commit(&state, &req.challenge_id, p)
                     .await
                     .map_err(|e| ledger_error(&state, e, &rid))?;
@@ -360,7 +595,8 @@ pub async fn submit(
                 "bench.committed",
                 Some(&rid),
                 json!({ "worker": worker, "challenge_id": req.challenge_id,
-                "seconds": seconds, "worker_seconds": req.seconds }),
+                "seconds": seconds, "worker_seconds": req.seconds,
+                "backend": req.backend, "adapter": req.adapter, "reproof": reproof }),
             );
             Ok(axum::Json(BenchRows {
                 challenge_id: req.challenge_id,
@@ -391,6 +627,9 @@ pub async fn submit(
                     .await
                     .map_err(|e| ApiError::internal(e.to_string()))?;
             if let Err(e) = verdict {
+                if reproof {
+                    lose_proof(&state, &worker, &format!("proof rejected: {e}"), Some(&rid)).await;
+                }
                 return Err(refuse(
                     &state,
                     &rid,
@@ -402,14 +641,42 @@ pub async fn submit(
                 ));
             }
             let gflops = challenge.flops() / seconds.max(1e-9) / 1e9;
-            let multiplier_milli = multiplier_for(gflops, state.cfg.reference_gflops);
+            let measured = multiplier_for(gflops, state.cfg.reference_gflops);
+            let (backend, adapter) = match proved_on {
+                Some((b, a)) => (Some(b), a),
+                None => (None, None),
+            };
+            let standing = if reproof {
+                state
+                    .worker_with(&worker, |w| (w.multiplier_milli, w.verified_gflops))
+                    .await
+                    .map_err(|e| ledger_error(&state, e, &rid))?
+            } else {
+                None
+            };
+            // A re-proof within the tolerance below the standing figure
+            // keeps it (a worker proving while it serves is a little
+            // slower); a lower or a higher one replaces it.
+            let keep = match standing {
+                Some((milli, Some(_))) => {
+                    let floor = milli as f64 * (1.0 - state.cfg.reproof_tolerance);
+                    (measured as f64) >= floor && measured <= milli
+                }
+                _ => false,
+            };
+            let (set_gflops, multiplier_milli) = match standing {
+                Some((milli, Some(g))) if keep => (g, milli),
+                _ => (gflops, measured),
+            };
             let out = state
                 .writer
                 .submit(
                     Command::SetHardware {
                         peer_id: worker.clone(),
-                        verified_gflops: gflops,
+                        verified_gflops: Some(set_gflops),
                         multiplier_milli,
+                        backend: backend.clone(),
+                        adapter: adapter.clone(),
                     },
                     Some(rid.clone()),
                 )
@@ -418,9 +685,35 @@ pub async fn submit(
             if let (Outcome::Worker(row), Ok(mut w)) = (out, state.workers.write()) {
                 w.insert(row.peer_id.clone(), row);
             }
-            state.audit.record("bench.verified", Some(&rid), json!({ "worker": worker, "challenge_id": req.challenge_id,
-                "verified_gflops": gflops, "hardware_multiplier": multiplier_milli as f64 / 1000.0 }));
-            tracing::info!(%worker, gflops, multiplier = multiplier_milli as f64 / 1000.0, "proof of hardware verified");
+            if reproof {
+                let before = standing.map(|(m, _)| m).unwrap_or(1000);
+                let result = if keep {
+                    "kept"
+                } else if multiplier_milli < before {
+                    "lowered"
+                } else if multiplier_milli > before {
+                    "raised"
+                } else {
+                    "same"
+                };
+                metrics::counter!("troop_bench_reproofs_total", "outcome" => result).increment(1);
+                state.audit.record(
+                    "bench.reproof",
+                    Some(&rid),
+                    json!({ "worker": worker,
+                    "challenge_id": req.challenge_id, "verified_gflops": gflops,
+                    "measured_multiplier": measured as f64 / 1000.0,
+                    "hardware_multiplier_before": before as f64 / 1000.0,
+                    "hardware_multiplier": multiplier_milli as f64 / 1000.0,
+                    "result": result, "backend": backend, "adapter": adapter }),
+                );
+                tracing::info!(%worker, gflops, result, multiplier = multiplier_milli as f64 / 1000.0, "re-proof verified");
+            } else {
+                state.audit.record("bench.verified", Some(&rid), json!({ "worker": worker, "challenge_id": req.challenge_id,
+                    "verified_gflops": gflops, "hardware_multiplier": multiplier_milli as f64 / 1000.0,
+                    "backend": backend, "adapter": adapter }));
+                tracing::info!(%worker, gflops, multiplier = multiplier_milli as f64 / 1000.0, "proof of hardware verified");
+            }
             Ok(axum::Json(BenchVerdict {
                 challenge_id: req.challenge_id,
                 verified: true,

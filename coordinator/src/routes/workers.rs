@@ -14,6 +14,8 @@ pub(crate) fn worker_info(cfg: &crate::Config, w: &WorkerRow, now: u64) -> Worke
         addresses: w.addresses.clone(),
         hardware_multiplier: multiplier(w.multiplier_milli),
         verified_gflops: w.verified_gflops,
+        hardware_backend: w.proof_backend.clone(),
+        hardware_adapter: w.proof_adapter.clone(),
         last_seen: w.last_seen,
         alive: w.alive(now, cfg.worker_ttl.as_secs()),
         load: Load {
@@ -168,6 +170,13 @@ pub(crate) async fn heartbeat(
     let now = unix_secs();
     let peer_id = peer.to_base58();
     note_worker_ip(&state, &peer_id, ip);
+    // Before the heartbeat updates it: whether it has a standing proof and
+    // how long since it was last seen (for the re-proof's draw).
+    let before = state
+        .worker_with(&peer_id, |w| (w.verified_gflops.is_some(), w.last_seen))
+        .await
+        .ok()
+        .flatten();
     state
         .writer
         .submit(
@@ -197,9 +206,17 @@ pub(crate) async fn heartbeat(
             w.addresses = a;
         }
     }
+    let reproof = match before {
+        Some((proved, last)) => {
+            super::hardware::maybe_reproof(&state, &peer_id, proved, now.saturating_sub(last), &rid)
+                .await
+        }
+        None => None,
+    };
     Ok(axum::Json(HeartbeatResponse {
         ok: true,
         last_seen: now,
+        reproof,
     })
     .into_response())
 }
@@ -240,6 +257,7 @@ pub(crate) async fn leave(
     Ok(axum::Json(HeartbeatResponse {
         ok: true,
         last_seen: now,
+        reproof: None,
     })
     .into_response())
 }

@@ -1,5 +1,5 @@
 //! The worker and its coordinator: heartbeats behind a breaker, the proof
-//! of hardware at start, and the ticket keys (fetched again for an unknown
+//! of hardware at start and the re-proofs the coordinator asks for, and the ticket keys (fetched again for an unknown
 //! `kid`, at most every few seconds).
 
 use super::*;
@@ -13,35 +13,69 @@ pub(super) async fn benchmark_task(s: Arc<Shared>) {
     let Some(backend) = s.cfg.benchmark else {
         return;
     };
-    match crate::hardware::prove_to_coordinator(&s.client, backend).await {
-        Ok((m, gflops)) => {
+    if s.proving.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let r = crate::hardware::prove_to_coordinator(&s.client, backend).await;
+    record_proof(&s, r, false);
+    s.proving.store(false, Ordering::SeqCst);
+}
+
+/// Answers a re-proof the coordinator asked for in a heartbeat's answer,
+/// while the worker keeps serving; one at a time.
+pub(super) async fn reproof_task(s: Arc<Shared>, c: troop_protocol::api::BenchChallenge) {
+    if s.proving.swap(true, Ordering::SeqCst) {
+        tracing::debug!("a proof is already running; the re-proof asked waits for the next one");
+        return;
+    }
+    let backend = s
+        .cfg
+        .benchmark
+        .unwrap_or(troop_bench_kernels::Backend::Auto);
+    tracing::info!(challenge = %c.challenge_id, "the coordinator asked for a fresh proof of hardware");
+    if let Some(mut p) = s.proof.locked() {
+        p.state = "running";
+    }
+    let r = crate::hardware::answer_challenge(&s.client, c, backend).await;
+    record_proof(&s, r, true);
+    s.proving.store(false, Ordering::SeqCst);
+}
+
+fn record_proof(s: &Shared, r: anyhow::Result<crate::hardware::Verified>, reproof: bool) {
+    match r {
+        Ok(v) => {
             tracing::info!(
-                gflops,
-                multiplier = m,
+                gflops = v.gflops,
+                multiplier = v.multiplier,
+                backend = v.backend,
+                adapter = v.adapter.as_deref().unwrap_or("-"),
+                reproof,
                 "hardware verified by the coordinator"
             );
             if let Some(mut slot) = s.multiplier.writing() {
-                *slot = m;
+                *slot = v.multiplier;
             }
             if let Some(mut p) = s.proof.locked() {
+                let reproofs = p.reproofs + u64::from(reproof);
                 *p = ProofStatus {
                     state: "verified",
-                    gflops: Some(gflops),
-                    multiplier: Some(m),
+                    gflops: Some(v.gflops),
+                    multiplier: Some(v.multiplier),
                     error: None,
                     at_ms: Some(unix_ms()),
+                    backend: Some(v.backend),
+                    adapter: v.adapter,
+                    fallback: v.fallback,
+                    reproofs,
                 };
             }
         }
         Err(e) => {
-            tracing::warn!(error = %e, "proof of hardware failed; the multiplier stays as it was");
+            tracing::warn!(error = %e, reproof, "proof of hardware failed");
             if let Some(mut p) = s.proof.locked() {
-                *p = ProofStatus {
-                    state: "failed",
-                    error: Some(format!("{e:#}")),
-                    at_ms: Some(unix_ms()),
-                    ..Default::default()
-                };
+                p.state = "failed";
+                p.error = Some(format!("{e:#}"));
+                p.at_ms = Some(unix_ms());
             }
         }
     }
@@ -72,7 +106,10 @@ pub(super) async fn heartbeat_loop(s: Arc<Shared>) {
             },
         };
         match s.client.heartbeat(&req).await {
-            Ok(_) => {
+            Ok(answer) => {
+                if let Some(c) = answer.reproof {
+                    tokio::spawn(reproof_task(s.clone(), c));
+                }
                 if breaker.state() != BreakerState::Closed {
                     tracing::info!("coordinator is back; heartbeats resume");
                 }

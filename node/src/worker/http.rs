@@ -121,6 +121,8 @@ async fn status(State(s): State<Arc<Shared>>) -> Response {
         "hardware": {
             "multiplier": s.multiplier.reading().map(|m| *m).unwrap_or(1.0),
             "proof": proof,
+            "backend_asked": s.cfg.benchmark.map(|b| b.name()),
+            "adapters": troop_bench_kernels::adapters_listed(),
         },
     }))
     .into_response()

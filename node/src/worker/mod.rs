@@ -190,6 +190,8 @@ struct Shared {
     upstream_health: Mutex<UpstreamHealth>,
     /// The proof of hardware: not asked, running, verified or failed.
     proof: Mutex<ProofStatus>,
+    /// A proof is running (at start or a re-proof): one at a time.
+    proving: std::sync::atomic::AtomicBool,
     started_ms: u64,
     /// The account as the status page shows it (read from the coordinator).
     account: crate::web::AccountView,
@@ -216,6 +218,13 @@ pub struct ProofStatus {
     pub multiplier: Option<f64>,
     pub error: Option<String>,
     pub at_ms: Option<u64>,
+    /// What proved last: cpu, wgpu or cuda, and the adapter's name.
+    pub backend: Option<&'static str>,
+    pub adapter: Option<String>,
+    /// Set when the GPU failed and the CPU proved instead.
+    pub fallback: Option<String>,
+    /// Re-proofs the coordinator asked for and verified since start.
+    pub reproofs: u64,
 }
 
 /// A running worker; dropping it leaves the tasks running, `kill` stops
@@ -513,6 +522,28 @@ async fn prepare(
         .with_context(|| format!("listing models at {}", cfg.upstream))?;
     waiting.upstream_found(models.iter().map(|m| m.name.clone()).collect());
     tracing::info!(upstream = %cfg.upstream, dialect = ?upstream.dialect, models = ?models.iter().map(|m| &m.name).collect::<Vec<_>>(), "upstream found");
+    if let Some(backend) = cfg.benchmark {
+        // The graphics adapters, listed once (the status page and doctor
+        // show them) and what the proof will run on.
+        let target = tokio::task::spawn_blocking(move || {
+            let found = troop_bench_kernels::adapters();
+            (found, backend.target())
+        })
+        .await;
+        if let Ok((found, target)) = target {
+            for a in found {
+                tracing::info!(adapter = %a, "graphics adapter found");
+            }
+            match target {
+                Ok(t) => {
+                    tracing::info!(asked = backend.name(), proves_on = %t, "proof of hardware backend")
+                }
+                Err(e) => {
+                    tracing::warn!(asked = backend.name(), error = %e, "the proof's backend is not usable here; the CPU will prove")
+                }
+            }
+        }
+    }
 
     let pk = until_coordinator_answers("fetching the coordinator's key", waiting, || {
         client.public_key()
@@ -637,6 +668,7 @@ async fn start_serving(
             },
             ..Default::default()
         }),
+        proving: std::sync::atomic::AtomicBool::new(false),
         started_ms: unix_ms(),
         account: crate::web::AccountView::new(client.clone()),
         cfg,

@@ -1,0 +1,210 @@
+//! The graphics adapters this machine offers, and which one `auto` proves on.
+//!
+//! The list is taken once per process (Vulkan first, then Metal, then DX12:
+//! the first API with any adapter, which is the one burn's wgpu backend
+//! settles on, so an adapter's index here is its index there). A build
+//! without the `wgpu` feature finds none.
+
+use serde::Serialize;
+
+/// What kind of device an adapter is, as its driver says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterKind {
+    /// A GPU with memory of its own.
+    Discrete,
+    /// A GPU sharing the CPU's memory.
+    Integrated,
+    /// A hosted or virtual GPU.
+    Virtual,
+    /// A software rasterizer on the CPU: llvmpipe (lavapipe), SwiftShader,
+    /// WARP. It runs the proof, far slower than the CPU backend.
+    Cpu,
+    Other,
+}
+
+impl AdapterKind {
+    /// Whether `auto` may choose it (real GPUs only).
+    pub fn is_gpu(self) -> bool {
+        matches!(self, AdapterKind::Discrete | AdapterKind::Integrated)
+    }
+}
+
+/// One adapter found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Adapter {
+    /// As its driver names it, e.g. "NVIDIA GeForce RTX 4090" or
+    /// "llvmpipe (LLVM 15.0.6, 256 bits)".
+    pub name: String,
+    pub kind: AdapterKind,
+    /// The graphics API: vulkan, metal or dx12.
+    pub api: String,
+    /// The driver and its version, where it says.
+    pub driver: String,
+    /// Its index among the adapters of its kind (burn's `DiscreteGpu(i)`).
+    #[serde(skip)]
+    pub index: usize,
+}
+
+impl std::fmt::Display for Adapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            AdapterKind::Discrete => "discrete GPU",
+            AdapterKind::Integrated => "integrated GPU",
+            AdapterKind::Virtual => "virtual GPU",
+            AdapterKind::Cpu => "software, on the CPU",
+            AdapterKind::Other => "other",
+        };
+        write!(f, "{} ({kind}, {}", self.name, self.api)?;
+        if !self.driver.is_empty() {
+            write!(f, ", {}", self.driver)?;
+        }
+        f.write_str(")")
+    }
+}
+
+static FOUND: std::sync::OnceLock<Vec<Adapter>> = std::sync::OnceLock::new();
+
+/// Every adapter found, listed once per process (asking the drivers again
+/// while burn holds a device has crashed Vulkan loaders). The first call
+/// asks the drivers: it may take a moment.
+pub fn adapters() -> &'static [Adapter] {
+    FOUND.get_or_init(probe)
+}
+
+/// The adapters, if they were listed already (never asks the drivers).
+pub fn adapters_listed() -> Option<&'static [Adapter]> {
+    FOUND.get().map(Vec::as_slice)
+}
+
+#[cfg(feature = "wgpu")]
+fn probe() -> Vec<Adapter> {
+    // A driver that panics while being asked must not take the node down:
+    // the machine then simply has no adapter.
+    std::panic::catch_unwind(|| {
+        for api in [
+            wgpu::Backends::VULKAN,
+            wgpu::Backends::METAL,
+            wgpu::Backends::DX12,
+        ] {
+            let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+                backends: api,
+                ..wgpu::InstanceDescriptor::new_without_display_handle()
+            });
+            let infos: Vec<wgpu::AdapterInfo> =
+                pollster::block_on(instance.enumerate_adapters(api))
+                    .iter()
+                    .map(wgpu::Adapter::get_info)
+                    .collect();
+            // Kept for the process's life: instances coming and going on
+            // several threads crash some Vulkan loaders.
+            std::mem::forget(instance);
+            if !infos.is_empty() {
+                return number(infos.into_iter().map(|i| {
+                    let kind = match i.device_type {
+                        wgpu::DeviceType::DiscreteGpu => AdapterKind::Discrete,
+                        wgpu::DeviceType::IntegratedGpu => AdapterKind::Integrated,
+                        wgpu::DeviceType::VirtualGpu => AdapterKind::Virtual,
+                        wgpu::DeviceType::Cpu => AdapterKind::Cpu,
+                        wgpu::DeviceType::Other => AdapterKind::Other,
+                    };
+                    let driver = [i.driver.as_str(), i.driver_info.as_str()]
+                        .iter()
+                        .filter(|s| !s.is_empty())
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    (i.name, kind, i.backend.to_str().to_string(), driver)
+                }));
+            }
+        }
+        Vec::new()
+    })
+    .unwrap_or_default()
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn probe() -> Vec<Adapter> {
+    Vec::new()
+}
+
+/// Numbers adapters within their kind, in the order found.
+#[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
+fn number(found: impl Iterator<Item = (String, AdapterKind, String, String)>) -> Vec<Adapter> {
+    let mut seen: Vec<AdapterKind> = Vec::new();
+    found
+        .map(|(name, kind, api, driver)| {
+            let index = seen.iter().filter(|k| **k == kind).count();
+            seen.push(kind);
+            Adapter {
+                name,
+                kind,
+                api,
+                driver,
+                index,
+            }
+        })
+        .collect()
+}
+
+/// The adapter `auto` proves on: the first discrete GPU, else the first
+/// integrated one; `None` means the CPU backend (a software adapter is
+/// never chosen over it).
+pub fn best_gpu(found: &[Adapter]) -> Option<&Adapter> {
+    [AdapterKind::Discrete, AdapterKind::Integrated]
+        .iter()
+        .find_map(|kind| found.iter().find(|a| a.kind == *kind))
+}
+
+/// The adapter `wgpu` (asked by name) proves on: the best GPU, else a
+/// virtual one, else a software one (lavapipe: for tests and for those who
+/// ask), else any.
+pub fn best_any(found: &[Adapter]) -> Option<&Adapter> {
+    best_gpu(found).or_else(|| {
+        [AdapterKind::Virtual, AdapterKind::Cpu, AdapterKind::Other]
+            .iter()
+            .find_map(|kind| found.iter().find(|a| a.kind == *kind))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(kinds: &[AdapterKind]) -> Vec<Adapter> {
+        number(
+            kinds
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (format!("a{i}"), *k, "vulkan".into(), String::new())),
+        )
+    }
+
+    #[test]
+    fn auto_prefers_discrete_then_integrated_and_never_software() {
+        use AdapterKind::*;
+        let found = list(&[Cpu, Integrated, Discrete, Discrete]);
+        let best = best_gpu(&found).expect("a GPU");
+        assert_eq!((best.name.as_str(), best.index), ("a2", 0));
+        let found = list(&[Cpu, Virtual, Integrated]);
+        assert_eq!(best_gpu(&found).map(|a| a.name.as_str()), Some("a2"));
+        // lavapipe alone, or a virtual GPU: the CPU backend.
+        assert_eq!(best_gpu(&list(&[Cpu])), None);
+        assert_eq!(best_gpu(&list(&[Virtual, Cpu])), None);
+        // Asked for wgpu by name: the software adapter is what there is.
+        assert_eq!(
+            best_any(&list(&[Cpu, Virtual])).map(|a| a.kind),
+            Some(Virtual)
+        );
+        assert_eq!(best_any(&list(&[Cpu])).map(|a| a.kind), Some(Cpu));
+        assert_eq!(best_any(&[]), None);
+    }
+
+    #[test]
+    fn adapters_are_numbered_within_their_kind() {
+        use AdapterKind::*;
+        let found = list(&[Discrete, Integrated, Discrete, Cpu, Integrated]);
+        let idx: Vec<usize> = found.iter().map(|a| a.index).collect();
+        assert_eq!(idx, vec![0, 0, 1, 0, 1]);
+    }
+}
