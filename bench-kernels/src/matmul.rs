@@ -351,11 +351,15 @@ fn prove_unguarded(
         c = reduced.matmul(b.clone());
         progress(round + 1, ch.rounds);
     }
-    let data = c.into_data();
-    let matmul_seconds = t0.elapsed().as_secs_f64();
-    let c: Vec<f32> = data
+    // The clock stops when the values are on the host: on wgpu `into_data`
+    // returns at once and the work (and the read back) happens while the
+    // bytes are taken (it was stopped before, and lavapipe's 1.5 GFLOP/s
+    // read as 160).
+    let c: Vec<f32> = c
+        .into_data()
         .try_into_vec::<f32>()
         .map_err(|e| ProveError::Backend(format!("{e:?}")))?;
+    let matmul_seconds = t0.elapsed().as_secs_f64();
     if c.len() != n * n {
         return Err(ProveError::Backend(format!(
             "got {} values, expected {}",
@@ -388,11 +392,19 @@ pub fn time_matmul(n: usize, backend: Backend, reps: u32) -> Result<f64, ProveEr
         &device,
     );
     // Warm up (kernel selection, thread pool).
-    let _ = a.clone().matmul(b.clone()).into_data();
+    let _ = a
+        .clone()
+        .matmul(b.clone())
+        .into_data()
+        .try_into_vec::<f32>();
     let mut best = f64::MAX;
     for _ in 0..reps.max(1) {
         let t = Instant::now();
-        let _ = a.clone().matmul(b.clone()).into_data();
+        let _ = a
+            .clone()
+            .matmul(b.clone())
+            .into_data()
+            .try_into_vec::<f32>();
         best = best.min(t.elapsed().as_secs_f64());
     }
     Ok(best)

@@ -553,3 +553,42 @@ fn hardware_check(h: &serde_json::Value) -> Option<Check> {
         advice: "the worker's log says why; `troop bench --backend auto` proves locally, and a GPU needs its Vulkan (or Metal, DX12) driver",
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::hardware_check;
+    use serde_json::json;
+
+    #[test]
+    fn doctor_names_the_adapters_found_and_what_proved() {
+        assert!(hardware_check(&json!({"proof": {"state": "off"}})).is_none());
+        let c = hardware_check(&json!({
+            "backend_asked": "auto",
+            "adapters": [{"name": "llvmpipe (LLVM 15.0.6, 256 bits)", "kind": "cpu", "api": "vulkan"}],
+            "proof": {"state": "verified", "gflops": 180.5, "multiplier": 1.805,
+                      "backend": "cpu", "adapter": null, "reproofs": 2, "fallback": null}
+        }))
+        .expect("a check");
+        assert!(c.ok);
+        for part in [
+            "llvmpipe (LLVM 15.0.6, 256 bits) (cpu, vulkan)",
+            "proved on cpu",
+            "180.5 GFLOP/s",
+            "2 re-proofs",
+        ] {
+            assert!(c.detail.contains(part), "{part:?} in {}", c.detail);
+        }
+        let c = hardware_check(&json!({
+            "adapters": [],
+            "proof": {"state": "failed", "error": "the coordinator refused the proof"}
+        }))
+        .expect("a check");
+        assert!(!c.ok);
+        assert!(
+            c.detail.contains("no graphics adapter found"),
+            "{}",
+            c.detail
+        );
+        assert!(c.detail.contains("refused the proof"), "{}", c.detail);
+    }
+}

@@ -13,21 +13,16 @@ pub(super) async fn benchmark_task(s: Arc<Shared>) {
     let Some(backend) = s.cfg.benchmark else {
         return;
     };
-    if s.proving.swap(true, Ordering::SeqCst) {
-        return;
-    }
+    let _one_at_a_time = s.proving.lock().await;
     let r = crate::hardware::prove_to_coordinator(&s.client, backend).await;
     record_proof(&s, r, false);
-    s.proving.store(false, Ordering::SeqCst);
 }
 
 /// Answers a re-proof the coordinator asked for in a heartbeat's answer,
-/// while the worker keeps serving; one at a time.
+/// while the worker keeps serving; after the proof running, if one is (the
+/// deadline leaves room for both).
 pub(super) async fn reproof_task(s: Arc<Shared>, c: troop_protocol::api::BenchChallenge) {
-    if s.proving.swap(true, Ordering::SeqCst) {
-        tracing::debug!("a proof is already running; the re-proof asked waits for the next one");
-        return;
-    }
+    let _one_at_a_time = s.proving.lock().await;
     let backend = s
         .cfg
         .benchmark
@@ -38,7 +33,6 @@ pub(super) async fn reproof_task(s: Arc<Shared>, c: troop_protocol::api::BenchCh
     }
     let r = crate::hardware::answer_challenge(&s.client, c, backend).await;
     record_proof(&s, r, true);
-    s.proving.store(false, Ordering::SeqCst);
 }
 
 fn record_proof(s: &Shared, r: anyhow::Result<crate::hardware::Verified>, reproof: bool) {

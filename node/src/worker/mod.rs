@@ -190,8 +190,8 @@ struct Shared {
     upstream_health: Mutex<UpstreamHealth>,
     /// The proof of hardware: not asked, running, verified or failed.
     proof: Mutex<ProofStatus>,
-    /// A proof is running (at start or a re-proof): one at a time.
-    proving: std::sync::atomic::AtomicBool,
+    /// Held while a proof runs (at start or a re-proof): one at a time.
+    proving: tokio::sync::Mutex<()>,
     started_ms: u64,
     /// The account as the status page shows it (read from the coordinator).
     account: crate::web::AccountView,
@@ -668,7 +668,7 @@ async fn start_serving(
             },
             ..Default::default()
         }),
-        proving: std::sync::atomic::AtomicBool::new(false),
+        proving: tokio::sync::Mutex::new(()),
         started_ms: unix_ms(),
         account: crate::web::AccountView::new(client.clone()),
         cfg,
