@@ -140,6 +140,45 @@ pub trait Db {
         self.query_opt(sql, params)?
             .ok_or_else(|| LedgerError::Storage("the query returned no row".into()))
     }
+
+    /// Runs a statement whose count nobody reads. A store may send it
+    /// later, with the next read (PostgreSQL's writer pipelines them: see
+    /// `crate::pg::pipe`); its failure then fails that read or the batch.
+    fn write(&mut self, sql: &str, params: &[V]) -> Result<(), LedgerError> {
+        self.exec(sql, params).map(|_| ())
+    }
+
+    /// The id for a new transfer when the store assigns them itself (the
+    /// PostgreSQL writer, under its lock, to save the `RETURNING` round
+    /// trip); `None`: the database's own identity.
+    fn next_transfer_id(&mut self) -> Option<i64> {
+        None
+    }
+
+    /// A job's row read ahead for this batch (`Some(None)`: read ahead and
+    /// not there); `None`: not read ahead, ask the database. Each is given
+    /// out once.
+    fn prefetched_job(&mut self, _job_id: &str) -> Option<Option<Row>> {
+        None
+    }
+}
+
+impl<T: Db + ?Sized> Db for &mut T {
+    fn exec(&mut self, sql: &str, params: &[V]) -> Result<u64, LedgerError> {
+        (**self).exec(sql, params)
+    }
+    fn query(&mut self, sql: &str, params: &[V]) -> Result<Vec<Row>, LedgerError> {
+        (**self).query(sql, params)
+    }
+    fn write(&mut self, sql: &str, params: &[V]) -> Result<(), LedgerError> {
+        (**self).write(sql, params)
+    }
+    fn next_transfer_id(&mut self) -> Option<i64> {
+        (**self).next_transfer_id()
+    }
+    fn prefetched_job(&mut self, job_id: &str) -> Option<Option<Row>> {
+        (**self).prefetched_job(job_id)
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -263,7 +302,7 @@ impl<C: postgres::GenericClient> Pg<'_, C> {
     }
 }
 
-fn pg_params(params: &[V]) -> Vec<&(dyn ToSql + Sync)> {
+pub(crate) fn pg_params(params: &[V]) -> Vec<&(dyn ToSql + Sync)> {
     params.iter().map(|v| v as &(dyn ToSql + Sync)).collect()
 }
 
@@ -280,7 +319,7 @@ impl<C: postgres::GenericClient> Db for Pg<'_, C> {
     }
 }
 
-fn pg_row(r: &postgres::Row) -> Result<Row, LedgerError> {
+pub(crate) fn pg_row(r: &postgres::Row) -> Result<Row, LedgerError> {
     let mut row = Vec::with_capacity(r.len());
     for (i, c) in r.columns().iter().enumerate() {
         let v = match *c.type_() {

@@ -15,6 +15,7 @@ use proptest::prelude::*;
 use rusqlite::Connection;
 use troop_coordinator::db::{Db, Lite, Pg, StatementCache};
 use troop_coordinator::ledger::{self, Command, LedgerError, Outcome};
+use troop_coordinator::pg::pipe;
 use troop_protocol::receipt::{JobStatus, Receipt};
 use troop_protocol::usage::{Ack, LineStatus, RequestLine};
 
@@ -122,6 +123,8 @@ fn run(conn: &mut Connection, cmd: Command) -> Result<Outcome, LedgerError> {
 enum Store<'a> {
     Lite(&'a mut Connection),
     Pg(&'a mut postgres::Client, StatementCache),
+    /// The writer's pipelined connection, each command a batch of its own.
+    Pipe(&'a mut pipe::Pipe),
 }
 
 impl Store<'_> {
@@ -130,6 +133,10 @@ impl Store<'_> {
     fn run(&mut self, cmd: Command) -> Result<Outcome, LedgerError> {
         match self {
             Store::Lite(conn) => run(conn, cmd),
+            Store::Pipe(p) => {
+                let mut out = pipe::run_commands(p, &[&cmd]).expect("the batch commits");
+                out.pop().expect("one result").0
+            }
             Store::Pg(client, cache) => {
                 let mut tx = client.transaction().expect("tx");
                 let mut events = Vec::new();
@@ -157,6 +164,7 @@ impl Store<'_> {
     fn db(&mut self) -> Box<dyn Db + '_> {
         match self {
             Store::Lite(conn) => Box::new(Lite(conn)),
+            Store::Pipe(p) => Box::new(&mut **p),
             Store::Pg(client, cache) => Box::new(Pg {
                 client: &mut **client,
                 cache,
@@ -251,34 +259,142 @@ proptest! {
     }
 }
 
-/// The same model on PostgreSQL: one server, a fresh schema per case.
-#[test]
-fn postgres_ledger_matches_the_model() {
+/// Runs `cases` random cases on one PostgreSQL server, each on a fresh,
+/// migrated schema: `f` gets a client with the schema on its search path
+/// and the URL that opens more such connections.
+fn pg_cases(
+    name: &str,
+    cases: u32,
+    f: impl Fn(&mut postgres::Client, &str, Vec<Op>) -> Result<(), TestCaseError>,
+) {
     let Some(server) = pg::PgServer::start() else {
         return;
     };
-    let url = server.create_db("model");
-    let client =
-        std::cell::RefCell::new(postgres::Client::connect(&url, postgres::NoTls).expect("connect"));
+    let url = server.create_db(name);
     let case = std::cell::Cell::new(0);
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
-        cases: 24,
+        cases,
         ..ProptestConfig::default()
     });
     runner
         .run(&proptest::collection::vec(op(), 1..60), |ops| {
             case.set(case.get() + 1);
-            let case = case.get();
-            let mut client = client.borrow_mut();
-            client
-                .batch_execute(&format!(
-                    "CREATE SCHEMA case_{case}; SET search_path TO case_{case}"
-                ))
+            let schema = format!("case_{}", case.get());
+            let mut admin = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+            admin
+                .batch_execute(&format!("CREATE SCHEMA {schema}"))
                 .expect("a schema for this case");
+            let url = format!("{url}?options=-csearch_path%3D{schema}");
+            let mut client = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
             troop_coordinator::pg::migrate(&mut client).expect("migrate");
-            model_run(&mut Store::Pg(&mut client, StatementCache::default()), ops)
+            f(&mut client, &url, ops)
         })
-        .expect("the PostgreSQL ledger matches the model");
+        .unwrap_or_else(|e| panic!("the {name} ledger does not match the model: {e}"));
+}
+
+/// The same model on PostgreSQL, one command per transaction.
+#[test]
+fn postgres_ledger_matches_the_model() {
+    pg_cases("one_by_one", 24, |client, _, ops| {
+        model_run(&mut Store::Pg(client, StatementCache::default()), ops)
+    });
+}
+
+/// The same model through the writer's pipelined connection (issue 29).
+#[test]
+fn pipelined_postgres_ledger_matches_the_model() {
+    pg_cases("pipelined", 16, |_, url, ops| {
+        let mut p = pipe::Pipe::connect(url).expect("the pipe");
+        model_run(&mut Store::Pipe(&mut p), ops)
+    });
+}
+
+/// A batch whose command is refused after it wrote (a new account, its
+/// starter grant refused) is run again with a savepoint per command: the
+/// other commands' results stand, the refused one changed nothing.
+#[test]
+fn a_command_refused_after_it_wrote_sends_the_batch_to_the_careful_pass() {
+    let Some(server) = pg::PgServer::start() else {
+        return;
+    };
+    let url = server.create_db("careful");
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+    troop_coordinator::pg::migrate(&mut c).expect("migrate");
+    let mut p = pipe::Pipe::connect(&url).expect("the pipe");
+    let register = Command::RegisterWorker {
+        peer_id: "w".into(),
+        models: vec!["m".into()],
+        addresses: vec![],
+        version: None,
+        new_key: [1; 32],
+        now_secs: 0,
+    };
+    pipe::run_commands(&mut p, &[&register]).expect("registered");
+    let reserve = |user: &str, job: &str| Command::Reserve {
+        user: user.into(),
+        worker: "w".into(),
+        model: "m".into(),
+        job_id: job.into(),
+        amount: 1_000,
+        multiplier_milli: 1_000,
+        starter_grant: STARTER,
+        grant_policy: ledger::GrantPolicy {
+            ip: "10.0.0.1".into(),
+            per_ip_per_day: 1,
+            ..Default::default()
+        },
+        expires_at: 100,
+        now_ms: T0,
+    };
+    let before = pipe::careful_passes();
+    let (a, b, again) = (reserve("a", "j1"), reserve("b", "j2"), reserve("a", "j3"));
+    let out = pipe::run_commands(&mut p, &[&a, &b, &again]).expect("the batch commits");
+    assert_eq!(pipe::careful_passes(), before + 1, "the careful pass ran");
+    assert!(
+        matches!(
+            out[0].0,
+            Ok(Outcome::Reserved {
+                granted: STARTER,
+                ..
+            })
+        ),
+        "{:?}",
+        out[0].0
+    );
+    assert!(
+        matches!(out[1].0, Err(LedgerError::GrantRefused(_))),
+        "{:?}",
+        out[1].0
+    );
+    assert!(out[1].1.is_empty(), "a refused command has no events");
+    assert!(
+        matches!(out[2].0, Ok(Outcome::Reserved { granted: 0, .. })),
+        "{:?}",
+        out[2].0
+    );
+    // `b` was never created; `a` holds two reservations; the books balance.
+    assert_eq!(ledger::available(&mut p, "b").expect("read"), None);
+    assert_eq!(
+        ledger::available(&mut p, "a").expect("read"),
+        Some(STARTER - 2_000)
+    );
+    ledger::check_invariants_full(&mut p).expect("the invariants hold");
+    // The transfer ids given out stay dense and the sequence follows them.
+    let ids: Vec<i64> = c
+        .query("SELECT id FROM transfers ORDER BY id", &[])
+        .expect("ids")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, (1..=ids.len() as i64).collect::<Vec<_>>());
+    let next: i64 = c
+        .query_one(
+            "SELECT nextval(pg_get_serial_sequence('transfers', 'id'))",
+            &[],
+        )
+        .expect("nextval")
+        .get(0);
+    assert_eq!(next, ids.len() as i64 + 1);
 }
 
 fn model_run(conn: &mut Store<'_>, ops: Vec<Op>) -> Result<(), TestCaseError> {

@@ -564,3 +564,64 @@ async fn a_proof_of_hardware_round_spans_replicas() {
         assert_eq!(s, 404);
     }
 }
+
+/// Issue 29: the writer pipelines a batch's statements, so a batch of
+/// settlements costs a few round trips to PostgreSQL whatever its size
+/// (counted by the writer's own connection), and every settlement is
+/// still paid exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_settlements_is_a_few_round_trips_whatever_its_size() {
+    use troop_coordinator::pg::pipe;
+    let Some((_server, url, key)) = shared_database("pipeline") else {
+        return;
+    };
+    let c = TestCoordinator::start_with(move |c| {
+        c.database = Some(url);
+        c.key_file = Some(key);
+        c.authorize_per_hour = 100_000;
+        c.authorize_per_ip_per_hour = 100_000;
+        // No expiry sweep in the middle of the count.
+        c.sweep_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let worker = generate();
+    c.register(&worker, &[MODEL]).await;
+    let users: Vec<_> = (0..20).map(|_| generate()).collect();
+    let mut jobs = Vec::new();
+    for i in 0..200 {
+        let user = &users[i % users.len()];
+        jobs.push((i % users.len(), c.ticket(user, &worker, MODEL).await.job_id));
+    }
+    let state = c.running.as_ref().expect("running").state.clone();
+    let settle = |(u, job): (usize, String)| {
+        let state = state.clone();
+        let receipt = receipt_for(&job, &users[u], &worker, MODEL, 1500);
+        async move { common::settle_through_writer(&state, receipt).await }
+    };
+    // A few first, so every statement is prepared before counting.
+    for j in jobs.drain(..4) {
+        settle(j).await;
+    }
+    let (trips, batches, careful) = (pipe::round_trips(), pipe::batches(), pipe::careful_passes());
+    let n = jobs.len() as u64;
+    futures::future::join_all(jobs.into_iter().map(settle)).await;
+    let trips = pipe::round_trips() - trips;
+    let batches = pipe::batches() - batches;
+    println!("{n} settlements: {batches} batches, {trips} round trips");
+    assert_eq!(
+        pipe::careful_passes(),
+        careful,
+        "no batch needed the careful pass"
+    );
+    assert!(batches >= 1 && batches < n, "the settlements were batched");
+    // Begin with the reads ahead, every write with the invariants, commit.
+    assert!(
+        trips <= 3 * batches,
+        "{trips} round trips for {batches} batches of {n} settlements"
+    );
+    // Every settlement paid the worker 1.5 s at multiplier 1.
+    assert_eq!(c.balance(&worker).await["available"], 1.5 * 200.0);
+    for u in &users {
+        assert_eq!(c.balance(u).await["debited"], 1.5 * 10.0);
+    }
+}

@@ -44,6 +44,7 @@ pub use cmd::reserve::GrantPolicy;
 pub use cmd::settle::job_cost;
 pub use error::LedgerError;
 pub use invariants::{Totals, check_invariants, check_invariants_full, stored_totals, totals};
+pub(crate) use query::JOB_COLUMNS;
 pub use query::{
     Reputation, WorkerRow, all_audit_counts, audit_counts, available, job_parties, load_worker,
     load_workers, load_workers_seen_since, reputation_of, worker_reputations,

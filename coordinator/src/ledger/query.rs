@@ -164,13 +164,21 @@ pub(crate) struct JobRow {
     pub created_at: i64,
 }
 
+/// The columns of a job that [`load_job`] reads (the PostgreSQL writer
+/// reads a batch's jobs ahead with the same list).
+pub(crate) const JOB_COLUMNS: &str = "job_id, user_id, worker_id, model, reserve_transfer, reserved, \
+     multiplier_milli, state, receipt_sha256, cost, created_at";
+
 pub(crate) fn load_job(tx: &mut dyn Db, job_id: &str) -> Result<Option<JobRow>, LedgerError> {
-    tx.query_opt(
-        "SELECT job_id, user_id, worker_id, model, reserve_transfer, reserved, multiplier_milli, state,
-                receipt_sha256, cost, created_at FROM jobs WHERE job_id = ?1",
-        p![job_id],
-    )?
-    .map(|r| {
+    let row = match tx.prefetched_job(job_id) {
+        Some(row) => row,
+        None => tx.query_opt(
+            "SELECT job_id, user_id, worker_id, model, reserve_transfer, reserved, multiplier_milli, state,
+                    receipt_sha256, cost, created_at FROM jobs WHERE job_id = ?1",
+            p![job_id],
+        )?,
+    };
+    row.map(|r| {
         Ok(JobRow {
             job_id: r.str(0)?,
             user: r.str(1)?,

@@ -19,10 +19,19 @@ pub(crate) fn insert_transfer(
     job_id: Option<&str>,
     now_ms: u64,
 ) -> Result<i64, LedgerError> {
+    let at = to_i64(now_ms)?;
+    if let Some(id) = tx.next_transfer_id() {
+        tx.write(
+            "INSERT INTO transfers (id, kind, debit_account, credit_account, amount, pending_id, job_id, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            p![id, kind, debit, credit, amount, pending_id, job_id, at],
+        )?;
+        return Ok(id);
+    }
     tx.query_one(
         "INSERT INTO transfers (kind, debit_account, credit_account, amount, pending_id, job_id, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
-        p![kind, debit, credit, amount, pending_id, job_id, to_i64(now_ms)?],
+        p![kind, debit, credit, amount, pending_id, job_id, at],
     )?
     .i64(0)
 }
@@ -55,11 +64,11 @@ pub(crate) fn void(
     now_ms: u64,
     events: &mut Vec<Value>,
 ) -> Result<i64, LedgerError> {
-    tx.exec(
+    tx.write(
         "UPDATE accounts SET debits_pending = debits_pending - ?2 WHERE id = ?1",
         p![&job.user, job.reserved],
     )?;
-    tx.exec(
+    tx.write(
         "UPDATE accounts SET credits_pending = credits_pending - ?2 WHERE id = ?1",
         p![&job.worker, job.reserved],
     )?;
@@ -73,7 +82,7 @@ pub(crate) fn void(
         Some(&job.job_id),
         now_ms,
     )?;
-    tx.exec(
+    tx.write(
         "UPDATE jobs SET state = 'voided', cost = 0, resolved_at = ?2 WHERE job_id = ?1",
         p![&job.job_id, to_i64(now_ms)?],
     )?;

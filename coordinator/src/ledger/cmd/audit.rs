@@ -88,11 +88,11 @@ pub(crate) fn apply(
                 let can = available(tx, worker)?.unwrap_or(0).max(0);
                 let amount = owed.min(can);
                 if amount > 0 {
-                    tx.exec(
+                    tx.write(
                         "UPDATE accounts SET debits_posted = debits_posted + ?2 WHERE id = ?1",
                         p![worker, amount],
                     )?;
-                    tx.exec(
+                    tx.write(
                         "UPDATE accounts SET credits_posted = credits_posted + ?2 WHERE id = ?1",
                         p![&job.user, amount],
                     )?;
@@ -120,7 +120,7 @@ pub(crate) fn apply(
             _ => {}
         }
     }
-    tx.exec(
+    tx.write(
         "INSERT INTO audits (job_id, idx, worker, reporter, outcome, refunded, report_sha256, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         p![
@@ -136,7 +136,7 @@ pub(crate) fn apply(
     )?;
     let (passed, failed_n) = audit_counts(tx, worker)?;
     if *failed && *suspend_after > 0 && failed_n >= i64::from(*suspend_after) {
-        tx.exec(
+        tx.write(
             "UPDATE workers SET suspended_at = ?2 WHERE peer_id = ?1 AND suspended_at IS NULL",
             p![worker, to_i64(*now_ms / 1000)?],
         )?;

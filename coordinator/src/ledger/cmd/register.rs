@@ -19,7 +19,7 @@ pub(crate) fn apply(
     now: u64,
 ) -> Result<Outcome, LedgerError> {
     let now_i = to_i64(now)?;
-    tx.exec(
+    tx.write(
         "INSERT INTO accounts (id, kind, created_at) VALUES (?1, 'worker', ?2)
          ON CONFLICT(id) DO NOTHING",
         p![peer_id, now_i],
@@ -30,7 +30,7 @@ pub(crate) fn apply(
     if kind == "mint" {
         return Err(LedgerError::Range("reserved account id".into()));
     }
-    tx.exec(
+    tx.write(
         "INSERT INTO workers (peer_id, receipt_key, models, addresses, version, registered_at, last_seen)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
          ON CONFLICT(peer_id) DO UPDATE SET models = excluded.models, addresses = excluded.addresses,

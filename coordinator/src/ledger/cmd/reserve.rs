@@ -55,12 +55,19 @@ pub(crate) fn apply(
     if worker_kind.as_deref() != Some("worker") {
         return Err(LedgerError::UnknownWorker(worker.into()));
     }
-    tx.exec(
-        "INSERT INTO accounts (id, kind, created_at) VALUES (?1, 'user', ?2) ON CONFLICT(id) DO NOTHING",
-        p![user, now_i],
-    )?;
-    let r = tx.query_one("SELECT kind, granted FROM accounts WHERE id = ?1", p![user])?;
-    let (kind, granted) = (r.str(0)?, r.i64(1)?);
+    // Read first, so that a known user refused below wrote nothing (the
+    // PostgreSQL writer sends writes ahead of their commands' ends).
+    let (kind, granted) =
+        match tx.query_opt("SELECT kind, granted FROM accounts WHERE id = ?1", p![user])? {
+            Some(r) => (r.str(0)?, r.i64(1)?),
+            None => {
+                tx.write(
+                    "INSERT INTO accounts (id, kind, created_at) VALUES (?1, 'user', ?2)",
+                    p![user, now_i],
+                )?;
+                ("user".to_string(), 0)
+            }
+        };
     if kind == "mint" {
         return Err(LedgerError::Range("reserved account id".into()));
     }
@@ -68,15 +75,15 @@ pub(crate) fn apply(
     if granted == 0 && starter_grant > 0 {
         check_grant(tx, policy, starter_grant, now_ms)?;
         grant = starter_grant;
-        tx.exec(
+        tx.write(
             "INSERT INTO starter_grants (account, ip, amount, at) VALUES (?1, ?2, ?3, ?4)",
             p![user, &policy.ip, grant, now_i],
         )?;
-        tx.exec(
+        tx.write(
             "UPDATE accounts SET granted = 1, credits_posted = credits_posted + ?2 WHERE id = ?1",
             p![user, grant],
         )?;
-        tx.exec(
+        tx.write(
             "UPDATE accounts SET debits_posted = debits_posted + ?2 WHERE id = ?1",
             p![MINT, grant],
         )?;
@@ -96,11 +103,11 @@ pub(crate) fn apply(
     {
         return Err(LedgerError::DuplicateJob(job_id.into()));
     }
-    tx.exec(
+    tx.write(
         "UPDATE accounts SET debits_pending = debits_pending + ?2 WHERE id = ?1",
         p![user, amount],
     )?;
-    tx.exec(
+    tx.write(
         "UPDATE accounts SET credits_pending = credits_pending + ?2 WHERE id = ?1",
         p![worker, amount],
     )?;
@@ -114,7 +121,7 @@ pub(crate) fn apply(
         Some(job_id),
         now_ms,
     )?;
-    tx.exec(
+    tx.write(
         "INSERT INTO jobs (job_id, user_id, worker_id, model, reserve_transfer, reserved, multiplier_milli,
                            state, expires_at, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?9)",

@@ -119,7 +119,7 @@ pub(crate) fn apply(
         0
     };
     for (account, role) in [(&job.worker, "worker"), (&job.user, "user")] {
-        tx.exec(
+        tx.write(
             "INSERT INTO reputation (account, role, requests, acknowledged, disputed, unacknowledged)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT(account, role) DO UPDATE SET
@@ -138,12 +138,12 @@ pub(crate) fn apply(
         )?;
     }
     let (outcome, cost) = if cost > 0 {
-        tx.exec(
+        tx.write(
             "UPDATE accounts SET debits_pending = debits_pending - ?2, debits_posted = debits_posted + ?3
              WHERE id = ?1",
             p![&job.user, job.reserved, cost],
         )?;
-        tx.exec(
+        tx.write(
             "UPDATE accounts SET credits_pending = credits_pending - ?2, credits_posted = credits_posted + ?3
              WHERE id = ?1",
             p![&job.worker, job.reserved, cost],
@@ -158,9 +158,10 @@ pub(crate) fn apply(
             Some(&job.job_id),
             now_ms,
         )?;
-        tx.exec(
-            "UPDATE jobs SET state = 'posted', cost = ?2, resolved_at = ?3 WHERE job_id = ?1",
-            p![&job.job_id, cost, to_i64(now_ms)?],
+        tx.write(
+            "UPDATE jobs SET state = 'posted', cost = ?2, resolved_at = ?3, receipt_sha256 = ?4,
+             receipt_status = ?5 WHERE job_id = ?1",
+            p![&job.job_id, cost, to_i64(now_ms)?, receipt_sha256, status],
         )?;
         let mut ev = ledger_event(
             "settle",
@@ -176,12 +177,12 @@ pub(crate) fn apply(
         ("settled", cost)
     } else {
         void(tx, &job, "refund", now_ms, events)?;
+        tx.write(
+            "UPDATE jobs SET receipt_sha256 = ?2, receipt_status = ?3 WHERE job_id = ?1",
+            p![&job.job_id, receipt_sha256, status],
+        )?;
         ("refunded", 0)
     };
-    tx.exec(
-        "UPDATE jobs SET receipt_sha256 = ?2, receipt_status = ?3 WHERE job_id = ?1",
-        p![&job.job_id, receipt_sha256, status],
-    )?;
     Ok(Settlement {
         job_id: job.job_id,
         user: job.user,

@@ -1,0 +1,492 @@
+//! The PostgreSQL writer's connection: statements pipelined, so a batch of
+//! ledger commands costs a few round trips, not one per statement.
+//!
+//! `tokio-postgres` sends a request the moment its future is first polled
+//! and matches the answers in order, so statements queued here go out
+//! together, in order, in one write, and their answers come back together:
+//! one round trip. [`Db::write`] queues a statement whose count nobody
+//! reads; a read ([`Db::query`], [`Db::exec`]) sends what is queued and
+//! itself, and waits.
+//!
+//! A batch runs in one of two passes:
+//! * **Straight** (first): no savepoints; writes wait for the next read or
+//!   the batch's end; the jobs that settlements resolve and the next
+//!   transfer id are read ahead with the transaction's lock, so a batch of
+//!   settlements is three round trips whatever its size (begin with the
+//!   reads ahead; every write with the invariants; commit).
+//! * **Careful** (when the straight one cannot finish): every command in a
+//!   savepoint of its own, its writes sent at its end, as the SQLite writer
+//!   does. Taken when a statement failed in the database (a queued write's
+//!   failure cannot be pinned on its command once later ones were sent), or
+//!   when a command was refused after it had written (without a savepoint
+//!   its writes cannot be undone alone). The straight pass is rolled back
+//!   whole first, and commands are pure functions of the ledger and their
+//!   arguments, so the careful pass gives what one at a time would.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
+
+use futures::TryStreamExt;
+use serde_json::Value;
+use tokio_postgres::{NoTls, Statement};
+
+use crate::db::{Db, Row, V, pg_row, to_pg};
+use crate::ledger::error::LedgerError;
+use crate::ledger::{self, Command, Outcome};
+
+/// Round trips made by every pipe in this process (tests count them).
+static ROUND_TRIPS: AtomicU64 = AtomicU64::new(0);
+/// Batches begun, straight or careful.
+static BATCHES: AtomicU64 = AtomicU64::new(0);
+/// Straight passes that had to be run again carefully.
+static CAREFUL_PASSES: AtomicU64 = AtomicU64::new(0);
+
+/// Round trips to PostgreSQL made by the ledger writers of this process.
+pub fn round_trips() -> u64 {
+    ROUND_TRIPS.load(Ordering::Relaxed)
+}
+
+/// Batches (transactions) the ledger writers of this process began.
+pub fn batches() -> u64 {
+    BATCHES.load(Ordering::Relaxed)
+}
+
+/// Batches whose straight pass was run again with a savepoint per command.
+pub fn careful_passes() -> u64 {
+    CAREFUL_PASSES.load(Ordering::Relaxed)
+}
+
+enum Reply {
+    Count(u64),
+    Rows(Vec<tokio_postgres::Row>),
+}
+
+type Pending = Pin<Box<dyn Future<Output = Result<Reply, tokio_postgres::Error>> + Send>>;
+
+/// The writer's connection with its queue of statements not yet sent.
+pub struct Pipe {
+    rt: tokio::runtime::Runtime,
+    client: Arc<tokio_postgres::Client>,
+    statements: HashMap<String, Statement>,
+    queue: Vec<Pending>,
+    /// The first failure in the database since the batch began.
+    failed: Option<LedgerError>,
+    /// The last transfer id given out (ids are the writer's to give while
+    /// it holds the lock: `None` outside a batch).
+    last_transfer: Option<i64>,
+    jobs: HashMap<String, Option<Row>>,
+    /// The last transfer id when the batch began.
+    first_transfer: i64,
+    /// Statements queued since the current command began.
+    writes_in_command: usize,
+}
+
+/// The advisory lock key every replica's writer takes for its batch.
+const WRITER_LOCK: i64 = 0x7472_6f6f_7001;
+
+impl Pipe {
+    /// Connects (the schema must be current: see `crate::pg::connect_ready`).
+    pub fn connect(url: &str) -> Result<Self, LedgerError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| LedgerError::Storage(format!("a runtime for the writer: {e}")))?;
+        let (client, connection) = rt
+            .block_on(tokio_postgres::connect(url, NoTls))
+            .map_err(|e| LedgerError::Unavailable(format!("PostgreSQL is not reachable: {e}")))?;
+        rt.spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "the writer's PostgreSQL connection ended");
+            }
+        });
+        let client = Arc::new(client);
+        // Bounded so a writer never hangs behind a lost lock holder forever.
+        rt.block_on(
+            client.batch_execute("SET lock_timeout = '10s'; SET statement_timeout = '30s'"),
+        )?;
+        Ok(Self {
+            rt,
+            client,
+            statements: HashMap::new(),
+            queue: Vec::new(),
+            failed: None,
+            last_transfer: None,
+            jobs: HashMap::new(),
+            first_transfer: 0,
+            writes_in_command: 0,
+        })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    fn statement(&mut self, sql: &str) -> Result<Statement, LedgerError> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        ROUND_TRIPS.fetch_add(1, Ordering::Relaxed);
+        ::metrics::counter!("troop_ledger_round_trips_total").increment(1);
+        let s = self.rt.block_on(self.client.prepare(&to_pg(sql)))?;
+        self.statements.insert(sql.to_string(), s.clone());
+        Ok(s)
+    }
+
+    fn push_exec(&mut self, sql: &str, params: Vec<V>) -> Result<(), LedgerError> {
+        let s = self.statement(sql)?;
+        let client = self.client.clone();
+        self.queue.push(Box::pin(async move {
+            client
+                .execute_raw(&s, params.iter())
+                .await
+                .map(Reply::Count)
+        }));
+        Ok(())
+    }
+
+    fn push_query(&mut self, sql: &str, params: Vec<V>) -> Result<(), LedgerError> {
+        let s = self.statement(sql)?;
+        let client = self.client.clone();
+        self.queue.push(Box::pin(async move {
+            let rows = client.query_raw(&s, params.iter()).await?;
+            rows.try_collect().await.map(Reply::Rows)
+        }));
+        Ok(())
+    }
+
+    /// Sends everything queued in one round trip and waits for every
+    /// answer, each on its own; a failure is kept for the batch.
+    fn flush_all(&mut self) -> Vec<Result<Reply, LedgerError>> {
+        let queue = std::mem::take(&mut self.queue);
+        if queue.is_empty() {
+            return Vec::new();
+        }
+        ROUND_TRIPS.fetch_add(1, Ordering::Relaxed);
+        ::metrics::counter!("troop_ledger_round_trips_total").increment(1);
+        let answers = self.rt.block_on(in_order(queue));
+        answers
+            .into_iter()
+            .map(|a| {
+                a.map_err(|e| {
+                    let e = LedgerError::from(e);
+                    if self.failed.is_none() {
+                        self.failed = Some(e.clone());
+                    }
+                    e
+                })
+            })
+            .collect()
+    }
+
+    /// [`Pipe::flush_all`], failing with the first failure.
+    fn flush(&mut self) -> Result<Vec<Reply>, LedgerError> {
+        self.flush_all().into_iter().collect()
+    }
+
+    /// Queues a statement without parameters (transaction control).
+    fn control(&mut self, sql: &str) -> Result<(), LedgerError> {
+        self.push_exec(sql, Vec::new())
+    }
+
+    /// Begins a batch: the lock, the last transfer id and the rows of
+    /// `jobs` read in the same round trip.
+    fn begin(&mut self, jobs: &[String]) -> Result<(), LedgerError> {
+        self.failed = None;
+        self.jobs.clear();
+        BATCHES.fetch_add(1, Ordering::Relaxed);
+        self.control("BEGIN")?;
+        self.push_exec("SELECT pg_advisory_xact_lock(?1)", vec![V::I(WRITER_LOCK)])?;
+        self.push_query(
+            "SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) FROM transfers",
+            Vec::new(),
+        )?;
+        if !jobs.is_empty() {
+            self.push_query(
+                &format!(
+                    "SELECT {} FROM jobs WHERE job_id IN (SELECT jsonb_array_elements_text(CAST(CAST(?1 AS TEXT) AS JSONB)))",
+                    ledger::JOB_COLUMNS
+                ),
+                vec![V::T(serde_json::json!(jobs).to_string())],
+            )?;
+        }
+        let answers = self.flush()?;
+        let mut rows = answers.into_iter().filter_map(|a| match a {
+            Reply::Rows(r) => Some(r),
+            Reply::Count(_) => None,
+        });
+        let last = rows
+            .next()
+            .and_then(|r| r.first().map(|r| r.try_get::<_, i64>(0)))
+            .transpose()?
+            .unwrap_or(0);
+        self.last_transfer = Some(last);
+        self.first_transfer = last;
+        for j in jobs {
+            self.jobs.insert(j.clone(), None);
+        }
+        for r in rows.next().unwrap_or_default() {
+            let row = pg_row(&r)?;
+            let id = row.str(0)?;
+            self.jobs.insert(id, Some(row));
+        }
+        Ok(())
+    }
+
+    /// Ends a batch: rolls back whatever was not committed.
+    fn rollback(&mut self) {
+        self.queue.clear();
+        self.last_transfer = None;
+        self.jobs.clear();
+        if self.control("ROLLBACK").is_ok() {
+            let _ = self.flush();
+        }
+        self.failed = None;
+    }
+}
+
+/// Polls every future once, in order (each sends its request then), and
+/// then waits for each answer in turn.
+async fn in_order(mut queue: Vec<Pending>) -> Vec<Result<Reply, tokio_postgres::Error>> {
+    let mut early = Vec::with_capacity(queue.len());
+    for f in &mut queue {
+        early.push(
+            futures::future::poll_fn(|cx| {
+                Poll::Ready(match f.as_mut().poll(cx) {
+                    Poll::Ready(r) => Some(r),
+                    Poll::Pending => None,
+                })
+            })
+            .await,
+        );
+    }
+    let mut out = Vec::with_capacity(queue.len());
+    for (f, done) in queue.into_iter().zip(early) {
+        out.push(match done {
+            Some(r) => r,
+            None => f.await,
+        });
+    }
+    out
+}
+
+impl Db for Pipe {
+    fn exec(&mut self, sql: &str, params: &[V]) -> Result<u64, LedgerError> {
+        self.push_exec(sql, params.to_vec())?;
+        match self.flush()?.pop() {
+            Some(Reply::Count(n)) => {
+                if n > 0 {
+                    self.writes_in_command += 1;
+                }
+                Ok(n)
+            }
+            _ => Err(LedgerError::Storage("no count for a statement".into())),
+        }
+    }
+
+    fn query(&mut self, sql: &str, params: &[V]) -> Result<Vec<Row>, LedgerError> {
+        self.push_query(sql, params.to_vec())?;
+        match self.flush()?.pop() {
+            Some(Reply::Rows(rows)) => rows.iter().map(pg_row).collect(),
+            _ => Err(LedgerError::Storage("no rows for a query".into())),
+        }
+    }
+
+    fn write(&mut self, sql: &str, params: &[V]) -> Result<(), LedgerError> {
+        self.writes_in_command += 1;
+        self.push_exec(sql, params.to_vec())
+    }
+
+    fn next_transfer_id(&mut self) -> Option<i64> {
+        let id = self.last_transfer? + 1;
+        self.last_transfer = Some(id);
+        Some(id)
+    }
+
+    fn prefetched_job(&mut self, job_id: &str) -> Option<Option<Row>> {
+        self.jobs.remove(job_id)
+    }
+}
+
+/// The jobs a batch's settlements resolve that nothing else in the batch
+/// names (so the row read ahead is the row the settlement would read),
+/// up to the first expiry (which may change any job).
+fn read_ahead(cmds: &[&Command]) -> Vec<String> {
+    let mut named: HashMap<&str, (usize, bool)> = HashMap::new();
+    let mut expired = false;
+    for c in cmds {
+        let (job, settle) = match c {
+            Command::Settle { receipt, .. } => (receipt.job_id.as_str(), !expired),
+            Command::Cancel { job_id, .. }
+            | Command::Reserve { job_id, .. }
+            | Command::RecordAudit { job_id, .. } => (job_id.as_str(), false),
+            Command::ExpireDue { .. } => {
+                expired = true;
+                continue;
+            }
+            _ => continue,
+        };
+        let e = named.entry(job).or_insert((0, settle));
+        e.0 += 1;
+        e.1 &= settle;
+    }
+    let mut jobs: Vec<String> = named
+        .into_iter()
+        .filter(|(_, (n, settle))| *n == 1 && *settle)
+        .map(|(j, _)| j.to_string())
+        .collect();
+    jobs.sort();
+    jobs
+}
+
+/// What each command of a batch gave, and its audit events.
+pub type Applied = Vec<(Result<Outcome, LedgerError>, Vec<Value>)>;
+
+/// Why a straight pass stopped.
+enum Stop {
+    /// Run the batch again carefully.
+    Careful,
+    /// Refuse the batch whole.
+    Fail(LedgerError),
+}
+
+/// Applies `cmds` in one transaction (see the module's comment for the
+/// two passes) and commits it after the invariants hold.
+pub fn run_commands(pipe: &mut Pipe, cmds: &[&Command]) -> Result<Applied, LedgerError> {
+    match straight(pipe, cmds) {
+        Ok(r) => return Ok(r),
+        Err(Stop::Fail(e)) => {
+            pipe.rollback();
+            return Err(e);
+        }
+        Err(Stop::Careful) => pipe.rollback(),
+    }
+    CAREFUL_PASSES.fetch_add(1, Ordering::Relaxed);
+    ::metrics::counter!("troop_ledger_careful_passes_total").increment(1);
+    careful(pipe, cmds).inspect_err(|_| pipe.rollback())
+}
+
+fn straight(pipe: &mut Pipe, cmds: &[&Command]) -> Result<Applied, Stop> {
+    pipe.begin(&read_ahead(cmds)).map_err(Stop::Fail)?;
+    let mut out = Vec::with_capacity(cmds.len());
+    for cmd in cmds {
+        let mut events = Vec::new();
+        pipe.writes_in_command = 0;
+        let r = ledger::apply(pipe, cmd, &mut events);
+        if pipe.failed.is_some() {
+            return Err(Stop::Careful);
+        }
+        if r.is_err() && pipe.writes_in_command > 0 {
+            return Err(Stop::Careful);
+        }
+        out.push((r, events));
+    }
+    finish(pipe).map_err(|e| {
+        if pipe.failed.is_some() {
+            Stop::Careful
+        } else {
+            Stop::Fail(e)
+        }
+    })?;
+    Ok(out)
+}
+
+fn careful(pipe: &mut Pipe, cmds: &[&Command]) -> Result<Applied, LedgerError> {
+    pipe.begin(&[])?;
+    // Nothing is read ahead; ids are given out as before, one command's
+    // taken back when it is rolled back.
+    let mut out = Vec::with_capacity(cmds.len());
+    for cmd in cmds {
+        let mut events = Vec::new();
+        let mark = pipe.last_transfer;
+        pipe.control("SAVEPOINT command")?;
+        let mut r = ledger::apply(pipe, cmd, &mut events);
+        if r.is_ok() {
+            pipe.control("RELEASE SAVEPOINT command")?;
+            if let Err(e) = pipe.flush() {
+                r = Err(e);
+            }
+        }
+        if r.is_err() {
+            // What this command queued goes too, then is undone with it.
+            pipe.control("ROLLBACK TO SAVEPOINT command")?;
+            pipe.control("RELEASE SAVEPOINT command")?;
+            let mut answers = pipe.flush_all();
+            let released = answers.pop();
+            let rolled_back = answers.pop();
+            for a in [rolled_back, released] {
+                a.unwrap_or_else(|| Err(LedgerError::Storage("no answer to a rollback".into())))?;
+            }
+            pipe.failed = None;
+            pipe.last_transfer = mark;
+            events.clear();
+        }
+        out.push((r, events));
+    }
+    finish(pipe)?;
+    Ok(out)
+}
+
+/// The sequence moved past the ids given out, the invariants checked, the
+/// commit.
+fn finish(pipe: &mut Pipe) -> Result<(), LedgerError> {
+    if let Some(last) = pipe.last_transfer.filter(|l| *l > pipe.first_transfer) {
+        pipe.write(
+            "SELECT setval(pg_get_serial_sequence('transfers', 'id'), CAST(?1 AS BIGINT))",
+            &[V::I(last)],
+        )?;
+    }
+    ledger::check_invariants(pipe)?;
+    pipe.control("COMMIT")?;
+    pipe.flush()?;
+    pipe.last_transfer = None;
+    pipe.jobs.clear();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use troop_protocol::receipt::{JobStatus, Receipt};
+
+    fn settle(job: &str) -> Command {
+        Command::Settle {
+            receipt: Receipt {
+                job_id: job.into(),
+                worker: "w".into(),
+                user: "u".into(),
+                model: "m".into(),
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                started_at: 0,
+                finished_at: 0,
+                status: JobStatus::Completed,
+                requests: Vec::new(),
+            },
+            receipt_sha256: "s".into(),
+            now_ms: 0,
+            unacked_cap_ms: 0,
+            tolerance_ms: 0,
+        }
+    }
+
+    #[test]
+    fn only_jobs_nothing_else_in_the_batch_touches_are_read_ahead() {
+        let cancel = Command::Cancel {
+            job_id: "b".into(),
+            now_ms: 0,
+        };
+        let expire = Command::ExpireDue {
+            cutoff_secs: 0,
+            now_ms: 0,
+            limit: 1,
+        };
+        let (a, b, c, d) = (settle("a"), settle("b"), settle("c"), settle("d"));
+        // b is cancelled too, c settled twice, d after an expiry.
+        let batch = [&a, &b, &cancel, &c, &c, &expire, &d];
+        assert_eq!(read_ahead(&batch), vec!["a".to_string()]);
+    }
+}
