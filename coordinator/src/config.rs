@@ -47,6 +47,11 @@ pub struct Config {
     pub suspend_after_failures: u32,
     /// Heartbeat interval the coordinator asks workers for.
     pub heartbeat_interval: Duration,
+    /// With PostgreSQL: how often a replica writes the liveness of the
+    /// workers that beat on it, all in one command (a heartbeat that
+    /// changes nothing but liveness and load costs no database write of
+    /// its own). Zero writes each heartbeat through the ledger.
+    pub heartbeat_flush: Duration,
     /// Limit on request bodies.
     pub body_limit_bytes: usize,
     /// Limit on the time one request may take.
@@ -129,6 +134,7 @@ impl Config {
             worker_ttl: Duration::from_secs(90),
             suspend_after_failures: 2,
             heartbeat_interval: Duration::from_secs(20),
+            heartbeat_flush: Duration::from_secs(5),
             body_limit_bytes: 1024 * 1024,
             request_timeout: Duration::from_secs(30),
             trusted_proxy: false,

@@ -52,6 +52,9 @@ pub struct AppState {
     pub workers: RwLock<HashMap<String, WorkerRow>>,
     /// (peer, nonce) -> signed timestamp, for replay refusal.
     pub nonces: Mutex<HashMap<(String, String), u64>>,
+    /// With PostgreSQL: heartbeats kept until this replica writes them
+    /// (`sweeper::refresh_workers`), the newest per worker.
+    pub beats: Mutex<HashMap<String, ledger::Beat>>,
     pub discovery_limiter: IpLimiter,
     pub authorize_limiter: UserLimiter,
     pub account_read_limiter: UserLimiter,
@@ -181,6 +184,7 @@ impl Coordinator {
             audit: audit_log,
             workers: RwLock::new(workers),
             nonces: Mutex::new(HashMap::new()),
+            beats: Mutex::new(HashMap::new()),
             started_at: unix_secs(),
             prometheus: metrics::handle(),
             challenges: Mutex::new(HashMap::new()),
@@ -288,6 +292,12 @@ impl AppState {
     /// Whether the replicas share their state through PostgreSQL.
     pub fn shared(&self) -> bool {
         matches!(self.readers, Readers::Postgres(_))
+    }
+
+    /// Whether "still here" heartbeats are kept and written together
+    /// (PostgreSQL with `--heartbeat-flush-secs` above 0).
+    pub fn beats_batched(&self) -> bool {
+        self.shared() && !self.cfg.heartbeat_flush.is_zero()
     }
 
     /// Remembers whether the database answered (for `/health`).

@@ -106,6 +106,14 @@ struct ServeArgs {
     /// Seconds without a heartbeat after which a worker is not alive.
     #[arg(long, env = "TROOP_WORKER_TTL_SECS", default_value_t = 90)]
     worker_ttl_secs: u64,
+    /// With PostgreSQL: seconds between a replica's writes of the workers'
+    /// liveness. A heartbeat that only says "still here" (same models and
+    /// addresses) is kept in memory and written with the others of that
+    /// interval in one command; other replicas see it within this plus
+    /// their 1 s refresh. Keep it well under --worker-ttl-secs. 0 writes
+    /// every heartbeat at once.
+    #[arg(long, env = "TROOP_HEARTBEAT_FLUSH_SECS", default_value_t = 5)]
+    heartbeat_flush_secs: u64,
     /// Mean seconds between re-proofs of hardware asked of each worker with
     /// a proof, at random times it cannot predict (answered while it
     /// serves; one missed or failed takes its multiplier away). 0: never.
@@ -272,6 +280,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.authorize_per_hour = a.authorize_per_hour;
             cfg.account_reads_per_hour = a.account_reads_per_hour;
             cfg.worker_ttl = Duration::from_secs(a.worker_ttl_secs);
+            if a.heartbeat_flush_secs.saturating_mul(3) > a.worker_ttl_secs {
+                anyhow::bail!(
+                    "--heartbeat-flush-secs {} is too close to --worker-ttl-secs {}: other replicas \
+                     would drop live workers; keep it under a third of the TTL",
+                    a.heartbeat_flush_secs,
+                    a.worker_ttl_secs
+                );
+            }
+            cfg.heartbeat_flush = Duration::from_secs(a.heartbeat_flush_secs);
             if !a.reproof_mean_secs.is_finite() || a.reproof_mean_secs < 0.0 {
                 anyhow::bail!("--reproof-mean-secs must be a number of seconds, 0 or more");
             }

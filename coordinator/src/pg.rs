@@ -277,6 +277,9 @@ BEGIN
     RETURN NULL;
 END $$;
 "#,
+    // The eighth: the signed time of the newest heartbeat a replica kept
+    // and wrote (issue 29; SQLite's seventh).
+    "ALTER TABLE workers ADD COLUMN last_signed BIGINT;",
 ];
 
 /// How many schema steps this build knows.

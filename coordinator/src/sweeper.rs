@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use troop_protocol::sync::{MutexExt as _, RwLockExt as _};
 
-use crate::ledger::{Command, Outcome};
+use crate::ledger::{Beat, Command, Outcome};
 use crate::{AppState, unix_ms, unix_secs};
 
 /// With PostgreSQL, keeps this replica's worker table in step with what
@@ -13,7 +13,12 @@ use crate::{AppState, unix_ms, unix_secs};
 /// off while the database is down, and saying so on `/health`).
 pub async fn refresh_workers(state: Arc<AppState>) {
     let mut delays = crate::pg::retry_delays();
+    let mut flushed = std::time::Instant::now();
     loop {
+        if state.beats_batched() && flushed.elapsed() >= state.cfg.heartbeat_flush {
+            flushed = std::time::Instant::now();
+            write_beats(&state).await;
+        }
         let since = unix_secs().saturating_sub(state.cfg.worker_ttl.as_secs());
         let r = state
             .read_with(move |db| crate::ledger::load_workers_seen_since(db, since))
@@ -23,7 +28,14 @@ pub async fn refresh_workers(state: Arc<AppState>) {
                 if let Some(mut map) = state.workers.writing() {
                     for w in rows {
                         match map.get(&w.peer_id) {
-                            Some(have) if have.last_seen > w.last_seen => {}
+                            // Ours is newer, unless the database says the
+                            // worker left, signed no earlier than the newest
+                            // heartbeat we took (a copy of an older one is
+                            // no sign of life).
+                            Some(have)
+                                if have.last_seen > w.last_seen
+                                    && !(w.left_at.is_some()
+                                        && w.last_signed >= have.last_signed) => {}
                             _ => {
                                 map.insert(w.peer_id.clone(), w);
                             }
@@ -39,6 +51,31 @@ pub async fn refresh_workers(state: Arc<AppState>) {
             }
         };
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// Writes the heartbeats this replica kept since the last time, in one
+/// command. Lost when the database is down: the next ones come within a
+/// heartbeat interval.
+async fn write_beats(state: &AppState) {
+    let beats: Vec<Beat> = match state.beats.locked() {
+        Some(mut b) => b.drain().map(|(_, v)| v).collect(),
+        None => return,
+    };
+    if beats.is_empty() {
+        return;
+    }
+    let n = beats.len();
+    match state
+        .writer
+        .submit(Command::Heartbeats { beats }, None)
+        .await
+    {
+        Ok(_) => {
+            ::metrics::counter!("troop_heartbeat_writes_total").increment(1);
+            tracing::debug!(workers = n, "kept heartbeats written");
+        }
+        Err(e) => tracing::warn!(error = %e, workers = n, "kept heartbeats not written"),
     }
 }
 

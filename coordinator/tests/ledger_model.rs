@@ -781,6 +781,7 @@ fn no_statement_on_the_request_path_scans_a_table() {
             active_jobs: 1,
             queue_depth: 0,
             now_secs: 5,
+            signed_at: None,
         },
     )
     .expect("heartbeat");

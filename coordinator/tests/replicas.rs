@@ -28,6 +28,38 @@ fn shared_database(name: &str) -> Option<(pg::PgServer, String, std::path::PathB
     Some((server, url, key))
 }
 
+/// A POST signed once, to be sent as it is (a copy is the same bytes and
+/// headers) to any replica; answers the status.
+struct SignedCopy {
+    path: &'static str,
+    body: Vec<u8>,
+    headers: troop_protocol::signed::SignedHeaders,
+}
+
+impl SignedCopy {
+    fn new(key: &libp2p_identity::Keypair, path: &'static str, body: &Value, ts: u64) -> Self {
+        let body = serde_json::to_vec(body).expect("json");
+        let headers = sign_request(key, "POST", path, &body, ts);
+        Self {
+            path,
+            body,
+            headers,
+        }
+    }
+
+    async fn send(&self, c: &TestCoordinator) -> reqwest::Response {
+        let mut req = c
+            .http
+            .post(format!("{}{}", c.url, self.path))
+            .header("content-type", "application/json")
+            .body(self.body.clone());
+        for (k, v) in self.headers.pairs() {
+            req = req.header(k, v);
+        }
+        req.send().await.expect("POST")
+    }
+}
+
 /// A replica on the shared database: `per_hour` tickets per user and
 /// `per_ip` per address, 3 new worker ids per address.
 async fn replica(url: &str, key: &std::path::Path, per_hour: u32, per_ip: u32) -> TestCoordinator {
@@ -96,22 +128,21 @@ async fn two_replicas_share_workers_tickets_receipts_nonces_and_quotas() {
         assert!(r.headers().get("retry-after").is_some());
     }
 
-    // A signed request replayed to the other replica is refused.
-    let body = serde_json::to_vec(&json!({ "models": [MODEL] })).expect("json");
-    let h = sign_request(&worker, "POST", "/workers/heartbeat", &body, now_secs());
-    let send = |c: &TestCoordinator| {
-        let mut req = c
-            .http
-            .post(format!("{}/workers/heartbeat", c.url))
-            .header("content-type", "application/json")
-            .body(body.clone());
-        for (k, v) in h.pairs() {
-            req = req.header(k, v);
-        }
-        req.send()
-    };
-    assert_eq!(send(&r1).await.expect("first").status(), 200);
-    let again = send(&r2).await.expect("replay");
+    // Heartbeats' nonces stay in the replica (issue 29): a copy sent to
+    // the other one is taken and changes nothing (it was not signed after
+    // the newest heartbeat recorded).
+    let beat = SignedCopy::new(
+        &worker,
+        "/workers/heartbeat",
+        &json!({ "models": [MODEL] }),
+        now_secs(),
+    );
+    assert_eq!(beat.send(&r1).await.status(), 200);
+    assert_eq!(beat.send(&r2).await.status(), 200);
+    // Any other signed request replayed to the other replica is refused.
+    let asked = SignedCopy::new(&worker, "/bench/challenge", &json!({}), now_secs());
+    assert_ne!(asked.send(&r1).await.status(), 401);
+    let again = asked.send(&r2).await;
     assert_eq!(again.status(), 401);
     let v: Value = again.json().await.expect("json");
     assert_eq!(v["error"]["code"], "replay");
@@ -624,4 +655,164 @@ async fn a_batch_of_settlements_is_a_few_round_trips_whatever_its_size() {
     for u in &users {
         assert_eq!(c.balance(u).await["debited"], 1.5 * 10.0);
     }
+}
+
+/// Issue 29: heartbeats that only say "still here" are kept by the replica
+/// and written together every --heartbeat-flush-secs, so a flood of them
+/// makes a bounded number of database writes (counted by triggers in the
+/// database) and no nonce rows; the other replica still sees the workers'
+/// liveness, and a worker that left is not brought back by a copy of an
+/// older heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_flood_makes_a_bounded_number_of_database_writes() {
+    let Some((_server, url, key)) = shared_database("beats") else {
+        return;
+    };
+    let replica = |url: String, key: std::path::PathBuf| {
+        TestCoordinator::start_with(move |c| {
+            c.database = Some(url);
+            c.key_file = Some(key);
+            c.registrations_per_ip_per_hour = 1_000;
+            c.heartbeat_flush = Duration::from_secs(1);
+        })
+    };
+    let r1 = Arc::new(replica(url.clone(), key.clone()).await);
+    let r2 = replica(url.clone(), key).await;
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    db.batch_execute(
+        "CREATE TABLE test_worker_writes (rows BIGINT NOT NULL);
+         INSERT INTO test_worker_writes VALUES (0);
+         CREATE TABLE test_worker_txs (tx BIGINT PRIMARY KEY);
+         CREATE FUNCTION test_count_row() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN UPDATE test_worker_writes SET rows = rows + 1; RETURN NULL; END $$;
+         CREATE FUNCTION test_count_tx() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO test_worker_txs VALUES (txid_current()) ON CONFLICT DO NOTHING;
+         RETURN NULL; END $$;
+         CREATE TRIGGER test_count_row AFTER UPDATE ON workers
+             FOR EACH ROW EXECUTE FUNCTION test_count_row();
+         CREATE TRIGGER test_count_tx AFTER UPDATE ON workers
+             FOR EACH STATEMENT EXECUTE FUNCTION test_count_tx();",
+    )
+    .await
+    .expect("counting triggers");
+    let count = |sql: &'static str| {
+        let db = &db;
+        async move {
+            db.query_one(sql, &[])
+                .await
+                .expect("count")
+                .get::<_, i64>(0)
+        }
+    };
+    let workers: Vec<_> = (0..20).map(|_| generate()).collect();
+    for w in &workers {
+        r1.register(w, &[MODEL]).await;
+    }
+    let (rows0, txs0, nonces0) = (
+        count("SELECT rows FROM test_worker_writes").await,
+        count("SELECT COUNT(*) FROM test_worker_txs").await,
+        count("SELECT COUNT(*) FROM request_nonces").await,
+    );
+    // 50 heartbeats from each of 20 workers, as fast as they are answered:
+    // each signed a second after the one before (a heartbeat not newer
+    // than the last is a replay), the workers side by side.
+    let per_worker = 50u64;
+    let t0 = now_secs();
+    let start = Instant::now();
+    let statuses: Vec<Vec<u16>> = futures::future::join_all(workers.iter().map(|w| {
+        let r1 = r1.clone();
+        let w = w.clone();
+        async move {
+            let mut out = Vec::new();
+            for j in 0..per_worker {
+                let body = serde_json::to_vec(&json!({ "models": [MODEL] })).expect("json");
+                let r = r1.signed_raw(&w, "/workers/heartbeat", body, t0 + j).await;
+                out.push(r.status().as_u16());
+            }
+            out
+        }
+    }))
+    .await;
+    let elapsed = start.elapsed().as_secs_f64();
+    let sent = statuses.iter().map(Vec::len).sum::<usize>();
+    assert!(
+        statuses.iter().flatten().all(|s| *s == 200),
+        "every heartbeat accepted: {statuses:?}"
+    );
+    // Every kept beat is written within the next flush.
+    let end = now_secs();
+    let wid = workers[0].public().to_peer_id().to_base58();
+    eventually(
+        "replica 2 to see the flood's last heartbeats",
+        15,
+        || async {
+            let v: Value = r2.get("/workers").await.json().await.ok()?;
+            let w = v["workers"]
+                .as_array()?
+                .iter()
+                .find(|w| w["peer_id"] == wid.as_str())?
+                .clone();
+            (w["last_seen"].as_u64()? + 2 >= end).then_some(())
+        },
+    )
+    .await;
+    let rows = count("SELECT rows FROM test_worker_writes").await - rows0;
+    let txs = count("SELECT COUNT(*) FROM test_worker_txs").await - txs0;
+    let nonces = count("SELECT COUNT(*) FROM request_nonces").await - nonces0;
+    let flushes = elapsed.ceil() as i64 + 3;
+    println!(
+        "{sent} heartbeats in {elapsed:.1} s ({:.0}/s): {txs} transactions and {rows} rows \
+         written on workers, {nonces} nonces",
+        sent as f64 / elapsed
+    );
+    assert!(
+        txs <= flushes,
+        "{txs} transactions for {sent} heartbeats over {flushes} flushes"
+    );
+    assert!(
+        rows <= 20 * flushes,
+        "{rows} rows written for {sent} heartbeats over {flushes} flushes of 20 workers"
+    );
+    assert_eq!(nonces, 0, "heartbeats' nonces stay in the replica");
+
+    // A worker beats, leaves; a copy of its earlier heartbeat brings it
+    // back on neither replica.
+    let w = &workers[1];
+    let wid = w.public().to_peer_id().to_base58();
+    // Signed after its flood's heartbeats, by the same (fast) clock.
+    let signed_at = t0 + per_worker;
+    let beat = SignedCopy::new(
+        w,
+        "/workers/heartbeat",
+        &json!({ "models": [MODEL] }),
+        signed_at,
+    );
+    assert_eq!(beat.send(&r1).await.status(), 200);
+    let leave = serde_json::to_vec(&json!({})).expect("json");
+    assert_eq!(
+        r1.signed_raw(w, "/workers/leave", leave, signed_at + 1)
+            .await
+            .status(),
+        200
+    );
+    // The replica that took it knows its nonce; the other takes the copy,
+    // which changes nothing.
+    assert_eq!(beat.send(&r1).await.status(), 401);
+    assert_eq!(beat.send(&r2).await.status(), 200);
+    let gone = |v: &Value| {
+        v["workers"]
+            .as_array()
+            .and_then(|ws| ws.iter().find(|x| x["peer_id"] == wid.as_str()))
+            .is_some_and(|row| row["alive"] == false)
+    };
+    let v: Value = r1.get("/workers").await.json().await.expect("json");
+    assert!(gone(&v), "replica 1 lists the worker as gone: {v}");
+    eventually("replica 2 to list the worker as gone", 15, || async {
+        let v: Value = r2.get("/workers").await.json().await.ok()?;
+        gone(&v).then_some(())
+    })
+    .await;
 }

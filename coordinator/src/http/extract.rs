@@ -27,6 +27,8 @@ pub struct Signed<T> {
     /// The request's `x-request-id`.
     pub rid: String,
     pub ip: IpAddr,
+    /// When it was signed (its checked `x-troop-timestamp`, Unix seconds).
+    pub signed_at: u64,
 }
 
 /// A verified signed request whose body the handler parses itself (to
@@ -36,6 +38,7 @@ pub struct SignedBytes {
     pub bytes: Bytes,
     pub rid: String,
     pub ip: IpAddr,
+    pub signed_at: u64,
 }
 
 impl FromRequest<Arc<AppState>> for SignedBytes {
@@ -55,7 +58,7 @@ impl FromRequest<Arc<AppState>> for SignedBytes {
                 )
                 .with_request_id(&rid)
             })?;
-        let peer = verify_signed(
+        let (peer, signed_at) = verify_signed(
             state,
             &parts.headers,
             &parts.method,
@@ -69,6 +72,7 @@ impl FromRequest<Arc<AppState>> for SignedBytes {
             bytes,
             rid,
             ip,
+            signed_at,
         })
     }
 }
@@ -82,6 +86,7 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for Signed<T> {
             bytes,
             rid,
             ip,
+            signed_at,
         } = SignedBytes::from_request(req, state).await?;
         let body = parse_json(&bytes).map_err(|e| e.with_request_id(&rid))?;
         Ok(Self {
@@ -89,6 +94,7 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for Signed<T> {
             body,
             rid,
             ip,
+            signed_at,
         })
     }
 }
@@ -186,7 +192,18 @@ pub(crate) fn security_event(state: &AppState, event: &str, rid: &str, fields: V
 /// requests are answered 503 until old ones age out.
 const MAX_NONCES: usize = 500_000;
 
-/// Verifies a signed request and its nonce; audits every refusal.
+/// Requests whose replay changes nothing, so their nonces stay in the
+/// replica that saw them instead of costing a shared database write each:
+/// a heartbeat moves `last_seen` to the time it was *signed* and never
+/// back, and its load counts only when it is the newest (see
+/// `routes::workers::heartbeat`), so the same heartbeat sent to another
+/// replica again is a no-op.
+fn replay_harmless(state: &AppState, path: &str) -> bool {
+    path == "/workers/heartbeat" && state.beats_batched()
+}
+
+/// Verifies a signed request and its nonce; audits every refusal. Returns
+/// the signer and the time it signed.
 pub(crate) async fn verify_signed(
     state: &Arc<AppState>,
     headers: &HeaderMap,
@@ -194,7 +211,7 @@ pub(crate) async fn verify_signed(
     uri: &Uri,
     body: &[u8],
     rid: &str,
-) -> Result<libp2p_identity::PeerId, ApiError> {
+) -> Result<(libp2p_identity::PeerId, u64), ApiError> {
     let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     for name in [
         HEADER_PEER,
@@ -249,14 +266,14 @@ pub(crate) async fn verify_signed(
         state.cfg.max_skew_secs,
     )
     .map_err(refuse)?;
-    if state.shared() {
+    if state.shared() && !replay_harmless(state, uri.path()) {
         // PostgreSQL: every replica's nonces in one table, kept across
         // restarts, so a request replayed to another replica is refused.
         return match state
             .remember_nonce(v.peer.to_base58(), v.nonce.clone(), v.timestamp)
             .await
         {
-            Ok(true) => Ok(v.peer),
+            Ok(true) => Ok((v.peer, v.timestamp)),
             Ok(false) => Err(refuse(signed::SignError::Replay)),
             Err(e) => Err(ledger_error(state, e, rid)),
         };
@@ -290,7 +307,7 @@ pub(crate) async fn verify_signed(
         return Err(e);
     }
     nonces.insert(key, v.timestamp);
-    Ok(v.peer)
+    Ok((v.peer, v.timestamp))
 }
 
 /// A ledger refusal as an HTTP one; failures of the store itself are

@@ -82,9 +82,22 @@ pub enum Command {
         active_jobs: u32,
         queue_depth: u32,
         now_secs: u64,
+        /// When the worker signed it: with one, a heartbeat not signed
+        /// after the newest one written (`last_signed`) is a replay and
+        /// changes nothing.
+        signed_at: Option<u64>,
     },
+    /// Liveness and load of many workers at once (a replica's kept
+    /// heartbeats): `last_seen` only moves forward, a replayed beat
+    /// changes nothing, a worker that left stays gone.
+    Heartbeats { beats: Vec<Beat> },
     /// The worker stops: it is no longer alive (its receipts still settle).
-    Leave { peer_id: String, now_secs: u64 },
+    /// Heartbeats signed before `signed_at` cannot bring it back.
+    Leave {
+        peer_id: String,
+        now_secs: u64,
+        signed_at: Option<u64>,
+    },
     /// Grants starter credits to a new user (once) and reserves `amount`.
     Reserve {
         user: String,
@@ -142,12 +155,33 @@ pub enum Command {
     },
 }
 
+/// A heartbeat kept in a replica's memory until it writes them all
+/// (`Command::Heartbeats`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Beat {
+    pub peer_id: String,
+    /// When the replica received it (Unix seconds): `last_seen`.
+    pub seen_at: u64,
+    /// When the worker signed it: a beat not newer than the last one
+    /// written is a replay.
+    pub signed_at: u64,
+    pub active_jobs: u32,
+    pub queue_depth: u32,
+}
+
 /// What a command did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Worker(WorkerRow),
     Heartbeat {
         last_seen: u64,
+        /// The heartbeat was a replay (signed no later than the newest one
+        /// written): nothing changed.
+        replay: bool,
+    },
+    /// Liveness written for this many workers.
+    Beats {
+        written: usize,
     },
     Reserved {
         transfer_id: i64,
@@ -220,15 +254,21 @@ pub fn apply(
             active_jobs,
             queue_depth,
             now_secs,
+            signed_at,
         } => cmd::heartbeat::apply(
             tx,
             peer_id,
             models.as_deref(),
             addresses.as_deref(),
             (*active_jobs, *queue_depth),
-            *now_secs,
+            (*now_secs, *signed_at),
         ),
-        Command::Leave { peer_id, now_secs } => cmd::leave::apply(tx, peer_id, *now_secs),
+        Command::Heartbeats { beats } => cmd::heartbeat::apply_many(tx, beats),
+        Command::Leave {
+            peer_id,
+            now_secs,
+            signed_at,
+        } => cmd::leave::apply(tx, peer_id, *now_secs, *signed_at),
         Command::Reserve {
             user,
             worker,

@@ -77,6 +77,9 @@ pub struct WorkerRow {
     /// What computed the standing proof (cpu, wgpu, cuda) and the adapter.
     pub proof_backend: Option<String>,
     pub proof_adapter: Option<String>,
+    /// When the newest heartbeat a replica kept and wrote was signed (Unix
+    /// seconds): an older or the same one is a replay and changes nothing.
+    pub last_signed: Option<u64>,
 }
 
 impl WorkerRow {
@@ -91,7 +94,7 @@ impl WorkerRow {
 pub fn load_worker(conn: &mut dyn Db, peer_id: &str) -> Result<Option<WorkerRow>, LedgerError> {
     conn.query_opt(
         "SELECT peer_id, receipt_key, models, addresses, version, multiplier_milli, verified_gflops,
-                active_jobs, queue_depth, registered_at, last_seen, left_at, suspended_at, proof_backend, proof_adapter FROM workers WHERE peer_id = ?1",
+                active_jobs, queue_depth, registered_at, last_seen, left_at, suspended_at, proof_backend, proof_adapter, last_signed FROM workers WHERE peer_id = ?1",
         p![peer_id],
     )?
     .map(|r| worker_from_row(&r))
@@ -102,7 +105,7 @@ pub fn load_worker(conn: &mut dyn Db, peer_id: &str) -> Result<Option<WorkerRow>
 pub fn load_workers(conn: &mut dyn Db) -> Result<Vec<WorkerRow>, LedgerError> {
     conn.query(
         "SELECT peer_id, receipt_key, models, addresses, version, multiplier_milli, verified_gflops,
-                active_jobs, queue_depth, registered_at, last_seen, left_at, suspended_at, proof_backend, proof_adapter FROM workers ORDER BY peer_id",
+                active_jobs, queue_depth, registered_at, last_seen, left_at, suspended_at, proof_backend, proof_adapter, last_signed FROM workers ORDER BY peer_id",
         p![],
     )?
     .iter()
@@ -117,7 +120,7 @@ pub fn load_workers_seen_since(
 ) -> Result<Vec<WorkerRow>, LedgerError> {
     conn.query(
         "SELECT peer_id, receipt_key, models, addresses, version, multiplier_milli, verified_gflops,
-                active_jobs, queue_depth, registered_at, last_seen, left_at, suspended_at, proof_backend, proof_adapter FROM workers WHERE last_seen >= ?1",
+                active_jobs, queue_depth, registered_at, last_seen, left_at, suspended_at, proof_backend, proof_adapter, last_signed FROM workers WHERE last_seen >= ?1",
         p![to_i64(since_secs)?],
     )?
     .iter()
@@ -145,6 +148,7 @@ fn worker_from_row(r: &Row) -> Result<WorkerRow, LedgerError> {
         suspended_at: r.opt_i64(12)?.map(|t| t.max(0) as u64),
         proof_backend: r.opt_str(13)?,
         proof_adapter: r.opt_str(14)?,
+        last_signed: r.opt_i64(15)?.map(|t| t.max(0) as u64),
     })
 }
 

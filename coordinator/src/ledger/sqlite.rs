@@ -185,6 +185,9 @@ END;
         M::up(
             "ALTER TABLE workers ADD COLUMN proof_backend TEXT; ALTER TABLE workers ADD COLUMN proof_adapter TEXT;",
         ),
+        // Issue 29: the signed time of the newest heartbeat kept and
+        // written by a replica (PostgreSQL's batched liveness).
+        M::up("ALTER TABLE workers ADD COLUMN last_signed INTEGER;"),
     ])
 }
 

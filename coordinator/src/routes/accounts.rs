@@ -86,7 +86,7 @@ async fn own_history(
     let account = account_param(id, &rid).map_err(charge_ip)?;
     // A history names counterparties, amounts and session ids: only its
     // owner reads it (admins use `troop-coordinator ledger history`).
-    let signer = verify_signed(state, headers, method, uri, b"", &rid)
+    let (signer, _) = verify_signed(state, headers, method, uri, b"", &rid)
         .await
         .map_err(charge_ip)?;
     if signer.to_base58() != account {

@@ -57,6 +57,7 @@ pub(crate) async fn authorize(
         bytes: body,
         rid,
         ip,
+        ..
     }: SignedBytes,
 ) -> Result<Response, ApiError> {
     check_quota(

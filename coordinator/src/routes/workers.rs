@@ -1,6 +1,7 @@
 //! Workers: registration, heartbeats, the public list and `/bootstrap`.
 
 use super::*;
+use crate::ledger::Beat;
 use troop_protocol::sync::{MutexExt as _, RwLockExt as _};
 
 pub(crate) fn multiplier(milli: i64) -> f64 {
@@ -93,6 +94,7 @@ pub(crate) async fn register(
         body: req,
         rid,
         ip,
+        ..
     }: Signed<RegisterRequest>,
 ) -> Result<Response, ApiError> {
     check_list("models", &req.models, 256, 256).map_err(|e| e.with_request_id(&rid))?;
@@ -159,6 +161,7 @@ pub(crate) async fn heartbeat(
         body: req,
         rid,
         ip,
+        signed_at,
     }: Signed<HeartbeatRequest>,
 ) -> Result<Response, ApiError> {
     if let Some(m) = &req.models {
@@ -177,34 +180,51 @@ pub(crate) async fn heartbeat(
         .await
         .ok()
         .flatten();
-    state
-        .writer
-        .submit(
-            Command::Heartbeat {
-                peer_id: peer_id.clone(),
-                models: req.models.clone(),
-                addresses: req.addresses.clone(),
-                active_jobs: req.load.active_jobs,
-                queue_depth: req.load.queue_depth,
-                now_secs: now,
-            },
-            Some(rid.clone()),
-        )
-        .await
-        .map_err(|e| ledger_error(&state, e, &rid))?;
-    if let Some(mut map) = state.workers.writing()
-        && let Some(w) = map.get_mut(&peer_id)
-    {
-        w.last_seen = now;
-        w.left_at = None;
-        w.active_jobs = req.load.active_jobs;
-        w.queue_depth = req.load.queue_depth;
-        if let Some(m) = req.models {
-            w.models = m;
+    let load = (req.load.active_jobs, req.load.queue_depth);
+    // A heartbeat signed no later than the newest one recorded (two in
+    // one second, or a copy sent to another replica) changes nothing and
+    // is answered as usual.
+    let kept = keep_beat(&state, &peer_id, &req, now, signed_at);
+    let mut replay = kept == Some(false);
+    if kept.is_none() {
+        let out = state
+            .writer
+            .submit(
+                Command::Heartbeat {
+                    peer_id: peer_id.clone(),
+                    models: req.models.clone(),
+                    addresses: req.addresses.clone(),
+                    active_jobs: load.0,
+                    queue_depth: load.1,
+                    now_secs: now,
+                    // Replicas: a copy sent to another replica is a replay
+                    // there (their nonces are not shared for heartbeats).
+                    signed_at: state.shared().then_some(signed_at),
+                },
+                Some(rid.clone()),
+            )
+            .await
+            .map_err(|e| ledger_error(&state, e, &rid))?;
+        replay = matches!(out, Outcome::Heartbeat { replay: true, .. });
+        if !replay
+            && let Some(mut map) = state.workers.writing()
+            && let Some(w) = map.get_mut(&peer_id)
+        {
+            w.last_seen = now;
+            w.left_at = None;
+            w.last_signed = Some(signed_at);
+            (w.active_jobs, w.queue_depth) = load;
+            if let Some(m) = req.models {
+                w.models = m;
+            }
+            if let Some(a) = req.addresses {
+                w.addresses = a;
+            }
         }
-        if let Some(a) = req.addresses {
-            w.addresses = a;
-        }
+    }
+    if replay {
+        ::metrics::counter!("troop_heartbeats_replayed_total").increment(1);
+        tracing::debug!(worker = %peer_id, signed_at, "heartbeat not newer than the last one: nothing changed");
     }
     let reproof = match before {
         Some((proved, last)) => {
@@ -221,12 +241,61 @@ pub(crate) async fn heartbeat(
     .into_response())
 }
 
+/// With PostgreSQL (and `--heartbeat-flush-secs` above 0): a heartbeat of
+/// a worker this replica knows, that has not left and whose models and
+/// addresses are unchanged, only says "still here". It is applied to the
+/// replica's table at once and kept, to be written with the others of the
+/// interval in one command (`sweeper::refresh_workers`). `Some(true)`:
+/// kept; `Some(false)`: a replay (not signed after the newest seen), which
+/// changes nothing; `None`: it must go through the ledger now.
+fn keep_beat(
+    state: &AppState,
+    peer_id: &str,
+    req: &HeartbeatRequest,
+    now: u64,
+    signed_at: u64,
+) -> Option<bool> {
+    if !state.beats_batched() {
+        return None;
+    }
+    let mut map = state.workers.writing()?;
+    let w = map.get_mut(peer_id)?;
+    let same = req.models.as_ref().is_none_or(|m| *m == w.models)
+        && req.addresses.as_ref().is_none_or(|a| *a == w.addresses);
+    if w.left_at.is_some() || !same {
+        return None;
+    }
+    if w.last_signed.is_some_and(|t| t >= signed_at) {
+        return Some(false);
+    }
+    w.last_seen = now;
+    w.last_signed = Some(signed_at);
+    (w.active_jobs, w.queue_depth) = (req.load.active_jobs, req.load.queue_depth);
+    let beat = Beat {
+        peer_id: peer_id.to_string(),
+        seen_at: now,
+        signed_at,
+        active_jobs: req.load.active_jobs,
+        queue_depth: req.load.queue_depth,
+    };
+    drop(map);
+    state.beats.locked()?.insert(peer_id.to_string(), beat);
+    ::metrics::counter!("troop_heartbeats_kept_total").increment(1);
+    Some(true)
+}
+
 /// `POST /workers/leave` (signed, body `{}`): the worker is stopping. It
 /// leaves `/bootstrap` and is listed as not alive at once; no new ticket
 /// names it; receipts it still owes settle as before.
 pub(crate) async fn leave(
     State(state): St,
-    Signed { peer, rid, ip, .. }: Signed<serde_json::Value>,
+    Signed {
+        peer,
+        rid,
+        ip,
+        signed_at,
+        ..
+    }: Signed<serde_json::Value>,
 ) -> Result<Response, ApiError> {
     let now = unix_secs();
     let peer_id = peer.to_base58();
@@ -237,6 +306,7 @@ pub(crate) async fn leave(
             Command::Leave {
                 peer_id: peer_id.clone(),
                 now_secs: now,
+                signed_at: state.shared().then_some(signed_at),
             },
             Some(rid.clone()),
         )
@@ -247,6 +317,7 @@ pub(crate) async fn leave(
     {
         w.last_seen = now;
         w.left_at = Some(now);
+        w.last_signed = w.last_signed.max(Some(signed_at));
         w.active_jobs = 0;
         w.queue_depth = 0;
     }

@@ -5,7 +5,7 @@ use serde_json::json;
 
 use crate::db::Db;
 use crate::ledger::to_i64;
-use crate::ledger::{LedgerError, Outcome};
+use crate::ledger::{Beat, LedgerError, Outcome};
 use crate::p;
 
 pub(crate) fn apply(
@@ -14,27 +14,67 @@ pub(crate) fn apply(
     models: Option<&[String]>,
     addresses: Option<&[String]>,
     (active_jobs, queue_depth): (u32, u32),
-    now_secs: u64,
+    (now_secs, signed_at): (u64, Option<u64>),
 ) -> Result<Outcome, LedgerError> {
     let models_json = models.map(|m| json!(m).to_string());
     let addrs_json = addresses.map(|a| json!(a).to_string());
+    let signed = signed_at.map(to_i64).transpose()?;
     let n = tx.exec(
         "UPDATE workers SET last_seen = ?2, active_jobs = ?3, queue_depth = ?4,
-         models = COALESCE(?5, models), addresses = COALESCE(?6, addresses), left_at = NULL
-         WHERE peer_id = ?1",
+         models = COALESCE(?5, models), addresses = COALESCE(?6, addresses), left_at = NULL,
+         last_signed = COALESCE(?7, last_signed)
+         WHERE peer_id = ?1 AND (CAST(?7 AS BIGINT) IS NULL OR last_signed IS NULL OR last_signed < ?7)",
         p![
             peer_id,
             to_i64(now_secs)?,
             active_jobs,
             queue_depth,
             models_json,
-            addrs_json
+            addrs_json,
+            signed
         ],
     )?;
     if n == 0 {
-        return Err(LedgerError::UnknownWorker(peer_id.into()));
+        // A replay of a heartbeat already written, or no such worker.
+        let seen = tx
+            .query_opt(
+                "SELECT last_seen FROM workers WHERE peer_id = ?1",
+                p![peer_id],
+            )?
+            .ok_or_else(|| LedgerError::UnknownWorker(peer_id.into()))?
+            .i64(0)?;
+        return Ok(Outcome::Heartbeat {
+            last_seen: seen.max(0) as u64,
+            replay: true,
+        });
     }
     Ok(Outcome::Heartbeat {
         last_seen: now_secs,
+        replay: false,
+    })
+}
+
+/// A replica's kept heartbeats, one statement each (PostgreSQL's writer
+/// sends them together). A beat counts only when it was signed after the
+/// newest one written (`last_signed`), so the same heartbeat kept by two
+/// replicas (a replay) is written once; `last_seen` (the time a replica
+/// received it) only moves forward; a worker that left stays gone.
+pub(crate) fn apply_many(tx: &mut dyn Db, beats: &[Beat]) -> Result<Outcome, LedgerError> {
+    for b in beats {
+        tx.write(
+            "UPDATE workers SET last_seen = CASE WHEN last_seen > ?2 THEN last_seen ELSE ?2 END,
+                last_signed = ?3, active_jobs = ?4, queue_depth = ?5
+             WHERE peer_id = ?1 AND left_at IS NULL AND (last_signed IS NULL OR last_signed < ?3)",
+            p![
+                &b.peer_id,
+                to_i64(b.seen_at)?,
+                to_i64(b.signed_at)?,
+                b.active_jobs,
+                b.queue_depth
+            ],
+        )?;
+    }
+    Ok(Outcome::Beats {
+        written: beats.len(),
     })
 }

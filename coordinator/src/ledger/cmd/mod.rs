@@ -198,6 +198,7 @@ mod tests {
             Command::Leave {
                 peer_id: "w".into(),
                 now_secs: 110,
+                signed_at: None,
             },
         )
         .expect("left");
@@ -211,6 +212,7 @@ mod tests {
                 active_jobs: 1,
                 queue_depth: 0,
                 now_secs: 120,
+                signed_at: None,
             },
         )
         .expect("heartbeat");
@@ -222,6 +224,7 @@ mod tests {
             Command::Leave {
                 peer_id: "nobody".into(),
                 now_secs: 120,
+                signed_at: None,
             },
         );
         assert!(matches!(unknown, Err(LedgerError::UnknownWorker(_))));

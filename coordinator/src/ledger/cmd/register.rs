@@ -34,7 +34,8 @@ pub(crate) fn apply(
         "INSERT INTO workers (peer_id, receipt_key, models, addresses, version, registered_at, last_seen)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
          ON CONFLICT(peer_id) DO UPDATE SET models = excluded.models, addresses = excluded.addresses,
-           version = excluded.version, last_seen = excluded.last_seen, left_at = NULL",
+           version = excluded.version, last_seen = excluded.last_seen, left_at = NULL,
+           last_signed = NULL",
         p![
             peer_id,
             &new_key[..],
