@@ -8,7 +8,7 @@ use troop_protocol::MilliCredits;
 use crate::db::Db;
 use crate::ledger::transfer::{insert_transfer, ledger_event};
 use crate::ledger::{LedgerError, Outcome};
-use crate::ledger::{MINT, available, to_i64};
+use crate::ledger::{MINT, to_i64};
 use crate::p;
 
 /// Limits on starter credits, checked when a new account asks for its first
@@ -48,26 +48,31 @@ pub(crate) fn apply(
         return Err(LedgerError::Range("a user cannot buy from itself".into()));
     }
     let now_i = to_i64(now_ms)?;
-    let worker_kind = tx
-        .query_opt("SELECT kind FROM accounts WHERE id = ?1", p![worker])?
-        .map(|r| r.str(0))
-        .transpose()?;
-    if worker_kind.as_deref() != Some("worker") {
+    // Everything the checks need, in one read (one round trip on
+    // PostgreSQL); the checks then run in their order.
+    let r = tx.query_one(
+        "SELECT (SELECT kind FROM accounts WHERE id = ?1),
+                (SELECT kind FROM accounts WHERE id = ?2),
+                (SELECT granted FROM accounts WHERE id = ?2),
+                (SELECT credits_posted - debits_posted - debits_pending FROM accounts WHERE id = ?2),
+                (SELECT COUNT(*) FROM jobs WHERE job_id = ?3)",
+        p![worker, user, job_id],
+    )?;
+    if r.opt_str(0)?.as_deref() != Some("worker") {
         return Err(LedgerError::UnknownWorker(worker.into()));
     }
-    // Read first, so that a known user refused below wrote nothing (the
-    // PostgreSQL writer sends writes ahead of their commands' ends).
-    let (kind, granted) =
-        match tx.query_opt("SELECT kind, granted FROM accounts WHERE id = ?1", p![user])? {
-            Some(r) => (r.str(0)?, r.i64(1)?),
-            None => {
-                tx.write(
-                    "INSERT INTO accounts (id, kind, created_at) VALUES (?1, 'user', ?2)",
-                    p![user, now_i],
-                )?;
-                ("user".to_string(), 0)
-            }
-        };
+    // A user refused below wrote nothing, unless it is new (the PostgreSQL
+    // writer sends writes ahead of their commands' ends).
+    let (kind, granted, mut avail) = match r.opt_str(1)? {
+        Some(kind) => (kind, r.i64(2)?, r.i64(3)?),
+        None => {
+            tx.write(
+                "INSERT INTO accounts (id, kind, created_at) VALUES (?1, 'user', ?2)",
+                p![user, now_i],
+            )?;
+            ("user".to_string(), 0, 0)
+        }
+    };
     if kind == "mint" {
         return Err(LedgerError::Range("reserved account id".into()));
     }
@@ -89,18 +94,15 @@ pub(crate) fn apply(
         )?;
         let id = insert_transfer(tx, "grant", MINT, user, grant, None, None, now_ms)?;
         events.push(ledger_event("grant", id, MINT, user, grant, None, None));
+        avail += grant;
     }
-    let avail = available(tx, user)?.unwrap_or(0);
     if avail < amount {
         return Err(LedgerError::InsufficientFunds {
             available: avail,
             required: amount,
         });
     }
-    if tx
-        .query_opt("SELECT 1 FROM jobs WHERE job_id = ?1", p![job_id])?
-        .is_some()
-    {
+    if r.i64(4)? > 0 {
         return Err(LedgerError::DuplicateJob(job_id.into()));
     }
     tx.write(
