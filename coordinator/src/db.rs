@@ -302,7 +302,7 @@ impl<C: postgres::GenericClient> Pg<'_, C> {
     }
 }
 
-pub(crate) fn pg_params(params: &[V]) -> Vec<&(dyn ToSql + Sync)> {
+fn pg_params(params: &[V]) -> Vec<&(dyn ToSql + Sync)> {
     params.iter().map(|v| v as &(dyn ToSql + Sync)).collect()
 }
 

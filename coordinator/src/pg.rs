@@ -17,17 +17,17 @@ use postgres::{Client, NoTls};
 use crate::db::{Db, Pg, StatementCache};
 use crate::ledger::error::LedgerError;
 use crate::ledger::writer::{Backend, BatchOutcome, BatchResult, Envelope};
+use crate::ledger::{self};
 
 pub mod pipe;
-use crate::ledger::{self};
 
 /// Most commands in one PostgreSQL transaction (see `Coordinator::open`).
 /// With the pipelined writer a batch is a few round trips whatever its
 /// size, and the database's own work per settlement (about 0.8 ms on the
-/// 2-core test machine: nine statements, their triggers and foreign keys)
-/// sets the rate: `--bench replicas` settled 918/s through the writer
-/// with 32 and 966/s with 256, so batches stay small for latency (a batch
-/// of 250 took 0.37 s).
+/// 2-core test machine: its statements, their triggers and foreign keys)
+/// sets the rate, linear in the batch: `--bench replicas` settled 918/s
+/// through the writer with 32 and 966/s with 256, so batches stay small
+/// for latency (a batch of 250 took 0.37 s).
 pub const MAX_BATCH: usize = 32;
 
 /// The advisory lock key held while migrations run.
@@ -466,9 +466,8 @@ impl Backend for PgWriter {
     }
 
     /// The straight pass holds no savepoints and makes a few round trips
-    /// whatever the batch's size, but PostgreSQL keeps every version of a
-    /// row updated in one transaction (the totals row, a busy worker's
-    /// account), so a batch's cost still grows with its square.
+    /// whatever the batch's size; bigger batches only add latency (see
+    /// [`MAX_BATCH`]).
     fn max_batch(&self, configured: usize) -> usize {
         configured.min(MAX_BATCH)
     }

@@ -194,10 +194,10 @@ const MAX_NONCES: usize = 500_000;
 
 /// Requests whose replay changes nothing, so their nonces stay in the
 /// replica that saw them instead of costing a shared database write each:
-/// a heartbeat moves `last_seen` to the time it was *signed* and never
-/// back, and its load counts only when it is the newest (see
-/// `routes::workers::heartbeat`), so the same heartbeat sent to another
-/// replica again is a no-op.
+/// a heartbeat counts only when it was signed after the newest one
+/// recorded for its worker (`workers.last_signed`, which a leave moves
+/// too; see `routes::workers::heartbeat`), so the same heartbeat sent to
+/// another replica is a no-op there.
 fn replay_harmless(state: &AppState, path: &str) -> bool {
     path == "/workers/heartbeat" && state.beats_batched()
 }

@@ -210,10 +210,8 @@ pub(crate) async fn heartbeat(
             && let Some(mut map) = state.workers.writing()
             && let Some(w) = map.get_mut(&peer_id)
         {
-            w.last_seen = now;
+            note_beat(w, now, signed_at, load);
             w.left_at = None;
-            w.last_signed = Some(signed_at);
-            (w.active_jobs, w.queue_depth) = load;
             if let Some(m) = req.models {
                 w.models = m;
             }
@@ -268,20 +266,27 @@ fn keep_beat(
     if w.last_signed.is_some_and(|t| t >= signed_at) {
         return Some(false);
     }
-    w.last_seen = now;
-    w.last_signed = Some(signed_at);
-    (w.active_jobs, w.queue_depth) = (req.load.active_jobs, req.load.queue_depth);
+    let load = (req.load.active_jobs, req.load.queue_depth);
+    note_beat(w, now, signed_at, load);
     let beat = Beat {
         peer_id: peer_id.to_string(),
         seen_at: now,
         signed_at,
-        active_jobs: req.load.active_jobs,
-        queue_depth: req.load.queue_depth,
+        active_jobs: load.0,
+        queue_depth: load.1,
     };
     drop(map);
     state.beats.locked()?.insert(peer_id.to_string(), beat);
     ::metrics::counter!("troop_heartbeats_kept_total").increment(1);
     Some(true)
+}
+
+/// A heartbeat taken into the replica's table: seen now, signed then, this
+/// busy.
+fn note_beat(w: &mut WorkerRow, now: u64, signed_at: u64, (active, queued): (u32, u32)) {
+    w.last_seen = now;
+    w.last_signed = Some(signed_at);
+    (w.active_jobs, w.queue_depth) = (active, queued);
 }
 
 /// `POST /workers/leave` (signed, body `{}`): the worker is stopping. It
