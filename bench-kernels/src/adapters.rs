@@ -1,9 +1,9 @@
 //! The graphics adapters this machine offers, and which one `auto` proves on.
 //!
 //! The list is taken once per process (Vulkan first, then Metal, then DX12:
-//! the first API with any adapter, which is the one burn's wgpu backend
-//! settles on, so an adapter's index here is its index there). A build
-//! without the `wgpu` feature finds none.
+//! the first API with any adapter), and the proof opens its device from the
+//! same list ([`crate::gpu`]). A build without the `wgpu` feature finds
+//! none.
 
 use serde::Serialize;
 
@@ -41,7 +41,7 @@ pub struct Adapter {
     pub api: String,
     /// The driver and its version, where it says.
     pub driver: String,
-    /// Its index among the adapters of its kind (burn's `DiscreteGpu(i)`).
+    /// Its place in [`adapters()`]: the device the proof opens.
     #[serde(skip)]
     pub index: usize,
 }
@@ -63,22 +63,42 @@ impl std::fmt::Display for Adapter {
     }
 }
 
-static FOUND: std::sync::OnceLock<Vec<Adapter>> = std::sync::OnceLock::new();
+/// The adapters found, and (with wgpu) the handles that open them, in the
+/// same order.
+#[derive(Default)]
+struct Found {
+    list: Vec<Adapter>,
+    #[cfg(feature = "wgpu")]
+    handles: Vec<wgpu::Adapter>,
+}
+
+static FOUND: std::sync::OnceLock<Found> = std::sync::OnceLock::new();
 
 /// Every adapter found, listed once per process (asking the drivers again
-/// while burn holds a device has crashed Vulkan loaders). The first call
-/// asks the drivers: it may take a moment.
+/// while a device is open has crashed Vulkan loaders). The first call asks
+/// the drivers: it may take a moment.
 pub fn adapters() -> &'static [Adapter] {
-    FOUND.get_or_init(probe)
+    &FOUND.get_or_init(probe).list
 }
 
 /// The adapters, if they were listed already (never asks the drivers).
 pub fn adapters_listed() -> Option<&'static [Adapter]> {
-    FOUND.get().map(Vec::as_slice)
+    FOUND.get().map(|f| f.list.as_slice())
+}
+
+/// The handle that opens `adapter`, if it is one of [`adapters()`].
+#[cfg(feature = "wgpu")]
+pub(crate) fn handle(adapter: &Adapter) -> Option<&'static wgpu::Adapter> {
+    let found = FOUND.get_or_init(probe);
+    found
+        .list
+        .get(adapter.index)
+        .filter(|a| *a == adapter)
+        .and(found.handles.get(adapter.index))
 }
 
 #[cfg(feature = "wgpu")]
-fn probe() -> Vec<Adapter> {
+fn probe() -> Found {
     // A driver that panics while being asked must not take the node down:
     // the machine then simply has no adapter.
     std::panic::catch_unwind(|| {
@@ -91,16 +111,14 @@ fn probe() -> Vec<Adapter> {
                 backends: api,
                 ..wgpu::InstanceDescriptor::new_without_display_handle()
             });
+            let handles = pollster::block_on(instance.enumerate_adapters(api));
             let infos: Vec<wgpu::AdapterInfo> =
-                pollster::block_on(instance.enumerate_adapters(api))
-                    .iter()
-                    .map(wgpu::Adapter::get_info)
-                    .collect();
+                handles.iter().map(wgpu::Adapter::get_info).collect();
             // Kept for the process's life: instances coming and going on
             // several threads crash some Vulkan loaders.
             std::mem::forget(instance);
             if !infos.is_empty() {
-                return number(infos.into_iter().map(|i| {
+                let list = number(infos.into_iter().map(|i| {
                     let kind = match i.device_type {
                         wgpu::DeviceType::DiscreteGpu => AdapterKind::Discrete,
                         wgpu::DeviceType::IntegratedGpu => AdapterKind::Integrated,
@@ -116,33 +134,30 @@ fn probe() -> Vec<Adapter> {
                         .join(" ");
                     (i.name, kind, i.backend.to_str().to_string(), driver)
                 }));
+                return Found { list, handles };
             }
         }
-        Vec::new()
+        Found::default()
     })
     .unwrap_or_default()
 }
 
 #[cfg(not(feature = "wgpu"))]
-fn probe() -> Vec<Adapter> {
-    Vec::new()
+fn probe() -> Found {
+    Found::default()
 }
 
-/// Numbers adapters within their kind, in the order found.
+/// Numbers adapters by their place in the order found.
 #[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
 fn number(found: impl Iterator<Item = (String, AdapterKind, String, String)>) -> Vec<Adapter> {
-    let mut seen: Vec<AdapterKind> = Vec::new();
     found
-        .map(|(name, kind, api, driver)| {
-            let index = seen.iter().filter(|k| **k == kind).count();
-            seen.push(kind);
-            Adapter {
-                name,
-                kind,
-                api,
-                driver,
-                index,
-            }
+        .enumerate()
+        .map(|(index, (name, kind, api, driver))| Adapter {
+            name,
+            kind,
+            api,
+            driver,
+            index,
         })
         .collect()
 }
@@ -185,7 +200,7 @@ mod tests {
         use AdapterKind::*;
         let found = list(&[Cpu, Integrated, Discrete, Discrete]);
         let best = best_gpu(&found).expect("a GPU");
-        assert_eq!((best.name.as_str(), best.index), ("a2", 0));
+        assert_eq!((best.name.as_str(), best.index), ("a2", 2));
         let found = list(&[Cpu, Virtual, Integrated]);
         assert_eq!(best_gpu(&found).map(|a| a.name.as_str()), Some("a2"));
         // lavapipe alone, or a virtual GPU: the CPU backend.
@@ -201,10 +216,10 @@ mod tests {
     }
 
     #[test]
-    fn adapters_are_numbered_within_their_kind() {
+    fn adapters_are_numbered_by_their_place() {
         use AdapterKind::*;
         let found = list(&[Discrete, Integrated, Discrete, Cpu, Integrated]);
         let idx: Vec<usize> = found.iter().map(|a| a.index).collect();
-        assert_eq!(idx, vec![0, 0, 1, 0, 1]);
+        assert_eq!(idx, vec![0, 1, 2, 3, 4]);
     }
 }

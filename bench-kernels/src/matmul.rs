@@ -1,4 +1,6 @@
-//! The proving work: `r` chained matmuls on a burn backend picked at run time.
+//! The proving work: `r` chained matmuls on a backend picked at run time:
+//! burn's Flex on the CPU (and burn's CUDA backend, opt-in), the proof's own
+//! WGSL kernels on a graphics adapter ([`crate::gpu`]).
 
 use std::time::Instant;
 
@@ -17,8 +19,9 @@ pub enum Backend {
     Auto,
     /// burn's Flex CPU backend (AVX-512 kernels when the CPU has them).
     Cpu,
-    /// burn's wgpu backend (Vulkan, Metal, DX12) on the best adapter found,
-    /// software ones included; needs the `wgpu` feature.
+    /// wgpu (Vulkan, Metal, DX12) on the best adapter found, software ones
+    /// included: two WGSL kernels ([`crate::gpu`]); needs the `wgpu` feature
+    /// (on in the default `troop` build).
     Wgpu,
     /// burn's CUDA backend; needs the `cuda` feature.
     Cuda,
@@ -107,26 +110,11 @@ impl Target {
         }
     }
 
-    /// The burn device, or why this build can't run it.
+    /// The burn device (CPU, CUDA), or why this build can't run it. wgpu
+    /// runs the proof's own kernels instead ([`crate::gpu`]).
     pub fn device(&self) -> Result<Device, ProveError> {
         match self.backend {
             Backend::Cpu => Ok(Device::flex()),
-            #[cfg(feature = "wgpu")]
-            Backend::Wgpu => {
-                use crate::adapters::AdapterKind;
-                use burn::tensor::DeviceKind;
-                let kind = match &self.adapter {
-                    Some(a) => match a.kind {
-                        AdapterKind::Discrete => DeviceKind::DiscreteGpu(a.index),
-                        AdapterKind::Integrated => DeviceKind::IntegratedGpu(a.index),
-                        AdapterKind::Virtual => DeviceKind::VirtualGpu(a.index),
-                        AdapterKind::Cpu => DeviceKind::Cpu,
-                        AdapterKind::Other => DeviceKind::DefaultDevice,
-                    },
-                    None => DeviceKind::DefaultDevice,
-                };
-                Ok(Device::wgpu(kind))
-            }
             #[cfg(feature = "cuda")]
             Backend::Cuda => Ok(Device::cuda(0)),
             #[allow(unreachable_patterns)]
@@ -293,6 +281,9 @@ pub fn prove_on(
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "a panic".into());
+            // A device that panicked is not kept for the next proof.
+            #[cfg(feature = "wgpu")]
+            crate::gpu::Gpu::forget();
             Err(ProveError::Backend(format!("{target} panicked: {msg}")))
         }
     }
@@ -300,18 +291,23 @@ pub fn prove_on(
 
 /// Maps every entry back into `[-bound, bound]` with the verifier's own
 /// [`challenge::reduce`], in parallel over rows.
-fn fold_on_host(c: Tensor<2>, n: usize, bound: i32) -> Result<Tensor<2>, ProveError> {
+pub(crate) fn fold_slice(v: &mut [f32], n: usize, bound: i32) {
     use rayon::prelude::*;
-    let device = c.device();
-    let mut v: Vec<f32> = c
-        .into_data()
-        .try_into_vec::<f32>()
-        .map_err(|e| ProveError::Backend(format!("{e:?}")))?;
     v.par_chunks_mut(n.max(1) * 16).for_each(|rows| {
         for x in rows {
             *x = challenge::reduce_exact(*x, bound);
         }
     });
+}
+
+/// [`fold_slice`] on a burn tensor.
+fn fold_on_host(c: Tensor<2>, n: usize, bound: i32) -> Result<Tensor<2>, ProveError> {
+    let device = c.device();
+    let mut v: Vec<f32> = c
+        .into_data()
+        .try_into_vec::<f32>()
+        .map_err(|e| ProveError::Backend(format!("{e:?}")))?;
+    fold_slice(&mut v, n, bound);
     Ok(Tensor::<2>::from_data(TensorData::new(v, [n, n]), &device))
 }
 
@@ -323,43 +319,42 @@ fn prove_unguarded(
     mut progress: impl FnMut(u32, u32),
 ) -> Result<Proof, ProveError> {
     let seed = ch.validate()?;
-    let device = target.device()?;
     let n = ch.n;
     let start = Instant::now();
     let a = challenge::matrix_a(&seed, n);
     let b = challenge::matrix_b(&seed, n);
     let bound = bound_for(n);
-    let m = (2 * bound + 1) as f32;
-    let a = Tensor::<2>::from_data(TensorData::new(a, [n, n]), &device);
-    let b = Tensor::<2>::from_data(TensorData::new(b, [n, n]), &device);
-    let t0 = Instant::now();
-    let mut c = a.matmul(b.clone());
-    progress(1, ch.rounds);
-    for round in 1..ch.rounds {
-        if deadline.is_some_and(|d| Instant::now() > d) {
-            return Err(ProveError::Timeout(start.elapsed().as_secs()));
+    let (c, matmul_seconds) = match (target.backend, &target.adapter) {
+        #[cfg(feature = "wgpu")]
+        (Backend::Wgpu, Some(adapter)) => crate::gpu::chain(
+            adapter,
+            &a,
+            &b,
+            n,
+            ch.rounds,
+            bound,
+            fold,
+            deadline,
+            start,
+            &mut progress,
+        )?,
+        #[cfg(feature = "wgpu")]
+        (Backend::Wgpu, None) => {
+            return Err(ProveError::Backend("no adapter named to prove on".into()));
         }
-        // Back into [-bound, bound], exactly, then multiply by B again.
-        let reduced = match fold {
-            Fold::Host => fold_on_host(c, n, bound)?,
-            Fold::Device => c
-                .remainder_scalar(m)
-                .add_scalar(m)
-                .remainder_scalar(m)
-                .sub_scalar(bound as f32),
-        };
-        c = reduced.matmul(b.clone());
-        progress(round + 1, ch.rounds);
-    }
-    // The clock stops when the values are on the host: on wgpu `into_data`
-    // returns at once and the work (and the read back) happens while the
-    // bytes are taken (it was stopped before, and lavapipe's 1.5 GFLOP/s
-    // read as 160).
-    let c: Vec<f32> = c
-        .into_data()
-        .try_into_vec::<f32>()
-        .map_err(|e| ProveError::Backend(format!("{e:?}")))?;
-    let matmul_seconds = t0.elapsed().as_secs_f64();
+        #[cfg(not(feature = "wgpu"))]
+        (Backend::Wgpu, _) => return Err(ProveError::NotBuilt("wgpu")),
+        _ => burn_chain(
+            &target.device()?,
+            a,
+            b,
+            ch,
+            fold,
+            deadline,
+            start,
+            &mut progress,
+        )?,
+    };
     if c.len() != n * n {
         return Err(ProveError::Backend(format!(
             "got {} values, expected {}",
@@ -379,33 +374,49 @@ fn prove_unguarded(
     })
 }
 
-/// Plain matmul on a backend, for benchmarks: returns seconds for one n x n product.
-pub fn time_matmul(n: usize, backend: Backend, reps: u32) -> Result<f64, ProveError> {
-    let device = backend.target()?.device()?;
-    let seed = [1u8; 32];
-    let a = Tensor::<2>::from_data(
-        TensorData::new(challenge::matrix_a(&seed, n), [n, n]),
-        &device,
-    );
-    let b = Tensor::<2>::from_data(
-        TensorData::new(challenge::matrix_b(&seed, n), [n, n]),
-        &device,
-    );
-    // Warm up (kernel selection, thread pool).
-    let _ = a
-        .clone()
-        .matmul(b.clone())
-        .into_data()
-        .try_into_vec::<f32>();
-    let mut best = f64::MAX;
-    for _ in 0..reps.max(1) {
-        let t = Instant::now();
-        let _ = a
-            .clone()
-            .matmul(b.clone())
-            .into_data()
-            .try_into_vec::<f32>();
-        best = best.min(t.elapsed().as_secs_f64());
+/// The rounds on a burn device: the last product, and the seconds from the
+/// first product to the values on the host.
+#[allow(clippy::too_many_arguments)]
+fn burn_chain(
+    device: &Device,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    ch: &Challenge,
+    fold: Fold,
+    deadline: Option<Instant>,
+    start: Instant,
+    progress: &mut dyn FnMut(u32, u32),
+) -> Result<(Vec<f32>, f64), ProveError> {
+    let n = ch.n;
+    let bound = bound_for(n);
+    let m = (2 * bound + 1) as f32;
+    let a = Tensor::<2>::from_data(TensorData::new(a, [n, n]), device);
+    let b = Tensor::<2>::from_data(TensorData::new(b, [n, n]), device);
+    let t0 = Instant::now();
+    let mut c = a.matmul(b.clone());
+    progress(1, ch.rounds);
+    for round in 1..ch.rounds {
+        if deadline.is_some_and(|d| Instant::now() > d) {
+            return Err(ProveError::Timeout(start.elapsed().as_secs()));
+        }
+        // Back into [-bound, bound], exactly, then multiply by B again.
+        let reduced = match fold {
+            Fold::Host => fold_on_host(c, n, bound)?,
+            Fold::Device => c
+                .remainder_scalar(m)
+                .add_scalar(m)
+                .remainder_scalar(m)
+                .sub_scalar(bound as f32),
+        };
+        c = reduced.matmul(b.clone());
+        progress(round + 1, ch.rounds);
     }
-    Ok(best)
+    // The clock stops when the values are on the host: on a lazy backend
+    // `into_data` returns at once and the work happens while the bytes are
+    // taken.
+    let c: Vec<f32> = c
+        .into_data()
+        .try_into_vec::<f32>()
+        .map_err(|e| ProveError::Backend(format!("{e:?}")))?;
+    Ok((c, t0.elapsed().as_secs_f64()))
 }

@@ -406,21 +406,26 @@ mod wgpu_tests {
         if !have_adapter("the_root_is_the_same_on_flex_and_wgpu") {
             return;
         }
-        for (seed, n, rounds) in [
-            (5u8, 64usize, 1u32),
-            (6, 200, 3),
-            (7, 1024, 4),
-            (8, 2048, 1),
+        // Sizes that are not a multiple of the kernel's 64 x 64 tile (97,
+        // 200) are padded with zeros on the device: the padding must not
+        // leak into the fold or the product.
+        for (seed, n, rounds, fold) in [
+            (5u8, 64usize, 1u32, Fold::Device),
+            (9, 97, 3, Fold::Device),
+            (9, 97, 3, Fold::Host),
+            (6, 200, 3, Fold::Device),
+            (7, 1024, 4, Fold::Device),
+            (8, 2048, 1, Fold::Device),
         ] {
             let ch = Challenge::new([seed; 32], n, rounds);
             let cpu = prove(&ch, Backend::Cpu, None, |_, _| {}).expect("cpu");
-            let gpu = prove_with(&ch, Backend::Wgpu, Fold::Device, None, |_, _| {}).expect("wgpu");
+            let gpu = prove_with(&ch, Backend::Wgpu, fold, None, |_, _| {}).expect("wgpu");
             assert_eq!(gpu.target.backend, Backend::Wgpu);
             assert!(gpu.target.adapter.is_some());
             assert_eq!(
                 cpu.root_hex(),
                 gpu.root_hex(),
-                "seed {seed} n {n} rounds {rounds} on {}",
+                "seed {seed} n {n} rounds {rounds} {fold:?} fold on {}",
                 gpu.target
             );
             eprintln!(

@@ -212,9 +212,9 @@ enum Cmd {
         /// Backend for that proof (and for re-proofs the coordinator asks
         /// for): auto picks a discrete GPU, then an integrated one, else the
         /// CPU, never a software adapter (llvmpipe); cpu; wgpu (the best
-        /// adapter found, software ones included); GPU ones need a build
-        /// with --features wgpu or cuda. A GPU that fails falls back to the
-        /// CPU.
+        /// adapter found, software ones included; in the default build);
+        /// cuda needs a build with --features cuda. A GPU that fails falls
+        /// back to the CPU.
         #[arg(long, env = "TROOP_BENCH_BACKEND", default_value = "auto")]
         bench_backend: troop_bench_kernels::Backend,
         /// Address of the worker's status page, /troop/status and /metrics
@@ -350,9 +350,9 @@ enum Cmd {
         #[arg(long)]
         seed: Option<String>,
         /// auto (a discrete GPU, then an integrated one, else the CPU; never
-        /// a software adapter), cpu (burn Flex), wgpu (the best adapter
-        /// found, llvmpipe included; a build with --features wgpu) or cuda
-        /// (a build with --features cuda).
+        /// a software adapter), cpu (burn Flex), wgpu (Vulkan, Metal or
+        /// DX12 on the best adapter found, llvmpipe included) or cuda (a
+        /// build with --features cuda).
         #[arg(long, env = "TROOP_BENCH_BACKEND", default_value = "auto")]
         backend: troop_bench_kernels::Backend,
         /// Print one JSON line instead of text.
