@@ -138,12 +138,46 @@ pub fn with_ledger<T>(
 /// Runs every check on the ledger in `data_dir` (or `database`) and the
 /// audit log in `data_dir`.
 pub fn audit(data_dir: &Path, database: Option<&str>) -> anyhow::Result<AuditReport> {
+    audit_replica(data_dir, database, None)
+}
+
+/// [`audit`]; with PostgreSQL the log in `data_dir` is one replica's, and is
+/// compared with the transfers that replica committed: those of the names
+/// on the log's lines, and of `replica` when given (`--replica-name`).
+pub fn audit_replica(
+    data_dir: &Path,
+    database: Option<&str>,
+    replica: Option<&str>,
+) -> anyhow::Result<AuditReport> {
     with_ledger(data_dir, database, |conn| {
-        audit_on(conn, data_dir, database.is_some())
+        let names = database
+            .map(|_| replica_names(data_dir, replica))
+            .transpose()?;
+        audit_on(conn, data_dir, names.as_deref())
     })
 }
 
-fn audit_on(conn: &mut dyn Db, data_dir: &Path, shared: bool) -> anyhow::Result<AuditReport> {
+/// The replica names an audit log's lines carry, and `given`.
+fn replica_names(data_dir: &Path, given: Option<&str>) -> anyhow::Result<Vec<String>> {
+    let (lines, _) = crate::audit::read_lines(&crate::audit::path_in(data_dir))?;
+    let mut names: Vec<String> = given.map(str::to_string).into_iter().collect();
+    for l in &lines {
+        if let Some(n) = l.get("replica").and_then(Value::as_str)
+            && !names.iter().any(|m| m == n)
+        {
+            names.push(n.to_string());
+        }
+    }
+    Ok(names)
+}
+
+/// `replicas`: with PostgreSQL, the names of the replica whose log is in
+/// `data_dir` (None: SQLite, every transfer belongs in the log).
+fn audit_on(
+    conn: &mut dyn Db,
+    data_dir: &Path,
+    replicas: Option<&[String]>,
+) -> anyhow::Result<AuditReport> {
     let mut findings = Vec::new();
     let totals = ledger::totals(conn)?;
     if let Err(e) = ledger::check_invariants_full(conn) {
@@ -318,9 +352,19 @@ fn audit_on(conn: &mut dyn Db, data_dir: &Path, shared: bool) -> anyhow::Result<
         }
     }
     // With PostgreSQL each replica's audit log holds the transfers that
-    // replica committed, so no one log can be compared with the whole
-    // ledger; the ledger's own checks above are the audit.
-    if shared {
+    // replica committed (named in `transfers.replica`), so a log is compared
+    // with those alone; a log that names no replica (none in this folder)
+    // has nothing to compare, and the ledger's own checks above are the
+    // audit.
+    let mut named_transfers = || -> anyhow::Result<bool> {
+        let rows = conn.query(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'transfers' AND column_name = 'replica'",
+            p![],
+        )?;
+        Ok(rows.first().map(|r| r.i64(0)).transpose()?.unwrap_or(0) > 0)
+    };
+    // (A database a newer coordinator has not migrated yet names none.)
+    if replicas.is_some_and(|r| r.is_empty()) || (replicas.is_some() && !named_transfers()?) {
         return Ok(AuditReport {
             findings,
             recoverable: Vec::new(),
@@ -383,7 +427,11 @@ fn audit_on(conn: &mut dyn Db, data_dir: &Path, shared: bool) -> anyhow::Result<
     };
     let mut recoverable = Vec::new();
     let rows = conn.query(
-        "SELECT id, kind, amount, job_id FROM transfers ORDER BY id",
+        if replicas.is_some() {
+            "SELECT id, kind, amount, job_id, replica FROM transfers ORDER BY id"
+        } else {
+            "SELECT id, kind, amount, job_id FROM transfers ORDER BY id"
+        },
         p![],
     )?;
     let mut in_ledger = HashSet::new();
@@ -393,7 +441,14 @@ fn audit_on(conn: &mut dyn Db, data_dir: &Path, shared: bool) -> anyhow::Result<
         let amount = r.i64(2)?;
         let job = r.opt_str(3)?;
         in_ledger.insert(id);
+        // Another replica's transfer (or one from before migration 9) is
+        // not this log's to hold.
+        let mine = match replicas {
+            None => true,
+            Some(names) => r.opt_str(4)?.is_some_and(|n| names.contains(&n)),
+        };
         match audited.get(&id) {
+            None if !mine => {}
             None if id > last_audited && !followed(&kind, job.as_deref()) => recoverable.push(id),
             None => findings.push(format!(
                 "transfer {id} ({kind}) is missing from the audit log"
@@ -456,8 +511,19 @@ impl DataLock {
 /// to the audit log of a stopped coordinator. Refuses when the audit finds
 /// anything else. Returns how many lines were appended.
 pub fn repair(data_dir: &Path) -> anyhow::Result<usize> {
+    repair_replica(data_dir, None, None)
+}
+
+/// [`repair`]; with PostgreSQL (`database`), of one stopped replica's log
+/// in `data_dir`, from the transfers it committed (see [`audit_replica`]).
+/// The other replicas may keep serving.
+pub fn repair_replica(
+    data_dir: &Path,
+    database: Option<&str>,
+    replica: Option<&str>,
+) -> anyhow::Result<usize> {
     let _lock = DataLock::take(data_dir)?;
-    let report = audit(data_dir, None)?;
+    let report = audit_replica(data_dir, database, replica)?;
     if !report.findings.is_empty() {
         anyhow::bail!(
             "the audit found {} problem(s) that a repair cannot fix; run `ledger audit` to see them",
@@ -467,11 +533,12 @@ pub fn repair(data_dir: &Path) -> anyhow::Result<usize> {
     if report.recoverable.is_empty() {
         return Ok(0);
     }
-    let conn = ledger::open_reader(&data_dir.join("ledger.sqlite3"))?;
-    crate::audit::reconcile(
-        &crate::audit::path_in(data_dir),
-        &mut crate::db::Lite(&conn),
-    )
+    let names = database
+        .map(|_| replica_names(data_dir, replica))
+        .transpose()?;
+    with_ledger(data_dir, database, |conn| {
+        crate::audit::reconcile(&crate::audit::path_in(data_dir), conn, names.as_deref())
+    })
 }
 
 /// Parses a `BalanceResponse` row helper used by both HTTP and the CLI.

@@ -180,19 +180,43 @@ pub fn audited_transfers(lines: &[Value]) -> HashSet<i64> {
 /// After a crash between a ledger commit and its audit lines, appends a
 /// `recovered` line for each committed transfer the log lacks, so that the
 /// log and the ledger agree again. Returns how many lines were added.
-pub fn reconcile(path: &Path, conn: &mut dyn crate::db::Db) -> anyhow::Result<usize> {
+/// `replicas`: on PostgreSQL, the names of this log's replica; only the
+/// transfers they committed belong in it (`None`: every transfer, SQLite).
+pub fn reconcile(
+    path: &Path,
+    conn: &mut dyn crate::db::Db,
+    replicas: Option<&[String]>,
+) -> anyhow::Result<usize> {
     let (lines, _) = read_lines(path)?;
     let seen = audited_transfers(&lines);
-    let rows = conn.query(
-        "SELECT id, kind, debit_account, credit_account, amount, job_id, pending_id FROM transfers ORDER BY id",
-        crate::p![],
-    )?;
+    let rows = match replicas {
+        None => conn.query(
+            "SELECT id, kind, debit_account, credit_account, amount, job_id, pending_id FROM transfers ORDER BY id",
+            crate::p![],
+        )?,
+        Some(names) => {
+            let mut rows = Vec::new();
+            for name in names {
+                rows.extend(conn.query(
+                    "SELECT id, kind, debit_account, credit_account, amount, job_id, pending_id, replica FROM transfers WHERE replica = ?1 ORDER BY id",
+                    crate::p![name.as_str()],
+                )?);
+            }
+            rows.sort_by_key(|r| r.i64(0).unwrap_or(0));
+            rows
+        }
+    };
     let mut missing: Vec<Value> = Vec::new();
     for r in &rows {
         let id = r.i64(0)?;
         if seen.contains(&id) {
             continue;
         }
+        let replica = if replicas.is_some() {
+            r.opt_str(7)?
+        } else {
+            None
+        };
         missing.push(json!({
             "event": format!("ledger.{}", r.str(1)?),
             "transfer_id": id,
@@ -205,6 +229,11 @@ pub fn reconcile(path: &Path, conn: &mut dyn crate::db::Db) -> anyhow::Result<us
             "ts_ms": now_ms(),
             "request_id": null,
         }));
+        if let (Some(name), Some(obj)) =
+            (replica, missing.last_mut().and_then(Value::as_object_mut))
+        {
+            obj.insert("replica".into(), json!(name));
+        }
     }
     if missing.is_empty() {
         return Ok(0);

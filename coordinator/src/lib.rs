@@ -109,7 +109,7 @@ impl Coordinator {
                     .with_context(|| format!("opening ledger {}", cfg.ledger_path().display()))?;
                 let mut lite = db::Lite(&conn);
                 ledger::check_invariants_full(&mut lite).context("ledger invariants at start")?;
-                let recovered = audit::reconcile(&cfg.audit_path(), &mut lite)
+                let recovered = audit::reconcile(&cfg.audit_path(), &mut lite, None)
                     .context("reconciling the audit log")?;
                 if recovered > 0 {
                     tracing::warn!(
@@ -130,12 +130,31 @@ impl Coordinator {
                 )
             }
             Some(url) => {
-                let (client, workers, down) = pg::open_or_wait(url)?;
+                let (mut client, workers, down) = pg::open_or_wait(url)?;
                 if down.is_none() {
                     tracing::info!(schema = pg::known_version(), "PostgreSQL ledger ready");
                 }
+                // The transfers this replica committed that its audit log
+                // lacks (a crash before the log's flush), as SQLite does.
+                if let Some(c) = client.as_mut() {
+                    let mut cache = db::StatementCache::default();
+                    let mut pg = db::Pg {
+                        client: c,
+                        cache: &mut cache,
+                    };
+                    let names = [cfg.replica_name()];
+                    let recovered = audit::reconcile(&cfg.audit_path(), &mut pg, Some(&names))
+                        .context("reconciling the audit log")?;
+                    if recovered > 0 {
+                        tracing::warn!(
+                            recovered,
+                            "audit log lacked transfers this replica committed; recovered lines appended"
+                        );
+                    }
+                }
                 (
-                    Box::new(pg::PgWriter::new(url, client)) as Box<dyn ledger::Backend>,
+                    Box::new(pg::PgWriter::new(url, client).named(cfg.replica_name()))
+                        as Box<dyn ledger::Backend>,
                     Readers::Postgres(pg::PgReaders::new(url, 4)),
                     workers,
                     down,

@@ -191,18 +191,33 @@ enum LedgerCmd {
     /// Check every invariant; exit 0 when all hold, 1 on a finding, 3 when
     /// only audit lines a crash left out are missing (`repair` adds them).
     Audit {
+        /// The data folder whose audit log is checked (with --database, one
+        /// replica's: its log against the transfers that replica committed).
         #[arg(long, env = "TROOP_DATA", default_value = "./data/coordinator")]
         data: PathBuf,
         /// PostgreSQL ledger (`postgres://USER@HOST:PORT/DB`) instead of
         /// the SQLite file in --data.
         #[arg(long, env = "TROOP_DATABASE_URL")]
         database: Option<String>,
+        /// With --database: the replica's name, when its log has no line
+        /// yet (the names on the log's lines are always taken).
+        #[arg(long, env = "TROOP_REPLICA_NAME")]
+        replica_name: Option<String>,
     },
     /// Append the audit lines a crash left out (what `audit` calls
-    /// recoverable) while the coordinator is stopped.
+    /// recoverable) while the coordinator (with --database: this replica)
+    /// is stopped; other replicas may keep serving.
     Repair {
         #[arg(long, env = "TROOP_DATA", default_value = "./data/coordinator")]
         data: PathBuf,
+        /// PostgreSQL ledger (`postgres://USER@HOST:PORT/DB`) instead of
+        /// the SQLite file in --data.
+        #[arg(long, env = "TROOP_DATABASE_URL")]
+        database: Option<String>,
+        /// With --database: the replica's name, when its log has no line
+        /// yet (the names on the log's lines are always taken).
+        #[arg(long, env = "TROOP_REPLICA_NAME")]
+        replica_name: Option<String>,
     },
     /// Print an account's balance in credit-seconds.
     Balance {
@@ -369,8 +384,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn ledger_cmd(cmd: LedgerCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        LedgerCmd::Repair { data } => {
-            let n = admin::repair(&data)?;
+        LedgerCmd::Repair {
+            data,
+            database,
+            replica_name,
+        } => {
+            let n = admin::repair_replica(&data, database.as_deref(), replica_name.as_deref())?;
             if n == 0 {
                 println!("ledger repair: nothing to repair");
             } else {
@@ -378,12 +397,16 @@ fn ledger_cmd(cmd: LedgerCmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        LedgerCmd::Audit { data, database } => {
+        LedgerCmd::Audit {
+            data,
+            database,
+            replica_name,
+        } => {
             let admin::AuditReport {
                 findings,
                 recoverable,
                 totals: t,
-            } = admin::audit(&data, database.as_deref())?;
+            } = admin::audit_replica(&data, database.as_deref(), replica_name.as_deref())?;
             println!(
                 "minted {:.3}  balances {:.3}  pending {:.3}",
                 t.minted as f64 / 1000.0,
@@ -399,8 +422,13 @@ fn ledger_cmd(cmd: LedgerCmd) -> anyhow::Result<ExitCode> {
                     recoverable.len(),
                     recoverable
                 );
+                let db = if database.is_some() {
+                    " --database URL"
+                } else {
+                    ""
+                };
                 println!(
-                    "run `troop-coordinator ledger repair --data {}` (or start the coordinator) to append them",
+                    "run `troop-coordinator ledger repair --data {}{db}` (or start the coordinator) to append them",
                     data.display()
                 );
                 Ok(ExitCode::from(3))

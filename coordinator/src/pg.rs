@@ -280,6 +280,10 @@ END $$;
     // The eighth: the signed time of the newest heartbeat a replica kept
     // and wrote (issue 29; SQLite's seventh).
     "ALTER TABLE workers ADD COLUMN last_signed BIGINT;",
+    // 9: which replica committed each transfer (the writer's session sets
+    // troop.replica to its name), so that each replica's audit log can be
+    // checked against, and repaired from, its own transfers.
+    "ALTER TABLE transfers ADD COLUMN replica TEXT DEFAULT NULLIF(current_setting('troop.replica', true), '');",
 ];
 
 /// How many schema steps this build knows.
@@ -416,6 +420,8 @@ pub fn open_or_wait(url: &str) -> Result<Opened, Refused> {
 /// The writer's connection, reconnecting when it breaks.
 pub struct PgWriter {
     url: String,
+    /// This replica's name, set on the writer's session (see migration 9).
+    replica: Option<String>,
     /// The connection `serve` opened with (migrated, checked); dropped on
     /// the writer's thread, where the pipe takes over.
     opened: Option<Client>,
@@ -426,9 +432,16 @@ impl PgWriter {
     pub fn new(url: &str, opened: Option<Client>) -> Self {
         Self {
             url: url.to_string(),
+            replica: None,
             opened,
             pipe: None,
         }
+    }
+
+    /// Names the transfers this writer commits `replica`.
+    pub fn named(mut self, replica: String) -> Self {
+        self.replica = Some(replica);
+        self
     }
 }
 
@@ -445,7 +458,11 @@ impl Backend for PgWriter {
                 // (the database restored meanwhile).
                 _ => drop(connect_ready(&self.url)?),
             }
-            self.pipe = Some(pipe::Pipe::connect(&self.url)?);
+            let mut pipe = pipe::Pipe::connect(&self.url)?;
+            if let Some(name) = &self.replica {
+                pipe.name_replica(name)?;
+            }
+            self.pipe = Some(pipe);
         }
         let Some(pipe) = self.pipe.as_mut() else {
             return Err(LedgerError::Unavailable("no database connection".into()));

@@ -218,14 +218,9 @@ async fn two_replicas_share_workers_tickets_receipts_nonces_and_quotas() {
     }
     assert_eq!(settles, 2);
 
-    // `ledger audit --database` finds everything in order.
-    let dir = r1.dir.path().to_path_buf();
-    let report = tokio::task::spawn_blocking(move || {
-        troop_coordinator::admin::audit(&dir, Some(&url)).expect("audit")
-    })
-    .await
-    .expect("audit thread");
-    assert!(report.findings.is_empty(), "{:?}", report.findings);
+    // `ledger audit --database` finds everything in order, replica 1's
+    // audit log against the transfers replica 1 committed included.
+    let report = audit_replica(r1.dir.path(), &url).await;
     assert_eq!(
         report.totals.pending_jobs,
         300_000 * 3,
@@ -369,18 +364,21 @@ async fn kill_9_of_a_replica_under_load_loses_no_acknowledged_settlement() {
     // Replica 2 is the real binary, so that it can be killed.
     let port = free_port();
     let data = tempfile::tempdir().expect("tempdir");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_troop-coordinator"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--database")
-        .arg(&url)
-        .arg("--key-file")
-        .arg(&key)
-        .arg("--data")
-        .arg(data.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start replica 2");
+    let start_replica_2 = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_troop-coordinator"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--database")
+            .arg(&url)
+            .arg("--key-file")
+            .arg(&key)
+            .arg("--data")
+            .arg(data.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start replica 2")
+    };
+    let mut child = start_replica_2();
     let r2 = Arc::new(TestCoordinator {
         postgres: None,
         dir: tempfile::tempdir().expect("tempdir"),
@@ -459,14 +457,96 @@ async fn kill_9_of_a_replica_under_load_loses_no_acknowledged_settlement() {
             assert!(s.replayed);
         }
     }
-    let dir = r1.dir.path().to_path_buf();
-    let report = tokio::task::spawn_blocking(move || {
-        troop_coordinator::admin::audit(&dir, Some(&url)).expect("audit")
+    let report = audit_replica(r1.dir.path(), &url).await;
+    assert_eq!(report.totals.pending_jobs, 0);
+
+    // Replica 2's audit log, cut where a crash before its flush cuts it
+    // (at its last settlement line, whatever the kill left):
+    // `ledger audit --database` on its folder calls the missing tail
+    // recoverable, `ledger repair --database` appends it from the
+    // transfers replica 2 committed, and the audit then passes, while
+    // replica 1 keeps serving.
+    let log2 = data.path().join("logs/audit.log");
+    let text = std::fs::read_to_string(&log2).expect("replica 2's audit log");
+    let last = text
+        .rfind("\"ledger.settle\"")
+        .expect("replica 2 logged a settlement");
+    let cut = text[..last].rfind('\n').map_or(0, |i| i + 1);
+    let kept_settles = text[..cut].matches("\"ledger.settle\"").count();
+    std::fs::write(&log2, &text[..cut]).expect("cut the log");
+    let ledger = |verb: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_troop-coordinator"))
+            .args(["ledger", verb, "--database", &url, "--data"])
+            .arg(data.path())
+            .output()
+            .expect("run troop-coordinator ledger");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        (out.status.code(), text)
+    };
+    let (code, text) = ledger("audit");
+    assert_eq!(code, Some(3), "{text}");
+    assert!(text.contains("recoverable"), "{text}");
+    let (code, text) = ledger("repair");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("appended"), "{text}");
+    let (code, text) = ledger("audit");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("OK"), "{text}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log2)
+        .expect("log")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let recovered: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["recovered"] == true).collect();
+    assert!(!recovered.is_empty());
+    let name = data.path().display().to_string();
+    for l in &recovered {
+        assert_eq!(l["event"], "ledger.settle", "{l}");
+        assert!(
+            l["replica"].as_str().is_some_and(|r| r.ends_with(&name)),
+            "a recovered line names replica 2: {l}"
+        );
+    }
+    // Every settlement replica 2 committed is in its log once.
+    let settled_by_2 = tokio::task::spawn_blocking({
+        let url = url.clone();
+        let name = name.clone();
+        move || {
+            pg::PgServer::with_client(&url, |c| {
+                c.query_one(
+                    "SELECT count(*) FROM transfers WHERE kind = 'settle' AND replica LIKE '%' || $1",
+                    &[&name],
+                )
+                .map(|r| r.get::<_, i64>(0))
+                .expect("count")
+            })
+        }
     })
     .await
-    .expect("audit thread");
-    assert!(report.findings.is_empty(), "{:?}", report.findings);
-    assert_eq!(report.totals.pending_jobs, 0);
+    .expect("query");
+    assert_eq!(
+        settled_by_2 as usize,
+        kept_settles + recovered.len(),
+        "replica 2's log holds each of its settlements once"
+    );
+    // The same cut mended by replica 2's next start instead.
+    let text = std::fs::read_to_string(&log2).expect("log");
+    let cut = text[..text.rfind("\"ledger.settle\"").expect("a settlement")]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    std::fs::write(&log2, &text[..cut]).expect("cut the log");
+    assert_eq!(ledger("audit").0, Some(3));
+    let mut child = start_replica_2();
+    eventually("replica 2 to be healthy again", 30, || {
+        let r2 = r2.clone();
+        async move { (r2.get_maybe("/health").await == Some(200)).then_some(()) }
+    })
+    .await;
+    child.kill().expect("stop replica 2");
+    let _ = child.wait();
+    let (code, text) = ledger("audit");
+    assert_eq!(code, Some(0), "after a restart: {text}");
     eprintln!(
         "replica 2 acknowledged {} of {} receipts before kill -9",
         acknowledged.len(),
@@ -815,4 +895,24 @@ async fn a_heartbeat_flood_makes_a_bounded_number_of_database_writes() {
         gone(&v).then_some(())
     })
     .await;
+}
+
+/// `ledger audit --database` of one replica's folder while it may still be
+/// writing its log: polled until it finds nothing (a line being written at
+/// the moment of reading is a torn line) or 10 s pass; its last report.
+async fn audit_replica(dir: &std::path::Path, url: &str) -> troop_coordinator::admin::AuditReport {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (dir2, url2) = (dir.to_path_buf(), url.to_string());
+        let report = tokio::task::spawn_blocking(move || {
+            troop_coordinator::admin::audit(&dir2, Some(&url2)).expect("audit")
+        })
+        .await
+        .expect("audit thread");
+        if report.findings.is_empty() {
+            return report;
+        }
+        assert!(Instant::now() < deadline, "{:?}", report.findings);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

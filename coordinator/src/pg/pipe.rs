@@ -125,6 +125,16 @@ impl Pipe {
         self.client.is_closed()
     }
 
+    /// Sets `troop.replica` on this session: the transfers it commits are
+    /// named `name` (migration 9's default).
+    pub fn name_replica(&mut self, name: &str) -> Result<(), LedgerError> {
+        self.rt.block_on(
+            self.client
+                .execute("SELECT set_config('troop.replica', $1, false)", &[&name]),
+        )?;
+        Ok(())
+    }
+
     fn statement(&mut self, sql: &str) -> Result<Statement, LedgerError> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
