@@ -181,7 +181,8 @@ pub fn audited_transfers(lines: &[Value]) -> HashSet<i64> {
 /// `recovered` line for each committed transfer the log lacks, so that the
 /// log and the ledger agree again. Returns how many lines were added.
 /// `replicas`: on PostgreSQL, the names of this log's replica; only the
-/// transfers they committed belong in it (`None`: every transfer, SQLite).
+/// transfers they committed after the log's last one are looked for
+/// (`None`: every transfer, SQLite).
 pub fn reconcile(
     path: &Path,
     conn: &mut dyn crate::db::Db,
@@ -195,11 +196,15 @@ pub fn reconcile(
             crate::p![],
         )?,
         Some(names) => {
+            // A lost tail comes after the log's last transfer (ids are given
+            // out in commit order): a range of the primary key, not a scan
+            // of a ledger every replica writes.
+            let after = seen.iter().max().copied().unwrap_or(0);
             let mut rows = Vec::new();
             for name in names {
                 rows.extend(conn.query(
-                    "SELECT id, kind, debit_account, credit_account, amount, job_id, pending_id, replica FROM transfers WHERE replica = ?1 ORDER BY id",
-                    crate::p![name.as_str()],
+                    "SELECT id, kind, debit_account, credit_account, amount, job_id, pending_id, replica FROM transfers WHERE id > ?1 AND replica = ?2 ORDER BY id",
+                    crate::p![after, name.as_str()],
                 )?);
             }
             rows.sort_by_key(|r| r.i64(0).unwrap_or(0));
