@@ -323,7 +323,6 @@ fn prove_unguarded(
     let start = Instant::now();
     let a = challenge::matrix_a(&seed, n);
     let b = challenge::matrix_b(&seed, n);
-    let bound = bound_for(n);
     let (c, matmul_seconds) = match (target.backend, &target.adapter) {
         #[cfg(feature = "wgpu")]
         (Backend::Wgpu, Some(adapter)) => crate::gpu::chain(
@@ -332,7 +331,7 @@ fn prove_unguarded(
             &b,
             n,
             ch.rounds,
-            bound,
+            bound_for(n),
             fold,
             deadline,
             start,
