@@ -91,6 +91,25 @@ impl Kind {
     }
 }
 
+/// The public address a simulated party calls from (each its own, as on
+/// the internet: the coordinator sits behind a trusted proxy that says so
+/// in `X-Forwarded-For`, so per-IP quotas and `/bootstrap`'s per-IP cap
+/// see many IPs, not 127.0.0.1). Only ever a header's text: no traffic
+/// goes to it.
+fn ip(party: u32, i: usize) -> String {
+    let i = i as u32;
+    format!(
+        "{}.{}.{}.{}",
+        11 + party,
+        (i >> 16) & 255,
+        (i >> 8) & 255,
+        i & 255
+    )
+}
+const WORKER_IPS: u32 = 0;
+const USER_IPS: u32 = 1;
+const OTHER_IPS: u32 = 2;
+
 /// A registered worker: its key and the HMAC key its receipts are signed with.
 struct Worker {
     key: Keypair,
@@ -134,6 +153,7 @@ enum Op {
     Heartbeat {
         headers: Vec<(String, String)>,
         body: Vec<u8>,
+        worker: usize,
     },
     Ticket {
         headers: Vec<(String, String)>,
@@ -143,7 +163,9 @@ enum Op {
     },
     Receipt,
     Balance,
-    Bootstrap,
+    Bootstrap {
+        caller: usize,
+    },
 }
 
 impl Op {
@@ -153,7 +175,7 @@ impl Op {
             Op::Ticket { .. } => Kind::Ticket,
             Op::Receipt => Kind::Receipt,
             Op::Balance => Kind::Balance,
-            Op::Bootstrap => Kind::Bootstrap,
+            Op::Bootstrap { .. } => Kind::Bootstrap,
         }
     }
 }
@@ -293,11 +315,14 @@ fn start(
         // Every seeded worker stays alive through the run, as in a mesh
         // whose workers all beat every 20 s.
         cfg.worker_ttl = Duration::from_secs(6 * 3600);
-        cfg.authorize_per_hour = u32::MAX / 2;
-        cfg.authorize_per_ip_per_hour = u32::MAX / 2;
-        cfg.discovery_per_hour = u32::MAX / 2;
-        cfg.account_reads_per_hour = u32::MAX / 2;
-        cfg.registrations_per_ip_per_hour = u32::MAX / 2;
+        cfg.trusted_proxy = true;
+        // Every party has its own IP and key: quotas as generous as a
+        // second's worth of the heaviest load, so that none refuses.
+        cfg.authorize_per_hour = 1_000_000;
+        cfg.authorize_per_ip_per_hour = 1_000_000;
+        cfg.discovery_per_hour = 1_000_000;
+        cfg.account_reads_per_hour = 1_000_000;
+        cfg.registrations_per_ip_per_hour = 1_000_000;
         cfg.sweep_interval = Duration::from_secs(1);
         cfg.conn_limits.max_per_ip = 1_000_000;
     }))
@@ -328,10 +353,7 @@ fn seed(
                             Command::RegisterWorker {
                                 peer_id: peer.clone(),
                                 models: vec![MODEL.into()],
-                                addresses: vec![format!(
-                                    "/ip4/127.0.0.1/tcp/{}",
-                                    10_000 + i % 50_000
-                                )],
+                                addresses: vec![format!("/ip4/{}/tcp/4001", ip(WORKER_IPS, i))],
                                 version: None,
                                 new_key: secret,
                                 now_secs: now_secs(),
@@ -393,11 +415,16 @@ fn plan(mesh: &Mesh, multiple: f64, secs: f64, beat: &mut usize) -> Vec<(Duratio
             let ts = start + at.as_secs();
             let op = match kind {
                 Kind::Heartbeat => {
-                    let w = &mesh.workers[*beat % mesh.workers.len()];
+                    let worker = *beat % mesh.workers.len();
                     *beat += 1;
                     let body = br#"{"load":{"active_jobs":0,"queue_depth":0}}"#.to_vec();
-                    let headers = signed_headers(&w.key, "/workers/heartbeat", &body, ts);
-                    Op::Heartbeat { headers, body }
+                    let headers =
+                        signed_headers(&mesh.workers[worker].key, "/workers/heartbeat", &body, ts);
+                    Op::Heartbeat {
+                        headers,
+                        body,
+                        worker,
+                    }
                 }
                 Kind::Ticket => {
                     let worker = rng.random_range(0..mesh.workers.len());
@@ -421,7 +448,9 @@ fn plan(mesh: &Mesh, multiple: f64, secs: f64, beat: &mut usize) -> Vec<(Duratio
                 }
                 Kind::Receipt => Op::Receipt,
                 Kind::Balance => Op::Balance,
-                Kind::Bootstrap => Op::Bootstrap,
+                Kind::Bootstrap => Op::Bootstrap {
+                    caller: rng.random_range(0..1 << 20),
+                },
             };
             ops.push((at, op));
         }
@@ -432,11 +461,12 @@ fn plan(mesh: &Mesh, multiple: f64, secs: f64, beat: &mut usize) -> Vec<(Duratio
 
 /// Sends one op; `Ok(())` on the answer expected, else what came instead.
 async fn send(mesh: &Mesh, url: &str, op: Op) -> Result<(), String> {
-    let post = |path: &str, headers: Vec<(String, String)>, body: Vec<u8>| {
+    let post = |path: &str, headers: Vec<(String, String)>, body: Vec<u8>, from: String| {
         let mut req = mesh
             .http
             .post(format!("{url}{path}"))
             .header("content-type", "application/json")
+            .header("x-forwarded-for", from)
             .body(body);
         for (k, v) in headers {
             req = req.header(k, v);
@@ -444,14 +474,22 @@ async fn send(mesh: &Mesh, url: &str, op: Op) -> Result<(), String> {
         req
     };
     let resp = match op {
-        Op::Heartbeat { headers, body } => post("/workers/heartbeat", headers, body).send().await,
+        Op::Heartbeat {
+            headers,
+            body,
+            worker,
+        } => {
+            post("/workers/heartbeat", headers, body, ip(WORKER_IPS, worker))
+                .send()
+                .await
+        }
         Op::Ticket {
             headers,
             body,
             user,
             worker,
         } => {
-            let r = post("/authorize", headers, body)
+            let r = post("/authorize", headers, body, ip(USER_IPS, user))
                 .send()
                 .await
                 .map_err(|e| e.to_string())?;
@@ -486,6 +524,7 @@ async fn send(mesh: &Mesh, url: &str, op: Op) -> Result<(), String> {
                 .header("content-type", "application/json")
                 .header(HEADER_TIMESTAMP, ts.to_string())
                 .header(HEADER_RECEIPT_MAC, mac)
+                .header("x-forwarded-for", ip(WORKER_IPS, worker))
                 .body(body)
                 .send()
                 .await
@@ -502,12 +541,14 @@ async fn send(mesh: &Mesh, url: &str, op: Op) -> Result<(), String> {
                 .to_peer_id();
             mesh.http
                 .get(format!("{url}/users/{user}/balance"))
+                .header("x-forwarded-for", ip(USER_IPS, i))
                 .send()
                 .await
         }
-        Op::Bootstrap => {
+        Op::Bootstrap { caller } => {
             mesh.http
                 .get(format!("{url}/bootstrap?model={MODEL}"))
+                .header("x-forwarded-for", ip(OTHER_IPS, caller))
                 .send()
                 .await
         }
@@ -537,7 +578,7 @@ fn run_step(
     let sent = ops.len();
     let cpu0 = Cpu::now();
     let t0 = Instant::now();
-    let results: Vec<(Kind, u64, Result<(), String>)> = load.block_on(async {
+    let results: Vec<(Kind, Duration, u64, Result<(), String>)> = load.block_on(async {
         let start = tokio::time::Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for (i, (at, op)) in ops.into_iter().enumerate() {
@@ -548,7 +589,7 @@ fn run_step(
                 let kind = op.kind();
                 let r = send(&mesh, &url, op).await;
                 let due = start + at;
-                (kind, due.elapsed().as_micros() as u64, r)
+                (kind, at, due.elapsed().as_micros() as u64, r)
             });
         }
         let mut out = Vec::with_capacity(sent);
@@ -567,7 +608,13 @@ fn run_step(
         cpu: Cpu::now().since(cpu0),
         ..Default::default()
     };
-    for (kind, micros, r) in results {
+    // TIMELINE=1: the slowest request due in each 100 ms, per kind (when
+    // the time goes all at once, it shows as a row of high figures).
+    let mut timeline: std::collections::BTreeMap<u64, HashMap<Kind, u64>> = Default::default();
+    for (kind, at, micros, r) in results {
+        let slot = timeline.entry(at.as_millis() as u64 / 100).or_default();
+        let worst = slot.entry(kind).or_default();
+        *worst = (*worst).max(micros);
         match r {
             Ok(()) => step.latencies.entry(kind).or_default().push(micros),
             Err(e) if e == "no ticket" => step.no_ticket += 1,
@@ -576,6 +623,21 @@ fn run_step(
                 step.first_error
                     .get_or_insert(format!("{}: {e}", kind.name()));
             }
+        }
+    }
+    if std::env::var("TIMELINE").is_ok() {
+        for (slot, worst) in &timeline {
+            let row: Vec<String> = KINDS
+                .iter()
+                .map(|k| {
+                    format!(
+                        "{} {:.0}",
+                        k.name(),
+                        *worst.get(k).unwrap_or(&0) as f64 / 1000.0
+                    )
+                })
+                .collect();
+            eprintln!("    {:>5.1} s: {}", *slot as f64 / 10.0, row.join(", "));
         }
     }
     step

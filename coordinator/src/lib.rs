@@ -20,6 +20,7 @@ pub mod rate_limit;
 pub mod routes;
 pub mod sweeper;
 pub mod tickets;
+pub mod worker_index;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -50,6 +51,12 @@ pub struct AppState {
     pub audit: AuditLog,
     /// Registered workers, mirrored from the ledger after each commit.
     pub workers: RwLock<HashMap<String, WorkerRow>>,
+    /// The order `/bootstrap` lists `workers` in: whoever changes a
+    /// worker's registration, proof, models or liveness puts it again
+    /// (under `workers`' write lock: `workers` first, then the index).
+    pub worker_index: worker_index::WorkerIndex,
+    /// With PostgreSQL: what this replica read of the shared worker table.
+    pub worker_refresh: sweeper::RefreshCounts,
     /// (peer, nonce) -> signed timestamp, for replay refusal.
     pub nonces: Mutex<HashMap<(String, String), u64>>,
     /// With PostgreSQL: heartbeats kept until this replica writes them
@@ -201,7 +208,9 @@ impl Coordinator {
             next_reader: AtomicUsize::new(0),
             keys,
             audit: audit_log,
+            worker_index: worker_index::WorkerIndex::of(workers.values()),
             workers: RwLock::new(workers),
+            worker_refresh: Default::default(),
             nonces: Mutex::new(HashMap::new()),
             beats: Mutex::new(HashMap::new()),
             started_at: unix_secs(),
@@ -306,6 +315,16 @@ impl AppState {
         .map_err(|e| ledger::LedgerError::Storage(e.to_string()))?;
         self.note_db(&r);
         r
+    }
+
+    /// Puts a worker's row, as the ledger wrote it, in the table and in
+    /// the bootstrap order (its registration, proof or models may have
+    /// changed).
+    pub fn put_worker(&self, row: WorkerRow) {
+        if let Ok(mut w) = self.workers.write() {
+            self.worker_index.put(&row);
+            w.insert(row.peer_id.clone(), row);
+        }
     }
 
     /// Whether the replicas share their state through PostgreSQL.

@@ -8,23 +8,58 @@ use troop_protocol::sync::{MutexExt as _, RwLockExt as _};
 use crate::ledger::{Beat, Command, Outcome};
 use crate::{AppState, unix_ms, unix_secs};
 
+/// How many reads of the worker table a replica made, and the rows they
+/// brought (`troop_worker_refresh_rows_total`).
+#[derive(Default)]
+pub struct RefreshCounts {
+    pub reads: std::sync::atomic::AtomicU64,
+    pub rows: std::sync::atomic::AtomicU64,
+}
+
+/// Every live worker is read again this often (the reads between take
+/// only the changed ones).
+const FULL_REFRESH: Duration = Duration::from_secs(600);
+
 /// With PostgreSQL, keeps this replica's worker table in step with what
 /// workers registered and beat on other replicas (every second; backing
 /// off while the database is down, and saying so on `/health`).
 pub async fn refresh_workers(state: Arc<AppState>) {
     let mut delays = crate::pg::retry_delays();
     let mut flushed = std::time::Instant::now();
+    // Where the last read ended (see `load_workers_changed_since`), and
+    // when every live worker was last read.
+    let mut mark: Option<i64> = None;
+    let mut full = std::time::Instant::now();
     loop {
         if state.beats_batched() && flushed.elapsed() >= state.cfg.heartbeat_flush {
             flushed = std::time::Instant::now();
             write_beats(&state).await;
         }
         let since = unix_secs().saturating_sub(state.cfg.worker_ttl.as_secs());
+        if full.elapsed() >= FULL_REFRESH {
+            mark = None;
+        }
+        let after = mark;
         let r = state
-            .read_with(move |db| crate::ledger::load_workers_seen_since(db, since))
+            .read_with(move |db| crate::ledger::load_workers_changed_since(db, after, since))
             .await;
         let wait = match r {
-            Ok(rows) => {
+            Ok((rows, next)) => {
+                if mark.is_none() {
+                    full = std::time::Instant::now();
+                }
+                mark = Some(next);
+                {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    state.worker_refresh.reads.fetch_add(1, Relaxed);
+                    state
+                        .worker_refresh
+                        .rows
+                        .fetch_add(rows.len() as u64, Relaxed);
+                }
+                ::metrics::counter!("troop_worker_refresh_rows_total").increment(rows.len() as u64);
+                let now = unix_secs();
+                let ttl = state.cfg.worker_ttl.as_secs();
                 if let Some(mut map) = state.workers.writing() {
                     for w in rows {
                         match map.get(&w.peer_id) {
@@ -36,7 +71,10 @@ pub async fn refresh_workers(state: Arc<AppState>) {
                                 if have.last_seen > w.last_seen
                                     && !(w.left_at.is_some()
                                         && w.last_signed >= have.last_signed) => {}
-                            _ => {
+                            have => {
+                                if have.is_none_or(|h| reorders(h, &w, now, ttl)) {
+                                    state.worker_index.put(&w);
+                                }
                                 map.insert(w.peer_id.clone(), w);
                             }
                         }
@@ -54,28 +92,52 @@ pub async fn refresh_workers(state: Arc<AppState>) {
     }
 }
 
-/// Writes the heartbeats this replica kept since the last time, in one
-/// command. Lost when the database is down: the next ones come within a
-/// heartbeat interval.
+/// Whether `new` in place of `old` changes the bootstrap order or who is
+/// in it (`worker_index`): models, proof, registration, or a worker back.
+fn reorders(
+    old: &crate::ledger::WorkerRow,
+    new: &crate::ledger::WorkerRow,
+    now: u64,
+    ttl: u64,
+) -> bool {
+    old.models != new.models
+        || old.verified_gflops.is_some() != new.verified_gflops.is_some()
+        || old.registered_at != new.registered_at
+        || (!old.alive(now, ttl) && new.alive(now, ttl))
+        || (old.suspended_at.is_some() && new.suspended_at.is_none())
+}
+
+/// Kept heartbeats written in one command at most: the writer runs one
+/// command at a time, so tickets and receipts wait for a command's rows at
+/// most (about 15 ms for 500 here), not for the interval's thousands.
+const BEATS_PER_COMMAND: usize = 500;
+
+/// Writes the heartbeats this replica kept since the last time, a command
+/// per [`BEATS_PER_COMMAND`]. Lost when the database is down: the next
+/// ones come within a heartbeat interval.
 async fn write_beats(state: &AppState) {
-    let beats: Vec<Beat> = match state.beats.locked() {
+    let mut beats: Vec<Beat> = match state.beats.locked() {
         Some(mut b) => b.drain().map(|(_, v)| v).collect(),
         None => return,
     };
-    if beats.is_empty() {
-        return;
-    }
-    let n = beats.len();
-    match state
-        .writer
-        .submit(Command::Heartbeats { beats }, None)
-        .await
-    {
-        Ok(_) => {
-            ::metrics::counter!("troop_heartbeat_writes_total").increment(1);
-            tracing::debug!(workers = n, "kept heartbeats written");
+    while !beats.is_empty() {
+        let rest = beats.split_off(beats.len().min(BEATS_PER_COMMAND));
+        let chunk = std::mem::replace(&mut beats, rest);
+        let n = chunk.len();
+        match state
+            .writer
+            .submit(Command::Heartbeats { beats: chunk }, None)
+            .await
+        {
+            Ok(_) => {
+                ::metrics::counter!("troop_heartbeat_writes_total").increment(1);
+                tracing::debug!(workers = n, "kept heartbeats written");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, workers = n + beats.len(), "kept heartbeats not written");
+                return;
+            }
         }
-        Err(e) => tracing::warn!(error = %e, workers = n, "kept heartbeats not written"),
     }
 }
 

@@ -8,6 +8,7 @@ mod common;
 use common::pg;
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use common::{TestCoordinator, eventually, free_port, now_secs, receipt_for};
@@ -791,6 +792,19 @@ async fn a_heartbeat_flood_makes_a_bounded_number_of_database_writes() {
     for w in &workers {
         r1.register(w, &[MODEL]).await;
     }
+    // Replica 2 reads only the workers that changed (migration 10), not
+    // every live one each second: once it has the 20, the flood (liveness
+    // only) brings it none of them again.
+    let refresh = |c: &TestCoordinator| {
+        let r = &c.running.as_ref().expect("running").state.worker_refresh;
+        (r.reads.load(Relaxed), r.rows.load(Relaxed))
+    };
+    eventually("replica 2 to list the 20 workers", 15, || async {
+        let v: Value = r2.get("/workers").await.json().await.ok()?;
+        (v["workers"].as_array()?.len() == 20).then_some(())
+    })
+    .await;
+    let (reads0, read_rows0) = refresh(&r2);
     let (rows0, txs0, nonces0) = (
         count("SELECT rows FROM test_worker_writes").await,
         count("SELECT COUNT(*) FROM test_worker_txs").await,
@@ -839,6 +853,12 @@ async fn a_heartbeat_flood_makes_a_bounded_number_of_database_writes() {
         },
     )
     .await;
+    // The kept beats reach the table (one statement a flush).
+    eventually("the flood's heartbeats to be written", 15, || async {
+        let signed = count("SELECT COUNT(*) FROM workers WHERE last_signed IS NOT NULL").await;
+        (signed == 20).then_some(())
+    })
+    .await;
     let rows = count("SELECT rows FROM test_worker_writes").await - rows0;
     let txs = count("SELECT COUNT(*) FROM test_worker_txs").await - txs0;
     let nonces = count("SELECT COUNT(*) FROM request_nonces").await - nonces0;
@@ -857,6 +877,17 @@ async fn a_heartbeat_flood_makes_a_bounded_number_of_database_writes() {
         "{rows} rows written for {sent} heartbeats over {flushes} flushes of 20 workers"
     );
     assert_eq!(nonces, 0, "heartbeats' nonces stay in the replica");
+    eventually("replica 2 to read the table 3 more times", 15, || async {
+        (refresh(&r2).0 >= reads0 + 3).then_some(())
+    })
+    .await;
+    let (reads, read_rows) = refresh(&r2);
+    assert!(
+        read_rows - read_rows0 < 20,
+        "replica 2 read {} worker rows in {} reads of an unchanged table of 20",
+        read_rows - read_rows0,
+        reads - reads0
+    );
 
     // A worker beats, leaves; a copy of its earlier heartbeat brings it
     // back on neither replica.

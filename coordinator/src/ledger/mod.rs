@@ -47,7 +47,7 @@ pub use invariants::{Totals, check_invariants, check_invariants_full, stored_tot
 pub(crate) use query::JOB_COLUMNS;
 pub use query::{
     Reputation, WorkerRow, all_audit_counts, audit_counts, available, job_parties, load_worker,
-    load_workers, load_workers_seen_since, reputation_of, worker_reputations,
+    load_workers, load_workers_changed_since, reputation_of, worker_reputations,
 };
 pub use sqlite::{open, open_in_memory, open_reader};
 pub use writer::{AuditSink, Backend, Sqlite, Writer, WriterThread};

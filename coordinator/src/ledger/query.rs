@@ -54,7 +54,7 @@ pub fn reputation_of(
 }
 
 /// A registered worker as the ledger stores it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct WorkerRow {
     pub peer_id: String,
     pub receipt_key: Vec<u8>,
@@ -113,19 +113,41 @@ pub fn load_workers(conn: &mut dyn Db) -> Result<Vec<WorkerRow>, LedgerError> {
     .collect()
 }
 
-/// Workers seen since `since_secs` (replicas refresh their table with it).
-pub fn load_workers_seen_since(
+/// PostgreSQL only: workers seen since `since_secs` whose row changed in
+/// a transaction that had not ended when the read that gave `after` began
+/// (every one for `None`), and the mark to give the next read. The
+/// `workers_changed` trigger (PostgreSQL migration 10) stamps a row with
+/// its transaction's id when anything but its liveness changed, or its
+/// `last_seen` moved by 30 s or more; `pg_snapshot_xmin` before the read
+/// is the oldest transaction still running, so nothing committed later is
+/// missed and little is read twice.
+pub fn load_workers_changed_since(
     conn: &mut dyn Db,
+    after: Option<i64>,
     since_secs: u64,
-) -> Result<Vec<WorkerRow>, LedgerError> {
-    conn.query(
-        "SELECT peer_id, receipt_key, models, addresses, version, multiplier_milli, verified_gflops,
-                active_jobs, queue_depth, registered_at, last_seen, left_at, suspended_at, proof_backend, proof_adapter, last_signed FROM workers WHERE last_seen >= ?1",
-        p![to_i64(since_secs)?],
-    )?
-    .iter()
-    .map(worker_from_row)
-    .collect()
+) -> Result<(Vec<WorkerRow>, i64), LedgerError> {
+    let mark = conn
+        .query_one(
+            "SELECT CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS TEXT) AS BIGINT)",
+            p![],
+        )?
+        .i64(0)?;
+    let cols = "SELECT peer_id, receipt_key, models, addresses, version, multiplier_milli, verified_gflops,
+                active_jobs, queue_depth, registered_at, last_seen, left_at, suspended_at, proof_backend, proof_adapter, last_signed FROM workers";
+    let rows = match after {
+        None => conn.query(
+            &format!("{cols} WHERE last_seen >= ?1"),
+            p![to_i64(since_secs)?],
+        )?,
+        Some(after) => conn.query(
+            &format!(
+                "{cols} WHERE last_seen >= ?1 AND changed_xid >= CAST(CAST(CAST(?2 AS BIGINT) AS TEXT) AS xid8)"
+            ),
+            p![to_i64(since_secs)?, after],
+        )?,
+    };
+    let rows = rows.iter().map(worker_from_row).collect::<Result<_, _>>()?;
+    Ok((rows, mark))
 }
 
 fn worker_from_row(r: &Row) -> Result<WorkerRow, LedgerError> {

@@ -430,11 +430,7 @@ async fn lose_proof(state: &Arc<AppState>, worker: &str, why: &str, rid: Option<
         )
         .await
     {
-        Ok(Outcome::Worker(row)) => {
-            if let Ok(mut w) = state.workers.write() {
-                w.insert(row.peer_id.clone(), row);
-            }
-        }
+        Ok(Outcome::Worker(row)) => state.put_worker(row),
         Ok(_) => {}
         Err(e) => {
             tracing::warn!(%worker, error = %e, "could not take the proof away");
@@ -682,8 +678,8 @@ pub async fn submit(
                 )
                 .await
                 .map_err(|e| ledger_error(&state, e, &rid))?;
-            if let (Outcome::Worker(row), Ok(mut w)) = (out, state.workers.write()) {
-                w.insert(row.peer_id.clone(), row);
+            if let Outcome::Worker(row) = out {
+                state.put_worker(row);
             }
             if reproof {
                 let before = standing.map(|(m, _)| m).unwrap_or(1000);

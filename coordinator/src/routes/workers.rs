@@ -148,9 +148,7 @@ pub(crate) async fn register(
         heartbeat_interval_secs: state.cfg.heartbeat_interval.as_secs(),
     };
     note_worker_ip(&state, &row.peer_id, ip);
-    if let Some(mut w) = state.workers.writing() {
-        w.insert(row.peer_id.clone(), row);
-    }
+    state.put_worker(row);
     Ok(axum::Json(resp).into_response())
 }
 
@@ -210,13 +208,17 @@ pub(crate) async fn heartbeat(
             && let Some(mut map) = state.workers.writing()
             && let Some(w) = map.get_mut(&peer_id)
         {
-            note_beat(w, now, signed_at, load);
+            let mut reordered = note_beat(w, now, signed_at, load, ttl(&state));
             w.left_at = None;
             if let Some(m) = req.models {
+                reordered |= w.models != m;
                 w.models = m;
             }
             if let Some(a) = req.addresses {
                 w.addresses = a;
+            }
+            if reordered {
+                state.worker_index.put(w);
             }
         }
     }
@@ -267,7 +269,9 @@ fn keep_beat(
         return Some(false);
     }
     let load = (req.load.active_jobs, req.load.queue_depth);
-    note_beat(w, now, signed_at, load);
+    if note_beat(w, now, signed_at, load, ttl(state)) {
+        state.worker_index.put(w);
+    }
     let beat = Beat {
         peer_id: peer_id.to_string(),
         seen_at: now,
@@ -282,11 +286,24 @@ fn keep_beat(
 }
 
 /// A heartbeat taken into the replica's table: seen now, signed then, this
-/// busy.
-fn note_beat(w: &mut WorkerRow, now: u64, signed_at: u64, (active, queued): (u32, u32)) {
+/// busy. True when the worker was not alive before it (the bootstrap order
+/// left it out).
+fn note_beat(
+    w: &mut WorkerRow,
+    now: u64,
+    signed_at: u64,
+    (active, queued): (u32, u32),
+    ttl: u64,
+) -> bool {
+    let revived = !w.alive(now, ttl);
     w.last_seen = now;
     w.last_signed = Some(signed_at);
     (w.active_jobs, w.queue_depth) = (active, queued);
+    revived
+}
+
+fn ttl(state: &AppState) -> u64 {
+    state.cfg.worker_ttl.as_secs()
 }
 
 /// `POST /workers/leave` (signed, body `{}`): the worker is stopping. It
@@ -392,8 +409,7 @@ pub(crate) async fn bootstrap(
         return Err(ApiError::bad_request("model: at most 256 bytes"));
     }
     let now = unix_secs();
-    let ttl = state.cfg.worker_ttl.as_secs();
-    let mut live: Vec<&WorkerRow>;
+    let ttl = ttl(&state);
     let map = state
         .workers
         .read()
@@ -408,29 +424,55 @@ pub(crate) async fn bootstrap(
             .cloned()
             .collect()
     };
-    live = map
-        .values()
-        .filter(|w| w.alive(now, ttl) && w.suspended_at.is_none() && !reachable(w).is_empty())
-        .filter(|w| model.as_ref().is_none_or(|m| w.models.contains(m)))
-        .collect();
-    // Workers with a verified proof first, then the longest registered;
-    // at most `bootstrap_per_ip` from one IP, so one address cannot fill
-    // the list with ids it made up.
-    live.sort_by_key(|w| (w.verified_gflops.is_none(), w.registered_at));
-    let ips = state
-        .worker_ips
-        .locked()
-        .map(|m| m.clone())
-        .unwrap_or_default();
+    // Workers with a verified proof first, then the longest registered
+    // (the index's order, checked against the live table); at most
+    // `bootstrap_per_ip` from one IP, so one address cannot fill the list
+    // with ids it made up.
+    let mut index = state.worker_index.lock();
+    let ips = state.worker_ips.locked();
     let mut per_ip: HashMap<IpAddr, usize> = HashMap::new();
-    live.retain(|w| match ips.get(&w.peer_id) {
-        Some(ip) => {
+    let mut live: Vec<BootstrapPeer> = Vec::new();
+    // Workers gone for good from the order's point of view (they come back
+    // through `worker_index.put` when they return).
+    let mut gone: Vec<String> = Vec::new();
+    for id in index.walk(model.as_deref()) {
+        if live.len() >= state.cfg.bootstrap_peers {
+            break;
+        }
+        let Some(w) = map.get(id) else {
+            gone.push(id.to_string());
+            continue;
+        };
+        if !w.alive(now, ttl) || w.suspended_at.is_some() {
+            gone.push(id.to_string());
+            continue;
+        }
+        if model.as_ref().is_some_and(|m| !w.models.contains(m)) {
+            continue;
+        }
+        let addresses = reachable(w);
+        if addresses.is_empty() {
+            continue;
+        }
+        if let Some(ip) = ips.as_ref().and_then(|m| m.get(&w.peer_id)) {
             let n = per_ip.entry(*ip).or_insert(0);
             *n += 1;
-            *n <= state.cfg.bootstrap_per_ip
+            if *n > state.cfg.bootstrap_per_ip {
+                continue;
+            }
         }
-        None => true,
-    });
+        live.push(BootstrapPeer {
+            peer_id: w.peer_id.clone(),
+            addresses,
+            relay: false,
+        });
+    }
+    for id in gone {
+        index.remove(&id);
+    }
+    drop(index);
+    drop(ips);
+    drop(map);
     // The operator's relays first: a node behind NAT needs one to be reached.
     let mut peers: Vec<BootstrapPeer> = Vec::new();
     for r in state
@@ -451,14 +493,6 @@ pub(crate) async fn bootstrap(
             }),
         }
     }
-    peers.extend(
-        live.into_iter()
-            .take(state.cfg.bootstrap_peers)
-            .map(|w| BootstrapPeer {
-                peer_id: w.peer_id.clone(),
-                addresses: reachable(w),
-                relay: false,
-            }),
-    );
+    peers.extend(live);
     Ok(axum::Json(BootstrapResponse { peers }).into_response())
 }

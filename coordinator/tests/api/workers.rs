@@ -245,3 +245,57 @@ async fn bootstrap_gives_a_caller_on_another_host_no_loopback_address() {
         "all but the unspecified one: {mine}"
     );
 }
+
+/// `/bootstrap` keeps its order between requests (`worker_index`): a
+/// heartbeat with new models, a worker that leaves and one that comes
+/// back show in the very next answer.
+#[tokio::test]
+async fn bootstrap_follows_models_leaves_and_returns_at_once() {
+    let c = TestCoordinator::start().await;
+    // The peer ids `/bootstrap?model=` lists, sorted.
+    async fn listed(c: &TestCoordinator, model: &str) -> Vec<String> {
+        let boot: Value = c
+            .get(&format!("/bootstrap?model={model}"))
+            .await
+            .json()
+            .await
+            .expect("json");
+        let mut ids: Vec<String> = boot["peers"]
+            .as_array()
+            .expect("peers")
+            .iter()
+            .filter_map(|p| p["peer_id"].as_str().map(String::from))
+            .collect();
+        ids.sort();
+        ids
+    }
+    let a = generate();
+    let b = generate();
+    let a_id = c.register(&a, &["m1"]).await.peer_id;
+    let b_id = c.register(&b, &["m1"]).await.peer_id;
+    let mut both = vec![a_id.clone(), b_id.clone()];
+    both.sort();
+    assert_eq!(listed(&c, "m1").await, both);
+    // b now serves m2 instead.
+    let hb = c
+        .signed(&b, "/workers/heartbeat", &json!({ "models": ["m2"] }))
+        .await;
+    assert_eq!(hb.status(), 200);
+    assert_eq!(listed(&c, "m1").await, std::slice::from_ref(&a_id));
+    assert_eq!(listed(&c, "m2").await, [b_id]);
+    // a leaves: gone at once.
+    let left = c.signed(&a, "/workers/leave", &json!({})).await;
+    assert_eq!(left.status(), 200);
+    assert!(listed(&c, "m1").await.is_empty());
+    // A newcomer registers while a is gone (a is out of the order now).
+    c.register(&generate(), &["m3"]).await;
+    assert!(listed(&c, "m1").await.is_empty());
+    // a's next heartbeat (signed a second after its leave: one not newer
+    // is a replay) brings it back at once.
+    let body = serde_json::to_vec(&json!({})).expect("json");
+    let hb = c
+        .signed_raw(&a, "/workers/heartbeat", body, now_secs() + 1)
+        .await;
+    assert_eq!(hb.status(), 200);
+    assert_eq!(listed(&c, "m1").await, [a_id]);
+}

@@ -54,26 +54,31 @@ pub(crate) fn apply(
     })
 }
 
-/// A replica's kept heartbeats, one statement each (PostgreSQL's writer
-/// sends them together). A beat counts only when it was signed after the
-/// newest one written (`last_signed`), so the same heartbeat kept by two
+/// A replica's kept heartbeats, in one statement (PostgreSQL only: only
+/// a replica keeps heartbeats). A beat counts only when it was signed after
+/// the newest one written (`last_signed`), so the same heartbeat kept by two
 /// replicas (a replay) is written once; `last_seen` (the time a replica
 /// received it) only moves forward; a worker that left stays gone.
 pub(crate) fn apply_many(tx: &mut dyn Db, beats: &[Beat]) -> Result<Outcome, LedgerError> {
-    for b in beats {
-        tx.write(
-            "UPDATE workers SET last_seen = CASE WHEN last_seen > ?2 THEN last_seen ELSE ?2 END,
-                last_signed = ?3, active_jobs = ?4, queue_depth = ?5
-             WHERE peer_id = ?1 AND left_at IS NULL AND (last_signed IS NULL OR last_signed < ?3)",
-            p![
-                &b.peer_id,
-                to_i64(b.seen_at)?,
-                to_i64(b.signed_at)?,
-                b.active_jobs,
-                b.queue_depth
-            ],
-        )?;
-    }
+    let rows: Vec<serde_json::Value> = beats
+        .iter()
+        .map(|b| {
+            json!({
+                "p": b.peer_id,
+                "s": b.seen_at,
+                "g": b.signed_at,
+                "a": b.active_jobs,
+                "q": b.queue_depth,
+            })
+        })
+        .collect();
+    tx.write(
+        "UPDATE workers AS w SET last_seen = GREATEST(w.last_seen, b.s), last_signed = b.g,
+                active_jobs = b.a, queue_depth = b.q
+         FROM jsonb_to_recordset(CAST(CAST(?1 AS TEXT) AS jsonb)) AS b(p TEXT, s BIGINT, g BIGINT, a BIGINT, q BIGINT)
+         WHERE w.peer_id = b.p AND w.left_at IS NULL AND (w.last_signed IS NULL OR w.last_signed < b.g)",
+        p![json!(rows).to_string()],
+    )?;
     Ok(Outcome::Beats {
         written: beats.len(),
     })
