@@ -366,9 +366,9 @@ fn seed(
                         panic!("not a worker row");
                     };
                     let receipt_key = row.receipt_key.clone();
-                    if let Ok(mut map) = state.workers.write() {
-                        map.insert(peer.clone(), row);
-                    }
+                    // As the registration handler does: in the table and
+                    // in the bootstrap order.
+                    state.put_worker(row);
                     Worker {
                         key,
                         peer,
@@ -473,6 +473,7 @@ async fn send(mesh: &Mesh, url: &str, op: Op) -> Result<(), String> {
         }
         req
     };
+    let is_bootstrap = matches!(op, Op::Bootstrap { .. });
     let resp = match op {
         Op::Heartbeat {
             headers,
@@ -558,6 +559,11 @@ async fn send(mesh: &Mesh, url: &str, op: Op) -> Result<(), String> {
     // Read the whole answer: its bytes are part of the cost.
     let text = r.text().await.map_err(|e| e.to_string())?;
     if status == 200 {
+        // A bootstrap that finds no worker among 100,000 live ones is wrong,
+        // however fast.
+        if is_bootstrap && !text.contains("\"peer_id\"") {
+            return Err(format!("bootstrap listed no worker: {text:.200}"));
+        }
         Ok(())
     } else {
         Err(format!(

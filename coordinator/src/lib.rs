@@ -389,6 +389,7 @@ impl AppState {
             // A heartbeat this replica took since the read began.
             Some(have) if have.last_seen > row.last_seen => Ok(Some(have.clone())),
             _ => {
+                self.worker_index.ensure(&row);
                 map.insert(row.peer_id.clone(), row.clone());
                 Ok(Some(row))
             }

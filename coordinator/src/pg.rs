@@ -288,15 +288,16 @@ END $$;
     // read (`ledger::load_workers_changed_since`), not every live one each
     // second (100,000 rows a second, issue 29). A row is stamped with the
     // id of the transaction that changed it, unless only its liveness
-    // moved by less than 30 s (a heartbeat's last_seen, load and signed
+    // moved within a 30 s slot (a heartbeat's last_seen, load and signed
     // time): other replicas need a worker's last_seen only well within
-    // its TTL (90 s by default), not every flush of it.
+    // its TTL (90 s by default), not every flush of it, so it is stamped
+    // when last_seen crosses into the next 30 s of the clock.
     r#"
 ALTER TABLE workers ADD COLUMN changed_xid xid8;
 CREATE FUNCTION workers_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'INSERT'
-       OR NEW.last_seen >= OLD.last_seen + 30
+       OR NEW.last_seen / 30 <> OLD.last_seen / 30
        OR (NEW.receipt_key, NEW.models, NEW.addresses, NEW.version, NEW.multiplier_milli,
            NEW.verified_gflops, NEW.registered_at, NEW.left_at, NEW.suspended_at,
            NEW.proof_backend, NEW.proof_adapter)

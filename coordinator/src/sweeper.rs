@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use troop_protocol::sync::{MutexExt as _, RwLockExt as _};
 
-use crate::ledger::{Beat, Command, Outcome};
+use crate::ledger::{Beat, Command, Outcome, WorkerRow};
 use crate::{AppState, unix_ms, unix_secs};
 
 /// How many reads of the worker table a replica made, and the rows they
@@ -58,23 +58,34 @@ pub async fn refresh_workers(state: Arc<AppState>) {
                         .fetch_add(rows.len() as u64, Relaxed);
                 }
                 ::metrics::counter!("troop_worker_refresh_rows_total").increment(rows.len() as u64);
-                let now = unix_secs();
-                let ttl = state.cfg.worker_ttl.as_secs();
                 if let Some(mut map) = state.workers.writing() {
                     for w in rows {
-                        match map.get(&w.peer_id) {
-                            // Ours is newer, unless the database says the
-                            // worker left, signed no earlier than the newest
-                            // heartbeat we took (a copy of an older one is
-                            // no sign of life).
+                        match map.get_mut(&w.peer_id) {
+                            // Our liveness is newer (a heartbeat this replica
+                            // kept and has not written yet), unless the
+                            // database says the worker left, signed no
+                            // earlier than the newest heartbeat we took (a
+                            // copy of an older one is no sign of life): keep
+                            // it, and take the rest of the row (a proof,
+                            // suspension or new models from another replica;
+                            // this row is not read again).
                             Some(have)
                                 if have.last_seen > w.last_seen
                                     && !(w.left_at.is_some()
-                                        && w.last_signed >= have.last_signed) => {}
-                            have => {
-                                if have.is_none_or(|h| reorders(h, &w, now, ttl)) {
-                                    state.worker_index.put(&w);
-                                }
+                                        && w.last_signed >= have.last_signed) =>
+                            {
+                                *have = WorkerRow {
+                                    last_seen: have.last_seen,
+                                    last_signed: have.last_signed,
+                                    active_jobs: have.active_jobs,
+                                    queue_depth: have.queue_depth,
+                                    left_at: have.left_at,
+                                    ..w
+                                };
+                                state.worker_index.ensure(have);
+                            }
+                            _ => {
+                                state.worker_index.ensure(&w);
                                 map.insert(w.peer_id.clone(), w);
                             }
                         }
@@ -90,21 +101,6 @@ pub async fn refresh_workers(state: Arc<AppState>) {
         };
         tokio::time::sleep(wait).await;
     }
-}
-
-/// Whether `new` in place of `old` changes the bootstrap order or who is
-/// in it (`worker_index`): models, proof, registration, or a worker back.
-fn reorders(
-    old: &crate::ledger::WorkerRow,
-    new: &crate::ledger::WorkerRow,
-    now: u64,
-    ttl: u64,
-) -> bool {
-    old.models != new.models
-        || old.verified_gflops.is_some() != new.verified_gflops.is_some()
-        || old.registered_at != new.registered_at
-        || (!old.alive(now, ttl) && new.alive(now, ttl))
-        || (old.suspended_at.is_some() && new.suspended_at.is_none())
 }
 
 /// Kept heartbeats written in one command at most: the writer runs one
@@ -133,10 +129,7 @@ async fn write_beats(state: &AppState) {
                 ::metrics::counter!("troop_heartbeat_writes_total").increment(1);
                 tracing::debug!(workers = n, "kept heartbeats written");
             }
-            Err(e) => {
-                tracing::warn!(error = %e, workers = n + beats.len(), "kept heartbeats not written");
-                return;
-            }
+            Err(e) => tracing::warn!(error = %e, workers = n, "kept heartbeats not written"),
         }
     }
 }

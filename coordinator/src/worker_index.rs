@@ -12,8 +12,9 @@
 //! once; the walk takes the gone ones it passes out of the index. Whatever
 //! changes a worker's place (a registration, a proof given or taken, new
 //! models, a worker back from silence or from a leave) puts it again
-//! ([`WorkerIndex::put`]). Each change costs O(log n) under the index's own
-//! lock; nothing is ever rebuilt whole.
+//! ([`WorkerIndex::put`], or [`WorkerIndex::ensure`] where most calls change
+//! nothing). Each change costs O(log n) under the index's own lock; nothing
+//! is ever rebuilt whole.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -53,6 +54,20 @@ impl WorkerIndex {
     /// liveness.
     pub fn put(&self, w: &WorkerRow) {
         self.lock().put(w);
+    }
+
+    /// Puts `w` unless it is placed already where it belongs (a hash
+    /// lookup): what every path that brings a row into the table or beats
+    /// for a worker calls, so that a worker the walk took out as gone comes
+    /// back whatever the clocks said.
+    pub fn ensure(&self, w: &WorkerRow) {
+        let mut inner = self.lock();
+        let placed = inner.placed.get(w.peer_id.as_str()).is_some_and(|(k, m)| {
+            k.0 == w.verified_gflops.is_none() && k.1 == w.registered_at && *m == w.models
+        });
+        if !placed {
+            inner.put(w);
+        }
     }
 
     /// The index, to walk. (A holder that panicked left it whole: every
@@ -157,5 +172,10 @@ mod tests {
         assert!(walked(&idx, Some("m")).is_empty());
         assert!(!idx.lock().by_model.contains_key("m"));
         assert_eq!(idx.lock().len(), 2);
+        // `ensure` puts back what was taken out, and leaves the placed alone.
+        idx.ensure(&row("b", &["m"], 10, false));
+        assert_eq!(walked(&idx, Some("m")), ["b"]);
+        idx.ensure(&row("b", &["m"], 10, false));
+        assert_eq!(walked(&idx, None), ["c", "a", "b"]);
     }
 }

@@ -926,6 +926,33 @@ async fn a_heartbeat_flood_makes_a_bounded_number_of_database_writes() {
         gone(&v).then_some(())
     })
     .await;
+
+    // Liveness alone marks a row changed (for other replicas to read) when
+    // last_seen crosses into the next 30 s, however small each step: a
+    // worker beating every 20 s is read by the others at least every 30 s.
+    let wid = workers[2].public().to_peer_id().to_base58();
+    let stamp = |seen: i64| {
+        let (db, wid) = (&db, wid.clone());
+        async move {
+            db.execute(
+                "UPDATE workers SET last_seen = $1 WHERE peer_id = $2",
+                &[&seen, &wid],
+            )
+            .await
+            .expect("update");
+            db.query_one(
+                "SELECT changed_xid::text FROM workers WHERE peer_id = $1",
+                &[&wid],
+            )
+            .await
+            .expect("changed_xid")
+            .get::<_, String>(0)
+        }
+    };
+    let at60 = stamp(60).await;
+    assert_eq!(stamp(80).await, at60, "20 s within the slot: not a change");
+    assert_eq!(stamp(89).await, at60, "still within the slot");
+    assert_ne!(stamp(100).await, at60, "into the next 30 s: a change");
 }
 
 /// `ledger audit --database` of one replica's folder while it may still be

@@ -208,18 +208,15 @@ pub(crate) async fn heartbeat(
             && let Some(mut map) = state.workers.writing()
             && let Some(w) = map.get_mut(&peer_id)
         {
-            let mut reordered = note_beat(w, now, signed_at, load, ttl(&state));
+            note_beat(w, now, signed_at, load);
             w.left_at = None;
             if let Some(m) = req.models {
-                reordered |= w.models != m;
                 w.models = m;
             }
             if let Some(a) = req.addresses {
                 w.addresses = a;
             }
-            if reordered {
-                state.worker_index.put(w);
-            }
+            state.worker_index.ensure(w);
         }
     }
     if replay {
@@ -269,9 +266,8 @@ fn keep_beat(
         return Some(false);
     }
     let load = (req.load.active_jobs, req.load.queue_depth);
-    if note_beat(w, now, signed_at, load, ttl(state)) {
-        state.worker_index.put(w);
-    }
+    note_beat(w, now, signed_at, load);
+    state.worker_index.ensure(w);
     let beat = Beat {
         peer_id: peer_id.to_string(),
         seen_at: now,
@@ -286,20 +282,11 @@ fn keep_beat(
 }
 
 /// A heartbeat taken into the replica's table: seen now, signed then, this
-/// busy. True when the worker was not alive before it (the bootstrap order
-/// left it out).
-fn note_beat(
-    w: &mut WorkerRow,
-    now: u64,
-    signed_at: u64,
-    (active, queued): (u32, u32),
-    ttl: u64,
-) -> bool {
-    let revived = !w.alive(now, ttl);
+/// busy.
+fn note_beat(w: &mut WorkerRow, now: u64, signed_at: u64, (active, queued): (u32, u32)) {
     w.last_seen = now;
     w.last_signed = Some(signed_at);
     (w.active_jobs, w.queue_depth) = (active, queued);
-    revived
 }
 
 fn ttl(state: &AppState) -> u64 {
@@ -435,8 +422,12 @@ pub(crate) async fn bootstrap(
     // Workers gone for good from the order's point of view (they come back
     // through `worker_index.put` when they return).
     let mut gone: Vec<String> = Vec::new();
-    for id in index.walk(model.as_deref()) {
-        if live.len() >= state.cfg.bootstrap_peers {
+    // Workers walked past without being taken out (unreachable from the
+    // caller, over their IP's cap) are walked again by the next request:
+    // at most this many, so that a request's cost stays bounded.
+    let max_walk = (8 * state.cfg.bootstrap_peers).max(1_000);
+    for (walked, id) in index.walk(model.as_deref()).enumerate() {
+        if live.len() >= state.cfg.bootstrap_peers || walked >= max_walk {
             break;
         }
         let Some(w) = map.get(id) else {
