@@ -59,7 +59,8 @@ pub enum Outcome {
     Complete,
     /// The whole answer, continued on another worker after its first one
     /// was lost mid-stream (the paced model restarts its text, so the
-    /// answer reads as a prefix and then the whole).
+    /// answer reads as a prefix and then the whole; the prefix may be the
+    /// whole text when the first worker was lost before its finish event).
     Resumed,
     /// Ended with a clear error (an SSE error event, an OpenAI-shaped
     /// error body).
@@ -81,6 +82,8 @@ pub struct Sample {
     pub outcome: Outcome,
     pub ttft: Option<Duration>,
     pub total: Duration,
+    /// What a garbled answer read (kept to show what went wrong).
+    pub text: Option<String>,
 }
 
 /// What a run measured and checked.
@@ -215,6 +218,18 @@ impl ChaosReport {
                 } else {
                     not_whole.join(", ")
                 }
+            );
+        }
+        for s in self
+            .samples
+            .iter()
+            .filter(|s| s.outcome == Outcome::Garbled)
+        {
+            println!(
+                "  garbled {} answer on gateway-{}, as it arrived: {:?}",
+                s.kind,
+                s.gateway,
+                s.text.as_deref().unwrap_or_default()
             );
         }
         println!(
@@ -413,7 +428,7 @@ async fn ask(
     url: &str,
     kind: &'static str,
     want: &str,
-) -> (Outcome, Option<Duration>, Duration) {
+) -> (Outcome, Option<Duration>, Duration, Option<String>) {
     let t0 = Instant::now();
     let stream = kind != "whole";
     let mut body = json!({
@@ -435,7 +450,7 @@ async fn ask(
         .await
     {
         Ok(r) => r,
-        Err(_) => return (Outcome::Lost, None, t0.elapsed()),
+        Err(_) => return (Outcome::Lost, None, t0.elapsed(), None),
     };
     let status = resp.status().as_u16();
     if !stream {
@@ -444,15 +459,16 @@ async fn ask(
         return match v {
             Some(v) if status == 200 => {
                 let text = v["choices"][0]["message"]["content"].as_str().unwrap_or("");
-                let o = if text == want {
-                    Outcome::Complete
+                if text == want {
+                    (Outcome::Complete, None, total, None)
                 } else {
-                    Outcome::Garbled
-                };
-                (o, None, total)
+                    (Outcome::Garbled, None, total, Some(v.to_string()))
+                }
             }
-            Some(v) if v["error"]["message"].is_string() => (Outcome::ClearError, None, total),
-            _ => (Outcome::Lost, None, total),
+            Some(v) if v["error"]["message"].is_string() => {
+                (Outcome::ClearError, None, total, None)
+            }
+            _ => (Outcome::Lost, None, total, None),
         };
     }
     if status != 200 {
@@ -462,11 +478,12 @@ async fn ask(
         } else {
             Outcome::Lost
         };
-        return (o, None, t0.elapsed());
+        return (o, None, t0.elapsed(), None);
     }
     use futures::StreamExt as _;
     let mut body = resp.bytes_stream();
     let mut buf = String::new();
+    let mut raw = String::new();
     let mut text = String::new();
     let mut ttft = None;
     let mut done = false;
@@ -476,6 +493,7 @@ async fn ask(
             break;
         };
         buf.push_str(&String::from_utf8_lossy(&chunk));
+        raw.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(i) = buf.find('\n') {
             let line = buf[..i].trim().to_string();
             buf.drain(..=i);
@@ -520,14 +538,15 @@ async fn ask(
         Outcome::Lost
     } else if text == want {
         Outcome::Complete
-    } else if (1..want.len())
+    } else if (1..=want.len())
+        .filter(|k| want.is_char_boundary(*k))
         .any(|k| text.len() == k + want.len() && text == format!("{}{want}", &want[..k]))
     {
         Outcome::Resumed
     } else {
-        Outcome::Garbled
+        return (Outcome::Garbled, ttft, total, Some(raw));
     };
-    (o, ttft, total)
+    (o, ttft, total, None)
 }
 
 /// Runs the mesh under chaos and checks the money.
@@ -711,7 +730,7 @@ pub async fn run(opts: ChaosOptions) -> ChaosReport {
                     _ => "tools",
                 };
                 let epoch = epochs[g].load(Ordering::SeqCst);
-                let (mut outcome, ttft, total) = ask(&http, &urls[g], kind, &want).await;
+                let (mut outcome, ttft, total, text) = ask(&http, &urls[g], kind, &want).await;
                 let down = epoch % 2 == 1;
                 if outcome != Outcome::Complete
                     && (down || epochs[g].load(Ordering::SeqCst) != epoch)
@@ -724,6 +743,7 @@ pub async fn run(opts: ChaosOptions) -> ChaosReport {
                     outcome,
                     ttft,
                     total,
+                    text,
                 });
             }
             samples
