@@ -427,6 +427,27 @@ impl AppState {
             .await
     }
 
+    /// A signed request's nonce and its shared quotas (`(name, key,
+    /// per_hour)`, in order), checked in one round trip: see
+    /// [`pg::admit`].
+    pub async fn admit(
+        self: &Arc<Self>,
+        nonce: Option<http::extract::DeferredNonce>,
+        quotas: Vec<(&'static str, String, u32)>,
+    ) -> Result<pg::Admitted, ledger::LedgerError> {
+        self.read_with(move |db| {
+            let q: Vec<(&str, &str, u32)> = quotas
+                .iter()
+                .map(|(n, k, p)| (*n, k.as_str(), *p))
+                .collect();
+            let n = nonce
+                .as_ref()
+                .map(|d| (d.peer.as_str(), d.nonce.as_str(), d.signed_at));
+            pg::admit(db, n, &q, unix_ms())
+        })
+        .await
+    }
+
     /// One request against a quota of `per_hour` an hour that every
     /// replica shares; `Ok(Err(seconds))` to wait.
     pub async fn shared_rate(

@@ -564,9 +564,17 @@ impl PgReaders {
         i: usize,
         f: impl FnOnce(&mut dyn Db) -> Result<T, LedgerError>,
     ) -> Result<T, LedgerError> {
-        let mut slot = self.slots[i % self.slots.len()]
-            .lock()
-            .map_err(|_| LedgerError::Storage("reader lock poisoned".into()))?;
+        // A free connection if there is one (round robin from `i`), else
+        // wait for the `i`th: a request does not queue behind a busy
+        // connection while another is idle.
+        let n = self.slots.len();
+        let free = (0..n).find_map(|k| self.slots[(i + k) % n].try_lock().ok());
+        let mut slot = match free {
+            Some(s) => s,
+            None => self.slots[i % n]
+                .lock()
+                .map_err(|_| LedgerError::Storage("reader lock poisoned".into()))?,
+        };
         if slot
             .as_ref()
             .is_none_or(|c| c.0.as_ref().is_none_or(Client::is_closed))
@@ -598,12 +606,7 @@ pub fn remember_nonce(
     nonce: &str,
     signed_at: u64,
 ) -> Result<bool, LedgerError> {
-    let n = db.exec(
-        "INSERT INTO request_nonces (peer, nonce, signed_at) VALUES (?1, ?2, ?3)
-         ON CONFLICT (peer, nonce) DO NOTHING",
-        crate::p![peer, nonce, i64::try_from(signed_at).unwrap_or(i64::MAX)],
-    )?;
-    Ok(n == 1)
+    Ok(admit(db, Some((peer, nonce, signed_at)), &[], 0)? == Admitted::Yes)
 }
 
 /// One request against a shared quota of `per_hour` an hour (burst
@@ -617,33 +620,127 @@ pub fn check_rate(
     per_hour: u32,
     now_ms: u64,
 ) -> Result<Result<(), u64>, LedgerError> {
-    let per_hour = i64::from(per_hour.max(1));
-    // Milliseconds between two requests at the quota's rate; at least 1
-    // (a quota over 3,600,000 an hour is 1,000 a second per key here: 0
-    // would refuse a request whose clock read came a millisecond before
-    // another's).
-    let interval = (3_600_000 / per_hour).max(1);
-    let burst = interval * per_hour;
+    Ok(match admit(db, None, &[(name, key, per_hour)], now_ms)? {
+        Admitted::Limited { wait_secs, .. } => Err(wait_secs),
+        _ => Ok(()),
+    })
+}
+
+/// What [`admit`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admitted {
+    /// The nonce was new and every quota had room (each now holds one
+    /// request more).
+    Yes,
+    /// Some replica saw the nonce already: no quota was touched.
+    Replay,
+    /// `quotas[quota]` is spent for `wait_secs`; the quotas before it were
+    /// drawn on, those after it were not.
+    Limited { quota: usize, wait_secs: u64 },
+}
+
+/// A signed request's nonce and its quotas (`(name, key, per_hour)`, in
+/// order) in one statement, so one round trip: each step runs only when
+/// the one before it passed, as one check after another would.
+///
+/// The nonce is remembered for every replica (`request_nonces`); each
+/// quota is the generic cell rate algorithm on one row of `rate_limits`
+/// (burst `per_hour`, one back every hour / `per_hour`). The interval is
+/// at least 1 ms: a quota over 3,600,000 an hour acts as 1,000 a second
+/// per key (0 would refuse a request whose clock read came a millisecond
+/// before another's).
+pub fn admit(
+    db: &mut dyn Db,
+    nonce: Option<(&str, &str, u64)>,
+    quotas: &[(&str, &str, u32)],
+    now_ms: u64,
+) -> Result<Admitted, LedgerError> {
+    use std::fmt::Write as _;
     let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
-    let row = db.query_opt(
-        "INSERT INTO rate_limits (name, key, tat_ms) VALUES (?1, ?2, CAST(?3 AS BIGINT) + CAST(?4 AS BIGINT))
-         ON CONFLICT (name, key) DO UPDATE SET tat_ms = GREATEST(rate_limits.tat_ms, ?3) + ?4
-         WHERE GREATEST(rate_limits.tat_ms, ?3) + ?4 - ?3 <= CAST(?5 AS BIGINT)
-         RETURNING tat_ms",
-        crate::p![name, key, now, interval, burst],
-    )?;
-    if row.is_some() {
-        return Ok(Ok(()));
+    let mut params: Vec<crate::db::V> = Vec::new();
+    let mut steps: Vec<String> = Vec::new();
+    let mut prev: Option<&str> = None;
+    if let Some((peer, n, signed_at)) = nonce {
+        params.extend([
+            peer.into(),
+            n.into(),
+            i64::try_from(signed_at).unwrap_or(i64::MAX).into(),
+        ]);
+        steps.push(
+            "n AS (INSERT INTO request_nonces (peer, nonce, signed_at) \
+             VALUES (CAST(?1 AS TEXT), CAST(?2 AS TEXT), CAST(?3 AS BIGINT)) \
+             ON CONFLICT (peer, nonce) DO NOTHING RETURNING 1)"
+                .into(),
+        );
+        prev = Some("n");
     }
-    let tat = db
-        .query_one(
-            "SELECT tat_ms FROM rate_limits WHERE name = ?1 AND key = ?2",
-            crate::p![name, key],
-        )?
-        .i64(0)?;
-    // Allowed again once tat + interval - now <= burst.
-    let wait_ms = (tat + interval - now - burst).max(1);
-    Ok(Err((wait_ms as u64).div_ceil(1000)))
+    // Every parameter is used (PostgreSQL cannot type one that is not).
+    let nw = params.len() + 1;
+    if !quotas.is_empty() {
+        params.push(now.into());
+    }
+    let names: Vec<String> = (0..quotas.len()).map(|j| format!("q{j}")).collect();
+    let mut tats = String::new();
+    let mut intervals = Vec::with_capacity(quotas.len());
+    for (j, (name, key, per_hour)) in quotas.iter().enumerate() {
+        let per_hour = i64::from((*per_hour).max(1));
+        let interval = (3_600_000 / per_hour).max(1);
+        let burst = interval * per_hour;
+        intervals.push((interval, burst));
+        let b = params.len() + 1;
+        params.extend([(*name).into(), (*key).into(), interval.into(), burst.into()]);
+        let (nm, ky, iv, bu) = (b, b + 1, b + 2, b + 3);
+        let gate = prev.map_or(String::new(), |p| {
+            format!(" WHERE EXISTS (SELECT 1 FROM {p})")
+        });
+        steps.push(format!(
+            "{q} AS (INSERT INTO rate_limits (name, key, tat_ms) \
+             SELECT CAST(?{nm} AS TEXT), CAST(?{ky} AS TEXT), CAST(?{nw} AS BIGINT) + CAST(?{iv} AS BIGINT){gate} \
+             ON CONFLICT (name, key) DO UPDATE SET tat_ms = GREATEST(rate_limits.tat_ms, CAST(?{nw} AS BIGINT)) + CAST(?{iv} AS BIGINT) \
+             WHERE GREATEST(rate_limits.tat_ms, CAST(?{nw} AS BIGINT)) + CAST(?{iv} AS BIGINT) - CAST(?{nw} AS BIGINT) <= CAST(?{bu} AS BIGINT) \
+             RETURNING 1)",
+            q = names[j]
+        ));
+        // The row as it was before this statement (every part of it sees
+        // the same snapshot): what a refused request waits on.
+        let _ = write!(
+            tats,
+            ", COALESCE((SELECT tat_ms FROM rate_limits WHERE name = CAST(?{nm} AS TEXT) AND key = CAST(?{ky} AS TEXT)), 0)"
+        );
+        prev = Some(&names[j]);
+    }
+    let Some(_) = prev else {
+        return Ok(Admitted::Yes);
+    };
+    let mut sql = format!("WITH {} SELECT ", steps.join(", "));
+    let counted: Vec<String> = nonce
+        .map(|_| "n".to_string())
+        .into_iter()
+        .chain(names.iter().cloned())
+        .map(|s| format!("(SELECT count(*) FROM {s})"))
+        .collect();
+    sql.push_str(&counted.join(", "));
+    sql.push_str(&tats);
+    let row = db.query_one(&sql, &params)?;
+    let mut col = 0;
+    if nonce.is_some() {
+        if row.i64(0)? == 0 {
+            return Ok(Admitted::Replay);
+        }
+        col = 1;
+    }
+    for (j, (interval, burst)) in intervals.iter().enumerate() {
+        if row.i64(col + j)? == 0 {
+            let tat = row.i64(col + quotas.len() + j)?;
+            // Allowed again once tat + interval - now <= burst.
+            let wait_ms = (tat + interval - now - burst).max(1);
+            return Ok(Admitted::Limited {
+                quota: j,
+                wait_secs: (wait_ms as u64).div_ceil(1000),
+            });
+        }
+    }
+    Ok(Admitted::Yes)
 }
 
 /// Forgets nonces older than `before_secs`, quotas fully recovered and

@@ -81,8 +81,8 @@ async fn two_replicas_share_workers_tickets_receipts_nonces_and_quotas() {
     let Some((server, url, key)) = shared_database("replicas") else {
         return;
     };
-    let r1 = Arc::new(replica(&url, &key, 3, 7).await);
-    let r2 = Arc::new(replica(&url, &key, 3, 7).await);
+    let r1 = Arc::new(replica(&url, &key, 3, 8).await);
+    let r2 = Arc::new(replica(&url, &key, 3, 8).await);
 
     // A worker registers and beats on replica 1 ...
     let worker = generate();
@@ -147,6 +147,23 @@ async fn two_replicas_share_workers_tickets_receipts_nonces_and_quotas() {
     assert_eq!(again.status(), 401);
     let v: Value = again.json().await.expect("json");
     assert_eq!(v["error"]["code"], "replay");
+    // So is a ticket request (its nonce is checked with its quotas, in one
+    // statement): the copies draw on no quota (the per-address count
+    // below would be off by two).
+    let user4 = generate();
+    let ask = SignedCopy::new(
+        &user4,
+        "/authorize",
+        &json!({ "worker": wid, "model": MODEL }),
+        now_secs(),
+    );
+    assert_eq!(ask.send(&r1).await.status(), 200);
+    for c in [&r2, &r1] {
+        let again = ask.send(c).await;
+        assert_eq!(again.status(), 401);
+        let v: Value = again.json().await.expect("json");
+        assert_eq!(v["error"]["code"], "replay");
+    }
 
     // 100 concurrent copies of one receipt over both replicas settle once.
     let user2 = generate();
@@ -185,8 +202,9 @@ async fn two_replicas_share_workers_tickets_receipts_nonces_and_quotas() {
         )
         .await;
     assert_eq!(r.status(), 429, "the shared registration quota is spent");
-    // ... and tickets per address (7 an hour: six asked for so far, the
-    // refused ones included; replica 2 alone saw three).
+    // ... and tickets per address (8 an hour: seven asked for so far, the
+    // refused ones included, the replayed ones not; replica 2 alone saw
+    // three).
     let user3 = generate();
     assert_eq!(r1.authorize(&user3, &worker, MODEL).await.status(), 200);
     let r = r2.authorize(&user3, &worker, MODEL).await;
@@ -222,11 +240,7 @@ async fn two_replicas_share_workers_tickets_receipts_nonces_and_quotas() {
     // `ledger audit --database` finds everything in order, replica 1's
     // audit log against the transfers replica 1 committed included.
     let report = audit_replica(r1.dir.path(), &url).await;
-    assert_eq!(
-        report.totals.pending_jobs,
-        300_000 * 3,
-        "three tickets open"
-    );
+    assert_eq!(report.totals.pending_jobs, 300_000 * 4, "four tickets open");
     // The same from the command line.
     let cli = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_troop-coordinator"))
@@ -254,7 +268,7 @@ async fn two_replicas_share_workers_tickets_receipts_nonces_and_quotas() {
     ]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).lines().count(),
-        7,
+        8,
         "{out:?}"
     );
     let out = cli(&["migrate", "--database", &url]);

@@ -39,7 +39,24 @@ pub struct SignedBytes {
     pub rid: String,
     pub ip: IpAddr,
     pub signed_at: u64,
+    /// With PostgreSQL, on a path of [`NONCE_WITH_QUOTAS`]: the nonce the
+    /// handler must still check (with its quotas, in one round trip:
+    /// `AppState::admit`, then [`replay_refused`] when it was seen).
+    pub nonce: Option<DeferredNonce>,
 }
+
+/// A signed request's nonce not yet remembered.
+#[derive(Debug, Clone)]
+pub struct DeferredNonce {
+    pub peer: String,
+    pub nonce: String,
+    pub signed_at: u64,
+}
+
+/// Paths whose handlers check the nonce of a signed request themselves,
+/// together with their shared quotas (one database round trip instead of
+/// three with PostgreSQL): `routes::tickets::authorize`.
+const NONCE_WITH_QUOTAS: &[&str] = &["/authorize"];
 
 impl FromRequest<Arc<AppState>> for SignedBytes {
     type Rejection = ApiError;
@@ -58,13 +75,15 @@ impl FromRequest<Arc<AppState>> for SignedBytes {
                 )
                 .with_request_id(&rid)
             })?;
-        let (peer, signed_at) = verify_signed(
+        let defer = state.shared() && NONCE_WITH_QUOTAS.contains(&parts.uri.path());
+        let (peer, signed_at, nonce) = verify_signed_deferring(
             state,
             &parts.headers,
             &parts.method,
             &parts.uri,
             &bytes,
             &rid,
+            defer,
         )
         .await?;
         Ok(Self {
@@ -73,6 +92,7 @@ impl FromRequest<Arc<AppState>> for SignedBytes {
             rid,
             ip,
             signed_at,
+            nonce,
         })
     }
 }
@@ -87,7 +107,14 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for Signed<T> {
             rid,
             ip,
             signed_at,
+            nonce,
         } = SignedBytes::from_request(req, state).await?;
+        if let Some(n) = nonce {
+            // Only handlers of `NONCE_WITH_QUOTAS` take their nonce late,
+            // and they take `SignedBytes`.
+            tracing::error!(peer = %n.peer, "a deferred nonce reached a typed handler");
+            return Err(ApiError::internal("nonce not checked").with_request_id(&rid));
+        }
         let body = parse_json(&bytes).map_err(|e| e.with_request_id(&rid))?;
         Ok(Self {
             peer,
@@ -212,6 +239,35 @@ pub(crate) async fn verify_signed(
     body: &[u8],
     rid: &str,
 ) -> Result<(libp2p_identity::PeerId, u64), ApiError> {
+    let (peer, at, _) =
+        verify_signed_deferring(state, headers, method, uri, body, rid, false).await?;
+    Ok((peer, at))
+}
+
+/// The refusal of a signed request whose nonce some replica saw already
+/// (audited as [`verify_signed`] does).
+pub(crate) fn replay_refused(state: &AppState, rid: &str, path: &str, peer: &str) -> ApiError {
+    let e = signed::SignError::Replay;
+    security_event(
+        state,
+        "replay",
+        rid,
+        json!({ "path": path, "peer": peer, "reason": e.to_string() }),
+    );
+    ApiError::unauthorized(e.code(), e.to_string()).with_request_id(rid)
+}
+
+/// [`verify_signed`]; with `defer` and PostgreSQL the nonce is not checked
+/// but returned, for the handler to check with its quotas.
+async fn verify_signed_deferring(
+    state: &Arc<AppState>,
+    headers: &HeaderMap,
+    method: &Method,
+    uri: &Uri,
+    body: &[u8],
+    rid: &str,
+    defer: bool,
+) -> Result<(libp2p_identity::PeerId, u64, Option<DeferredNonce>), ApiError> {
     let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     for name in [
         HEADER_PEER,
@@ -266,6 +322,14 @@ pub(crate) async fn verify_signed(
         state.cfg.max_skew_secs,
     )
     .map_err(refuse)?;
+    if state.shared() && defer {
+        let d = DeferredNonce {
+            peer: v.peer.to_base58(),
+            nonce: v.nonce.clone(),
+            signed_at: v.timestamp,
+        };
+        return Ok((v.peer, v.timestamp, Some(d)));
+    }
     if state.shared() && !replay_harmless(state, uri.path()) {
         // PostgreSQL: every replica's nonces in one table, kept across
         // restarts, so a request replayed to another replica is refused.
@@ -273,7 +337,7 @@ pub(crate) async fn verify_signed(
             .remember_nonce(v.peer.to_base58(), v.nonce.clone(), v.timestamp)
             .await
         {
-            Ok(true) => Ok((v.peer, v.timestamp)),
+            Ok(true) => Ok((v.peer, v.timestamp, None)),
             Ok(false) => Err(refuse(signed::SignError::Replay)),
             Err(e) => Err(ledger_error(state, e, rid)),
         };
@@ -307,7 +371,7 @@ pub(crate) async fn verify_signed(
         return Err(e);
     }
     nonces.insert(key, v.timestamp);
-    Ok((v.peer, v.timestamp))
+    Ok((v.peer, v.timestamp, None))
 }
 
 /// A ledger refusal as an HTTP one; failures of the store itself are

@@ -10,6 +10,8 @@ mod tickets;
 mod workers;
 
 pub use crate::admin::balance_json;
+use crate::http::extract::replay_refused;
+use crate::pg;
 use accounts::{balance, transactions};
 use receipts::submit_receipt;
 use tickets::authorize;

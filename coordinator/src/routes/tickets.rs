@@ -57,18 +57,10 @@ pub(crate) async fn authorize(
         bytes: body,
         rid,
         ip,
+        nonce,
         ..
     }: SignedBytes,
 ) -> Result<Response, ApiError> {
-    check_quota(
-        &state,
-        "authorize_ip",
-        &state.authorize_ip_limiter,
-        &ip,
-        state.cfg.authorize_per_ip_per_hour,
-        &rid,
-    )
-    .await?;
     let user_id = user.to_base58();
     let refuse = |reason: &str, detail: String| {
         state.audit.record(
@@ -77,18 +69,56 @@ pub(crate) async fn authorize(
             json!({ "user": user_id, "reason": reason, "detail": detail }),
         );
     };
-    if let Err(e) = check_quota(
-        &state,
-        "authorize",
-        &state.authorize_limiter,
-        &user_id,
-        state.cfg.authorize_per_hour,
-        &rid,
-    )
-    .await
-    {
-        refuse("rate_limited", e.message.clone());
-        return Err(e);
+    if state.shared() {
+        // PostgreSQL: the nonce and both shared quotas in one round trip.
+        let quotas = vec![
+            (
+                "authorize_ip",
+                ip.to_string(),
+                state.cfg.authorize_per_ip_per_hour,
+            ),
+            ("authorize", user_id.clone(), state.cfg.authorize_per_hour),
+        ];
+        match state.admit(nonce, quotas).await {
+            Ok(pg::Admitted::Yes) => {}
+            Ok(pg::Admitted::Replay) => {
+                return Err(replay_refused(&state, &rid, "/authorize", &user_id));
+            }
+            Ok(pg::Admitted::Limited { quota, wait_secs }) => {
+                let e = if quota == 0 {
+                    rate_limited(&state, "authorize_ip", &ip.to_string(), wait_secs, &rid)
+                } else {
+                    let e = rate_limited(&state, "authorize", &user_id, wait_secs, &rid);
+                    refuse("rate_limited", e.message.clone());
+                    e
+                };
+                return Err(e);
+            }
+            Err(e) => return Err(ledger_error(&state, e, &rid)),
+        }
+    } else {
+        check_quota(
+            &state,
+            "authorize_ip",
+            &state.authorize_ip_limiter,
+            &ip,
+            state.cfg.authorize_per_ip_per_hour,
+            &rid,
+        )
+        .await?;
+        if let Err(e) = check_quota(
+            &state,
+            "authorize",
+            &state.authorize_limiter,
+            &user_id,
+            state.cfg.authorize_per_hour,
+            &rid,
+        )
+        .await
+        {
+            refuse("rate_limited", e.message.clone());
+            return Err(e);
+        }
     }
     let req: AuthorizeRequest = match parse_json(&body) {
         Ok(r) => r,
