@@ -71,6 +71,17 @@ async fn forged_reused_and_foreign_acknowledgements_are_refused() {
     assert_eq!(rep["requests"], 1);
     assert_eq!(rep["acknowledged_share"], 1.0);
     assert_eq!(rep["disputed_share"], 0.0);
+    // The same entry, reputation included, asked for by its peer id or in
+    // a page (which read only their workers' records).
+    for q in [format!("peer={w}"), "limit=1".to_string()] {
+        let one: Value = c
+            .get(&format!("/workers?{q}"))
+            .await
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(one["workers"][0], workers["workers"][0], "{q}");
+    }
 }
 
 #[tokio::test]

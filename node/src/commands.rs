@@ -313,12 +313,7 @@ pub async fn doctor(
                     c,
                     troop_protocol::identity::generate(),
                 );
-                let alive = client.workers().await.map(|w| {
-                    w.workers
-                        .iter()
-                        .find(|w| w.peer_id == peer)
-                        .map(|w| w.alive)
-                });
+                let alive = client.worker(&peer).await.map(|w| w.map(|w| w.alive));
                 checks.push(Check {
                     name: "its registration",
                     ok: matches!(alive, Ok(Some(true))),

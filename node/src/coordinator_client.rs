@@ -233,6 +233,25 @@ impl CoordinatorClient {
         self.get_public("/workers").await
     }
 
+    /// `GET /workers?peer=ID`: one worker's entry (`None`: not registered;
+    /// a coordinator too old to filter lists all, and the worker is
+    /// picked out of them).
+    pub async fn worker(
+        &self,
+        peer: &str,
+    ) -> Result<Option<troop_protocol::api::WorkerInfo>, ClientError> {
+        let resp = self
+            .http
+            .get(format!("{}/workers", self.base))
+            .query(&[("peer", peer)])
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let list: troop_protocol::api::WorkersResponse = Self::decode(resp).await?;
+        Ok(list.workers.into_iter().find(|w| w.peer_id == peer))
+    }
+
     /// `GET /bootstrap`: a few live workers and the operator's relays.
     pub async fn bootstrap(&self) -> Result<troop_protocol::api::BootstrapResponse, ClientError> {
         self.get_public("/bootstrap").await

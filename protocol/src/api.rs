@@ -114,9 +114,15 @@ pub struct ReputationInfo {
     pub unacknowledged_share: f64,
 }
 
+/// `GET /workers`: workers in the order of their peer ids.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkersResponse {
     pub workers: Vec<WorkerInfo>,
+    /// With `?limit=`, when more workers follow: the `after=` of the next
+    /// page (the last peer id of this one). Absent on the last page and
+    /// from older coordinators.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 /// One entry point into the DHT.

@@ -46,8 +46,9 @@ pub use error::LedgerError;
 pub use invariants::{Totals, check_invariants, check_invariants_full, stored_totals, totals};
 pub(crate) use query::JOB_COLUMNS;
 pub use query::{
-    Reputation, WorkerRow, all_audit_counts, audit_counts, available, job_parties, load_worker,
-    load_workers, load_workers_changed_since, reputation_of, worker_reputations,
+    Reputation, WorkerRow, all_audit_counts, audit_counts, audit_counts_of, available, job_parties,
+    load_worker, load_workers, load_workers_changed_since, reputation_of, worker_reputations,
+    worker_reputations_of,
 };
 pub use sqlite::{open, open_in_memory, open_reader};
 pub use writer::{AuditSink, Backend, Sqlite, Writer, WriterThread};

@@ -2,7 +2,7 @@
 //! jobs, balances and reputations. Nothing here writes.
 
 use super::{LedgerError, to_i64};
-use crate::db::{Db, Row};
+use crate::db::{Db, Row, V};
 use crate::p;
 use troop_protocol::MilliCredits;
 
@@ -36,6 +36,34 @@ pub fn worker_reputations(
     .iter()
     .map(|r| Ok((r.str(0)?, reputation_from(r, 1)?)))
     .collect()
+}
+
+/// [`worker_reputations`] of the workers `ids` only (one indexed read).
+pub fn worker_reputations_of(
+    conn: &mut dyn Db,
+    ids: &[String],
+) -> Result<std::collections::HashMap<String, Reputation>, LedgerError> {
+    if ids.is_empty() {
+        return Ok(Default::default());
+    }
+    let sql = format!(
+        "SELECT account, requests, acknowledged, disputed, unacknowledged FROM reputation
+         WHERE role = 'worker' AND account IN ({})",
+        placeholders(ids.len())
+    );
+    let params: Vec<V> = ids.iter().map(V::from).collect();
+    conn.query(&sql, &params)?
+        .iter()
+        .map(|r| Ok((r.str(0)?, reputation_from(r, 1)?)))
+        .collect()
+}
+
+/// `?1, ?2, ..., ?n`.
+fn placeholders(n: usize) -> String {
+    (1..=n)
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub fn reputation_of(
@@ -246,6 +274,27 @@ pub fn all_audit_counts(
     .iter()
     .map(|r| Ok((r.str(0)?, (r.i64(1)?, r.i64(2)?))))
     .collect()
+}
+
+/// [`all_audit_counts`] of the workers `ids` only.
+pub fn audit_counts_of(
+    conn: &mut dyn Db,
+    ids: &[String],
+) -> Result<std::collections::HashMap<String, (i64, i64)>, LedgerError> {
+    if ids.is_empty() {
+        return Ok(Default::default());
+    }
+    let sql = format!(
+        "SELECT worker, CAST(SUM(CASE WHEN outcome = 'passed' THEN 1 ELSE 0 END) AS BIGINT),
+                CAST(SUM(CASE WHEN outcome = 'failed' THEN 1 ELSE 0 END) AS BIGINT)
+         FROM audits WHERE worker IN ({}) GROUP BY worker",
+        placeholders(ids.len())
+    );
+    let params: Vec<V> = ids.iter().map(V::from).collect();
+    conn.query(&sql, &params)?
+        .iter()
+        .map(|r| Ok((r.str(0)?, (r.i64(1)?, r.i64(2)?))))
+        .collect()
 }
 
 /// A session's user, worker and model.

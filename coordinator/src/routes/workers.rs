@@ -342,25 +342,99 @@ pub(crate) async fn leave(
     .into_response())
 }
 
+/// `GET /workers`: every worker, or with `?peer=ID` one, or with
+/// `?limit=N` (1 to [`WORKERS_PAGE_MAX`]) a page of those whose peer id
+/// comes after `?after=ID`, with `next` when more follow.
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct WorkersQuery {
+    peer: Option<String>,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// The most workers one page of `GET /workers` holds.
+pub const WORKERS_PAGE_MAX: usize = 1000;
+
 pub(crate) async fn list_workers(
     State(state): St,
     headers: HeaderMap,
+    query: Result<Query<WorkersQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let rid = request_id(&headers);
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()).with_request_id(&rid))?;
+    if let Some(n) = q.limit
+        && !(1..=WORKERS_PAGE_MAX).contains(&n)
+    {
+        return Err(ApiError::bad_request(format!(
+            "limit must be 1 to {WORKERS_PAGE_MAX} (pages go on with after=, the last peer id of the page before)"
+        ))
+        .with_request_id(&rid));
+    }
+    if q.peer.is_some() && (q.after.is_some() || q.limit.is_some()) {
+        return Err(ApiError::bad_request(
+            "peer= names one worker: it does not go with after= or limit=",
+        )
+        .with_request_id(&rid));
+    }
+    for (name, v) in [("peer", &q.peer), ("after", &q.after)] {
+        if v.as_ref().is_some_and(|v| v.len() > 128) {
+            return Err(
+                ApiError::bad_request(format!("{name}: at most 128 bytes")).with_request_id(&rid)
+            );
+        }
+    }
     let now = unix_secs();
-    let reps = state
-        .read_with(crate::ledger::worker_reputations)
-        .await
-        .map_err(|e| ledger_error(&state, e, &rid))?;
-    let audits = state
-        .read_with(crate::ledger::all_audit_counts)
-        .await
-        .map_err(|e| ledger_error(&state, e, &rid))?;
-    let mut workers: Vec<WorkerInfo> = state
-        .workers
-        .read()
-        .map_err(|_| ApiError::internal("worker table poisoned"))?
-        .values()
+    // The page's rows, in peer id order, out of the table (cloned under its
+    // read lock; a page is found with a partial sort, not a sort of all).
+    let (rows, next) = {
+        let map = state
+            .workers
+            .read()
+            .map_err(|_| ApiError::internal("worker table poisoned"))?;
+        if let Some(peer) = &q.peer {
+            (map.get(peer).cloned().into_iter().collect::<Vec<_>>(), None)
+        } else {
+            let mut keys: Vec<&String> = match &q.after {
+                Some(a) => map.keys().filter(|k| k.as_str() > a.as_str()).collect(),
+                None => map.keys().collect(),
+            };
+            let limit = q.limit.unwrap_or(usize::MAX);
+            let more = keys.len() > limit;
+            if more {
+                keys.select_nth_unstable(limit);
+                keys.truncate(limit);
+            }
+            keys.sort_unstable();
+            let next = more.then(|| keys.last().map(|k| k.to_string())).flatten();
+            (
+                keys.iter().filter_map(|k| map.get(*k).cloned()).collect(),
+                next,
+            )
+        }
+    };
+    // Reputations and audit counts: of the page's workers only, when it is
+    // a page (one indexed read each), else of all.
+    let paged = q.peer.is_some() || q.limit.is_some();
+    let ids: Vec<String> = rows.iter().map(|w| w.peer_id.clone()).collect();
+    let (reps, audits) = if paged {
+        let ids2 = ids.clone();
+        let reps = state
+            .read_with(move |db| crate::ledger::worker_reputations_of(db, &ids2))
+            .await;
+        let audits = state
+            .read_with(move |db| crate::ledger::audit_counts_of(db, &ids))
+            .await;
+        (reps, audits)
+    } else {
+        (
+            state.read_with(crate::ledger::worker_reputations).await,
+            state.read_with(crate::ledger::all_audit_counts).await,
+        )
+    };
+    let reps = reps.map_err(|e| ledger_error(&state, e, &rid))?;
+    let audits = audits.map_err(|e| ledger_error(&state, e, &rid))?;
+    let workers: Vec<WorkerInfo> = rows
+        .iter()
         .map(|w| {
             let mut i = worker_info(&state.cfg, w, now);
             i.reputation = reps.get(&w.peer_id).and_then(reputation_info);
@@ -373,8 +447,7 @@ pub(crate) async fn list_workers(
             i
         })
         .collect();
-    workers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
-    Ok(axum::Json(WorkersResponse { workers }).into_response())
+    Ok(axum::Json(WorkersResponse { workers, next }).into_response())
 }
 
 /// `GET /bootstrap?model=NAME`: only workers that serve the model (and no

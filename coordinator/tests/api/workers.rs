@@ -299,3 +299,75 @@ async fn bootstrap_follows_models_leaves_and_returns_at_once() {
     assert_eq!(hb.status(), 200);
     assert_eq!(listed(&c, "m1").await, [a_id]);
 }
+
+#[tokio::test]
+async fn workers_are_listed_in_pages_or_one_by_peer_id() {
+    let c = TestCoordinator::start().await;
+    for _ in 0..5 {
+        c.register(&generate(), &[MODEL]).await;
+    }
+    let all: Value = c.get("/workers").await.json().await.expect("json");
+    let all = all["workers"].as_array().expect("workers").clone();
+    assert_eq!(all.len(), 5);
+    let ids: Vec<String> = all
+        .iter()
+        .map(|w| w["peer_id"].as_str().unwrap_or("").to_string())
+        .collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(ids, sorted, "in peer id order");
+
+    // Pages of two: 2, 2, 1, each going on after the last one's last id.
+    let mut paged = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let q = match &after {
+            Some(a) => format!("/workers?limit=2&after={a}"),
+            None => "/workers?limit=2".into(),
+        };
+        let page: Value = c.get(&q).await.json().await.expect("json");
+        let got = page["workers"].as_array().expect("workers").clone();
+        pages += 1;
+        assert!(got.len() <= 2, "{page}");
+        paged.extend(got);
+        match page["next"].as_str() {
+            Some(n) => {
+                assert_eq!(Some(n), paged.last().and_then(|w| w["peer_id"].as_str()));
+                after = Some(n.to_string());
+            }
+            None => break,
+        }
+        assert!(pages < 10, "pages never end");
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(paged, all, "the pages together are the whole list");
+
+    // One by its peer id; an unknown one is an empty list.
+    let one: Value = c
+        .get(&format!("/workers?peer={}", ids[3]))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(one["workers"], json!([all[3]]));
+    assert!(one.get("next").is_none());
+    let none: Value = c
+        .get(&format!(
+            "/workers?peer={}",
+            generate().public().to_peer_id()
+        ))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(none["workers"], json!([]));
+
+    // Bad pages are refused with what to send.
+    for q in ["limit=0", "limit=1001", "limit=two", "peer=x&limit=1"] {
+        let r = c.get(&format!("/workers?{q}")).await;
+        assert_eq!(r.status(), 400, "{q}");
+        let v: Value = r.json().await.expect("json");
+        assert!(v["error"]["message"].is_string(), "{q}: {v}");
+    }
+}
