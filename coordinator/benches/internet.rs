@@ -23,7 +23,8 @@
 //! generator itself, which shares the machine's cores with them.
 //!
 //! `cargo bench -p troop-coordinator --bench internet` (env: WORKERS,
-//! STEP_SECS, MULTIPLES as `0.1,0.2,...`, STORES as `sqlite,pg1,pg2`).
+//! STEP_SECS, MULTIPLES as `0.1,0.2,...`, STORES as `sqlite,pg1,pg2`,
+//! FLUSH_SECS for `--heartbeat-flush-secs`).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -325,6 +326,13 @@ fn start(
         cfg.registrations_per_ip_per_hour = 1_000_000;
         cfg.sweep_interval = Duration::from_secs(1);
         cfg.conn_limits.max_per_ip = 1_000_000;
+        // `--heartbeat-flush-secs` (PostgreSQL), `FLUSH_SECS` to try others.
+        if let Some(s) = std::env::var("FLUSH_SECS")
+            .ok()
+            .and_then(|s| s.parse::<f64>().ok())
+        {
+            cfg.heartbeat_flush = Duration::from_secs_f64(s);
+        }
     }))
 }
 
