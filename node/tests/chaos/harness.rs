@@ -103,6 +103,8 @@ pub struct ChaosReport {
     pub observed_secs: f64,
     pub ledger_findings: Vec<String>,
     pub skipped: Vec<String>,
+    /// What the gateways that garbled an answer logged.
+    pub gateway_logs: Vec<String>,
     /// Requests sent before the clients started (billed too).
     pub warmup_requests: u64,
 }
@@ -219,6 +221,9 @@ impl ChaosReport {
                     not_whole.join(", ")
                 }
             );
+        }
+        for l in &self.gateway_logs {
+            println!("  {l}");
         }
         for s in self
             .samples
@@ -900,6 +905,28 @@ pub async fn run(opts: ChaosOptions) -> ChaosReport {
     for c in clients {
         if let Ok(s) = c.await {
             report.samples.extend(s);
+        }
+    }
+    // What a gateway that garbled an answer said about lost workers and
+    // continued answers (its log has no request ids).
+    let mut told = std::collections::HashSet::new();
+    for s in report
+        .samples
+        .iter()
+        .filter(|s| s.outcome == Outcome::Garbled)
+    {
+        if told.insert(s.gateway) {
+            let log = std::fs::read_to_string(&gateways[s.gateway].log).unwrap_or_default();
+            let said: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("continued"))
+                .collect();
+            report.gateway_logs.push(format!(
+                "gateway-{} (its warnings, errors and continued answers, last 40 of {}):\n{}",
+                s.gateway,
+                said.len(),
+                said[said.len().saturating_sub(40)..].join("\n")
+            ));
         }
     }
 
