@@ -648,14 +648,14 @@ pub enum Admitted {
 /// (burst `per_hour`, one back every hour / `per_hour`). The interval is
 /// at least 1 ms: a quota over 3,600,000 an hour acts as 1,000 a second
 /// per key (0 would refuse a request whose clock read came a millisecond
-/// before another's).
+/// before another's). The quotas must name different rows (PostgreSQL
+/// refuses to change one row twice in a statement).
 pub fn admit(
     db: &mut dyn Db,
     nonce: Option<(&str, &str, u64)>,
     quotas: &[(&str, &str, u32)],
     now_ms: u64,
 ) -> Result<Admitted, LedgerError> {
-    use std::fmt::Write as _;
     let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
     let mut params: Vec<crate::db::V> = Vec::new();
     let mut steps: Vec<String> = Vec::new();
@@ -680,7 +680,6 @@ pub fn admit(
         params.push(now.into());
     }
     let names: Vec<String> = (0..quotas.len()).map(|j| format!("q{j}")).collect();
-    let mut tats = String::new();
     let mut intervals = Vec::with_capacity(quotas.len());
     for (j, (name, key, per_hour)) in quotas.iter().enumerate() {
         let per_hour = i64::from((*per_hour).max(1));
@@ -701,12 +700,6 @@ pub fn admit(
              RETURNING 1)",
             q = names[j]
         ));
-        // The row as it was before this statement (every part of it sees
-        // the same snapshot): what a refused request waits on.
-        let _ = write!(
-            tats,
-            ", COALESCE((SELECT tat_ms FROM rate_limits WHERE name = CAST(?{nm} AS TEXT) AND key = CAST(?{ky} AS TEXT)), 0)"
-        );
         prev = Some(&names[j]);
     }
     let Some(_) = prev else {
@@ -720,7 +713,6 @@ pub fn admit(
         .map(|s| format!("(SELECT count(*) FROM {s})"))
         .collect();
     sql.push_str(&counted.join(", "));
-    sql.push_str(&tats);
     let row = db.query_one(&sql, &params)?;
     let mut col = 0;
     if nonce.is_some() {
@@ -731,7 +723,18 @@ pub fn admit(
     }
     for (j, (interval, burst)) in intervals.iter().enumerate() {
         if row.i64(col + j)? == 0 {
-            let tat = row.i64(col + quotas.len() + j)?;
+            // Refused: the row as it is now (the statement's own snapshot
+            // may predate a request that took the quota while this one
+            // waited on the row's lock). The slow path: a second read.
+            let (name, key, _) = quotas[j];
+            let tat = db
+                .query_opt(
+                    "SELECT tat_ms FROM rate_limits WHERE name = ?1 AND key = ?2",
+                    crate::p![name, key],
+                )?
+                .map(|r| r.i64(0))
+                .transpose()?
+                .unwrap_or(now);
             // Allowed again once tat + interval - now <= burst.
             let wait_ms = (tat + interval - now - burst).max(1);
             return Ok(Admitted::Limited {

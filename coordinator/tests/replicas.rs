@@ -611,6 +611,15 @@ async fn a_ticket_for_a_worker_registered_on_another_replica_just_now_is_sold() 
     forget(&r2);
     let r = r2.signed(&worker, "/bench/challenge", &json!({})).await;
     assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    // `GET /workers?peer=` finds it too (`troop doctor` asks this way).
+    forget(&r2);
+    let one: Value = r2
+        .get(&format!("/workers?peer={wid}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(one["workers"][0]["peer_id"], wid.as_str(), "{one}");
     // A worker nobody registered is still refused.
     let stranger = generate();
     let r = r2.authorize(&user, &stranger, MODEL).await;

@@ -46,24 +46,33 @@ pub fn worker_reputations_of(
     if ids.is_empty() {
         return Ok(Default::default());
     }
+    let (list, params) = in_list(ids);
     let sql = format!(
         "SELECT account, requests, acknowledged, disputed, unacknowledged FROM reputation
-         WHERE role = 'worker' AND account IN ({})",
-        placeholders(ids.len())
+         WHERE role = 'worker' AND account IN ({list})"
     );
-    let params: Vec<V> = ids.iter().map(V::from).collect();
     conn.query(&sql, &params)?
         .iter()
         .map(|r| Ok((r.str(0)?, reputation_from(r, 1)?)))
         .collect()
 }
 
-/// `?1, ?2, ..., ?n`.
-fn placeholders(n: usize) -> String {
-    (1..=n)
+/// `?1, ?2, ...` for `ids` and their values, padded with empty ids (no
+/// account has one) to 10, 100 or 1,000 entries: a few statement texts
+/// whatever the list's length, so a connection's statement cache stays
+/// small.
+fn in_list(ids: &[String]) -> (String, Vec<V>) {
+    let n = [10, 100, 1000]
+        .into_iter()
+        .find(|&b| b >= ids.len())
+        .unwrap_or(ids.len());
+    let sql = (1..=n)
         .map(|i| format!("?{i}"))
         .collect::<Vec<_>>()
-        .join(", ")
+        .join(", ");
+    let mut params: Vec<V> = ids.iter().map(V::from).collect();
+    params.resize(n, V::from(""));
+    (sql, params)
 }
 
 pub fn reputation_of(
@@ -284,13 +293,12 @@ pub fn audit_counts_of(
     if ids.is_empty() {
         return Ok(Default::default());
     }
+    let (list, params) = in_list(ids);
     let sql = format!(
         "SELECT worker, CAST(SUM(CASE WHEN outcome = 'passed' THEN 1 ELSE 0 END) AS BIGINT),
                 CAST(SUM(CASE WHEN outcome = 'failed' THEN 1 ELSE 0 END) AS BIGINT)
-         FROM audits WHERE worker IN ({}) GROUP BY worker",
-        placeholders(ids.len())
+         FROM audits WHERE worker IN ({list}) GROUP BY worker"
     );
-    let params: Vec<V> = ids.iter().map(V::from).collect();
     conn.query(&sql, &params)?
         .iter()
         .map(|r| Ok((r.str(0)?, (r.i64(1)?, r.i64(2)?))))

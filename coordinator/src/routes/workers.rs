@@ -370,6 +370,12 @@ pub(crate) async fn list_workers(
         ))
         .with_request_id(&rid));
     }
+    if q.after.is_some() && q.limit.is_none() {
+        return Err(ApiError::bad_request(
+            "after= goes with limit= (1 to 1000): a page after that id",
+        )
+        .with_request_id(&rid));
+    }
     if q.peer.is_some() && (q.after.is_some() || q.limit.is_some()) {
         return Err(ApiError::bad_request(
             "peer= names one worker: it does not go with after= or limit=",
@@ -386,7 +392,7 @@ pub(crate) async fn list_workers(
     let now = unix_secs();
     // The page's rows, in peer id order, out of the table (cloned under its
     // read lock; a page is found with a partial sort, not a sort of all).
-    let (rows, next) = {
+    let (mut rows, next) = {
         let map = state
             .workers
             .read()
@@ -412,6 +418,19 @@ pub(crate) async fn list_workers(
             )
         }
     };
+    // With PostgreSQL a worker that registered on another replica since
+    // this one's last refresh is read from the database.
+    if let Some(peer) = &q.peer
+        && rows.is_empty()
+        && state.shared()
+    {
+        rows = state
+            .reload_worker(peer)
+            .await
+            .map_err(|e| ledger_error(&state, e, &rid))?
+            .into_iter()
+            .collect();
+    }
     // Reputations and audit counts: of the page's workers only, when it is
     // a page (one indexed read each), else of all.
     let paged = q.peer.is_some() || q.limit.is_some();

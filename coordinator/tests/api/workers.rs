@@ -364,7 +364,13 @@ async fn workers_are_listed_in_pages_or_one_by_peer_id() {
     assert_eq!(none["workers"], json!([]));
 
     // Bad pages are refused with what to send.
-    for q in ["limit=0", "limit=1001", "limit=two", "peer=x&limit=1"] {
+    for q in [
+        "limit=0",
+        "limit=1001",
+        "limit=two",
+        "peer=x&limit=1",
+        "after=x",
+    ] {
         let r = c.get(&format!("/workers?{q}")).await;
         assert_eq!(r.status(), 400, "{q}");
         let v: Value = r.json().await.expect("json");

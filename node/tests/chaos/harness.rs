@@ -543,9 +543,13 @@ async fn ask(
         Outcome::Lost
     } else if text == want {
         Outcome::Complete
-    } else if (1..=want.len())
-        .filter(|k| want.is_char_boundary(*k))
-        .any(|k| text.len() == k + want.len() && text == format!("{}{want}", &want[..k]))
+    } else if kind != "tools"
+        // The gateway marks a continued answer's finish; a gateway that
+        // sent a finished answer twice would not.
+        && raw.contains(r#""resumed":true"#)
+        && (1..=want.len())
+            .filter(|k| want.is_char_boundary(*k))
+            .any(|k| text.len() == k + want.len() && text == format!("{}{want}", &want[..k]))
     {
         Outcome::Resumed
     } else {
