@@ -214,9 +214,19 @@ impl CoordinatorClient {
 
     /// An unsigned GET of a public read (5 s limit).
     async fn get_public<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.get_query(path, &[]).await
+    }
+
+    /// An unsigned GET with query parameters (URL-encoded).
+    async fn get_query<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<T, ClientError> {
         let resp = self
             .http
             .get(format!("{}{}", self.base, path))
+            .query(query)
             .timeout(Duration::from_secs(5))
             .send()
             .await
@@ -240,15 +250,8 @@ impl CoordinatorClient {
         &self,
         peer: &str,
     ) -> Result<Option<troop_protocol::api::WorkerInfo>, ClientError> {
-        let resp = self
-            .http
-            .get(format!("{}/workers", self.base))
-            .query(&[("peer", peer)])
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
-        let list: troop_protocol::api::WorkersResponse = Self::decode(resp).await?;
+        let list: troop_protocol::api::WorkersResponse =
+            self.get_query("/workers", &[("peer", peer)]).await?;
         Ok(list.workers.into_iter().find(|w| w.peer_id == peer))
     }
 
@@ -262,15 +265,7 @@ impl CoordinatorClient {
         &self,
         model: &str,
     ) -> Result<troop_protocol::api::BootstrapResponse, ClientError> {
-        let resp = self
-            .http
-            .get(format!("{}/bootstrap", self.base))
-            .query(&[("model", model)])
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
-        Self::decode(resp).await
+        self.get_query("/bootstrap", &[("model", model)]).await
     }
 
     /// Every ticket key the coordinator accepts (`GET

@@ -247,10 +247,25 @@ pub(crate) async fn verify_signed(
 /// The refusal of a signed request whose nonce some replica saw already
 /// (audited as [`verify_signed`] does).
 pub(crate) fn replay_refused(state: &AppState, rid: &str, path: &str, peer: &str) -> ApiError {
-    let e = signed::SignError::Replay;
+    sign_refused(state, rid, path, Some(peer), signed::SignError::Replay)
+}
+
+/// A signed request refused: its security event audited, its 401.
+fn sign_refused(
+    state: &AppState,
+    rid: &str,
+    path: &str,
+    peer: Option<&str>,
+    e: signed::SignError,
+) -> ApiError {
+    let event = match e.code() {
+        ErrorCode::StaleTimestamp => "stale_timestamp",
+        ErrorCode::Replay => "replay",
+        _ => "bad_signature",
+    };
     security_event(
         state,
-        "replay",
+        event,
         rid,
         json!({ "path": path, "peer": peer, "reason": e.to_string() }),
     );
@@ -294,20 +309,7 @@ async fn verify_signed_deferring(
         .map(|p| p.as_str())
         .unwrap_or(uri.path());
     let now = unix_secs();
-    let refuse = |e: signed::SignError| {
-        let event = match e.code() {
-            ErrorCode::StaleTimestamp => "stale_timestamp",
-            ErrorCode::Replay => "replay",
-            _ => "bad_signature",
-        };
-        security_event(
-            state,
-            event,
-            rid,
-            json!({ "path": uri.path(), "peer": h(HEADER_PEER), "reason": e.to_string() }),
-        );
-        ApiError::unauthorized(e.code(), e.to_string()).with_request_id(rid)
-    };
+    let refuse = |e: signed::SignError| sign_refused(state, rid, uri.path(), h(HEADER_PEER), e);
     let v = signed::verify_request(
         [
             h(HEADER_PEER),

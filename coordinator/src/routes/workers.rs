@@ -431,27 +431,26 @@ pub(crate) async fn list_workers(
             .into_iter()
             .collect();
     }
-    // Reputations and audit counts: of the page's workers only, when it is
-    // a page (one indexed read each), else of all.
+    // Reputations and audit counts, in one read: of the page's workers
+    // only when it is a page (one indexed read each), else of all.
     let paged = q.peer.is_some() || q.limit.is_some();
     let ids: Vec<String> = rows.iter().map(|w| w.peer_id.clone()).collect();
-    let (reps, audits) = if paged {
-        let ids2 = ids.clone();
-        let reps = state
-            .read_with(move |db| crate::ledger::worker_reputations_of(db, &ids2))
-            .await;
-        let audits = state
-            .read_with(move |db| crate::ledger::audit_counts_of(db, &ids))
-            .await;
-        (reps, audits)
-    } else {
-        (
-            state.read_with(crate::ledger::worker_reputations).await,
-            state.read_with(crate::ledger::all_audit_counts).await,
-        )
-    };
-    let reps = reps.map_err(|e| ledger_error(&state, e, &rid))?;
-    let audits = audits.map_err(|e| ledger_error(&state, e, &rid))?;
+    let (reps, audits) = state
+        .read_with(move |db| {
+            if paged {
+                Ok((
+                    crate::ledger::worker_reputations_of(db, &ids)?,
+                    crate::ledger::audit_counts_of(db, &ids)?,
+                ))
+            } else {
+                Ok((
+                    crate::ledger::worker_reputations(db)?,
+                    crate::ledger::all_audit_counts(db)?,
+                ))
+            }
+        })
+        .await
+        .map_err(|e| ledger_error(&state, e, &rid))?;
     let workers: Vec<WorkerInfo> = rows
         .iter()
         .map(|w| {
