@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 
+use crate::ledger::change::{self, AccountDelta, JobChange, ReputationCounts, TransferRow};
 use crate::ledger::error::LedgerError;
 
 /// A parameter or a column value.
@@ -161,6 +162,29 @@ pub trait Db {
     fn prefetched_job(&mut self, _job_id: &str) -> Option<Option<Row>> {
         None
     }
+
+    /// Adds to an account's sums. A store may gather these over a batch
+    /// and write each account once (they add up).
+    fn add_to_account(&mut self, id: &str, d: AccountDelta) -> Result<(), LedgerError> {
+        change::write_account_delta(self, id, d)
+    }
+    /// Inserts a transfer whose id `next_transfer_id` gave.
+    fn add_transfer(&mut self, t: TransferRow) -> Result<(), LedgerError> {
+        change::write_transfer(self, t)
+    }
+    /// Sets a job's resolution columns.
+    fn change_job(&mut self, job_id: &str, c: JobChange) -> Result<(), LedgerError> {
+        change::write_job_change(self, job_id, c)
+    }
+    /// Adds to an account's reputation in one role.
+    fn add_reputation(
+        &mut self,
+        account: &str,
+        role: &str,
+        c: ReputationCounts,
+    ) -> Result<(), LedgerError> {
+        change::write_reputation(self, account, role, c)
+    }
 }
 
 impl<T: Db + ?Sized> Db for &mut T {
@@ -178,6 +202,23 @@ impl<T: Db + ?Sized> Db for &mut T {
     }
     fn prefetched_job(&mut self, job_id: &str) -> Option<Option<Row>> {
         (**self).prefetched_job(job_id)
+    }
+    fn add_to_account(&mut self, id: &str, d: AccountDelta) -> Result<(), LedgerError> {
+        (**self).add_to_account(id, d)
+    }
+    fn add_transfer(&mut self, t: TransferRow) -> Result<(), LedgerError> {
+        (**self).add_transfer(t)
+    }
+    fn change_job(&mut self, job_id: &str, c: JobChange) -> Result<(), LedgerError> {
+        (**self).change_job(job_id, c)
+    }
+    fn add_reputation(
+        &mut self,
+        account: &str,
+        role: &str,
+        c: ReputationCounts,
+    ) -> Result<(), LedgerError> {
+        (**self).add_reputation(account, role, c)
     }
 }
 

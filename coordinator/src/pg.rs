@@ -22,13 +22,16 @@ use crate::ledger::{self};
 pub mod pipe;
 
 /// Most commands in one PostgreSQL transaction (see `Coordinator::open`).
-/// With the pipelined writer a batch is a few round trips whatever its
-/// size, and the database's own work per settlement (about 0.8 ms on the
-/// 2-core test machine: its statements, their triggers and foreign keys)
-/// sets the rate, linear in the batch: `--bench replicas` settled 918/s
-/// through the writer with 32 and 966/s with 256, so batches stay small
-/// for latency (a batch of 250 took 0.37 s).
-pub const MAX_BATCH: usize = 32;
+/// A batch is a few round trips whatever its size, and its changes to
+/// accounts, transfers, jobs and reputations are written with one
+/// statement per table (`pipe::Gathered`), so the database's work grows
+/// with the rows, not with the commands times the versions of the busy
+/// rows. `--bench replicas` on the 2-core test machine: a batch of 512
+/// settlements takes about 60 ms (begin 5, the commands 2, the statements,
+/// their triggers and the commit about 50), 8,000 settlements/s; it was 32
+/// at about 1,000/s before (every statement on its own, a row trigger
+/// per change).
+pub const MAX_BATCH: usize = 512;
 
 /// The advisory lock key held while migrations run.
 const MIGRATION_LOCK: i64 = 0x7472_6f6f_7002;
@@ -313,6 +316,114 @@ END $$;
 CREATE TRIGGER workers_changed BEFORE INSERT OR UPDATE ON workers
     FOR EACH ROW EXECUTE FUNCTION workers_changed();
 CREATE INDEX workers_by_changed ON workers(changed_xid);
+"#,
+    // 13: the totals row kept by statement triggers over transition
+    // tables: one update of it per statement, not one per changed row. The
+    // writer changes a batch's accounts and jobs with one statement each
+    // (`pg::pipe`), so a batch of N settlements writes the totals row a
+    // few times, not 3N times (each version of that row made in one
+    // transaction is one more for the next update to walk past: a batch
+    // cost the square of its size). A trigger with transition tables
+    // takes one event, so each table has three.
+    r#"
+DROP TRIGGER ledger_totals_accounts ON accounts;
+DROP TRIGGER ledger_totals_jobs ON jobs;
+DROP FUNCTION ledger_totals_accounts();
+DROP FUNCTION ledger_totals_jobs();
+CREATE FUNCTION ledger_totals_account_rows() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        UPDATE ledger_totals AS t SET
+            debits_posted = t.debits_posted + d.dpo,
+            credits_posted = t.credits_posted + d.cpo,
+            debits_pending = t.debits_pending + d.dpe,
+            credits_pending = t.credits_pending + d.cpe,
+            balances = t.balances + d.bal,
+            minted = t.minted + d.mnt,
+            negative_accounts = t.negative_accounts + d.neg
+        FROM (SELECT
+                CAST(COALESCE(SUM(s * debits_posted), 0) AS BIGINT) AS dpo,
+                CAST(COALESCE(SUM(s * credits_posted), 0) AS BIGINT) AS cpo,
+                CAST(COALESCE(SUM(s * debits_pending), 0) AS BIGINT) AS dpe,
+                CAST(COALESCE(SUM(s * credits_pending), 0) AS BIGINT) AS cpe,
+                CAST(COALESCE(SUM(s * CASE WHEN kind != 'mint' THEN credits_posted - debits_posted - debits_pending ELSE 0 END), 0) AS BIGINT) AS bal,
+                CAST(COALESCE(SUM(s * CASE WHEN kind = 'mint' THEN debits_posted - credits_posted ELSE 0 END), 0) AS BIGINT) AS mnt,
+                CAST(COALESCE(SUM(s * CASE WHEN kind != 'mint' AND credits_posted - debits_posted - debits_pending < 0 THEN 1 ELSE 0 END), 0) AS BIGINT) AS neg
+              FROM (SELECT 1 AS s, kind, debits_pending, debits_posted, credits_pending, credits_posted FROM new_rows) AS x) AS d
+        WHERE t.id = 1 AND (d.dpo, d.cpo, d.dpe, d.cpe, d.bal, d.mnt, d.neg) <> (0, 0, 0, 0, 0, 0, 0);
+    ELSIF TG_OP = 'UPDATE' THEN
+        UPDATE ledger_totals AS t SET
+            debits_posted = t.debits_posted + d.dpo,
+            credits_posted = t.credits_posted + d.cpo,
+            debits_pending = t.debits_pending + d.dpe,
+            credits_pending = t.credits_pending + d.cpe,
+            balances = t.balances + d.bal,
+            minted = t.minted + d.mnt,
+            negative_accounts = t.negative_accounts + d.neg
+        FROM (SELECT
+                CAST(COALESCE(SUM(s * debits_posted), 0) AS BIGINT) AS dpo,
+                CAST(COALESCE(SUM(s * credits_posted), 0) AS BIGINT) AS cpo,
+                CAST(COALESCE(SUM(s * debits_pending), 0) AS BIGINT) AS dpe,
+                CAST(COALESCE(SUM(s * credits_pending), 0) AS BIGINT) AS cpe,
+                CAST(COALESCE(SUM(s * CASE WHEN kind != 'mint' THEN credits_posted - debits_posted - debits_pending ELSE 0 END), 0) AS BIGINT) AS bal,
+                CAST(COALESCE(SUM(s * CASE WHEN kind = 'mint' THEN debits_posted - credits_posted ELSE 0 END), 0) AS BIGINT) AS mnt,
+                CAST(COALESCE(SUM(s * CASE WHEN kind != 'mint' AND credits_posted - debits_posted - debits_pending < 0 THEN 1 ELSE 0 END), 0) AS BIGINT) AS neg
+              FROM (SELECT 1 AS s, kind, debits_pending, debits_posted, credits_pending, credits_posted FROM new_rows UNION ALL SELECT -1, kind, debits_pending, debits_posted, credits_pending, credits_posted FROM old_rows) AS x) AS d
+        WHERE t.id = 1 AND (d.dpo, d.cpo, d.dpe, d.cpe, d.bal, d.mnt, d.neg) <> (0, 0, 0, 0, 0, 0, 0);
+    ELSIF TG_OP = 'DELETE' THEN
+        UPDATE ledger_totals AS t SET
+            debits_posted = t.debits_posted + d.dpo,
+            credits_posted = t.credits_posted + d.cpo,
+            debits_pending = t.debits_pending + d.dpe,
+            credits_pending = t.credits_pending + d.cpe,
+            balances = t.balances + d.bal,
+            minted = t.minted + d.mnt,
+            negative_accounts = t.negative_accounts + d.neg
+        FROM (SELECT
+                CAST(COALESCE(SUM(s * debits_posted), 0) AS BIGINT) AS dpo,
+                CAST(COALESCE(SUM(s * credits_posted), 0) AS BIGINT) AS cpo,
+                CAST(COALESCE(SUM(s * debits_pending), 0) AS BIGINT) AS dpe,
+                CAST(COALESCE(SUM(s * credits_pending), 0) AS BIGINT) AS cpe,
+                CAST(COALESCE(SUM(s * CASE WHEN kind != 'mint' THEN credits_posted - debits_posted - debits_pending ELSE 0 END), 0) AS BIGINT) AS bal,
+                CAST(COALESCE(SUM(s * CASE WHEN kind = 'mint' THEN debits_posted - credits_posted ELSE 0 END), 0) AS BIGINT) AS mnt,
+                CAST(COALESCE(SUM(s * CASE WHEN kind != 'mint' AND credits_posted - debits_posted - debits_pending < 0 THEN 1 ELSE 0 END), 0) AS BIGINT) AS neg
+              FROM (SELECT -1 AS s, kind, debits_pending, debits_posted, credits_pending, credits_posted FROM old_rows) AS x) AS d
+        WHERE t.id = 1 AND (d.dpo, d.cpo, d.dpe, d.cpe, d.bal, d.mnt, d.neg) <> (0, 0, 0, 0, 0, 0, 0);
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE FUNCTION ledger_totals_job_rows() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        UPDATE ledger_totals AS t SET pending_jobs = t.pending_jobs + d.pj
+        FROM (SELECT CAST(COALESCE(SUM(s * CASE WHEN state = 'pending' THEN reserved ELSE 0 END), 0) AS BIGINT) AS pj
+              FROM (SELECT 1 AS s, state, reserved FROM new_rows) AS x) AS d
+        WHERE t.id = 1 AND d.pj <> 0;
+    ELSIF TG_OP = 'UPDATE' THEN
+        UPDATE ledger_totals AS t SET pending_jobs = t.pending_jobs + d.pj
+        FROM (SELECT CAST(COALESCE(SUM(s * CASE WHEN state = 'pending' THEN reserved ELSE 0 END), 0) AS BIGINT) AS pj
+              FROM (SELECT 1 AS s, state, reserved FROM new_rows UNION ALL SELECT -1, state, reserved FROM old_rows) AS x) AS d
+        WHERE t.id = 1 AND d.pj <> 0;
+    ELSIF TG_OP = 'DELETE' THEN
+        UPDATE ledger_totals AS t SET pending_jobs = t.pending_jobs + d.pj
+        FROM (SELECT CAST(COALESCE(SUM(s * CASE WHEN state = 'pending' THEN reserved ELSE 0 END), 0) AS BIGINT) AS pj
+              FROM (SELECT -1 AS s, state, reserved FROM old_rows) AS x) AS d
+        WHERE t.id = 1 AND d.pj <> 0;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER ledger_totals_account_rows_insert AFTER INSERT ON accounts
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION ledger_totals_account_rows();
+CREATE TRIGGER ledger_totals_account_rows_update AFTER UPDATE ON accounts
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION ledger_totals_account_rows();
+CREATE TRIGGER ledger_totals_account_rows_delete AFTER DELETE ON accounts
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION ledger_totals_account_rows();
+CREATE TRIGGER ledger_totals_job_rows_insert AFTER INSERT ON jobs
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION ledger_totals_job_rows();
+CREATE TRIGGER ledger_totals_job_rows_update AFTER UPDATE ON jobs
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION ledger_totals_job_rows();
+CREATE TRIGGER ledger_totals_job_rows_delete AFTER DELETE ON jobs
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION ledger_totals_job_rows();
 "#,
 ];
 

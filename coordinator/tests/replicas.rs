@@ -710,6 +710,10 @@ async fn a_batch_of_settlements_is_a_few_round_trips_whatever_its_size() {
     let Some((_server, url, key)) = shared_database("pipeline") else {
         return;
     };
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
     let c = TestCoordinator::start_with(move |c| {
         c.database = Some(url);
         c.key_file = Some(key);
@@ -737,12 +741,65 @@ async fn a_batch_of_settlements_is_a_few_round_trips_whatever_its_size() {
     for j in jobs.drain(..4) {
         settle(j).await;
     }
+    // The database counts the statements on each ledger table and the
+    // writes of the totals row.
+    db.batch_execute(
+        "CREATE TABLE test_statements (tbl TEXT NOT NULL);
+         CREATE TABLE test_totals_writes (n BIGINT NOT NULL);
+         CREATE FUNCTION test_count_statement() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO test_statements VALUES (TG_TABLE_NAME); RETURN NULL; END $$;
+         CREATE FUNCTION test_count_totals() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO test_totals_writes VALUES (1); RETURN NULL; END $$;
+         CREATE TRIGGER test_count_statement AFTER UPDATE ON accounts
+             FOR EACH STATEMENT EXECUTE FUNCTION test_count_statement();
+         CREATE TRIGGER test_count_statement AFTER INSERT ON transfers
+             FOR EACH STATEMENT EXECUTE FUNCTION test_count_statement();
+         CREATE TRIGGER test_count_statement AFTER UPDATE ON jobs
+             FOR EACH STATEMENT EXECUTE FUNCTION test_count_statement();
+         -- An upsert fires both INSERT and UPDATE statement triggers.
+         CREATE TRIGGER test_count_statement AFTER INSERT ON reputation
+             FOR EACH STATEMENT EXECUTE FUNCTION test_count_statement();
+         CREATE TRIGGER test_count_totals AFTER UPDATE ON ledger_totals
+             FOR EACH ROW EXECUTE FUNCTION test_count_totals();",
+    )
+    .await
+    .expect("counting triggers");
     let (trips, batches, careful) = (pipe::round_trips(), pipe::batches(), pipe::careful_passes());
     let n = jobs.len() as u64;
     futures::future::join_all(jobs.into_iter().map(settle)).await;
     let trips = pipe::round_trips() - trips;
     let batches = pipe::batches() - batches;
-    println!("{n} settlements: {batches} batches, {trips} round trips");
+    let statements: Vec<(String, i64)> = db
+        .query(
+            "SELECT tbl, COUNT(*) FROM test_statements GROUP BY tbl ORDER BY tbl",
+            &[],
+        )
+        .await
+        .expect("statements")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let totals_writes: i64 = db
+        .query_one("SELECT COUNT(*) FROM test_totals_writes", &[])
+        .await
+        .expect("totals writes")
+        .get(0);
+    println!(
+        "{n} settlements: {batches} batches, {trips} round trips, statements {statements:?}, totals row written {totals_writes} times"
+    );
+    // One statement per table per batch (issue 29: they were 6 per
+    // settlement, and the totals row was written 3 times per settlement).
+    for (table, count) in &statements {
+        assert!(
+            *count as u64 <= batches,
+            "{count} statements on {table} for {batches} batches of {n} settlements"
+        );
+    }
+    assert_eq!(statements.len(), 4, "{statements:?}");
+    assert!(
+        totals_writes as u64 <= 2 * batches,
+        "the totals row was written {totals_writes} times in {batches} batches"
+    );
     assert_eq!(
         pipe::careful_passes(),
         careful,

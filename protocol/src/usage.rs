@@ -248,6 +248,49 @@ pub fn charge_session(
     window_end_ms: u64,
     unacked_cap_ms: u64,
 ) -> Result<Charge, ChargeError> {
+    charge_session_with(
+        lines,
+        user,
+        job_id,
+        worker,
+        window_start_ms,
+        window_end_ms,
+        unacked_cap_ms,
+        None,
+    )
+}
+
+/// Whether each line's ack is `user`'s signature (`false` for a line
+/// without one): the costly part of charging a session (a key decoded and
+/// an ed25519 verification per ack), which needs nothing of the ledger, so
+/// it can run anywhere before the ledger's one writer charges the session
+/// with [`charge_session_with`].
+pub fn ack_signatures(lines: &[RequestLine], user: &str) -> Vec<bool> {
+    let signer = crate::identity::parse_account_id(user).ok();
+    lines
+        .iter()
+        .map(|l| match (&l.ack, &signer) {
+            (Some(a), Some(u)) => a.verify(u),
+            _ => false,
+        })
+        .collect()
+}
+
+/// [`charge_session`], with each line's signature check done beforehand
+/// ([`ack_signatures`] for the same lines and user) or, with `None`, here.
+/// The same rule and the same errors either way: an ack naming another
+/// session, worker or index is refused before its signature counts.
+#[allow(clippy::too_many_arguments)]
+pub fn charge_session_with(
+    lines: &[RequestLine],
+    user: &str,
+    job_id: &str,
+    worker: &str,
+    window_start_ms: u64,
+    window_end_ms: u64,
+    unacked_cap_ms: u64,
+    signatures: Option<&[bool]>,
+) -> Result<Charge, ChargeError> {
     if lines.len() > MAX_LINES {
         return Err(ChargeError::TooMany(lines.len()));
     }
@@ -255,7 +298,8 @@ pub fn charge_session(
     let mut c = Charge::default();
     let mut total: u64 = 0;
     let mut unacked_ms: u64 = 0;
-    for l in lines {
+    let mut signer = None;
+    for (i, l) in lines.iter().enumerate() {
         if !seen.insert(l.index) {
             return Err(ChargeError::DuplicateIndex(l.index));
         }
@@ -271,8 +315,14 @@ pub fn charge_session(
                 if a.job_id != job_id || a.worker != worker || a.index != l.index {
                     return Err(ChargeError::WrongAck(l.index));
                 }
-                let signer = crate::identity::parse_account_id(user).ok();
-                if !signer.is_some_and(|u| a.verify(&u)) {
+                let signed = match signatures {
+                    Some(s) => s.get(i).copied().unwrap_or(false),
+                    None => signer
+                        .get_or_insert_with(|| crate::identity::parse_account_id(user).ok())
+                        .as_ref()
+                        .is_some_and(|u| a.verify(u)),
+                };
+                if !signed {
                     return Err(ChargeError::BadSignature(l.index));
                 }
                 c.acknowledged += 1;
@@ -341,6 +391,64 @@ mod tests {
             status: LineStatus::Completed,
             ack,
         }
+    }
+
+    /// Signatures checked beforehand charge exactly as checked in place:
+    /// the same charge for good acks, the same refusal for a forged one,
+    /// and a wrong session still refused before its signature counts.
+    #[test]
+    fn signatures_checked_beforehand_charge_the_same() {
+        let user = generate();
+        let uid = user.public().to_peer_id().to_base58();
+        let good = line(
+            0,
+            1_000,
+            5_000,
+            Some(Ack::sign(&user, "job", "w", 0, 5, 5, 3_000)),
+        );
+        let forged = line(
+            1,
+            1_000,
+            5_000,
+            Some(Ack::sign(&generate(), "job", "w", 1, 5, 5, 3_000)),
+        );
+        let bare = line(2, 1_000, 2_000, None);
+        for lines in [
+            vec![good.clone(), bare.clone()],
+            vec![good.clone(), forged.clone()],
+            vec![bare.clone()],
+        ] {
+            let sigs = ack_signatures(&lines, &uid);
+            assert_eq!(sigs.len(), lines.len());
+            let here = charge_session(&lines, &uid, "job", "w", 0, 60_000, 10_000);
+            let before =
+                charge_session_with(&lines, &uid, "job", "w", 0, 60_000, 10_000, Some(&sigs));
+            assert_eq!(format!("{here:?}"), format!("{before:?}"));
+        }
+        let sigs = ack_signatures(&[good.clone(), forged.clone()], &uid);
+        assert_eq!(sigs, vec![true, false]);
+        let r = charge_session_with(
+            &[forged],
+            &uid,
+            "job",
+            "w",
+            0,
+            60_000,
+            10_000,
+            Some(&[true]),
+        );
+        assert!(r.is_ok(), "a signature vouched for is not checked again");
+        let r = charge_session_with(
+            &[good],
+            &uid,
+            "other",
+            "w",
+            0,
+            60_000,
+            10_000,
+            Some(&[true]),
+        );
+        assert!(matches!(r, Err(ChargeError::WrongAck(0))), "{r:?}");
     }
 
     #[test]

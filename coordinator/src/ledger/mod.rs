@@ -32,6 +32,7 @@ use troop_protocol::receipt::Receipt;
 use crate::db::Db;
 use crate::p;
 
+pub mod change;
 mod cmd;
 pub mod error;
 mod invariants;
@@ -122,6 +123,12 @@ pub enum Command {
         unacked_cap_ms: u64,
         /// Clock tolerance on both ends of the charging window.
         tolerance_ms: u64,
+        /// Whether each request line's ack is the receipt's user's
+        /// signature, checked before the command reached the writer
+        /// (`troop_protocol::usage::ack_signatures`: the costly part of a
+        /// settlement, off the one writer thread); `None`: the writer
+        /// checks them.
+        ack_signatures: Option<Vec<bool>>,
     },
     /// Records a verified proof of hardware (with what computed it), or
     /// with `verified_gflops: None` takes the standing one away (a re-proof
@@ -315,11 +322,13 @@ pub fn apply(
             now_ms,
             unacked_cap_ms,
             tolerance_ms,
+            ack_signatures,
         } => cmd::settle::apply(
             tx,
             receipt,
             receipt_sha256,
             (*now_ms, *unacked_cap_ms, *tolerance_ms),
+            ack_signatures.as_deref(),
             events,
         )
         .map(Outcome::Settled),

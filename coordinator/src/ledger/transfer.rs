@@ -3,6 +3,7 @@
 
 use serde_json::{Value, json};
 
+use super::change::{AccountDelta, JobChange, TransferRow};
 use super::query::JobRow;
 use super::{LedgerError, to_i64};
 use crate::db::Db;
@@ -21,11 +22,16 @@ pub(crate) fn insert_transfer(
 ) -> Result<i64, LedgerError> {
     let at = to_i64(now_ms)?;
     if let Some(id) = tx.next_transfer_id() {
-        tx.write(
-            "INSERT INTO transfers (id, kind, debit_account, credit_account, amount, pending_id, job_id, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            p![id, kind, debit, credit, amount, pending_id, job_id, at],
-        )?;
+        tx.add_transfer(TransferRow {
+            id,
+            kind: kind.to_string(),
+            debit_account: debit.to_string(),
+            credit_account: credit.to_string(),
+            amount,
+            pending_id,
+            job_id: job_id.map(str::to_string),
+            created_at: at,
+        })?;
         return Ok(id);
     }
     tx.query_one(
@@ -64,13 +70,19 @@ pub(crate) fn void(
     now_ms: u64,
     events: &mut Vec<Value>,
 ) -> Result<i64, LedgerError> {
-    tx.write(
-        "UPDATE accounts SET debits_pending = debits_pending - ?2 WHERE id = ?1",
-        p![&job.user, job.reserved],
+    tx.add_to_account(
+        &job.user,
+        AccountDelta {
+            debits_pending: -job.reserved,
+            ..AccountDelta::default()
+        },
     )?;
-    tx.write(
-        "UPDATE accounts SET credits_pending = credits_pending - ?2 WHERE id = ?1",
-        p![&job.worker, job.reserved],
+    tx.add_to_account(
+        &job.worker,
+        AccountDelta {
+            credits_pending: -job.reserved,
+            ..AccountDelta::default()
+        },
     )?;
     let id = insert_transfer(
         tx,
@@ -82,9 +94,14 @@ pub(crate) fn void(
         Some(&job.job_id),
         now_ms,
     )?;
-    tx.write(
-        "UPDATE jobs SET state = 'voided', cost = 0, resolved_at = ?2 WHERE job_id = ?1",
-        p![&job.job_id, to_i64(now_ms)?],
+    tx.change_job(
+        &job.job_id,
+        JobChange {
+            state: Some("voided"),
+            cost: Some(0),
+            resolved_at: Some(to_i64(now_ms)?),
+            ..JobChange::default()
+        },
     )?;
     events.push(ledger_event(
         kind,

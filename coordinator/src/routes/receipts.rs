@@ -1,6 +1,7 @@
 //! `/transactions/submit`: a worker's receipt settles its session.
 
 use super::*;
+use troop_protocol::usage;
 
 pub(crate) async fn submit_receipt(
     State(state): St,
@@ -75,6 +76,19 @@ pub(crate) async fn submit_receipt(
     }
     let sha = hex::encode(Sha256::digest(&body));
     let job_id = receipt.job_id.clone();
+    // The acks' signatures are the costly part of a settlement and need
+    // nothing of the ledger: checked here, on this request's thread, not
+    // on the ledger's one writer thread (a long session off the runtime).
+    let ack_signatures = if receipt.requests.len() <= 8 {
+        usage::ack_signatures(&receipt.requests, &receipt.user)
+    } else {
+        let (lines, user) = (receipt.requests.clone(), receipt.user.clone());
+        tokio::task::spawn_blocking(move || usage::ack_signatures(&lines, &user))
+            .await
+            .map_err(|e| {
+                ApiError::internal(format!("checking the acks failed: {e}")).with_request_id(&rid)
+            })?
+    };
     let out = state
         .writer
         .submit(
@@ -84,6 +98,7 @@ pub(crate) async fn submit_receipt(
                 now_ms: unix_ms(),
                 unacked_cap_ms: state.cfg.unacked_cap_secs.saturating_mul(1000),
                 tolerance_ms: state.cfg.clock_tolerance_ms,
+                ack_signatures: Some(ack_signatures),
             },
             Some(rid.clone()),
         )

@@ -30,6 +30,12 @@ pub fn free_port() -> u16 {
 /// HTTP (what the benchmarks measure as the writer's own rate).
 pub async fn settle_through_writer(state: &troop_coordinator::AppState, receipt: Receipt) {
     let sha = format!("bench-{}", receipt.job_id);
+    // As the receipts route does: the acks' signatures checked here, not
+    // on the writer's thread.
+    let ack_signatures = Some(troop_protocol::usage::ack_signatures(
+        &receipt.requests,
+        &receipt.user,
+    ));
     state
         .writer
         .submit(
@@ -39,6 +45,7 @@ pub async fn settle_through_writer(state: &troop_coordinator::AppState, receipt:
                 now_ms: troop_coordinator::unix_ms(),
                 unacked_cap_ms: 10_000,
                 tolerance_ms: 2_000,
+                ack_signatures,
             },
             None,
         )

@@ -146,6 +146,7 @@ mod tests {
                 now_ms: t0 + 1_000,
                 unacked_cap_ms: 60_000,
                 tolerance_ms: 1_000,
+                ack_signatures: None,
             },
         )
         .expect("settled");

@@ -6,6 +6,7 @@ use serde_json::Value;
 use troop_protocol::MilliCredits;
 
 use crate::db::Db;
+use crate::ledger::change::AccountDelta;
 use crate::ledger::transfer::{insert_transfer, ledger_event};
 use crate::ledger::{LedgerError, Outcome};
 use crate::ledger::{MINT, to_i64};
@@ -105,13 +106,19 @@ pub(crate) fn apply(
     if r.i64(4)? > 0 {
         return Err(LedgerError::DuplicateJob(job_id.into()));
     }
-    tx.write(
-        "UPDATE accounts SET debits_pending = debits_pending + ?2 WHERE id = ?1",
-        p![user, amount],
+    tx.add_to_account(
+        user,
+        AccountDelta {
+            debits_pending: amount,
+            ..AccountDelta::default()
+        },
     )?;
-    tx.write(
-        "UPDATE accounts SET credits_pending = credits_pending + ?2 WHERE id = ?1",
-        p![worker, amount],
+    tx.add_to_account(
+        worker,
+        AccountDelta {
+            credits_pending: amount,
+            ..AccountDelta::default()
+        },
     )?;
     let id = insert_transfer(
         tx,

@@ -6,13 +6,13 @@
 use serde_json::{Value, json};
 
 use troop_protocol::receipt::{JobStatus, Receipt};
-use troop_protocol::usage::{LineStatus, RequestLine, charge_session};
+use troop_protocol::usage::{LineStatus, RequestLine, charge_session_with};
 
 use crate::db::Db;
+use crate::ledger::change::{AccountDelta, JobChange};
 use crate::ledger::query::load_job;
 use crate::ledger::transfer::{insert_transfer, ledger_event, void};
 use crate::ledger::{LedgerError, Settlement, to_i64};
-use crate::p;
 
 /// Cost of a job: its seconds times the multiplier, never more than reserved.
 pub fn job_cost(
@@ -31,6 +31,7 @@ pub(crate) fn apply(
     r: &Receipt,
     receipt_sha256: &str,
     (now_ms, unacked_cap_ms, tolerance_ms): (u64, u64, u64),
+    ack_signatures: Option<&[bool]>,
     events: &mut Vec<Value>,
 ) -> Result<Settlement, LedgerError> {
     let job = load_job(tx, &r.job_id)?.ok_or_else(|| LedgerError::UnknownJob(r.job_id.clone()))?;
@@ -81,7 +82,7 @@ pub(crate) fn apply(
     };
     // The charging rule (see `troop_protocol::usage::charge_session`): a
     // receipt without request lines is one unacknowledged request.
-    let lines = if r.requests.is_empty() {
+    let lines: std::borrow::Cow<'_, [RequestLine]> = if r.requests.is_empty() {
         vec![RequestLine {
             index: 0,
             started_at: r.started_at,
@@ -96,10 +97,11 @@ pub(crate) fn apply(
             },
             ack: None,
         }]
+        .into()
     } else {
-        r.requests.clone()
+        r.requests.as_slice().into()
     };
-    let charge = charge_session(
+    let charge = charge_session_with(
         &lines,
         &job.user,
         &job.job_id,
@@ -109,6 +111,7 @@ pub(crate) fn apply(
             .saturating_sub(tolerance_ms),
         now_ms.saturating_add(tolerance_ms),
         unacked_cap_ms,
+        ack_signatures,
     )
     .map_err(|e| LedgerError::BadAck(e.to_string()))?;
     // A legacy receipt of a failed or cancelled job is refunded whole.
@@ -118,35 +121,31 @@ pub(crate) fn apply(
     } else {
         0
     };
+    let counts = [
+        to_i64(charge.requests)?,
+        to_i64(charge.acknowledged)?,
+        to_i64(charge.disputed)?,
+        to_i64(charge.unacknowledged)?,
+    ];
     for (account, role) in [(&job.worker, "worker"), (&job.user, "user")] {
-        tx.write(
-            "INSERT INTO reputation (account, role, requests, acknowledged, disputed, unacknowledged)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT(account, role) DO UPDATE SET
-                requests = reputation.requests + excluded.requests,
-                acknowledged = reputation.acknowledged + excluded.acknowledged,
-                disputed = reputation.disputed + excluded.disputed,
-                unacknowledged = reputation.unacknowledged + excluded.unacknowledged",
-            p![
-                account,
-                role,
-                to_i64(charge.requests)?,
-                to_i64(charge.acknowledged)?,
-                to_i64(charge.disputed)?,
-                to_i64(charge.unacknowledged)?
-            ],
-        )?;
+        tx.add_reputation(account, role, counts)?;
     }
     let (outcome, cost) = if cost > 0 {
-        tx.write(
-            "UPDATE accounts SET debits_pending = debits_pending - ?2, debits_posted = debits_posted + ?3
-             WHERE id = ?1",
-            p![&job.user, job.reserved, cost],
+        tx.add_to_account(
+            &job.user,
+            AccountDelta {
+                debits_pending: -job.reserved,
+                debits_posted: cost,
+                ..AccountDelta::default()
+            },
         )?;
-        tx.write(
-            "UPDATE accounts SET credits_pending = credits_pending - ?2, credits_posted = credits_posted + ?3
-             WHERE id = ?1",
-            p![&job.worker, job.reserved, cost],
+        tx.add_to_account(
+            &job.worker,
+            AccountDelta {
+                credits_pending: -job.reserved,
+                credits_posted: cost,
+                ..AccountDelta::default()
+            },
         )?;
         let id = insert_transfer(
             tx,
@@ -158,10 +157,15 @@ pub(crate) fn apply(
             Some(&job.job_id),
             now_ms,
         )?;
-        tx.write(
-            "UPDATE jobs SET state = 'posted', cost = ?2, resolved_at = ?3, receipt_sha256 = ?4,
-             receipt_status = ?5 WHERE job_id = ?1",
-            p![&job.job_id, cost, to_i64(now_ms)?, receipt_sha256, status],
+        tx.change_job(
+            &job.job_id,
+            JobChange {
+                state: Some("posted"),
+                cost: Some(cost),
+                resolved_at: Some(to_i64(now_ms)?),
+                receipt_sha256: Some(receipt_sha256.to_string()),
+                receipt_status: Some(status),
+            },
         )?;
         let mut ev = ledger_event(
             "settle",
@@ -177,9 +181,13 @@ pub(crate) fn apply(
         ("settled", cost)
     } else {
         void(tx, &job, "refund", now_ms, events)?;
-        tx.write(
-            "UPDATE jobs SET receipt_sha256 = ?2, receipt_status = ?3 WHERE job_id = ?1",
-            p![&job.job_id, receipt_sha256, status],
+        tx.change_job(
+            &job.job_id,
+            JobChange {
+                receipt_sha256: Some(receipt_sha256.to_string()),
+                receipt_status: Some(status),
+                ..JobChange::default()
+            },
         )?;
         ("refunded", 0)
     };
