@@ -95,7 +95,7 @@ pub struct Pipe {
 /// many commands made them), before the next statement of any other kind
 /// and before the commit, so every statement still sees what the commands
 /// before it wrote. An account or job changed by many commands is written
-/// once, and the totals row, kept by statement triggers (migration 11),
+/// once, and the totals row, kept by statement triggers (schema step 13),
 /// once per statement: a batch no longer grows as the square of its size.
 #[derive(Default)]
 struct Gathered {
@@ -285,8 +285,21 @@ impl Pipe {
 
     /// Queues the gathered changes, one statement per table (the order
     /// keeps foreign keys whole: accounts exist before transfers name
-    /// them, transfers before jobs' rows are resolved).
+    /// them, transfers before jobs' rows are resolved). A failure here is
+    /// the batch's, not the command's that happened to send them (they
+    /// hold earlier commands' writes): the straight pass is run again
+    /// carefully.
     fn write_gathered(&mut self) -> Result<(), LedgerError> {
+        let r = self.queue_gathered();
+        if let Err(e) = &r
+            && self.failed.is_none()
+        {
+            self.failed = Some(e.clone());
+        }
+        r
+    }
+
+    fn queue_gathered(&mut self) -> Result<(), LedgerError> {
         let Some(g) = self.gathered.as_mut() else {
             return Ok(());
         };
