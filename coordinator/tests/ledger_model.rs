@@ -259,6 +259,31 @@ proptest! {
     }
 }
 
+/// A worker's registration as the tests send it.
+fn register(name: &str) -> Command {
+    Command::RegisterWorker {
+        peer_id: name.into(),
+        models: vec!["m".into()],
+        addresses: vec![],
+        version: None,
+        new_key: [1; 32],
+        now_secs: 0,
+    }
+}
+
+/// A new schema on the server of `url`, migrated: a client with it on its
+/// search path and the URL that opens more such connections.
+fn fresh_schema(url: &str, schema: &str) -> (postgres::Client, String) {
+    let mut admin = postgres::Client::connect(url, postgres::NoTls).expect("connect");
+    admin
+        .batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .expect("a schema");
+    let url = format!("{url}?options=-csearch_path%3D{schema}");
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+    troop_coordinator::pg::migrate(&mut client).expect("migrate");
+    (client, url)
+}
+
 /// Runs `cases` random cases on one PostgreSQL server, each on a fresh,
 /// migrated schema: `f` gets a client with the schema on its search path
 /// and the URL that opens more such connections.
@@ -279,14 +304,7 @@ fn pg_cases(
     runner
         .run(&proptest::collection::vec(op(), 1..60), |ops| {
             case.set(case.get() + 1);
-            let schema = format!("case_{}", case.get());
-            let mut admin = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
-            admin
-                .batch_execute(&format!("CREATE SCHEMA {schema}"))
-                .expect("a schema for this case");
-            let url = format!("{url}?options=-csearch_path%3D{schema}");
-            let mut client = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
-            troop_coordinator::pg::migrate(&mut client).expect("migrate");
+            let (mut client, url) = fresh_schema(&url, &format!("case_{}", case.get()));
             f(&mut client, &url, ops)
         })
         .unwrap_or_else(|e| panic!("the {name} ledger does not match the model: {e}"));
@@ -321,15 +339,7 @@ fn a_command_refused_after_it_wrote_sends_the_batch_to_the_careful_pass() {
     let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
     troop_coordinator::pg::migrate(&mut c).expect("migrate");
     let mut p = pipe::Pipe::connect(&url).expect("the pipe");
-    let register = Command::RegisterWorker {
-        peer_id: "w".into(),
-        models: vec!["m".into()],
-        addresses: vec![],
-        version: None,
-        new_key: [1; 32],
-        now_secs: 0,
-    };
-    pipe::run_commands(&mut p, &[&register]).expect("registered");
+    pipe::run_commands(&mut p, &[&register("w")]).expect("registered");
     let reserve = |user: &str, job: &str| Command::Reserve {
         user: user.into(),
         worker: "w".into(),
@@ -401,14 +411,7 @@ fn model_run(conn: &mut Store<'_>, ops: Vec<Op>) -> Result<(), TestCaseError> {
     {
         let mut model = Model::default();
         for (name, _) in WORKERS {
-            let out = conn.run(Command::RegisterWorker {
-                peer_id: name.into(),
-                models: vec!["m".into()],
-                addresses: vec![],
-                version: None,
-                new_key: [1; 32],
-                now_secs: 0,
-            });
+            let out = conn.run(register(name));
             prop_assert!(out.is_ok());
             model.accounts.insert(name.into(), (0, 0));
         }
@@ -680,19 +683,8 @@ fn record_scans(e: rusqlite::trace::TraceEvent<'_>) {
 fn no_statement_on_the_request_path_scans_a_table() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut conn = ledger::open(&dir.path().join("ledger.sqlite3")).expect("ledger");
-    let register = |conn: &mut Connection, name: &str| {
-        run(
-            conn,
-            Command::RegisterWorker {
-                peer_id: name.into(),
-                models: vec!["m".into()],
-                addresses: vec![],
-                version: None,
-                new_key: [1; 32],
-                now_secs: 0,
-            },
-        )
-        .expect("registered");
+    let registered = |conn: &mut Connection, name: &str| {
+        run(conn, register(name)).expect("registered");
     };
     let reserve = |conn: &mut Connection, user: &str, job: &str, step: u64| {
         run(
@@ -718,12 +710,12 @@ fn no_statement_on_the_request_path_scans_a_table() {
         .expect("reserved");
     };
     // A few hundred of everything, so that a scan would step.
-    register(&mut conn, "worker-x");
+    registered(&mut conn, "worker-x");
     for i in 0..300u64 {
         reserve(&mut conn, &format!("user-{i}"), &format!("seed-{i}"), i);
     }
     for w in 0..50 {
-        register(&mut conn, &format!("worker-{w}"));
+        registered(&mut conn, &format!("worker-{w}"));
     }
 
     conn.trace_v2(
@@ -791,7 +783,7 @@ fn no_statement_on_the_request_path_scans_a_table() {
         },
     )
     .expect("heartbeat");
-    register(&mut conn, "worker-x");
+    registered(&mut conn, "worker-x");
     troop_coordinator::admin::balance_of(&mut Lite(&conn), &user).expect("balance");
     let page =
         troop_coordinator::admin::history(&mut Lite(&conn), &user, i64::MAX, 2).expect("history");
@@ -953,26 +945,11 @@ fn same_either_way(
     let cmds = commands(ops);
     let mut seen = Vec::new();
     for batched in [false, true] {
-        let schema = format!("batched_{case}_{batched}");
-        let mut admin = postgres::Client::connect(url, postgres::NoTls).expect("connect");
-        admin
-            .batch_execute(&format!("CREATE SCHEMA {schema}"))
-            .expect("a schema");
-        let url = format!("{url}?options=-csearch_path%3D{schema}");
-        let mut client = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
-        troop_coordinator::pg::migrate(&mut client).expect("migrate");
+        let (mut client, url) = fresh_schema(url, &format!("batched_{case}_{batched}"));
         let mut p = pipe::Pipe::connect(&url).expect("the pipe");
         let mut answers = Vec::new();
         for (name, _) in WORKERS {
-            let register = Command::RegisterWorker {
-                peer_id: name.into(),
-                models: vec!["m".into()],
-                addresses: vec![],
-                version: None,
-                new_key: [1; 32],
-                now_secs: 0,
-            };
-            pipe::run_commands(&mut p, &[&register]).expect("registered");
+            pipe::run_commands(&mut p, &[&register(name)]).expect("registered");
         }
         let all: Vec<&Command> = cmds.iter().collect();
         let mut rest = &all[..];

@@ -299,6 +299,20 @@ impl Pipe {
         r
     }
 
+    /// Queues `sql` with `rows` as its one parameter, a JSON list.
+    fn push_rows(&mut self, sql: &str, rows: Vec<Value>) -> Result<(), LedgerError> {
+        self.push_exec(sql, vec![V::T(Value::from(rows).to_string())])
+    }
+
+    /// The batch's gathered changes, with one more write counted for the
+    /// current command; `None` when changes are not gathered (each is
+    /// written at once).
+    fn gather(&mut self) -> Option<&mut Gathered> {
+        let g = self.gathered.as_mut()?;
+        self.writes_in_command += 1;
+        Some(g)
+    }
+
     fn queue_gathered(&mut self) -> Result<(), LedgerError> {
         let Some(g) = self.gathered.as_mut() else {
             return Ok(());
@@ -323,7 +337,7 @@ impl Pipe {
                 })
                 .collect();
             if !rows.is_empty() {
-                self.push_exec(
+                self.push_rows(
                     "UPDATE accounts AS a SET debits_pending = a.debits_pending + d.dpe,
                         debits_posted = a.debits_posted + d.dpo,
                         credits_pending = a.credits_pending + d.cpe,
@@ -331,7 +345,7 @@ impl Pipe {
                      FROM jsonb_to_recordset(CAST(CAST(?1 AS TEXT) AS JSONB))
                         AS d(id TEXT, dpe BIGINT, dpo BIGINT, cpe BIGINT, cpo BIGINT)
                      WHERE a.id = d.id",
-                    vec![V::T(Value::from(rows).to_string())],
+                    rows,
                 )?;
             }
         }
@@ -352,14 +366,14 @@ impl Pipe {
                     })
                 })
                 .collect();
-            self.push_exec(
+            self.push_rows(
                 "INSERT INTO transfers (id, kind, debit_account, credit_account, amount, pending_id, job_id, created_at)
                  SELECT id, kind, debit_account, credit_account, amount, pending_id, job_id, created_at
                  FROM jsonb_to_recordset(CAST(CAST(?1 AS TEXT) AS JSONB))
                     AS d(id BIGINT, kind TEXT, debit_account TEXT, credit_account TEXT, amount BIGINT,
                          pending_id BIGINT, job_id TEXT, created_at BIGINT)
                  ORDER BY id",
-                vec![V::T(Value::from(rows).to_string())],
+                rows,
             )?;
         }
         if !g.jobs.is_empty() {
@@ -377,7 +391,7 @@ impl Pipe {
                     })
                 })
                 .collect();
-            self.push_exec(
+            self.push_rows(
                 "UPDATE jobs AS j SET state = COALESCE(d.state, j.state),
                     cost = COALESCE(d.cost, j.cost),
                     resolved_at = COALESCE(d.resolved_at, j.resolved_at),
@@ -387,7 +401,7 @@ impl Pipe {
                     AS d(job_id TEXT, state TEXT, cost BIGINT, resolved_at BIGINT,
                          receipt_sha256 TEXT, receipt_status TEXT)
                  WHERE j.job_id = d.job_id",
-                vec![V::T(Value::from(rows).to_string())],
+                rows,
             )?;
         }
         if !g.reputation.is_empty() {
@@ -405,7 +419,7 @@ impl Pipe {
                     })
                 })
                 .collect();
-            self.push_exec(
+            self.push_rows(
                 "INSERT INTO reputation (account, role, requests, acknowledged, disputed, unacknowledged)
                  SELECT account, role, requests, acknowledged, disputed, unacknowledged
                  FROM jsonb_to_recordset(CAST(CAST(?1 AS TEXT) AS JSONB))
@@ -416,7 +430,7 @@ impl Pipe {
                     acknowledged = reputation.acknowledged + excluded.acknowledged,
                     disputed = reputation.disputed + excluded.disputed,
                     unacknowledged = reputation.unacknowledged + excluded.unacknowledged",
-                vec![V::T(Value::from(rows).to_string())],
+                rows,
             )?;
         }
         Ok(())
@@ -501,27 +515,24 @@ impl Db for Pipe {
     }
 
     fn add_to_account(&mut self, id: &str, d: AccountDelta) -> Result<(), LedgerError> {
-        let Some(g) = self.gathered.as_mut() else {
+        let Some(g) = self.gather() else {
             return change::write_account_delta(self, id, d);
         };
-        self.writes_in_command += 1;
         g.accounts.entry(id.to_string()).or_default().add(d)
     }
 
     fn add_transfer(&mut self, t: TransferRow) -> Result<(), LedgerError> {
-        let Some(g) = self.gathered.as_mut() else {
+        let Some(g) = self.gather() else {
             return change::write_transfer(self, t);
         };
-        self.writes_in_command += 1;
         g.transfers.push(t);
         Ok(())
     }
 
     fn change_job(&mut self, job_id: &str, c: JobChange) -> Result<(), LedgerError> {
-        let Some(g) = self.gathered.as_mut() else {
+        let Some(g) = self.gather() else {
             return change::write_job_change(self, job_id, c);
         };
-        self.writes_in_command += 1;
         g.jobs.entry(job_id.to_string()).or_default().then(c);
         Ok(())
     }
@@ -532,10 +543,9 @@ impl Db for Pipe {
         role: &str,
         c: ReputationCounts,
     ) -> Result<(), LedgerError> {
-        let Some(g) = self.gathered.as_mut() else {
+        let Some(g) = self.gather() else {
             return change::write_reputation(self, account, role, c);
         };
-        self.writes_in_command += 1;
         let sum = g
             .reputation
             .entry((account.to_string(), role.to_string()))
